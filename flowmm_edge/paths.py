@@ -1,0 +1,74 @@
+"""Where flowmm-edge keeps what it builds and downloads.
+
+Standard library only: scripts/build_native.py loads this file before the package (and
+llama-cpp-python) is installed.
+
+Layout of the cache folder (``$FLOWMM_CACHE`` or ``$XDG_CACHE_HOME/flowmm-edge``):
+
+    sdist/                      pinned llama-cpp-python sdist, sha256-verified
+    src/llama_cpp_python-V/     the sdist, patched, with native/ copied in
+    native/<backend>/bin/       libllama, libggml*, libmtmd of that backend
+    models/                     generated test models and the assembled default model
+    wheels/                     the PyPI packages the default model is assembled from
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+BACKENDS = ("cpu", "cuda", "metal")
+
+# The file, inside the virtual environment, in which setup records the libraries it built.
+NATIVE_POINTER = "flowmm-native.json"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FLOWMM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "flowmm-edge"
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def default_backend() -> str:
+    """FLOWMM_BACKEND if set, else Metal on macOS and CPU elsewhere."""
+    backend = os.environ.get("FLOWMM_BACKEND", "").strip().lower()
+    if backend:
+        if backend not in BACKENDS:
+            raise ValueError(f"FLOWMM_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+        return backend
+    return "metal" if sys.platform == "darwin" else "cpu"
+
+
+def native_build_dir(backend: str) -> Path:
+    return cache_dir() / "native" / backend
+
+
+def native_lib_dir(backend: str) -> Path:
+    return native_build_dir(backend) / "bin"
+
+
+def installed_native_lib_dir() -> Path:
+    """The folder flowmm_edge loads libllama/libmtmd from.
+
+    FLOWMM_LIB_DIR wins; otherwise the folder setup recorded in the active virtual
+    environment; otherwise the default backend's build folder.
+    """
+    env = os.environ.get("FLOWMM_LIB_DIR")
+    if env:
+        return Path(env).expanduser()
+    pointer = Path(sys.prefix) / NATIVE_POINTER
+    if pointer.is_file():
+        try:
+            return Path(json.loads(pointer.read_text())["lib_dir"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return native_lib_dir(default_backend())

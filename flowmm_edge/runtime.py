@@ -1,0 +1,163 @@
+"""Thin, leak-free handles over llama.cpp's low-level API: model, context, decode.
+
+The high-level `llama_cpp.Llama` keeps `n_tokens` equal to the next position and indexes
+its arrays by it, which breaks once the cache is compacted (DESIGN.md §2); flowmm-edge
+drives llama.cpp through these handles instead. Every handle frees its native object in
+`close()` (and as a last resort when garbage-collected).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_file
+from .errors import FlowMMError, ModelFileError
+from .native import llama_cpp
+
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+_LOG_ERROR, _LOG_CONT = 4, 5
+_log_state = {"last": 0}
+
+
+@llama_cpp.llama_log_callback
+def _log_errors_only(level, text, _user_data):
+    if level == _LOG_CONT:
+        level = _log_state["last"]
+    _log_state["last"] = level
+    if level >= _LOG_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def quiet_native_logs() -> None:
+    """Let only llama.cpp's errors through to stderr, unless FLOWMM_VERBOSE is set."""
+    if not os.environ.get("FLOWMM_VERBOSE"):
+        llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
+
+
+class DecodeError(FlowMMError):
+    pass
+
+
+class Model:
+    """A text model GGUF, checked with gguf_file before llama.cpp opens it."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+        self.facts = gguf_file.read_text_model(path)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelFileError(f"{path}: llama.cpp could not load this model (see the error above)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: -n tokens needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Context:
+    """A llama.cpp context over `model`: a KV cache of `n_ctx` cells and a decode loop."""
+
+    def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
+                 kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None, n_seq_max: int = 1):
+        if kv_type not in KV_TYPES:
+            raise FlowMMError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        self.model = model
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_ubatch or n_batch
+        p.n_seq_max = n_seq_max
+        p.n_threads = p.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
+        p.type_k = p.type_v = KV_TYPES[kv_type]
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.no_perf = True
+        self.params = p
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise FlowMMError(f"llama.cpp could not create a context (n_ctx={n_ctx}, kv_type={kv_type}, flash_attn={flash_attn})")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_batch = n_batch
+
+    def decode(self, tokens: list[int], pos0: int, seq_id: int = 0) -> np.ndarray:
+        """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy)."""
+        if not tokens:
+            raise DecodeError("nothing to decode")
+        batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = pos0 + start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq_id
+                    batch.logits[i] = start + i == len(tokens) - 1
+                rc = llama_cpp.llama_decode(self.ptr, batch)
+                if rc != 0:
+                    raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return self.logits(-1)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise DecodeError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()

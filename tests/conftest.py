@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+Slow checks on the real default model are marked `slow`. The default run keeps the first
+case of each slow group (its parameters are not marked) and deselects the rest; set
+FLOWMM_SLOW=1 (or pass `-m slow`) to run them all.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import make_tiny_models  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FLOWMM_SLOW") or "slow" in (config.getoption("-m") or ""):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("slow") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> tuple[Path, Path]:
+    """(text GGUF, mmproj GGUF) of the tiny synthetic LLaVA pair, generated once."""
+    return make_tiny_models.ensure_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from flowmm_edge import default_model
+
+    return default_model.ensure()
+
+
+def write_png(path: Path, width: int, height: int) -> Path:
+    """An RGB PNG written with zlib alone (a gradient), independent of any image library."""
+    rows = b"".join(
+        b"\x00" + bytes(v for x in range(width) for v in ((x * 255) // max(1, width - 1), (y * 255) // max(1, height - 1), 96))
+        for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path

@@ -1,0 +1,85 @@
+"""The command line: subcommands, `info`, and one-line errors for bad model files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flowmm_edge import gguf_file
+from flowmm_edge.errors import ModelFileError
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flowmm_edge", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+
+
+def test_help_lists_the_subcommands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for sub in ("chat", "calibrate", "bench", "eval", "info"):
+        assert f"    {sub}" in proc.stdout
+
+
+@pytest.mark.parametrize("sub,issue", [("calibrate", 5), ("bench", 7), ("eval", 7)])
+def test_unbuilt_subcommands_say_so_and_fail(sub, issue):
+    proc = run_cli(sub)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"flowmm_edge {sub}: not built yet (tracked in issue #{issue})"
+
+
+def test_info_describes_the_library_and_a_model(tiny_models):
+    text, mmproj = tiny_models
+    proc = run_cli("info", "--model", str(text), "--mmproj", str(mmproj))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    from flowmm_edge import native
+    assert native.flowmm_version() in out and native.lib_path in out
+    assert "architecture       llama" in out
+    assert "heads / KV heads   4 / 2" in out
+    # KV bytes per token, f16: 2 (K and V) * 4 layers * 2 KV heads * 32 dims * 2 bytes = 1024
+    assert "f16 1.00 KiB" in out
+    assert "projector          mlp, image 32px, patch 8px, output width 128" in out
+
+
+def _truncated(src, dst, n):
+    dst.write_bytes(src.read_bytes()[:n])
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-gguf", "truncated-header", "truncated-data", "directory"])
+def test_bad_model_file_gives_one_line_naming_the_file(tiny_models, tmp_path, kind):
+    text, _ = tiny_models
+    bad = {
+        "missing": lambda: tmp_path / "nope.gguf",
+        "not-gguf": lambda: (tmp_path / "notes.gguf").write_text("hello world") and tmp_path / "notes.gguf",
+        "truncated-header": lambda: _truncated(text, tmp_path / "t1.gguf", 1000),
+        "truncated-data": lambda: _truncated(text, tmp_path / "t2.gguf", text.stat().st_size - 4096),
+        "directory": lambda: tmp_path,
+    }[kind]()
+    with pytest.raises(ModelFileError) as e:
+        gguf_file.read_text_model(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    proc = run_cli("info", "--model", str(bad))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_mmproj_given_as_model_and_model_as_mmproj(tiny_models):
+    text, mmproj = tiny_models
+    with pytest.raises(ModelFileError, match="vision projector"):
+        gguf_file.read_text_model(mmproj)
+    with pytest.raises(ModelFileError, match="not a vision projector"):
+        gguf_file.read_projector(text)
+
+
+def test_chat_skeleton_finds_the_default_model_then_says_it_is_not_built():
+    proc = run_cli("chat")
+    assert proc.returncode == 2
+    assert "model ready: Qwen2.5 Coder 0.5B Instruct" in proc.stderr
+    assert proc.stderr.strip().endswith("flowmm_edge chat: not built yet (tracked in issue #6)")

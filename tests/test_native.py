@@ -1,0 +1,44 @@
+"""flowmm_version() is compiled into libllama and reachable from Python."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flowmm_edge import native, paths
+
+HEADER = Path(__file__).resolve().parent.parent / "native" / "flowmm.h"
+
+
+def header_version() -> tuple[int, int, int]:
+    text = HEADER.read_text()
+    return tuple(int(re.search(rf"#define FLOWMM_VERSION_{k}\s+(\d+)", text).group(1)) for k in ("MAJOR", "MINOR", "PATCH"))
+
+
+def test_flowmm_version_matches_the_header():
+    major, minor, patch = header_version()
+    assert native.flowmm_version() == f"{major}.{minor}.{patch}"
+    assert native.lib.flowmm_version_number() == major * 10000 + minor * 100 + patch
+
+
+def test_loaded_libraries_are_the_patched_build():
+    lib_dir = paths.installed_native_lib_dir().resolve()
+    assert Path(native.lib_path).resolve().parent == lib_dir
+    assert Path(native.mtmd_lib_path()).resolve().parent == lib_dir
+
+
+def test_library_without_flowmm_is_refused_with_a_hint(tmp_path):
+    """A libllama lacking the FlowMM symbols: importing flowmm_edge says what to run."""
+    import subprocess
+    import sys
+
+    # an empty shared library named libllama stands in for a stock build
+    src = tmp_path / "empty.c"
+    src.write_text("int not_llama(void) { return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libllama.so"), str(src)], check=True)
+    proc = subprocess.run([sys.executable, "-c", "import flowmm_edge"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "FLOWMM_LIB_DIR": str(tmp_path),
+                               "LLAMA_CPP_LIB_PATH": "", "MTMD_CPP_LIB": ""})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "NativeLibraryError" in last and "scripts/setup.sh" in last
