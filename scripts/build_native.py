@@ -45,14 +45,17 @@ NATIVE_DEST = Path("vendor/llama.cpp/src/flowmm")
 BUILD_TARGETS = ("llama", "mtmd")
 
 
-def _load_paths():
-    spec = importlib.util.spec_from_file_location("flowmm_paths", REPO / "flowmm_edge" / "paths.py")
+def _load_stdlib_module(name: str):
+    """A standard-library-only module of flowmm_edge, loaded without importing the package
+    (whose __init__ needs the libraries this script builds)."""
+    spec = importlib.util.spec_from_file_location(f"flowmm_{name}", REPO / "flowmm_edge" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-paths = _load_paths()
+paths = _load_stdlib_module("paths")
+sha256_of = _load_stdlib_module("checksums").sha256_of
 
 
 class BuildError(RuntimeError):
@@ -61,14 +64,6 @@ class BuildError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"[build_native] {msg}", flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
