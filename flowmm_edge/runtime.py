@@ -113,7 +113,8 @@ class Context(_Handle):
     """A llama.cpp context over `model`: a KV cache of `n_ctx` cells and a decode loop."""
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
-                 kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None, n_seq_max: int = 1):
+                 kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None, n_seq_max: int = 1,
+                 kv_unified: bool = False):
         if kv_type not in KV_TYPES:
             raise FlowMMError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         self.model = model
@@ -122,6 +123,7 @@ class Context(_Handle):
         p.n_batch = n_batch
         p.n_ubatch = n_ubatch or n_batch
         p.n_seq_max = n_seq_max
+        p.kv_unified = kv_unified  # one stream shared by all sequences, or one stream each
         p.n_threads = p.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
         p.type_k = p.type_v = KV_TYPES[kv_type]
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -14,18 +14,63 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 1
+#define FLOWMM_VERSION_MINOR 2
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+    // status codes returned by every function below (>= 0 means success)
+    enum flowmm_status {
+        FLOWMM_OK                   =  0,
+        FLOWMM_ERR_INVALID_ARGUMENT = -1, // a bad index, size, pointer or plan; nothing changed
+        FLOWMM_ERR_UNSUPPORTED      = -2, // a memory or model kind the extension cannot handle
+        FLOWMM_ERR_BUFFER_TOO_SMALL = -3, // the caller's buffer is too small; nothing written
+        FLOWMM_ERR_BACKEND          = -4, // a ggml backend operation failed
+    };
+
+    // message of the last error on this thread ("" if none); valid until the next call
+    FLOWMM_API const char * flowmm_last_error(void);
+
     // "MAJOR.MINOR.PATCH"; static storage, never NULL
     FLOWMM_API const char * flowmm_version(void);
 
     // MAJOR * 10000 + MINOR * 100 + PATCH
     FLOWMM_API int32_t flowmm_version_number(void);
+
+    //
+    // reading the KV cache
+    //
+
+    struct flowmm_kv_layout {
+        int32_t n_layer;    // layers in the cache (== model layers for the supported models)
+        int32_t n_head_kv;
+        int32_t head_dim_k;
+        int32_t head_dim_v;
+        int32_t kv_size;    // cells per stream
+        int32_t n_stream;
+        int32_t type_k;     // enum ggml_type
+        int32_t type_v;
+        int32_t v_trans;    // 1: V stored transposed (flash attention off)
+        int32_t rot_k;      // 1: K stored Hadamard-rotated (llama.cpp does so for quantized K, head_dim % 64 == 0)
+        int32_t rot_v;
+    };
+
+    // Layout of the context's KV cache. FLOWMM_ERR_UNSUPPORTED for memory other than a single
+    // plain-RoPE llama_kv_cache (iSWA, hybrid, recurrent, M-RoPE).
+    FLOWMM_API int32_t flowmm_kv_get_layout(struct llama_context * ctx, struct flowmm_kv_layout * out);
+
+    // Cells holding seq_id, in cell order, with their positions. Returns the count; writes at
+    // most `cap` entries (either array may be NULL to only count).
+    FLOWMM_API int32_t flowmm_kv_seq_cells(struct llama_context * ctx, llama_seq_id seq_id,
+                                           int32_t * cells, llama_pos * pos, int32_t cap);
+
+    // K (is_v = 0) or V (is_v = 1) of KV head `head` in cache layer `il` for `n_cells` cells of
+    // seq_id, dequantized to float32: out[i * head_dim + d]. Reads only those rows.
+    FLOWMM_API int32_t flowmm_kv_read_rows(struct llama_context * ctx, llama_seq_id seq_id,
+                                           int32_t il, int32_t head, int32_t is_v,
+                                           const int32_t * cells, int32_t n_cells, float * out);
 
 #ifdef __cplusplus
 }

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import make_tiny_models  # noqa: E402
+from flowmm_edge import runtime  # noqa: E402
+
+runtime.quiet_native_logs()  # llama.cpp's errors still reach stderr; FLOWMM_VERBOSE=1 shows all
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,93 @@
+"""Python binding of the FlowMM KV-cache C API (native/flowmm.h): layout, cells, K/V rows."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+
+from .errors import FlowMMError
+from .native import lib, llama_cpp
+
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_f32p = ctypes.POINTER(ctypes.c_float)
+
+
+class NativeError(FlowMMError):
+    """A FlowMM C API call failed; carries the native status code and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "n_layer", "n_head_kv", "head_dim_k", "head_dim_v", "kv_size", "n_stream",
+        "type_k", "type_v", "v_trans", "rot_k", "rot_v")]
+
+
+lib.flowmm_last_error.restype = ctypes.c_char_p
+lib.flowmm_last_error.argtypes = []
+lib.flowmm_kv_get_layout.restype = ctypes.c_int32
+lib.flowmm_kv_get_layout.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.POINTER(_Layout)]
+lib.flowmm_kv_seq_cells.restype = ctypes.c_int32
+lib.flowmm_kv_seq_cells.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _i32p, _i32p, ctypes.c_int32]
+lib.flowmm_kv_read_rows.restype = ctypes.c_int32
+lib.flowmm_kv_read_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                    ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
+
+
+def _check(status: int) -> int:
+    if status < 0:
+        raise NativeError(status, lib.flowmm_last_error().decode("utf-8", "replace"))
+    return status
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    n_layer: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    kv_size: int
+    n_stream: int
+    type_k: int
+    type_v: int
+    v_trans: bool
+    rot_k: bool
+    rot_v: bool
+
+
+def layout(ctx) -> KVLayout:
+    """Layout of the KV cache of `ctx` (a runtime.Context or a raw llama_context pointer)."""
+    out = _Layout()
+    _check(lib.flowmm_kv_get_layout(_ptr(ctx), ctypes.byref(out)))
+    return KVLayout(**{f: bool(getattr(out, f)) if f in ("v_trans", "rot_k", "rot_v") else getattr(out, f)
+                       for f, _ in _Layout._fields_})
+
+
+def seq_cells(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(cell indices, positions) of the cells holding `seq_id`, in cell order."""
+    n = _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, None, None, 0))
+    cells = np.empty(n, dtype=np.int32)
+    pos = np.empty(n, dtype=np.int32)
+    _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, cells.ctypes.data_as(_i32p), pos.ctypes.data_as(_i32p), n))
+    return cells, pos
+
+
+def read_rows(ctx, layer: int, head: int, cells, which: str = "k", seq_id: int = 0) -> np.ndarray:
+    """K or V rows of KV head `head` in `layer` for `cells`, dequantized: [len(cells), head_dim] float32."""
+    if which not in ("k", "v"):
+        raise ValueError("which must be 'k' or 'v'")
+    lay = layout(ctx)
+    cells = np.ascontiguousarray(cells, dtype=np.int32)
+    out = np.empty((len(cells), lay.head_dim_v if which == "v" else lay.head_dim_k), dtype=np.float32)
+    _check(lib.flowmm_kv_read_rows(_ptr(ctx), seq_id, layer, head, int(which == "v"),
+                                   cells.ctypes.data_as(_i32p), len(cells), out.ctypes.data_as(_f32p)))
+    return out
+
+
+def _ptr(ctx):
+    return getattr(ctx, "ptr", ctx)

@@ -1,0 +1,88 @@
+"""An independent reader of llama.cpp's sequence state (llama_state_seq_get_data).
+
+It parses the bytes llama_kv_cache::state_write produces for a plain single-cache model
+and dequantizes K/V with gguf-py's numpy code, so tests can check the FlowMM C API
+against llama.cpp's own serialisation rather than against itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from flowmm_edge.native import llama_cpp
+
+
+@dataclasses.dataclass
+class SeqState:
+    pos: np.ndarray  # [n_cells] positions in cell order
+    k: list[np.ndarray]  # per layer [n_cells, n_embd_k_gqa] float32
+    v: list[np.ndarray]  # per layer [n_cells, n_embd_v_gqa] float32
+    v_trans: bool
+    raw: bytes
+
+
+def _dequant(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
+    t = GGMLQuantizationType(ggml_type)
+    if t == GGMLQuantizationType.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(-1, n_cols)
+    if t == GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(-1, n_cols).copy()
+    block, type_size = GGML_QUANT_SIZES[t]
+    return quants.dequantize(raw.reshape(-1, n_cols // block * type_size), t).reshape(-1, n_cols).astype(np.float32)
+
+
+def seq_state_bytes(ctx_ptr, seq_id: int) -> bytes:
+    n = llama_cpp.llama_state_seq_get_size(ctx_ptr, seq_id)
+    buf = (ctypes.c_uint8 * n)()
+    got = llama_cpp.llama_state_seq_get_data(ctx_ptr, buf, n, seq_id)
+    assert got == n
+    return bytes(buf)
+
+
+def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqState:
+    off = 0
+
+    def take(fmt: str, count: int = 1):
+        nonlocal off
+        arr = np.frombuffer(data, dtype=fmt, count=count, offset=off)
+        off += arr.nbytes
+        return arr
+
+    take("<u4")  # io magic
+    take("<i4")  # seq_id
+    (n_stream,) = take("<u4")
+    found = None
+    for _ in range(n_stream):
+        (cell_count,) = take("<u4")
+        if cell_count == 0:
+            continue
+        assert found is None, "sequence spread over several streams"
+        pos = np.empty(cell_count, dtype=np.int32)
+        for i in range(cell_count):
+            pos[i] = take("<i4")[0]
+            (n_seq,) = take("<u4")
+            take("<i4", n_seq)
+        v_trans, n_layer = (int(x) for x in take("<u4", 2))
+        ks, vs = [], []
+        for _ in range(n_layer):
+            (k_type,) = take("<i4")
+            (row,) = take("<u8")
+            ks.append(_dequant(take("<u1", int(row) * cell_count), int(k_type), n_embd_k_gqa))
+        for _ in range(n_layer):
+            (v_type,) = take("<i4")
+            if not v_trans:
+                (row,) = take("<u8")
+                vs.append(_dequant(take("<u1", int(row) * cell_count), int(v_type), n_embd_v_gqa))
+            else:
+                (el,) = take("<u4")
+                (n_embd,) = take("<u4")
+                cols = take("<u1", int(el) * cell_count * int(n_embd))
+                vs.append(_dequant(cols, int(v_type), cell_count).reshape(int(n_embd), cell_count).T.copy())
+        found = SeqState(pos=pos, k=ks, v=vs, v_trans=bool(v_trans), raw=data)
+    assert off == len(data), f"parsed {off} of {len(data)} bytes"
+    assert found is not None, "sequence has no cells"
+    return found
