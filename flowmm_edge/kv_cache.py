@@ -91,3 +91,45 @@ def read_rows(ctx, layer: int, head: int, cells, which: str = "k", seq_id: int =
 
 def _ptr(ctx):
     return getattr(ctx, "ptr", ctx)
+
+
+class _MergePlan(ctypes.Structure):
+    _fields_ = [("n_layer", ctypes.c_int32), ("n_head_kv", ctypes.c_int32), ("n_slots", ctypes.c_int32),
+                ("n_src", ctypes.c_int32), ("src", _i32p), ("weight", _f32p), ("slot_pos", _i32p)]
+
+
+lib.flowmm_kv_apply_plan.restype = ctypes.c_int32
+lib.flowmm_kv_apply_plan.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(_MergePlan)]
+
+
+@dataclasses.dataclass
+class MergePlan:
+    """For each (layer, KV head, slot): the cells summed into it, and their weights.
+
+    src: int32 [n_layer, n_head_kv, n_slots, n_src], cells of the sequence or -1 (unused);
+    weight: float32, same shape; slot_pos: int32 [n_slots], strictly increasing, the last
+    equal to the sequence's last position.
+    """
+
+    src: np.ndarray
+    weight: np.ndarray
+    slot_pos: np.ndarray
+
+    @classmethod
+    def keep(cls, cells_per_head: np.ndarray, positions: np.ndarray) -> "MergePlan":
+        """Keep-only plan: cells_per_head [n_layer, n_head_kv, n_slots], weight 1 each."""
+        src = np.asarray(cells_per_head, dtype=np.int32)[..., None]
+        return cls(src=src, weight=np.ones(src.shape, np.float32), slot_pos=np.asarray(positions, np.int32))
+
+
+def apply_plan(ctx, plan: MergePlan, seq_id: int = 0) -> None:
+    """Merge and compact `seq_id`'s cache by `plan` (see native/flowmm.h); raises NativeError,
+    with the cache unchanged, if the plan is refused."""
+    src = np.ascontiguousarray(plan.src, dtype=np.int32)
+    weight = np.ascontiguousarray(plan.weight, dtype=np.float32)
+    slot_pos = np.ascontiguousarray(plan.slot_pos, dtype=np.int32)
+    if src.ndim != 4 or weight.shape != src.shape or slot_pos.shape != (src.shape[2],):
+        raise NativeError(-1, f"plan shapes do not fit: src {src.shape}, weight {weight.shape}, slot_pos {slot_pos.shape}")
+    c = _MergePlan(src.shape[0], src.shape[1], src.shape[2], src.shape[3], src.ctypes.data_as(_i32p),
+                   weight.ctypes.data_as(_f32p), slot_pos.ctypes.data_as(_i32p))
+    _check(lib.flowmm_kv_apply_plan(_ptr(ctx), seq_id, ctypes.byref(c)))

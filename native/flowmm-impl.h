@@ -2,11 +2,29 @@
 #pragma once
 
 #include "llama.h"
+#include "llama-kv-cache.h"
 
 #include <cstdint>
 #include <string>
 
-class llama_kv_cache;
+// llama_kv_cache declares this struct its friend (patches/0002): the one door to its internals
+struct flowmm_kv_access {
+    static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
+    static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
+    static bool rot_k(const llama_kv_cache & kv) { return kv.attn_rot_k; }
+    static bool rot_v(const llama_kv_cache & kv) { return kv.attn_rot_v; }
+    static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
+    static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }
+    static uint32_t n_seq_max(const llama_kv_cache & kv) { return kv.n_seq_max; }
+    static uint32_t stream_of(const llama_kv_cache & kv, llama_seq_id s) { return kv.seq_to_stream[s]; }
+    static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
+    static llama_kv_cells & cells_mut(llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
+    static size_t n_layer(const llama_kv_cache & kv) { return kv.layers.size(); }
+    static uint32_t layer_il(const llama_kv_cache & kv, size_t i) { return kv.layers[i].il; }
+    static ggml_tensor * k(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].k_stream[strm]; }
+    static ggml_tensor * v(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].v_stream[strm]; }
+};
+
 
 // record `msg` as this thread's last error and return `code`
 int32_t flowmm_fail(int32_t code, std::string msg);

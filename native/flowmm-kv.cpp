@@ -36,23 +36,6 @@ const char * flowmm_last_error(void) {
     return g_last_error.c_str();
 }
 
-struct flowmm_kv_access {
-    static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
-    static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
-    static bool rot_k(const llama_kv_cache & kv) { return kv.attn_rot_k; }
-    static bool rot_v(const llama_kv_cache & kv) { return kv.attn_rot_v; }
-    static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
-    static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }
-    static uint32_t n_seq_max(const llama_kv_cache & kv) { return kv.n_seq_max; }
-    static uint32_t stream_of(const llama_kv_cache & kv, llama_seq_id s) { return kv.seq_to_stream[s]; }
-    static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
-    static llama_kv_cells & cells_mut(llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
-    static size_t n_layer(const llama_kv_cache & kv) { return kv.layers.size(); }
-    static uint32_t layer_il(const llama_kv_cache & kv, size_t i) { return kv.layers[i].il; }
-    static ggml_tensor * k(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].k_stream[strm]; }
-    static ggml_tensor * v(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].v_stream[strm]; }
-};
-
 using acc = flowmm_kv_access;
 
 llama_kv_cache * flowmm_resolve_kv(llama_context * ctx) {

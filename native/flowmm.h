@@ -72,6 +72,30 @@ extern "C" {
                                            int32_t il, int32_t head, int32_t is_v,
                                            const int32_t * cells, int32_t n_cells, float * out);
 
+    //
+    // merge plans
+    //
+
+    // For every (cache layer l, KV head h) and each of n_slots surviving slots j, the cells of
+    // the sequence summed into it: slot(l, h, j) = sum_i weight[l][h][j][i] * row(src[l][h][j][i]).
+    // Unused entries have src = -1 (and any weight). Arrays are dense, row-major in that order.
+    struct flowmm_merge_plan {
+        int32_t           n_layer;    // must equal the cache's
+        int32_t           n_head_kv;  // must equal the cache's
+        int32_t           n_slots;    // B, the same for every layer and head
+        int32_t           n_src;      // entries per slot
+        const int32_t   * src;        // [n_layer][n_head_kv][n_slots][n_src], cells of seq_id or -1
+        const float     * weight;     // same shape; finite and >= 0
+        const llama_pos * slot_pos;   // [n_slots], strictly increasing, last == the sequence's max position
+    };
+
+    // Apply `plan` to seq_id: K and V of every slot are written (in the cache's own type) to the
+    // lowest cells not used by other sequences, the sequence's other cells are freed, and slot j
+    // takes position slot_pos[j]. Runs as a ggml graph on the cache's backend. The plan is fully
+    // checked first: on any error nothing changes. The next llama_decode needs no other call.
+    FLOWMM_API int32_t flowmm_kv_apply_plan(struct llama_context * ctx, llama_seq_id seq_id,
+                                            const struct flowmm_merge_plan * plan);
+
 #ifdef __cplusplus
 }
 #endif

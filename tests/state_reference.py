@@ -23,6 +23,9 @@ class SeqState:
     v: list[np.ndarray]  # per layer [n_cells, n_embd_v_gqa] float32
     v_trans: bool
     raw: bytes
+    k_types: list[int] = dataclasses.field(default_factory=list)
+    v_types: list[int] = dataclasses.field(default_factory=list)
+    magic: int = 0
 
 
 def _dequant(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
@@ -52,7 +55,7 @@ def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqSta
         off += arr.nbytes
         return arr
 
-    take("<u4")  # io magic
+    (magic,) = take("<u4")
     take("<i4")  # seq_id
     (n_stream,) = take("<u4")
     found = None
@@ -67,13 +70,15 @@ def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqSta
             (n_seq,) = take("<u4")
             take("<i4", n_seq)
         v_trans, n_layer = (int(x) for x in take("<u4", 2))
-        ks, vs = [], []
+        ks, vs, kts, vts = [], [], [], []
         for _ in range(n_layer):
             (k_type,) = take("<i4")
+            kts.append(int(k_type))
             (row,) = take("<u8")
             ks.append(_dequant(take("<u1", int(row) * cell_count), int(k_type), n_embd_k_gqa))
         for _ in range(n_layer):
             (v_type,) = take("<i4")
+            vts.append(int(v_type))
             if not v_trans:
                 (row,) = take("<u8")
                 vs.append(_dequant(take("<u1", int(row) * cell_count), int(v_type), n_embd_v_gqa))
@@ -82,7 +87,45 @@ def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqSta
                 (n_embd,) = take("<u4")
                 cols = take("<u1", int(el) * cell_count * int(n_embd))
                 vs.append(_dequant(cols, int(v_type), cell_count).reshape(int(n_embd), cell_count).T.copy())
-        found = SeqState(pos=pos, k=ks, v=vs, v_trans=bool(v_trans), raw=data)
+        found = SeqState(pos=pos, k=ks, v=vs, v_trans=bool(v_trans), raw=data, k_types=kts, v_types=vts, magic=int(magic))
     assert off == len(data), f"parsed {off} of {len(data)} bytes"
     assert found is not None, "sequence has no cells"
     return found
+
+
+def _quant(x: np.ndarray, ggml_type: int) -> bytes:
+    t = GGMLQuantizationType(ggml_type)
+    if t == GGMLQuantizationType.F16:
+        return x.astype(np.float16).tobytes()
+    if t == GGMLQuantizationType.F32:
+        return x.astype(np.float32).tobytes()
+    return quants.quantize(x.astype(np.float32), t).tobytes()
+
+
+def write_seq_state(like: SeqState, pos: np.ndarray, k: list[np.ndarray], v: list[np.ndarray], seq_id: int = 0) -> bytes:
+    """Serialise cells (positions, per-layer float K and V) in llama_state_seq_set_data's format,
+    quantized to the cache types of `like` with gguf-py."""
+    n = len(pos)
+    out = [np.array([like.magic], "<u4").tobytes(), np.array([seq_id], "<i4").tobytes(),
+           np.array([1, n], "<u4").tobytes()]
+    for p in pos:
+        out.append(np.array([p], "<i4").tobytes() + np.array([1], "<u4").tobytes() + np.array([seq_id], "<i4").tobytes())
+    out.append(np.array([int(like.v_trans), len(k)], "<u4").tobytes())
+    for t, rows in zip(like.k_types, k):
+        data = _quant(rows, t)
+        out += [np.array([t], "<i4").tobytes(), np.array([len(data) // n], "<u8").tobytes(), data]
+    for t, rows in zip(like.v_types, v):
+        if not like.v_trans:
+            data = _quant(rows, t)
+            out += [np.array([t], "<i4").tobytes(), np.array([len(data) // n], "<u8").tobytes(), data]
+        else:
+            data = _quant(np.ascontiguousarray(rows.T), t)
+            out += [np.array([t], "<i4").tobytes(), np.array([len(data) // (n * rows.shape[1])], "<u4").tobytes(),
+                    np.array([rows.shape[1]], "<u4").tobytes(), data]
+    return b"".join(out)
+
+
+def load_seq_state(ctx_ptr, data: bytes, seq_id: int = 0) -> None:
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    got = llama_cpp.llama_state_seq_set_data(ctx_ptr, buf, len(data), seq_id)
+    assert got == len(data), f"llama.cpp read {got} of {len(data)} state bytes"
