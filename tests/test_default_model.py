@@ -48,7 +48,8 @@ def _greedy_chat(path, question: str, max_tokens: int = 24) -> str:
 @pytest.mark.parametrize("question,answer", [
     ("What is the capital of France? Answer with one word.", "paris"),
     pytest.param("How many days are in a week? Answer with a number.", "7", marks=pytest.mark.slow),
-    pytest.param("Which planet is known as the Red Planet? One word.", "mars", marks=pytest.mark.slow),
+    pytest.param("Which Python keyword defines a function? Answer with the keyword only.", "def", marks=pytest.mark.slow),
+    pytest.param("What is the largest ocean on Earth? One word.", "pacific", marks=pytest.mark.slow),
 ])
 def test_default_model_answers_a_short_factual_prompt(default_model_path, question, answer):
     assert answer in _greedy_chat(default_model_path, question).lower()
