@@ -133,3 +133,25 @@ def apply_plan(ctx, plan: MergePlan, seq_id: int = 0) -> None:
     c = _MergePlan(src.shape[0], src.shape[1], src.shape[2], src.shape[3], src.ctypes.data_as(_i32p),
                    weight.ctypes.data_as(_f32p), slot_pos.ctypes.data_as(_i32p))
     _check(lib.flowmm_kv_apply_plan(_ptr(ctx), seq_id, ctypes.byref(c)))
+
+
+lib.flowmm_kv_set_slot_bias.restype = ctypes.c_int32
+lib.flowmm_kv_set_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_kv_clear_slot_bias.restype = ctypes.c_int32
+lib.flowmm_kv_clear_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
+
+
+def set_slot_bias(ctx, bias: np.ndarray, seq_id: int = 0) -> None:
+    """Additive attention-logit bias for `seq_id`'s cells (cell order of seq_cells).
+
+    bias: [n_layer, n_cells] (per layer) or [n_layer, n_head_kv, n_cells] (per KV head);
+    -inf makes a slot dead in that layer/head, log(n) weights a slot merged from n tokens.
+    """
+    b = np.ascontiguousarray(bias, dtype=np.float32)
+    if b.ndim not in (2, 3):
+        raise NativeError(-1, f"bias must be [n_layer, n_cells] or [n_layer, n_head_kv, n_cells], got shape {b.shape}")
+    _check(lib.flowmm_kv_set_slot_bias(_ptr(ctx), seq_id, b.ctypes.data_as(_f32p), b.shape[-1], int(b.ndim == 3)))
+
+
+def clear_slot_bias(ctx, seq_id: int = 0) -> None:
+    _check(lib.flowmm_kv_clear_slot_bias(_ptr(ctx), seq_id))

@@ -114,7 +114,7 @@ class Context(_Handle):
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
                  kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None, n_seq_max: int = 1,
-                 kv_unified: bool = False):
+                 kv_unified: bool = False, cb_eval=None):
         if kv_type not in KV_TYPES:
             raise FlowMMError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         self.model = model
@@ -128,6 +128,9 @@ class Context(_Handle):
         p.type_k = p.type_v = KV_TYPES[kv_type]
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.no_perf = True
+        if cb_eval is not None:  # a llama_cpp.ggml_backend_sched_eval_callback; kept alive with the context
+            self._cb_eval = cb_eval
+            p.cb_eval = cb_eval
         self.params = p
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:

@@ -5,6 +5,7 @@
 #include "llama-kv-cache.h"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 // llama_kv_cache declares this struct its friend (patches/0002): the one door to its internals
@@ -23,6 +24,9 @@ struct flowmm_kv_access {
     static uint32_t layer_il(const llama_kv_cache & kv, size_t i) { return kv.layers[i].il; }
     static ggml_tensor * k(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].k_stream[strm]; }
     static ggml_tensor * v(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].v_stream[strm]; }
+    static int32_t cache_layer(const llama_kv_cache & kv, int32_t il) { return kv.map_layer_ids.at(il); }
+    static std::shared_ptr<void> & ext(llama_kv_cache & kv) { return kv.flowmm_ext; }
+    static llama_kv_cache * kv_of(const llama_kv_cache_context & mctx) { return mctx.kv; }
 };
 
 
@@ -37,3 +41,9 @@ llama_kv_cache * flowmm_resolve_kv(llama_context * ctx);
 
 // FLOWMM_OK if seq_id is a valid sequence of the cache, else the error recorded
 int32_t flowmm_check_seq(const llama_kv_cache & kv, llama_seq_id seq_id);
+
+// the slot-bias state forgets the cells of seq_id (after they were rewritten by a merge)
+void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id);
+
+// llama_context's cached graphs must not be reused after the cache or its hooks change
+void flowmm_drop_cached_graphs(llama_context * ctx);

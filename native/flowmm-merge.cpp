@@ -133,6 +133,10 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const flowmm_me
 
 } // namespace
 
+void flowmm_drop_cached_graphs(llama_context * ctx) {
+    flowmm_ctx_access::drop_cached_graphs(*ctx);
+}
+
 int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flowmm_merge_plan * plan) {
     llama_kv_cache * kv = flowmm_resolve_kv(ctx);
     if (kv == nullptr) {
@@ -261,5 +265,6 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
         cells.pos_set(chk.dst[j], plan->slot_pos[j]);
         cells.seq_add(chk.dst[j], seq_id);
     }
+    flowmm_bias_forget_seq(*kv, seq_id); // its slots hold new content: biases must be set again
     return FLOWMM_OK;
 }

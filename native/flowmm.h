@@ -96,6 +96,21 @@ extern "C" {
     FLOWMM_API int32_t flowmm_kv_apply_plan(struct llama_context * ctx, llama_seq_id seq_id,
                                             const struct flowmm_merge_plan * plan);
 
+    //
+    // per-slot attention bias
+    //
+
+    // Additive bias on the attention logits of seq_id's cells (in the cell order of
+    // flowmm_kv_seq_cells), per cache layer and, if per_head, per KV head:
+    // bias[l][h][i] with h in [0, per_head ? n_head_kv : 1). -INFINITY makes a slot dead in that
+    // layer (and head); log(n) makes a slot count for n merged tokens. Replaces the sequence's
+    // previous bias; a merge or freeing a cell drops it. Works with flash attention on and off.
+    FLOWMM_API int32_t flowmm_kv_set_slot_bias(struct llama_context * ctx, llama_seq_id seq_id,
+                                               const float * bias, int32_t n_cells, int32_t per_head);
+
+    // Remove seq_id's slot bias.
+    FLOWMM_API int32_t flowmm_kv_clear_slot_bias(struct llama_context * ctx, llama_seq_id seq_id);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,278 @@
+// flowmm-edge: per-slot additive bias on the attention logits, per layer and optionally per KV head.
+//
+// A merged slot that stands for n tokens gets +log(n) (proportional attention); a slot that is
+// dead in one layer only gets -inf there. The bias is stored per cell with the cell's position
+// and sequence, so a cell that is later freed and reused never inherits a stale bias. The graph
+// hook (patches/0004) adds it to the KQ mask with existing ops (cast, repeat, add), for flash
+// attention on and off; with no bias set it adds nothing to the graph.
+
+#include "flowmm.h"
+#include "flowmm-hooks.h"
+#include "flowmm-impl.h"
+
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+using acc = flowmm_kv_access;
+
+namespace {
+
+struct stream_bias {
+    std::vector<llama_pos>    pos;   // [kv_size] position the bias was set for, -1 = none
+    std::vector<llama_seq_id> seq;   // [kv_size]
+    std::vector<float>        value; // [n_layer][n_head_kv][kv_size]
+};
+
+struct bias_state {
+    int32_t n_layer   = 0;
+    int32_t n_head_kv = 0;
+    int32_t kv_size   = 0;
+    std::vector<stream_bias> streams;
+    std::vector<uint8_t> layer_active;   // [n_layer] some cell has a non-zero bias
+    std::vector<uint8_t> layer_per_head; // [n_layer] the heads of the layer differ
+    uint64_t generation = 0;             // bumped when the graph structure changes
+
+    float get(uint32_t strm, int32_t l, int32_t h, uint32_t cell) const {
+        return streams[strm].value[((size_t) l * n_head_kv + h) * kv_size + cell];
+    }
+
+    void refresh_layer_flags() {
+        std::vector<uint8_t> active(n_layer, 0), per_head(n_layer, 0);
+        for (const auto & sb : streams) {
+            for (int32_t l = 0; l < n_layer; ++l) {
+                for (int32_t c = 0; c < kv_size; ++c) {
+                    if (sb.pos[c] < 0) {
+                        continue;
+                    }
+                    const float v0 = sb.value[((size_t) l * n_head_kv) * kv_size + c];
+                    for (int32_t h = 0; h < n_head_kv; ++h) {
+                        const float v = sb.value[((size_t) l * n_head_kv + h) * kv_size + c];
+                        active[l]   |= v != 0.0f;
+                        per_head[l] |= v != v0;
+                    }
+                }
+            }
+        }
+        if (active != layer_active || per_head != layer_per_head) {
+            layer_active   = std::move(active);
+            layer_per_head = std::move(per_head);
+            ++generation;
+        }
+    }
+};
+
+bias_state * state_of(llama_kv_cache & kv, bool create) {
+    auto & ext = acc::ext(kv);
+    if (!ext && create) {
+        auto st = std::make_shared<bias_state>();
+        const auto & hp = acc::hparams(kv);
+        st->n_layer   = (int32_t) acc::n_layer(kv);
+        st->n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(kv, 0));
+        st->kv_size   = (int32_t) acc::cells(kv, 0).size();
+        st->streams.resize(acc::n_stream(kv));
+        for (auto & sb : st->streams) {
+            sb.pos.assign(st->kv_size, -1);
+            sb.seq.assign(st->kv_size, -1);
+            sb.value.assign((size_t) st->n_layer * st->n_head_kv * st->kv_size, 0.0f);
+        }
+        st->layer_active.assign(st->n_layer, 0);
+        st->layer_per_head.assign(st->n_layer, 0);
+        ext = st;
+    }
+    return static_cast<bias_state *>(ext.get());
+}
+
+void forget(bias_state & st, uint32_t strm, llama_seq_id seq_id) {
+    auto & sb = st.streams[strm];
+    for (int32_t c = 0; c < st.kv_size; ++c) {
+        if (sb.pos[c] >= 0 && sb.seq[c] == seq_id) {
+            sb.pos[c] = -1;
+            sb.seq[c] = -1;
+            for (int32_t lh = 0; lh < st.n_layer * st.n_head_kv; ++lh) {
+                sb.value[(size_t) lh * st.kv_size + c] = 0.0f;
+            }
+        }
+    }
+}
+
+// graph input: fills the bias tensor [n_kv, 1, n_head or 1, n_stream] before each compute
+class bias_input : public llm_graph_input_i {
+public:
+    bias_input(std::shared_ptr<void> keep, const llama_kv_cache_context * mctx, int32_t layer, int32_t n_head, bool kv_unified)
+        : keep(std::move(keep)), mctx(mctx), layer(layer), n_head(n_head), kv_unified(kv_unified) {
+        generation = st().generation;
+    }
+
+    void set_input(const llama_ubatch * ubatch) override {
+        const bias_state & s = st();
+        llama_kv_cache & kv = *acc::kv_of(*mctx);
+        const int64_t n_kv = tensor->ne[0];
+        const int64_t nh   = tensor->ne[2];
+        const int64_t ns   = tensor->ne[3];
+        const int32_t gqa  = n_head / s.n_head_kv;
+        std::vector<float> data(n_kv * nh * ns, 0.0f);
+        for (int64_t si = 0; si < ns; ++si) {
+            const uint32_t strm = acc::n_stream(kv) == 1 ? 0 : acc::stream_of(kv, ubatch->seq_id_unq[si]);
+            const auto & cells = acc::cells(kv, strm);
+            const auto & sb = s.streams[strm];
+            for (int64_t c = 0; c < n_kv; ++c) {
+                // the bias belongs to the token it was set for: skip cells freed or reused since
+                if (sb.pos[c] < 0 || cells.is_empty(c) || cells.pos_get(c) != sb.pos[c] || !cells.seq_has(c, sb.seq[c])) {
+                    continue;
+                }
+                for (int64_t h = 0; h < nh; ++h) {
+                    const int32_t kvh = nh == 1 ? 0 : (int32_t) (h / gqa);
+                    data[(si * nh + h) * n_kv + c] = s.get(strm, layer, kvh, (uint32_t) c);
+                }
+            }
+        }
+        ggml_backend_tensor_set(tensor, data.data(), 0, data.size() * sizeof(float));
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
+        const int64_t n_stream = kv_unified ? 1 : params.ubatch.n_seqs_unq;
+        return st().generation == generation && tensor->ne[0] == mctx->get_n_kv() && tensor->ne[3] == n_stream;
+    }
+
+    ggml_tensor * tensor = nullptr;
+
+private:
+    const bias_state & st() const { return *static_cast<const bias_state *>(keep.get()); }
+
+    std::shared_ptr<void> keep; // the state outlives every graph that reads it
+    const llama_kv_cache_context * mctx;
+    const int32_t layer;
+    const int32_t n_head;
+    const bool kv_unified;
+    uint64_t generation;
+};
+
+} // namespace
+
+void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id) {
+    if (bias_state * st = state_of(kv, false)) {
+        forget(*st, acc::stream_of(kv, seq_id), seq_id);
+        st->refresh_layer_flags();
+    }
+}
+
+ggml_tensor * flowmm_hook_kq_mask(ggml_context * ctx, llm_graph_result * res, const llama_kv_cache_context * mctx,
+                                  ggml_tensor * kq_mask, int il, int n_head) {
+    if (mctx == nullptr || kq_mask == nullptr) {
+        return kq_mask;
+    }
+    llama_kv_cache * kv = acc::kv_of(*mctx);
+    bias_state * st = kv ? state_of(*kv, false) : nullptr;
+    if (st == nullptr) {
+        return kq_mask;
+    }
+    const int32_t layer = acc::cache_layer(*kv, il);
+    if (!st->layer_active[layer]) {
+        return kq_mask;
+    }
+    const int64_t n_kv = kq_mask->ne[0];
+    const int64_t n_tps = kq_mask->ne[1];
+    const int64_t ns = kq_mask->ne[3];
+    const int64_t nh = st->layer_per_head[layer] ? n_head : 1;
+
+    // one stream (unified cache) => the mask has one stream block; else one per sequence in the ubatch
+    auto inp = std::make_unique<bias_input>(acc::ext(*kv), mctx, layer, n_head, acc::n_stream(*kv) == 1);
+    inp->tensor = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, 1, nh, ns);
+    ggml_set_input(inp->tensor);
+    ggml_set_name(inp->tensor, "flowmm_slot_bias");
+
+    ggml_tensor * m = kq_mask->type == GGML_TYPE_F32 ? kq_mask : ggml_cast(ctx, kq_mask, GGML_TYPE_F32);
+    if (nh > 1) {
+        m = ggml_repeat_4d(ctx, m, n_kv, n_tps, nh, ns);
+    }
+    m = ggml_add(ctx, m, inp->tensor);
+    if (kq_mask->type != GGML_TYPE_F32) {
+        m = ggml_cast(ctx, m, kq_mask->type);
+    }
+    res->add_input(std::move(inp));
+    return m;
+}
+
+int32_t flowmm_kv_set_slot_bias(llama_context * ctx, llama_seq_id seq_id, const float * bias, int32_t n_cells, int32_t per_head) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
+        return rc;
+    }
+    llama_synchronize(ctx);
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const auto & cells = acc::cells(*kv, strm);
+    std::vector<int32_t> own;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+            own.push_back((int32_t) c);
+        }
+    }
+    if (n_cells != (int32_t) own.size()) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias covers " + std::to_string(n_cells) + " cells, sequence " +
+            std::to_string(seq_id) + " has " + std::to_string(own.size()));
+    }
+    if (n_cells > 0 && bias == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias is NULL");
+    }
+    const auto & hp = acc::hparams(*kv);
+    const int32_t n_layer = (int32_t) acc::n_layer(*kv);
+    const int32_t n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(*kv, 0));
+    const int32_t nh = per_head ? n_head_kv : 1;
+    const size_t n = (size_t) n_layer * nh * n_cells;
+    for (size_t i = 0; i < n; ++i) {
+        if (std::isnan(bias[i]) || bias[i] == INFINITY) {
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias entry " + std::to_string(i) + " is NaN or +inf");
+        }
+    }
+
+    bias_state * st = state_of(*kv, true);
+    forget(*st, strm, seq_id);
+    auto & sb = st->streams[strm];
+    for (int32_t i = 0; i < n_cells; ++i) {
+        const int32_t c = own[i];
+        sb.pos[c] = cells.pos_get(c);
+        sb.seq[c] = seq_id;
+        for (int32_t l = 0; l < n_layer; ++l) {
+            for (int32_t h = 0; h < n_head_kv; ++h) {
+                sb.value[((size_t) l * n_head_kv + h) * st->kv_size + c] = bias[((size_t) l * nh + (per_head ? h : 0)) * n_cells + i];
+            }
+        }
+    }
+    const uint64_t gen = st->generation;
+    st->refresh_layer_flags();
+    if (st->generation != gen) {
+        flowmm_drop_cached_graphs(ctx); // graphs built without (or with other) bias nodes
+    }
+    return FLOWMM_OK;
+}
+
+int32_t flowmm_kv_clear_slot_bias(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
+        return rc;
+    }
+    llama_synchronize(ctx);
+    if (bias_state * st = state_of(*kv, false)) {
+        const uint64_t gen = st->generation;
+        forget(*st, acc::stream_of(*kv, seq_id), seq_id);
+        st->refresh_layer_flags();
+        if (st->generation != gen) {
+            flowmm_drop_cached_graphs(ctx);
+        }
+    }
+    return FLOWMM_OK;
+}
