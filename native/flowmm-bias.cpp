@@ -202,14 +202,10 @@ ggml_tensor * flowmm_hook_kq_mask(ggml_context * ctx, llm_graph_result * res, co
 }
 
 int32_t flowmm_kv_set_slot_bias(llama_context * ctx, llama_seq_id seq_id, const float * bias, int32_t n_cells, int32_t per_head) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
-    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
-        return rc;
-    }
-    llama_synchronize(ctx);
     const uint32_t strm = acc::stream_of(*kv, seq_id);
     const auto & cells = acc::cells(*kv, strm);
     std::vector<int32_t> own;
@@ -258,14 +254,10 @@ int32_t flowmm_kv_set_slot_bias(llama_context * ctx, llama_seq_id seq_id, const 
 }
 
 int32_t flowmm_kv_clear_slot_bias(llama_context * ctx, llama_seq_id seq_id) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
-    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
-        return rc;
-    }
-    llama_synchronize(ctx);
     if (bias_state * st = state_of(*kv, false)) {
         const uint64_t gen = st->generation;
         forget(*st, acc::stream_of(*kv, seq_id), seq_id);

@@ -39,8 +39,9 @@ int32_t flowmm_last_status();
 // the context's single plain-RoPE KV cache, or NULL with the error recorded
 llama_kv_cache * flowmm_resolve_kv(llama_context * ctx);
 
-// FLOWMM_OK if seq_id is a valid sequence of the cache, else the error recorded
-int32_t flowmm_check_seq(const llama_kv_cache & kv, llama_seq_id seq_id);
+// flowmm_resolve_kv, then checks that seq_id is a sequence of the cache and waits for the
+// context's pending work; NULL with the error recorded otherwise
+llama_kv_cache * flowmm_resolve_kv_seq(llama_context * ctx, llama_seq_id seq_id);
 
 // the slot-bias state forgets the cells of seq_id (after they were rewritten by a merge)
 void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id);

@@ -75,12 +75,18 @@ llama_kv_cache * flowmm_resolve_kv(llama_context * ctx) {
     return kv;
 }
 
-int32_t flowmm_check_seq(const llama_kv_cache & kv, llama_seq_id seq_id) {
-    if (seq_id < 0 || (uint32_t) seq_id >= acc::n_seq_max(kv)) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT,
-            "seq_id " + std::to_string(seq_id) + " is out of range [0, " + std::to_string(acc::n_seq_max(kv)) + ")");
+llama_kv_cache * flowmm_resolve_kv_seq(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return nullptr;
     }
-    return FLOWMM_OK;
+    if (seq_id < 0 || (uint32_t) seq_id >= acc::n_seq_max(*kv)) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT,
+            "seq_id " + std::to_string(seq_id) + " is out of range [0, " + std::to_string(acc::n_seq_max(*kv)) + ")");
+        return nullptr;
+    }
+    llama_synchronize(ctx); // the last decode may still be running on an asynchronous backend
+    return kv;
 }
 
 int32_t flowmm_kv_get_layout(llama_context * ctx, flowmm_kv_layout * out) {
@@ -108,12 +114,9 @@ int32_t flowmm_kv_get_layout(llama_context * ctx, flowmm_kv_layout * out) {
 }
 
 int32_t flowmm_kv_seq_cells(llama_context * ctx, llama_seq_id seq_id, int32_t * cells, llama_pos * pos, int32_t cap) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
         return flowmm_last_status();
-    }
-    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
-        return rc;
     }
     if (cap < 0) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cap is negative");
@@ -149,12 +152,9 @@ static bool to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
 
 int32_t flowmm_kv_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head, int32_t is_v,
                             const int32_t * cells, int32_t n_cells, float * out) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
         return flowmm_last_status();
-    }
-    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
-        return rc;
     }
     const int32_t n_layer = (int32_t) acc::n_layer(*kv);
     if (il < 0 || il >= n_layer) {
@@ -169,8 +169,6 @@ int32_t flowmm_kv_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il
     if (n_cells < 0 || (n_cells > 0 && (cells == nullptr || out == nullptr))) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cells/out are NULL or n_cells is negative");
     }
-    llama_synchronize(ctx); // the last decode may still be running on an asynchronous backend
-
     const uint32_t strm = acc::stream_of(*kv, seq_id);
     const auto & cs = acc::cells(*kv, strm);
     for (int32_t i = 0; i < n_cells; ++i) {

@@ -138,17 +138,13 @@ void flowmm_drop_cached_graphs(llama_context * ctx) {
 }
 
 int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flowmm_merge_plan * plan) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
         return flowmm_last_status();
-    }
-    if (int32_t rc = flowmm_check_seq(*kv, seq_id); rc != FLOWMM_OK) {
-        return rc;
     }
     if (plan == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "plan is NULL");
     }
-    llama_synchronize(ctx);
 
     plan_check chk;
     if (int32_t rc = validate(*kv, seq_id, *plan, chk); rc != FLOWMM_OK) {
