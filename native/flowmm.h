@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 2
+#define FLOWMM_VERSION_MINOR 3
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -65,6 +65,10 @@ extern "C" {
     // most `cap` entries (either array may be NULL to only count).
     FLOWMM_API int32_t flowmm_kv_seq_cells(struct llama_context * ctx, llama_seq_id seq_id,
                                            int32_t * cells, llama_pos * pos, int32_t cap);
+
+    // One past the highest used cell of seq_id's stream: the bound llama.cpp's attended width
+    // n_kv follows (padded up). After a merge it is the compacted size.
+    FLOWMM_API int32_t flowmm_kv_used_bound(struct llama_context * ctx, llama_seq_id seq_id);
 
     // K (is_v = 0) or V (is_v = 1) of KV head `head` in cache layer `il` for `n_cells` cells of
     // seq_id, dequantized to float32: out[i * head_dim + d]. Reads only those rows.

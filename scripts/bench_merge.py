@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decode speed and attended width before and after a merge, measured side by side.
 
-    .venv/bin/python scripts/bench_merge.py [--model M.gguf] [--ctx 2048] [--keep 0.1] [--decode 32]
+    .venv/bin/python scripts/bench_merge.py [--model M.gguf] [--ctx 4096] [--keep 0.2] [--decode 32]
 
 Prefills the same prompt into two contexts, compacts one to `keep` of its cells with a
 keep-plan (4 sinks, the recent quarter of the budget, the rest evenly spaced), then decodes
@@ -38,8 +38,8 @@ def decode_ms(ctx: runtime.Context, first_logits: np.ndarray, pos: int, n: int) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--ctx", type=int, default=2048, help="prompt tokens")
-    ap.add_argument("--keep", type=float, default=0.1, help="fraction of cells kept")
+    ap.add_argument("--ctx", type=int, default=4096, help="prompt tokens")
+    ap.add_argument("--keep", type=float, default=0.2, help="fraction of cells kept")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--kv-type", default="f16", choices=sorted(runtime.KV_TYPES))
     ap.add_argument("--threads", type=int, default=None)
@@ -83,7 +83,8 @@ def main() -> int:
     print(f"{'merged':10} {cells[1]:>7} {merged_ms:>9.2f}")
     for kind, ms in biased_ms.items():
         print(f"{'  + bias ' + kind:22} {ms:>9.2f}  (x{ms / merged_ms:.2f} of merged)")
-    print(f"decode speed-up x{full_ms / merged_ms:.2f}, cells kept {cells[1] / cells[0]:.1%}, merge took {merge_ms:.1f} ms")
+    print(f"decode speed-up x{full_ms / merged_ms:.2f}, cells kept {cells[1] / cells[0]:.1%}")
+    print(f"merge took {merge_ms:.1f} ms = {merge_ms / 1000 / prefill_s:.2%} of the prefill ({prefill_s:.1f} s)")
     return 0
 
 

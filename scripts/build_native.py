@@ -214,12 +214,13 @@ def cmake_args(backend: str, tree: Path, build: Path) -> list[str]:
     return args
 
 
-def build_native(backend: str, jobs: int) -> Path:
+def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[str, ...] = ()) -> Path:
+    """Build into native/<backend>[-<variant>]; a variant is a second build with extra CMake flags."""
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     tree = prepare_source(cache)
-    build = paths.native_build_dir(backend)
-    args = cmake_args(backend, tree, build)
+    build = paths.native_build_dir(backend + (f"-{variant}" if variant else ""))
+    args = cmake_args(backend, tree, build) + list(extra_args)
     args_stamp = build / ".flowmm-cmake-args.json"
     if not (build / "CMakeCache.txt").is_file() or not args_stamp.is_file() or json.loads(args_stamp.read_text()) != args:
         log(f"configuring {build} ({backend})")
@@ -229,8 +230,8 @@ def build_native(backend: str, jobs: int) -> Path:
     t0 = time.time()
     subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
                     "--target", *BUILD_TARGETS], check=True)
-    log(f"build finished in {time.time() - t0:.1f} s; libraries in {paths.native_lib_dir(backend)}")
-    return paths.native_lib_dir(backend)
+    log(f"build finished in {time.time() - t0:.1f} s; libraries in {build / 'bin'}")
+    return build / "bin"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--record-in", type=Path, default=None,
                     help="virtual environment in which to record the library folder")
+    ap.add_argument("--variant", default="", help="name of a second build with --cmake-arg flags (e.g. valgrind)")
+    ap.add_argument("--cmake-arg", action="append", default=[], help="extra CMake argument for a variant")
     ap.add_argument("--print-source-tree", action="store_true",
                     help="prepare the patched source tree, print its path and stop")
     a = ap.parse_args(argv)
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             print(prepare_source(paths.cache_dir()))
             return 0
         backend = a.backend or paths.default_backend()
-        lib_dir = build_native(backend, a.jobs)
+        lib_dir = build_native(backend, a.jobs, a.variant, tuple(a.cmake_arg))
     except (BuildError, ValueError) as e:
         print(f"build_native: error: {e}", file=sys.stderr)
         return 1

@@ -158,6 +158,12 @@ def test_invalid_plans_are_refused_and_change_nothing(model):
             assert seq_state_bytes(ctx.ptr, -1) == before, f"cache changed after refusing: {message}"
         with pytest.raises(kv_cache.NativeError, match="seq_id 5 is out of range"):
             kv_cache.apply_plan(ctx, _identity(len(tokens), None), seq_id=5)
+        # and the next decode is bit-identical to a context that never saw the bad plans
+        with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, n_seq_max=2, kv_unified=True, n_threads=2) as twin:
+            twin.decode(tokens, 0, seq_id=0)
+            twin.decode(model.tokenize("hello dogs"), 0, seq_id=1)
+            nxt = model.tokenize(NEXT, add_special=False)
+            np.testing.assert_array_equal(ctx.decode(nxt, len(tokens)), twin.decode(nxt, len(tokens)))
 
 
 @pytest.mark.parametrize("unified", [False, True])
@@ -181,3 +187,29 @@ def test_other_sequences_are_untouched(model, unified):
         # seq 0 freed, so attention visits its cells in another order (f16 accumulation differs)
         err = _rel_err(ctx.decode(nxt, len(other), seq_id=1), twin.decode(nxt, len(other), seq_id=1))
         assert err == 0.0 if not unified else err <= TOL["f16"]
+
+
+def test_compacted_cache_keeps_working_through_decodes_and_a_second_merge(model):
+    tokens = model.tokenize(PROMPT)
+    n = len(tokens)
+    with _ctx(model, "f16", True) as ctx:
+        logits = ctx.decode(tokens, 0)
+        assert kv_cache.used_bound(ctx) == n
+        plan = _keep_subset(n, np.random.default_rng(5))
+        kv_cache.apply_plan(ctx, plan)
+        b1 = plan.src.shape[2]
+        assert kv_cache.used_bound(ctx) == b1
+        pos = n
+        for _ in range(50):  # greedy decode on the compacted cache
+            logits = ctx.decode([int(logits.argmax())], pos)
+            assert np.isfinite(logits).all()
+            pos += 1
+        cells, positions = kv_cache.seq_cells(ctx)
+        assert kv_cache.used_bound(ctx) == b1 + 50 and np.array_equal(positions[b1:], np.arange(n, n + 50))
+        # second merge over the merged cells: keep every third cell and the last
+        keep = np.r_[np.arange(0, len(cells) - 1, 3), len(cells) - 1]
+        second = kv_cache.MergePlan.keep(np.broadcast_to(cells[keep], (L, H, len(keep))), positions[keep])
+        kv_cache.apply_plan(ctx, second)
+        assert kv_cache.used_bound(ctx) == len(keep)
+        assert np.array_equal(kv_cache.seq_cells(ctx)[1], positions[keep])
+        assert np.isfinite(ctx.decode([int(logits.argmax())], pos)).all()
