@@ -69,8 +69,11 @@ struct bias_state {
 };
 
 bias_state * state_of(llama_kv_cache & kv, bool create) {
-    auto & ext = acc::ext(kv);
-    if (!ext && create) {
+    flowmm_ext * ext = flowmm_ext_of(kv, create);
+    if (ext == nullptr) {
+        return nullptr;
+    }
+    if (!ext->bias && create) {
         auto st = std::make_shared<bias_state>();
         const auto & hp = acc::hparams(kv);
         st->n_layer   = (int32_t) acc::n_layer(kv);
@@ -84,9 +87,9 @@ bias_state * state_of(llama_kv_cache & kv, bool create) {
         }
         st->layer_active.assign(st->n_layer, 0);
         st->layer_per_head.assign(st->n_layer, 0);
-        ext = st;
+        ext->bias = st;
     }
-    return static_cast<bias_state *>(ext.get());
+    return static_cast<bias_state *>(ext->bias.get());
 }
 
 void forget(bias_state & st, uint32_t strm, llama_seq_id seq_id) {
@@ -184,7 +187,7 @@ ggml_tensor * flowmm_hook_kq_mask(ggml_context * ctx, llm_graph_result * res, co
     const int64_t nh = st->layer_per_head[layer] ? n_head : 1;
 
     // one stream (unified cache) => the mask has one stream block; else one per sequence in the ubatch
-    auto inp = std::make_unique<bias_input>(acc::ext(*kv), mctx, layer, n_head, acc::n_stream(*kv) == 1);
+    auto inp = std::make_unique<bias_input>(flowmm_ext_of(*kv, false)->bias, mctx, layer, n_head, acc::n_stream(*kv) == 1);
     inp->tensor = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, 1, nh, ns);
     ggml_set_input(inp->tensor);
     ggml_set_name(inp->tensor, "flowmm_slot_bias");

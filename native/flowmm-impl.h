@@ -25,7 +25,7 @@ struct flowmm_kv_access {
     static ggml_tensor * k(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].k_stream[strm]; }
     static ggml_tensor * v(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].v_stream[strm]; }
     static int32_t cache_layer(const llama_kv_cache & kv, int32_t il) { return kv.map_layer_ids.at(il); }
-    static std::shared_ptr<void> & ext(llama_kv_cache & kv) { return kv.flowmm_ext; }
+    static std::shared_ptr<void> & ext_slot(llama_kv_cache & kv) { return kv.flowmm_ext; }
     static llama_kv_cache * kv_of(const llama_kv_cache_context & mctx) { return mctx.kv; }
 };
 
@@ -48,3 +48,12 @@ void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id);
 
 // llama_context's cached graphs must not be reused after the cache or its hooks change
 void flowmm_drop_cached_graphs(llama_context * ctx);
+
+// what native/ keeps on a cache (in its flowmm_ext slot, patches/0002): one entry per feature
+struct flowmm_ext {
+    std::shared_ptr<void> bias;  // flowmm-bias.cpp
+    std::shared_ptr<void> stats; // flowmm-stats.cpp
+};
+
+// the cache's extension state; NULL if none and !create
+flowmm_ext * flowmm_ext_of(llama_kv_cache & kv, bool create);

@@ -89,6 +89,14 @@ llama_kv_cache * flowmm_resolve_kv_seq(llama_context * ctx, llama_seq_id seq_id)
     return kv;
 }
 
+flowmm_ext * flowmm_ext_of(llama_kv_cache & kv, bool create) {
+    auto & slot = acc::ext_slot(kv);
+    if (!slot && create) {
+        slot = std::make_shared<flowmm_ext>();
+    }
+    return static_cast<flowmm_ext *>(slot.get());
+}
+
 int32_t flowmm_kv_get_layout(llama_context * ctx, flowmm_kv_layout * out) {
     llama_kv_cache * kv = flowmm_resolve_kv(ctx);
     if (kv == nullptr) {

@@ -30,6 +30,11 @@ struct flowmm_ctx_access {
         }
         lctx.gf_res_prev_active = nullptr;
     }
+
+    static int32_t last_graph_n_nodes(llama_context & lctx) {
+        const llm_graph_result * res = lctx.gf_res_prev_active;
+        return res ? ggml_graph_n_nodes(res->get_gf()) : -1;
+    }
 };
 
 using acc = flowmm_kv_access;
@@ -135,6 +140,14 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const flowmm_me
 
 void flowmm_drop_cached_graphs(llama_context * ctx) {
     flowmm_ctx_access::drop_cached_graphs(*ctx);
+}
+
+int32_t flowmm_graph_n_nodes(llama_context * ctx) {
+    if (ctx == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "context is NULL");
+    }
+    const int32_t n = flowmm_ctx_access::last_graph_n_nodes(*ctx);
+    return n < 0 ? flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the context has not computed a graph yet") : n;
 }
 
 int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flowmm_merge_plan * plan) {

@@ -115,6 +115,36 @@ extern "C" {
     // Remove seq_id's slot bias.
     FLOWMM_API int32_t flowmm_kv_clear_slot_bias(struct llama_context * ctx, llama_seq_id seq_id);
 
+    //
+    // attention statistics
+    //
+
+    // Ask the following llama_decode calls to also compute, for every layer, the attention
+    // probabilities of seq_id's query rows at positions >= pos_min (an observation window: the
+    // last W positions of a prompt; everything: 0), under the mask the layer uses, with flash
+    // attention on or off, accumulated over ubatches. With n_labels > 0, labels[p] in
+    // [0, n_labels) is the modality of position p (n_label_pos must cover every position seen).
+    // Replaces a previous request and zeroes the accumulators.
+    FLOWMM_API int32_t flowmm_stats_begin(struct llama_context * ctx, llama_seq_id seq_id, llama_pos pos_min,
+                                          const int32_t * labels, int32_t n_label_pos, int32_t n_labels);
+
+    // Stop computing statistics; the graph is again exactly llama.cpp's.
+    FLOWMM_API int32_t flowmm_stats_end(struct llama_context * ctx);
+
+    // Column scores of cache layer il: out[h][i] = attention mass the i-th cell of the sequence (cell
+    // order of flowmm_kv_seq_cells) received from the counted rows, per query head h. Returns the
+    // number of rows counted.
+    FLOWMM_API int32_t flowmm_stats_column_scores(struct llama_context * ctx, int32_t il, float * out,
+                                                  int32_t n_head, int32_t n_cells);
+
+    // Modality flow of cache layer il: out[h][a][b] = attention mass that counted rows labelled a
+    // sent to cells labelled b, per query head h. Returns the number of rows counted.
+    FLOWMM_API int32_t flowmm_stats_flow(struct llama_context * ctx, int32_t il, double * out,
+                                         int32_t n_head, int32_t n_labels);
+
+    // Nodes of the graph the context computed last (to check that hooks add nothing when off).
+    FLOWMM_API int32_t flowmm_graph_n_nodes(struct llama_context * ctx);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from flowmm_edge import default_model, kv_cache, runtime
+from bench_common import add_common_args, open_model, prompt_tokens
+from flowmm_edge import kv_cache, runtime
 
 
 def keep_plan(n: int, budget: int, n_layer: int, n_head_kv: int) -> kv_cache.MergePlan:
@@ -37,18 +38,14 @@ def decode_ms(ctx: runtime.Context, first_logits: np.ndarray, pos: int, n: int) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--ctx", type=int, default=4096, help="prompt tokens")
+    add_common_args(ap)
     ap.add_argument("--keep", type=float, default=0.2, help="fraction of cells kept")
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--kv-type", default="f16", choices=sorted(runtime.KV_TYPES))
-    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    runtime.quiet_native_logs()
-    path = a.model or default_model.ensure()
-    with runtime.Model(path) as model:
-        words = ("the quick brown fox jumps over the lazy dog while the secret code stays 4711 " * 400).strip()
-        tokens = model.tokenize(words)[: a.ctx]
+    path, model = open_model(a)
+    with model:
+        tokens = prompt_tokens(model, a.ctx)
         n = len(tokens)
         contexts = [runtime.Context(model, n_ctx=n + a.decode + 64, n_batch=512, kv_type=a.kv_type,
                                     n_threads=a.threads) for _ in range(2)]

@@ -29,7 +29,8 @@ class Capture:
 
     def __init__(self, names):
         self.names = set(names)
-        self.tensors: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, np.ndarray] = {}  # last value of each name
+        self.calls: dict[str, list[np.ndarray]] = {}  # every value, in evaluation order
         self.enabled = True
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._cb)
 
@@ -44,4 +45,5 @@ class Capture:
             buf = np.empty(n // 4, dtype=np.float32)
             lib.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
             self.tensors[name] = buf.reshape(tuple(reversed(list(head.ne))))
+            self.calls.setdefault(name, []).append(self.tensors[name])
         return True

@@ -1,0 +1,114 @@
+"""Attention statistics from llama.cpp's decode (native/flowmm-stats.cpp), flash attention on or off.
+
+    with AttentionStats(ctx, prompt_end=n, window=32, labels=labels) as stats:
+        ctx.decode(prompt, 0)
+    scores = stats.column_scores(layer)      # [n_head, n_cells], cells in seq_cells order
+    flow = stats.flow(layer)                 # [n_head, n_labels, n_labels] mass from label a to b
+    rho = stats.cross_modal_share(layer)     # per head, DESIGN.md §5's rho^l before averaging
+
+The context manager stops the computation on exit (the graph is llama.cpp's own again) but
+keeps the results readable until the next request or `close()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from .kv_cache import NativeError, _check, _ptr, seq_cells
+from .native import lib, llama_cpp
+
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_f32p = ctypes.POINTER(ctypes.c_float)
+_f64p = ctypes.POINTER(ctypes.c_double)
+
+lib.flowmm_stats_begin.restype = ctypes.c_int32
+lib.flowmm_stats_begin.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _i32p,
+                                   ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_stats_end.restype = ctypes.c_int32
+lib.flowmm_stats_end.argtypes = [llama_cpp.llama_context_p_ctypes]
+lib.flowmm_stats_column_scores.restype = ctypes.c_int32
+lib.flowmm_stats_column_scores.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32,
+                                           ctypes.c_int32]
+lib.flowmm_stats_flow.restype = ctypes.c_int32
+lib.flowmm_stats_flow.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f64p, ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_graph_n_nodes.restype = ctypes.c_int32
+lib.flowmm_graph_n_nodes.argtypes = [llama_cpp.llama_context_p_ctypes]
+
+
+def graph_n_nodes(ctx) -> int:
+    """Nodes of the graph the context computed last."""
+    return _check(lib.flowmm_graph_n_nodes(_ptr(ctx)))
+
+
+class AttentionStats:
+    """Statistics of `seq_id`'s query rows at positions >= prompt_end - window (all rows: window=None)."""
+
+    def __init__(self, ctx, prompt_end: int | None = None, window: int | None = None, labels=None,
+                 n_labels: int | None = None, seq_id: int = 0):
+        if window is not None:
+            if prompt_end is None:
+                raise NativeError(-1, "an observation window needs prompt_end (the position after the prompt's last token)")
+            if window <= 0 or window > prompt_end:
+                raise NativeError(-1, f"window {window} is not in [1, {prompt_end}] (the prompt has {prompt_end} positions)")
+            pos_min = prompt_end - window
+        else:
+            pos_min = 0
+        self.ctx, self.seq_id = ctx, seq_id
+        self.n_head = llama_cpp.llama_model_n_head(llama_cpp.llama_get_model(_ptr(ctx)))
+        if labels is not None:
+            self._labels = np.ascontiguousarray(labels, dtype=np.int32)
+            self.n_labels = int(n_labels if n_labels is not None else self._labels.max(initial=0) + 1)
+            lab_ptr, n_pos = self._labels.ctypes.data_as(_i32p), len(self._labels)
+        else:
+            self._labels, self.n_labels, lab_ptr, n_pos = None, 0, None, 0
+        _check(lib.flowmm_stats_begin(_ptr(ctx), seq_id, pos_min, lab_ptr, n_pos, self.n_labels))
+        self._running = True
+
+    def stop(self) -> None:
+        """Stop computing statistics (results stay readable)."""
+        if self._running:
+            self._running = False
+            self._results = {}
+            n = llama_cpp.llama_model_n_layer(llama_cpp.llama_get_model(_ptr(self.ctx)))
+            for layer in range(n):  # read everything before the native state goes
+                self._results[layer] = (self._column_scores(layer), self._flow(layer) if self.n_labels else None)
+            self.n_rows = self._n_rows
+            _check(lib.flowmm_stats_end(_ptr(self.ctx)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _column_scores(self, layer: int) -> np.ndarray:
+        n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
+        out = np.zeros((self.n_head, n_cells), dtype=np.float32)
+        self._n_rows = _check(lib.flowmm_stats_column_scores(_ptr(self.ctx), layer, out.ctypes.data_as(_f32p),
+                                                             self.n_head, n_cells))
+        return out
+
+    def _flow(self, layer: int) -> np.ndarray:
+        out = np.zeros((self.n_head, self.n_labels, self.n_labels), dtype=np.float64)
+        _check(lib.flowmm_stats_flow(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head, self.n_labels))
+        return out
+
+    def column_scores(self, layer: int) -> np.ndarray:
+        """[n_head, n_cells]: attention mass each cell of the sequence received, per query head."""
+        return self._results[layer][0] if not self._running else self._column_scores(layer)
+
+    def flow(self, layer: int) -> np.ndarray:
+        """[n_head, n_labels, n_labels]: mass rows labelled a sent to cells labelled b, per query head."""
+        if not self.n_labels:
+            raise NativeError(-1, "no labels were given, so there is no modality flow")
+        return self._results[layer][1] if not self._running else self._flow(layer)
+
+    def cross_modal_share(self, layer: int, text_label: int = 0) -> np.ndarray:
+        """Per query head: (mass text->non-text + non-text->text) / all mass (DESIGN.md §5, rho^l before 1/H)."""
+        f = self.flow(layer)
+        text = np.zeros(self.n_labels, bool)
+        text[text_label] = True
+        cross = f[:, text][:, :, ~text].sum(axis=(1, 2)) + f[:, ~text][:, :, text].sum(axis=(1, 2))
+        return cross / f.sum(axis=(1, 2))

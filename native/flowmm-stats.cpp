@@ -1,0 +1,365 @@
+// flowmm-edge: attention statistics of chosen query rows, with flash attention on or off.
+//
+// Flash attention never materialises the attention probabilities, so when statistics are
+// requested the graph hook (patches/0004) recomputes the softmax rows it needs from the layer's
+// queries and the cached keys under the mask the layer attends with (existing ops: mul_mat,
+// soft_max_ext, permute/cont, sum_rows), for the requested rows of each ubatch only. Two
+// graph outputs per layer: column sums (mass each cell receives) and, with labels, the mass
+// each row sends to each label. The after-compute hook (patches/0005) accumulates them on the
+// host across ubatches. With no request, neither hook adds or does anything.
+
+#include "flowmm.h"
+#include "flowmm-hooks.h"
+#include "flowmm-impl.h"
+
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+using acc = flowmm_kv_access;
+
+namespace {
+
+struct stats_state {
+    llama_seq_id seq_id  = 0;
+    llama_pos    pos_min = 0;
+    int32_t      n_labels = 0;
+    std::vector<int32_t> labels; // label of each position
+    int32_t n_layer = 0;
+    int32_t n_head  = 0;
+    int32_t kv_size = 0;
+    uint32_t strm   = 0;
+    std::vector<float>  colsum; // [n_layer][n_head][kv_size]
+    std::vector<double> flow;   // [n_layer][n_head][n_labels][n_labels]
+    int64_t n_rows = 0;         // query rows counted
+    std::string error;          // set when a ubatch could not be counted; getters then fail
+
+    int32_t label_of(llama_pos p) {
+        if (p < 0 || (size_t) p >= labels.size()) {
+            if (error.empty()) {
+                error = "position " + std::to_string(p) + " has no label (labels cover " + std::to_string(labels.size()) + " positions)";
+            }
+            return -1;
+        }
+        return labels[p];
+    }
+};
+
+stats_state * state_of(llama_kv_cache & kv) {
+    flowmm_ext * ext = flowmm_ext_of(kv, false);
+    return ext ? static_cast<stats_state *>(ext->stats.get()) : nullptr;
+}
+
+class stats_input : public llm_graph_input_i {
+public:
+    stats_input(std::shared_ptr<void> keep, const llama_kv_cache_context * mctx, int32_t layer, int32_t r0, int32_t n_sel)
+        : keep(std::move(keep)), mctx(mctx), layer(layer), r0(r0), n_sel(n_sel) {}
+
+    // one-hot labels of the cells the layer attends: [n_kv, n_labels]
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        if (onehot == nullptr) {
+            return;
+        }
+        stats_state & st = this->st();
+        const auto & cells = acc::cells(*acc::kv_of(*mctx), st.strm);
+        const int64_t n_kv = onehot->ne[0];
+        std::vector<float> data(n_kv * st.n_labels, 0.0f);
+        for (int64_t c = 0; c < n_kv; ++c) {
+            if (cells.is_empty(c) || !cells.seq_has(c, st.seq_id)) {
+                continue; // masked for this sequence: no mass to attribute
+            }
+            const int32_t lab = st.label_of(cells.pos_get(c));
+            if (lab >= 0) {
+                data[lab * n_kv + c] = 1.0f;
+            }
+        }
+        ggml_backend_tensor_set(onehot, data.data(), 0, data.size() * sizeof(float));
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        GGML_UNUSED(params);
+        return false; // the selected rows depend on the ubatch's positions
+    }
+
+    // accumulate this graph's outputs into the host buffers
+    void collect(const llama_ubatch & ubatch) {
+        if (colsum == nullptr) {
+            return; // a marker without rows
+        }
+        stats_state & st = this->st();
+        const int64_t n_kv = colsum->ne[1];
+        const int64_t nh   = colsum->ne[2];
+        std::vector<float> cs(n_kv * nh);
+        ggml_backend_tensor_get(colsum, cs.data(), 0, cs.size() * sizeof(float));
+        for (int64_t h = 0; h < nh; ++h) {
+            float * dst = st.colsum.data() + ((size_t) layer * st.n_head + h) * st.kv_size;
+            for (int64_t c = 0; c < n_kv; ++c) {
+                dst[c] += cs[h * n_kv + c];
+            }
+        }
+        if (flow != nullptr) {
+            const int64_t L = st.n_labels;
+            std::vector<float> fl(L * n_sel * nh);
+            ggml_backend_tensor_get(flow, fl.data(), 0, fl.size() * sizeof(float));
+            for (int64_t i = 0; i < n_sel; ++i) {
+                const int32_t qlab = st.label_of(ubatch.pos[r0 + i]);
+                if (qlab < 0) {
+                    continue;
+                }
+                for (int64_t h = 0; h < nh; ++h) {
+                    double * m = st.flow.data() + (((size_t) layer * st.n_head + h) * L + qlab) * L;
+                    for (int64_t b = 0; b < L; ++b) {
+                        m[b] += fl[(h * n_sel + i) * L + b];
+                    }
+                }
+            }
+        }
+        if (layer == 0) {
+            st.n_rows += n_sel;
+        }
+    }
+
+    ggml_tensor * colsum = nullptr; // [1, n_kv, n_head]
+    ggml_tensor * flow   = nullptr; // [n_labels, n_sel * n_head]
+    ggml_tensor * onehot = nullptr; // [n_kv, n_labels]
+
+private:
+    stats_state & st() { return *static_cast<stats_state *>(keep.get()); }
+
+    std::shared_ptr<void> keep;
+    const llama_kv_cache_context * mctx;
+    const int32_t layer;
+    const int32_t r0;
+    const int32_t n_sel;
+};
+
+} // namespace
+
+void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_result * res,
+                            const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                            ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, int il) {
+    if (mctx == nullptr || q == nullptr || k == nullptr || kq_mask == nullptr) {
+        return;
+    }
+    llama_kv_cache * kv = acc::kv_of(*mctx);
+    stats_state * st = kv ? state_of(*kv) : nullptr;
+    if (st == nullptr) {
+        return;
+    }
+    bool has_seq = false;
+    for (uint32_t s = 0; s < ubatch.n_seqs_unq; ++s) {
+        has_seq = has_seq || ubatch.seq_id_unq[s] == st->seq_id;
+    }
+    if (!has_seq) {
+        return; // another sequence's decode
+    }
+    if (ubatch.n_seqs_unq != 1) {
+        if (st->error.empty()) {
+            st->error = "statistics need ubatches that hold only the requested sequence";
+        }
+        return;
+    }
+    // rows are one sequence's consecutive positions: count those at or after pos_min
+    int32_t r0 = 0;
+    while (r0 < (int32_t) ubatch.n_tokens && ubatch.pos[r0] < st->pos_min) {
+        ++r0;
+    }
+    const int32_t n_sel = (int32_t) ubatch.n_tokens - r0;
+    const int32_t layer = acc::cache_layer(*kv, il);
+    if (n_sel <= 0) {
+        if (layer == 0) {
+            // nothing to count here, but this graph must not be reused for a ubatch that has rows
+            res->add_input(std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, 0));
+        }
+        return;
+    }
+
+    const int64_t hd = q->ne[0];
+    const int64_t nh = q->ne[1];
+    const int64_t n_kv = k->ne[2];
+
+    // [hd, n_sel, n_head] queries and [hd, n_kv, n_head_kv] keys; mul_mat broadcasts GQA groups.
+    // Contiguous copies (a few MB) let the CPU use its fast matmul: about half the cost of views.
+    ggml_tensor * qs = ggml_view_3d(ctx, q, hd, nh, n_sel, q->nb[1], q->nb[2], (size_t) r0 * q->nb[2]);
+    qs = ggml_cont(ctx, ggml_permute(ctx, qs, 0, 2, 1, 3));
+    ggml_tensor * ks = ggml_view_3d(ctx, k, hd, k->ne[1], n_kv, k->nb[1], k->nb[2], 0);
+    ks = ggml_cont(ctx, ggml_permute(ctx, ks, 0, 2, 1, 3));
+    ggml_tensor * kq = ggml_mul_mat(ctx, ks, qs);                                  // [n_kv, n_sel, n_head]
+    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+
+    // the rows of the mask this layer attends with (it may carry a per-head slot bias)
+    ggml_tensor * m = ggml_view_3d(ctx, kq_mask, n_kv, n_sel, kq_mask->ne[2], kq_mask->nb[1], kq_mask->nb[2],
+                                   (size_t) r0 * kq_mask->nb[1]);
+    ggml_tensor * p = ggml_soft_max_ext(ctx, kq, m, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
+
+    auto inp = std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, n_sel);
+    // column sums over the rows: repeat_back reduces dim 1 in place of a transposed copy of p
+    // (1.34x instead of 1.9x prefill time for all rows at 4k); where the cache's device lacks it
+    // (Metal), the portable transpose + sum_rows
+    ggml_tensor * colsum = ggml_repeat_back(ctx, p, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_kv, 1, nh));
+    ggml_tensor * kbase = k->view_src ? k->view_src : k;
+    ggml_backend_dev_t dev = kbase->buffer ? ggml_backend_buft_get_device(ggml_backend_buffer_get_type(kbase->buffer)) : nullptr;
+    // FLOWMM_STATS_PORTABLE=1 forces the portable path (tests run it on the CPU)
+    const char * portable = getenv("FLOWMM_STATS_PORTABLE");
+    if ((portable && atoi(portable)) || (dev != nullptr && !ggml_backend_dev_supports_op(dev, colsum))) {
+        colsum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));
+    }
+    inp->colsum = ggml_reshape_3d(ctx, colsum, 1, n_kv, nh);                       // [1, n_kv, n_head]
+    ggml_set_output(inp->colsum);
+    ggml_build_forward_expand(gf, inp->colsum);
+    if (st->n_labels > 0) {
+        inp->onehot = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, st->n_labels);
+        ggml_set_input(inp->onehot);
+        inp->flow = ggml_mul_mat(ctx, inp->onehot, ggml_reshape_2d(ctx, p, n_kv, n_sel * nh));  // [n_labels, n_sel*n_head]
+        ggml_set_output(inp->flow);
+        ggml_build_forward_expand(gf, inp->flow);
+    }
+    res->add_input(std::move(inp));
+}
+
+void flowmm_hook_graph_computed(llama_context * lctx, llm_graph_result * res, const llama_ubatch & ubatch) {
+    bool synced = false;
+    for (auto & input : res->inputs) {
+        auto * si = dynamic_cast<stats_input *>(input.get());
+        if (si == nullptr) {
+            continue;
+        }
+        if (!synced) {
+            llama_synchronize(lctx);
+            synced = true;
+        }
+        si->collect(ubatch);
+    }
+}
+
+int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos pos_min,
+                           const int32_t * labels, int32_t n_label_pos, int32_t n_labels) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (pos_min < 0) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "pos_min is negative");
+    }
+    if (n_labels < 0 || (n_labels > 0 && (labels == nullptr || n_label_pos <= 0))) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "labels are missing or n_labels is negative");
+    }
+    for (int32_t i = 0; i < (n_labels > 0 ? n_label_pos : 0); ++i) {
+        if (labels[i] < 0 || labels[i] >= n_labels) {
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "label " + std::to_string(labels[i]) + " at position " +
+                std::to_string(i) + " is out of range [0, " + std::to_string(n_labels) + ")");
+        }
+    }
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const llama_pos pos_max = acc::cells(*kv, strm).seq_pos_max(seq_id);
+    if (n_labels > 0 && pos_max >= n_label_pos) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "labels cover " + std::to_string(n_label_pos) +
+            " positions but the sequence already holds position " + std::to_string(pos_max));
+    }
+    const auto & hp = acc::hparams(*kv);
+    auto st = std::make_shared<stats_state>();
+    st->seq_id   = seq_id;
+    st->pos_min  = pos_min;
+    st->n_labels = n_labels;
+    if (n_labels > 0) {
+        st->labels.assign(labels, labels + n_label_pos);
+    }
+    st->n_layer = (int32_t) acc::n_layer(*kv);
+    st->n_head  = (int32_t) hp.n_head(acc::layer_il(*kv, 0));
+    st->kv_size = (int32_t) acc::cells(*kv, strm).size();
+    st->strm    = strm;
+    st->colsum.assign((size_t) st->n_layer * st->n_head * st->kv_size, 0.0f);
+    st->flow.assign((size_t) st->n_layer * st->n_head * n_labels * n_labels, 0.0);
+    flowmm_ext_of(*kv, true)->stats = st;
+    flowmm_drop_cached_graphs(ctx); // graphs built without the statistics nodes
+    return FLOWMM_OK;
+}
+
+int32_t flowmm_stats_end(llama_context * ctx) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (flowmm_ext * ext = flowmm_ext_of(*kv, false); ext && ext->stats) {
+        ext->stats.reset();
+        flowmm_drop_cached_graphs(ctx);
+    }
+    return FLOWMM_OK;
+}
+
+static stats_state * checked_state(llama_context * ctx, int32_t il, int32_t n_head, llama_kv_cache ** kv_out) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return nullptr;
+    }
+    llama_synchronize(ctx);
+    stats_state * st = state_of(*kv);
+    if (st == nullptr) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested (flowmm_stats_begin)");
+        return nullptr;
+    }
+    if (!st->error.empty()) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, st->error);
+        return nullptr;
+    }
+    if (il < 0 || il >= st->n_layer) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range [0, " + std::to_string(st->n_layer) + ")");
+        return nullptr;
+    }
+    if (n_head != st->n_head) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "n_head " + std::to_string(n_head) + " differs from the model's " + std::to_string(st->n_head));
+        return nullptr;
+    }
+    *kv_out = kv;
+    return st;
+}
+
+int32_t flowmm_stats_column_scores(llama_context * ctx, int32_t il, float * out, int32_t n_head, int32_t n_cells) {
+    llama_kv_cache * kv = nullptr;
+    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    if (st == nullptr) {
+        return flowmm_last_status();
+    }
+    const auto & cells = acc::cells(*kv, st->strm);
+    std::vector<int32_t> own;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, st->seq_id)) {
+            own.push_back((int32_t) c);
+        }
+    }
+    if (n_cells != (int32_t) own.size() || out == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out holds " + std::to_string(n_cells) + " cells per head, the sequence has " +
+            std::to_string(own.size()));
+    }
+    for (int32_t h = 0; h < n_head; ++h) {
+        const float * src = st->colsum.data() + ((size_t) il * st->n_head + h) * st->kv_size;
+        for (int32_t i = 0; i < n_cells; ++i) {
+            out[(size_t) h * n_cells + i] = src[own[i]];
+        }
+    }
+    return (int32_t) st->n_rows;
+}
+
+int32_t flowmm_stats_flow(llama_context * ctx, int32_t il, double * out, int32_t n_head, int32_t n_labels) {
+    llama_kv_cache * kv = nullptr;
+    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    if (st == nullptr) {
+        return flowmm_last_status();
+    }
+    if (n_labels != st->n_labels || n_labels == 0 || out == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "n_labels " + std::to_string(n_labels) + " differs from the request's " +
+            std::to_string(st->n_labels));
+    }
+    const size_t n = (size_t) n_head * n_labels * n_labels;
+    std::copy(st->flow.begin() + (size_t) il * n, st->flow.begin() + (size_t) (il + 1) * n, out);
+    return (int32_t) st->n_rows;
+}

@@ -1,0 +1,156 @@
+"""Attention statistics against softmax(QK^T/sqrt(d) + causal mask) computed in numpy.
+
+Q is the model's own (captured with cb_eval after RoPE, every ubatch of the prefill); K is
+read from the cache through the API (itself checked against llama.cpp's state). The prompt
+is split into several ubatches; flash attention on and off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import make_tiny_models as tm
+from flowmm_edge import kv_cache, runtime
+from flowmm_edge.attention_stats import AttentionStats, graph_n_nodes
+from tensor_capture import Capture
+
+SPEC = tm.TINY.text
+HD = SPEC.n_embd // SPEC.n_head
+L, H, NQ = SPEC.n_layer, SPEC.n_head_kv, SPEC.n_head
+PROMPT = ("the secret key is red and the code is 1234 please tell me what color the cat is "
+          "and how many dogs are here in the picture of the city")
+IMAGE_SPAN = (10, 30)  # positions labelled 1 ("image"); the rest are text (0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    with runtime.Model(tiny_models[0]) as m:
+        yield m
+
+
+def _labels(n):
+    lab = np.zeros(n + 8, np.int32)
+    lab[IMAGE_SPAN[0]:IMAGE_SPAN[1]] = 1
+    return lab
+
+
+def _prefill_with_stats(model, flash_attn, window):
+    cap = Capture([f"Qcur-{l}" for l in range(L)])
+    tokens = model.tokenize(PROMPT)
+    n = len(tokens)
+    ctx = runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
+                          cb_eval=cap.callback)
+    with AttentionStats(ctx, prompt_end=n, window=window, labels=_labels(n), n_labels=2) as stats:
+        ctx.decode(tokens, 0)
+    cells, pos = kv_cache.seq_cells(ctx)
+    keys = {(l, h): kv_cache.read_rows(ctx, l, h, cells, "k") for l in range(L) for h in range(H)}
+    # llama's graph names three nodes "Qcur-l" per ubatch (projection, reshape, RoPE): keep the RoPE'd one
+    qs = {l: np.concatenate([q.reshape(-1, NQ, HD) for q in cap.calls[f"Qcur-{l}"][2::3]]) for l in range(L)}
+    ctx.close()
+    return stats, pos, keys, qs, n
+
+
+def _reference(q, keys_l, pos, pos_min, labels):
+    """colsum [NQ, n] and flow [NQ, 2, 2] in float64 from Q rounded to f16 (as ggml's f16 mul_mat does)."""
+    q = q.astype(np.float16).astype(np.float64)
+    n = len(pos)
+    colsum = np.zeros((NQ, n))
+    flow = np.zeros((NQ, 2, 2))
+    for t in range(n):
+        if pos[t] < pos_min:
+            continue
+        for qh in range(NQ):
+            k = keys_l[qh // (NQ // H)][: t + 1].astype(np.float64)
+            logits = k @ q[t, qh] / np.sqrt(HD)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            colsum[qh, : t + 1] += p
+            for b in (0, 1):
+                flow[qh, labels[pos[t]], b] += p[labels[pos[: t + 1]] == b].sum()
+    return colsum, flow
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["repeat_back", "transpose+sum_rows"])
+@pytest.mark.parametrize("flash_attn", [True, False])
+@pytest.mark.parametrize("window", [8, None], ids=["window8", "all-rows"])
+def test_statistics_equal_numpy_softmax(model, flash_attn, window, portable, monkeypatch):
+    """Both column-sum paths: repeat_back (CPU, CUDA) and the transpose the cache's device may need (Metal)."""
+    monkeypatch.setenv("FLOWMM_STATS_PORTABLE", "1" if portable else "0")
+    stats, pos, keys, qs, n = _prefill_with_stats(model, flash_attn, window)
+    assert len(qs[0]) == n, "Q of every ubatch captured"
+    labels = _labels(n)
+    pos_min = n - window if window else 0
+    assert stats.n_rows == n - pos_min
+    for l in range(L):
+        colsum, flow = _reference(qs[l], [keys[(l, h)] for h in range(H)], pos, pos_min, labels)
+        got = stats.column_scores(l)
+        assert np.abs(got - colsum).max() / np.abs(colsum).max() <= 1e-4, l
+        assert np.abs(stats.flow(l) - flow).max() / np.abs(flow).max() <= 1e-4, l
+        # every counted row distributes exactly 1 over the cells
+        np.testing.assert_allclose(got.sum(axis=1), n - pos_min, rtol=1e-5)
+        rho = stats.cross_modal_share(l)
+        want = (flow[:, 0, 1] + flow[:, 1, 0]) / flow.sum(axis=(1, 2))
+        np.testing.assert_allclose(rho, want, rtol=1e-4)
+
+
+def test_all_row_scores_are_the_h2o_accumulator(model):
+    """H2O's running score: after each decode step add that step's attention row; same totals."""
+    stats, pos, keys, qs, n = _prefill_with_stats(model, True, None)
+    l = 1
+    h2o = np.zeros((NQ, n))
+    k = [keys[(l, h)].astype(np.float64) for h in range(H)]
+    q = qs[l].astype(np.float16).astype(np.float64)
+    for t in range(n):  # one "step" per token, as a decoder that tracked scores token by token would
+        for qh in range(NQ):
+            logits = k[qh // (NQ // H)][: t + 1] @ q[t, qh] / np.sqrt(HD)
+            p = np.exp(logits - logits.max())
+            h2o[qh, : t + 1] += p / p.sum()
+    assert np.abs(stats.column_scores(l) - h2o).max() / h2o.max() <= 1e-4
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_statistics_off_leaves_graph_and_logits_untouched(model, flash_attn):
+    tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)
+    n = len(tokens)
+    kw = dict(n_ctx=256, n_batch=64, flash_attn=flash_attn, n_threads=2)
+    with runtime.Context(model, **kw) as never, runtime.Context(model, **kw) as used:
+        never.decode(tokens, 0)
+        with AttentionStats(used, prompt_end=n, window=8):
+            used.decode(tokens, 0)
+            nodes_on = graph_n_nodes(used)
+        a, b = never.decode(nxt, n), used.decode(nxt, n)
+        np.testing.assert_array_equal(a, b)
+        assert graph_n_nodes(used) == graph_n_nodes(never) < nodes_on
+
+
+def test_bad_requests_are_refused_and_change_nothing(model):
+    import ctypes
+
+    from flowmm_edge.kv_cache import NativeError
+    from flowmm_edge.native import lib
+
+    tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)
+    n = len(tokens)
+    with runtime.Context(model, n_ctx=256, n_threads=2) as ctx, runtime.Context(model, n_ctx=256, n_threads=2) as twin:
+        ctx.decode(tokens, 0)
+        twin.decode(tokens, 0)
+        out = (ctypes.c_float * (NQ * n))()
+        assert lib.flowmm_stats_column_scores(ctx.ptr, 0, out, NQ, n) == -1
+        assert b"no statistics were requested" in lib.flowmm_last_error()
+        with pytest.raises(NativeError, match=f"window {n + 1} is not in"):
+            AttentionStats(ctx, prompt_end=n, window=n + 1)
+        with pytest.raises(NativeError, match=f"labels cover 5 positions but the sequence already holds position {n - 1}"):
+            AttentionStats(ctx, labels=np.zeros(5, np.int32), n_labels=2)
+        with pytest.raises(NativeError, match="label 3 at position 2 is out of range"):
+            AttentionStats(ctx, labels=np.r_[0, 0, 3, np.zeros(n, np.int32)], n_labels=2)
+        # the refused requests changed nothing: the next decode is bit-identical to the twin's
+        np.testing.assert_array_equal(ctx.decode(nxt, n), twin.decode(nxt, n))
+        stats = AttentionStats(ctx, prompt_end=n + 2, window=1)
+        ctx.decode(nxt, n + 1)
+        with pytest.raises(NativeError, match=f"layer {L} is out of range"):
+            stats.column_scores(L)
+        with pytest.raises(NativeError, match="no labels were given"):
+            stats.flow(0)
+        assert stats.column_scores(0).shape == (NQ, n + 2)
+        stats.stop()
