@@ -56,7 +56,10 @@ class AttentionStats:
         else:
             pos_min = 0
         self.ctx, self.seq_id = ctx, seq_id
-        self.n_head = llama_cpp.llama_model_n_head(llama_cpp.llama_get_model(_ptr(ctx)))
+        model = llama_cpp.llama_get_model(_ptr(ctx))
+        self.n_head = llama_cpp.llama_model_n_head(model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+        self.n_layer = llama_cpp.llama_model_n_layer(model)
         if labels is not None:
             self._labels = np.ascontiguousarray(labels, dtype=np.int32)
             self.n_labels = int(n_labels if n_labels is not None else self._labels.max(initial=0) + 1)
@@ -71,8 +74,7 @@ class AttentionStats:
         if self._running:
             self._running = False
             self._results = {}
-            n = llama_cpp.llama_model_n_layer(llama_cpp.llama_get_model(_ptr(self.ctx)))
-            for layer in range(n):  # read everything before the native state goes
+            for layer in range(self.n_layer):  # read everything before the native state goes
                 self._results[layer] = (self._column_scores(layer), self._flow(layer) if self.n_labels else None)
             self.n_rows = self._n_rows
             _check(lib.flowmm_stats_end(_ptr(self.ctx)))
@@ -95,9 +97,13 @@ class AttentionStats:
         _check(lib.flowmm_stats_flow(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head, self.n_labels))
         return out
 
-    def column_scores(self, layer: int) -> np.ndarray:
-        """[n_head, n_cells]: attention mass each cell of the sequence received, per query head."""
-        return self._results[layer][0] if not self._running else self._column_scores(layer)
+    def column_scores(self, layer: int, per_kv_head: bool = False) -> np.ndarray:
+        """[n_head, n_cells]: attention mass each cell of the sequence received, per query head;
+        with per_kv_head, summed over each KV head's group of query heads: [n_head_kv, n_cells]."""
+        scores = self._results[layer][0] if not self._running else self._column_scores(layer)
+        if per_kv_head:
+            scores = scores.reshape(self.n_head_kv, self.n_head // self.n_head_kv, -1).sum(axis=1)
+        return scores
 
     def flow(self, layer: int) -> np.ndarray:
         """[n_head, n_labels, n_labels]: mass rows labelled a sent to cells labelled b, per query head."""

@@ -87,6 +87,8 @@ def test_statistics_equal_numpy_softmax(model, flash_attn, window, portable, mon
         got = stats.column_scores(l)
         assert np.abs(got - colsum).max() / np.abs(colsum).max() <= 1e-4, l
         assert np.abs(stats.flow(l) - flow).max() / np.abs(flow).max() <= 1e-4, l
+        # summed per KV head: query heads q and q+1 share KV head q // 2 (GQA groups are consecutive)
+        np.testing.assert_allclose(stats.column_scores(l, per_kv_head=True), got.reshape(H, NQ // H, -1).sum(axis=1))
         # every counted row distributes exactly 1 over the cells
         np.testing.assert_allclose(got.sum(axis=1), n - pos_min, rtol=1e-5)
         rho = stats.cross_modal_share(l)
