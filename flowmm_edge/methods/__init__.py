@@ -1,0 +1,13 @@
+"""KV-compression methods behind one interface (base.Method): name -> class."""
+
+from .base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Plan, Stats, TokenLayout
+from .full import Full
+from .h2o import H2O
+from .random_keep import RandomKeep
+from .snapkv import SnapKV
+from .streaming import Streaming
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Streaming, H2O, SnapKV, RandomKeep)}
+
+__all__ = ["KEYS", "METHODS", "PROMPT_SCORES", "RHO", "WINDOW_SCORES", "Method", "MethodError", "Plan", "Stats",
+           "TokenLayout"]

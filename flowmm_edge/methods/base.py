@@ -1,0 +1,152 @@
+"""The one interface every KV-compression method implements (in the spirit of NVIDIA kvpress).
+
+A method sees the token layout (position and modality label of every cell of a sequence),
+the statistics it declared it needs, and returns a merge plan for a budget. It never touches
+llama.cpp: `Plan.to_cells` maps its cell *indices* (0..n-1, the order of
+`kv_cache.seq_cells`) to the cache's cell ids for `kv_cache.apply_plan`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+
+import numpy as np
+
+from ..errors import FlowMMError
+from ..kv_cache import MergePlan
+
+WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
+PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every prompt row (H2O's accumulator)
+RHO = "rho"                      # [n_layer] cross-modal share of attention (DESIGN.md §5)
+KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
+STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RHO, KEYS)
+
+
+class MethodError(FlowMMError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Position and modality label (0 = text, 1.. = images or other spans) of each cell, in cell order."""
+
+    positions: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if len(self.positions) != len(self.labels) or len(self.positions) == 0:
+            raise MethodError(f"layout has {len(self.positions)} positions and {len(self.labels)} labels")
+        if np.any(np.diff(self.positions) <= 0):
+            raise MethodError("layout positions must be strictly increasing")
+
+    @property
+    def n(self) -> int:
+        return len(self.positions)
+
+
+@dataclasses.dataclass
+class Stats:
+    window_scores: np.ndarray | None = None
+    prompt_scores: np.ndarray | None = None
+    rho: np.ndarray | None = None
+    keys: np.ndarray | None = None
+
+    def require(self, name: str, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
+        value = getattr(self, name)
+        if value is None:
+            raise MethodError(f"the method needs {name}, which was not computed")
+        want = {WINDOW_SCORES: (n_layer, n_head_kv, n), PROMPT_SCORES: (n_layer, n_head_kv, n), RHO: (n_layer,)}.get(name)
+        if want is not None and value.shape != want:
+            raise MethodError(f"{name} has shape {value.shape}, expected {want}")
+        if name == KEYS and value.shape[:3] != (n_layer, n_head_kv, n):
+            raise MethodError(f"keys have shape {value.shape}, expected ({n_layer}, {n_head_kv}, {n}, head_dim)")
+        if not np.all(np.isfinite(value)):
+            raise MethodError(f"{name} contains NaN or infinite values")
+        return value
+
+
+@dataclasses.dataclass
+class Plan:
+    """A merge plan in cell *indices*: src [n_layer, n_head_kv, B, S] (-1 unused), weight, slot_pos [B]."""
+
+    src: np.ndarray
+    weight: np.ndarray
+    slot_pos: np.ndarray
+
+    @property
+    def n_slots(self) -> int:
+        return self.src.shape[2]
+
+    def to_cells(self, cells: np.ndarray) -> MergePlan:
+        cells = np.asarray(cells, dtype=np.int32)
+        src = np.where(self.src >= 0, cells[np.maximum(self.src, 0)], -1).astype(np.int32)
+        return MergePlan(src=src, weight=self.weight.astype(np.float32), slot_pos=self.slot_pos.astype(np.int32))
+
+
+def resolve_budget(budget: float | int, n: int, protected: int) -> int:
+    """Slots to keep: a ratio in (0, 1] of the context, or an absolute count in [1, n]."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise MethodError(f"budget {budget!r} is neither a ratio nor a slot count")
+    if isinstance(budget, (float, np.floating)):
+        if not (0.0 < budget <= 1.0) or math.isnan(budget):
+            raise MethodError(f"budget ratio {budget} is outside (0, 1]")
+        slots = max(1, math.ceil(budget * n))
+    else:
+        if not (1 <= budget <= n):
+            raise MethodError(f"budget of {budget} slots is outside [1, {n}] (the context holds {n} cells)")
+        slots = int(budget)
+    if slots < min(protected, n):
+        raise MethodError(f"budget of {slots} slots is smaller than the {protected} always kept (sinks + recent window)")
+    return slots
+
+
+class Method(abc.ABC):
+    """A KV-compression method: declare `needs`, implement `plan`."""
+
+    name: str = "?"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(self, sinks: int = 4, window: int = 32):
+        if sinks < 0 or window < 1:
+            raise MethodError(f"sinks must be >= 0 and window >= 1 (got {sinks}, {window})")
+        self.sinks, self.window = sinks, window
+
+    def protected(self, n: int) -> np.ndarray:
+        """Cell indices always kept: the attention sinks, the recent window (which holds the last token)."""
+        return np.unique(np.r_[np.arange(min(self.sinks, n)), np.arange(max(0, n - self.window), n)])
+
+    def __call__(self, layout: TokenLayout, stats: Stats, n_layer: int, n_head_kv: int, budget: float | int) -> Plan:
+        slots = resolve_budget(budget, layout.n, len(self.protected(layout.n)))
+        return self.plan(layout, stats, n_layer, n_head_kv, slots)
+
+    @abc.abstractmethod
+    def plan(self, layout: TokenLayout, stats: Stats, n_layer: int, n_head_kv: int, slots: int) -> Plan:
+        ...
+
+
+def top_by_score(scores: np.ndarray, protected: np.ndarray, slots: int) -> np.ndarray:
+    """Per row of scores [..., n]: the protected indices plus the highest-scoring others, sorted.
+
+    Ties go to the earlier position (a stable sort on the negated score)."""
+    n = scores.shape[-1]
+    extra = slots - len(protected)
+    mask = np.zeros(n, bool)
+    mask[protected] = True
+    flat = scores.reshape(-1, n)
+    out = np.empty((flat.shape[0], slots), dtype=np.int64)
+    for r, row in enumerate(flat):
+        order = np.argsort(-row, kind="stable")
+        chosen = order[~mask[order]][:extra]
+        out[r] = np.sort(np.r_[protected, chosen])
+    return out.reshape(scores.shape[:-1] + (slots,))
+
+
+def keep_plan(layout: TokenLayout, selection: np.ndarray) -> Plan:
+    """A keep-only plan from per-(layer, head) sorted selections [n_layer, n_head_kv, B].
+
+    Slot j takes the position of layer 0, head 0's j-th kept cell: sinks and the recent window
+    sit in the same slots everywhere, and the last slot keeps the last position."""
+    src = selection[..., None].astype(np.int32)
+    return Plan(src=src, weight=np.ones(src.shape, np.float32), slot_pos=layout.positions[selection[0, 0]])

@@ -1,0 +1,32 @@
+"""`snapkv` (Li et al. 2024): attention from the observation window (the last `window` prompt
+rows), smoothed by 1-D average pooling (kernel 7, the paper's default) so that neighbours of
+important tokens survive, top-k per layer and KV head, plus the window itself."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import WINDOW_SCORES, Method, keep_plan, top_by_score
+
+
+def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
+    """Mean over a centred window of `kernel` cells (stride 1, shrinking at the edges)."""
+    pad = kernel // 2
+    c = np.cumsum(np.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(1, 0)]), axis=-1)
+    n = scores.shape[-1]
+    lo = np.clip(np.arange(n) - pad, 0, n)
+    hi = np.clip(np.arange(n) + pad + 1, 0, n)
+    return (c[..., hi] - c[..., lo]) / (hi - lo)
+
+
+class SnapKV(Method):
+    name = "snapkv"
+    needs = frozenset({WINDOW_SCORES})
+
+    def __init__(self, sinks: int = 4, window: int = 32, kernel: int = 7):
+        super().__init__(sinks, window)
+        self.kernel = kernel
+
+    def plan(self, layout, stats, n_layer, n_head_kv, slots):
+        scores = avg_pool(stats.require(WINDOW_SCORES, n_layer, n_head_kv, layout.n), self.kernel)
+        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))
