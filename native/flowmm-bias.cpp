@@ -211,12 +211,7 @@ int32_t flowmm_kv_set_slot_bias(llama_context * ctx, llama_seq_id seq_id, const 
     }
     const uint32_t strm = acc::stream_of(*kv, seq_id);
     const auto & cells = acc::cells(*kv, strm);
-    std::vector<int32_t> own;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
-            own.push_back((int32_t) c);
-        }
-    }
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
     if (n_cells != (int32_t) own.size()) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias covers " + std::to_string(n_cells) + " cells, sequence " +
             std::to_string(seq_id) + " has " + std::to_string(own.size()));

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 // llama_kv_cache declares this struct its friend (patches/0002): the one door to its internals
 struct flowmm_kv_access {
@@ -38,6 +39,9 @@ int32_t flowmm_last_status();
 
 // the context's single plain-RoPE KV cache, or NULL with the error recorded
 llama_kv_cache * flowmm_resolve_kv(llama_context * ctx);
+
+// the cells of stream `strm` holding seq_id, in cell order
+std::vector<int32_t> flowmm_seq_cells(const llama_kv_cache & kv, uint32_t strm, llama_seq_id seq_id);
 
 // flowmm_resolve_kv, then checks that seq_id is a sequence of the cache and waits for the
 // context's pending work; NULL with the error recorded otherwise

@@ -129,19 +129,25 @@ int32_t flowmm_kv_seq_cells(llama_context * ctx, llama_seq_id seq_id, int32_t * 
     if (cap < 0) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cap is negative");
     }
-    const auto & cs = acc::cells(*kv, acc::stream_of(*kv, seq_id));
-    int32_t n = 0;
-    for (uint32_t i = 0; i < cs.size(); ++i) {
-        if (cs.is_empty(i) || !cs.seq_has(i, seq_id)) {
-            continue;
-        }
-        if (n < cap) {
-            if (cells) cells[n] = (int32_t) i;
-            if (pos)   pos[n]   = cs.pos_get(i);
-        }
-        ++n;
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const auto & cs = acc::cells(*kv, strm);
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
+    for (int32_t i = 0; i < std::min(cap, (int32_t) own.size()); ++i) {
+        if (cells) cells[i] = own[i];
+        if (pos)   pos[i]   = cs.pos_get(own[i]);
     }
-    return n;
+    return (int32_t) own.size();
+}
+
+std::vector<int32_t> flowmm_seq_cells(const llama_kv_cache & kv, uint32_t strm, llama_seq_id seq_id) {
+    const auto & cs = acc::cells(kv, strm);
+    std::vector<int32_t> own;
+    for (uint32_t i = 0; i < cs.size(); ++i) {
+        if (!cs.is_empty(i) && cs.seq_has(i, seq_id)) {
+            own.push_back((int32_t) i);
+        }
+    }
+    return own;
 }
 
 int32_t flowmm_kv_used_bound(llama_context * ctx, llama_seq_id seq_id) {

@@ -64,17 +64,14 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const flowmm_me
 
     out.strm = acc::stream_of(kv, seq_id);
     const auto & cs = acc::cells(kv, out.strm);
+    out.seq_cells = flowmm_seq_cells(kv, out.strm, seq_id);
     std::vector<uint8_t> own(cs.size(), 0);
-    for (uint32_t i = 0; i < cs.size(); ++i) {
-        if (cs.is_empty(i) || !cs.seq_has(i, seq_id)) {
-            continue;
-        }
+    for (int32_t i : out.seq_cells) {
         if (cs.seq_count(i) != 1) {
             return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, "cell " + std::to_string(i) + " of sequence " + std::to_string(seq_id) +
                 " is shared with another sequence; merging shared cells is not supported");
         }
         own[i] = 1;
-        out.seq_cells.push_back((int32_t) i);
     }
     if (out.seq_cells.empty()) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(seq_id) + " has no cells");

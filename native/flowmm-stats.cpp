@@ -194,7 +194,7 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
     ggml_tensor * ks = ggml_view_3d(ctx, k, hd, k->ne[1], n_kv, k->nb[1], k->nb[2], 0);
     ks = ggml_cont(ctx, ggml_permute(ctx, ks, 0, 2, 1, 3));
     ggml_tensor * kq = ggml_mul_mat(ctx, ks, qs);                                  // [n_kv, n_sel, n_head]
-    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
 
     // the rows of the mask this layer attends with (it may carry a per-head slot bias)
     ggml_tensor * m = ggml_view_3d(ctx, kq_mask, n_kv, n_sel, kq_mask->ne[2], kq_mask->nb[1], kq_mask->nb[2],
@@ -329,13 +329,7 @@ int32_t flowmm_stats_column_scores(llama_context * ctx, int32_t il, float * out,
     if (st == nullptr) {
         return flowmm_last_status();
     }
-    const auto & cells = acc::cells(*kv, st->strm);
-    std::vector<int32_t> own;
-    for (uint32_t c = 0; c < cells.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, st->seq_id)) {
-            own.push_back((int32_t) c);
-        }
-    }
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, st->strm, st->seq_id);
     if (n_cells != (int32_t) own.size() || out == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out holds " + std::to_string(n_cells) + " cells per head, the sequence has " +
             std::to_string(own.size()));
