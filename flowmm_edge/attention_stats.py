@@ -74,8 +74,9 @@ class AttentionStats:
         if self._running:
             self._running = False
             self._results = {}
+            n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
             for layer in range(self.n_layer):  # read everything before the native state goes
-                self._results[layer] = (self._column_scores(layer), self._flow(layer) if self.n_labels else None)
+                self._results[layer] = (self._column_scores(layer, n_cells), self._flow(layer) if self.n_labels else None)
             self.n_rows = self._n_rows
             _check(lib.flowmm_stats_end(_ptr(self.ctx)))
 
@@ -85,8 +86,9 @@ class AttentionStats:
     def __exit__(self, *exc):
         self.stop()
 
-    def _column_scores(self, layer: int) -> np.ndarray:
-        n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
+    def _column_scores(self, layer: int, n_cells: int | None = None) -> np.ndarray:
+        if n_cells is None:
+            n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
         out = np.zeros((self.n_head, n_cells), dtype=np.float32)
         self._n_rows = _check(lib.flowmm_stats_column_scores(_ptr(self.ctx), layer, out.ctypes.data_as(_f32p),
                                                              self.n_head, n_cells))

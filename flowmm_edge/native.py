@@ -65,19 +65,15 @@ def mtmd_lib_path() -> str:
     return getattr(mtmd_cpp._libmtmd, "_name", "?")
 
 
+# ggml's device registry, reached through libllama's handle (libggml is loaded with it)
+lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+
+
 def backend_devices() -> list[str]:
     """Names of the ggml devices llama.cpp can use (e.g. ['CPU'], ['CUDA0', 'CPU'])."""
     llama_cpp.llama_backend_init()
-    names = []
-    ggml = lib
-    try:
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
-        ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-        for i in range(ggml.ggml_backend_dev_count()):
-            names.append(ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i)).decode())
-    except AttributeError:
-        pass
-    return names
+    return [lib.ggml_backend_dev_name(lib.ggml_backend_dev_get(i)).decode() for i in range(lib.ggml_backend_dev_count())]
