@@ -1,4 +1,5 @@
-"""Every method's plan, built from real statistics of the tiny model, applies and decoding continues."""
+"""Every method, driven by compression.Compressor on the tiny model: it asks for its statistics
+during the real prefill, its plan applies through the native API, and decoding continues."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 
 import make_tiny_models as tm
 from flowmm_edge import kv_cache, runtime
-from flowmm_edge.attention_stats import AttentionStats
-from flowmm_edge.methods import METHODS, Stats, TokenLayout
+from flowmm_edge.compression import Compressor
+from flowmm_edge.methods import METHODS
+from flowmm_edge.methods.flowmm import FlowMM
 
 SPEC = tm.TINY.text
 PROMPT = ("the secret key is red and the code is 1234 please tell me what color the cat is "
@@ -16,32 +18,53 @@ PROMPT = ("the secret key is red and the code is 1234 please tell me what color 
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_models):
-    with runtime.Model(tiny_models[0]) as model:
-        tokens = model.tokenize(PROMPT)
-        n = len(tokens)
-        scores = {}
-        for name, window in (("window_scores", 8), ("prompt_scores", None)):
-            with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, n_threads=2) as ctx:
-                with AttentionStats(ctx, prompt_end=n, window=window) as stats:
-                    ctx.decode(tokens, 0)
-                scores[name] = np.stack([stats.column_scores(l, per_kv_head=True) for l in range(SPEC.n_layer)])
-        yield model, tokens, Stats(**scores)
+def model(tiny_models):
+    with runtime.Model(tiny_models[0]) as m:
+        yield m
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_plan_applies_and_decoding_continues(prepared, name):
-    model, tokens, stats = prepared
+def _labels(n):
+    lab = np.zeros(n + 64, np.int32)
+    lab[10:30] = 1  # an "image" span
+    return lab
+
+
+CASES = [(name, "f16") for name in sorted(METHODS) + ["flowmm-policy"]] + [("flowmm", "q8_0"), ("lookm", "q8_0")]
+
+
+@pytest.mark.parametrize("name,kv_type", CASES)
+def test_method_plan_applies_and_decoding_continues(model, name, kv_type):
+    tokens = model.tokenize(PROMPT)
     n = len(tokens)
-    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
-        logits = ctx.decode(tokens, 0)
-        cells, positions = kv_cache.seq_cells(ctx)
-        layout = TokenLayout(positions=positions, labels=np.zeros(n, int))
-        plan = METHODS[name](sinks=2, window=6)(layout, stats, SPEC.n_layer, SPEC.n_head_kv, 0.4)
-        kv_cache.apply_plan(ctx, plan.to_cells(cells))
+    labels = _labels(n)
+    if name == "flowmm-policy":
+        comp = Compressor(FlowMM(sinks=2, window=6), 0.4, rho=np.array([0.0, 1.0, 0.0, 1.0]))
+    else:
+        comp = Compressor(METHODS[name](sinks=2, window=6), 0.4)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, n_threads=2, kv_type=kv_type) as ctx:
+        with comp.observe(ctx, prompt_end=n, labels=labels):
+            logits = ctx.decode(tokens, 0)
+        cells0, before = kv_cache.seq_cells(ctx)
+        k0 = {(l, h): kv_cache.read_rows(ctx, l, h, cells0, "k") for l in range(SPEC.n_layer) for h in range(SPEC.n_head_kv)}
+        report = comp.compress(ctx, labels)
         slots = n if name == "full" else int(np.ceil(0.4 * n))
+        assert (report.cells_before, report.cells_after) == (n, slots)
         assert kv_cache.used_bound(ctx) == slots
-        assert np.array_equal(kv_cache.seq_cells(ctx)[1], plan.slot_pos)
+        kept = kv_cache.seq_cells(ctx)[1]
+        assert set(kept) <= set(before) and kept[-1] == n - 1 and list(kept[:2]) == [0, 1]
+        if report.plan is not None:  # each slot's key is the plan's weighted sum of the old keys
+            cells1 = kv_cache.seq_cells(ctx)[0]
+            p = report.plan
+            for (l, h), k in k0.items():
+                want = np.einsum("bs,bsd->bd", p.weight[l, h], k[np.maximum(p.src[l, h], 0)])
+                got = kv_cache.read_rows(ctx, l, h, cells1, "k")
+                tol = 2e-3 if kv_type == "f16" else 3e-2
+                assert np.abs(got - want).max() <= tol * np.abs(want).max(), (l, h)
+        if name in ("flowmm", "lookm"):
+            assert (report.plan.src[..., 1:] >= 0).any(), "some tokens were merged, not only kept"
+        if name.startswith("flowmm"):
+            assert report.rho_source == ("policy" if name == "flowmm-policy" else "prompt")
+            assert report.rho.shape == (SPEC.n_layer,) and np.all((report.rho >= 0) & (report.rho <= 1))
         pos = n
         for _ in range(5):
             logits = ctx.decode([int(logits.argmax())], pos)

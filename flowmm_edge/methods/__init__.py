@@ -1,13 +1,15 @@
 """KV-compression methods behind one interface (base.Method): name -> class."""
 
 from .base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Plan, Stats, TokenLayout
+from .flowmm import FlowMM
 from .full import Full
 from .h2o import H2O
+from .lookm import LookM
 from .random_keep import RandomKeep
 from .snapkv import SnapKV
 from .streaming import Streaming
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Streaming, H2O, SnapKV, RandomKeep)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Streaming, H2O, SnapKV, LookM, FlowMM, RandomKeep)}
 
 __all__ = ["KEYS", "METHODS", "PROMPT_SCORES", "RHO", "WINDOW_SCORES", "Method", "MethodError", "Plan", "Stats",
            "TokenLayout"]

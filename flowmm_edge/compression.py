@@ -1,0 +1,108 @@
+"""Running a method on a live llama.cpp context: ask only for the statistics it needs while the
+prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to the cache.
+
+    comp = Compressor(METHODS["flowmm"](), budget=0.2, rho=policy.rho)   # rho optional
+    with comp.observe(ctx, prompt_end=n, labels=labels_by_position):
+        ctx.decode(tokens, 0)
+    report = comp.compress(ctx, labels_by_position)
+
+Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
+this prefill. Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
+(the observation window), and the report says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+
+from . import kv_cache
+from .attention_stats import AttentionStats
+from .methods.base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats, TokenLayout
+
+
+@dataclasses.dataclass
+class Report:
+    method: str
+    cells_before: int
+    cells_after: int
+    rho_source: str  # "policy", "prompt" or "unused"
+    rho: np.ndarray | None
+    plan: object = None  # methods.Plan in cell indices of the cells before the merge (None: nothing applied)
+
+
+def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
+    """rho^l (DESIGN.md §5) from per-head flow matrices [n_head, n_labels, n_labels], summed over
+    the given prompts first: mean over heads of (text->other + other->text) / all mass."""
+    f = np.sum(flows, axis=0)
+    text = np.zeros(f.shape[1], bool)
+    text[text_label] = True
+    cross = f[:, text][:, :, ~text].sum(axis=(1, 2)) + f[:, ~text][:, :, text].sum(axis=(1, 2))
+    total = f.sum(axis=(1, 2))
+    return float(np.mean(np.where(total > 0, cross / np.maximum(total, 1e-300), 0.0)))
+
+
+class Compressor:
+    def __init__(self, method: Method, budget: float | int, rho: np.ndarray | None = None):
+        needs = method.needs
+        if WINDOW_SCORES in needs and PROMPT_SCORES in needs:
+            raise MethodError(f"{method.name} needs both window and whole-prompt scores; one prefill gives one")
+        self.method, self.budget = method, budget
+        self.rho = None if rho is None else np.asarray(rho, dtype=np.float64)
+        self._stats: AttentionStats | None = None
+
+    @property
+    def needs_observation(self) -> bool:
+        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES}) or (RHO in self.method.needs and self.rho is None)
+
+    @contextlib.contextmanager
+    def observe(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
+        """Collect the method's statistics over the decode run inside the with-block."""
+        if not self.needs_observation:
+            self._stats = None
+            yield None
+            return
+        window = None if PROMPT_SCORES in self.method.needs else min(self.method.window, prompt_end)
+        want_flow = RHO in self.method.needs and self.rho is None
+        stats = AttentionStats(ctx, prompt_end=prompt_end, window=window, seq_id=seq_id,
+                               labels=labels if want_flow else None,
+                               n_labels=max(2, int(np.max(labels, initial=0)) + 1) if want_flow else None)
+        try:
+            yield stats
+        finally:
+            stats.stop()
+        self._stats = stats
+
+    def compress(self, ctx, labels: np.ndarray, seq_id: int = 0) -> Report:
+        """Plan for the sequence's current cells and apply it; the cache is unchanged on error."""
+        cells, positions = kv_cache.seq_cells(ctx, seq_id)
+        lay = kv_cache.layout(ctx)
+        n_layer, n_head_kv = lay.n_layer, lay.n_head_kv
+        needs, s = self.method.needs, self._stats
+        stats = Stats()
+        if needs & {WINDOW_SCORES, PROMPT_SCORES}:
+            if s is None:
+                raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
+            scores = np.stack([s.column_scores(l, per_kv_head=True) for l in range(n_layer)])
+            setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
+        rho_source = "unused"
+        if RHO in needs:
+            if self.rho is not None:
+                if self.rho.shape != (n_layer,):
+                    raise MethodError(f"the policy has rho for {len(self.rho)} layers, the model has {n_layer}")
+                stats.rho, rho_source = self.rho, "policy"
+            else:
+                stats.rho = np.array([rho_from_flow([s.flow(l)]) for l in range(n_layer)])
+                rho_source = "prompt"
+        if KEYS in needs:
+            stats.keys = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "k", seq_id) for h in range(n_head_kv)])
+                                   for l in range(n_layer)])
+        token_layout = TokenLayout(positions=positions, labels=np.asarray(labels)[positions])
+        plan = self.method(token_layout, stats, n_layer, n_head_kv, self.budget)
+        self._stats = None
+        if plan.n_slots == len(cells) and plan.src.shape[3] == 1:  # keeps every cell as it is: nothing to do
+            return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho)
+        kv_cache.apply_plan(ctx, plan.to_cells(cells), seq_id)
+        return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan)

@@ -1,0 +1,92 @@
+"""`flowmm` (Li et al. 2025, "FlowMM", arXiv 2511.05534; no official code): cross-modal information
+flow picks a merging mode per layer, a sensitivity-adaptive matcher picks what folds into what.
+
+Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice):
+  1. [S] mode: cross-modal if rho^l >= theta, else intra-modal. rho^l (the share of attention
+     mass crossing text<->other modality) comes from a calibrated policy or, without one, from
+     the current prompt's statistics.
+  2. [S] pivots: the top-B tokens by importance I(i), attention received from the observation
+     window (the last `window` prompt rows, summed over the KV head's query heads [I]); the
+     sinks and the recent window are always pivots [I]. Everything else is a merge candidate.
+  3. [S] matching: candidate i goes to argmax_j cos(k_i, k_j) over pivots with I_j <= tau;
+     pivots above tau are too sensitive to absorb anything. [I] tau is the `tau_quantile`
+     quantile of the pivots' importance (0.9: the top tenth absorb nothing). [I] In intra-modal
+     layers only pivots with i's own label are eligible.
+  4. [I] the paper leaves the merge function open: LOOK-M's pivotal merge (merge="pivotal"),
+     or a plain mean ("mean").
+  5. [I] a candidate with no eligible pivot is evicted (orphans="evict"); orphans="ungated"
+     retries it without the tau gate (the modality rule still holds).
+  6. [I] a pivot absorbs at most `max_absorb` candidates (its most similar); the rest are
+     evicted. Under the pivotal rule the 16th candidate weighs 1/34 of the slot, and the cap
+     bounds the merge graph to B x (max_absorb + 1) rows per layer and head.
+
+Ablations (the paper's): flow_guidance=False merges every layer cross-modally (no per-layer
+decision); sensitivity=False drops the tau gate (every pivot may absorb); both off is plain
+similarity merging of the top-B-by-window selection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
+from .pivotal_merge import MERGE_RULES, absorbed_lists, assign, build_plan, cap_absorbed, cosine
+
+ORPHAN_RULES = ("evict", "ungated")
+
+
+class FlowMM(Method):
+    name = "flowmm"
+
+    def __init__(self, sinks: int = 4, window: int = 32, theta: float = 0.25, tau_quantile: float = 0.9,
+                 merge: str = "pivotal", orphans: str = "evict", max_absorb: int = 15,
+                 flow_guidance: bool = True, sensitivity: bool = True):
+        super().__init__(sinks, window)
+        if not 0.0 <= theta <= 1.0:
+            raise MethodError(f"theta {theta} is outside [0, 1]")
+        if not 0.0 <= tau_quantile <= 1.0:
+            raise MethodError(f"tau_quantile {tau_quantile} is outside [0, 1]")
+        if merge not in MERGE_RULES:
+            raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
+        if orphans not in ORPHAN_RULES:
+            raise MethodError(f"orphan rule {orphans!r} is not one of {', '.join(ORPHAN_RULES)}")
+        if max_absorb < 0:
+            raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
+        self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
+        self.max_absorb, self.flow_guidance, self.sensitivity = max_absorb, flow_guidance, sensitivity
+
+    @property
+    def needs(self):
+        return frozenset({WINDOW_SCORES, KEYS} | ({RHO} if self.flow_guidance else set()))
+
+    def modes(self, rho: np.ndarray | None, n_layer: int) -> np.ndarray:
+        """Per layer: True = cross-modal, False = intra-modal."""
+        if not self.flow_guidance:
+            return np.ones(n_layer, bool)
+        return np.asarray(rho) >= self.theta
+
+    def plan(self, layout, stats, n_layer, n_head_kv, slots):
+        n = layout.n
+        importance = stats.require(WINDOW_SCORES, n_layer, n_head_kv, n).astype(np.float64)
+        keys = stats.require(KEYS, n_layer, n_head_kv, n)
+        cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
+        pivots = top_by_score(importance, self.protected(n), slots)
+        labels = layout.labels
+        absorbed = []
+        for l in range(n_layer):
+            absorbed.append([])
+            for h in range(n_head_kv):
+                piv = pivots[l, h]
+                cand = np.setdiff1d(np.arange(n), piv)
+                imp = importance[l, h, piv]
+                open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
+                same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
+                sim = cosine(keys[l, h, cand], keys[l, h, piv])
+                target = assign(sim, same & open_)
+                if self.orphans == "ungated":
+                    retry = target < 0
+                    target[retry] = assign(sim[retry], same[retry])
+                best = sim[np.arange(len(cand)), np.maximum(target, 0)]
+                target = cap_absorbed(target, best, len(piv), self.max_absorb)
+                absorbed[l].append(absorbed_lists(target, cand, len(piv)))
+        return build_plan(layout, pivots, absorbed, self.merge)

@@ -1,0 +1,55 @@
+"""`lookm` (Wan et al. 2024, "LOOK-M", arXiv 2406.18139): text-prior H2O selection plus a pivotal
+merge of every evicted key into its most cosine-similar kept key, per layer and KV head.
+
+As the paper states it: importance = attention each token received over the whole prefill
+(column sums, all query rows); text tokens are ranked first (the "text prior": their score is
+raised by the largest score); the recent window and the top-scored tokens are kept in equal
+shares (its default: 10% recent + 10% heavy); each evicted key/value is merged into its most
+similar kept key with the pivotal rule of pivotal_merge.py.
+
+Where its code differs, and what we do: the released code compresses once at prefill and in
+fact leaves every text token uncompressed (only image tokens count against the budget). Here
+the budget covers all tokens, as in every method, so that methods are compared at equal memory;
+the text prior still keeps text first whenever the budget allows. Sinks (default 4) are kept as
+in every method here; LOOK-M has none, and they cost 4 slots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import KEYS, PROMPT_SCORES, Method, top_by_score
+from .pivotal_merge import absorbed_lists, assign, build_plan, cap_absorbed, cosine
+
+
+class LookM(Method):
+    name = "lookm"
+    needs = frozenset({PROMPT_SCORES, KEYS})
+
+    def __init__(self, sinks: int = 4, window: int = 32, recent_share: float = 0.5, text_label: int = 0,
+                 merge: str = "pivotal", max_absorb: int = 15):
+        super().__init__(sinks, window)
+        self.recent_share, self.text_label, self.merge, self.max_absorb = recent_share, text_label, merge, max_absorb
+
+    def plan(self, layout, stats, n_layer, n_head_kv, slots):
+        n = layout.n
+        scores = stats.require(PROMPT_SCORES, n_layer, n_head_kv, n).astype(np.float64)
+        keys = stats.require(KEYS, n_layer, n_head_kv, n)
+        # the recent window: `recent_share` of the budget (LOOK-M: as many recent as heavy), at least `window`
+        recent = min(max(self.window, int(self.recent_share * slots)), slots - min(self.sinks, n))
+        protected = np.unique(np.r_[np.arange(min(self.sinks, n)), np.arange(max(0, n - recent), n)])
+        text = layout.labels == self.text_label
+        prior = scores + text * scores.max(axis=-1, keepdims=True)  # every text token outranks every other
+        pivots = top_by_score(prior, protected, slots)
+        absorbed = []
+        for l in range(n_layer):
+            absorbed.append([])
+            for h in range(n_head_kv):
+                piv = pivots[l, h]
+                cand = np.setdiff1d(np.arange(n), piv)
+                sim = cosine(keys[l, h, cand], keys[l, h, piv])
+                target = assign(sim, np.ones(len(piv), bool))
+                best = sim[np.arange(len(cand)), np.maximum(target, 0)]
+                target = cap_absorbed(target, best, len(piv), self.max_absorb)
+                absorbed[l].append(absorbed_lists(target, cand, len(piv)))
+        return build_plan(layout, pivots, absorbed, self.merge)
