@@ -67,6 +67,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return _not_built("chat", 6)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import calibration, runtime
+    from .multimodal import Projector
+
+    runtime.quiet_native_logs()
+    model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
+    facts = gguf_file.read_text_model(model)
+    if not facts.supported:
+        raise FlowMMError(f"{model}: architecture '{facts.architecture}' is not supported by FlowMM merging "
+                          f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)} only)")
+    if args.mmproj:
+        from .multimodal import check_pair
+
+        check_pair(facts, gguf_file.read_projector(args.mmproj))
+    if not 0.0 <= args.theta <= 1.0:
+        raise FlowMMError(f"--theta {args.theta} is outside [0, 1]")
+    prompts = calibration.load_prompts(args.prompts) if args.prompts else None
+    policy = calibration.calibrate(model, prompts, prompts_name=str(args.prompts or "builtin"),
+                                   projector=(lambda m: Projector(args.mmproj, m, n_threads=args.threads or 2))
+                                   if args.mmproj else None,
+                                   theta=args.theta, n_threads=args.threads, progress=not args.quiet)
+    policy.save(args.out)
+    print(f"policy for {facts.name}: theta {policy.theta}, {policy.calibration['n_prompts']} prompts"
+          f"{' with images' if args.mmproj else ' (image spans played by labelled text)'}")
+    for layer, (rho, mode) in enumerate(zip(policy.rho, policy.modes)):
+        print(f"  layer {layer:3d}  rho {rho:.4f}  {mode}-modal")
+    n_cross = policy.modes.count("cross")
+    print(f"{n_cross} cross-modal and {len(policy.rho) - n_cross} intra-modal layers; written to {args.out}")
+    return 0
+
+
 def _not_built(name: str, issue: int) -> int:
     print(f"flowmm_edge {name}: not built yet (tracked in issue #{issue})", file=sys.stderr)
     return NOT_BUILT
@@ -84,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("calibrate", help="write a per-layer merging policy for a model")
-    p.set_defaults(func=lambda a: _not_built("calibrate", 5))
+    p.add_argument("--model", help="text model GGUF (default: the embedded model)")
+    p.add_argument("--mmproj", help="vision projector GGUF: calibrate on images")
+    p.add_argument("--prompts", help="JSONL of {\"segments\": [...]} prompts (default: a small built-in set)")
+    p.add_argument("--out", required=True, help="the policy JSON to write")
+    p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="KV memory and speed, side by side")
     p.set_defaults(func=lambda a: _not_built("bench", 7))

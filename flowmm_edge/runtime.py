@@ -39,6 +39,10 @@ def quiet_native_logs() -> None:
     """Let only llama.cpp's errors through to stderr, unless FLOWMM_VERBOSE is set."""
     if not os.environ.get("FLOWMM_VERBOSE"):
         llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
+        from llama_cpp import mtmd_cpp  # the vision encoder (clip) and mtmd's helpers log on their own
+
+        mtmd_cpp.mtmd_log_set(_log_errors_only, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(_log_errors_only, ctypes.c_void_p(0))
 
 
 class DecodeError(FlowMMError):

@@ -51,9 +51,16 @@ def ref_match(cands, pivots, keys, ok, max_absorb):
     return {j: sorted(i for i, _ in sorted(v, key=lambda t: (-t[1], t[0]))[:max_absorb]) for j, v in got.items()}
 
 
+def ref_pool(row, k):
+    n = len(row)
+    return [sum(row[max(0, i - k // 2): min(n, i + k // 2 + 1)]) / (min(n, i + k // 2 + 1) - max(0, i - k // 2))
+            for i in range(n)]
+
+
 def ref_flowmm(labels, imp, keys, rho, slots, sinks, window, theta, q, flow=True, sens=True, orphans="evict",
-               max_absorb=15):
+               max_absorb=15, pool=7):
     n = len(labels)
+    imp = np.array([[ref_pool(imp[l, h], pool) for h in range(H)] for l in range(L)])
     protected = set(range(min(sinks, n))) | set(range(max(0, n - window), n))
     out = {}
     for l in range(L):
@@ -122,8 +129,8 @@ def make(n, seed, n_labels=2, tie=False):
 @pytest.mark.parametrize("n,budget", [(40, 0.3), (40, 12), (25, 25), (60, 0.2)])
 @pytest.mark.parametrize("variant", [dict(), dict(flow_guidance=False), dict(sensitivity=False),
                                      dict(flow_guidance=False, sensitivity=False), dict(orphans="ungated"),
-                                     dict(max_absorb=2)],
-                         ids=["full", "no-flow", "no-sensitivity", "neither", "ungated", "cap2"])
+                                     dict(max_absorb=2), dict(pool=1)],
+                         ids=["full", "no-flow", "no-sensitivity", "neither", "ungated", "cap2", "no-pool"])
 def test_flowmm_equals_reference(n, budget, variant, tie):
     labels, imp, keys = make(n, n + 7 * tie, tie=tie)
     rho = np.array([0.1, 0.3, 0.25])  # intra, cross, cross (>= theta)
@@ -133,7 +140,7 @@ def test_flowmm_equals_reference(n, budget, variant, tie):
     assert slots == (budget if isinstance(budget, int) else math.ceil(budget * n))
     ref = ref_flowmm(labels, imp, keys, rho, slots, 2, 4, 0.25, 0.8, flow=variant.get("flow_guidance", True),
                      sens=variant.get("sensitivity", True), orphans=variant.get("orphans", "evict"),
-                     max_absorb=variant.get("max_absorb", 15))
+                     max_absorb=variant.get("max_absorb", 15), pool=variant.get("pool", 7))
     check_plan(plan, ref, keys, n)
 
 
@@ -161,7 +168,7 @@ def test_degenerate_cases():
     with pytest.raises(MethodError, match="needs rho"):
         FlowMM(sinks=2, window=4)(layout(n, labels), Stats(window_scores=imp, keys=keys), L, H, 0.5)
     assert "rho" not in FlowMM(flow_guidance=False).needs
-    for bad in (dict(theta=1.5), dict(tau_quantile=-0.1), dict(merge="max"), dict(orphans="keep"), dict(max_absorb=-1)):
+    for bad in (dict(theta=1.5), dict(tau_quantile=-0.1), dict(merge="max"), dict(orphans="keep"), dict(max_absorb=-1), dict(pool=4)):
         with pytest.raises(MethodError):
             FlowMM(**bad)
 
@@ -174,7 +181,7 @@ def test_merge_invariants(n, ratio, sinks, window, n_labels, seed, q, name):
     labels, imp, keys = make(n, seed, n_labels)
     rho = np.random.default_rng(seed).random(L) * 0.5
     if name.startswith("flowmm"):
-        m = FlowMM(sinks=sinks, window=window, tau_quantile=q, merge="mean" if name == "flowmm-mean" else "pivotal",
+        m = FlowMM(sinks=sinks, window=window, tau_quantile=q, pool=1, merge="mean" if name == "flowmm-mean" else "pivotal",
                    orphans="ungated" if name == "flowmm-ungated" else "evict")
     else:
         m = METHODS[name](sinks=sinks, window=window)

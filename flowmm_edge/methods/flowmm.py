@@ -8,6 +8,10 @@ Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice)
   2. [S] pivots: the top-B tokens by importance I(i), attention received from the observation
      window (the last `window` prompt rows, summed over the KV head's query heads [I]); the
      sinks and the recent window are always pivots [I]. Everything else is a merge candidate.
+     [I] I is smoothed by SnapKV's average pooling (`pool`=7; 1 turns it off) before both the
+     selection and the tau gate: a fact spread over several tokens (a number is one token per
+     digit in Qwen's vocabulary) otherwise keeps its two or three strongest tokens only, and on
+     the default model a planted 5-digit passkey came back as its first 3 digits.
   3. [S] matching: candidate i goes to argmax_j cos(k_i, k_j) over pivots with I_j <= tau;
      pivots above tau are too sensitive to absorb anything. [I] tau is the `tau_quantile`
      quantile of the pivots' importance (0.9: the top tenth absorb nothing). [I] In intra-modal
@@ -30,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
+from .snapkv import avg_pool
 from .pivotal_merge import MERGE_RULES, absorbed_lists, assign, build_plan, cap_absorbed, cosine
 
 ORPHAN_RULES = ("evict", "ungated")
@@ -40,7 +45,7 @@ class FlowMM(Method):
 
     def __init__(self, sinks: int = 4, window: int = 32, theta: float = 0.25, tau_quantile: float = 0.9,
                  merge: str = "pivotal", orphans: str = "evict", max_absorb: int = 15,
-                 flow_guidance: bool = True, sensitivity: bool = True):
+                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7):
         super().__init__(sinks, window)
         if not 0.0 <= theta <= 1.0:
             raise MethodError(f"theta {theta} is outside [0, 1]")
@@ -50,10 +55,12 @@ class FlowMM(Method):
             raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
         if orphans not in ORPHAN_RULES:
             raise MethodError(f"orphan rule {orphans!r} is not one of {', '.join(ORPHAN_RULES)}")
+        if pool < 1 or pool % 2 == 0:
+            raise MethodError(f"pool must be an odd kernel size >= 1 (got {pool})")
         if max_absorb < 0:
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
         self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
-        self.max_absorb, self.flow_guidance, self.sensitivity = max_absorb, flow_guidance, sensitivity
+        self.max_absorb, self.flow_guidance, self.sensitivity, self.pool = max_absorb, flow_guidance, sensitivity, pool
 
     @property
     def needs(self):
@@ -68,6 +75,8 @@ class FlowMM(Method):
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
         importance = stats.require(WINDOW_SCORES, n_layer, n_head_kv, n).astype(np.float64)
+        if self.pool > 1:
+            importance = avg_pool(importance, self.pool)
         keys = stats.require(KEYS, n_layer, n_head_kv, n)
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)

@@ -1,0 +1,111 @@
+"""Calibration: run sample prompts, measure each layer's cross-modal flow rho^l from the native
+attention statistics (every query row, all heads), and write the model's merging policy.
+
+rho^l = mean over query heads of (mass text->other + other->text) / (all mass), with the flow
+matrices summed over all calibration prompts before the ratio (DESIGN.md §5).
+
+Prompts: a JSONL file, one {"segments": [...]} per line (prompt.parse_segments), or the
+built-in set. For a model with an mmproj the built-in prompts carry generated images; for a
+text-only model their "image" spans are text labelled as the image modality.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import images, runtime
+from .attention_stats import AttentionStats
+from .compression import rho_from_flow
+from .native import llama_cpp
+from .policy import Policy, fingerprint
+from .prompt import ModalityLabels, PromptError, Segment, feed, parse_segments, prepare
+
+THETA = 0.25  # DESIGN.md §5: 0.2-0.3 worked best in the paper
+METHOD_DEFAULTS = {"sinks": 4, "window": 32, "tau_quantile": 0.9, "merge": "pivotal", "orphans": "evict", "max_absorb": 15,
+                   "pool": 7}
+
+_OBJECTS = ["red car", "blue door", "green tree", "yellow sign", "white cat", "black dog", "grey bridge", "orange kite"]
+_PLACES = ["on the left", "in the middle", "on the right", "at the top", "at the bottom", "in the background"]
+_QUESTIONS = ["What colour is the car?", "Where is the cat?", "How many trees are there?", "Describe the scene.",
+              "What is at the top of the picture?", "Is there a dog, and where is it?"]
+
+
+def builtin_prompts(with_images: bool, n: int = 6) -> list[list[Segment]]:
+    rng = np.random.default_rng(1234)
+    prompts = []
+    for k in range(n):
+        scene = " ".join(f"A {rng.choice(_OBJECTS)} is {rng.choice(_PLACES)}." for _ in range(12))
+        intro = Segment("text", text="Look at this picture and answer the question.\n")
+        if with_images:
+            body = [Segment("image", image=images.pattern(k))]
+        else:
+            body = [Segment("text", text=scene + "\n", modality="image")]
+        prompts.append([intro, *body, Segment("text", text=f"Question: {_QUESTIONS[k % len(_QUESTIONS)]}\nAnswer:")])
+    return prompts
+
+
+def load_prompts(path: str | Path) -> list[list[Segment]]:
+    """JSONL, one prompt a line; a malformed line is an error naming its line number."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise PromptError(f"{p}: cannot read the prompts file ({e.strerror or e})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise PromptError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise PromptError(f"{p}:{i}: a prompt must be a JSON object with 'segments'")
+        out.append(parse_segments(obj.get("segments"), f"{p}:{i}", base_dir=p.parent))
+    if not out:
+        raise PromptError(f"{p}: no prompts in the file")
+    return out
+
+
+def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=None, n_threads: int | None = None,
+                progress: bool = True) -> list[list[np.ndarray]]:
+    """Per prompt, per layer: the [n_head, n_labels, n_labels] attention flow over every row."""
+    labels = ModalityLabels()
+    prepared = [prepare(model, segs, labels, projector, add_bos=True) for segs in prompts]
+    try:
+        n_ctx = max(p.n_pos for p in prepared) + 16
+        n_labels = len(labels.names)
+        flows = []
+        with runtime.Context(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads) as ctx:
+            for p in tqdm(prepared, desc="calibrating", unit="prompt", disable=not progress):
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ptr), True)
+                with AttentionStats(ctx, labels=p.labels, n_labels=n_labels) as stats:
+                    feed(ctx, p, 0)
+                flows.append([stats.flow(l) for l in range(stats.n_layer)])
+        return flows
+    finally:
+        for p in prepared:
+            p.close()
+
+
+def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",
+              projector=None, theta: float = THETA, n_threads: int | None = None, progress: bool = True) -> Policy:
+    with runtime.Model(model_path) as model:
+        if prompts is None:
+            prompts = builtin_prompts(with_images=projector is not None)
+        proj = projector(model) if callable(projector) else None
+        try:
+            flows = layer_flows(model, prompts, proj, n_threads, progress)
+        finally:
+            if proj is not None:
+                proj.close()
+    n_layer = len(flows[0])
+    rho = [rho_from_flow([f[l] for f in flows]) for l in range(n_layer)]
+    return Policy(model=fingerprint(model_path), theta=theta, rho=rho, method=dict(METHOD_DEFAULTS),
+                  calibration={"prompts": prompts_name, "n_prompts": len(prompts), "with_images": projector is not None,
+                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})

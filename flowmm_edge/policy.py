@@ -1,0 +1,123 @@
+"""The per-layer merging policy a calibration pass writes for one model (JSON).
+
+    {"schema": "flowmm-edge/policy", "schema_version": 1,
+     "model": {"name", "architecture", "n_layer", "n_head", "n_head_kv", "gguf_header_sha256"},
+     "theta": 0.25, "rho": [per layer], "modes": ["cross" | "intra", per layer],
+     "method": {FlowMM's parameters}, "calibration": {what it was computed from}}
+
+The model fingerprint includes a hash of the GGUF's header and tensor table (everything before
+the tensor data), so a policy never silently applies to another model or another quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_file
+from .errors import FlowMMError
+
+SCHEMA, SCHEMA_VERSION = "flowmm-edge/policy", 1
+
+
+class PolicyError(FlowMMError):
+    pass
+
+
+def fingerprint(model_path: str | Path) -> dict:
+    facts = gguf_file.read_text_model(model_path)
+    header = gguf_file.open_gguf(model_path)
+    h = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        left = header.data_offset
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return {"name": facts.name, "architecture": facts.architecture, "n_layer": facts.n_layer, "n_head": facts.n_head,
+            "n_head_kv": facts.n_head_kv, "gguf_header_sha256": h.hexdigest()}
+
+
+@dataclasses.dataclass
+class Policy:
+    model: dict
+    theta: float
+    rho: list[float]
+    method: dict
+    calibration: dict
+
+    @property
+    def modes(self) -> list[str]:
+        return ["cross" if r >= self.theta else "intra" for r in self.rho]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": self.model, "theta": self.theta,
+                "rho": [float(r) for r in self.rho], "modes": self.modes, "method": self.method,
+                "calibration": self.calibration}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def flowmm(self, **overrides):
+        """The FlowMM method this policy describes (its parameters, overridden where given)."""
+        from .methods.flowmm import FlowMM
+
+        return FlowMM(**{**self.method, "theta": self.theta, **overrides})
+
+    def check_model(self, model_path: str | Path) -> None:
+        """Refuse a policy calibrated for another model."""
+        have = fingerprint(model_path)
+        if have != self.model:
+            diff = [k for k in have if have.get(k) != self.model.get(k)]
+            raise PolicyError(f"the policy was calibrated for {self.model.get('name')!r} "
+                              f"({self.model.get('gguf_header_sha256', '?')[:12]}), not for {Path(model_path).name} "
+                              f"({have['gguf_header_sha256'][:12]}): {', '.join(diff)} differ")
+
+
+def load(path: str | Path) -> Policy:
+    """Read and validate a policy file; every problem is a one-line PolicyError naming the file."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read the policy file ({e.strerror or e})") from None
+    except ValueError as e:
+        raise PolicyError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise PolicyError(f"{p}: not a flowmm-edge policy (schema {data.get('schema') if isinstance(data, dict) else None!r})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise PolicyError(f"{p}: policy schema version {data.get('schema_version')!r} is not {SCHEMA_VERSION}")
+    for key, kind in (("model", dict), ("theta", (int, float)), ("rho", list), ("method", dict), ("calibration", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise PolicyError(f"{p}: '{key}' is missing or of the wrong type")
+    model = data["model"]
+    for key in ("architecture", "n_layer", "n_head", "n_head_kv", "gguf_header_sha256"):
+        if key not in model:
+            raise PolicyError(f"{p}: the model fingerprint lacks '{key}'")
+    rho, theta = data["rho"], data["theta"]
+    if len(rho) != model["n_layer"]:
+        raise PolicyError(f"{p}: rho has {len(rho)} values for a model of {model['n_layer']} layers")
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 <= r <= 1 for r in rho):
+        raise PolicyError(f"{p}: rho values must be finite numbers in [0, 1]")
+    if not (math.isfinite(theta) and 0 <= theta <= 1):
+        raise PolicyError(f"{p}: theta {theta} is not in [0, 1]")
+    policy = Policy(model=model, theta=float(theta), rho=[float(r) for r in rho], method=data["method"],
+                    calibration=data["calibration"])
+    if "modes" in data and data["modes"] != policy.modes:
+        raise PolicyError(f"{p}: 'modes' disagree with rho and theta")
+    try:
+        policy.flowmm()
+    except (TypeError, FlowMMError) as e:
+        raise PolicyError(f"{p}: bad method parameters: {e}") from None
+    return policy
+
+
+def rho_array(policy: Policy | None) -> np.ndarray | None:
+    return None if policy is None else np.asarray(policy.rho, dtype=np.float64)
