@@ -60,11 +60,129 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = """commands:
+  /image PATH   attach an image to the next message (repeatable)
+  /stats        cache cells and memory, merges, compression, speed
+  /reset        forget the conversation
+  /save FILE    save the conversation and its compressed cache
+  /load FILE    resume a saved conversation
+  /help         this text
+  /quit         leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+def _hf_file(repo: str, filename: str) -> Path:
+    """A file of a Hugging Face repo through huggingface_hub (its cache, HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from .errors import DownloadError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except LocalEntryNotFoundError:
+        raise DownloadError(f"{repo}/{filename}: not in the Hugging Face cache and cannot be downloaded "
+                            f"(offline or unreachable)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise DownloadError(f"{repo}/{filename}: download failed ({str(e).splitlines()[0]})") from None
+
+
+def _print_stats(r: dict) -> None:
+    print(f"method {r['method']}: {r['turns']} turns, {r['positions']} positions seen, {r['merges']} merges "
+          f"({r['merge_seconds']:.2f} s)")
+    print(f"KV cells in use {r['cells']} of a fixed {r['buffer_cells']}-cell buffer; merged down to <= {r['budget_cells']} "
+          f"after each turn")
+    print(f"KV memory {_human_bytes(r['kv_bytes'])} in use, {_human_bytes(r['buffer_bytes'])} allocated (never grows); "
+          f"full cache would hold {_human_bytes(r['full_equivalent_bytes'])}")
+    print(f"compression {r['compression']:.1f}x; prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s")
+
+
+def _stream_reply(session) -> None:
+    gen = session.reply()
+    try:
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.close()
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
-    facts = gguf_file.read_text_model(model)
-    print(f"model ready: {facts.name} ({facts.architecture}, {facts.n_layer} layers) at {model}", file=sys.stderr)
-    return _not_built("chat", 6)
+    from . import runtime
+    from .session import Session
+
+    runtime.quiet_native_logs()
+    if args.hf_repo:
+        if not args.hf_file:
+            raise FlowMMError("--hf-repo needs --hf-file (the GGUF inside the repo)")
+        model = _hf_file(args.hf_repo, args.hf_file)
+        mmproj = _hf_file(args.hf_repo, args.hf_mmproj) if args.hf_mmproj else args.mmproj
+    else:
+        model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
+        mmproj = args.mmproj
+    session = Session(model, mmproj, method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type,
+                      n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
+                      temperature=args.temp, seed=args.seed)
+    with session:
+        facts = session.model.facts
+        rho = ("rho per layer from the policy" if session.policy else
+               "rho estimated from each prompt (no --policy)" if args.method == "flowmm" else "")
+        print(f"{facts.name} ({facts.architecture}, {facts.n_layer} layers){' + ' + Path(str(mmproj)).name if mmproj else ''}: "
+              f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
+              f"{'; ' + rho if rho else ''}", file=sys.stderr)
+        if args.prompt is not None:
+            session.add_user_turn(args.prompt, images=args.image or [])
+            _stream_reply(session)
+            return 0
+        print("type /help for commands", file=sys.stderr)
+        images: list[str] = list(args.image or [])
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print("\n(use /quit or Ctrl-D to leave)")
+                continue
+            cmd, _, rest = line.strip().partition(" ")
+            rest = rest.strip()
+            try:
+                if cmd == "/quit":
+                    return 0
+                elif cmd == "/help":
+                    print(HELP)
+                elif cmd == "/stats":
+                    _print_stats(session.report())
+                elif cmd == "/reset":
+                    session.reset()
+                    images.clear()
+                    print("conversation cleared")
+                elif cmd == "/image":
+                    if session.projector is None:
+                        raise FlowMMError("this model has no mmproj, so it cannot take images (start with --mmproj)")
+                    session.projector.prepare(rest).close()  # readable and decodable now, not at the next message
+                    images.append(rest)
+                    print(f"image attached: {rest}")
+                elif cmd in ("/save", "/load"):
+                    if not rest:
+                        raise FlowMMError(f"{cmd} needs a file name")
+                    (session.save if cmd == "/save" else session.load)(rest)
+                    print(f"{'saved to' if cmd == '/save' else 'loaded'} {rest}")
+                elif cmd.startswith("/"):
+                    raise FlowMMError(f"unknown command {cmd} (/help lists them)")
+                elif line.strip():
+                    try:
+                        session.add_user_turn(line, images=images)
+                    finally:
+                        images.clear()
+                    _stream_reply(session)
+            except FlowMMError as e:
+                print(f"error: {e}")
+            except KeyboardInterrupt:
+                print("\n[interrupted; the turn was dropped]")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -112,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
     p.add_argument("--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
     p.add_argument("--mmproj", help="vision projector GGUF")
+    p.add_argument("--hf-repo", help="Hugging Face repo to take the model from (with --hf-file)")
+    p.add_argument("--hf-file", help="the model GGUF in --hf-repo")
+    p.add_argument("--hf-mmproj", help="the mmproj GGUF in --hf-repo")
+    p.add_argument("--method", default="flowmm", help="flowmm (default), lookm, snapkv, h2o, streaming, random, full")
+    p.add_argument("--budget", default="0.25",
+                   help="cells kept after each merge: a ratio of --ctx (0.25, default), a count (512) or a size (24MiB)")
+    p.add_argument("--policy", help="a policy file from `calibrate` (FlowMM's per-layer modes)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
+    p.add_argument("--ctx", type=int, default=4096, help="KV buffer in cells, allocated once (default 4096)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to the GPU backend")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--image", action="append", help="an image for --prompt or the first message (repeatable)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("calibrate", help="write a per-layer merging policy for a model")

@@ -106,6 +106,22 @@ class Model(_Handle):
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def format_chat(self, messages: list[tuple[str, str]], add_assistant: bool) -> str:
+        """The conversation in the model's own chat template (from its GGUF; chatml if it has none)."""
+        tmpl = llama_cpp.llama_model_chat_template(self.ptr, None) or b"chatml"
+        chat = (llama_cpp.llama_chat_message * len(messages))(
+            *[llama_cpp.llama_chat_message(r.encode(), c.encode()) for r, c in messages])
+        size = 256 + 2 * sum(len(c) + len(r) for r, c in messages)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(messages), add_assistant, buf, size)
+            if n < 0:
+                raise FlowMMError("llama.cpp does not know this model's chat template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise FlowMMError("chat template output kept growing")
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
@@ -163,6 +179,24 @@ class Context(_Handle):
         finally:
             llama_cpp.llama_batch_free(batch)
         return self.logits(-1)
+
+    def state(self, seq_id: int = 0) -> bytes:
+        """llama.cpp's serialisation of the sequence (cells, positions, K and V)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        return bytes(buf[:n])
+
+    def set_state(self, data: bytes, seq_id: int = 0) -> None:
+        """Replace the sequence by a serialised one; raises (sequence empty) if llama.cpp refuses it."""
+        self.clear(seq_id)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id) != len(data):
+            self.clear(seq_id)
+            raise DecodeError("llama.cpp refused the saved cache (another model, KV type or too small a context?)")
+
+    def clear(self, seq_id: int = 0) -> None:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), seq_id, -1, -1)
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)

@@ -1,0 +1,378 @@
+"""A chat session over llama.cpp's low-level API with a bounded, merged KV cache.
+
+    with Session(budget=0.25, n_ctx=2048) as s:        # the embedded default model
+        s.add_user_turn("What is in this picture?", images=["cat.png"])
+        for piece in s.reply():
+            print(piece, end="")
+
+Memory: llama.cpp allocates the KV buffer once (`n_ctx` cells) and it never grows. After each
+user turn is decoded, the method merges the sequence down to `budget` cells (FlowMM's
+observation window is then the end of the user's turn). A turn longer than the free room is
+decoded in chunks, merging between chunks, so any conversation fits; `reserve` cells stay free
+for the reply. A turn fails (one-line error, everything restored) only if one image alone is
+larger than the room left after a merge.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+import re
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime
+from .compression import Compressor
+from .errors import FlowMMError
+from .methods import METHODS
+from .prompt import ModalityLabels, Segment, prepare
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
+SAVE_MAGIC, SAVE_VERSION = b"FLOWMMS1", 1
+MEDIA = "<__media__>"
+
+
+class SessionError(FlowMMError):
+    pass
+
+
+def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
+    """Cells the cache is merged down to: a ratio of n_ctx ("0.25"), a cell count ("512") or memory ("24MiB")."""
+    if isinstance(value, str):
+        text = value.strip()
+        m = re.fullmatch(r"([0-9.]+)\s*(KiB|MiB|GiB|KB|MB|GB)", text, re.IGNORECASE)
+        if m:
+            scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2)[0].lower()]
+            return max(1, int(float(m.group(1)) * scale // bytes_per_cell))
+        try:
+            value = int(text) if re.fullmatch(r"[0-9]+", text) else float(text)
+        except ValueError:
+            raise SessionError(f"budget {value!r} is not a ratio (0.25), a cell count (512) or a size (24MiB)") from None
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise SessionError(f"budget ratio {value} is outside (0, 1]")
+        return max(1, int(value * n_ctx))
+    if isinstance(value, int) and value > 0:
+        return value
+    raise SessionError(f"budget {value!r} must be positive")
+
+
+@dataclasses.dataclass
+class SessionStats:
+    turns: int = 0
+    merges: int = 0
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+class Session:
+    def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str = "flowmm",
+                 budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
+                 n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: bool = True,
+                 temperature: float = 0.0, seed: int = 0):
+        self.model_path = Path(model) if model else default_model.ensure()
+        facts = gguf_file.read_text_model(self.model_path)
+        if method not in METHODS:
+            raise SessionError(f"unknown method {method!r} (one of {', '.join(sorted(METHODS))})")
+        if method != "full" and not facts.supported:
+            raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
+                               f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
+        self.bytes_per_cell = facts.kv_bytes_per_token(kv_type) if kv_type in gguf_file.KV_TYPE_BYTES else 0
+        self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
+        self.reserve = min(max_reply, n_ctx // 4)
+        if method != "full":
+            kept = len(METHODS[method]().protected(10 ** 6))
+            if self.budget_cells < kept + 1:
+                raise SessionError(f"budget of {self.budget_cells} cells is below the {kept} every merge keeps "
+                                   f"(sinks + recent window)")
+        if method != "full" and self.budget_cells + self.reserve + 16 > n_ctx:
+            raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
+                               f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
+        self.policy = None
+        if policy is not None:
+            self.policy = policy if isinstance(policy, policy_mod.Policy) else policy_mod.load(policy)
+            self.policy.check_model(self.model_path)
+            if method != "flowmm":
+                raise SessionError(f"a policy configures flowmm, not {method}")
+        self.method_name, self.system_prompt, self.max_reply = method, system_prompt, max_reply
+        self.temperature, self.rng = temperature, np.random.default_rng(seed)
+        self.n_ctx, self.kv_type = n_ctx, kv_type
+        self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
+        self.projector = None
+        try:
+            if mmproj:
+                from .multimodal import Projector
+
+                self.projector = Projector(mmproj, self.model, n_threads=n_threads or 2, use_gpu=n_gpu_layers > 0)
+            self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
+                                       n_threads=n_threads)
+        except BaseException:
+            self.close()
+            raise
+        self.bos = None
+        self._reset_state()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self.messages: list[tuple[str, str]] = [("system", self.system_prompt)] if self.system_prompt else []
+        self.cached_text = ""   # the formatted conversation whose tokens are in the cache
+        self.pos = 0            # next position (tokens and image positions seen so far)
+        self.labels = ModalityLabels()
+        self.labels_by_pos = np.zeros(0, np.int32)
+        self.stats = SessionStats()
+        self.last_logits = None
+        self.pending_images: list = []
+
+    def _method(self):
+        if self.policy is not None:
+            return self.policy.flowmm()
+        return METHODS[self.method_name]()
+
+    def cells(self) -> int:
+        return len(kv_cache.seq_cells(self.ctx)[0])
+
+    def _snapshot(self):
+        return (self.ctx.state() if self.pos else b"", list(self.messages), self.cached_text, self.pos,
+                self.labels_by_pos.copy(), list(self.labels.names), dataclasses.replace(self.stats), self.last_logits)
+
+    def _restore(self, snap) -> None:
+        state, self.messages, self.cached_text, self.pos, self.labels_by_pos, names, self.stats, self.last_logits = snap
+        self.labels.names = names
+        if state:
+            self.ctx.set_state(state)
+        else:
+            self.ctx.clear()
+
+    def reset(self) -> None:
+        self.ctx.clear()
+        self._reset_state()
+
+    def close(self) -> None:
+        for h in ("ctx", "projector", "model"):
+            obj = getattr(self, h, None)
+            if obj is not None:
+                obj.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    def _segments(self, delta: str, images: list) -> list[Segment]:
+        parts = delta.split(MEDIA)
+        if len(parts) - 1 != len(images):
+            raise SessionError("the chat template dropped or duplicated an image marker")
+        segs = []
+        for k, text in enumerate(parts):
+            if text:
+                segs.append(Segment("text", text=text))
+            if k < len(images):
+                segs.append(Segment("image", image=images[k], modality="image"))
+        return segs
+
+    def add_user_turn(self, text: str, images: list | tuple = ()) -> int:
+        """Decode a user turn (images first, then the text), merging as the budget requires.
+        Returns its positions. On any error the conversation and the cache are as before."""
+        images = list(images)
+        if images and self.projector is None:
+            raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
+        content = MEDIA * len(images) + ("\n" if images else "") + text
+        messages = self.messages + [("user", content)]
+        formatted = self.model.format_chat(messages, add_assistant=True)
+        if not formatted.startswith(self.cached_text):
+            raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
+        # prepare first: an unreadable image or a bad segment fails here, before anything changes
+        prepared = prepare(self.model, self._segments(formatted[len(self.cached_text):], images), self.labels,
+                           self.projector, add_bos=self.pos == 0)
+        try:
+            room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
+            for p in prepared.pieces:
+                if not isinstance(p, list) and p.n_pos > room:
+                    raise SessionError(f"an image of {p.n_pos} positions cannot fit: {room} cells are free after a "
+                                       f"merge (raise --ctx or lower --budget)")
+            if self.method_name == "full" and prepared.n_pos > room:
+                raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
+                                   f"method 'full' never merges (use another --method or /reset)")
+            snap = self._snapshot()
+            try:
+                self._decode_turn(prepared)
+            except BaseException:
+                self._restore(snap)
+                raise
+        finally:
+            prepared.close()
+        self.messages, self.cached_text = messages, formatted
+        self.stats.turns += 1
+        return prepared.n_pos
+
+    def _decode_turn(self, prepared) -> None:
+        labels = np.concatenate([self.labels_by_pos, prepared.labels])
+        self.labels_by_pos = labels
+        units = []  # (tokens | image) in order; token lists may be split
+        for p in prepared.pieces:
+            units.append(p)
+        merging = self.method_name != "full"
+        t0 = time.perf_counter()
+        while units:
+            used = self.cells()
+            free = self.n_ctx - self.reserve - used
+            unit = units[0]
+            size = len(unit) if isinstance(unit, list) else unit.n_pos
+            if free <= 0 or (not isinstance(unit, list) and size > free):
+                raise SessionError("internal: no room for the next chunk")  # a merge below always makes room
+            take = unit[:free] if isinstance(unit, list) else unit
+            if isinstance(unit, list):
+                units[0] = unit[len(take):]
+                if not units[0]:
+                    units.pop(0)
+            else:
+                units.pop(0)
+            n = len(take) if isinstance(take, list) else take.n_pos
+            end = self.pos + n
+            comp = Compressor(self._method(), self.budget_cells, rho=policy_mod.rho_array(self.policy)) if merging else None
+            last = not units
+            nxt = 0 if last else (min(len(units[0]), 1) if isinstance(units[0], list) else units[0].n_pos)
+            will_merge = merging and ((last and used + n > self.budget_cells)
+                                      or (not last and used + n + nxt > self.n_ctx - self.reserve))
+            if will_merge:
+                with comp.observe(self.ctx, prompt_end=end, labels=labels):
+                    logits = self._decode_unit(take)
+            else:
+                logits = self._decode_unit(take)
+            self.pos = end
+            if logits is not None:
+                self.last_logits = logits
+            if will_merge:
+                t1 = time.perf_counter()
+                comp.compress(self.ctx, labels)
+                self.stats.merges += 1
+                self.stats.merge_seconds += time.perf_counter() - t1
+        self.stats.prompt_tokens += prepared.n_pos
+        self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _decode_unit(self, unit):
+        if isinstance(unit, list):
+            return self.ctx.decode(unit, self.pos)
+        unit.eval(self.ctx, self.pos)
+        return None
+
+    def _sample(self, logits: np.ndarray) -> int:
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        z = (logits - logits.max()) / self.temperature
+        p = np.exp(z)
+        return int(self.rng.choice(len(p), p=p / p.sum()))
+
+    def reply(self):
+        """Generate the assistant's reply, yielding text pieces as they come. Closing the generator
+        early (Ctrl-C) keeps what was generated as the reply."""
+        if self.last_logits is None:
+            raise SessionError("no user turn to reply to")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, logits = [], self.last_logits
+        t0 = time.perf_counter()
+        try:
+            for _ in range(self.max_reply):
+                tok = self._sample(logits)
+                if self.model.is_end_of_generation(tok) or self.cells() >= self.n_ctx:
+                    break
+                logits = self.ctx.decode([tok], self.pos)
+                self.pos += 1
+                self.labels_by_pos = np.append(self.labels_by_pos, np.int32(0))
+                self.stats.generated_tokens += 1
+                piece = decoder.decode(self.model.token_to_piece(tok))
+                if piece:
+                    text.append(piece)
+                    yield piece
+        finally:
+            self.stats.decode_seconds += time.perf_counter() - t0
+            reply = "".join(text) + decoder.decode(b"", final=True)
+            self.messages = self.messages + [("assistant", reply)]
+            self.cached_text += reply
+            self.last_logits = None
+
+    def chat(self, text: str, images: list | tuple = ()) -> str:
+        self.add_user_turn(text, images)
+        return "".join(self.reply())
+
+    # -- statistics and persistence ------------------------------------------------------------
+
+    def report(self) -> dict:
+        cells = self.cells()
+        s = self.stats
+        return {"cells": cells, "buffer_cells": self.n_ctx, "budget_cells": self.budget_cells,
+                "kv_bytes": cells * self.bytes_per_cell, "buffer_bytes": self.n_ctx * self.bytes_per_cell,
+                "full_equivalent_bytes": self.pos * self.bytes_per_cell, "positions": self.pos,
+                "compression": self.pos / cells if cells else 1.0, "merges": s.merges, "turns": s.turns,
+                "prefill_tok_s": s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0,
+                "decode_tok_s": s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0,
+                "merge_seconds": s.merge_seconds, "method": self.method_name}
+
+    def save(self, path: str | Path) -> None:
+        header = {"format": "flowmm-edge/session", "version": SAVE_VERSION,
+                  "model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
+                  "messages": self.messages, "cached_text": self.cached_text, "pos": self.pos,
+                  "labels": self.labels_by_pos.tolist(), "label_names": self.labels.names,
+                  "stats": dataclasses.asdict(self.stats)}
+        blob = json.dumps(header).encode()
+        state = self.ctx.state() if self.pos else b""
+        logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
+        tmp = Path(str(path) + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(SAVE_MAGIC + struct.pack("<IQQ", len(blob), len(state), len(logits)) + blob + state + logits)
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise SessionError(f"{path}: cannot save the session ({e.strerror or e})") from None
+
+    def load(self, path: str | Path) -> None:
+        """Resume a saved session; on any problem the current one is left as it was."""
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise SessionError(f"{path}: cannot read the session file ({e.strerror or e})") from None
+        head = len(SAVE_MAGIC) + struct.calcsize("<IQQ")
+        if not raw.startswith(SAVE_MAGIC) or len(raw) < head:
+            raise SessionError(f"{path}: not a flowmm-edge session file")
+        n_blob, n_state, n_logits = struct.unpack("<IQQ", raw[len(SAVE_MAGIC):head])
+        if len(raw) != head + n_blob + n_state + n_logits:
+            raise SessionError(f"{path}: the session file is truncated or corrupt")
+        try:
+            h = json.loads(raw[head:head + n_blob])
+        except ValueError:
+            raise SessionError(f"{path}: the session header is corrupt") from None
+        if h.get("format") != "flowmm-edge/session" or h.get("version") != SAVE_VERSION:
+            raise SessionError(f"{path}: not a version-{SAVE_VERSION} flowmm-edge session file")
+        if h["model"] != policy_mod.fingerprint(self.model_path):
+            raise SessionError(f"{path}: saved with another model ({h['model'].get('name')!r})")
+        if h["kv_type"] != self.kv_type:
+            raise SessionError(f"{path}: saved with a {h['kv_type']} cache, this session uses {self.kv_type}")
+        state = raw[head + n_blob:head + n_blob + n_state]
+        snap = self._snapshot()
+        try:
+            if state:
+                self.ctx.set_state(state)
+            else:
+                self.ctx.clear()
+        except FlowMMError:
+            self._restore(snap)
+            raise SessionError(f"{path}: llama.cpp refused the saved cache (is --ctx smaller than when it was saved?)") from None
+        self.messages = [tuple(m) for m in h["messages"]]
+        self.cached_text, self.pos = h["cached_text"], h["pos"]
+        self.labels_by_pos = np.asarray(h["labels"], np.int32)
+        self.labels.names = list(h["label_names"])
+        self.stats = SessionStats(**h["stats"])
+        self.last_logits = np.frombuffer(raw[head + n_blob + n_state:], np.float32).copy() if n_logits else None
