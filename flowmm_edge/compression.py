@@ -78,6 +78,8 @@ class Compressor:
     def compress(self, ctx, labels: np.ndarray, seq_id: int = 0) -> Report:
         """Plan for the sequence's current cells and apply it; the cache is unchanged on error."""
         cells, positions = kv_cache.seq_cells(ctx, seq_id)
+        order = np.argsort(positions, kind="stable")  # cell order need not follow positions once a merge freed cells
+        cells, positions = cells[order], positions[order]
         lay = kv_cache.layout(ctx)
         n_layer, n_head_kv = lay.n_layer, lay.n_head_kv
         needs, s = self.method.needs, self._stats
@@ -85,7 +87,7 @@ class Compressor:
         if needs & {WINDOW_SCORES, PROMPT_SCORES}:
             if s is None:
                 raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
-            scores = np.stack([s.column_scores(l, per_kv_head=True) for l in range(n_layer)])
+            scores = np.stack([s.column_scores(l, per_kv_head=True)[:, order] for l in range(n_layer)])
             setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
         rho_source = "unused"
         if RHO in needs:

@@ -13,6 +13,10 @@ from .native import llama_cpp  # noqa: F401  (loads the patched libraries first)
 from llama_cpp import mtmd_cpp  # noqa: E402
 
 
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"8BPS",
+                    b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"#?RADIANCE", b"#?RGBE")
+
+
 class ImageError(FlowMMError):
     """An image that cannot be read or decoded."""
 
@@ -56,6 +60,8 @@ class Projector(runtime._Handle):
                 raise ImageError(f"{image}: cannot read the image ({e.strerror or e})") from None
         if not data:
             raise ImageError(f"{name}: the image file is empty")
+        if not data.startswith(IMAGE_SIGNATURES):  # decided here: mtmd would go on to probe it as a video
+            raise ImageError(f"{name}: not a readable image (PNG, JPEG, GIF, BMP, PNM or PSD)")
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(data), False)
         if not bmp:

@@ -93,7 +93,7 @@ class Session:
             if self.budget_cells < kept + 1:
                 raise SessionError(f"budget of {self.budget_cells} cells is below the {kept} every merge keeps "
                                    f"(sinks + recent window)")
-        if method != "full" and self.budget_cells + self.reserve + 16 > n_ctx:
+        if method != "full" and self.budget_cells + self.reserve + 8 > n_ctx:
             raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
                                f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
         self.policy = None
@@ -188,7 +188,7 @@ class Session:
         images = list(images)
         if images and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
-        content = MEDIA * len(images) + ("\n" if images else "") + text
+        content = MEDIA * len(images) + ("\n" if images else "") + text.replace("\x00", "")
         messages = self.messages + [("user", content)]
         formatted = self.model.format_chat(messages, add_assistant=True)
         if not formatted.startswith(self.cached_text):
@@ -298,7 +298,8 @@ class Session:
                     yield piece
         finally:
             self.stats.decode_seconds += time.perf_counter() - t0
-            reply = "".join(text) + decoder.decode(b"", final=True)
+            # the template takes C strings: a NUL a model may emit would cut the reply there
+            reply = ("".join(text) + decoder.decode(b"", final=True)).replace("\x00", "")
             self.messages = self.messages + [("assistant", reply)]
             self.cached_text += reply
             self.last_logits = None

@@ -78,8 +78,9 @@ def test_mmproj_given_as_model_and_model_as_mmproj(tiny_models):
         gguf_file.read_projector(text)
 
 
-def test_chat_skeleton_finds_the_default_model_then_says_it_is_not_built():
-    proc = run_cli("chat")
-    assert proc.returncode == 2
-    assert "model ready: Qwen2.5 Coder 0.5B Instruct" in proc.stderr
-    assert proc.stderr.strip().endswith("flowmm_edge chat: not built yet (tracked in issue #6)")
+def test_chat_with_no_arguments_runs_the_default_model():
+    proc = subprocess.run([sys.executable, "-m", "flowmm_edge", "chat", "--max-tokens", "8"], input="What is 2+2?\n/quit\n",
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Qwen2.5 Coder 0.5B Instruct" in proc.stderr and "flowmm, budget 1024 cells of 4096" in proc.stderr
+    assert "4" in proc.stdout
