@@ -14,6 +14,16 @@ __all__ = [
     "FlowMMError",
     "ModelFileError",
     "NativeLibraryError",
+    "Session",
     "__version__",
     "flowmm_version",
 ]
+
+
+def __getattr__(name: str):
+    """`flowmm_edge.Session` without importing the chat machinery for every use of the package."""
+    if name == "Session":
+        from .session import Session
+
+        return Session
+    raise AttributeError(f"module 'flowmm_edge' has no attribute {name!r}")
