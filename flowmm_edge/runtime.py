@@ -122,6 +122,9 @@ class Model(_Handle):
             size = n
         raise FlowMMError("chat template output kept growing")
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
@@ -179,6 +182,19 @@ class Context(_Handle):
         finally:
             llama_cpp.llama_batch_free(batch)
         return self.logits(-1)
+
+    def greedy(self, logits: np.ndarray, pos: int, max_tokens: int, seq_id: int = 0) -> tuple[list[int], int]:
+        """Greedy decoding from `logits` (of the token before `pos`) until an end-of-generation
+        token or max_tokens; returns (tokens, next position)."""
+        out = []
+        for _ in range(max_tokens):
+            tok = int(logits.argmax())
+            if self.model.is_end_of_generation(tok):
+                break
+            out.append(tok)
+            logits = self.decode([tok], pos, seq_id)
+            pos += 1
+        return out, pos
 
     def state(self, seq_id: int = 0) -> bytes:
         """llama.cpp's serialisation of the sequence (cells, positions, K and V)."""

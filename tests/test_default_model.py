@@ -32,17 +32,7 @@ def _greedy_chat(path, question: str, max_tokens: int = 24) -> str:
               f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     with runtime.Model(path) as model, runtime.Context(model, n_ctx=512, n_threads=2) as ctx:
         tokens = model.tokenize(prompt, add_special=False)
-        logits = ctx.decode(tokens, 0)
-        out = []
-        pos = len(tokens)
-        for _ in range(max_tokens):
-            tok = int(logits.argmax())
-            if model.is_end_of_generation(tok):
-                break
-            out.append(model.token_to_piece(tok))
-            logits = ctx.decode([tok], pos)
-            pos += 1
-    return b"".join(out).decode("utf-8", "replace")
+        return model.detokenize(ctx.greedy(ctx.decode(tokens, 0), len(tokens), max_tokens)[0])
 
 
 @pytest.mark.parametrize("question,answer", [

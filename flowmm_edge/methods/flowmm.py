@@ -35,7 +35,7 @@ import numpy as np
 
 from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
 from .snapkv import avg_pool
-from .pivotal_merge import MERGE_RULES, absorbed_lists, assign, build_plan, cap_absorbed, cosine
+from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 ORPHAN_RULES = ("evict", "ungated")
 
@@ -81,21 +81,12 @@ class FlowMM(Method):
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
         labels = layout.labels
-        absorbed = []
-        for l in range(n_layer):
-            absorbed.append([])
-            for h in range(n_head_kv):
-                piv = pivots[l, h]
-                cand = np.setdiff1d(np.arange(n), piv)
-                imp = importance[l, h, piv]
-                open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
-                same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
-                sim = cosine(keys[l, h, cand], keys[l, h, piv])
-                target = assign(sim, same & open_)
-                if self.orphans == "ungated":
-                    retry = target < 0
-                    target[retry] = assign(sim[retry], same[retry])
-                best = sim[np.arange(len(cand)), np.maximum(target, 0)]
-                target = cap_absorbed(target, best, len(piv), self.max_absorb)
-                absorbed[l].append(absorbed_lists(target, cand, len(piv)))
-        return build_plan(layout, pivots, absorbed, self.merge)
+
+        def fold_one(l, h, piv, cand):
+            imp = importance[l, h, piv]
+            open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
+            same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
+            return fold(cand, piv, keys[l, h], same & open_, self.max_absorb,
+                        fallback=same if self.orphans == "ungated" else None)
+
+        return merge_plan(layout, pivots, self.merge, fold_one)

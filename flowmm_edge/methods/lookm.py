@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import KEYS, PROMPT_SCORES, Method, top_by_score
-from .pivotal_merge import absorbed_lists, assign, build_plan, cap_absorbed, cosine
+from .pivotal_merge import fold, merge_plan
 
 
 class LookM(Method):
@@ -41,15 +41,5 @@ class LookM(Method):
         text = layout.labels == self.text_label
         prior = scores + text * scores.max(axis=-1, keepdims=True)  # every text token outranks every other
         pivots = top_by_score(prior, protected, slots)
-        absorbed = []
-        for l in range(n_layer):
-            absorbed.append([])
-            for h in range(n_head_kv):
-                piv = pivots[l, h]
-                cand = np.setdiff1d(np.arange(n), piv)
-                sim = cosine(keys[l, h, cand], keys[l, h, piv])
-                target = assign(sim, np.ones(len(piv), bool))
-                best = sim[np.arange(len(cand)), np.maximum(target, 0)]
-                target = cap_absorbed(target, best, len(piv), self.max_absorb)
-                absorbed[l].append(absorbed_lists(target, cand, len(piv)))
-        return build_plan(layout, pivots, absorbed, self.merge)
+        return merge_plan(layout, pivots, self.merge,
+                          lambda l, h, piv, cand: fold(cand, piv, keys[l, h], np.ones(len(piv), bool), self.max_absorb))

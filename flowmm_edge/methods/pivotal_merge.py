@@ -72,6 +72,30 @@ def build_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list
     return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]])
 
 
+def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_one) -> Plan:
+    """A Plan from pivots [n_layer, n_head_kv, B]: fold_one(layer, head, pivots, candidates)
+    returns per pivot the candidates merged into it; the rest are evicted."""
+    n_layer, n_head_kv, _ = pivots.shape
+    every = np.arange(layout.n)
+    absorbed = [[fold_one(l, h, pivots[l, h], np.setdiff1d(every, pivots[l, h])) for h in range(n_head_kv)]
+                for l in range(n_layer)]
+    return build_plan(layout, pivots, absorbed, rule)
+
+
 def absorbed_lists(target: np.ndarray, candidates: np.ndarray, n_pivots: int) -> list[np.ndarray]:
     """Per pivot slot, the candidate indices assigned to it (in position order)."""
     return [candidates[target == j] for j in range(n_pivots)]
+
+
+def fold(cand: np.ndarray, piv: np.ndarray, keys: np.ndarray, eligible: np.ndarray, max_absorb: int,
+         fallback: np.ndarray | None = None) -> list[np.ndarray]:
+    """Match candidates to their most similar eligible pivot (then, for those left without one,
+    to the most similar pivot allowed by `fallback`), cap each pivot at max_absorb, and return
+    per pivot the candidates it absorbs. eligible/fallback: bool, broadcastable to [cand, piv]."""
+    sim = cosine(keys[cand], keys[piv])
+    target = assign(sim, eligible)
+    if fallback is not None:
+        retry = target < 0
+        target[retry] = assign(sim[retry], np.broadcast_to(fallback, sim.shape)[retry])
+    best = sim[np.arange(len(cand)), np.maximum(target, 0)]
+    return absorbed_lists(cap_absorbed(target, best, len(piv), max_absorb), cand, len(piv))
