@@ -10,9 +10,6 @@ from pathlib import Path
 from . import default_model, gguf_file, native, paths
 from .errors import FlowMMError
 
-NOT_BUILT = 2  # exit code of a subcommand that does not exist yet
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -216,9 +213,85 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str, issue: int) -> int:
-    print(f"flowmm_edge {name}: not built yet (tracked in issue #{issue})", file=sys.stderr)
-    return NOT_BUILT
+def _csv(text: str, kind=str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FlowMMError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+def _model_arg(value: str | None) -> Path:
+    if value in ("tiny", "llava-1.5-7b"):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("make_tiny_models", paths.repo_root() / "scripts" / "make_tiny_models.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return Path(mod.ensure_models(mod.SHAPES[value])[0])
+    return Path(value) if value else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluation, runtime, tasks
+    from .methods.flowmm import FlowMM  # noqa: F401  (method names are checked below)
+    from .policy import load as load_policy
+
+    runtime.quiet_native_logs()
+    model = _model_arg(args.model)
+    budgets = _csv(args.budgets, float)
+    if any(not 0 < b <= 1 for b in budgets):
+        raise FlowMMError(f"budgets must be ratios in (0, 1]: {args.budgets}")
+    methods = _csv(args.methods)
+    for m in methods:
+        evaluation.make_method(m) if m != "full" else None
+    policy = load_policy(args.policy) if args.policy else None
+    if policy:
+        policy.check_model(model)
+    if args.tasks:
+        task_list = tasks.load_tasks(args.tasks)
+    elif args.milebench:
+        task_list = tasks.load_milebench(args.milebench, args.limit)
+    else:
+        task_list = tasks.builtin_suite(_csv(args.lengths, int), args.per_kind)
+    task_list = task_list[: args.limit] if args.limit else task_list
+    if not task_list:
+        raise FlowMMError("no tasks to run")
+    if "flowmm" in methods and policy is None:
+        print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
+    rows = evaluation.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
+                          progress=not args.quiet, mmproj=args.mmproj)
+    summary = evaluation.summarize(rows)
+    print(evaluation.markdown(summary))
+    if args.plot:
+        from .plots import plot_scores
+
+        plot_scores(summary, args.plot)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import benchmark, runtime
+
+    runtime.quiet_native_logs()
+    model = _model_arg(args.model)
+    rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
+                         _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet)
+    table = benchmark.markdown(rows)
+    print(table)
+    print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(model), "rows": [dataclasses.asdict(r) for r in rows],
+                                               "peak_rss_mib": benchmark.peak_rss_mib()}, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.plot:
+        from .plots import plot_bench
+
+        plot_bench(rows, args.plot)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,10 +332,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="KV memory and speed, side by side")
-    p.set_defaults(func=lambda a: _not_built("bench", 7))
+    p.add_argument("--model", help="text model GGUF, or 'tiny' / 'llava-1.5-7b' for the synthetic ones (default: the embedded model)")
+    p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens")
+    p.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
+    p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm")
+    p.add_argument("--kv-types", default="f16,q8_0,q4_0")
+    p.add_argument("--decode", type=int, default=32, help="tokens decoded after each merge")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument("--markdown", help="write the table as Markdown")
+    p.add_argument("--plot", help="write a PNG: KV memory and decode speed against context length")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="answer quality of the methods against the full cache")
-    p.set_defaults(func=lambda a: _not_built("eval", 7))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--tasks", help="JSONL task file")
+    src.add_argument("--milebench", help="MileBench DATA folder (<Task>/<Task>.json + images)")
+    src.add_argument("--suite", choices=["builtin"], default="builtin", help="the built-in generated suite (default)")
+    p.add_argument("--model", help="text model GGUF (default: the embedded model)")
+    p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
+    p.add_argument("--lengths", default="1024,2048", help="context lengths of the built-in suite")
+    p.add_argument("--per-kind", type=int, default=2, help="tasks per family and length in the built-in suite")
+    p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
+    p.add_argument("--budgets", default="0.2")
+    p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many tasks")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write rows and summary as JSON (after every task)")
+    p.add_argument("--plot", help="write a PNG: score against budget per method")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="native library, backend and model facts")
     p.add_argument("--model", help="a text model GGUF to describe")

@@ -75,6 +75,10 @@ class Compressor:
             stats.stop()
         self._stats = stats
 
+    def use_observed(self, stats: AttentionStats) -> None:
+        """Plan from statistics gathered elsewhere (a stopped AttentionStats over the same cells)."""
+        self._stats = stats
+
     def compress(self, ctx, labels: np.ndarray, seq_id: int = 0) -> Report:
         """Plan for the sequence's current cells and apply it; the cache is unchanged on error."""
         cells, positions = kv_cache.seq_cells(ctx, seq_id)

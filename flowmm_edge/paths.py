@@ -72,3 +72,8 @@ def installed_native_lib_dir() -> Path:
         except (ValueError, KeyError, TypeError):
             pass
     return native_lib_dir(default_backend())
+
+
+def repo_root() -> Path:
+    """The source checkout this package runs from (scripts/ lives there)."""
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,47 @@
+"""PNG plots of eval and bench results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_scores(summary: list[dict], path) -> None:
+    """Score against budget, one line per method; the full cache as a horizontal line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    full = [s["score"] for s in summary if s["method"] == "full"]
+    for method in sorted({s["method"] for s in summary} - {"full"}):
+        pts = sorted((s["budget"], s["score"]) for s in summary if s["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    if full:
+        ax.axhline(full[0], color="black", linestyle="--", label="full cache")
+    ax.set_xlabel("KV budget (share of the prompt's cells)")
+    ax.set_ylabel("mean task score")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bench(rows, path) -> None:
+    """KV memory and decode speed against context length: full (per KV type) and each method at each budget."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    series = sorted({(r.method, r.kv_type, r.budget) for r in rows})
+    for method, kv, budget in series:
+        pts = sorted((r.n_ctx, r.kv_bytes / 2 ** 20, r.decode_tok_s) for r in rows
+                     if (r.method, r.kv_type, r.budget) == (method, kv, budget))
+        if method != "full" and budget not in (0.1, 0.2):
+            continue
+        label = f"{method} {kv}" + ("" if method == "full" else f" {budget:.0%}")
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    a.set_xlabel("context (tokens)")
+    a.set_ylabel("KV memory held (MiB)")
+    b.set_xlabel("context (tokens)")
+    b.set_ylabel("decode tok/s after the merge")
+    a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Task metrics: contains, exact, ROUGE-L (F1 over whitespace tokens, as rouge-score computes it)
+and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text)."""
+
+from __future__ import annotations
+
+import re
+import string
+
+METRICS = ("contains", "exact", "rouge_l", "choice")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation removed, articles dropped, whitespace collapsed (SQuAD's rule)."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def contains(answer: str, golds: list[str]) -> float:
+    a = normalize(answer)
+    return float(any(normalize(g) and normalize(g) in a for g in golds))
+
+
+def exact(answer: str, golds: list[str]) -> float:
+    return float(any(normalize(answer) == normalize(g) for g in golds))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(answer: str, golds: list[str]) -> float:
+    best = 0.0
+    a = normalize(answer).split()
+    for g in golds:
+        b = normalize(g).split()
+        lcs = _lcs(a, b)
+        if lcs:
+            p, r = lcs / len(a), lcs / len(b)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def picked_choice(answer: str, choices: list[str]) -> int | None:
+    """Index of the option the answer picks, or None."""
+    letters = string.ascii_uppercase[: len(choices)]
+    m = re.match(r"\s*\(?([A-Z])[\).:\s]|\s*\(?([A-Z])\)?\s*$", answer)
+    if m and (m.group(1) or m.group(2)) in letters:
+        return letters.index(m.group(1) or m.group(2))
+    a = normalize(answer)
+    hits = [i for i, c in enumerate(choices) if normalize(c) and normalize(c) in a]
+    return hits[0] if len(hits) == 1 else None
+
+
+def choice(answer: str, golds: list[str], choices: list[str]) -> float:
+    """Golds are letters ("B") or option texts."""
+    k = picked_choice(answer, choices)
+    if k is None:
+        return 0.0
+    letters = string.ascii_uppercase
+    return float(any(g.strip().upper() == letters[k] or normalize(g) == normalize(choices[k]) for g in golds))
+
+
+def score(metric: str, answer: str, golds: list[str], choices: list[str] | None = None) -> float:
+    if metric == "choice":
+        return choice(answer, golds, choices or [])
+    return {"contains": contains, "exact": exact, "rouge_l": rouge_l}[metric](answer, golds)

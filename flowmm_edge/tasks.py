@@ -1,0 +1,157 @@
+"""Evaluation tasks: a JSONL file, MileBench's layout, or the built-in generated suite.
+
+JSONL, one task a line:
+  {"id", "segments": [{"type": "text", "text", "modality"}, {"type": "image", "path"}],
+   "question", "answers": [...], "metric": "contains"|"exact"|"rouge_l"|"choice", "choices": [...]}
+Unknown fields are ignored; a malformed line is reported with its line number and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .prompt import PromptError, Segment, parse_segments
+from .scoring import METRICS
+
+
+@dataclasses.dataclass
+class Task:
+    id: str
+    segments: list[Segment]
+    question: str
+    answers: list[str]
+    metric: str = "contains"
+    choices: list[str] = dataclasses.field(default_factory=list)
+    kind: str = ""  # the built-in suite's family, for per-family summaries
+
+
+def parse_task(obj, where: str, base_dir: Path | None = None) -> Task:
+    if not isinstance(obj, dict):
+        raise PromptError(f"{where}: a task must be a JSON object")
+    segments = parse_segments(obj.get("segments"), where, base_dir)
+    question, answers = obj.get("question"), obj.get("answers")
+    if not isinstance(question, str):
+        raise PromptError(f"{where}: 'question' must be a string")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise PromptError(f"{where}: 'answers' must be a non-empty list of strings")
+    metric = obj.get("metric", "contains")
+    if metric not in METRICS:
+        raise PromptError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
+    choices = obj.get("choices", [])
+    if metric == "choice" and (not isinstance(choices, list) or len(choices) < 2):
+        raise PromptError(f"{where}: metric 'choice' needs a list of at least two 'choices'")
+    return Task(str(obj.get("id", where)), segments, question, answers, metric, [str(c) for c in choices],
+                str(obj.get("kind", "")))
+
+
+def load_tasks(path: str | Path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[Task]:
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise PromptError(f"{p}: cannot read the task file ({e.strerror or e})") from None
+    tasks = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            tasks.append(parse_task(json.loads(line), f"{p}:{i}", p.parent))
+        except ValueError as e:
+            warn(f"{p}:{i}: not valid JSON ({getattr(e, 'msg', e)}); skipped")
+        except PromptError as e:
+            warn(f"{e}; skipped")
+    return tasks
+
+
+def load_milebench(root: str | Path, limit: int | None = None) -> list[Task]:
+    """MileBench's layout: DATA/<Task>/<Task>.json with {"data": [{"sample_id", "task_instance":
+    {"context": "... {image#1} ...", "images_path": [...], "choice_list": [...]}, "response"}]}
+    and images under DATA/<Task>/images/. Multiple-choice samples are scored by choice, the rest
+    by ROUGE-L (MileBench's own rules)."""
+    root = Path(root)
+    files = sorted(root.glob("*/*.json"))
+    if not files:
+        raise PromptError(f"{root}: no MileBench task files (<Task>/<Task>.json) found")
+    tasks = []
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise PromptError(f"{f}: cannot read the MileBench file ({e})") from None
+        for k, sample in enumerate(data.get("data", [])):
+            inst = sample.get("task_instance", {})
+            context, images = inst.get("context", ""), inst.get("images_path", [])
+            segments, rest = [], context
+            for j, img in enumerate(images, 1):
+                before, marker, rest = rest.partition(f"{{image#{j}}}")
+                if before:
+                    segments.append(Segment("text", text=before))
+                segments.append(Segment("image", image=f.parent / "images" / img, modality="image"))
+                if not marker:
+                    rest = before and ""
+            if rest:
+                segments.append(Segment("text", text=rest))
+            choices = [str(c) for c in inst.get("choice_list", []) or []]
+            gold = str(sample.get("response", ""))
+            question = "Answer with the option's letter." if choices else "Answer briefly."
+            if choices:
+                question = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices)) + "\n" + question
+            tasks.append(Task(f"{f.stem}/{sample.get('sample_id', k)}", segments or [Segment("text", " ")], question,
+                              [gold], "choice" if choices else "rouge_l", choices, f.stem))
+            if limit and len(tasks) >= limit:
+                return tasks
+    return tasks
+
+
+_FILL = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+         "A bird sang in the tree.", "The river runs to the sea.", "Clouds drift over the hills."]
+_NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emil", "Fatima", "Goran", "Hana"]
+
+
+def builtin_suite(lengths=(1024, 2048), per_kind: int = 2, seed: int = 0) -> list[Task]:
+    """Planted facts in long filler, at roughly `lengths` tokens (about 5 tokens per filler
+    sentence), in four families: a fact in a text span, a fact in an "image"-labelled span,
+    several facts with one asked for, and a question that needs a text span and an image span."""
+    rng = np.random.default_rng(seed)
+    tasks = []
+
+    def filler(n_tokens):
+        return " ".join(rng.choice(_FILL) for _ in range(max(1, n_tokens // 5)))
+
+    for length in lengths:
+        for k in range(per_kind):
+            code = lambda: str(rng.integers(10000, 99999))  # noqa: E731
+            third = length // 3
+            # 1. fact in text; 2. fact in an image span
+            for kind, modality in (("fact-in-text", "text"), ("fact-in-image", "image")):
+                key = code()
+                segs = [Segment("text", filler(third) + "\n"),
+                        Segment("text", "Picture: " + filler(third // 2) + f" The secret passkey is {key}. "
+                                + filler(third // 2) + "\n", modality=modality),
+                        Segment("text", filler(third) + "\n")]
+                tasks.append(Task(f"{kind}-{length}-{k}", segs, "What is the secret passkey? Answer with the number only.",
+                                  [key], "contains", kind=kind))
+            # 3. several facts, one asked for
+            names = rng.choice(_NAMES, 4, replace=False)
+            keys = [code() for _ in names]
+            parts = [Segment("text", filler(length // 5) + f" {n}'s room number is {c}. ",
+                             modality="image" if i % 2 else "text") for i, (n, c) in enumerate(zip(names, keys))]
+            ask = int(rng.integers(0, 4))
+            tasks.append(Task(f"multi-fact-{length}-{k}", parts + [Segment("text", filler(length // 5) + "\n")],
+                              f"What is {names[ask]}'s room number? Answer with the number only.", [keys[ask]],
+                              "contains", kind="multi-fact"))
+            # 4. two spans: who (text) and what (image)
+            name, colour = rng.choice(_NAMES), rng.choice(["red", "blue", "green", "yellow"])
+            key = code()
+            segs = [Segment("text", filler(third) + f" {name} owns the {colour} box. " + filler(third // 2) + "\n"),
+                    Segment("text", "Picture: " + filler(third // 2) + f" The {colour} box is labelled {key}. "
+                            + filler(third // 2) + "\n", modality="image")]
+            tasks.append(Task(f"two-span-{length}-{k}", segs,
+                              f"What is the label of the box {name} owns? Answer with the number only.", [key],
+                              "contains", kind="two-span"))
+    return tasks
