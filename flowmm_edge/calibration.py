@@ -23,7 +23,7 @@ from .attention_stats import AttentionStats
 from .compression import rho_from_flow
 from .native import llama_cpp
 from .policy import Policy, fingerprint
-from .prompt import ModalityLabels, PromptError, Segment, feed, parse_segments, prepare
+from .prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
 THETA = 0.25  # DESIGN.md §5: 0.2-0.3 worked best in the paper
 METHOD_DEFAULTS = {"sinks": 4, "window": 32, "tau_quantile": 0.9, "merge": "pivotal", "orphans": "evict", "max_absorb": 15,
@@ -52,21 +52,13 @@ def builtin_prompts(with_images: bool, n: int = 6) -> list[list[Segment]]:
 def load_prompts(path: str | Path) -> list[list[Segment]]:
     """JSONL, one prompt a line; a malformed line is an error naming its line number."""
     p = Path(path)
-    try:
-        lines = p.read_text().splitlines()
-    except OSError as e:
-        raise PromptError(f"{p}: cannot read the prompts file ({e.strerror or e})") from None
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise PromptError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    for where, obj in jsonl_lines(p, "prompts"):
+        if isinstance(obj, ValueError):
+            raise PromptError(f"{where}: not valid JSON ({getattr(obj, 'msg', obj)})")
         if not isinstance(obj, dict):
-            raise PromptError(f"{p}:{i}: a prompt must be a JSON object with 'segments'")
-        out.append(parse_segments(obj.get("segments"), f"{p}:{i}", base_dir=p.parent))
+            raise PromptError(f"{where}: a prompt must be a JSON object with 'segments'")
+        out.append(parse_segments(obj.get("segments"), where, base_dir=p.parent))
     if not out:
         raise PromptError(f"{p}: no prompts in the file")
     return out

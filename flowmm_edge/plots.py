@@ -17,12 +17,7 @@ def plot_scores(summary: list[dict], path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     if full:
         ax.axhline(full[0], color="black", linestyle="--", label="full cache")
-    ax.set_xlabel("KV budget (share of the prompt's cells)")
-    ax.set_ylabel("mean task score")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, path, [(ax, "KV budget (share of the prompt's cells)", "mean task score")])
 
 
 def plot_bench(rows, path) -> None:
@@ -37,11 +32,14 @@ def plot_bench(rows, path) -> None:
         label = f"{method} {kv}" + ("" if method == "full" else f" {budget:.0%}")
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    a.set_xlabel("context (tokens)")
-    a.set_ylabel("KV memory held (MiB)")
-    b.set_xlabel("context (tokens)")
-    b.set_ylabel("decode tok/s after the merge")
-    a.legend(fontsize=6)
+    _finish(fig, path, [(a, "context (tokens)", "KV memory held (MiB)"), (b, "context (tokens)", "decode tok/s after the merge")])
+
+
+def _finish(fig, path, axes) -> None:
+    for ax, xlabel, ylabel in axes:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

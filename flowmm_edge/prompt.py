@@ -8,6 +8,7 @@ modality. That is how a text-only model stands in for a vision model in calibrat
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,23 @@ class ModalityLabels:
         if name not in self.names:
             self.names.append(name)
         return self.names.index(name)
+
+
+def jsonl_lines(path: str | Path, what: str) -> list[tuple[str, object]]:
+    """(where, parsed object or the JSON error) for each non-blank line; `where` is "file:line"."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise PromptError(f"{p}: cannot read the {what} file ({e.strerror or e})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append((f"{p}:{i}", json.loads(line)))
+            except ValueError as e:
+                out.append((f"{p}:{i}", e))
+    return out
 
 
 def parse_segments(items, where: str, base_dir: Path | None = None) -> list[Segment]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prompt import PromptError, Segment, parse_segments
+from .prompt import PromptError, Segment, jsonl_lines, parse_segments
 from .scoring import METRICS
 
 
@@ -51,18 +51,13 @@ def parse_task(obj, where: str, base_dir: Path | None = None) -> Task:
 
 def load_tasks(path: str | Path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> list[Task]:
     p = Path(path)
-    try:
-        lines = p.read_text().splitlines()
-    except OSError as e:
-        raise PromptError(f"{p}: cannot read the task file ({e.strerror or e})") from None
     tasks = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    for where, obj in jsonl_lines(p, "task"):
+        if isinstance(obj, ValueError):
+            warn(f"{where}: not valid JSON ({getattr(obj, 'msg', obj)}); skipped")
             continue
         try:
-            tasks.append(parse_task(json.loads(line), f"{p}:{i}", p.parent))
-        except ValueError as e:
-            warn(f"{p}:{i}: not valid JSON ({getattr(e, 'msg', e)}); skipped")
+            tasks.append(parse_task(obj, where, p.parent))
         except PromptError as e:
             warn(f"{e}; skipped")
     return tasks
