@@ -117,7 +117,6 @@ class Session:
         except BaseException:
             self.close()
             raise
-        self.bos = None
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------------
@@ -130,7 +129,6 @@ class Session:
         self.labels_by_pos = np.zeros(0, np.int32)
         self.stats = SessionStats()
         self.last_logits = None
-        self.pending_images: list = []
 
     def _method(self):
         if self.policy is not None:
@@ -220,33 +218,30 @@ class Session:
     def _decode_turn(self, prepared) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
         self.labels_by_pos = labels
-        units = []  # (tokens | image) in order; token lists may be split
-        for p in prepared.pieces:
-            units.append(p)
+        units = list(prepared.pieces)  # token lists (split as the room allows) and images, in order
         merging = self.method_name != "full"
         t0 = time.perf_counter()
         while units:
             used = self.cells()
             free = self.n_ctx - self.reserve - used
-            unit = units[0]
-            size = len(unit) if isinstance(unit, list) else unit.n_pos
-            if free <= 0 or (not isinstance(unit, list) and size > free):
-                raise SessionError("internal: no room for the next chunk")  # a merge below always makes room
-            take = unit[:free] if isinstance(unit, list) else unit
-            if isinstance(unit, list):
-                units[0] = unit[len(take):]
-                if not units[0]:
-                    units.pop(0)
+            take = units.pop(0)
+            if isinstance(take, list):
+                take, rest = take[:max(free, 0)], take[max(free, 0):]
+                if rest:
+                    units.insert(0, rest)
+                n = len(take)
             else:
-                units.pop(0)
-            n = len(take) if isinstance(take, list) else take.n_pos
+                n = take.n_pos
+            if n == 0 or n > free:
+                raise SessionError("internal: no room for the next chunk")  # a merge below always makes room
             end = self.pos + n
-            comp = Compressor(self._method(), self.budget_cells, rho=policy_mod.rho_array(self.policy)) if merging else None
-            last = not units
-            nxt = 0 if last else (min(len(units[0]), 1) if isinstance(units[0], list) else units[0].n_pos)
-            will_merge = merging and ((last and used + n > self.budget_cells)
-                                      or (not last and used + n + nxt > self.n_ctx - self.reserve))
+            if not units:  # the end of the turn: merge down to the budget
+                will_merge = merging and used + n > self.budget_cells
+            else:  # merge now if the next unit (one token at least, an image whole) would not fit
+                nxt = 1 if isinstance(units[0], list) else units[0].n_pos
+                will_merge = merging and used + n + nxt > self.n_ctx - self.reserve
             if will_merge:
+                comp = Compressor(self._method(), self.budget_cells, rho=policy_mod.rho_array(self.policy))
                 with comp.observe(self.ctx, prompt_end=end, labels=labels):
                     logits = self._decode_unit(take)
             else:
@@ -281,23 +276,24 @@ class Session:
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, logits = [], self.last_logits
+        text, logits, n_generated = [], self.last_logits, 0
         t0 = time.perf_counter()
         try:
-            for _ in range(self.max_reply):
+            for _ in range(min(self.max_reply, self.n_ctx - self.cells())):  # stop when the buffer is full
                 tok = self._sample(logits)
-                if self.model.is_end_of_generation(tok) or self.cells() >= self.n_ctx:
+                if self.model.is_end_of_generation(tok):
                     break
                 logits = self.ctx.decode([tok], self.pos)
                 self.pos += 1
-                self.labels_by_pos = np.append(self.labels_by_pos, np.int32(0))
-                self.stats.generated_tokens += 1
+                n_generated += 1
                 piece = decoder.decode(self.model.token_to_piece(tok))
                 if piece:
                     text.append(piece)
                     yield piece
         finally:
             self.stats.decode_seconds += time.perf_counter() - t0
+            self.stats.generated_tokens += n_generated
+            self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(n_generated, self.labels("text"), np.int32)])
             # the template takes C strings: a NUL a model may emit would cut the reply there
             reply = ("".join(text) + decoder.decode(b"", final=True)).replace("\x00", "")
             self.messages = self.messages + [("assistant", reply)]
