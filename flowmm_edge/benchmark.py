@@ -20,8 +20,8 @@ from tqdm import tqdm
 from . import gguf_file, kv_cache, runtime
 from .attention_stats import AttentionStats
 from .compression import Compressor
-from .evaluation import llama_rm, make_method
-from .methods.base import PROMPT_SCORES, WINDOW_SCORES
+from .evaluation import make_method
+from .methods.base import PROMPT_SCORES
 
 
 @dataclasses.dataclass
@@ -97,17 +97,13 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                     for budget in budgets:
                         ctx.set_state(state)
                         comp = Compressor(method, budget, rho=rho)
-                        stats_s, logits = 0.0, logits0
+                        t = time.perf_counter()
+                        replayed = comp.replay(ctx, tokens, L, labels, whole_prompt=all_rows)
                         if PROMPT_SCORES in method.needs:
-                            comp.use_observed(all_rows)
                             stats_s = all_rows_s
-                        elif WINDOW_SCORES in method.needs or comp.needs_observation:
-                            w = min(method.window, L)
-                            llama_rm(ctx, L - w)
-                            t = time.perf_counter()
-                            with comp.observe(ctx, prompt_end=L, labels=labels):
-                                logits = ctx.decode(tokens[-w:], L - w)
-                            stats_s = time.perf_counter() - t
+                        else:
+                            stats_s = 0.0 if replayed is None else time.perf_counter() - t
+                        logits = logits0 if replayed is None else replayed
                         t = time.perf_counter()
                         report = comp.compress(ctx, labels)
                         merge_s = time.perf_counter() - t

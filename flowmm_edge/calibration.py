@@ -21,7 +21,6 @@ from tqdm import tqdm
 from . import images, runtime
 from .attention_stats import AttentionStats
 from .compression import rho_from_flow
-from .native import llama_cpp
 from .policy import Policy, fingerprint
 from .prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
@@ -75,7 +74,7 @@ def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=No
         flows = []
         with runtime.Context(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads) as ctx:
             for p in tqdm(prepared, desc="calibrating", unit="prompt", disable=not progress):
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ptr), True)
+                ctx.clear()
                 with AttentionStats(ctx, labels=p.labels, n_labels=n_labels) as stats:
                     feed(ctx, p, 0)
                 flows.append([stats.flow(l) for l in range(stats.n_layer)])

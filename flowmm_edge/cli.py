@@ -234,7 +234,6 @@ def _model_arg(value: str | None) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluation, runtime, tasks
-    from .methods.flowmm import FlowMM  # noqa: F401  (method names are checked below)
     from .policy import load as load_policy
 
     runtime.quiet_native_logs()
@@ -243,8 +242,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if any(not 0 < b <= 1 for b in budgets):
         raise FlowMMError(f"budgets must be ratios in (0, 1]: {args.budgets}")
     methods = _csv(args.methods)
-    for m in methods:
-        evaluation.make_method(m) if m != "full" else None
+    for m in methods:  # an unknown name fails here, before any model is loaded
+        if m != "full":
+            evaluation.make_method(m)
     policy = load_policy(args.policy) if args.policy else None
     if policy:
         policy.check_model(model)

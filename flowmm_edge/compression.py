@@ -79,6 +79,23 @@ class Compressor:
         """Plan from statistics gathered elsewhere (a stopped AttentionStats over the same cells)."""
         self._stats = stats
 
+    def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray,
+               whole_prompt: AttentionStats | None = None):
+        """Gather the statistics on a cache already holding the prompt (a restored state):
+        whole-prompt scores come from `whole_prompt` (observed over that prefill); window scores
+        by dropping the last `window` tokens (`tail_tokens` ends the prompt) and decoding them
+        again with statistics on, the very rows one prefill would have observed.
+        Returns the logits of that re-decode, or None if nothing was decoded."""
+        if PROMPT_SCORES in self.method.needs:
+            self.use_observed(whole_prompt)
+            return None
+        if not self.needs_observation:
+            return None
+        w = min(self.method.window, len(tail_tokens), prompt_end)
+        ctx.truncate(prompt_end - w)
+        with self.observe(ctx, prompt_end=prompt_end, labels=labels):
+            return ctx.decode(tail_tokens[-w:], prompt_end - w)
+
     def compress(self, ctx, labels: np.ndarray, seq_id: int = 0) -> Report:
         """Plan for the sequence's current cells and apply it; the cache is unchanged on error."""
         cells, positions = kv_cache.seq_cells(ctx, seq_id)

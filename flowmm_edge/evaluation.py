@@ -20,7 +20,7 @@ from . import runtime
 from .attention_stats import AttentionStats
 from .compression import Compressor
 from .methods import METHODS
-from .methods.base import PROMPT_SCORES, WINDOW_SCORES
+from .methods.base import MethodError
 from .prompt import ModalityLabels, Segment, feed, prepare
 from .scoring import score
 from .tasks import Task
@@ -55,15 +55,19 @@ def wrap(model: runtime.Model, task: Task) -> list[Segment]:
     return [Segment("text", head), *task.segments, Segment("text", "\n" + task.question + tail)]
 
 
+ABLATIONS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
+             "no-both": dict(flow_guidance=False, sensitivity=False)}
+
+
 def make_method(name: str, policy=None):
+    """(method, rho or None) for a name: a registered method, or flowmm:<ablation>."""
     if name == "flowmm" and policy is not None:
         return policy.flowmm(), np.asarray(policy.rho)
-    base, _, variant = name.partition(":")  # flowmm:no-flow, flowmm:no-sensitivity, flowmm:no-both
-    if base == "flowmm" and variant:
-        flags = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
-                 "no-both": dict(flow_guidance=False, sensitivity=False)}[variant]
-        return METHODS["flowmm"](**flags), None
-    return METHODS[name](), None
+    base, _, variant = name.partition(":")
+    if base not in METHODS or (variant and (base != "flowmm" or variant not in ABLATIONS)):
+        known = sorted(METHODS) + [f"flowmm:{a}" for a in ABLATIONS]
+        raise MethodError(f"unknown method {name!r} (one of {', '.join(known)})")
+    return METHODS[base](**ABLATIONS.get(variant, {})), None
 
 
 def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets: list[float], policy=None,
@@ -83,7 +87,7 @@ def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets:
             full_answer = model.detokenize(full_tokens)
             rows.append(Row(task.id, task.kind, "full", 1.0, n, n, full_answer,
                             score(task.metric, full_answer, task.answers, task.choices), 0.0, 1.0))
-            tail = [t for piece in p.pieces if isinstance(piece, list) for t in piece]
+            tail = _trailing_text_tokens(p.pieces)
             for name in methods:
                 if name == "full":
                     continue
@@ -91,14 +95,8 @@ def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets:
                 for budget in budgets:
                     ctx.set_state(state)
                     comp = Compressor(method, budget, rho=rho)
-                    logits = logits0
-                    if WINDOW_SCORES in method.needs or comp.needs_observation and PROMPT_SCORES not in method.needs:
-                        w = min(method.window, len(tail), n)
-                        llama_rm(ctx, n - w)
-                        with comp.observe(ctx, prompt_end=n, labels=labels):
-                            logits = ctx.decode(tail[-w:], n - w)
-                    elif PROMPT_SCORES in method.needs:
-                        comp.use_observed(all_rows)
+                    replayed = comp.replay(ctx, tail, n, labels, whole_prompt=all_rows)
+                    logits = logits0 if replayed is None else replayed
                     report = comp.compress(ctx, labels)
                     compressed = ctx.state()
                     got = _teacher_forced(ctx, logits, full_tokens, n)
@@ -113,10 +111,14 @@ def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets:
     return rows
 
 
-def llama_rm(ctx, pos_from: int) -> None:
-    from .native import llama_cpp
-
-    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx.ptr), 0, pos_from, -1)
+def _trailing_text_tokens(pieces) -> list[int]:
+    """The text tokens that end the prompt, up to the last image (the window is re-decoded from them)."""
+    out: list[int] = []
+    for piece in reversed(pieces):
+        if not isinstance(piece, list):
+            break
+        out = piece + out
+    return out
 
 
 def _teacher_forced(ctx, logits, tokens, pos) -> list[np.ndarray]:

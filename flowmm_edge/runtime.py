@@ -211,8 +211,12 @@ class Context(_Handle):
             self.clear(seq_id)
             raise DecodeError("llama.cpp refused the saved cache (another model, KV type or too small a context?)")
 
+    def truncate(self, pos: int, seq_id: int = 0) -> None:
+        """Drop the sequence's cells at positions >= pos."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), seq_id, pos, -1)
+
     def clear(self, seq_id: int = 0) -> None:
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), seq_id, -1, -1)
+        self.truncate(0, seq_id)
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
