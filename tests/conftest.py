@@ -42,6 +42,27 @@ def tiny_models() -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def model(tiny_models):
+    """The tiny text model, opened once for the whole run (it is only read)."""
+    with runtime.Model(tiny_models[0]) as m:
+        yield m
+
+
+TINY_PROMPT = ("the secret key is red and the code is 1234 please tell me what color the cat is "
+               "and how many dogs are here in the picture of the city")
+IMAGE_SPAN = (10, 30)  # positions the tests label 1 ("image"); the rest are text (0)
+
+
+def span_labels(n: int) -> "np.ndarray":
+    """Labels by position for a prompt of n tokens plus a few decoded after it."""
+    import numpy as np
+
+    lab = np.zeros(n + 8, np.int32)
+    lab[IMAGE_SPAN[0]:IMAGE_SPAN[1]] = 1
+    return lab
+
+
+@pytest.fixture(scope="session")
 def default_model_path() -> Path:
     from flowmm_edge import default_model
 

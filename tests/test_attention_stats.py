@@ -13,26 +13,13 @@ import pytest
 import make_tiny_models as tm
 from flowmm_edge import kv_cache, runtime
 from flowmm_edge.attention_stats import AttentionStats, graph_n_nodes
+from conftest import TINY_PROMPT, span_labels
 from tensor_capture import Capture
 
 SPEC = tm.TINY.text
 HD = SPEC.n_embd // SPEC.n_head
 L, H, NQ = SPEC.n_layer, SPEC.n_head_kv, SPEC.n_head
-PROMPT = ("the secret key is red and the code is 1234 please tell me what color the cat is "
-          "and how many dogs are here in the picture of the city")
-IMAGE_SPAN = (10, 30)  # positions labelled 1 ("image"); the rest are text (0)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_models):
-    with runtime.Model(tiny_models[0]) as m:
-        yield m
-
-
-def _labels(n):
-    lab = np.zeros(n + 8, np.int32)
-    lab[IMAGE_SPAN[0]:IMAGE_SPAN[1]] = 1
-    return lab
+PROMPT = TINY_PROMPT
 
 
 def _prefill_with_stats(model, flash_attn, window):
@@ -41,7 +28,7 @@ def _prefill_with_stats(model, flash_attn, window):
     n = len(tokens)
     ctx = runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
                           cb_eval=cap.callback)
-    with AttentionStats(ctx, prompt_end=n, window=window, labels=_labels(n), n_labels=2) as stats:
+    with AttentionStats(ctx, prompt_end=n, window=window, labels=span_labels(n), n_labels=2) as stats:
         ctx.decode(tokens, 0)
     cells, pos = kv_cache.seq_cells(ctx)
     keys = {(l, h): kv_cache.read_rows(ctx, l, h, cells, "k") for l in range(L) for h in range(H)}
@@ -79,7 +66,7 @@ def test_statistics_equal_numpy_softmax(model, flash_attn, window, portable, mon
     monkeypatch.setenv("FLOWMM_STATS_PORTABLE", "1" if portable else "0")
     stats, pos, keys, qs, n = _prefill_with_stats(model, flash_attn, window)
     assert len(qs[0]) == n, "Q of every ubatch captured"
-    labels = _labels(n)
+    labels = span_labels(n)
     pos_min = n - window if window else 0
     assert stats.n_rows == n - pos_min
     for l in range(L):

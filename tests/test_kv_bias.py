@@ -23,12 +23,6 @@ PROMPT = "the secret key is red and the code is 1234 please tell me what color t
 LAYER = 2
 
 
-@pytest.fixture(scope="module")
-def model(tiny_models):
-    with runtime.Model(tiny_models[0]) as m:
-        yield m
-
-
 def _attention(q, pos_q, keys, vals, pos_k, bias):
     """q [n_q, NQ, HD]; keys/vals [H][n_k, HD]; bias [H, n_k] (-inf removes). Returns [n_q, NQ*HD]."""
     out = np.zeros((len(q), NQ * HD), np.float64)

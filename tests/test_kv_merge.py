@@ -24,12 +24,6 @@ CONFIGS = [("f16", True), ("f16", False), ("q8_0", True)]
 TOL = {"f16": 1e-3, "q8_0": 2e-2}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_models):
-    with runtime.Model(tiny_models[0]) as m:
-        yield m
-
-
 def _ctx(model, kv_type, fa):
     return runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, kv_type=kv_type, flash_attn=fa, n_threads=2)
 

@@ -17,12 +17,6 @@ PROMPTS = ["the secret key is red and the code is 1234 please tell me what color
 CONFIGS = [("f16", True), ("f16", False), ("q8_0", True), ("q4_0", True)]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_models):
-    with runtime.Model(tiny_models[0]) as m:
-        yield m
-
-
 def _filled_context(model, kv_type, flash_attn, n_seq=1, unified=False):
     ctx = runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, kv_type=kv_type, flash_attn=flash_attn,
                           n_seq_max=n_seq, n_threads=2, kv_unified=unified)

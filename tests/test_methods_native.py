@@ -7,26 +7,14 @@ import numpy as np
 import pytest
 
 import make_tiny_models as tm
+from conftest import TINY_PROMPT, span_labels
 from flowmm_edge import kv_cache, runtime
 from flowmm_edge.compression import Compressor
 from flowmm_edge.methods import METHODS
 from flowmm_edge.methods.flowmm import FlowMM
 
 SPEC = tm.TINY.text
-PROMPT = ("the secret key is red and the code is 1234 please tell me what color the cat is "
-          "and how many dogs are here in the picture of the city")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_models):
-    with runtime.Model(tiny_models[0]) as m:
-        yield m
-
-
-def _labels(n):
-    lab = np.zeros(n + 64, np.int32)
-    lab[10:30] = 1  # an "image" span
-    return lab
+PROMPT = TINY_PROMPT
 
 
 CASES = [(name, "f16") for name in sorted(METHODS) + ["flowmm-policy"]] + [("flowmm", "q8_0"), ("lookm", "q8_0")]
@@ -36,7 +24,7 @@ CASES = [(name, "f16") for name in sorted(METHODS) + ["flowmm-policy"]] + [("flo
 def test_method_plan_applies_and_decoding_continues(model, name, kv_type):
     tokens = model.tokenize(PROMPT)
     n = len(tokens)
-    labels = _labels(n)
+    labels = span_labels(n)
     if name == "flowmm-policy":
         comp = Compressor(FlowMM(sinks=2, window=6), 0.4, rho=np.array([0.0, 1.0, 0.0, 1.0]))
     else:
