@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 from . import paths
@@ -65,12 +66,114 @@ def mtmd_lib_path() -> str:
     return getattr(mtmd_cpp._libmtmd, "_name", "?")
 
 
-# ggml's device registry, reached through libllama's handle (libggml is loaded with it)
+# -- llama.cpp's and ggml's log ------------------------------------------------------------------
+# One callback for libllama, libggml and libmtmd. It passes llama.cpp's errors to stderr (every
+# line with FLOWMM_VERBOSE set) and, inside `captured_log()`, also records each line: that is how
+# the backend variant ggml loaded and the buffer types a model's weights went to are read, from
+# llama.cpp's own reports.
+
+# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+LOG_ERROR, _LOG_CONT = 4, 5
+_log = {"last": 0, "threshold": 0 if os.environ.get("FLOWMM_VERBOSE") else LOG_ERROR, "captures": []}
+
+
+@llama_cpp.llama_log_callback
+def _log_router(level, text, _user_data):
+    if level == _LOG_CONT:
+        level = _log["last"]
+    _log["last"] = level
+    line = text.decode("utf-8", "replace")
+    for capture in _log["captures"]:
+        capture.append(line)
+    if level >= _log["threshold"]:
+        sys.stderr.write(line)
+
+
+class captured_log:
+    """`with captured_log() as lines:` collects every line llama.cpp and ggml log meanwhile."""
+
+    def __enter__(self) -> list[str]:
+        self.lines: list[str] = []
+        _log["captures"].append(self.lines)
+        return self.lines
+
+    def __exit__(self, *exc) -> None:
+        _log["captures"].remove(self.lines)
+
+
+def route_mtmd_logs() -> None:
+    """Send the vision encoder's (clip) and mtmd's helpers' logs through the same callback."""
+    from llama_cpp import mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_log_router, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_log_router, ctypes.c_void_p(0))
+
+
+llama_cpp.llama_log_set(_log_router, ctypes.c_void_p(0))
+
+
+# -- ggml backends: the CPU variant for this CPU, and any GPU backend -----------------------------
+# The build makes every backend a loadable module (GGML_BACKEND_DL, scripts/build_native.py), and
+# ggml looks for modules next to the executable -- python here -- unless told where: load them
+# from the folder libllama came from, before anything initialises llama.cpp.
+
+lib.ggml_backend_load_all_from_path.restype = None
+lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 lib.ggml_backend_dev_count.restype = ctypes.c_size_t
 lib.ggml_backend_dev_get.restype = ctypes.c_void_p
 lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
 lib.ggml_backend_dev_name.restype = ctypes.c_char_p
 lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+
+
+def _load_backends(lib_dir: str) -> dict[str, str]:
+    """Load the best module of each backend from lib_dir; returns {backend name: module path}."""
+    if lib.ggml_backend_reg_by_name(b"CPU"):  # a build with the CPU backend linked in
+        return {"CPU": "(linked into libggml)"}
+    with captured_log() as lines:
+        lib.ggml_backend_load_all_from_path(lib_dir.encode())
+    loaded = dict(re.findall(r"loaded (\S+) backend from (.+?)\s*$", "".join(lines), re.MULTILINE))
+    if not lib.ggml_backend_reg_by_name(b"CPU"):
+        raise NativeLibraryError(f"no CPU backend in {lib_dir} runs on this CPU (no libggml-cpu-*.so module "
+                                 f"loaded); {SETUP_HINT}")
+    return loaded
+
+
+loaded_backends: dict[str, str] = _load_backends(os.path.dirname(lib_path) if os.path.isabs(lib_path) else _expected_dir)
+
+
+def cpu_variant() -> str:
+    """The CPU backend module ggml chose for this CPU, e.g. 'haswell' (libggml-cpu-haswell.so)."""
+    path = loaded_backends.get("CPU", "")
+    m = re.search(r"ggml-cpu-([^/\\]+?)\.(so|dylib|dll)$", path)
+    return m.group(1) if m else path or "unknown"
+
+
+_features_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _Feature(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+def cpu_features() -> dict[str, str]:
+    """The CPU features the loaded CPU backend reports (ggml_backend_get_features): those it was
+    compiled for and found on this CPU, e.g. {'AVX2': '1', 'REPACK': '1', ...}."""
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
+    if not addr:
+        return {}
+    ptr = ctypes.cast(_features_fn(addr)(reg), ctypes.POINTER(_Feature))
+    out, i = {}, 0
+    while ptr[i].name:
+        out[ptr[i].name.decode()] = ptr[i].value.decode()
+        i += 1
+    return out
 
 
 def backend_devices() -> list[str]:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 BACKENDS = ("cpu", "cuda", "metal")
 
+# What shared libraries' file names start with on this platform (libggml-cpu-haswell.so, ggml-cpu-haswell.dll)
+LIB_PREFIX = "" if sys.platform == "win32" else "lib"
+
 # The file, inside the virtual environment, in which setup records the libraries it built.
 NATIVE_POINTER = "flowmm-native.json"
 

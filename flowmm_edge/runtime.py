@@ -10,39 +10,25 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import gguf_file
+from . import gguf_file, native
 from .errors import FlowMMError, ModelFileError
 from .native import llama_cpp
 
+# llama.cpp's report of each weight buffer, e.g. "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB"
+BUFFER_REPORT = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([0-9.]+) MiB")
+
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
-# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
-_LOG_ERROR, _LOG_CONT = 4, 5
-_log_state = {"last": 0}
-
-
-@llama_cpp.llama_log_callback
-def _log_errors_only(level, text, _user_data):
-    if level == _LOG_CONT:
-        level = _log_state["last"]
-    _log_state["last"] = level
-    if level >= _LOG_ERROR:
-        sys.stderr.write(text.decode("utf-8", "replace"))
-
-
 def quiet_native_logs() -> None:
-    """Let only llama.cpp's errors through to stderr, unless FLOWMM_VERBOSE is set."""
-    if not os.environ.get("FLOWMM_VERBOSE"):
-        llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
-        from llama_cpp import mtmd_cpp  # the vision encoder (clip) and mtmd's helpers log on their own
-
-        mtmd_cpp.mtmd_log_set(_log_errors_only, ctypes.c_void_p(0))
-        mtmd_cpp.mtmd_helper_log_set(_log_errors_only, ctypes.c_void_p(0))
+    """Let only llama.cpp's errors through to stderr (all of them with FLOWMM_VERBOSE set), the
+    vision encoder's included. The package already routes libllama's log so at import."""
+    native.route_mtmd_logs()
 
 
 class DecodeError(FlowMMError):
@@ -76,16 +62,34 @@ class _Handle:
 class Model(_Handle):
     """A text model GGUF, checked with gguf_file before llama.cpp opens it."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, repack: bool = True):
+        """`repack=False` keeps every CPU weight in the plain CPU buffer (no repacked layouts)."""
         self.facts = gguf_file.read_text_model(path)
         llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self.ptr:
-            raise ModelFileError(f"{path}: llama.cpp could not load this model (see the error above)")
+        self.ptr, self.buffers = self._load(path, n_gpu_layers, repack)
+        if any(name.startswith("AMX") for name in self.buffers):
+            # Only a build with ggml's AMX buffer type gets here (scripts/build_native.py builds none):
+            # its Q4_K matmul crashes in the pinned llama.cpp (upstream #20824), so load again without
+            # extra buffer types, repack included, rather than crash at the first decode.
+            sys.stderr.write(f"warning: this libggml put weights in its AMX buffer type, which crashes; "
+                             f"reloading {Path(path).name} without extra buffer types (slower)\n")
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr, self.buffers = self._load(path, n_gpu_layers, repack=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    @staticmethod
+    def _load(path, n_gpu_layers: int, repack: bool):
+        """(model pointer, {buffer type: MiB}) from llama.cpp's own report of where the weights went."""
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack
+        with native.captured_log() as lines:
+            ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelFileError(f"{path}: llama.cpp could not load this model (see the error above)")
+        buffers = {name: float(mib) for name, mib in BUFFER_REPORT.findall("".join(lines))}
+        return ptr, buffers
 
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode() if isinstance(text, str) else text

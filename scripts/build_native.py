@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -43,6 +44,24 @@ PACKAGE_INDEX = os.environ.get("FLOWMM_PACKAGE_INDEX", "https://pypi.org/simple"
 # Where native/ lands inside the vendored tree; patches/0001 compiles src/flowmm/*.cpp.
 NATIVE_DEST = Path("vendor/llama.cpp/src/flowmm")
 BUILD_TARGETS = ("llama", "mtmd")
+
+# The CPU backend is built the way llama.cpp's releases and Ollama ship it: GGML_BACKEND_DL with
+# GGML_CPU_ALL_VARIANTS and GGML_NATIVE off. Each variant is a libggml-cpu-<name> module compiled
+# for one instruction-set level; at run time ggml scores every module against the running CPU
+# (cpuid / hwcaps) and loads the best one, so one build runs on any CPU of its architecture and a
+# cache or image moved to an older CPU never meets an illegal instruction.
+#
+# Of the variants ggml defines, these are built (each costs a full ggml-cpu compile). A CPU gets
+# the highest one it supports; anything older than the second entry gets the baseline, slow but
+# correct. `sapphirerapids` is left out on purpose: it is the only variant that compiles ggml's AMX
+# extra buffer type, whose Q4_K matmul crashes in the pinned llama.cpp (upstream #20824); an AMX
+# Xeon loads `zen4` (AVX-512 VBMI/VNNI/BF16) instead and keeps the CPU repack buffers.
+# An architecture not listed builds every variant ggml defines for it. patches/0006 adds the
+# GGML_CPU_VARIANTS filter: upstream builds all of them, as libggml depends on each.
+CPU_VARIANTS = {
+    "x86_64": ("x64", "haswell", "skylakex", "icelake", "zen4"),
+    "aarch64-linux": ("armv8.0_1", "armv8.2_2", "armv8.6_1", "armv9.2_1"),
+}
 
 
 def _load_stdlib_module(name: str):
@@ -206,12 +225,33 @@ def cmake_args(backend: str, tree: Path, build: Path) -> list[str]:
         f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={build / 'bin'}",
         f"-DGGML_CUDA={'ON' if backend == 'cuda' else 'OFF'}",
         f"-DGGML_METAL={'ON' if backend == 'metal' else 'OFF'}",
+        # portable CPU backend: every variant a module, the best loaded at run time (see CPU_VARIANTS)
+        "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF",
+        f"-DGGML_CPU_VARIANTS={';'.join(cpu_variants())}",  # patches/0006: build only these
     ]
     if shutil.which("ccache"):
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
                  "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
     args += [a for a in os.environ.get("FLOWMM_CMAKE_ARGS", "").split() if a]
     return args
+
+
+def _platform_key() -> str:
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return machine if machine == "x86_64" else f"{machine}-{sys.platform}"
+
+
+def cpu_variants(platform_key: str | None = None) -> tuple[str, ...]:
+    """The CPU variants to build here (CPU_VARIANTS); empty: every variant ggml defines."""
+    return CPU_VARIANTS.get(platform_key or _platform_key(), ())
+
+
+def built_cpu_variants(build: Path) -> list[str]:
+    """The CPU variants a configured build folder defines (its ggml-cpu-<name> targets)."""
+    listing = subprocess.run(["cmake", "--build", str(build), "--target", "help"],
+                             capture_output=True, text=True, check=True).stdout
+    return sorted(set(re.findall(r"\bggml-cpu-([A-Za-z0-9_.]+?)(?=[:\s]|$)", listing, re.MULTILINE)))
 
 
 def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[str, ...] = ()) -> Path:
@@ -224,9 +264,18 @@ def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[s
     args_stamp = build / ".flowmm-cmake-args.json"
     if not (build / "CMakeCache.txt").is_file() or not args_stamp.is_file() or json.loads(args_stamp.read_text()) != args:
         log(f"configuring {build} ({backend})")
+        # modules of an earlier configuration (another variant list, a non-DL build) would still be
+        # found and loaded by ggml at run time: remove them, the build makes the current ones again
+        for stale in (build / "bin").glob(f"{paths.LIB_PREFIX}ggml-*"):
+            if stale.name.split(".")[0] not in (f"{paths.LIB_PREFIX}ggml", f"{paths.LIB_PREFIX}ggml-base"):
+                stale.unlink()
         subprocess.run(["cmake", *args], check=True)
         args_stamp.write_text(json.dumps(args))
-    log(f"building {', '.join(BUILD_TARGETS)} with {jobs} job(s)")
+    variants = built_cpu_variants(build)
+    if not variants:
+        raise BuildError(f"this llama.cpp defines none of the CPU variants {', '.join(cpu_variants())}")
+    # libggml depends on every backend module, so these targets build the CPU variants too
+    log(f"building {', '.join(BUILD_TARGETS)} and CPU variants {', '.join(variants)} with {jobs} job(s)")
     t0 = time.time()
     subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
                     "--target", *BUILD_TARGETS], check=True)

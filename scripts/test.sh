@@ -9,6 +9,13 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO/scripts/setup.sh"
 cd "$REPO"
+# the portability tests run the built libraries on emulated older CPUs (tests/test_cpu_portability.py)
+if [ "$(uname -s)" = Linux ] && ! command -v "qemu-$(uname -m)" >/dev/null && command -v apt-get >/dev/null &&
+    [ "$(id -u)" = 0 ]; then
+    echo "[test] installing qemu-user"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user; } >/dev/null ||
+        echo "[test] apt-get could not install qemu-user" >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
