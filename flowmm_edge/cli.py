@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import default_model, gguf_file, native, paths
 from .errors import FlowMMError
+from .prompt import valid_text
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -28,13 +30,17 @@ def _recorded_backend() -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     # validate the files first, so that a bad one gives its one-line error and nothing else
-    m = gguf_file.read_text_model(args.model) if args.model else None
+    model = args.model or (default_model.path() if default_model.path().is_file() else None)
+    m = gguf_file.read_text_model(model) if model else None
     p = gguf_file.read_projector(args.mmproj) if args.mmproj else None
     print(f"flowmm-edge native   {native.flowmm_version()}")
     print(f"libllama             {native.lib_path}")
     print(f"libmtmd              {native.mtmd_lib_path()}")
     print(f"backend (built for)  {_recorded_backend()}")
     print(f"ggml devices         {', '.join(native.backend_devices()) or 'none'}")
+    print(f"CPU variant          {native.cpu_variant()}  ({native.loaded_backends.get('CPU', '?')})")
+    feats = native.cpu_features()
+    print(f"CPU features         {' '.join(k if v == '1' else f'{k}={v}' for k, v in feats.items()) or 'none reported'}")
     print(f"cache folder         {paths.cache_dir()}")
     if m is not None:
         print(f"model                {m.path}")
@@ -49,6 +55,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  parameters         {m.n_params / 1e6:.1f} M ({_human_bytes(m.file_size)} file)")
         kv = ", ".join(f"{t} {_human_bytes(m.kv_bytes_per_token(t))}" for t in gguf_file.KV_TYPE_BYTES)
         print(f"  KV bytes / token   {kv}")
+        from . import runtime
+
+        with runtime.Model(m.path, n_gpu_layers=args.gpu_layers) as loaded:
+            bufs = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in loaded.buffers.items())
+        print(f"  weight buffers     {bufs or 'none reported'}")
     if p is not None:
         print(f"mmproj               {p.path}")
         print(f"  name               {p.name}")
@@ -57,14 +68,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-HELP = """commands:
+HELP = '''commands:
   /image PATH   attach an image to the next message (repeatable)
+  /file PATH    send the text of a file as your message
+  """           start a multi-line message; a line ending in """ ends it
   /stats        cache cells and memory, merges, compression, speed
   /reset        forget the conversation
   /save FILE    save the conversation and its compressed cache
   /load FILE    resume a saved conversation
   /help         this text
-  /quit         leave (Ctrl-D too); Ctrl-C stops a reply"""
+  /quit         leave (Ctrl-D too); Ctrl-C stops a reply'''
 
 
 def _hf_file(repo: str, filename: str) -> Path:
@@ -106,11 +119,57 @@ def _stream_reply(session) -> None:
     sys.stdout.flush()
 
 
+def read_message(read=input) -> str:
+    '''One message: a line, or every line of a block that opens with """ and ends at a line
+    ending in """ (as in Ollama). End of input inside a block ends the block.'''
+    line = read("> ")
+    if not line.lstrip().startswith('"""'):
+        return line
+    rest = line.lstrip()[3:]
+    if rest.rstrip().endswith('"""'):
+        return rest.rstrip()[:-3]
+    lines = [rest] if rest else []
+    while True:
+        try:
+            line = read("... ")
+        except EOFError:
+            break
+        if line.rstrip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _use_line_editing() -> None:
+    """Line editing on a terminal: readline reads the terminal raw, so a pasted line is not cut at
+    the kernel's 4095-character limit of a cooked terminal line."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (input() uses it once imported)
+        except ImportError:
+            pass
+
+
+def _send(session, text: str, images: list[str]) -> None:
+    clean = valid_text(text)
+    if clean != text.replace("\x00", ""):
+        print("note: bytes that are not valid UTF-8 were replaced by U+FFFD")
+    try:
+        session.add_user_turn(clean, images=images)
+    finally:
+        images.clear()
+    _stream_reply(session)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from . import runtime
     from .session import Session
 
     runtime.quiet_native_logs()
+    # any bytes in: undecodable input reaches valid_text as surrogates instead of raising; any text out
+    sys.stdin.reconfigure(errors="surrogateescape")
+    sys.stdout.reconfigure(errors="replace")
     if args.hf_repo:
         if not args.hf_file:
             raise FlowMMError("--hf-repo needs --hf-file (the GGUF inside the repo)")
@@ -130,14 +189,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
               f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
               f"{'; ' + rho if rho else ''}", file=sys.stderr)
         if args.prompt is not None:
-            session.add_user_turn(args.prompt, images=args.image or [])
-            _stream_reply(session)
+            _send(session, args.prompt, list(args.image or []))
             return 0
         print("type /help for commands", file=sys.stderr)
+        _use_line_editing()
         images: list[str] = list(args.image or [])
         while True:
             try:
-                line = input("> ")
+                line = read_message()
             except EOFError:
                 print()
                 return 0
@@ -160,9 +219,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 elif cmd == "/image":
                     if session.projector is None:
                         raise FlowMMError("this model has no mmproj, so it cannot take images (start with --mmproj)")
-                    session.projector.prepare(rest).close()  # readable and decodable now, not at the next message
+                    if not rest:
+                        raise FlowMMError("/image needs a file name")
+                    prepared = session.projector.prepare(rest)  # readable and decodable now, not at the next message
+                    prepared.close()
+                    if prepared.note:
+                        print(prepared.note)
                     images.append(rest)
                     print(f"image attached: {rest}")
+                elif cmd == "/file":
+                    if not rest:
+                        raise FlowMMError("/file needs a file name")
+                    try:
+                        data = Path(rest).read_bytes()
+                    except OSError as e:
+                        raise FlowMMError(f"{rest}: cannot read the file ({e.strerror or e})") from None
+                    print(f"sending {rest} ({len(data)} bytes)")
+                    _send(session, data.decode("utf-8", "surrogateescape"), images)
                 elif cmd in ("/save", "/load"):
                     if not rest:
                         raise FlowMMError(f"{cmd} needs a file name")
@@ -171,11 +244,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 elif cmd.startswith("/"):
                     raise FlowMMError(f"unknown command {cmd} (/help lists them)")
                 elif line.strip():
-                    try:
-                        session.add_user_turn(line, images=images)
-                    finally:
-                        images.clear()
-                    _stream_reply(session)
+                    _send(session, line, images)
             except FlowMMError as e:
                 print(f"error: {e}")
             except KeyboardInterrupt:
@@ -294,11 +363,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line (`error: ...`), not the usage block too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
+def at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    return parse
+
+
+def output_file(text: str) -> Path:
+    """An output path whose folder exists (created now) and is writable: checked before the work."""
+    path = Path(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create the folder {path.parent} ({e.strerror or e})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path} cannot be written")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m flowmm_edge",
+    ap = OneLineParser(prog="python -m flowmm_edge",
                                  description="FlowMM KV-cache merging for multimodal GGUF models on llama.cpp")
     ap.add_argument("--version", action="version", version=f"flowmm-edge native {native.flowmm_version()}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
     p.add_argument("--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
@@ -316,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to the GPU backend")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (-1: random)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--image", action="append", help="an image for --prompt or the first message (repeatable)")
     p.set_defaults(func=cmd_chat)
@@ -325,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF: calibrate on images")
     p.add_argument("--prompts", help="JSONL of {\"segments\": [...]} prompts (default: a small built-in set)")
-    p.add_argument("--out", required=True, help="the policy JSON to write")
+    p.add_argument("--out", required=True, type=output_file, help="the policy JSON to write")
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=at_least(1), default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
@@ -337,11 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
     p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm")
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
-    p.add_argument("--decode", type=int, default=32, help="tokens decoded after each merge")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write the rows as JSON")
-    p.add_argument("--markdown", help="write the table as Markdown")
-    p.add_argument("--plot", help="write a PNG: KV memory and decode speed against context length")
+    p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
+    p.add_argument("--threads", type=at_least(1), default=None)
+    p.add_argument("--json", type=output_file, help="write the rows as JSON")
+    p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
+    p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -353,21 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--lengths", default="1024,2048", help="context lengths of the built-in suite")
-    p.add_argument("--per-kind", type=int, default=2, help="tasks per family and length in the built-in suite")
+    p.add_argument("--per-kind", type=at_least(1), default=2, help="tasks per family and length in the built-in suite")
     p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
     p.add_argument("--budgets", default="0.2")
     p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
-    p.add_argument("--limit", type=int, default=None, help="at most this many tasks")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write rows and summary as JSON (after every task)")
-    p.add_argument("--plot", help="write a PNG: score against budget per method")
+    p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
+    p.add_argument("--threads", type=at_least(1), default=None)
+    p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
+    p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="native library, backend and model facts")
-    p.add_argument("--model", help="a text model GGUF to describe")
+    p.add_argument("--model", help="a text model GGUF to describe (default: the embedded model, if assembled)")
     p.add_argument("--mmproj", help="a vision projector GGUF to describe")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload when loading --model")
     p.set_defaults(func=cmd_info)
     return ap
 

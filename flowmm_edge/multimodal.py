@@ -4,6 +4,7 @@ into a context at given positions (what the methods then see as a span of one mo
 from __future__ import annotations
 
 import ctypes
+import io
 from pathlib import Path
 
 from . import gguf_file, runtime
@@ -12,6 +13,11 @@ from .native import llama_cpp  # noqa: F401  (loads the patched libraries first)
 
 from llama_cpp import mtmd_cpp  # noqa: E402
 
+
+# Pixel limits, checked from the image's header before anything is decoded. Vision encoders see a few
+# hundred pixels a side, so a large photo loses nothing by being shrunk first; a huge one is refused.
+MAX_IMAGE_PIXELS = 100_000_000      # refused above (decoding alone would take 300 MB or more)
+DOWNSCALE_ABOVE = 4096 * 4096       # shrunk to about this many pixels (aspect kept) before mtmd decodes it
 
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"8BPS",
                     b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"#?RADIANCE", b"#?RGBE")
@@ -26,6 +32,21 @@ def check_pair(model: gguf_file.TextModelFacts, proj: gguf_file.ProjectorFacts) 
     if proj.n_embd_out != model.n_embd:
         raise ModelFileError(f"{proj.path}: this mmproj makes {proj.n_embd_out}-wide embeddings but "
                              f"{model.path.name} takes {model.n_embd}: it belongs to another model")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image's header, without decoding it; None if Pillow cannot tell."""
+    from PIL import Image
+
+    # our own limit (MAX_IMAGE_PIXELS) is the lower one: lift Pillow's bomb check to read the size
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 class Projector(runtime._Handle):
@@ -62,15 +83,42 @@ class Projector(runtime._Handle):
             raise ImageError(f"{name}: the image file is empty")
         if not data.startswith(IMAGE_SIGNATURES):  # decided here: mtmd would go on to probe it as a video
             raise ImageError(f"{name}: not a readable image (PNG, JPEG, GIF, BMP, PNM or PSD)")
+        size = image_size(data)
+        if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise ImageError(f"{name}: {size[0]}x{size[1]} pixels is above the limit of "
+                             f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+        if size is not None and size[0] * size[1] > DOWNSCALE_ABOVE:
+            return self._downscaled_bitmap(data, name, size)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(data), False)
         if not bmp:
             raise ImageError(f"{name}: not a readable image (PNG, JPEG, BMP, GIF, ...)")
-        return bmp
+        return bmp, None
+
+    @staticmethod
+    def _downscaled_bitmap(data: bytes, name: str, size: tuple[int, int]):
+        from PIL import Image
+
+        scale = (DOWNSCALE_ABOVE / (size[0] * size[1])) ** 0.5
+        target = (max(1, int(size[0] * scale)), max(1, int(size[1] * scale)))
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.draft("RGB", target)  # JPEG: decode at a reduced scale directly
+                small = img.convert("RGB")
+                small.thumbnail(target, Image.Resampling.LANCZOS)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"{name}: not a readable image ({e})") from None
+        pixels = small.tobytes()
+        buf = (ctypes.c_uint8 * len(pixels)).from_buffer_copy(pixels)
+        bmp = mtmd_cpp.mtmd_bitmap_init(small.width, small.height, buf)
+        if not bmp:
+            raise ImageError(f"{name}: mtmd could not take the downscaled image")
+        return bmp, f"{name}: downscaled from {size[0]}x{size[1]} to {small.width}x{small.height} pixels"
 
     def prepare(self, image: str | Path | bytes) -> "PreparedImage":
-        """Read and preprocess an image (nothing is decoded yet): its spans are known up front."""
-        bmp = self._bitmap(image)
+        """Read and preprocess an image (nothing is decoded yet): its spans are known up front.
+        `.note` says if it was downscaled."""
+        bmp, note = self._bitmap(image)
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         try:
             marker = mtmd_cpp.mtmd_default_marker()
@@ -82,12 +130,16 @@ class Projector(runtime._Handle):
         if rc != 0:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
             raise ImageError(f"mtmd could not preprocess the image (code {rc})")
-        return PreparedImage(self, chunks)
+        prepared = PreparedImage(self, chunks)
+        prepared.note = note
+        return prepared
 
 
 class PreparedImage(runtime._Handle):
     """An image's mtmd chunks: spans [(n_pos, is_image)] in order (some projectors wrap the image
     in text tokens of their own), decoded by eval()."""
+
+    note: str | None = None  # set when the image was downscaled
 
     def __init__(self, projector: Projector, chunks):
         self.projector, self.ptr = projector, chunks

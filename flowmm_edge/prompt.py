@@ -20,6 +20,18 @@ class PromptError(FlowMMError):
     pass
 
 
+def valid_text(text: str | bytes) -> str:
+    """Whatever a terminal, a pipe or a caller delivers, as text a model can take: bytes and the lone
+    surrogates Python makes of undecodable input become UTF-8, each invalid byte U+FFFD; NULs (which
+    would cut a C string) go."""
+    if isinstance(text, str):
+        try:
+            text = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate outside the escape range
+            text = text.encode("utf-8", "surrogatepass")
+    return bytes(text).decode("utf-8", "replace").replace("\x00", "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
     kind: str                         # "text" or "image"

@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import json
+import math
+import os
 import re
-import struct
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime
+from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime, session_file
 from .compression import Compressor
 from .errors import FlowMMError
+from .native import llama_cpp
 from .methods import METHODS
-from .prompt import ModalityLabels, Segment, prepare
+from .prompt import ModalityLabels, Segment, prepare, valid_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
-SAVE_MAGIC, SAVE_VERSION = b"FLOWMMS1", 1
 MEDIA = "<__media__>"
 
 
@@ -61,6 +61,45 @@ def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
     raise SessionError(f"budget {value!r} must be positive")
 
 
+MIN_CTX = 64  # the smallest KV buffer a chat can work in
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; else physical), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_layers: int, max_reply: int,
+                   temperature: float, seed: int) -> None:
+    """Range-check a session's numeric settings; the error names the chat's flag."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SessionError(message)
+
+    need(isinstance(n_ctx, int) and n_ctx >= MIN_CTX, f"--ctx {n_ctx} is below the minimum of {MIN_CTX} cells")
+    need(not facts.n_ctx_train or n_ctx <= facts.n_ctx_train,
+         f"--ctx {n_ctx} is above the model's trained context of {facts.n_ctx_train} tokens")
+    free = available_memory()
+    need(free is None or n_ctx * bytes_per_cell < 0.8 * free,
+         f"--ctx {n_ctx}: a KV buffer of {n_ctx * bytes_per_cell / 2 ** 30:.2f} GiB would not fit in the "
+         f"{(free or 0) / 2 ** 30:.2f} GiB of memory available; lower --ctx or use --kv-type q8_0/q4_0")
+    need(n_threads is None or (isinstance(n_threads, int) and n_threads >= 1), f"--threads {n_threads} must be >= 1")
+    need(isinstance(n_gpu_layers, int) and n_gpu_layers >= -1, f"--gpu-layers {n_gpu_layers} must be >= 0 (-1: all)")
+    need(isinstance(max_reply, int) and max_reply >= 1, f"--max-tokens {max_reply} must be >= 1")
+    need(math.isfinite(temperature) and temperature >= 0, f"--temp {temperature} must be a finite number >= 0")
+    need(isinstance(seed, int), f"--seed {seed!r} must be an integer (-1: random)")
+
+
 @dataclasses.dataclass
 class SessionStats:
     turns: int = 0
@@ -86,13 +125,14 @@ class Session:
             raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
                                f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
         self.bytes_per_cell = facts.kv_bytes_per_token(kv_type) if kv_type in gguf_file.KV_TYPE_BYTES else 0
+        check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply, temperature, seed)
         self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
         if method != "full":
             kept = len(METHODS[method]().protected(10 ** 6))
-            if self.budget_cells < kept + 1:
-                raise SessionError(f"budget of {self.budget_cells} cells is below the {kept} every merge keeps "
-                                   f"(sinks + recent window)")
+            if self.budget_cells <= kept:
+                raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
+                                   f"keeps (sinks + recent window)")
         if method != "full" and self.budget_cells + self.reserve + 8 > n_ctx:
             raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
                                f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
@@ -102,8 +142,9 @@ class Session:
             self.policy.check_model(self.model_path)
             if method != "flowmm":
                 raise SessionError(f"a policy configures flowmm, not {method}")
-        self.method_name, self.system_prompt, self.max_reply = method, system_prompt, max_reply
-        self.temperature, self.rng = temperature, np.random.default_rng(seed)
+        self.method_name, self.max_reply = method, max_reply
+        self.system_prompt = valid_text(system_prompt) if system_prompt else None
+        self.temperature, self.rng = temperature, np.random.default_rng(None if seed == -1 else seed % 2 ** 64)
         self.n_ctx, self.kv_type = n_ctx, kv_type
         self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.projector = None
@@ -129,6 +170,7 @@ class Session:
         self.labels_by_pos = np.zeros(0, np.int32)
         self.stats = SessionStats()
         self.last_logits = None
+        self._active_reply = None
 
     def _method(self):
         if self.policy is not None:
@@ -151,10 +193,13 @@ class Session:
             self.ctx.clear()
 
     def reset(self) -> None:
+        self._finish_reply()
         self.ctx.clear()
         self._reset_state()
 
     def close(self) -> None:
+        if getattr(self, "ctx", None) is not None and getattr(self, "_active_reply", None) is not None:
+            self._finish_reply()
         for h in ("ctx", "projector", "model"):
             obj = getattr(self, h, None)
             if obj is not None:
@@ -183,10 +228,11 @@ class Session:
     def add_user_turn(self, text: str, images: list | tuple = ()) -> int:
         """Decode a user turn (images first, then the text), merging as the budget requires.
         Returns its positions. On any error the conversation and the cache are as before."""
+        self._finish_reply()
         images = list(images)
         if images and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
-        content = MEDIA * len(images) + ("\n" if images else "") + text.replace("\x00", "")
+        content = MEDIA * len(images) + ("\n" if images else "") + valid_text(text)
         messages = self.messages + [("user", content)]
         formatted = self.model.format_chat(messages, add_assistant=True)
         if not formatted.startswith(self.cached_text):
@@ -271,12 +317,30 @@ class Session:
         return int(self.rng.choice(len(p), p=p / p.sum()))
 
     def reply(self):
-        """Generate the assistant's reply, yielding text pieces as they come. Closing the generator
-        early (Ctrl-C) keeps what was generated as the reply."""
+        """Generate the assistant's reply, yielding text pieces as they come.
+
+        Stopping early -- closing the generator, Ctrl-C, an exception anywhere, or starting the
+        next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
+        positions, labels and messages consistent: the next turn continues as if the reply had
+        ended there."""
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
+        self._active_reply = self._generate()
+        return self._active_reply
+
+    def _finish_reply(self) -> None:
+        """Close a reply generator that was left suspended (its `finally` records the reply)."""
+        gen, self._active_reply = self._active_reply, None
+        if gen is not None:
+            gen.close()
+
+    def _next_pos_in_cache(self) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self.ctx.ptr), 0) + 1
+
+    def _generate(self):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, logits, n_generated = [], self.last_logits, 0
+        self.last_logits = None
         t0 = time.perf_counter()
         try:
             for _ in range(min(self.max_reply, self.n_ctx - self.cells())):  # stop when the buffer is full
@@ -291,6 +355,10 @@ class Session:
                     text.append(piece)
                     yield piece
         finally:
+            # A stop that lands between a token's decode and the bookkeeping above leaves that token
+            # in the cache at self.pos: drop it, so the cache ends exactly where positions and text do.
+            self.ctx.truncate(self.pos)
+            self._active_reply = None
             self.stats.decode_seconds += time.perf_counter() - t0
             self.stats.generated_tokens += n_generated
             self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(n_generated, self.labels("text"), np.int32)])
@@ -298,7 +366,6 @@ class Session:
             reply = ("".join(text) + decoder.decode(b"", final=True)).replace("\x00", "")
             self.messages = self.messages + [("assistant", reply)]
             self.cached_text += reply
-            self.last_logits = None
 
     def chat(self, text: str, images: list | tuple = ()) -> str:
         self.add_user_turn(text, images)
@@ -318,58 +385,48 @@ class Session:
                 "merge_seconds": s.merge_seconds, "method": self.method_name}
 
     def save(self, path: str | Path) -> None:
-        header = {"format": "flowmm-edge/session", "version": SAVE_VERSION,
-                  "model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
-                  "messages": self.messages, "cached_text": self.cached_text, "pos": self.pos,
+        self._finish_reply()
+        header = {"model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
+                  "messages": [list(m) for m in self.messages], "cached_text": self.cached_text, "pos": self.pos,
                   "labels": self.labels_by_pos.tolist(), "label_names": self.labels.names,
                   "stats": dataclasses.asdict(self.stats)}
-        blob = json.dumps(header).encode()
         state = self.ctx.state() if self.pos else b""
         logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
-        tmp = Path(str(path) + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(SAVE_MAGIC + struct.pack("<IQQ", len(blob), len(state), len(logits)) + blob + state + logits)
-            tmp.replace(path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise SessionError(f"{path}: cannot save the session ({e.strerror or e})") from None
+        session_file.write(path, header, state, logits)
 
     def load(self, path: str | Path) -> None:
         """Resume a saved session; on any problem the current one is left as it was."""
+        self._finish_reply()
         try:
-            raw = Path(path).read_bytes()
-        except OSError as e:
-            raise SessionError(f"{path}: cannot read the session file ({e.strerror or e})") from None
-        head = len(SAVE_MAGIC) + struct.calcsize("<IQQ")
-        if not raw.startswith(SAVE_MAGIC) or len(raw) < head:
-            raise SessionError(f"{path}: not a flowmm-edge session file")
-        n_blob, n_state, n_logits = struct.unpack("<IQQ", raw[len(SAVE_MAGIC):head])
-        if len(raw) != head + n_blob + n_state + n_logits:
-            raise SessionError(f"{path}: the session file is truncated or corrupt")
-        try:
-            h = json.loads(raw[head:head + n_blob])
-        except ValueError:
-            raise SessionError(f"{path}: the session header is corrupt") from None
-        if h.get("format") != "flowmm-edge/session" or h.get("version") != SAVE_VERSION:
-            raise SessionError(f"{path}: not a version-{SAVE_VERSION} flowmm-edge session file")
+            h, state, logits = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)))
+        except session_file.SessionFileError as e:
+            raise SessionError(str(e)) from None
         if h["model"] != policy_mod.fingerprint(self.model_path):
-            raise SessionError(f"{path}: saved with another model ({h['model'].get('name')!r})")
+            raise SessionError(f"{path}: saved with another model ({h['model']['name']!r})")
         if h["kv_type"] != self.kv_type:
             raise SessionError(f"{path}: saved with a {h['kv_type']} cache, this session uses {self.kv_type}")
-        state = raw[head + n_blob:head + n_blob + n_state]
+        if logits and len(logits) != 4 * self.model.n_vocab:
+            raise SessionError(f"{path}: invalid session file: logits for {len(logits) // 4} tokens, the model has "
+                               f"{self.model.n_vocab}")
+        if bool(state) != bool(h["pos"]):
+            raise SessionError(f"{path}: invalid session file: 'pos' {h['pos']} and the cache disagree")
         snap = self._snapshot()
         try:
             if state:
                 self.ctx.set_state(state)
             else:
                 self.ctx.clear()
-        except FlowMMError:
+            if state and self._next_pos_in_cache() != h["pos"]:
+                raise SessionError(f"{path}: invalid session file: the cache ends at position "
+                                   f"{self._next_pos_in_cache() - 1}, the header says {h['pos'] - 1}")
+        except FlowMMError as e:
             self._restore(snap)
+            if isinstance(e, SessionError):
+                raise
             raise SessionError(f"{path}: llama.cpp refused the saved cache (is --ctx smaller than when it was saved?)") from None
         self.messages = [tuple(m) for m in h["messages"]]
         self.cached_text, self.pos = h["cached_text"], h["pos"]
         self.labels_by_pos = np.asarray(h["labels"], np.int32)
         self.labels.names = list(h["label_names"])
         self.stats = SessionStats(**h["stats"])
-        self.last_logits = np.frombuffer(raw[head + n_blob + n_state:], np.float32).copy() if n_logits else None
+        self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None

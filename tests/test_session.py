@@ -105,7 +105,7 @@ def test_bad_configurations_are_refused(tiny_models, tmp_path):
     other = tm.write_mmproj(tm.TINY.vision, 256, tmp_path / "other-mmproj.gguf")
     with pytest.raises(FlowMMError, match="256-wide embeddings .* belongs to another model"):
         Session(text, other)
-    with pytest.raises(SessionError, match="below the 36 every merge keeps"):
+    with pytest.raises(SessionError, match="must be above the 36 cells every merge keeps"):
         Session(text, budget=20, n_ctx=256)
     with pytest.raises(SessionError, match="leaves no room"):
         Session(text, budget=250, n_ctx=256)
