@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,11 @@ def test_info_describes_the_library_and_a_model(tiny_models):
     # KV bytes per token, f16: 2 (K and V) * 4 layers * 2 KV heads * 32 dims * 2 bytes = 1024
     assert "f16 1.00 KiB" in out
     assert "projector          mlp, image 32px, patch 8px, output width 128" in out
+    # the CPU variant ggml loaded (from its own log), and where llama.cpp put the weights (its own report)
+    variant = re.search(r"CPU variant\s+(\S+)\s+\((.+)\)", out)
+    assert variant and Path(variant.group(2)).is_file() and f"ggml-cpu-{variant.group(1)}." in variant.group(2)
+    buffers = re.search(r"weight buffers\s+(.+)", out).group(1)
+    assert re.fullmatch(r"(\S+ [0-9.]+ MiB)(, \S+ [0-9.]+ MiB)*", buffers) and "AMX" not in buffers
 
 
 def _truncated(src, dst, n):
