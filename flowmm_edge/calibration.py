@@ -12,7 +12,6 @@ text-only model their "image" spans are text labelled as the image modality.
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import numpy as np

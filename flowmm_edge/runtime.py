@@ -219,6 +219,10 @@ class Context(_Handle):
         """Drop the sequence's cells at positions >= pos."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), seq_id, pos, -1)
 
+    def next_pos(self, seq_id: int = 0) -> int:
+        """One past the highest position the sequence holds in the cache (0 when empty)."""
+        return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self.ptr), seq_id) + 1
+
     def clear(self, seq_id: int = 0) -> None:
         self.truncate(0, seq_id)
 

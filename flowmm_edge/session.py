@@ -28,7 +28,6 @@ import numpy as np
 from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime, session_file
 from .compression import Compressor
 from .errors import FlowMMError
-from .native import llama_cpp
 from .methods import METHODS
 from .prompt import ModalityLabels, Segment, prepare, valid_text
 
@@ -334,9 +333,6 @@ class Session:
         if gen is not None:
             gen.close()
 
-    def _next_pos_in_cache(self) -> int:
-        return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self.ctx.ptr), 0) + 1
-
     def _generate(self):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, logits, n_generated = [], self.last_logits, 0
@@ -416,9 +412,9 @@ class Session:
                 self.ctx.set_state(state)
             else:
                 self.ctx.clear()
-            if state and self._next_pos_in_cache() != h["pos"]:
+            if state and self.ctx.next_pos() != h["pos"]:
                 raise SessionError(f"{path}: invalid session file: the cache ends at position "
-                                   f"{self._next_pos_in_cache() - 1}, the header says {h['pos'] - 1}")
+                                   f"{self.ctx.next_pos() - 1}, the header says {h['pos'] - 1}")
         except FlowMMError as e:
             self._restore(snap)
             if isinstance(e, SessionError):

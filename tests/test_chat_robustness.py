@@ -81,7 +81,7 @@ def test_a_reply_closed_after_k_pieces_leaves_the_conversation_consistent(tiny_m
                 break
         gen.close()
         n = s.stats.generated_tokens
-        assert s._next_pos_in_cache() == s.pos and len(s.labels_by_pos) >= s.pos
+        assert s.ctx.next_pos() == s.pos and len(s.labels_by_pos) >= s.pos
         got = _next_answer(s)
     want = _reference(tiny_models, method, n)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -108,7 +108,7 @@ def test_ctrl_c_inside_a_token_decode_drops_that_token_and_the_next_turn_answers
                 pass
         monkeypatch.setattr(s.ctx, "decode", real)
         n = s.stats.generated_tokens
-        assert n == min(k, len(calls)) - 1 and s._next_pos_in_cache() == s.pos
+        assert n == min(k, len(calls)) - 1 and s.ctx.next_pos() == s.pos
         got = _next_answer(s)
     want = _reference(tiny_models, method, n)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -125,7 +125,7 @@ def test_an_exception_in_the_consumer_then_a_new_turn(tiny_models):
         assert s.stats.generated_tokens == 0  # not yet recorded: the reply is still open
         s.add_user_turn(SECOND)  # closes the suspended reply first
         n = s.stats.generated_tokens
-        assert n >= 1 and s.messages[-2][0] == "assistant" and s._next_pos_in_cache() == s.pos
+        assert n >= 1 and s.messages[-2][0] == "assistant" and s.ctx.next_pos() == s.pos
         got = (s.last_logits.copy(), "".join(s.reply()))
     want = _reference(tiny_models, "flowmm", n)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -141,7 +141,7 @@ def test_any_bytes_are_a_prompt(session, data):
     session.reset()
     session.add_user_turn(data.decode("utf-8", "surrogateescape"))
     text = "".join(session.reply())
-    assert isinstance(text, str) and session._next_pos_in_cache() == session.pos
+    assert isinstance(text, str) and session.ctx.next_pos() == session.pos
 
 
 def test_invalid_utf8_through_a_pipe_is_replaced_not_a_traceback(tiny_models):
