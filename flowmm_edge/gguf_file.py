@@ -67,6 +67,7 @@ class SkippedArray:
 
     element_type: int
     count: int
+    distinct: int | None = None  # of a string array: how many different strings (raw bytes) it holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +100,16 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return v
 
-    def string(self) -> str:
+    def raw_string(self) -> bytes:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise EOFError("string runs past the end of the file")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        s = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return s
+
+    def string(self) -> str:
+        return self.raw_string().decode("utf-8", "replace")
 
     def value(self, vtype: int):
         if vtype in _SCALARS:
@@ -115,14 +119,17 @@ class _Cursor:
         if vtype == _ARRAY:
             etype, count = self.unpack("<I"), self.unpack("<Q")
             if count > _KEEP_ARRAY:
+                distinct = None
                 if etype in _SCALARS:
                     self.pos += count * struct.calcsize(_SCALARS[etype])
+                elif etype == _STRING:  # llama.cpp asserts (aborts) on a vocabulary with repeats
+                    distinct = len({self.raw_string() for _ in range(count)})
                 else:
                     for _ in range(count):
                         self.value(etype)
                 if self.pos > len(self.buf):
                     raise EOFError("array runs past the end of the file")
-                return SkippedArray(etype, count)
+                return SkippedArray(etype, count, distinct)
             return [self.value(etype) for _ in range(count)]
         raise ValueError(f"unknown GGUF value type {vtype}")
 
@@ -223,6 +230,10 @@ def read_text_model(path: str | Path) -> TextModelFacts:
     def key(suffix: str, default=None):
         return _field(header, f"{arch}.{suffix}", default)
 
+    tokens = _field(header, "tokenizer.ggml.tokens")
+    if (tokens.distinct if isinstance(tokens, SkippedArray) else len(set(tokens or []))) != \
+            (tokens.count if isinstance(tokens, SkippedArray) else len(tokens or [])):
+        raise ModelFileError(f"{p}: the vocabulary (tokenizer.ggml.tokens) lists a token twice: a corrupt file")
     n_embd = int(_require(header, p, f"{arch}.embedding_length"))
     n_head = key("attention.head_count")
     if isinstance(n_head, list):  # per-layer head counts (hybrid models)
