@@ -230,9 +230,12 @@ def read_text_model(path: str | Path) -> TextModelFacts:
     def key(suffix: str, default=None):
         return _field(header, f"{arch}.{suffix}", default)
 
-    tokens = _field(header, "tokenizer.ggml.tokens")
-    if (tokens.distinct if isinstance(tokens, SkippedArray) else len(set(tokens or []))) != \
-            (tokens.count if isinstance(tokens, SkippedArray) else len(tokens or [])):
+    tokens = _field(header, "tokenizer.ggml.tokens") or []
+    if isinstance(tokens, SkippedArray):
+        distinct, count = tokens.distinct, tokens.count
+    else:
+        distinct, count = len(set(tokens)), len(tokens)
+    if distinct != count:
         raise ModelFileError(f"{p}: the vocabulary (tokenizer.ggml.tokens) lists a token twice: a corrupt file")
     n_embd = int(_require(header, p, f"{arch}.embedding_length"))
     n_head = key("attention.head_count")

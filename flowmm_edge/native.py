@@ -119,7 +119,6 @@ llama_cpp.llama_log_set(_log_router, ctypes.c_void_p(0))
 
 lib.ggml_backend_load_all_from_path.restype = None
 lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-lib.ggml_backend_reg_count.restype = ctypes.c_size_t
 lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
 lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
 lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p

@@ -25,6 +25,7 @@ BUFFER_REPORT = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([0-9
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
+
 def quiet_native_logs() -> None:
     """Let only llama.cpp's errors through to stderr (all of them with FLOWMM_VERBOSE set), the
     vision encoder's included. The package already routes libllama's log so at import."""
