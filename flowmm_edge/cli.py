@@ -11,6 +11,7 @@ from pathlib import Path
 from . import default_model, gguf_file, native, paths
 from .errors import FlowMMError
 from .prompt import valid_text
+from .ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -302,7 +303,7 @@ def _model_arg(value: str | None) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluation, runtime, tasks
+    from . import evaluation, ruler_tasks, runtime, tasks
     from .policy import load as load_policy
 
     runtime.quiet_native_logs()
@@ -321,17 +322,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task_list = tasks.load_tasks(args.tasks)
     elif args.milebench:
         task_list = tasks.load_milebench(args.milebench, args.limit)
-    else:
+    elif args.suite == "builtin":
         task_list = tasks.builtin_suite(_csv(args.lengths, int), args.per_kind)
+    else:
+        families = _csv(args.families)
+        unknown = [f for f in families if f not in ruler_tasks.FAMILIES]
+        if unknown:
+            raise FlowMMError(f"unknown task family {unknown[0]!r} (one of {', '.join(ruler_tasks.FAMILIES)})")
+        with runtime.Model(model) as m:  # lengths in the model's own tokens
+            task_list = ruler_tasks.generate(families, _csv(args.lengths, int), args.per_kind, args.seed,
+                                             count_tokens=lambda text: len(m.tokenize(text, add_special=False)))
     task_list = task_list[: args.limit] if args.limit else task_list
     if not task_list:
         raise FlowMMError("no tasks to run")
     if "flowmm" in methods and policy is None:
         print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
     rows = evaluation.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
-                          progress=not args.quiet, mmproj=args.mmproj)
+                          progress=not args.quiet, mmproj=args.mmproj, mode=args.question)
     summary = evaluation.summarize(rows)
+    print(evaluation.score_grid(summary, args.question))
+    print()
     print(evaluation.markdown(summary))
+    if args.by_family:
+        by_family = evaluation.summarize(rows, by_family=True)
+        for family in sorted({s["family"] for s in by_family}):
+            print()
+            print(evaluation.score_grid(by_family, args.question, family))
     if args.plot:
         from .plots import plot_scores
 
@@ -449,11 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tasks", help="JSONL task file")
     src.add_argument("--milebench", help="MileBench DATA folder (<Task>/<Task>.json + images)")
-    src.add_argument("--suite", choices=["builtin"], default="builtin", help="the built-in generated suite (default)")
+    src.add_argument("--suite", choices=["ruler", "builtin"], default="ruler",
+                     help="a generated suite: the RULER-style families (default) or the original planted facts")
+    p.add_argument("--question", choices=["after", "inside", "followup"], default="after",
+                   help="when the question meets the compressed cache: decoded after the context was compressed "
+                        "(default), inside the compressed prompt, or in later chat turns through the real session")
     p.add_argument("--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
-    p.add_argument("--lengths", default="1024,2048", help="context lengths of the built-in suite")
-    p.add_argument("--per-kind", type=at_least(1), default=2, help="tasks per family and length in the built-in suite")
+    p.add_argument("--families", default=",".join(KEPT_FAMILIES),
+                   help=f"RULER-style families to generate (of {', '.join(ALL_FAMILIES)})")
+    p.add_argument("--lengths", default="2048", help="context lengths (tokens) of the generated suite")
+    p.add_argument("--per-kind", "--per-family", type=at_least(1), default=2,
+                   help="tasks per family and length in the generated suite")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated suite")
+    p.add_argument("--by-family", action="store_true", help="also print a score table per family")
     p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
     p.add_argument("--budgets", default="0.2")
     p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")

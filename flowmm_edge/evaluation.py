@@ -1,10 +1,22 @@
-"""`eval`: every method sees the identical prefill. Per task: decode the prompt once with the
-full cache (whole-prompt statistics on), keep llama.cpp's sequence state, answer greedily; then
-for each method and budget restore that state, re-decode the observation window with window
-statistics (the same rows a single prefill would have observed), compress, and
-  - score the method's own greedy answer with the task's metric;
-  - teacher-force the full cache's answer and compare next-token distributions with the full
-    cache's (KL(full || method), top-1 agreement): fidelity independent of the metric.
+"""`eval`: answer quality of each method against the full cache, in the ways a question meets a
+compressed cache (`MODES`):
+
+  after     (default) the context is prefilled and compressed, the observation window being the
+            end of the context, as the chat compresses at the end of a user turn; then each
+            question (with its answer prefix) is decoded over the compressed cache and answered.
+            The questions about one context share its prefill and, per method and budget, one
+            compression: the question's cells are dropped again before the next question.
+  inside    the question ends the prompt that is compressed, so the observation window holds it
+            (the protocol of SnapKV's and LOOK-M's papers). One prefill per question.
+  followup  through the chat's own `Session` (see `followup`).
+
+Every method sees the identical prefill (llama.cpp's sequence state is restored per method and
+budget). Per question:
+  - the method's greedy answer is scored with the question's metric;
+  - the full cache's answer is teacher-forced through the method's cache and the next-token
+    distributions are compared with the full cache's: KL(full || method) and top-1 agreement,
+    fidelity independent of the metric. Both sides are computed the same way (one batch over the
+    answer), so a method that keeps every cell scores KL 0.
 """
 
 from __future__ import annotations
@@ -21,26 +33,28 @@ from .attention_stats import AttentionStats
 from .compression import Compressor
 from .methods import METHODS
 from .methods.base import MethodError
-from .prompt import ModalityLabels, Segment, feed, prepare
-from .scoring import score
+from .prompt import ModalityLabels, Prepared, Segment, feed, prepare
+from .session import DEFAULT_SYSTEM
 from .tasks import Task
 
+MODES = ("after", "inside", "followup")
 PLACEHOLDER = "\x01FLOWMM\x01"
-SYSTEM = "You are a helpful assistant. Answer briefly."
 
 
 @dataclasses.dataclass
 class Row:
+    mode: str
     task: str
     kind: str
+    question: int    # index of the question in its task
     method: str
     budget: float
-    n_prompt: int
-    cells: int
+    n_prompt: int    # positions compressed: the context (after, followup) or context + question (inside)
+    cells: int       # cells held after the compression
     answer: str
     score: float
-    kl: float        # mean over the full answer's steps of KL(full || method), nats
-    top1: float      # share of those steps where both pick the same token
+    kl: float        # mean over the full answer's steps of KL(full || method), nats (nan in followup)
+    top1: float      # share of those steps where both pick the same token (nan in followup)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -48,11 +62,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def wrap(model: runtime.Model, task: Task) -> list[Segment]:
-    """The task in the model's chat template: [head] segments [question] [tail]."""
-    text = model.format_chat([("system", SYSTEM), ("user", PLACEHOLDER)], add_assistant=True)
+def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Segment]]]:
+    """The task in the model's chat template: the context ([head] segments) and, per question,
+    what follows it ("\\n" question [tail] answer prefix)."""
+    text = model.format_chat([("system", DEFAULT_SYSTEM), ("user", PLACEHOLDER)], add_assistant=True)
     head, _, tail = text.partition(PLACEHOLDER)
-    return [Segment("text", head), *task.segments, Segment("text", "\n" + task.question + tail)]
+    return ([Segment("text", head), *task.segments],
+            [[Segment("text", "\n" + q.text + tail + q.answer_prefix)] for q in task.questions])
 
 
 ABLATIONS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
@@ -70,45 +86,35 @@ def make_method(name: str, policy=None):
     return METHODS[base](**ABLATIONS.get(variant, {})), None
 
 
-def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets: list[float], policy=None,
-                  kv_type: str = "f16", n_threads: int | None = None, max_answer: int = 16, projector=None) -> list[Row]:
-    p = prepare(model, wrap(model, task), ModalityLabels(), projector, add_bos=True)
-    n, labels = p.n_pos, p.labels
-    rows = []
-    try:
-        with runtime.Context(model, n_ctx=n + max_answer + 8, n_batch=512, kv_type=kv_type, n_threads=n_threads) as ctx:
-            with AttentionStats(ctx, labels=labels, n_labels=max(2, int(labels.max()) + 1)) as all_rows:
-                logits0 = feed(ctx, p, 0)
-            state = ctx.state()
-            full_tokens, _ = ctx.greedy(logits0, n, max_answer)
-            # the full cache's distributions along its own answer
-            ctx.set_state(state)
-            ref = _teacher_forced(ctx, logits0, full_tokens, n)
-            full_answer = model.detokenize(full_tokens)
-            rows.append(Row(task.id, task.kind, "full", 1.0, n, n, full_answer,
-                            score(task.metric, full_answer, task.answers, task.choices), 0.0, 1.0))
-            tail = _trailing_text_tokens(p.pieces)
-            for name in methods:
-                if name == "full":
-                    continue
-                method, rho = make_method(name, policy)
-                for budget in budgets:
-                    ctx.set_state(state)
-                    comp = Compressor(method, budget, rho=rho)
-                    replayed = comp.replay(ctx, tail, n, labels, whole_prompt=all_rows)
-                    logits = logits0 if replayed is None else replayed
-                    report = comp.compress(ctx, labels)
-                    compressed = ctx.state()
-                    got = _teacher_forced(ctx, logits, full_tokens, n)
-                    kl = float(np.mean([np.sum(np.exp(a) * (a - b)) for a, b in zip(ref, got)])) if ref else 0.0
-                    top1 = float(np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)])) if ref else 1.0
-                    ctx.set_state(compressed)
-                    answer = model.detokenize(ctx.greedy(logits, n, max_answer)[0])
-                    rows.append(Row(task.id, task.kind, name, float(budget), n, report.cells_after, answer,
-                                    score(task.metric, answer, task.answers, task.choices), kl, top1))
-    finally:
-        p.close()
-    return rows
+def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):
+    """The greedy answer from `logits` (those before position `pos`), and the log-distributions
+    before each token of `forced` (default: that answer) fed in one batch. The cache is left
+    ending before `pos`, as it was."""
+    tokens, _ = ctx.greedy(logits, pos, max_tokens)
+    ctx.truncate(pos)
+    forced = tokens if forced is None else forced
+    dists = [_log_softmax(logits)] if forced else []
+    if len(forced) > 1:
+        dists += [_log_softmax(r) for r in ctx.decode(forced[:-1], pos, all_logits=True)]
+        ctx.truncate(pos)
+    return tokens, dists
+
+
+def _fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
+    if not ref:
+        return 0.0, 1.0
+    kl = float(np.mean([np.sum(np.exp(a) * (a - b)) for a, b in zip(ref, got)]))
+    return kl, float(np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)]))
+
+
+def _compressions(methods: list[str], budgets: list[float], policy):
+    """(name, budget, Compressor) for every method but full at every budget."""
+    for name in methods:
+        if name == "full":
+            continue
+        method, rho = make_method(name, policy)
+        for budget in budgets:
+            yield name, float(budget), Compressor(method, budget, rho=rho)
 
 
 def _trailing_text_tokens(pieces) -> list[int]:
@@ -121,58 +127,180 @@ def _trailing_text_tokens(pieces) -> list[int]:
     return out
 
 
-def _teacher_forced(ctx, logits, tokens, pos) -> list[np.ndarray]:
-    """Log-probabilities before each of `tokens` when they are fed one by one."""
-    out = []
-    for t in tokens:
-        out.append(_log_softmax(logits))
-        logits = ctx.decode([t], pos)
-        pos += 1
-    return out
+class _Prefill:
+    """A prompt decoded once with whole-prompt statistics on, and its llama.cpp state, to restore
+    before each method compresses it."""
+
+    def __init__(self, ctx, p: Prepared):
+        self.ctx, self.p, self.n = ctx, p, p.n_pos
+        self.labels = p.labels
+        with AttentionStats(ctx, labels=p.labels, n_labels=max(2, int(p.labels.max()) + 1)) as rows:
+            self.logits = feed(ctx, p, 0)
+        self.rows, self.state = rows, ctx.state()
+        self.tail = _trailing_text_tokens(p.pieces)
+
+    def compress(self, comp: Compressor):
+        """Restore the prefill, compress it; returns (logits after the prompt, report)."""
+        self.ctx.set_state(self.state)
+        replayed = comp.replay(self.ctx, self.tail, self.n, self.labels, whole_prompt=self.rows)
+        report = comp.compress(self.ctx, self.labels)
+        return (self.logits if replayed is None else replayed), report
 
 
-def summarize(rows: list[Row]) -> list[dict]:
-    """Mean score, score relative to full, KL and top-1 agreement per (method, budget)."""
-    full = {r.task: r.score for r in rows if r.method == "full"}
-    full_mean = np.mean(list(full.values())) if full else 0.0
+def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[Row]:
+    labels = ModalityLabels()
+    context, questions = wrap(model, task)
+    p = prepare(model, context, labels, projector, add_bos=True)
+    try:
+        q_tokens = [sum(prepare(model, q, labels).pieces, []) for q in questions]
+        n = p.n_pos
+        room = max(len(t) for t in q_tokens) + max(q.max_tokens for q in task.questions) + 8
+        rows, refs = [], []
+        with runtime.Context(model, n_ctx=n + room, **ctx_args) as ctx:
+            pre = _Prefill(ctx, p)
+
+            def ask(k: int, forced=None):
+                toks = q_tokens[k]
+                out = _answer(ctx, ctx.decode(toks, n), n + len(toks), task.questions[k].max_tokens, forced)
+                ctx.truncate(n)  # the question goes: the next one sees the same cache
+                return out
+
+            for k, q in enumerate(task.questions):
+                tokens, dists = ask(k)
+                refs.append((tokens, dists))
+                answer = model.detokenize(tokens)
+                rows.append(Row("after", task.id, task.kind, k, "full", 1.0, n, n, answer,
+                                q.score(answer), 0.0, 1.0))
+            for name, budget, comp in _compressions(methods, budgets, policy):
+                _, report = pre.compress(comp)
+                for k, q in enumerate(task.questions):
+                    tokens, got = ask(k, forced=refs[k][0])
+                    answer = model.detokenize(tokens)
+                    rows.append(Row("after", task.id, task.kind, k, name, budget, n, report.cells_after, answer,
+                                    q.score(answer), *_fidelity(refs[k][1], got)))
+    finally:
+        p.close()
+    return rows
+
+
+def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[Row]:
+    labels = ModalityLabels()
+    context, questions = wrap(model, task)
+    p = prepare(model, context, labels, projector, add_bos=True)
+    try:
+        qs = [prepare(model, q, labels) for q in questions]
+        room = max(q.n_pos for q in qs) + max(q.max_tokens for q in task.questions) + 8
+        rows = []
+        with runtime.Context(model, n_ctx=p.n_pos + room, **ctx_args) as ctx:
+            for k, (q, qp) in enumerate(zip(task.questions, qs)):
+                ctx.clear()
+                whole = Prepared(p.pieces + qp.pieces, np.concatenate([p.labels, qp.labels]))
+                pre = _Prefill(ctx, whole)
+                n = pre.n
+                ref_tokens, ref = _answer(ctx, pre.logits, n, q.max_tokens)
+                answer = model.detokenize(ref_tokens)
+                rows.append(Row("inside", task.id, task.kind, k, "full", 1.0, n, n, answer,
+                                q.score(answer), 0.0, 1.0))
+                for name, budget, comp in _compressions(methods, budgets, policy):
+                    logits, report = pre.compress(comp)
+                    tokens, got = _answer(ctx, logits, n, q.max_tokens, forced=ref_tokens)
+                    answer = model.detokenize(tokens)
+                    rows.append(Row("inside", task.id, task.kind, k, name, budget, n, report.cells_after, answer,
+                                    q.score(answer), *_fidelity(ref, got)))
+    finally:
+        p.close()
+    return rows
+
+
+def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets: list[float], policy=None,
+                  kv_type: str = "f16", n_threads: int | None = None, projector=None, mode: str = "after") -> list[Row]:
+    """Rows for the full cache and every (method, budget), one per question; mode "after" or "inside"
+    (followup runs through `followup.evaluate_task`, which needs a model path)."""
+    if mode not in ("after", "inside"):
+        raise ValueError(f"mode {mode!r}: evaluate_task runs 'after' and 'inside'")
+    ctx_args = dict(n_batch=512, kv_type=kv_type, n_threads=n_threads)
+    run_mode = _after if mode == "after" else _inside
+    return run_mode(model, task, methods, budgets, policy, ctx_args, projector)
+
+
+def summarize(rows: list[Row], by_family: bool = False) -> list[dict]:
+    """Per (mode, method, budget), and per family too with by_family: mean score, score relative
+    to the full cache on the same questions, KL, top-1 agreement and cells kept."""
+    def family(r):
+        return r.kind or "-" if by_family else "all"
+
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.mode, family(r), r.method, r.budget), []).append(r)
     out = []
-    for key in sorted({(r.method, r.budget) for r in rows}, key=lambda k: (k[0] != "full", k[1], k[0])):
-        rs = [r for r in rows if (r.method, r.budget) == key]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] != "full", k[3], k[2])):
+        rs = groups[key]
+        full = groups.get((key[0], key[1], "full", 1.0), [])
+        full_mean = float(np.mean([r.score for r in full])) if full else float("nan")
         mean = float(np.mean([r.score for r in rs]))
-        out.append({"method": key[0], "budget": key[1], "tasks": len(rs), "score": mean,
-                    "vs_full": mean / full_mean if full_mean else float("nan"),
+        out.append({"mode": key[0], "family": key[1], "method": key[2], "budget": key[3], "questions": len(rs),
+                    "score": mean, "vs_full": mean / full_mean if full_mean else float("nan"),
                     "kl": float(np.mean([r.kl for r in rs])), "top1": float(np.mean([r.top1 for r in rs])),
                     "cells": float(np.mean([r.cells / r.n_prompt for r in rs]))})
     return out
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| method | budget | tasks | score | vs full | KL (nats) | top-1 | cells kept |", "|---|---|---|---|---|---|---|---|"]
+    """One row per (mode, family, method, budget)."""
+    lines = ["| mode | family | method | budget | questions | score | vs full | KL (nats) | top-1 | cells kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['budget']:.2f} | {s['tasks']} | {s['score']:.3f} | {s['vs_full']:.2f} | "
-                     f"{s['kl']:.3f} | {s['top1']:.2f} | {s['cells']:.0%} |")
+        lines.append(f"| {s['mode']} | {s['family']} | {s['method']} | {s['budget']:.2f} | {s['questions']} | "
+                     f"{s['score']:.3f} | {s['vs_full']:.2f} | {s['kl']:.3f} | {s['top1']:.2f} | {s['cells']:.0%} |")
+    return "\n".join(lines)
+
+
+def score_grid(summary: list[dict], mode: str, family: str = "all") -> str:
+    """Mean score, methods down and budgets across, for one mode and family (the full cache first)."""
+    sel = [s for s in summary if s["mode"] == mode and s["family"] == family]
+    budgets = sorted({s["budget"] for s in sel if s["method"] != "full"})
+    methods = sorted({s["method"] for s in sel}, key=lambda m: (m != "full", m))
+    cell = {(s["method"], s["budget"]): s["score"] for s in sel}
+    lines = [f"| {mode} · {family} | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        vals = [cell.get((m, 1.0 if m == "full" else b)) for b in budgets]
+        lines.append(f"| {m} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
 def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float], policy=None, kv_type="f16",
-        n_threads=None, json_out: str | Path | None = None, progress: bool = True, mmproj=None) -> list[Row]:
-    """All tasks; results so far are written to json_out after every task, so Ctrl-C keeps them."""
+        n_threads=None, json_out: str | Path | None = None, progress: bool = True, mmproj=None,
+        mode: str = "after") -> list[Row]:
+    """All tasks in one mode; results so far are written to json_out after every task, so Ctrl-C keeps them."""
     rows: list[Row] = []
-    with runtime.Model(model_path) as model:
+    if mode == "followup":
+        from . import followup
+
+        def one(task):
+            return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj)
+        model = projector = None
+    else:
+        model = runtime.Model(model_path)
         projector = None
         if mmproj:
             from .multimodal import Projector
 
             projector = Projector(mmproj, model, n_threads=n_threads or 2)
-        try:
-            for task in tqdm(tasks, desc="eval", unit="task", disable=not progress):
-                rows += evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector=projector)
-                if json_out:
-                    Path(json_out).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
-                                                          "summary": summarize(rows)}, indent=1))
-        except KeyboardInterrupt:
-            print(f"\ninterrupted after {len({r.task for r in rows})} tasks; results so far kept")
-        finally:
-            if projector is not None:
-                projector.close()
+
+        def one(task):
+            return evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector, mode)
+    try:
+        for task in tqdm(tasks, desc=f"eval ({mode})", unit="task", disable=not progress):
+            rows += one(task)
+            if json_out:
+                Path(json_out).write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows],
+                                                      "summary": summarize(rows) + summarize(rows, by_family=True)},
+                                                     indent=1))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len({r.task for r in rows})} tasks; results so far kept")
+    finally:
+        for h in (projector, model):
+            if h is not None:
+                h.close()
     return rows

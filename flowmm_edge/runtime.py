@@ -166,11 +166,13 @@ class Context(_Handle):
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_batch = n_batch
 
-    def decode(self, tokens: list[int], pos0: int, seq_id: int = 0) -> np.ndarray:
-        """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy)."""
+    def decode(self, tokens: list[int], pos0: int, seq_id: int = 0, all_logits: bool = False) -> np.ndarray:
+        """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy),
+        or with all_logits every token's, [len(tokens), n_vocab]."""
         if not tokens:
             raise DecodeError("nothing to decode")
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        rows = []
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
@@ -180,13 +182,15 @@ class Context(_Handle):
                     batch.pos[i] = pos0 + start + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = seq_id
-                    batch.logits[i] = start + i == len(tokens) - 1
+                    batch.logits[i] = all_logits or start + i == len(tokens) - 1
                 rc = llama_cpp.llama_decode(self.ptr, batch)
                 if rc != 0:
                     raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
+                if all_logits:
+                    rows += [self.logits(i) for i in range(len(chunk))]
         finally:
             llama_cpp.llama_batch_free(batch)
-        return self.logits(-1)
+        return np.stack(rows) if all_logits else self.logits(-1)
 
     def greedy(self, logits: np.ndarray, pos: int, max_tokens: int, seq_id: int = 0) -> tuple[list[int], int]:
         """Greedy decoding from `logits` (of the token before `pos`) until an end-of-generation

@@ -1,4 +1,5 @@
-"""Task metrics: contains, exact, ROUGE-L (F1 over whitespace tokens, as rouge-score computes it)
+"""Task metrics: contains, all (the share of the golds the answer contains: RULER's
+string_match_all, for answers that list several values), exact, ROUGE-L (F1 over whitespace tokens, as rouge-score computes it)
 and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text)."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import re
 import string
 
-METRICS = ("contains", "exact", "rouge_l", "choice")
+METRICS = ("contains", "all", "exact", "rouge_l", "choice")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -19,6 +20,11 @@ def normalize(text: str) -> str:
 def contains(answer: str, golds: list[str]) -> float:
     a = normalize(answer)
     return float(any(normalize(g) and normalize(g) in a for g in golds))
+
+
+def contains_all(answer: str, golds: list[str]) -> float:
+    a = normalize(answer)
+    return sum(bool(normalize(g)) and normalize(g) in a for g in golds) / len(golds)
 
 
 def exact(answer: str, golds: list[str]) -> float:
@@ -67,7 +73,12 @@ def choice(answer: str, golds: list[str], choices: list[str]) -> float:
     return float(any(g.strip().upper() == letters[k] or normalize(g) == normalize(choices[k]) for g in golds))
 
 
-def score(metric: str, answer: str, golds: list[str], choices: list[str] | None = None) -> float:
+def score(metric: str, answer: str, golds: list[str], choices: list[str] | None = None,
+          distractors: list[str] | None = None) -> float:
+    """The metric's score; 0 if the answer also holds a distractor (a value the question did not
+    ask for, such as another key's number: listing every number is not knowing which one)."""
+    if distractors and contains(answer, distractors):
+        return 0.0
     if metric == "choice":
         return choice(answer, golds, choices or [])
-    return {"contains": contains, "exact": exact, "rouge_l": rouge_l}[metric](answer, golds)
+    return {"contains": contains, "all": contains_all, "exact": exact, "rouge_l": rouge_l}[metric](answer, golds)

@@ -29,6 +29,7 @@ from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime,
 from .compression import Compressor
 from .errors import FlowMMError
 from .methods import METHODS
+from .methods.base import Method
 from .prompt import ModalityLabels, Segment, prepare, valid_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -111,13 +112,15 @@ class SessionStats:
 
 
 class Session:
-    def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str = "flowmm",
+    def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str | Method = "flowmm",
                  budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: bool = True,
                  temperature: float = 0.0, seed: int = 0):
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
+        # a method is a registered name, or an instance configured by the caller (an ablation, say)
+        self._method_obj, method = (method, method.name) if isinstance(method, Method) else (None, method)
         if method not in METHODS:
             raise SessionError(f"unknown method {method!r} (one of {', '.join(sorted(METHODS))})")
         if method != "full" and not facts.supported:
@@ -128,7 +131,7 @@ class Session:
         self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
         if method != "full":
-            kept = len(METHODS[method]().protected(10 ** 6))
+            kept = len((self._method_obj or METHODS[method]()).protected(10 ** 6))
             if self.budget_cells <= kept:
                 raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
                                    f"keeps (sinks + recent window)")
@@ -174,7 +177,7 @@ class Session:
     def _method(self):
         if self.policy is not None:
             return self.policy.flowmm()
-        return METHODS[self.method_name]()
+        return self._method_obj or METHODS[self.method_name]()
 
     def cells(self) -> int:
         return len(kv_cache.seq_cells(self.ctx)[0])
@@ -212,32 +215,50 @@ class Session:
 
     # -- turns ---------------------------------------------------------------------------------
 
-    def _segments(self, delta: str, images: list) -> list[Segment]:
-        parts = delta.split(MEDIA)
-        if len(parts) - 1 != len(images):
-            raise SessionError("the chat template dropped or duplicated an image marker")
-        segs = []
-        for k, text in enumerate(parts):
-            if text:
-                segs.append(Segment("text", text=text))
-            if k < len(images):
-                segs.append(Segment("image", image=images[k], modality="image"))
-        return segs
+    @staticmethod
+    def _segments(delta: str, content: list[Segment]) -> list[Segment]:
+        """The turn's rendered text as segments: the template's text around the user's content,
+        which keeps its own segments (images, and text spans with their modality labels).
+        Neighbouring text of one modality is joined, so a plain text turn is one segment."""
+        rendered = "".join(MEDIA if c.kind == "image" else c.text for c in content)
+        at = delta.find(rendered)
+        if at >= 0:
+            segs = [Segment("text", delta[:at]), *content, Segment("text", delta[at + len(rendered):])]
+        else:  # the template rewrote the content (trimmed it, say): labels other than text are lost
+            images = [c for c in content if c.kind == "image"]
+            parts = delta.split(MEDIA)
+            if len(parts) - 1 != len(images):
+                raise SessionError("the chat template dropped or duplicated an image marker")
+            segs = [x for k, text in enumerate(parts) for x in [Segment("text", text)] + images[k:k + 1]]
+        out: list[Segment] = []
+        for seg in segs:
+            if seg.kind == "text" and not seg.text:
+                continue
+            if out and seg.kind == out[-1].kind == "text" and seg.modality == out[-1].modality:
+                out[-1] = Segment("text", out[-1].text + seg.text, modality=seg.modality)
+            else:
+                out.append(seg)
+        return out
 
-    def add_user_turn(self, text: str, images: list | tuple = ()) -> int:
-        """Decode a user turn (images first, then the text), merging as the budget requires.
-        Returns its positions. On any error the conversation and the cache are as before."""
+    def add_user_turn(self, text: str = "", images: list | tuple = (), segments: list[Segment] | None = None) -> int:
+        """Decode a user turn (images first, then the text; or `segments`, in their order and with
+        their modality labels), merging as the budget requires. Returns its positions. On any
+        error the conversation and the cache are as before."""
         self._finish_reply()
-        images = list(images)
-        if images and self.projector is None:
+        if segments is None:
+            segments = [Segment("image", image=im, modality="image") for im in images]
+            segments.append(Segment("text", ("\n" if images else "") + valid_text(text)))
+        else:
+            segments = [dataclasses.replace(s, text=valid_text(s.text)) for s in segments]
+        if any(s.kind == "image" for s in segments) and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
-        content = MEDIA * len(images) + ("\n" if images else "") + valid_text(text)
+        content = "".join(MEDIA if s.kind == "image" else s.text for s in segments)
         messages = self.messages + [("user", content)]
         formatted = self.model.format_chat(messages, add_assistant=True)
         if not formatted.startswith(self.cached_text):
             raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes
-        prepared = prepare(self.model, self._segments(formatted[len(self.cached_text):], images), self.labels,
+        prepared = prepare(self.model, self._segments(formatted[len(self.cached_text):], segments), self.labels,
                            self.projector, add_bos=self.pos == 0)
         try:
             room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
@@ -263,7 +284,12 @@ class Session:
     def _decode_turn(self, prepared) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
         self.labels_by_pos = labels
-        units = list(prepared.pieces)  # token lists (split as the room allows) and images, in order
+        units = []  # token lists (neighbours joined, split as the room allows) and images, in order
+        for piece in prepared.pieces:
+            if isinstance(piece, list) and units and isinstance(units[-1], list):
+                units[-1] = units[-1] + piece
+            else:
+                units.append(piece)
         merging = self.method_name != "full"
         t0 = time.perf_counter()
         while units:

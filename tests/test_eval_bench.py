@@ -1,4 +1,5 @@
-"""`eval` and `bench` end to end on the tiny model, and the state restore they rely on."""
+"""`eval` and `bench` end to end on the tiny model, through the command line (the eval modes
+themselves: tests/test_eval_modes.py)."""
 
 from __future__ import annotations
 
@@ -10,45 +11,6 @@ import sys
 import numpy as np
 
 from conftest import REPO
-from flowmm_edge import evaluation, runtime, tasks
-from flowmm_edge.prompt import ModalityLabels, feed, prepare
-
-
-def test_state_restore_gives_the_logits_of_a_fresh_prefill(tiny_models):
-    text, _ = tiny_models
-    task = tasks.builtin_suite((256,), 1)[1]
-    with runtime.Model(text) as model:
-        p = prepare(model, evaluation.wrap(model, task), ModalityLabels(), add_bos=True)
-        with runtime.Context(model, n_ctx=p.n_pos + 32, n_threads=2) as ctx:
-            first = feed(ctx, p, 0)
-            state = ctx.state()
-            ctx.greedy(first, p.n_pos, 8)  # the cache moves on
-            ctx.set_state(state)
-            after_restore = ctx.decode([5], p.n_pos)
-        with runtime.Context(model, n_ctx=p.n_pos + 32, n_threads=2) as fresh:
-            np.testing.assert_array_equal(feed(fresh, p, 0), first)
-            np.testing.assert_array_equal(fresh.decode([5], p.n_pos), after_restore)
-        p.close()
-
-
-def test_eval_rows_agree_with_an_independent_run(tiny_models):
-    """The 'full' row is the plain greedy answer of a fresh prefill; every method's cells match its budget."""
-    text, _ = tiny_models
-    task = tasks.builtin_suite((256,), 1)[0]
-    with runtime.Model(text) as model:
-        rows = evaluation.evaluate_task(model, task, ["snapkv", "flowmm"], [0.25, 0.5], n_threads=2, max_answer=6)
-        p = prepare(model, evaluation.wrap(model, task), ModalityLabels(), add_bos=True)
-        with runtime.Context(model, n_ctx=p.n_pos + 16, n_threads=2) as ctx:
-            want = model.detokenize(ctx.greedy(feed(ctx, p, 0), p.n_pos, 6)[0])
-        p.close()
-    full = rows[0]
-    assert (full.method, full.answer, full.kl, full.top1) == ("full", want, 0.0, 1.0)
-    for r in rows[1:]:
-        assert r.cells == int(np.ceil(r.budget * r.n_prompt)) and r.kl >= 0 and 0 <= r.top1 <= 1
-    # a method that keeps everything is exactly the full cache: KL 0 and full agreement
-    with runtime.Model(text) as model:
-        same = evaluation.evaluate_task(model, task, ["snapkv"], [1.0], n_threads=2, max_answer=6)[1]
-    assert same.kl < 1e-6 and same.top1 == 1.0 and same.answer == full.answer
 
 
 def _cli(*args):
@@ -57,15 +19,26 @@ def _cli(*args):
 
 
 def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
-    proc = _cli("eval", "--model", "tiny", "--lengths", "256", "--per-kind", "1", "--methods", "flowmm,snapkv",
-                "--budgets", "0.2,0.5", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png"), "--quiet")
+    proc = _cli("eval", "--model", "tiny", "--lengths", "256", "--per-kind", "1", "--families", "single-number,multi-key",
+                "--methods", "flowmm,snapkv", "--budgets", "0.2,0.5", "--json", str(tmp_path / "e.json"),
+                "--plot", str(tmp_path / "e.png"), "--quiet", "--by-family")
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "e.json").read_text())
-    assert len(data["rows"]) == 4 * (1 + 2 * 2)
-    assert {(s["method"], s["budget"]) for s in data["summary"]} == {("full", 1.0), ("flowmm", 0.2), ("flowmm", 0.5),
-                                                                      ("snapkv", 0.2), ("snapkv", 0.5)}
-    assert "| flowmm | 0.20 |" in proc.stdout and (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    # 3 questions (multi-key asks two), each: full + 2 methods x 2 budgets, all in the default mode
+    assert len(data["rows"]) == 3 * (1 + 2 * 2) and {r["mode"] for r in data["rows"]} == {"after"}
+    assert {(s["method"], s["budget"]) for s in data["summary"] if s["family"] == "all"} == {
+        ("full", 1.0), ("flowmm", 0.2), ("flowmm", 0.5), ("snapkv", 0.2), ("snapkv", 0.5)}
+    assert {s["family"] for s in data["summary"]} == {"all", "single-number", "multi-key"}
+    assert "| after | all | flowmm | 0.20 |" in proc.stdout and "| after · multi-key | 20% | 50% |" in proc.stdout
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert "estimated from each prompt" in proc.stderr
+    proc = _cli("eval", "--model", "tiny", "--suite", "builtin", "--lengths", "256", "--per-kind", "1", "--methods",
+                "snapkv", "--budgets", "0.5", "--question", "inside", "--json", str(tmp_path / "i.json"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "i.json").read_text())["rows"]
+    assert len(rows) == 4 * 2 and {r["mode"] for r in rows} == {"inside"}
+    bad = _cli("eval", "--model", "tiny", "--families", "single-number,haystack")
+    assert bad.returncode == 1 and "unknown task family 'haystack'" in bad.stderr
     proc = _cli("bench", "--model", "tiny", "--lengths", "256,512", "--budgets", "0.2,0.5", "--methods", "snapkv,flowmm",
                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]

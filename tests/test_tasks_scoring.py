@@ -27,7 +27,7 @@ def test_jsonl_loader_reports_bad_lines_and_keeps_the_rest(tmp_path):
     got = tasks.load_tasks(f, warn=warnings.append)
     assert [t.id for t in got] == ["a", "e"]
     assert got[0].segments[0].modality == "image" and got[0].segments[1].image == tmp_path / "x.png"
-    assert got[0].metric == "exact" and got[1].choices == ["red", "blue"]
+    assert got[0].questions[0].metric == "exact" and got[1].questions[0].choices == ["red", "blue"]
     assert [w.split(":")[1] for w in warnings] == ["2", "3", "4", "5"]
     assert "not valid JSON" in warnings[0] and "metric 'bleu'" in warnings[1]
     assert "non-empty list" in warnings[2] and "at least two 'choices'" in warnings[3]
@@ -48,20 +48,46 @@ def test_milebench_layout(tmp_path):
     assert [t.id for t in got] == ["ActionLocalization/7", "ActionLocalization/8"]
     kinds = [(s.kind, s.text if s.kind == "text" else s.image.name) for s in got[0].segments]
     assert kinds == [("text", "First "), ("image", "a.jpg"), ("text", " then "), ("image", "b.jpg"), ("text", " what happened?")]
-    assert got[0].metric == "choice" and "B. run" in got[0].question and got[1].metric == "rouge_l"
+    q0, q1 = got[0].questions[0], got[1].questions[0]
+    assert q0.metric == "choice" and "B. run" in q0.text and q1.metric == "rouge_l"
     with pytest.raises(PromptError, match="no MileBench task files"):
         tasks.load_milebench(tmp_path)
 
 
 def test_builtin_suite_is_seeded_and_complete():
     a, b = tasks.builtin_suite((512,), 1, seed=3), tasks.builtin_suite((512,), 1, seed=3)
-    assert [t.answers for t in a] == [t.answers for t in b]
+    assert [t.questions for t in a] == [t.questions for t in b]
     assert {t.kind for t in a} == {"fact-in-text", "fact-in-image", "multi-fact", "two-span"}
     for t in a:
         text = " ".join(s.text for s in t.segments)
-        assert t.answers[0] in text
+        assert len(t.questions) == 1 and t.questions[0].answers[0] in text
     image_fact = next(t for t in a if t.kind == "fact-in-image")
-    assert any(s.modality == "image" and image_fact.answers[0] in s.text for s in image_fact.segments)
+    assert any(s.modality == "image" and image_fact.questions[0].answers[0] in s.text for s in image_fact.segments)
+
+
+def test_jsonl_task_with_several_questions(tmp_path):
+    f = tmp_path / "t.jsonl"
+    seg = [{"type": "text", "text": "Ann is 4. Bo is 7."}]
+    good = {"id": "q", "segments": seg, "questions": [
+        {"question": "Ann?", "answers": ["4"]},
+        {"question": "Both?", "answers": ["4", "7"], "metric": "all", "answer_prefix": " They are", "max_tokens": 9}]}
+    f.write_text("\n".join(json.dumps(x) for x in [
+        good,
+        {**good, "id": "empty", "questions": []},
+        {**good, "id": "long", "questions": [{"question": "x", "answers": ["1"], "max_tokens": 100000}]},
+        {**good, "id": "prefix", "questions": [{"question": "x", "answers": ["1"], "answer_prefix": 3}]},
+        {**good, "id": "inner", "questions": [{"question": "x", "answers": []}]},
+        {**good, "id": "distract", "questions": [{"question": "x", "answers": ["1"], "distractors": "2"}]},
+    ]) + "\n")
+    warnings = []
+    got = tasks.load_tasks(f, warn=warnings.append)
+    assert [t.id for t in got] == ["q"]
+    q = got[0].questions
+    assert (q[0].text, q[0].metric, q[0].answer_prefix, q[0].max_tokens) == ("Ann?", "contains", "", tasks.DEFAULT_MAX_TOKENS)
+    assert (q[1].answers, q[1].metric, q[1].answer_prefix, q[1].max_tokens) == (["4", "7"], "all", " They are", 9)
+    assert "non-empty list" in warnings[0] and "'max_tokens' must be an integer" in warnings[1]
+    assert "'answer_prefix' must be a string" in warnings[2] and "question 0: 'answers'" in warnings[3]
+    assert "'distractors' must be a list" in warnings[4]
 
 
 def test_scoring_on_hand_worked_examples():
@@ -82,4 +108,10 @@ def test_scoring_on_hand_worked_examples():
         assert scoring.choice(answer, ["B"], opts) == want, answer
     assert scoring.choice("red or blue", ["B"], opts) == 0.0  # ambiguous: no pick
     assert scoring.choice("green", ["green"], opts) == 1.0
+    # all (RULER's string_match_all): the share of the golds the answer holds
+    assert scoring.contains_all("They are 12, 7 and 99.", ["12", "99", "5", "7"]) == 0.75
+    assert scoring.score("all", "ABCDE, FGHIJ", ["abcde", "fghij"]) == 1.0 and scoring.contains_all("", ["1"]) == 0.0
+    # a distractor in the answer (another key's value) makes it wrong, whatever the metric
+    assert scoring.score("contains", "12 or 7", ["12"], distractors=["7", "99"]) == 0.0
+    assert scoring.score("contains", "12", ["12"], distractors=["7"]) == 1.0
     assert scoring.score("choice", "C", ["C"], opts) == 1.0 and scoring.score("contains", "x 1 y", ["1"]) == 1.0

@@ -1,0 +1,78 @@
+"""`eval --question followup`: the case chat users meet, through the chat's own `Session`.
+
+Per task, method and budget, a fresh session: the context (its labelled spans and images) is the
+first user turn and the model replies to it (at most FIRST_REPLY tokens, as a user would let it
+acknowledge the document); then each question is a later user turn and its reply is scored. The
+session merges after every turn exactly as `chat` does, so a question meets a cache compressed
+before it was asked, and the later questions a cache merged again after the earlier turns.
+
+The budget is a share of the context's positions (the first turn), as a cell count for the
+session. The KV buffer holds the context and the turns after it without merging between
+prefill chunks, so each method merges once per turn. No KL here: the replies before a question
+differ per method, so the full cache's distributions are not a like-for-like reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from . import runtime
+from .evaluation import Row, make_method
+from .prompt import ModalityLabels, prepare
+from .session import Session
+from .tasks import Task
+
+FIRST_REPLY = 16      # pieces (about tokens) the model may say to the document before the first question
+REPLY_SLACK = 32      # a chat reply may restate the question before answering: room beyond max_tokens
+TURN_ROOM = 128       # cells per later turn for the question and its template
+
+
+def _context_positions(model_path, task: Task, mmproj) -> int:
+    """Positions the context takes (its text tokens and image positions)."""
+    with runtime.Model(model_path) as model:
+        projector = None
+        if mmproj and any(s.kind == "image" for s in task.segments):
+            from .multimodal import Projector
+
+            projector = Projector(mmproj, model)
+        try:
+            p = prepare(model, task.segments, ModalityLabels(), projector)
+            p.close()
+        finally:
+            if projector is not None:
+                projector.close()
+    return p.n_pos
+
+
+def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
+                  n_threads=None, mmproj=None) -> list[Row]:
+    compressors = {m: make_method(m, policy) for m in methods if m != "full"}  # unknown names fail here
+    max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
+    after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
+    n_ctx = _context_positions(model_path, task, mmproj) + 64 + after_doc  # 64: the template around the turn
+
+    def converse(name: str, budget: float, budget_cells: int | None) -> list[Row]:
+        method, rho = compressors.get(name, ("full", None))
+        with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
+                     n_threads=n_threads, kv_type=kv_type, max_reply=max_reply, temperature=0.0,
+                     policy=policy if rho is not None else None) as s:
+            n_doc = s.add_user_turn(segments=task.segments)
+            reply = s.reply()
+            "".join(itertools.islice(reply, FIRST_REPLY))
+            reply.close()  # the reply stops there, as a user's Ctrl-C would stop it
+            rows = []
+            for k, q in enumerate(task.questions):
+                s.add_user_turn(q.text)
+                cells = s.cells()
+                answer = "".join(s.reply())
+                rows.append(Row("followup", task.id, task.kind, k, name, budget, n_doc, cells, answer,
+                                q.score(answer), math.nan, math.nan))
+            return rows
+
+    rows = converse("full", 1.0, None)
+    n_doc = rows[0].n_prompt
+    for name in compressors:
+        for budget in budgets:
+            rows += converse(name, float(budget), max(1, math.ceil(budget * n_doc)))
+    return rows
