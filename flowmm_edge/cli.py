@@ -340,14 +340,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = evaluation.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
                           progress=not args.quiet, mmproj=args.mmproj, mode=args.question)
     summary = evaluation.summarize(rows)
-    print(evaluation.score_grid(summary, args.question))
-    print()
-    print(evaluation.markdown(summary))
+    tables = [evaluation.score_grid(summary, args.question), evaluation.markdown(summary)]
     if args.by_family:
         by_family = evaluation.summarize(rows, by_family=True)
-        for family in sorted({s["family"] for s in by_family}):
-            print()
-            print(evaluation.score_grid(by_family, args.question, family))
+        tables += [evaluation.family_grid(by_family, args.question, b) for b in budgets]
+    print("\n\n".join(tables))
+    if args.markdown:
+        Path(args.markdown).write_text("\n\n".join(tables) + "\n")
     if args.plot:
         from .plots import plot_scores
 
@@ -478,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-kind", "--per-family", type=at_least(1), default=2,
                    help="tasks per family and length in the generated suite")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated suite")
-    p.add_argument("--by-family", action="store_true", help="also print a score table per family")
+    p.add_argument("--by-family", action="store_true", help="also print, per budget, a table of families by methods")
     p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
     p.add_argument("--budgets", default="0.2")
     p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")
@@ -486,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
     p.add_argument("--threads", type=at_least(1), default=None)
     p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
+    p.add_argument("--markdown", type=output_file, help="write the tables as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -32,7 +32,7 @@ from . import runtime
 from .attention_stats import AttentionStats
 from .compression import Compressor
 from .methods import METHODS
-from .methods.base import MethodError
+from .methods.base import PROMPT_SCORES, MethodError
 from .prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from .session import DEFAULT_SYSTEM
 from .tasks import Task
@@ -107,14 +107,14 @@ def _fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, floa
     return kl, float(np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)]))
 
 
-def _compressions(methods: list[str], budgets: list[float], policy):
+def compressions(methods: list[str], budgets: list[float], policy) -> list[tuple[str, float, Compressor]]:
     """(name, budget, Compressor) for every method but full at every budget."""
+    out = []
     for name in methods:
-        if name == "full":
-            continue
-        method, rho = make_method(name, policy)
-        for budget in budgets:
-            yield name, float(budget), Compressor(method, budget, rho=rho)
+        if name != "full":
+            method, rho = make_method(name, policy)
+            out += [(name, float(budget), Compressor(method, budget, rho=rho)) for budget in budgets]
+    return out
 
 
 def _trailing_text_tokens(pieces) -> list[int]:
@@ -127,16 +127,20 @@ def _trailing_text_tokens(pieces) -> list[int]:
     return out
 
 
-class _Prefill:
-    """A prompt decoded once with whole-prompt statistics on, and its llama.cpp state, to restore
-    before each method compresses it."""
+class Prefill:
+    """A prompt decoded once (with whole-prompt statistics on if a method needs them) and its
+    llama.cpp state, to restore before each method compresses it."""
 
-    def __init__(self, ctx, p: Prepared):
+    def __init__(self, ctx, p: Prepared, comps: list):
         self.ctx, self.p, self.n = ctx, p, p.n_pos
         self.labels = p.labels
-        with AttentionStats(ctx, labels=p.labels, n_labels=max(2, int(p.labels.max()) + 1)) as rows:
+        self.rows = None
+        if any(PROMPT_SCORES in comp.method.needs for _, _, comp in comps):
+            with AttentionStats(ctx, labels=p.labels, n_labels=max(2, int(p.labels.max()) + 1)) as self.rows:
+                self.logits = feed(ctx, p, 0)
+        else:
             self.logits = feed(ctx, p, 0)
-        self.rows, self.state = rows, ctx.state()
+        self.state = ctx.state()
         self.tail = _trailing_text_tokens(p.pieces)
 
     def compress(self, comp: Compressor):
@@ -156,8 +160,9 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[R
         n = p.n_pos
         room = max(len(t) for t in q_tokens) + max(q.max_tokens for q in task.questions) + 8
         rows, refs = [], []
+        comps = compressions(methods, budgets, policy)
         with runtime.Context(model, n_ctx=n + room, **ctx_args) as ctx:
-            pre = _Prefill(ctx, p)
+            pre = Prefill(ctx, p, comps)
 
             def ask(k: int, forced=None):
                 toks = q_tokens[k]
@@ -171,7 +176,7 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[R
                 answer = model.detokenize(tokens)
                 rows.append(Row("after", task.id, task.kind, k, "full", 1.0, n, n, answer,
                                 q.score(answer), 0.0, 1.0))
-            for name, budget, comp in _compressions(methods, budgets, policy):
+            for name, budget, comp in comps:
                 _, report = pre.compress(comp)
                 for k, q in enumerate(task.questions):
                     tokens, got = ask(k, forced=refs[k][0])
@@ -190,18 +195,18 @@ def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[
     try:
         qs = [prepare(model, q, labels) for q in questions]
         room = max(q.n_pos for q in qs) + max(q.max_tokens for q in task.questions) + 8
-        rows = []
+        rows, comps = [], compressions(methods, budgets, policy)
         with runtime.Context(model, n_ctx=p.n_pos + room, **ctx_args) as ctx:
             for k, (q, qp) in enumerate(zip(task.questions, qs)):
                 ctx.clear()
                 whole = Prepared(p.pieces + qp.pieces, np.concatenate([p.labels, qp.labels]))
-                pre = _Prefill(ctx, whole)
+                pre = Prefill(ctx, whole, comps)
                 n = pre.n
                 ref_tokens, ref = _answer(ctx, pre.logits, n, q.max_tokens)
                 answer = model.detokenize(ref_tokens)
                 rows.append(Row("inside", task.id, task.kind, k, "full", 1.0, n, n, answer,
                                 q.score(answer), 0.0, 1.0))
-                for name, budget, comp in _compressions(methods, budgets, policy):
+                for name, budget, comp in comps:
                     logits, report = pre.compress(comp)
                     tokens, got = _answer(ctx, logits, n, q.max_tokens, forced=ref_tokens)
                     answer = model.detokenize(tokens)
@@ -266,6 +271,18 @@ def score_grid(summary: list[dict], mode: str, family: str = "all") -> str:
     for m in methods:
         vals = [cell.get((m, 1.0 if m == "full" else b)) for b in budgets]
         lines.append(f"| {m} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def family_grid(summary: list[dict], mode: str, budget: float) -> str:
+    """Mean score at one budget, families down and methods across (the full cache first)."""
+    sel = [s for s in summary if s["mode"] == mode and s["family"] != "all"]
+    methods = sorted({s["method"] for s in sel}, key=lambda m: (m != "full", m))
+    cell = {(s["family"], s["method"]): s["score"] for s in sel if s["budget"] == (1.0 if s["method"] == "full" else budget)}
+    lines = [f"| {mode} · {budget:.0%} | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for family in sorted({s["family"] for s in sel}):
+        vals = [cell.get((family, m)) for m in methods]
+        lines.append(f"| {family} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in vals) + " |")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ characters a token.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import numpy as np
@@ -35,9 +36,10 @@ from .tasks import Question, Task
 
 FAMILIES = ("single-number", "single-code", "multi-key", "multi-value", "multi-query", "variable-tracking",
             "common-words")
-# the families eval runs by default: those the default model answers at >= 90% with the full
-# cache (docs/RESULTS.md has the measurement and the families dropped)
-KEPT_FAMILIES = FAMILIES
+# the families eval runs by default: those the default model (Qwen2.5 0.5B) answers at >= 90%
+# with the full cache at 2k tokens. Dropped: multi-key 0.70 (it names the distractor keys' values
+# too), variable-tracking 0.60, common-words 0.71 (docs/RESULTS.md, "Which families").
+KEPT_FAMILIES = ("single-number", "single-code", "multi-value", "multi-query")
 
 NIAH_INSTRUCTION = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
                     "I will quiz you about the {kind} afterwards.\n")
@@ -76,7 +78,7 @@ _KEY_ADJ = ["jittery", "silent", "amber", "brave", "crooked", "dusty", "eager", 
             "icy", "jolly", "lucky", "mellow", "narrow", "odd", "proud", "rapid", "shy", "tidy", "vivid", "wild"]
 _KEY_NOUN = ["mustard", "harbor", "violin", "lantern", "meadow", "pebble", "falcon", "teapot", "glacier", "orchard",
              "compass", "saddle", "thimble", "canyon", "biscuit", "walrus", "ribbon", "quarry", "tunnel", "kettle"]
-_WORDS = sorted({w.lower().strip(".,'s") for part in _SUBJECTS + _VERBS + _OBJECTS + _TAILS for w in part.split()
+_WORDS = sorted({w for part in _SUBJECTS + _VERBS + _OBJECTS + _TAILS for w in re.findall(r"[a-z]+", part.lower())
                  if len(w) > 3} | set(_KEY_ADJ) | set(_KEY_NOUN))
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _LETTERS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))

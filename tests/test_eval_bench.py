@@ -21,7 +21,7 @@ def _cli(*args):
 def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
     proc = _cli("eval", "--model", "tiny", "--lengths", "256", "--per-kind", "1", "--families", "single-number,multi-key",
                 "--methods", "flowmm,snapkv", "--budgets", "0.2,0.5", "--json", str(tmp_path / "e.json"),
-                "--plot", str(tmp_path / "e.png"), "--quiet", "--by-family")
+                "--plot", str(tmp_path / "e.png"), "--quiet", "--by-family", "--markdown", str(tmp_path / "e.md"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "e.json").read_text())
     # 3 questions (multi-key asks two), each: full + 2 methods x 2 budgets, all in the default mode
@@ -29,7 +29,8 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
     assert {(s["method"], s["budget"]) for s in data["summary"] if s["family"] == "all"} == {
         ("full", 1.0), ("flowmm", 0.2), ("flowmm", 0.5), ("snapkv", 0.2), ("snapkv", 0.5)}
     assert {s["family"] for s in data["summary"]} == {"all", "single-number", "multi-key"}
-    assert "| after | all | flowmm | 0.20 |" in proc.stdout and "| after · multi-key | 20% | 50% |" in proc.stdout
+    assert "| after | all | flowmm | 0.20 |" in proc.stdout and "| after · 50% | full | flowmm | snapkv |" in proc.stdout
+    assert "| multi-key |" in proc.stdout and (tmp_path / "e.md").read_text().count("| after · ") == 3
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert "estimated from each prompt" in proc.stderr
     proc = _cli("eval", "--model", "tiny", "--suite", "builtin", "--lengths", "256", "--per-kind", "1", "--methods",
@@ -37,6 +38,23 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "i.json").read_text())["rows"]
     assert len(rows) == 4 * 2 and {r["mode"] for r in rows} == {"inside"}
+    # a user's own tasks: one with two questions about its context, one in the single-question form
+    seg = [{"type": "text", "text": "Ann is 4 and Bo is 7. " * 20}, {"type": "text", "text": "Cy is 9.", "modality": "image"}]
+    (tmp_path / "own.jsonl").write_text(
+        json.dumps({"id": "two", "segments": seg, "questions": [{"question": "Ann?", "answers": ["4"], "max_tokens": 4},
+                                                                  {"question": "Cy?", "answers": ["9"], "max_tokens": 4}]})
+        + "\n" + json.dumps({"id": "one", "segments": seg, "question": "Bo?", "answers": ["7"], "max_tokens": 4}) + "\n")
+    for mode in ("after", "inside"):
+        proc = _cli("eval", "--model", "tiny", "--tasks", str(tmp_path / "own.jsonl"), "--methods", "snapkv",
+                    "--budgets", "0.5", "--question", mode, "--json", str(tmp_path / "own.json"), "--quiet")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = json.loads((tmp_path / "own.json").read_text())["rows"]
+        assert [(r["task"], r["question"], r["method"]) for r in rows] == [
+            ("two", 0, "full"), ("two", 1, "full"), ("two", 0, "snapkv"), ("two", 1, "snapkv"),
+            ("one", 0, "full"), ("one", 0, "snapkv")] if mode == "after" else [
+            ("two", 0, "full"), ("two", 0, "snapkv"), ("two", 1, "full"), ("two", 1, "snapkv"),
+            ("one", 0, "full"), ("one", 0, "snapkv")]
+        assert {r["mode"] for r in rows} == {mode}
     bad = _cli("eval", "--model", "tiny", "--families", "single-number,haystack")
     assert bad.returncode == 1 and "unknown task family 'haystack'" in bad.stderr
     proc = _cli("bench", "--model", "tiny", "--lengths", "256,512", "--budgets", "0.2,0.5", "--methods", "snapkv,flowmm",

@@ -141,3 +141,18 @@ def test_default_model_answers_with_the_full_cache_in_every_mode(default_model_p
     for r in rows:
         if r.budget == 1.0 and r.method != "full":
             assert r.answer == full[r.question].answer and r.kl < 1e-4
+
+
+def test_answer_positions_spell_the_answer(model):
+    import answer_retention
+
+    task = ruler_tasks.generate(("multi-value",), (300,), 1, seed=2,
+                                count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
+    context, _ = evaluation.wrap(model, task)
+    p = prepare(model, context, ModalityLabels(), add_bos=True)
+    tokens = [t for piece in p.pieces for t in piece]
+    where = answer_retention.answer_positions(model, p.pieces, task.questions[0].answers)
+    spelled = model.detokenize([tokens[i] for i in where])
+    for value in task.questions[0].answers:  # every value's tokens are among them, and little else
+        assert value in spelled
+    assert len(where) <= sum(len(v) for v in task.questions[0].answers) + 2 * len(task.questions[0].answers)

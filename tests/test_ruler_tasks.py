@@ -91,6 +91,11 @@ def test_common_words_answer_is_the_ten_most_frequent():
         assert sorted(w for w, _ in top[:10]) == sorted(t.questions[0].answers)
         assert top[9][1] > top[10][1]  # no tie at the cut
         assert len(entries) > 0.5 * length / 2  # long lists really are long: made-up words fill them
+        # the real words are whole words of the haystack's lists (made-up ones are three syllables)
+        real = [w for w in counts if w in ruler_tasks._WORDS]
+        assert all(re.search(rf"\b{w}\b", " ".join(ruler_tasks._OBJECTS + ruler_tasks._SUBJECTS + ruler_tasks._VERBS
+                                                   + ruler_tasks._TAILS + ruler_tasks._KEY_ADJ + ruler_tasks._KEY_NOUN).lower())
+                   for w in real) and len(real) > 20
 
 
 def test_a_share_of_each_context_is_labelled_as_another_modality():
