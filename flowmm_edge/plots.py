@@ -17,6 +17,9 @@ def plot_scores(summary: list[dict], path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     if full:
         ax.axhline(full[0], color="black", linestyle="--", label="full cache")
+    modes = sorted({s.get("mode", "") for s in summary} - {""})
+    if modes:
+        ax.set_title("question " + ", ".join(modes) + " (eval --question)", fontsize=9)
     _finish(fig, path, [(ax, "KV budget (share of the prompt's cells)", "mean task score")])
 
 
