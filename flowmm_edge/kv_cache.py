@@ -102,7 +102,8 @@ def _ptr(ctx):
 
 class _MergePlan(ctypes.Structure):
     _fields_ = [("n_layer", ctypes.c_int32), ("n_head_kv", ctypes.c_int32), ("n_slots", ctypes.c_int32),
-                ("n_src", ctypes.c_int32), ("src", _i32p), ("weight", _f32p), ("slot_pos", _i32p)]
+                ("n_src", ctypes.c_int32), ("src", _i32p), ("weight", _f32p), ("slot_pos", _i32p),
+                ("v_weight", _f32p)]
 
 
 lib.flowmm_kv_apply_plan.restype = ctypes.c_int32
@@ -115,12 +116,14 @@ class MergePlan:
 
     src: int32 [n_layer, n_head_kv, n_slots, n_src], cells of the sequence or -1 (unused);
     weight: float32, same shape; slot_pos: int32 [n_slots], strictly increasing, the last
-    equal to the sequence's last position.
+    equal to the sequence's last position; v_weight: V's own weights (same shape), or None
+    for V merged with `weight` like K (weight one-hot on a slot's first source keeps its key).
     """
 
     src: np.ndarray
     weight: np.ndarray
     slot_pos: np.ndarray
+    v_weight: np.ndarray | None = None
 
     @classmethod
     def keep(cls, cells_per_head: np.ndarray, positions: np.ndarray) -> "MergePlan":
@@ -135,10 +138,14 @@ def apply_plan(ctx, plan: MergePlan, seq_id: int = 0) -> None:
     src = np.ascontiguousarray(plan.src, dtype=np.int32)
     weight = np.ascontiguousarray(plan.weight, dtype=np.float32)
     slot_pos = np.ascontiguousarray(plan.slot_pos, dtype=np.int32)
-    if src.ndim != 4 or weight.shape != src.shape or slot_pos.shape != (src.shape[2],):
-        raise NativeError(-1, f"plan shapes do not fit: src {src.shape}, weight {weight.shape}, slot_pos {slot_pos.shape}")
+    v_weight = None if plan.v_weight is None else np.ascontiguousarray(plan.v_weight, dtype=np.float32)
+    if src.ndim != 4 or weight.shape != src.shape or slot_pos.shape != (src.shape[2],) or (
+            v_weight is not None and v_weight.shape != src.shape):
+        raise NativeError(-1, f"plan shapes do not fit: src {src.shape}, weight {weight.shape}, slot_pos {slot_pos.shape}"
+                              + ("" if v_weight is None else f", v_weight {v_weight.shape}"))
     c = _MergePlan(src.shape[0], src.shape[1], src.shape[2], src.shape[3], src.ctypes.data_as(_i32p),
-                   weight.ctypes.data_as(_f32p), slot_pos.ctypes.data_as(_i32p))
+                   weight.ctypes.data_as(_f32p), slot_pos.ctypes.data_as(_i32p),
+                   None if v_weight is None else v_weight.ctypes.data_as(_f32p))
     _check(lib.flowmm_kv_apply_plan(_ptr(ctx), seq_id, ctypes.byref(c)))
 
 

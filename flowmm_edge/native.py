@@ -17,8 +17,9 @@ from .errors import NativeLibraryError
 
 SETUP_HINT = "run scripts/setup.sh (or python scripts/build_native.py) to build the patched llama.cpp"
 
-# The C API version these bindings were written against (native/flowmm.h).
-EXPECTED_VERSION_MAJOR = 0
+# The C API version these bindings were written against (native/flowmm.h). Before 1.0 a minor
+# version may change the API (0.4 added flowmm_merge_plan.v_weight), so major and minor must match.
+EXPECTED_VERSION = (0, 4)
 
 
 def _point_llama_cpp_at_patched_build() -> str:
@@ -49,10 +50,10 @@ try:
 except AttributeError:
     raise NativeLibraryError(f"{lib_path} was built without the FlowMM extension (no flowmm_version symbol); {SETUP_HINT}") from None
 
-if lib.flowmm_version_number() // 10000 != EXPECTED_VERSION_MAJOR:
+if lib.flowmm_version_number() // 100 != EXPECTED_VERSION[0] * 100 + EXPECTED_VERSION[1]:
     raise NativeLibraryError(
         f"{lib_path} carries FlowMM C API {lib.flowmm_version().decode()}, these bindings need "
-        f"{EXPECTED_VERSION_MAJOR}.x; {SETUP_HINT}")
+        f"{EXPECTED_VERSION[0]}.{EXPECTED_VERSION[1]}.x; {SETUP_HINT}")
 
 
 def flowmm_version() -> str:

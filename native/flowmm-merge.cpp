@@ -109,6 +109,9 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const flowmm_me
         if (!std::isfinite(w) || w < 0.0f) {
             return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "plan entry " + std::to_string(e) + ": weight " + std::to_string(w) + " is negative or not finite");
         }
+        if (p.v_weight != nullptr && (!std::isfinite(p.v_weight[e]) || p.v_weight[e] < 0.0f)) {
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "plan entry " + std::to_string(e) + ": V weight " + std::to_string(p.v_weight[e]) + " is negative or not finite");
+        }
     }
     for (size_t slot = 0; slot < n_entries / p.n_src; ++slot) {
         bool any = false;
@@ -182,12 +185,12 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
     // inputs: per layer source rows (cell * H + h) and weights; one destination row list
     ggml_tensor * dst_rows = ggml_new_tensor_1d(gctx, GGML_TYPE_I64, HB);
     ggml_set_input(dst_rows);
-    std::vector<ggml_tensor *> src_rows(plan->n_layer), weights(plan->n_layer);
+    std::vector<ggml_tensor *> src_rows(plan->n_layer), weights(plan->n_layer), weights_v(plan->n_layer);
 
-    auto merge = [&](ggml_tensor * rows2d, int64_t il, int64_t head_dim) {
+    auto merge = [&](ggml_tensor * rows2d, int64_t il, int64_t head_dim, ggml_tensor * w) {
         // rows2d: [head_dim, H * kv_size], row (cell * H + h); returns [head_dim, B * H], row (j * H + h)
         ggml_tensor * x = ggml_get_rows(gctx, rows2d, src_rows[il]);                 // [hd, HBS] f32
-        x = ggml_mul(gctx, x, weights[il]);                                            // * w, broadcast over hd
+        x = ggml_mul(gctx, x, w);                                                      // * w, broadcast over hd
         x = ggml_reshape_3d(gctx, x, head_dim, S, HB);
         x = ggml_cont(gctx, ggml_permute(gctx, x, 1, 0, 2, 3));                        // [S, hd, HB]
         x = ggml_sum_rows(gctx, x);                                                    // [1, hd, HB]
@@ -199,6 +202,11 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
         weights[l]  = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, 1, HBS);
         ggml_set_input(src_rows[l]);
         ggml_set_input(weights[l]);
+        weights_v[l] = weights[l];
+        if (plan->v_weight != nullptr) {
+            weights_v[l] = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, 1, HBS);
+            ggml_set_input(weights_v[l]);
+        }
 
         const uint32_t mil = acc::layer_il(*kv, l);
         const int64_t hd_k = hp.n_embd_head_k(mil);
@@ -206,12 +214,12 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
 
         ggml_tensor * k = acc::k(*kv, l, chk.strm);
         ggml_tensor * k2 = ggml_view_2d(gctx, k, hd_k, H * kv_size, ggml_row_size(k->type, hd_k), 0);
-        ggml_build_forward_expand(gf, ggml_set_rows(gctx, k2, merge(k2, l, hd_k), dst_rows));
+        ggml_build_forward_expand(gf, ggml_set_rows(gctx, k2, merge(k2, l, hd_k, weights[l]), dst_rows));
 
         ggml_tensor * v = acc::v(*kv, l, chk.strm);
         if (!acc::v_trans(*kv)) {
             ggml_tensor * v2 = ggml_view_2d(gctx, v, hd_v, H * kv_size, ggml_row_size(v->type, hd_v), 0);
-            ggml_build_forward_expand(gf, ggml_set_rows(gctx, v2, merge(v2, l, hd_v), dst_rows));
+            ggml_build_forward_expand(gf, ggml_set_rows(gctx, v2, merge(v2, l, hd_v, weights_v[l]), dst_rows));
         } else {
             // V^T: element (cell c, dim d) at d * kv_size + c. Gather from a row-major copy, write
             // the B destination columns (contiguous, checked) back through a strided view.
@@ -219,7 +227,7 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
             ggml_tensor * vt = ggml_view_2d(gctx, v, kv_size, H * hd_v, kv_size * el, 0);       // [kv, n_embd_v]
             ggml_tensor * vr = ggml_cont(gctx, ggml_transpose(gctx, vt));                      // [n_embd_v, kv]
             vr = ggml_reshape_2d(gctx, vr, hd_v, H * kv_size);
-            ggml_tensor * m  = ggml_reshape_2d(gctx, merge(vr, l, hd_v), H * hd_v, B);          // [n_embd_v, B]
+            ggml_tensor * m  = ggml_reshape_2d(gctx, merge(vr, l, hd_v, weights_v[l]), H * hd_v, B); // [n_embd_v, B]
             ggml_tensor * out = ggml_view_2d(gctx, v, B, H * hd_v, kv_size * el, chk.dst[0] * el); // [B, n_embd_v]
             ggml_build_forward_expand(gf, ggml_cpy(gctx, ggml_transpose(gctx, m), out));
         }
@@ -239,7 +247,7 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
         ggml_backend_tensor_set(dst_rows, d.data(), 0, d.size() * sizeof(int64_t));
 
         std::vector<int32_t> r(HBS);
-        std::vector<float>   w(HBS);
+        std::vector<float>   w(HBS), wv(plan->v_weight != nullptr ? HBS : 0);
         for (int64_t l = 0; l < plan->n_layer; ++l) {
             for (int64_t h = 0; h < H; ++h) {
                 for (int64_t j = 0; j < B; ++j) {
@@ -249,11 +257,17 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
                         const int32_t c = plan->src[e];
                         r[o] = c < 0 ? (int32_t) (chk.seq_cells[0] * H + h) : (int32_t) (c * H + h);
                         w[o] = c < 0 ? 0.0f : plan->weight[e];
+                        if (plan->v_weight != nullptr) {
+                            wv[o] = c < 0 ? 0.0f : plan->v_weight[e];
+                        }
                     }
                 }
             }
             ggml_backend_tensor_set(src_rows[l], r.data(), 0, r.size() * sizeof(int32_t));
             ggml_backend_tensor_set(weights[l],  w.data(), 0, w.size() * sizeof(float));
+            if (plan->v_weight != nullptr) {
+                ggml_backend_tensor_set(weights_v[l], wv.data(), 0, wv.size() * sizeof(float));
+            }
         }
     }
 

@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 3
+#define FLOWMM_VERSION_MINOR 4
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -91,6 +91,8 @@ extern "C" {
         const int32_t   * src;        // [n_layer][n_head_kv][n_slots][n_src], cells of seq_id or -1
         const float     * weight;     // same shape; finite and >= 0
         const llama_pos * slot_pos;   // [n_slots], strictly increasing, last == the sequence's max position
+        const float     * v_weight;   // same shape as weight: V's own weights (K keeps `weight`);
+                                      // NULL: V is merged with `weight` too
     };
 
     // Apply `plan` to seq_id: K and V of every slot are written (in the cache's own type) to the

@@ -36,12 +36,13 @@ def _reference_logits(model, kv_type, fa, state, plan: kv_cache.MergePlan, next_
     """Merged cache built in numpy from the parsed state, loaded into a fresh context."""
     n_slots = plan.src.shape[2]
     ks, vs = [], []
-    for rows_all, out in ((state.k, ks), (state.v, vs)):
+    v_weight = plan.weight if plan.v_weight is None else plan.v_weight
+    for rows_all, weight, out in ((state.k, plan.weight, ks), (state.v, v_weight, vs)):
         for l in range(L):
             m = np.zeros((n_slots, H * HD), np.float32)
             for h in range(H):
                 for j in range(n_slots):
-                    for c, w in zip(plan.src[l, h, j], plan.weight[l, h, j]):
+                    for c, w in zip(plan.src[l, h, j], weight[l, h, j]):
                         if c >= 0:
                             m[j, h * HD:(h + 1) * HD] += w * rows_all[l][c, h * HD:(h + 1) * HD]
             out.append(m)
@@ -92,6 +93,14 @@ def _per_head_weighted(n, rng):
     return kv_cache.MergePlan(src=src, weight=weight, slot_pos=slot_pos.astype(np.int32))
 
 
+def _keys_kept_values_weighted(n, rng):
+    """The same sources, K taken from each slot's first source alone, V weighted over all of them."""
+    plan = _per_head_weighted(n, rng)
+    key_weight = np.zeros_like(plan.weight)
+    key_weight[..., 0] = 1.0
+    return kv_cache.MergePlan(src=plan.src, weight=key_weight, slot_pos=plan.slot_pos, v_weight=plan.weight)
+
+
 @pytest.mark.parametrize("kv_type,fa", CONFIGS)
 def test_identity_plan_leaves_the_next_logits_unchanged(model, kv_type, fa):
     merged, ref, baseline, _ = _run(model, kv_type, fa, _identity)
@@ -102,7 +111,8 @@ def test_identity_plan_leaves_the_next_logits_unchanged(model, kv_type, fa):
 
 
 @pytest.mark.parametrize("kv_type,fa", CONFIGS)
-@pytest.mark.parametrize("make_plan", [_keep_subset, _per_head_weighted], ids=["keep-subset", "per-head-weighted"])
+@pytest.mark.parametrize("make_plan", [_keep_subset, _per_head_weighted, _keys_kept_values_weighted],
+                         ids=["keep-subset", "per-head-weighted", "keys-kept-values-weighted"])
 def test_plan_equals_the_state_edited_reference(model, kv_type, fa, make_plan):
     merged, ref, baseline, (cells, pos, plan) = _run(model, kv_type, fa, make_plan)
     assert _rel_err(merged, ref) <= TOL[kv_type]
@@ -130,6 +140,9 @@ def _bad_plans(n, cells_other):
         (with_(src=setitem((1, 1, 2, 0), cells_other)), f"cell {cells_other} does not hold sequence 0"),
         (with_(weight=setitem((2, 0, 0, 0), np.nan)), "is negative or not finite"),
         (with_(weight=setitem((3, 1, 3, 0), -0.5)), "is negative or not finite"),
+        (with_(v_weight=np.where(np.arange(good.src.size).reshape(good.src.shape) == 7, np.inf, 1.0).astype(np.float32)),
+         "V weight inf is negative or not finite"),
+        (with_(v_weight=np.ones(good.src.shape[:3], np.float32)), "v_weight"),
         (with_(src=good.src[:2], weight=good.weight[:2]), f"plan is for 2 layers x {H} KV heads, the cache has {L} x {H}"),
         (with_(slot_pos=setitem(2, 0)), "strictly increasing"),
         (with_(slot_pos=setitem(B - 1, n + 5)), f"the last slot must keep the sequence's last position {n - 1}"),

@@ -69,11 +69,13 @@ class Stats:
 
 @dataclasses.dataclass
 class Plan:
-    """A merge plan in cell *indices*: src [n_layer, n_head_kv, B, S] (-1 unused), weight, slot_pos [B]."""
+    """A merge plan in cell *indices*: src [n_layer, n_head_kv, B, S] (-1 unused), weight, slot_pos [B];
+    v_weight: V's own weights (K keeps `weight`), or None for both merged alike."""
 
     src: np.ndarray
     weight: np.ndarray
     slot_pos: np.ndarray
+    v_weight: np.ndarray | None = None
 
     @property
     def n_slots(self) -> int:
@@ -82,7 +84,8 @@ class Plan:
     def to_cells(self, cells: np.ndarray) -> MergePlan:
         cells = np.asarray(cells, dtype=np.int32)
         src = np.where(self.src >= 0, cells[np.maximum(self.src, 0)], -1).astype(np.int32)
-        return MergePlan(src=src, weight=self.weight.astype(np.float32), slot_pos=self.slot_pos.astype(np.int32))
+        return MergePlan(src=src, weight=self.weight.astype(np.float32), slot_pos=self.slot_pos.astype(np.int32),
+                         v_weight=None if self.v_weight is None else self.v_weight.astype(np.float32))
 
 
 def resolve_budget(budget: float | int, n: int, protected: int) -> int:
