@@ -472,8 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),
-                   help=f"RULER-style families to generate (of {', '.join(ALL_FAMILIES)})")
-    p.add_argument("--lengths", default="2048", help="context lengths (tokens) of the generated suite")
+                   help=f"RULER-style families to generate (of {', '.join(ALL_FAMILIES)}; default: those the "
+                        f"default model answers with the full cache, docs/RESULTS.md)")
+    p.add_argument("--lengths", default="2048", help="context lengths (tokens) of the generated suite, e.g. 2048,4096,8192")
     p.add_argument("--per-kind", "--per-family", type=at_least(1), default=2,
                    help="tasks per family and length in the generated suite")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated suite")
