@@ -7,7 +7,15 @@ one `eval --question after` makes (the observation window is the end of the cont
 that drops the answer's tokens cannot answer a later question whatever its merge does, so this
 separates what a method chooses from how it merges.
 
-    python scripts/answer_retention.py --lengths 2048 --per-kind 2 --budgets 0.05,0.1,0.2,0.35,0.5
+With --compare-scores it also ranks importance scores a selection could start from, each turned
+into SnapKV's selection (average pooling 7, top-k per layer and KV head, sinks and the last 32
+kept): "window", attention from the last 32 rows of the context (SnapKV's, here with no
+question in them); "prompt", attention from every prompt row (H2O's); "reconstruction",
+attention from the rows of a second pass that makes the model repeat the context
+(KVzip-style, Kim et al. 2025: a token the model needs to reproduce the context gets mass,
+whatever the question will be). That pass costs a second prefill.
+
+    cd scripts && python answer_retention.py --lengths 2048 --per-kind 2 --budgets 0.05,0.1,0.2,0.35,0.5
 """
 
 from __future__ import annotations
@@ -20,8 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import open_model
-from flowmm_edge import evaluation, ruler_tasks, runtime
+from flowmm_edge import evaluation, kv_cache, ruler_tasks, runtime
+from flowmm_edge.attention_stats import AttentionStats
+from flowmm_edge.methods.base import top_by_score
+from flowmm_edge.methods.snapkv import SnapKV, avg_pool
 from flowmm_edge.prompt import ModalityLabels, prepare
+
+REPEAT = "\n\nRepeat the previous context exactly.\n"
 
 
 def answer_positions(model, pieces, values: list[str]) -> np.ndarray:
@@ -39,6 +52,51 @@ def answer_positions(model, pieces, values: list[str]) -> np.ndarray:
     return np.flatnonzero(hit)
 
 
+def _scores_by_position(ctx, stats: AttentionStats, n: int) -> np.ndarray:
+    """[n_layer, n_head_kv, n]: the mass each of positions 0..n-1 received."""
+    _, pos = kv_cache.seq_cells(ctx)
+    order = np.argsort(pos, kind="stable")
+    keep = order[pos[order] < n]
+    return np.stack([stats.column_scores(l, per_kv_head=True)[:, keep] for l in range(stats.n_layer)])
+
+
+def importance_scores(model, ctx, p, n_threads) -> dict[str, np.ndarray]:
+    """The three scores for a prompt decoded from an empty cache."""
+    tokens = [t for piece in p.pieces for t in piece]
+    n, w = len(tokens), 32
+    out = {}
+    with AttentionStats(ctx) as whole:
+        ctx.decode(tokens, 0)
+    out["prompt"] = _scores_by_position(ctx, whole, n)
+    ctx.truncate(n - w)
+    with AttentionStats(ctx, prompt_end=n, window=w) as window:
+        ctx.decode(tokens[-w:], n - w)
+    out["window"] = _scores_by_position(ctx, window, n)
+    again = model.tokenize(REPEAT, add_special=False) + tokens[1:]  # the context again, without BOS
+    with AttentionStats(ctx, prompt_end=n + len(again), window=len(again)) as rec:
+        ctx.decode(again, n)
+    out["reconstruction"] = _scores_by_position(ctx, rec, n)
+    ctx.truncate(n)
+    return out
+
+
+def compare_scores(model, tasks, budgets, n_threads) -> list[dict]:
+    keep = SnapKV()  # its protected cells: 4 sinks and the last 32
+    shares: dict[tuple[str, float], list[float]] = {}
+    for task in tasks:
+        context, _ = evaluation.wrap(model, task)
+        p = prepare(model, context, ModalityLabels(), add_bos=True)
+        where = answer_positions(model, p.pieces, [a for q in task.questions for a in q.answers])
+        with runtime.Context(model, n_ctx=2 * p.n_pos + 64, n_threads=n_threads) as ctx:
+            scores = importance_scores(model, ctx, p, n_threads)
+        for kind, sc in scores.items():
+            for b in budgets:
+                sel = top_by_score(avg_pool(sc.astype(np.float64), 7), keep.protected(p.n_pos), int(np.ceil(b * p.n_pos)))
+                shares.setdefault((kind, b), []).append(float(np.isin(sel, where).sum(axis=-1).mean() / len(where)))
+        print(f"{task.id}: scores compared", file=sys.stderr)
+    return [{"score": k, "budget": b, "kept": float(np.mean(v)), "tasks": len(v)} for (k, b), v in sorted(shares.items())]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -50,11 +108,21 @@ def main() -> int:
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--compare-scores", action="store_true",
+                    help="rank importance scores (window, prompt, reconstruction) instead of the methods")
     args = ap.parse_args()
     _, model = open_model(args)
     tasks = ruler_tasks.generate(args.families.split(","), [int(x) for x in args.lengths.split(",")], args.per_kind,
                                  args.seed, count_tokens=lambda t: len(model.tokenize(t, add_special=False)))
     budgets = [float(b) for b in args.budgets.split(",")]
+    if args.compare_scores:
+        rows = compare_scores(model, tasks, budgets, args.threads)
+        print("| importance score | budget | answer tokens kept |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['score']} | {r['budget']:.0%} | {r['kept']:.0%} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     shares: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for task in tasks:
         context, _ = evaluation.wrap(model, task)

@@ -156,3 +156,28 @@ def test_answer_positions_spell_the_answer(model):
     for value in task.questions[0].answers:  # every value's tokens are among them, and little else
         assert value in spelled
     assert len(where) <= sum(len(v) for v in task.questions[0].answers) + 2 * len(task.questions[0].answers)
+
+
+def test_importance_scores_cover_the_context_and_rank_a_full_budget_whole(model):
+    import answer_retention
+    import make_tiny_models
+
+    task = ruler_tasks.generate(("single-number",), (200,), 1, seed=3,
+                                count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
+    context, _ = evaluation.wrap(model, task)
+    p = prepare(model, context, ModalityLabels(), add_bos=True)
+    with runtime.Context(model, n_ctx=2 * p.n_pos + 64, n_threads=2) as ctx:
+        scores = answer_retention.importance_scores(model, ctx, p, 2)
+        assert ctx.next_pos() == p.n_pos  # the repeat pass is gone again
+    L, H = scores["prompt"].shape[:2]
+    spec = make_tiny_models.TINY.text
+    group = spec.n_head // spec.n_head_kv  # query heads per KV head
+    for kind, sc in scores.items():
+        assert sc.shape == (L, H, p.n_pos) and np.all(sc >= 0) and np.all(np.isfinite(sc)), kind
+    # every query row spreads a mass of 1 per query head over the cells it sees: the window's 32
+    # rows and the prompt's rows see only the context; the repeat pass sees itself as well
+    np.testing.assert_allclose(scores["window"].sum(axis=-1), 32 * group, rtol=1e-3)
+    np.testing.assert_allclose(scores["prompt"].sum(axis=-1), p.n_pos * group, rtol=1e-3)
+    assert np.all(scores["reconstruction"].sum(axis=-1) > 0)
+    rows = answer_retention.compare_scores(model, [task], [1.0], 2)
+    assert {r["score"] for r in rows} == {"window", "prompt", "reconstruction"} and all(r["kept"] == 1.0 for r in rows)
