@@ -7,7 +7,8 @@ prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to
     report = comp.compress(ctx, labels_by_position)
 
 Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
-this prefill. Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
+this prefill. A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried
+before the merge, so a bias survives later merges (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
 (the observation window), and the report says so.
 """
 
@@ -127,5 +128,10 @@ class Compressor:
         self._stats = None
         if plan.n_slots == len(cells) and plan.src.shape[3] == 1:  # keeps every cell as it is: nothing to do
             return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho)
+        prior = kv_cache.get_slot_bias(ctx, seq_id)[..., order]  # by position, like the plan's indices
         kv_cache.apply_plan(ctx, plan.to_cells(cells), seq_id)
+        if np.any(prior != 0):  # the merge dropped it: each slot takes its first source's bias again
+            first = plan.src[..., 0]
+            kv_cache.set_slot_bias(ctx, np.where(first >= 0, np.take_along_axis(prior, np.maximum(first, 0), axis=-1), 0),
+                                   seq_id)
         return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan)

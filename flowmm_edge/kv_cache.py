@@ -153,6 +153,8 @@ lib.flowmm_kv_set_slot_bias.restype = ctypes.c_int32
 lib.flowmm_kv_set_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_kv_clear_slot_bias.restype = ctypes.c_int32
 lib.flowmm_kv_clear_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
+lib.flowmm_kv_get_slot_bias.restype = ctypes.c_int32
+lib.flowmm_kv_get_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32]
 
 
 def set_slot_bias(ctx, bias: np.ndarray, seq_id: int = 0) -> None:
@@ -169,3 +171,12 @@ def set_slot_bias(ctx, bias: np.ndarray, seq_id: int = 0) -> None:
 
 def clear_slot_bias(ctx, seq_id: int = 0) -> None:
     _check(lib.flowmm_kv_clear_slot_bias(_ptr(ctx), seq_id))
+
+
+def get_slot_bias(ctx, seq_id: int = 0) -> np.ndarray:
+    """The bias `seq_id`'s cells carry now: [n_layer, n_head_kv, n_cells] in seq_cells order, 0 where none."""
+    lay = layout(ctx)
+    n = len(seq_cells(ctx, seq_id)[0])
+    out = np.zeros((lay.n_layer, lay.n_head_kv, n), np.float32)
+    _check(lib.flowmm_kv_get_slot_bias(_ptr(ctx), seq_id, out.ctypes.data_as(_f32p), n))
+    return out

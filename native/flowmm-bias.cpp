@@ -16,8 +16,10 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using acc = flowmm_kv_access;
@@ -105,17 +107,58 @@ void forget(bias_state & st, uint32_t strm, llama_seq_id seq_id) {
     }
 }
 
+// The cells a ubatch writes hold new tokens: a bias set for an earlier token of the same sequence
+// at the same position (one dropped with llama_memory_seq_rm and decoded again) is not theirs.
+void drop_rewritten(bias_state & st, llama_kv_cache & kv, const llama_ubatch & ub) {
+    std::vector<std::unordered_map<int64_t, int32_t>> at(st.streams.size()); // (seq, pos) -> cell
+    for (size_t strm = 0; strm < st.streams.size(); ++strm) {
+        const auto & sb = st.streams[strm];
+        for (int32_t c = 0; c < st.kv_size; ++c) {
+            if (sb.pos[c] >= 0) {
+                at[strm][((int64_t) sb.seq[c] << 32) | (uint32_t) sb.pos[c]] = c;
+            }
+        }
+    }
+    bool dropped = false;
+    for (uint32_t t = 0; t < ub.n_tokens; ++t) {
+        for (int32_t k = 0; k < ub.n_seq_id[t]; ++k) {
+            const llama_seq_id seq = ub.seq_id[t][k];
+            const uint32_t strm = acc::n_stream(kv) == 1 ? 0 : acc::stream_of(kv, seq);
+            const auto it = at[strm].find(((int64_t) seq << 32) | (uint32_t) ub.pos[t]);
+            if (it == at[strm].end()) {
+                continue;
+            }
+            auto & sb = st.streams[strm];
+            sb.pos[it->second] = -1;
+            sb.seq[it->second] = -1;
+            for (int32_t lh = 0; lh < st.n_layer * st.n_head_kv; ++lh) {
+                sb.value[(size_t) lh * st.kv_size + it->second] = 0.0f;
+            }
+            dropped = true;
+        }
+    }
+    if (dropped) {
+        st.refresh_layer_flags(); // graphs built from now on see the new flags
+    }
+}
+
 // graph input: fills the bias tensor [n_kv, 1, n_head or 1, n_stream] before each compute
 class bias_input : public llm_graph_input_i {
 public:
     bias_input(std::shared_ptr<void> keep, const llama_kv_cache_context * mctx, int32_t layer, int32_t n_head, bool kv_unified)
         : keep(std::move(keep)), mctx(mctx), layer(layer), n_head(n_head), kv_unified(kv_unified) {
         generation = st().generation;
+        // the first biased layer's input runs first: it drops what the ubatch rewrites, for every layer
+        const auto & active = st().layer_active;
+        first = std::find(active.begin(), active.end(), 1) - active.begin() == layer;
     }
 
     void set_input(const llama_ubatch * ubatch) override {
-        const bias_state & s = st();
         llama_kv_cache & kv = *acc::kv_of(*mctx);
+        if (first) {
+            drop_rewritten(*static_cast<bias_state *>(keep.get()), kv, *ubatch);
+        }
+        const bias_state & s = st();
         const int64_t n_kv = tensor->ne[0];
         const int64_t nh   = tensor->ne[2];
         const int64_t ns   = tensor->ne[3];
@@ -156,6 +199,7 @@ private:
     const int32_t n_head;
     const bool kv_unified;
     uint64_t generation;
+    bool first;
 };
 
 } // namespace
@@ -262,6 +306,44 @@ int32_t flowmm_kv_clear_slot_bias(llama_context * ctx, llama_seq_id seq_id) {
         st->refresh_layer_flags();
         if (st->generation != gen) {
             flowmm_drop_cached_graphs(ctx);
+        }
+    }
+    return FLOWMM_OK;
+}
+
+int32_t flowmm_kv_get_slot_bias(llama_context * ctx, llama_seq_id seq_id, float * out, int32_t n_cells) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const auto & cells = acc::cells(*kv, strm);
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
+    if (n_cells != (int32_t) own.size()) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias buffer covers " + std::to_string(n_cells) + " cells, sequence " +
+            std::to_string(seq_id) + " has " + std::to_string(own.size()));
+    }
+    if (n_cells > 0 && out == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out is NULL");
+    }
+    const auto & hp = acc::hparams(*kv);
+    const int32_t n_layer = (int32_t) acc::n_layer(*kv);
+    const int32_t n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(*kv, 0));
+    std::fill(out, out + (size_t) n_layer * n_head_kv * n_cells, 0.0f);
+    const bias_state * st = state_of(*kv, false);
+    if (st == nullptr) {
+        return FLOWMM_OK;
+    }
+    const auto & sb = st->streams[strm];
+    for (int32_t i = 0; i < n_cells; ++i) {
+        const int32_t c = own[i];
+        if (sb.pos[c] < 0 || sb.seq[c] != seq_id || cells.pos_get(c) != sb.pos[c]) {
+            continue; // none set, or set for a token this cell no longer holds (as the graph reads it)
+        }
+        for (int32_t l = 0; l < n_layer; ++l) {
+            for (int32_t h = 0; h < n_head_kv; ++h) {
+                out[((size_t) l * n_head_kv + h) * n_cells + i] = st->get(strm, l, h, (uint32_t) c);
+            }
         }
     }
     return FLOWMM_OK;

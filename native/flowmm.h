@@ -110,12 +110,18 @@ extern "C" {
     // flowmm_kv_seq_cells), per cache layer and, if per_head, per KV head:
     // bias[l][h][i] with h in [0, per_head ? n_head_kv : 1). -INFINITY makes a slot dead in that
     // layer (and head); log(n) makes a slot count for n merged tokens. Replaces the sequence's
-    // previous bias; a merge or freeing a cell drops it. Works with flash attention on and off.
+    // previous bias; a merge drops it (flowmm_kv_get_slot_bias reads it first, to set it again),
+    // and a cell freed and written again carries none. Works with flash attention on and off.
     FLOWMM_API int32_t flowmm_kv_set_slot_bias(struct llama_context * ctx, llama_seq_id seq_id,
                                                const float * bias, int32_t n_cells, int32_t per_head);
 
     // Remove seq_id's slot bias.
     FLOWMM_API int32_t flowmm_kv_clear_slot_bias(struct llama_context * ctx, llama_seq_id seq_id);
+
+    // The bias seq_id's cells carry now, out[l][h][i] for h in [0, n_head_kv) and i in the cell
+    // order of flowmm_kv_seq_cells (n_cells must be their count); 0 where none is set.
+    FLOWMM_API int32_t flowmm_kv_get_slot_bias(struct llama_context * ctx, llama_seq_id seq_id,
+                                               float * out, int32_t n_cells);
 
     //
     // attention statistics
