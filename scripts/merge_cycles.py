@@ -3,9 +3,10 @@
 
     .venv/bin/python scripts/merge_cycles.py [--cycles 200]
 
-Each cycle decodes 4 tokens, reads K/V rows, sets a slot bias, hands the C API two invalid
-plans (which must be refused) and merges the cache back down to 24 cells (sinks, weighted
-middle, recent window) once it holds more. Run it under valgrind with
+Each cycle decodes 4 tokens, reads K/V rows, sets a slot bias and reads it back, hands the C
+API two invalid plans (which must be refused) and merges the cache back down to 24 cells
+(sinks, weighted middle, recent window) once it holds more, every other merge with V weighted
+apart from K. Run it under valgrind with
 scripts/leak_check.sh.
 """
 
@@ -46,6 +47,7 @@ def main() -> int:
             cells, positions = kv_cache.seq_cells(ctx)
             kv_cache.read_rows(ctx, int(rng.integers(lay.n_layer)), 0, cells[:8], "k")
             kv_cache.set_slot_bias(ctx, rng.uniform(0, 1, (lay.n_layer, len(cells))).astype(np.float32))
+            kv_cache.get_slot_bias(ctx)
             bad = kv_cache.MergePlan.keep(np.full((lay.n_layer, lay.n_head_kv, 2), 10_000, np.int32), positions[-2:])
             for plan in (bad, kv_cache.MergePlan.keep(np.zeros((1, 1, 1), np.int32), positions[-1:])):
                 try:
@@ -58,8 +60,9 @@ def main() -> int:
                 src = rng.integers(0, n, size=(lay.n_layer, lay.n_head_kv, B, S))
                 src[..., 0] = anchor
                 weight = np.full(src.shape, 1.0 / S, np.float32)
+                v_weight = rng.uniform(0, 1, src.shape).astype(np.float32) if merges % 2 else None
                 kv_cache.apply_plan(ctx, kv_cache.MergePlan(src=cells[src].astype(np.int32), weight=weight,
-                                                            slot_pos=positions[anchor].astype(np.int32)))
+                                                            slot_pos=positions[anchor].astype(np.int32), v_weight=v_weight))
                 merges += 1
     print(f"{a.cycles} cycles, {merges} merges, {refused} plans refused, last position {pos}")
     return 0
