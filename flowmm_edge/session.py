@@ -184,19 +184,38 @@ class Session:
 
     def _snapshot(self):
         return (self.ctx.state() if self.pos else b"", list(self.messages), self.cached_text, self.pos,
-                self.labels_by_pos.copy(), list(self.labels.names), dataclasses.replace(self.stats), self.last_logits)
+                self.labels_by_pos.copy(), list(self.labels.names), dataclasses.replace(self.stats), self.last_logits,
+                self._bias())
 
     def _restore(self, snap) -> None:
-        state, self.messages, self.cached_text, self.pos, self.labels_by_pos, names, self.stats, self.last_logits = snap
+        state, self.messages, self.cached_text, self.pos, self.labels_by_pos, names, self.stats, self.last_logits, bias = snap
         self.labels.names = names
         if state:
             self.ctx.set_state(state)
         else:
             self.ctx.clear()
+        self._set_bias(bias)
+
+    def _bias(self) -> np.ndarray | None:
+        """The slot bias the cache carries (not part of llama.cpp's state), cells in position order; None if none."""
+        bias = kv_cache.get_slot_bias(self.ctx) if self.pos else None
+        if bias is None or not np.any(bias):
+            return None
+        return bias[..., np.argsort(kv_cache.seq_cells(self.ctx)[1], kind="stable")]
+
+    def _set_bias(self, bias: np.ndarray | None) -> None:
+        """Set a bias from _bias() on the cache's cells (which may sit in other cells now), or clear it."""
+        if bias is None:
+            kv_cache.clear_slot_bias(self.ctx)
+            return
+        in_cells = np.empty_like(bias)
+        in_cells[..., np.argsort(kv_cache.seq_cells(self.ctx)[1], kind="stable")] = bias
+        kv_cache.set_slot_bias(self.ctx, in_cells)
 
     def reset(self) -> None:
         self._finish_reply()
         self.ctx.clear()
+        kv_cache.clear_slot_bias(self.ctx)
         self._reset_state()
 
     def close(self) -> None:
@@ -414,13 +433,14 @@ class Session:
                   "stats": dataclasses.asdict(self.stats)}
         state = self.ctx.state() if self.pos else b""
         logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
-        session_file.write(path, header, state, logits)
+        bias = self._bias()
+        session_file.write(path, header, state, logits, b"" if bias is None else bias.astype(np.float32).tobytes())
 
     def load(self, path: str | Path) -> None:
         """Resume a saved session; on any problem the current one is left as it was."""
         self._finish_reply()
         try:
-            h, state, logits = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)))
+            h, state, logits, bias = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)))
         except session_file.SessionFileError as e:
             raise SessionError(str(e)) from None
         if h["model"] != policy_mod.fingerprint(self.model_path):
@@ -441,6 +461,12 @@ class Session:
             if state and self.ctx.next_pos() != h["pos"]:
                 raise SessionError(f"{path}: invalid session file: the cache ends at position "
                                    f"{self.ctx.next_pos() - 1}, the header says {h['pos'] - 1}")
+            lay = kv_cache.layout(self.ctx)
+            want = lay.n_layer * lay.n_head_kv * self.cells()
+            if bias and len(bias) != 4 * want:
+                raise SessionError(f"{path}: invalid session file: a slot bias of {len(bias) // 4} values, the cache "
+                                   f"needs {want}")
+            self._set_bias(np.frombuffer(bias, np.float32).reshape(lay.n_layer, lay.n_head_kv, -1) if bias else None)
         except FlowMMError as e:
             self._restore(snap)
             if isinstance(e, SessionError):

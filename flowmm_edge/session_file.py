@@ -2,8 +2,12 @@
 
 Layout (little-endian):
 
-    b"FLOWMMS2"  u32 header length  u64 cache length  u64 logits length  sha256 (32 bytes)
-    header (JSON)  cache (llama.cpp's sequence state)  logits (float32)
+    b"FLOWMMS3"  u32 header length  u64 cache length  u64 logits length  u64 bias length  sha256 (32 bytes)
+    header (JSON)  cache (llama.cpp's sequence state)  logits (float32)  slot bias (float32)
+
+The slot bias (kv_cache.set_slot_bias) is not part of llama.cpp's state: it is stored apart,
+[n_layer, n_head_kv, n_cells] with the cells in position order, or empty. Version 2 files (no
+bias section, b"FLOWMMS2") are still read.
 
 The sha256 covers everything after it, so a flipped bit anywhere or a cut file is refused before
 anything is restored. The header is then validated field by field (`read`), so a file that is
@@ -20,9 +24,10 @@ from pathlib import Path
 
 from .errors import FlowMMError
 
-MAGIC, VERSION = b"FLOWMMS2", 2
+MAGIC, VERSION = b"FLOWMMS3", 3
 FORMAT = "flowmm-edge/session"
-_FRAME = struct.Struct("<IQQ32s")
+_FRAME = struct.Struct("<IQQQ32s")
+_FRAMES = {MAGIC: (VERSION, _FRAME), b"FLOWMMS2": (2, struct.Struct("<IQQ32s"))}  # magic -> (version, frame)
 ROLES = ("system", "user", "assistant")
 
 
@@ -30,34 +35,38 @@ class SessionFileError(FlowMMError):
     pass
 
 
-def write(path: str | Path, header: dict, cache: bytes, logits: bytes) -> None:
+def write(path: str | Path, header: dict, cache: bytes, logits: bytes, bias: bytes = b"") -> None:
     """Write atomically (a temporary file renamed over `path`)."""
     blob = json.dumps({"format": FORMAT, "version": VERSION, **header}).encode()
-    digest = hashlib.sha256(blob + cache + logits).digest()
+    digest = hashlib.sha256(blob + cache + logits + bias).digest()
     tmp = Path(str(path) + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + _FRAME.pack(len(blob), len(cache), len(logits), digest) + blob + cache + logits)
+            f.write(MAGIC + _FRAME.pack(len(blob), len(cache), len(logits), len(bias), digest) + blob + cache + logits
+                    + bias)
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SessionFileError(f"{path}: cannot save the session ({e.strerror or e})") from None
 
 
-def read(path: str | Path, stats_fields: tuple[str, ...]) -> tuple[dict, bytes, bytes]:
-    """(header, cache bytes, logits bytes) of a whole, intact, well-formed session file."""
+def read(path: str | Path, stats_fields: tuple[str, ...]) -> tuple[dict, bytes, bytes, bytes]:
+    """(header, cache bytes, logits bytes, bias bytes) of a whole, intact, well-formed session file."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise SessionFileError(f"{path}: cannot read the session file ({e.strerror or e})") from None
-    start = len(MAGIC) + _FRAME.size
-    if raw[:6] == MAGIC[:6] and raw[:len(MAGIC)] != MAGIC:
+    magic = raw[:len(MAGIC)]
+    if raw[:6] == MAGIC[:6] and magic not in _FRAMES:
         raise SessionFileError(f"{path}: a session file of another flowmm-edge version (this one reads "
-                               f"version {VERSION} only)")
-    if not raw.startswith(MAGIC) or len(raw) < start:
+                               f"versions {', '.join(str(v) for v, _ in sorted(_FRAMES.values()))})")
+    if magic not in _FRAMES or len(raw) < len(MAGIC) + _FRAMES[magic][1].size:
         raise SessionFileError(f"{path}: not a flowmm-edge session file")
-    n_blob, n_cache, n_logits, digest = _FRAME.unpack(raw[len(MAGIC):start])
-    if len(raw) != start + n_blob + n_cache + n_logits:
+    version, frame = _FRAMES[magic]
+    start = len(MAGIC) + frame.size
+    *lengths, digest = frame.unpack(raw[len(MAGIC):start])
+    n_blob, n_cache, n_logits, n_bias = lengths + [0] * (4 - len(lengths))
+    if len(raw) != start + n_blob + n_cache + n_logits + n_bias:
         raise SessionFileError(f"{path}: the session file is truncated or corrupt (size differs from its header)")
     if hashlib.sha256(raw[start:]).digest() != digest:
         raise SessionFileError(f"{path}: the session file is corrupt (checksum mismatch)")
@@ -65,26 +74,27 @@ def read(path: str | Path, stats_fields: tuple[str, ...]) -> tuple[dict, bytes, 
         header = json.loads(raw[start:start + n_blob])
     except ValueError:
         raise SessionFileError(f"{path}: the session header is not valid JSON") from None
-    problem = _header_problem(header, stats_fields)
+    problem = _header_problem(header, stats_fields, version)
     if problem:
         raise SessionFileError(f"{path}: invalid session header: {problem}")
     cache = raw[start + n_blob:start + n_blob + n_cache]
-    logits = raw[start + n_blob + n_cache:]
-    if n_logits % 4:
-        raise SessionFileError(f"{path}: invalid session file: logits of {n_logits} bytes are not float32")
-    return header, cache, logits
+    logits = raw[start + n_blob + n_cache:start + n_blob + n_cache + n_logits]
+    bias = raw[start + n_blob + n_cache + n_logits:]
+    if n_logits % 4 or n_bias % 4:
+        raise SessionFileError(f"{path}: invalid session file: logits or bias of {n_logits}/{n_bias} bytes are not float32")
+    return header, cache, logits, bias
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _header_problem(h, stats_fields: tuple[str, ...]) -> str | None:
+def _header_problem(h, stats_fields: tuple[str, ...], version: int = VERSION) -> str | None:
     """What is wrong with a decoded header, naming the field; None when it is well formed."""
     if not isinstance(h, dict):
         return "not a JSON object"
-    if h.get("format") != FORMAT or h.get("version") != VERSION:
-        return f"'format'/'version' are not {FORMAT!r} version {VERSION}"
+    if h.get("format") != FORMAT or h.get("version") != version:
+        return f"'format'/'version' are not {FORMAT!r} version {version}"
     model = h.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         return "'model' is missing or not a model fingerprint"

@@ -204,11 +204,11 @@ def test_a_20000_character_paste_a_block_and_a_file_arrive_whole(tiny_models, tm
 def _resign(raw: bytes, header: dict) -> bytes:
     """A session file with `header` in place of its own and a valid checksum."""
     start = len(session_file.MAGIC) + session_file._FRAME.size
-    n_blob, n_cache, n_logits, _ = session_file._FRAME.unpack(raw[len(session_file.MAGIC):start])
+    n_blob, n_cache, n_logits, n_bias, _ = session_file._FRAME.unpack(raw[len(session_file.MAGIC):start])
     blob = json.dumps(header).encode()
     body = blob + raw[start + n_blob:]
-    return (session_file.MAGIC + session_file._FRAME.pack(len(blob), n_cache, n_logits, hashlib.sha256(body).digest())
-            + body)
+    return (session_file.MAGIC + session_file._FRAME.pack(len(blob), n_cache, n_logits, n_bias,
+                                                          hashlib.sha256(body).digest()) + body)
 
 
 def test_damaged_session_files_are_refused_and_change_nothing(session, tmp_path):
@@ -351,3 +351,46 @@ def test_image_pixel_limits(session, tmp_path):
         assert prepared.note and "downscaled from 5000x4000" in prepared.note and prepared.n_pos > 0
     finally:
         prepared.close()
+
+
+def test_a_session_file_keeps_the_slot_bias_and_version_2_files_still_load(tiny_models, tmp_path):
+    from flowmm_edge import kv_cache
+
+    text, _ = tiny_models
+    with Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2) as a, \
+         Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2) as b:
+        a.chat("the secret key is red and the code is 1234")
+        cells, pos = kv_cache.seq_cells(a.ctx)
+        lay = kv_cache.layout(a.ctx)
+        bias = np.random.default_rng(5).uniform(-1, 1, (lay.n_layer, lay.n_head_kv, len(cells))).astype(np.float32)
+        kv_cache.set_slot_bias(a.ctx, bias)
+        a.save(tmp_path / "biased.session")
+        b.load(tmp_path / "biased.session")
+        # the same bias on the same positions, wherever the cells landed, and the same next token
+        b_cells, b_pos = kv_cache.seq_cells(b.ctx)
+        got = kv_cache.get_slot_bias(b.ctx)
+        np.testing.assert_array_equal(got[..., np.argsort(b_pos)], bias[..., np.argsort(pos)])
+        np.testing.assert_array_equal(a.ctx.decode([7], a.pos), b.ctx.decode([7], b.pos))
+
+        # a version 2 file (no bias section) written by hand loads, and carries no bias
+        raw = (tmp_path / "biased.session").read_bytes()
+        start = len(session_file.MAGIC) + session_file._FRAME.size
+        n_blob, n_cache, n_logits, n_bias, _ = session_file._FRAME.unpack(raw[len(session_file.MAGIC):start])
+        header = {**json.loads(raw[start:start + n_blob]), "version": 2}
+        blob = json.dumps(header).encode()
+        body = blob + raw[start + n_blob:start + n_blob + n_cache + n_logits]
+        v2 = b"FLOWMMS2" + struct.pack("<IQQ32s", len(blob), n_cache, n_logits, hashlib.sha256(body).digest()) + body
+        (tmp_path / "v2.session").write_bytes(v2)
+        b.load(tmp_path / "v2.session")
+        assert b.pos == a.pos and not np.any(kv_cache.get_slot_bias(b.ctx))
+
+        # a bias section that does not fit the cache is refused, and the session stays as it was
+        short = _resign(raw[:-4], json.loads(raw[start:start + n_blob]))
+        short = short[:len(session_file.MAGIC)] + session_file._FRAME.pack(
+            *session_file._FRAME.unpack(short[len(session_file.MAGIC):start])[:3], n_bias - 4,
+            hashlib.sha256(short[start:]).digest()) + short[start:]
+        (tmp_path / "short.session").write_bytes(short)
+        before = _state(b)
+        with pytest.raises(SessionError, match="slot bias of"):
+            b.load(tmp_path / "short.session")
+        assert _state(b) == before and not np.any(kv_cache.get_slot_bias(b.ctx))
