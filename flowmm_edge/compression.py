@@ -8,7 +8,8 @@ prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to
 
 Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
 this prefill. A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried
-before the merge, so a bias survives later merges (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
+before the merge, plus the plan's gain (merge="mass"), so a bias survives and accumulates over
+later merges (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
 (the observation window), and the report says so.
 """
 
@@ -130,8 +131,10 @@ class Compressor:
             return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho)
         prior = kv_cache.get_slot_bias(ctx, seq_id)[..., order]  # by position, like the plan's indices
         kv_cache.apply_plan(ctx, plan.to_cells(cells), seq_id)
-        if np.any(prior != 0):  # the merge dropped it: each slot takes its first source's bias again
-            first = plan.src[..., 0]
-            kv_cache.set_slot_bias(ctx, np.where(first >= 0, np.take_along_axis(prior, np.maximum(first, 0), axis=-1), 0),
-                                   seq_id)
+        first = plan.src[..., 0]  # the merge dropped the bias: each slot takes its first source's again, plus its gain
+        bias = np.where(first >= 0, np.take_along_axis(prior, np.maximum(first, 0), axis=-1), 0)
+        if plan.bias_gain is not None:
+            bias = bias + plan.bias_gain
+        if np.any(bias != 0):
+            kv_cache.set_slot_bias(ctx, bias, seq_id)
         return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan)

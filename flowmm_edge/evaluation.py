@@ -71,8 +71,9 @@ def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Seg
             [[Segment("text", "\n" + q.text + tail + q.answer_prefix)] for q in task.questions])
 
 
-ABLATIONS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
-             "no-both": dict(flow_guidance=False, sensitivity=False)}
+# flowmm:<variant>: the paper's ablations, and the mass merge (mass_merge.py) in place of LOOK-M's pivotal rule
+VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
+            "no-both": dict(flow_guidance=False, sensitivity=False), "mass": dict(merge="mass")}
 
 
 def make_method(name: str, policy=None):
@@ -80,10 +81,10 @@ def make_method(name: str, policy=None):
     if name == "flowmm" and policy is not None:
         return policy.flowmm(), np.asarray(policy.rho)
     base, _, variant = name.partition(":")
-    if base not in METHODS or (variant and (base != "flowmm" or variant not in ABLATIONS)):
-        known = sorted(METHODS) + [f"flowmm:{a}" for a in ABLATIONS]
+    if base not in METHODS or (variant and (base != "flowmm" or variant not in VARIANTS)):
+        known = sorted(METHODS) + [f"flowmm:{a}" for a in VARIANTS]
         raise MethodError(f"unknown method {name!r} (one of {', '.join(known)})")
-    return METHODS[base](**ABLATIONS.get(variant, {})), None
+    return METHODS[base](**VARIANTS.get(variant, {})), None
 
 
 def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):

@@ -199,6 +199,9 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
     // the rows of the mask this layer attends with (it may carry a per-head slot bias)
     ggml_tensor * m = ggml_view_3d(ctx, kq_mask, n_kv, n_sel, kq_mask->ne[2], kq_mask->nb[1], kq_mask->nb[2],
                                    (size_t) r0 * kq_mask->nb[1]);
+    if (!ggml_is_contiguous(m)) {
+        m = ggml_cont(ctx, m); // a per-head mask: some of each head's rows (soft_max needs them contiguous)
+    }
     ggml_tensor * p = ggml_soft_max_ext(ctx, kq, m, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
 
     auto inp = std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, n_sel);

@@ -70,12 +70,14 @@ class Stats:
 @dataclasses.dataclass
 class Plan:
     """A merge plan in cell *indices*: src [n_layer, n_head_kv, B, S] (-1 unused), weight, slot_pos [B];
-    v_weight: V's own weights (K keeps `weight`), or None for both merged alike."""
+    v_weight: V's own weights (K keeps `weight`), or None for both merged alike; bias_gain
+    [n_layer, n_head_kv, B]: added to the attention bias each slot's first source carried."""
 
     src: np.ndarray
     weight: np.ndarray
     slot_pos: np.ndarray
     v_weight: np.ndarray | None = None
+    bias_gain: np.ndarray | None = None
 
     @property
     def n_slots(self) -> int:

@@ -17,7 +17,9 @@ Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice)
      quantile of the pivots' importance (0.9: the top tenth absorb nothing). [I] In intra-modal
      layers only pivots with i's own label are eligible.
   4. [I] the paper leaves the merge function open: LOOK-M's pivotal merge (merge="pivotal"),
-     or a plain mean ("mean").
+     a plain mean ("mean"), or "mass" (mass_merge.py: the pivot's key kept, values weighted by
+     the window's attention mass, log(mass) on the slot's logit, and only candidates with key
+     cosine >= `floor` folded, 0.8 by default; the rest evicted).
   5. [I] a candidate with no eligible pivot is evicted (orphans="evict"); orphans="ungated"
      retries it without the tau gate (the modality rule still holds).
   6. [I] a pivot absorbs at most `max_absorb` candidates (its most similar); the rest are
@@ -35,6 +37,7 @@ import numpy as np
 
 from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
 from .snapkv import avg_pool
+from .mass_merge import MASS_FLOOR
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 ORPHAN_RULES = ("evict", "ungated")
@@ -45,7 +48,7 @@ class FlowMM(Method):
 
     def __init__(self, sinks: int = 4, window: int = 32, theta: float = 0.25, tau_quantile: float = 0.9,
                  merge: str = "pivotal", orphans: str = "evict", max_absorb: int = 15,
-                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7):
+                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7, floor: float | None = None):
         super().__init__(sinks, window)
         if not 0.0 <= theta <= 1.0:
             raise MethodError(f"theta {theta} is outside [0, 1]")
@@ -61,6 +64,7 @@ class FlowMM(Method):
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
         self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
         self.max_absorb, self.flow_guidance, self.sensitivity, self.pool = max_absorb, flow_guidance, sensitivity, pool
+        self.floor = MASS_FLOOR if floor is None and merge == "mass" else floor
 
     @property
     def needs(self):
@@ -74,7 +78,7 @@ class FlowMM(Method):
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
-        importance = stats.require(WINDOW_SCORES, n_layer, n_head_kv, n).astype(np.float64)
+        mass = importance = stats.require(WINDOW_SCORES, n_layer, n_head_kv, n).astype(np.float64)
         if self.pool > 1:
             importance = avg_pool(importance, self.pool)
         keys = stats.require(KEYS, n_layer, n_head_kv, n)
@@ -87,6 +91,6 @@ class FlowMM(Method):
             open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
             same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
             return fold(cand, piv, keys[l, h], same & open_, self.max_absorb,
-                        fallback=same if self.orphans == "ungated" else None)
+                        fallback=same if self.orphans == "ungated" else None, floor=self.floor)
 
-        return merge_plan(layout, pivots, self.merge, fold_one)
+        return merge_plan(layout, pivots, self.merge, fold_one, mass=mass)

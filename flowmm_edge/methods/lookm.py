@@ -12,14 +12,18 @@ fact leaves every text token uncompressed (only image tokens count against the b
 the budget covers all tokens, as in every method, so that methods are compared at equal memory;
 the text prior still keeps text first whenever the budget allows. Sinks (default 4) are kept as
 in every method here; LOOK-M has none, and they cost 4 slots.
+
+merge="mass" (offered, not LOOK-M's: its default stays the pivotal rule) folds by mass_merge.py,
+the masses being the whole-prompt scores, with a key-cosine floor (0.8 by default).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import KEYS, PROMPT_SCORES, Method, top_by_score
-from .pivotal_merge import fold, merge_plan
+from .base import KEYS, PROMPT_SCORES, Method, MethodError, top_by_score
+from .mass_merge import MASS_FLOOR
+from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 
 class LookM(Method):
@@ -27,9 +31,12 @@ class LookM(Method):
     needs = frozenset({PROMPT_SCORES, KEYS})
 
     def __init__(self, sinks: int = 4, window: int = 32, recent_share: float = 0.5, text_label: int = 0,
-                 merge: str = "pivotal", max_absorb: int = 15):
+                 merge: str = "pivotal", max_absorb: int = 15, floor: float | None = None):
         super().__init__(sinks, window)
+        if merge not in MERGE_RULES:
+            raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
         self.recent_share, self.text_label, self.merge, self.max_absorb = recent_share, text_label, merge, max_absorb
+        self.floor = MASS_FLOOR if floor is None and merge == "mass" else floor
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
@@ -42,4 +49,6 @@ class LookM(Method):
         prior = scores + text * scores.max(axis=-1, keepdims=True)  # every text token outranks every other
         pivots = top_by_score(prior, protected, slots)
         return merge_plan(layout, pivots, self.merge,
-                          lambda l, h, piv, cand: fold(cand, piv, keys[l, h], np.ones(len(piv), bool), self.max_absorb))
+                          lambda l, h, piv, cand: fold(cand, piv, keys[l, h], np.ones(len(piv), bool), self.max_absorb,
+                                                       floor=self.floor),
+                          mass=scores)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .base import MethodError, Plan, TokenLayout
 
-MERGE_RULES = ("pivotal", "mean")
+MERGE_RULES = ("pivotal", "mean", "mass")  # mass: mass_merge.py (kept keys, mass-weighted values, log-mass bias)
 
 
 def merge_weights(n_absorbed: int, rule: str) -> tuple[float, float]:
@@ -72,13 +72,18 @@ def build_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list
     return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]])
 
 
-def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_one) -> Plan:
+def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_one, mass: np.ndarray | None = None) -> Plan:
     """A Plan from pivots [n_layer, n_head_kv, B]: fold_one(layer, head, pivots, candidates)
-    returns per pivot the candidates merged into it; the rest are evicted."""
+    returns per pivot the candidates merged into it; the rest are evicted. The "mass" rule needs
+    the cells' attention mass [n_layer, n_head_kv, n]."""
     n_layer, n_head_kv, _ = pivots.shape
     every = np.arange(layout.n)
     absorbed = [[fold_one(l, h, pivots[l, h], np.setdiff1d(every, pivots[l, h])) for h in range(n_head_kv)]
                 for l in range(n_layer)]
+    if rule == "mass":
+        from .mass_merge import mass_plan
+
+        return mass_plan(layout, pivots, absorbed, mass)
     return build_plan(layout, pivots, absorbed, rule)
 
 
@@ -88,14 +93,16 @@ def absorbed_lists(target: np.ndarray, candidates: np.ndarray, n_pivots: int) ->
 
 
 def fold(cand: np.ndarray, piv: np.ndarray, keys: np.ndarray, eligible: np.ndarray, max_absorb: int,
-         fallback: np.ndarray | None = None) -> list[np.ndarray]:
+         fallback: np.ndarray | None = None, floor: float | None = None) -> list[np.ndarray]:
     """Match candidates to their most similar eligible pivot (then, for those left without one,
     to the most similar pivot allowed by `fallback`), cap each pivot at max_absorb, and return
-    per pivot the candidates it absorbs. eligible/fallback: bool, broadcastable to [cand, piv]."""
+    per pivot the candidates it absorbs. eligible/fallback: bool, broadcastable to [cand, piv].
+    With a floor, a candidate whose best allowed cosine is below it is evicted."""
     sim = cosine(keys[cand], keys[piv])
-    target = assign(sim, eligible)
+    above = np.ones(sim.shape, bool) if floor is None else sim >= floor
+    target = assign(sim, eligible & above)
     if fallback is not None:
         retry = target < 0
-        target[retry] = assign(sim[retry], np.broadcast_to(fallback, sim.shape)[retry])
+        target[retry] = assign(sim[retry], (np.broadcast_to(fallback, sim.shape) & above)[retry])
     best = sim[np.arange(len(cand)), np.maximum(target, 0)]
     return absorbed_lists(cap_absorbed(target, best, len(piv), max_absorb), cand, len(piv))

@@ -1,0 +1,57 @@
+"""Folding tokens into a kept slot without moving its key: values weighted by attention mass and
+a log-mass bias on the slot's logit (merge="mass"). Pure numpy, planned on the host; the native
+merge applies it (V weighted apart from K) and the slot bias carries the gain.
+
+Derivation. A query q attends to cell i with weight exp(s_i) / Z, s_i = q.k_i / sqrt(d) + b_i
+(b_i: the cell's bias, 0 unless an earlier merge set one), and the output is sum_i exp(s_i) v_i / Z.
+Fold a group G of cells into one slot that keeps the key k_p of its pivot p. For i in G write
+r_i = exp(s_i - s_p); then
+
+    sum_{i in G} exp(s_i) v_i = exp(s_p) * sum_i r_i v_i = exp(s_p + log R) * (sum_i r_i v_i / R),  R = sum_i r_i,
+
+so a slot with key k_p, value v = sum_i r_i v_i / R and bias b_p + log R contributes exactly what
+the group did, to Z as well. That is exact whenever r_i does not depend on the query: for
+identical keys r_i = exp(b_i - b_p), and with no bias r_i = 1, giving ToMe's proportional
+attention (bias log |G|, the mean value). For keys that differ, r_i is estimated by the masses
+the observation queries gave the cells, r_i ~ m_i / m_p (they include each cell's bias), so
+
+    v_slot = sum_i m_i v_i / sum_i m_i,      b_slot = b_p + log(sum_i m_i / m_p).
+
+The estimate holds while k_i and k_p point the same way, so only candidates whose key has cosine
+>= `floor` with the pivot's are folded (KeepKV uses 0.8); the rest are evicted, which is what a
+selection does with them. With nothing above the floor the plan is the selection itself.
+The kept key is never rewritten, so a slot that absorbs nothing is unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Plan, TokenLayout
+
+MASS_FLOOR = 0.8     # cosine a candidate's key needs with its pivot's to be folded (KeepKV's)
+MIN_MASS = 1e-12     # a cell the observation never attended still counts for this much
+
+
+def mass_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[np.ndarray]]],
+              mass: np.ndarray) -> Plan:
+    """A Plan from sorted pivots [n_layer, n_head_kv, B], per (layer, head, slot) the candidates
+    folded into it, and the attention mass of every cell [n_layer, n_head_kv, n]."""
+    n_layer, n_head_kv, b = pivots.shape
+    width = 1 + max((len(a) for per_l in absorbed for per_h in per_l for a in per_h), default=0)
+    src = np.full((n_layer, n_head_kv, b, width), -1, np.int32)
+    src[..., 0] = pivots
+    weight = np.zeros(src.shape, np.float32)
+    weight[..., 0] = 1.0  # the key stays the pivot's
+    v_weight = weight.copy()
+    gain = np.zeros((n_layer, n_head_kv, b), np.float32)
+    for l in range(n_layer):
+        for h in range(n_head_kv):
+            for s, cand in enumerate(absorbed[l][h]):
+                if len(cand) == 0:
+                    continue
+                m = np.maximum(mass[l, h, np.r_[pivots[l, h, s], cand]].astype(np.float64), MIN_MASS)
+                src[l, h, s, 1:1 + len(cand)] = cand
+                v_weight[l, h, s, :1 + len(cand)] = m / m.sum()
+                gain[l, h, s] = np.log(m.sum() / m[0])
+    return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]], v_weight=v_weight, bias_gain=gain)
