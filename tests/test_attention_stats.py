@@ -143,3 +143,37 @@ def test_bad_requests_are_refused_and_change_nothing(model):
             stats.flow(0)
         assert stats.column_scores(0).shape == (NQ, n + 2)
         stats.stop()
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_statistics_under_a_per_head_slot_bias_equal_numpy(model, flash_attn):
+    """A merged cache carries a per-head bias; the next turn's statistics must see it as attention does."""
+    cap = Capture([f"Qcur-{l}" for l in range(L)])
+    tokens = model.tokenize(PROMPT)
+    n = len(tokens)
+    n0 = n // 2
+    bias = np.random.default_rng(6).uniform(-2, 2, (L, H, n0)).astype(np.float32)
+    ctx = runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
+                          cb_eval=cap.callback)
+    ctx.decode(tokens[:n0], 0)
+    kv_cache.set_slot_bias(ctx, bias)
+    seen = {l: len(cap.calls[f"Qcur-{l}"]) for l in range(L)}
+    with AttentionStats(ctx) as stats:
+        ctx.decode(tokens[n0:], n0)
+    cells, pos = kv_cache.seq_cells(ctx)
+    assert np.array_equal(pos, np.arange(n))
+    for l in range(L):
+        q = np.concatenate([x.reshape(-1, NQ, HD) for x in cap.calls[f"Qcur-{l}"][seen[l]:][2::3]])
+        q = q.astype(np.float16).astype(np.float64)
+        keys = [kv_cache.read_rows(ctx, l, h, cells, "k").astype(np.float64) for h in range(H)]
+        want = np.zeros((NQ, n))
+        for t in range(n0, n):
+            for qh in range(NQ):
+                h = qh // (NQ // H)
+                logits = keys[h][: t + 1] @ q[t - n0, qh] / np.sqrt(HD)
+                logits[:n0] += bias[l, h]
+                p = np.exp(logits - logits.max())
+                want[qh, : t + 1] += p / p.sum()
+        got = stats.column_scores(l)
+        assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3, l
+    ctx.close()
