@@ -123,3 +123,10 @@ def test_the_gain_becomes_the_slot_bias_and_adds_up_over_merges(model):
         second = comp.compress(ctx, labels).plan
         want = np.take_along_axis(by_pos, second.src[..., 0], axis=-1) + second.bias_gain
         np.testing.assert_allclose(kv_cache.get_slot_bias(ctx), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_candidate_never_counts_for_more_than_its_pivot():
+    mass = np.array([[[1e-9, 0.5, 0.2, 0.7]]])  # a pivot the window hardly saw, absorbing three that it did
+    plan = mass_plan(_layout(4), np.array([[[0]]]), [[[np.array([1, 2, 3])]]], mass)
+    assert plan.bias_gain[0, 0, 0] == pytest.approx(np.log(4))  # at most log(group size)
+    np.testing.assert_allclose(plan.v_weight[0, 0, 0], [0.25] * 4)
