@@ -202,6 +202,38 @@ private:
     bool first;
 };
 
+// The cells of seq_id a bias buffer of n_cells values per (layer, KV head) maps onto, in
+// flowmm_kv_seq_cells order, and the cache's shape.
+struct bias_target {
+    llama_kv_cache * kv = nullptr;
+    uint32_t strm = 0;
+    std::vector<int32_t> own;
+    int32_t n_layer = 0;
+    int32_t n_head_kv = 0;
+};
+
+// FLOWMM_OK, or the failure (recorded) when the sequence cannot be resolved or `buf` (named
+// `name` in messages) does not cover exactly the sequence's cells.
+int32_t resolve_bias_target(llama_context * ctx, llama_seq_id seq_id, const float * buf, int32_t n_cells,
+                            const std::string & name, bias_target & t) {
+    t.kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (t.kv == nullptr) {
+        return flowmm_last_status();
+    }
+    t.strm = acc::stream_of(*t.kv, seq_id);
+    t.own = flowmm_seq_cells(*t.kv, t.strm, seq_id);
+    if (n_cells != (int32_t) t.own.size()) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, name + " covers " + std::to_string(n_cells) + " cells, sequence " +
+            std::to_string(seq_id) + " has " + std::to_string(t.own.size()));
+    }
+    if (n_cells > 0 && buf == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, name + " is NULL");
+    }
+    t.n_layer = (int32_t) acc::n_layer(*t.kv);
+    t.n_head_kv = (int32_t) acc::hparams(*t.kv).n_head_kv(acc::layer_il(*t.kv, 0));
+    return FLOWMM_OK;
+}
+
 } // namespace
 
 void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id) {
@@ -249,23 +281,16 @@ ggml_tensor * flowmm_hook_kq_mask(ggml_context * ctx, llm_graph_result * res, co
 }
 
 int32_t flowmm_kv_set_slot_bias(llama_context * ctx, llama_seq_id seq_id, const float * bias, int32_t n_cells, int32_t per_head) {
-    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
-    if (kv == nullptr) {
-        return flowmm_last_status();
+    bias_target t;
+    if (int32_t rc = resolve_bias_target(ctx, seq_id, bias, n_cells, "bias", t); rc != FLOWMM_OK) {
+        return rc;
     }
-    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    llama_kv_cache * kv = t.kv;
+    const uint32_t strm = t.strm;
     const auto & cells = acc::cells(*kv, strm);
-    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
-    if (n_cells != (int32_t) own.size()) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias covers " + std::to_string(n_cells) + " cells, sequence " +
-            std::to_string(seq_id) + " has " + std::to_string(own.size()));
-    }
-    if (n_cells > 0 && bias == nullptr) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias is NULL");
-    }
-    const auto & hp = acc::hparams(*kv);
-    const int32_t n_layer = (int32_t) acc::n_layer(*kv);
-    const int32_t n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(*kv, 0));
+    const std::vector<int32_t> & own = t.own;
+    const int32_t n_layer = t.n_layer;
+    const int32_t n_head_kv = t.n_head_kv;
     const int32_t nh = per_head ? n_head_kv : 1;
     const size_t n = (size_t) n_layer * nh * n_cells;
     for (size_t i = 0; i < n; ++i) {
@@ -312,37 +337,25 @@ int32_t flowmm_kv_clear_slot_bias(llama_context * ctx, llama_seq_id seq_id) {
 }
 
 int32_t flowmm_kv_get_slot_bias(llama_context * ctx, llama_seq_id seq_id, float * out, int32_t n_cells) {
-    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
-    if (kv == nullptr) {
-        return flowmm_last_status();
+    bias_target t;
+    if (int32_t rc = resolve_bias_target(ctx, seq_id, out, n_cells, "bias buffer", t); rc != FLOWMM_OK) {
+        return rc;
     }
-    const uint32_t strm = acc::stream_of(*kv, seq_id);
-    const auto & cells = acc::cells(*kv, strm);
-    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
-    if (n_cells != (int32_t) own.size()) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "bias buffer covers " + std::to_string(n_cells) + " cells, sequence " +
-            std::to_string(seq_id) + " has " + std::to_string(own.size()));
-    }
-    if (n_cells > 0 && out == nullptr) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out is NULL");
-    }
-    const auto & hp = acc::hparams(*kv);
-    const int32_t n_layer = (int32_t) acc::n_layer(*kv);
-    const int32_t n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(*kv, 0));
-    std::fill(out, out + (size_t) n_layer * n_head_kv * n_cells, 0.0f);
-    const bias_state * st = state_of(*kv, false);
+    std::fill(out, out + (size_t) t.n_layer * t.n_head_kv * n_cells, 0.0f);
+    const bias_state * st = state_of(*t.kv, false);
     if (st == nullptr) {
         return FLOWMM_OK;
     }
-    const auto & sb = st->streams[strm];
+    const auto & cells = acc::cells(*t.kv, t.strm);
+    const auto & sb = st->streams[t.strm];
     for (int32_t i = 0; i < n_cells; ++i) {
-        const int32_t c = own[i];
+        const int32_t c = t.own[i];
         if (sb.pos[c] < 0 || sb.seq[c] != seq_id || cells.pos_get(c) != sb.pos[c]) {
             continue; // none set, or set for a token this cell no longer holds (as the graph reads it)
         }
-        for (int32_t l = 0; l < n_layer; ++l) {
-            for (int32_t h = 0; h < n_head_kv; ++h) {
-                out[((size_t) l * n_head_kv + h) * n_cells + i] = st->get(strm, l, h, (uint32_t) c);
+        for (int32_t l = 0; l < t.n_layer; ++l) {
+            for (int32_t h = 0; h < t.n_head_kv; ++h) {
+                out[((size_t) l * t.n_head_kv + h) * n_cells + i] = st->get(t.strm, l, h, (uint32_t) c);
             }
         }
     }
