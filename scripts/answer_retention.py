@@ -60,18 +60,25 @@ def _scores_by_position(ctx, stats: AttentionStats, n: int) -> np.ndarray:
     return np.stack([stats.column_scores(l, per_kv_head=True)[:, keep] for l in range(stats.n_layer)])
 
 
-def importance_scores(model, ctx, p, n_threads) -> dict[str, np.ndarray]:
+def _context(model, task):
+    """The task's context as eval prepares it, and the positions of the answers' tokens in it."""
+    context, _ = evaluation.wrap(model, task)
+    p = prepare(model, context, ModalityLabels(), add_bos=True)
+    return p, answer_positions(model, p.pieces, [a for q in task.questions for a in q.answers])
+
+
+def importance_scores(model, ctx, p, window: int) -> dict[str, np.ndarray]:
     """The three scores for a prompt decoded from an empty cache."""
     tokens = [t for piece in p.pieces for t in piece]
-    n, w = len(tokens), 32
+    n = len(tokens)
     out = {}
     with AttentionStats(ctx) as whole:
         ctx.decode(tokens, 0)
     out["prompt"] = _scores_by_position(ctx, whole, n)
-    ctx.truncate(n - w)
-    with AttentionStats(ctx, prompt_end=n, window=w) as window:
-        ctx.decode(tokens[-w:], n - w)
-    out["window"] = _scores_by_position(ctx, window, n)
+    ctx.truncate(n - window)
+    with AttentionStats(ctx, prompt_end=n, window=window) as last:
+        ctx.decode(tokens[-window:], n - window)
+    out["window"] = _scores_by_position(ctx, last, n)
     again = model.tokenize(REPEAT, add_special=False) + tokens[1:]  # the context again, without BOS
     with AttentionStats(ctx, prompt_end=n + len(again), window=len(again)) as rec:
         ctx.decode(again, n)
@@ -81,20 +88,51 @@ def importance_scores(model, ctx, p, n_threads) -> dict[str, np.ndarray]:
 
 
 def compare_scores(model, tasks, budgets, n_threads) -> list[dict]:
-    keep = SnapKV()  # its protected cells: 4 sinks and the last 32
+    """Per score and budget, the share of the answer's tokens SnapKV's selection on that score keeps."""
+    snap = SnapKV()  # its pooling, sinks and window
     shares: dict[tuple[str, float], list[float]] = {}
     for task in tasks:
-        context, _ = evaluation.wrap(model, task)
-        p = prepare(model, context, ModalityLabels(), add_bos=True)
-        where = answer_positions(model, p.pieces, [a for q in task.questions for a in q.answers])
+        p, where = _context(model, task)
         with runtime.Context(model, n_ctx=2 * p.n_pos + 64, n_threads=n_threads) as ctx:
-            scores = importance_scores(model, ctx, p, n_threads)
+            scores = importance_scores(model, ctx, p, snap.window)
         for kind, sc in scores.items():
             for b in budgets:
-                sel = top_by_score(avg_pool(sc.astype(np.float64), 7), keep.protected(p.n_pos), int(np.ceil(b * p.n_pos)))
+                sel = top_by_score(avg_pool(sc.astype(np.float64), snap.kernel), snap.protected(p.n_pos),
+                                   int(np.ceil(b * p.n_pos)))
                 shares.setdefault((kind, b), []).append(float(np.isin(sel, where).sum(axis=-1).mean() / len(where)))
         print(f"{task.id}: scores compared", file=sys.stderr)
     return [{"score": k, "budget": b, "kept": float(np.mean(v)), "tasks": len(v)} for (k, b), v in sorted(shares.items())]
+
+
+def method_shares(model, tasks, methods: list[str], budgets, n_threads) -> list[dict]:
+    """Per method and budget, the share of the answer's tokens kept as slots and merged into slots."""
+    shares: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for task in tasks:
+        p, where = _context(model, task)
+        comps = evaluation.compressions(methods, budgets, None)
+        with runtime.Context(model, n_ctx=p.n_pos + 8, n_threads=n_threads) as ctx:
+            pre = evaluation.Prefill(ctx, p, comps)
+            for name, budget, comp in comps:
+                _, report = pre.compress(comp)
+                if report.plan is None:  # every cell kept as it was
+                    shares.setdefault((name, budget), []).append((1.0, 0.0))
+                    continue
+                src = report.plan.src  # [n_layer, n_head_kv, slots, sources], indices in position order
+                kept = np.isin(src[..., 0], where).sum(axis=-1) / len(where)
+                merged = np.isin(src[..., 1:], where).sum(axis=(-1, -2)) / len(where)
+                shares.setdefault((name, budget), []).append((float(kept.mean()), float(merged.mean())))
+        print(f"{task.id}: {len(where)} answer tokens of {p.n_pos}", file=sys.stderr)
+    return [{"method": m, "budget": b, "kept": float(np.mean([k for k, _ in v])),
+             "merged": float(np.mean([g for _, g in v])), "tasks": len(v)} for (m, b), v in sorted(shares.items())]
+
+
+def _emit(rows: list[dict], columns: list[tuple[str, str, str]], json_path) -> None:
+    """A Markdown table of rows (columns: header, key, format) on stdout, and the rows as JSON."""
+    print("| " + " | ".join(c[0] for c in columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(format(r[key], fmt) for _, key, fmt in columns) + " |")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
 def main() -> int:
@@ -116,38 +154,13 @@ def main() -> int:
                                  args.seed, count_tokens=lambda t: len(model.tokenize(t, add_special=False)))
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.compare_scores:
-        rows = compare_scores(model, tasks, budgets, args.threads)
-        print("| importance score | budget | answer tokens kept |\n|---|---|---|")
-        for r in rows:
-            print(f"| {r['score']} | {r['budget']:.0%} | {r['kept']:.0%} |")
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
-        return 0
-    shares: dict[tuple[str, float], list[tuple[float, float]]] = {}
-    for task in tasks:
-        context, _ = evaluation.wrap(model, task)
-        p = prepare(model, context, ModalityLabels(), add_bos=True)
-        where = answer_positions(model, p.pieces, [a for q in task.questions for a in q.answers])
-        comps = evaluation.compressions(args.methods.split(","), budgets, None)
-        with runtime.Context(model, n_ctx=p.n_pos + 8, n_threads=args.threads) as ctx:
-            pre = evaluation.Prefill(ctx, p, comps)
-            for name, budget, comp in comps:
-                _, report = pre.compress(comp)
-                if report.plan is None:  # every cell kept as it was
-                    shares.setdefault((name, budget), []).append((1.0, 0.0))
-                    continue
-                src = report.plan.src  # [n_layer, n_head_kv, slots, sources], indices in position order
-                kept = np.isin(src[..., 0], where).sum(axis=-1) / len(where)
-                merged = np.isin(src[..., 1:], where).sum(axis=(-1, -2)) / len(where)
-                shares.setdefault((name, budget), []).append((float(kept.mean()), float(merged.mean())))
-        print(f"{task.id}: {len(where)} answer tokens of {p.n_pos}", file=sys.stderr)
-    rows = [{"method": m, "budget": b, "kept": float(np.mean([k for k, _ in v])),
-             "merged": float(np.mean([g for _, g in v])), "tasks": len(v)} for (m, b), v in sorted(shares.items())]
-    print("| method | budget | answer tokens kept | merged into a kept slot | tasks |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['budget']:.0%} | {r['kept']:.0%} | {r['merged']:.0%} | {r['tasks']} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        _emit(compare_scores(model, tasks, budgets, args.threads),
+              [("importance score", "score", ""), ("budget", "budget", ".0%"), ("answer tokens kept", "kept", ".0%")],
+              args.json)
+    else:
+        _emit(method_shares(model, tasks, args.methods.split(","), budgets, args.threads),
+              [("method", "method", ""), ("budget", "budget", ".0%"), ("answer tokens kept", "kept", ".0%"),
+               ("merged into a kept slot", "merged", ".0%"), ("tasks", "tasks", "")], args.json)
     return 0
 
 

@@ -167,7 +167,7 @@ def test_importance_scores_cover_the_context_and_rank_a_full_budget_whole(model)
     context, _ = evaluation.wrap(model, task)
     p = prepare(model, context, ModalityLabels(), add_bos=True)
     with runtime.Context(model, n_ctx=2 * p.n_pos + 64, n_threads=2) as ctx:
-        scores = answer_retention.importance_scores(model, ctx, p, 2)
+        scores = answer_retention.importance_scores(model, ctx, p, 32)
         assert ctx.next_pos() == p.n_pos  # the repeat pass is gone again
     L, H = scores["prompt"].shape[:2]
     spec = make_tiny_models.TINY.text
