@@ -37,7 +37,7 @@ import numpy as np
 
 from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
 from .snapkv import avg_pool
-from .mass_merge import MASS_FLOOR
+from .mass_merge import floor_for
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 ORPHAN_RULES = ("evict", "ungated")
@@ -64,7 +64,7 @@ class FlowMM(Method):
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
         self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
         self.max_absorb, self.flow_guidance, self.sensitivity, self.pool = max_absorb, flow_guidance, sensitivity, pool
-        self.floor = MASS_FLOOR if floor is None and merge == "mass" else floor
+        self.floor = floor_for(merge, floor)
 
     @property
     def needs(self):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import KEYS, PROMPT_SCORES, Method, MethodError, top_by_score
-from .mass_merge import MASS_FLOOR
+from .mass_merge import floor_for
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 
@@ -36,7 +36,7 @@ class LookM(Method):
         if merge not in MERGE_RULES:
             raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
         self.recent_share, self.text_label, self.merge, self.max_absorb = recent_share, text_label, merge, max_absorb
-        self.floor = MASS_FLOOR if floor is None and merge == "mass" else floor
+        self.floor = floor_for(merge, floor)
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n

@@ -40,6 +40,12 @@ MASS_FLOOR = 0.8     # cosine a candidate's key needs with its pivot's to be fol
 MIN_MASS = 1e-12     # a cell the observation never attended still counts for this much
 
 
+def floor_for(merge: str, floor: float | None) -> float | None:
+    """The key-cosine floor a method uses: the one given, else MASS_FLOOR for the mass rule and
+    none for the others (LOOK-M's pivotal rule and the mean fold every candidate)."""
+    return MASS_FLOOR if floor is None and merge == "mass" else floor
+
+
 def mass_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[np.ndarray]]],
               mass: np.ndarray) -> Plan:
     """A Plan from sorted pivots [n_layer, n_head_kv, B], per (layer, head, slot) the candidates

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import MethodError, Plan, TokenLayout
+from .mass_merge import mass_plan
 
 MERGE_RULES = ("pivotal", "mean", "mass")  # mass: mass_merge.py (kept keys, mass-weighted values, log-mass bias)
 
@@ -81,8 +82,6 @@ def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_one, mas
     absorbed = [[fold_one(l, h, pivots[l, h], np.setdiff1d(every, pivots[l, h])) for h in range(n_head_kv)]
                 for l in range(n_layer)]
     if rule == "mass":
-        from .mass_merge import mass_plan
-
         return mass_plan(layout, pivots, absorbed, mass)
     return build_plan(layout, pivots, absorbed, rule)
 
