@@ -326,9 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task_list = tasks.builtin_suite(_csv(args.lengths, int), args.per_kind)
     else:
         families = _csv(args.families)
-        unknown = [f for f in families if f not in ruler_tasks.FAMILIES]
-        if unknown:
-            raise FlowMMError(f"unknown task family {unknown[0]!r} (one of {', '.join(ruler_tasks.FAMILIES)})")
+        ruler_tasks.check_families(families)  # before the model is loaded
         with runtime.Model(model) as m:  # lengths in the model's own tokens
             task_list = ruler_tasks.generate(families, _csv(args.lengths, int), args.per_kind, args.seed,
                                              count_tokens=lambda text: len(m.tokenize(text, add_special=False)))

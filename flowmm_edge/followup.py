@@ -59,7 +59,8 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
                      policy=policy if rho is not None else None) as s:
             n_doc = s.add_user_turn(segments=task.segments)
             reply = s.reply()
-            "".join(itertools.islice(reply, FIRST_REPLY))
+            for _ in itertools.islice(reply, FIRST_REPLY):
+                pass
             reply.close()  # the reply stops there, as a user's Ctrl-C would stop it
             rows = []
             for k, q in enumerate(task.questions):

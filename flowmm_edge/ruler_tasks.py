@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import FlowMMError
 from .prompt import Segment
 from .tasks import Question, Task
 
@@ -214,12 +215,20 @@ def _common_words(w: _Writer, n_tokens: int, count) -> tuple[list[Segment], list
     return segs, [Question(CWE_QUESTION, common, "all", answer_prefix=CWE_PREFIX, max_tokens=MAX_TOKENS["common-words"])]
 
 
+class FamilyError(FlowMMError, ValueError):
+    pass
+
+
+def check_families(families) -> None:
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise FamilyError(f"unknown task family {unknown[0]!r} (one of {', '.join(FAMILIES)})")
+
+
 def generate(families=FAMILIES, lengths=(2048,), per_family: int = 2, seed: int = 0,
              count_tokens: Callable[[str], int] | None = None) -> list[Task]:
     """`per_family` tasks of each family at each length (tokens of the context, about), from `seed`."""
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown task family {unknown[0]!r} (one of {', '.join(FAMILIES)})")
+    check_families(families)
     count = count_tokens or _estimate_tokens
     tasks = []
     for length in lengths:
