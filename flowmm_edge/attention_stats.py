@@ -74,7 +74,8 @@ class AttentionStats:
         if self._running:
             self._running = False
             self._results = {}
-            n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
+            self.cells, self.positions = seq_cells(self.ctx, self.seq_id)  # what the columns below are
+            n_cells = len(self.cells)
             for layer in range(self.n_layer):  # read everything before the native state goes
                 self._results[layer] = (self._column_scores(layer, n_cells), self._flow(layer) if self.n_labels else None)
             self.n_rows = self._n_rows

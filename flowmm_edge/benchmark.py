@@ -4,7 +4,9 @@ For each context length: one prompt (filler text, its middle half labelled "imag
 once per KV type; its llama.cpp state is kept and restored for each method and budget, so all
 rows share the identical prefill. Per row: KV bytes held (cells in use x bytes per cell of the
 KV type), prefill tok/s, seconds spent gathering the method's statistics and merging, decode
-tok/s for `n_decode` greedy tokens after the merge, and the process's resident memory.
+tok/s for `n_decode` greedy tokens after the merge, and the process's resident memory. A
+method that needs reconstruction scores pays for its repeat-the-context pass (one more prefill of
+the prompt's text) in the stats seconds.
 Ratios are to full f16 at the same length.
 """
 
@@ -17,11 +19,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import gguf_file, kv_cache, runtime
+from . import gguf_file, kv_cache, reconstruction, runtime
 from .attention_stats import AttentionStats
 from .compression import Compressor
 from .evaluation import make_method
-from .methods.base import PROMPT_SCORES
+from .methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
 
 
 @dataclasses.dataclass
@@ -77,7 +79,8 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
         for L, kv in tqdm(todo, desc="bench", unit="config", disable=not progress):
             tokens, labels = _prompt(model, L)
             bpc = facts.kv_bytes_per_token(kv)
-            with runtime.Context(model, n_ctx=L + n_decode + 8, n_batch=512, kv_type=kv, n_threads=n_threads) as ctx:
+            room = max(n_decode + 8, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+            with runtime.Context(model, n_ctx=L + room, n_batch=512, kv_type=kv, n_threads=n_threads) as ctx:
                 t = time.perf_counter()
                 logits0 = ctx.decode(tokens, 0)
                 prefill = L / (time.perf_counter() - t)
@@ -103,6 +106,11 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                             stats_s = all_rows_s
                         else:
                             stats_s = 0.0 if replayed is None else time.perf_counter() - t
+                        if RECONSTRUCTION_SCORES in method.needs:
+                            t = time.perf_counter()
+                            comp.use_reconstruction(reconstruction.reconstruction_scores(
+                                ctx, np.asarray(tokens, np.int32), reconstruction.repeat_prefix(model)))
+                            stats_s += time.perf_counter() - t
                         logits = logits0 if replayed is None else replayed
                         t = time.perf_counter()
                         report = comp.compress(ctx, labels)

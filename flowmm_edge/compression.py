@@ -7,7 +7,9 @@ prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to
     report = comp.compress(ctx, labels_by_position)
 
 Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
-this prefill. A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried
+this prefill. Reconstruction scores (reconstruction.py) come from a repeat-the-context pass that
+`compress` runs over the cells it is about to merge (it needs each position's token), or from
+`use_reconstruction` when several methods share one pass. A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried
 before the merge, plus the plan's gain (merge="mass"), so a bias survives and accumulates over
 later merges (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
 (the observation window), and the report says so.
@@ -20,9 +22,10 @@ import dataclasses
 
 import numpy as np
 
-from . import kv_cache
+from . import kv_cache, reconstruction
 from .attention_stats import AttentionStats
-from .methods.base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats, TokenLayout
+from .methods.base import (KEYS, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats,
+                           TokenLayout)
 
 
 @dataclasses.dataclass
@@ -54,6 +57,7 @@ class Compressor:
         self.method, self.budget = method, budget
         self.rho = None if rho is None else np.asarray(rho, dtype=np.float64)
         self._stats: AttentionStats | None = None
+        self._recon: reconstruction.PositionScores | None = None
 
     @property
     def needs_observation(self) -> bool:
@@ -81,6 +85,10 @@ class Compressor:
         """Plan from statistics gathered elsewhere (a stopped AttentionStats over the same cells)."""
         self._stats = stats
 
+    def use_reconstruction(self, scores: reconstruction.PositionScores) -> None:
+        """Plan from reconstruction scores computed elsewhere over the same positions."""
+        self._recon = scores
+
     def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray,
                whole_prompt: AttentionStats | None = None):
         """Gather the statistics on a cache already holding the prompt (a restored state):
@@ -98,8 +106,15 @@ class Compressor:
         with self.observe(ctx, prompt_end=prompt_end, labels=labels):
             return ctx.decode(tail_tokens[-w:], prompt_end - w)
 
-    def compress(self, ctx, labels: np.ndarray, seq_id: int = 0) -> Report:
-        """Plan for the sequence's current cells and apply it; the cache is unchanged on error."""
+    def compress(self, ctx, labels: np.ndarray, seq_id: int = 0, tokens: np.ndarray | None = None) -> Report:
+        """Plan for the sequence's current cells and apply it; the cache is unchanged on error.
+        `tokens` (the token at each position, -1 for image positions) feeds the reconstruction
+        pass of a method that needs one."""
+        recon, self._recon = self._recon, None
+        if RECONSTRUCTION_SCORES in self.method.needs and recon is None:
+            if tokens is None:
+                raise MethodError(f"{self.method.name} needs reconstruction scores: pass the tokens by position")
+            recon = reconstruction.reconstruction_scores(ctx, tokens, reconstruction.repeat_prefix(ctx.model), seq_id)
         cells, positions = kv_cache.seq_cells(ctx, seq_id)
         order = np.argsort(positions, kind="stable")  # cell order need not follow positions once a merge freed cells
         cells, positions = cells[order], positions[order]
@@ -112,6 +127,8 @@ class Compressor:
                 raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
             scores = np.stack([s.column_scores(l, per_kv_head=True)[:, order] for l in range(n_layer)])
             setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
+        if RECONSTRUCTION_SCORES in needs:
+            stats.reconstruction_scores = recon.at(positions)
         rho_source = "unused"
         if RHO in needs:
             if self.rho is not None:

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import runtime
+from . import reconstruction, runtime
 from .attention_stats import AttentionStats
 from .compression import Compressor
 from .methods import METHODS
-from .methods.base import PROMPT_SCORES, MethodError
+from .methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES, MethodError
 from .prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from .session import DEFAULT_SYSTEM
 from .tasks import Task
@@ -73,7 +73,11 @@ def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Seg
 
 # flowmm:<variant>: the paper's ablations, and the mass merge (mass_merge.py) in place of LOOK-M's pivotal rule
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
-            "no-both": dict(flow_guidance=False, sensitivity=False), "mass": dict(merge="mass")}
+            "no-both": dict(flow_guidance=False, sensitivity=False), "mass": dict(merge="mass"),
+            "recon": dict(merge="mass", importance="reconstruction"), "both": dict(merge="mass", importance="both"),
+            # eviction on the same importance: no key clears a cosine floor above 1
+            "recon-select": dict(merge="mass", importance="reconstruction", floor=2.0),
+            "both-select": dict(merge="mass", importance="both", floor=2.0)}
 
 
 def make_method(name: str, policy=None):
@@ -129,18 +133,22 @@ def _trailing_text_tokens(pieces) -> list[int]:
 
 
 class Prefill:
-    """A prompt decoded once (with whole-prompt statistics on if a method needs them) and its
-    llama.cpp state, to restore before each method compresses it."""
+    """A prompt decoded once (with whole-prompt statistics on if a method needs them), its
+    reconstruction scores if a method needs them (one pass shared by all), and its llama.cpp
+    state, to restore before each method compresses it."""
 
     def __init__(self, ctx, p: Prepared, comps: list):
         self.ctx, self.p, self.n = ctx, p, p.n_pos
         self.labels = p.labels
-        self.rows = None
+        self.rows = self.recon = None
         if any(PROMPT_SCORES in comp.method.needs for _, _, comp in comps):
             with AttentionStats(ctx, labels=p.labels, n_labels=max(2, int(p.labels.max()) + 1)) as self.rows:
                 self.logits = feed(ctx, p, 0)
         else:
             self.logits = feed(ctx, p, 0)
+        if any(RECONSTRUCTION_SCORES in comp.method.needs for _, _, comp in comps):
+            self.recon = reconstruction.reconstruction_scores(ctx, reconstruction.tokens_by_position(p.pieces),
+                                                              reconstruction.repeat_prefix(ctx.model))
         self.state = ctx.state()
         self.tail = _trailing_text_tokens(p.pieces)
 
@@ -148,8 +156,17 @@ class Prefill:
         """Restore the prefill, compress it; returns (logits after the prompt, report)."""
         self.ctx.set_state(self.state)
         replayed = comp.replay(self.ctx, self.tail, self.n, self.labels, whole_prompt=self.rows)
+        if self.recon is not None:
+            comp.use_reconstruction(self.recon)
         report = comp.compress(self.ctx, self.labels)
         return (self.logits if replayed is None else replayed), report
+
+
+def _room(comps, room: int) -> int:
+    """Free cells a context needs after the prompt: `room`, or a reconstruction chunk if more."""
+    if any(RECONSTRUCTION_SCORES in comp.method.needs for _, _, comp in comps):
+        return max(room, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+    return room
 
 
 def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[Row]:
@@ -162,7 +179,7 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[R
         room = max(len(t) for t in q_tokens) + max(q.max_tokens for q in task.questions) + 8
         rows, refs = [], []
         comps = compressions(methods, budgets, policy)
-        with runtime.Context(model, n_ctx=n + room, **ctx_args) as ctx:
+        with runtime.Context(model, n_ctx=n + _room(comps, room), **ctx_args) as ctx:
             pre = Prefill(ctx, p, comps)
 
             def ask(k: int, forced=None):
@@ -197,7 +214,7 @@ def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[
         qs = [prepare(model, q, labels) for q in questions]
         room = max(q.n_pos for q in qs) + max(q.max_tokens for q in task.questions) + 8
         rows, comps = [], compressions(methods, budgets, policy)
-        with runtime.Context(model, n_ctx=p.n_pos + room, **ctx_args) as ctx:
+        with runtime.Context(model, n_ctx=p.n_pos + _room(comps, room), **ctx_args) as ctx:
             for k, (q, qp) in enumerate(zip(task.questions, qs)):
                 ctx.clear()
                 whole = Prepared(p.pieces + qp.pieces, np.concatenate([p.labels, qp.labels]))

@@ -164,7 +164,7 @@ class Context(_Handle):
         if not self.ptr:
             raise FlowMMError(f"llama.cpp could not create a context (n_ctx={n_ctx}, kv_type={kv_type}, flash_attn={flash_attn})")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
-        self.n_batch = n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self.ptr)  # llama.cpp caps it at n_ctx: a larger batch would abort
 
     def decode(self, tokens: list[int], pos0: int, seq_id: int = 0, all_logits: bool = False) -> np.ndarray:
         """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy),

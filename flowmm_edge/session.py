@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import default_model, gguf_file, kv_cache, policy as policy_mod, runtime, session_file
+from . import default_model, gguf_file, kv_cache, policy as policy_mod, reconstruction, runtime, session_file
 from .compression import Compressor
 from .errors import FlowMMError
 from .methods import METHODS
-from .methods.base import Method
+from .methods.base import RECONSTRUCTION_SCORES, Method
 from .prompt import ModalityLabels, Segment, prepare, valid_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -131,7 +131,10 @@ class Session:
         self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
         if method != "full":
-            kept = len((self._method_obj or METHODS[method]()).protected(10 ** 6))
+            probe = self._method_obj or METHODS[method]()
+            if RECONSTRUCTION_SCORES in probe.needs:  # the repeat pass runs in the room kept for the reply
+                self.reserve = max(self.reserve, reconstruction.MIN_ROOM)
+            kept = len(probe.protected(10 ** 6))
             if self.budget_cells <= kept:
                 raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
                                    f"keeps (sinks + recent window)")
@@ -170,6 +173,7 @@ class Session:
         self.pos = 0            # next position (tokens and image positions seen so far)
         self.labels = ModalityLabels()
         self.labels_by_pos = np.zeros(0, np.int32)
+        self.tokens_by_pos = np.zeros(0, np.int32)  # -1 where an image sits; repeated by reconstruction scores
         self.stats = SessionStats()
         self.last_logits = None
         self._active_reply = None
@@ -184,11 +188,12 @@ class Session:
 
     def _snapshot(self):
         return (self.ctx.state() if self.pos else b"", list(self.messages), self.cached_text, self.pos,
-                self.labels_by_pos.copy(), list(self.labels.names), dataclasses.replace(self.stats), self.last_logits,
-                self._bias())
+                self.labels_by_pos.copy(), self.tokens_by_pos.copy(), list(self.labels.names),
+                dataclasses.replace(self.stats), self.last_logits, self._bias())
 
     def _restore(self, snap) -> None:
-        state, self.messages, self.cached_text, self.pos, self.labels_by_pos, names, self.stats, self.last_logits, bias = snap
+        (state, self.messages, self.cached_text, self.pos, self.labels_by_pos, self.tokens_by_pos, names, self.stats,
+         self.last_logits, bias) = snap
         self.labels.names = names
         if state:
             self.ctx.set_state(state)
@@ -303,6 +308,7 @@ class Session:
     def _decode_turn(self, prepared) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
         self.labels_by_pos = labels
+        self.tokens_by_pos = np.concatenate([self.tokens_by_pos, reconstruction.tokens_by_position(prepared.pieces)])
         units = []  # token lists (neighbours joined, split as the room allows) and images, in order
         for piece in prepared.pieces:
             if isinstance(piece, list) and units and isinstance(units[-1], list):
@@ -341,7 +347,7 @@ class Session:
                 self.last_logits = logits
             if will_merge:
                 t1 = time.perf_counter()
-                comp.compress(self.ctx, labels)
+                comp.compress(self.ctx, labels, tokens=self.tokens_by_pos)
                 self.stats.merges += 1
                 self.stats.merge_seconds += time.perf_counter() - t1
         self.stats.prompt_tokens += prepared.n_pos
@@ -380,7 +386,7 @@ class Session:
 
     def _generate(self):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, logits, n_generated = [], self.last_logits, 0
+        text, logits, generated = [], self.last_logits, []
         self.last_logits = None
         t0 = time.perf_counter()
         try:
@@ -390,7 +396,7 @@ class Session:
                     break
                 logits = self.ctx.decode([tok], self.pos)
                 self.pos += 1
-                n_generated += 1
+                generated.append(tok)
                 piece = decoder.decode(self.model.token_to_piece(tok))
                 if piece:
                     text.append(piece)
@@ -401,8 +407,9 @@ class Session:
             self.ctx.truncate(self.pos)
             self._active_reply = None
             self.stats.decode_seconds += time.perf_counter() - t0
-            self.stats.generated_tokens += n_generated
-            self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(n_generated, self.labels("text"), np.int32)])
+            self.stats.generated_tokens += len(generated)
+            self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
+            self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
             # the template takes C strings: a NUL a model may emit would cut the reply there
             reply = ("".join(text) + decoder.decode(b"", final=True)).replace("\x00", "")
             self.messages = self.messages + [("assistant", reply)]
@@ -429,7 +436,8 @@ class Session:
         self._finish_reply()
         header = {"model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
                   "messages": [list(m) for m in self.messages], "cached_text": self.cached_text, "pos": self.pos,
-                  "labels": self.labels_by_pos.tolist(), "label_names": self.labels.names,
+                  "labels": self.labels_by_pos.tolist(), "tokens": self.tokens_by_pos.tolist(),
+                  "label_names": self.labels.names,
                   "stats": dataclasses.asdict(self.stats)}
         state = self.ctx.state() if self.pos else b""
         logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
@@ -475,6 +483,7 @@ class Session:
         self.messages = [tuple(m) for m in h["messages"]]
         self.cached_text, self.pos = h["cached_text"], h["pos"]
         self.labels_by_pos = np.asarray(h["labels"], np.int32)
+        self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
         self.labels.names = list(h["label_names"])
         self.stats = SessionStats(**h["stats"])
         self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None

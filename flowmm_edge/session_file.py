@@ -7,7 +7,9 @@ Layout (little-endian):
 
 The slot bias (kv_cache.set_slot_bias) is not part of llama.cpp's state: it is stored apart,
 [n_layer, n_head_kv, n_cells] with the cells in position order, or empty. Version 2 files (no
-bias section, b"FLOWMMS2") are still read.
+bias section, b"FLOWMMS2") are still read. The header's optional "tokens" (the token at each
+position, -1 where an image sits) feeds reconstruction scores; a file without it resumes, and
+its earlier positions are then not repeated.
 
 The sha256 covers everything after it, so a flipped bit anywhere or a cut file is refused before
 anything is restored. The header is then validated field by field (`read`), so a file that is
@@ -119,6 +121,11 @@ def _header_problem(h, stats_fields: tuple[str, ...], version: int = VERSION) ->
         return f"'labels' is missing or does not hold one label per position ({pos})"
     if not all(_is_int(v) and 0 <= v < len(names) for v in labels):
         return f"'labels' holds a value that is not an integer in [0, {len(names)})"
+    tokens = h.get("tokens", [])  # optional (files before it hold none): the token at each position, -1 an image
+    if not isinstance(tokens, list) or (tokens and len(tokens) != pos):
+        return f"'tokens' is not a list of one token per position ({pos})"
+    if not all(_is_int(v) and v >= -1 for v in tokens):
+        return "'tokens' holds a value that is not an integer >= -1"
     stats = h.get("stats")
     if not isinstance(stats, dict) or set(stats) != set(stats_fields):
         return f"'stats' is missing or does not have the fields {', '.join(stats_fields)}"

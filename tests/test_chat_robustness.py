@@ -235,7 +235,10 @@ def test_damaged_session_files_are_refused_and_change_nothing(session, tmp_path)
         "no model": (_resign(raw, {k: v for k, v in header.items() if k != "model"}), "'model'"),
         "messages not a list": (_resign(raw, {**header, "messages": "hi"}), "'messages'"),
         "non-integer label": (_resign(raw, {**header, "labels": [0.5] * header["pos"]}), "'labels'"),
-        "pos beyond the cache": (_resign(raw, {**header, "pos": header["pos"] + 3, "labels": header["labels"] + [0] * 3}),
+        "tokens of another length": (_resign(raw, {**header, "tokens": header["tokens"][:-1]}), "'tokens'"),
+        "token below -1": (_resign(raw, {**header, "tokens": [-2] * header["pos"]}), "'tokens'"),
+        "pos beyond the cache": (_resign(raw, {**header, "pos": header["pos"] + 3, "labels": header["labels"] + [0] * 3,
+                                                   "tokens": header["tokens"] + [0] * 3}),
                                  "cache ends at position"),
     }
     for name, (data, message) in cases.items():
@@ -244,8 +247,10 @@ def test_damaged_session_files_are_refused_and_change_nothing(session, tmp_path)
         with pytest.raises(SessionError, match=message):
             session.load(bad)
         assert _state(session) == before, name
-    session.load(saved)  # the intact file still loads
+    session.load(saved)  # the intact file still loads, with the token of every position
     assert session.messages[-1][0] == "assistant" and len(session.messages) < len(before[1])
+    assert session.tokens_by_pos.tolist() == header["tokens"] and len(header["tokens"]) == header["pos"]
+    assert header["tokens"][:5] == session.model.tokenize(session.cached_text)[:5]
 
 
 FLIPS = st.lists(st.tuples(st.integers(0, 2 ** 31), st.integers(1, 255)), min_size=1, max_size=4)

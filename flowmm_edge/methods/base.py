@@ -19,9 +19,10 @@ from ..kv_cache import MergePlan
 
 WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
 PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every prompt row (H2O's accumulator)
+RECONSTRUCTION_SCORES = "reconstruction_scores"  # [n_layer, n_head_kv, n] mass from a repeat-the-context pass
 RHO = "rho"                      # [n_layer] cross-modal share of attention (DESIGN.md §5)
 KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
-STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RHO, KEYS)
+STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, KEYS)
 
 
 class MethodError(FlowMMError):
@@ -50,6 +51,7 @@ class TokenLayout:
 class Stats:
     window_scores: np.ndarray | None = None
     prompt_scores: np.ndarray | None = None
+    reconstruction_scores: np.ndarray | None = None
     rho: np.ndarray | None = None
     keys: np.ndarray | None = None
 
@@ -57,7 +59,8 @@ class Stats:
         value = getattr(self, name)
         if value is None:
             raise MethodError(f"the method needs {name}, which was not computed")
-        want = {WINDOW_SCORES: (n_layer, n_head_kv, n), PROMPT_SCORES: (n_layer, n_head_kv, n), RHO: (n_layer,)}.get(name)
+        scores = (n_layer, n_head_kv, n)
+        want = {WINDOW_SCORES: scores, PROMPT_SCORES: scores, RECONSTRUCTION_SCORES: scores, RHO: (n_layer,)}.get(name)
         if want is not None and value.shape != want:
             raise MethodError(f"{name} has shape {value.shape}, expected {want}")
         if name == KEYS and value.shape[:3] != (n_layer, n_head_kv, n):

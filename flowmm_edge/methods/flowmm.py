@@ -8,6 +8,10 @@ Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice)
   2. [S] pivots: the top-B tokens by importance I(i), attention received from the observation
      window (the last `window` prompt rows, summed over the KV head's query heads [I]); the
      sinks and the recent window are always pivots [I]. Everything else is a merge candidate.
+     [I] importance="reconstruction" takes the attention of a repeat-the-context pass instead
+     (reconstruction.py, after KVzip), which keeps a context answerable for questions not yet
+     asked; "both" adds the two, each normalised to unit mass per layer and KV head (the
+     window's rows and the repeat's count alike, however many there are of each).
      [I] I is smoothed by SnapKV's average pooling (`pool`=7; 1 turns it off) before both the
      selection and the tau gate: a fact spread over several tokens (a number is one token per
      digit in Qwen's vocabulary) otherwise keeps its two or three strongest tokens only, and on
@@ -35,12 +39,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import KEYS, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
+from .base import KEYS, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
 from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 ORPHAN_RULES = ("evict", "ungated")
+IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),
+              "both": (WINDOW_SCORES, RECONSTRUCTION_SCORES)}
 
 
 class FlowMM(Method):
@@ -48,7 +54,8 @@ class FlowMM(Method):
 
     def __init__(self, sinks: int = 4, window: int = 32, theta: float = 0.25, tau_quantile: float = 0.9,
                  merge: str = "pivotal", orphans: str = "evict", max_absorb: int = 15,
-                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7, floor: float | None = None):
+                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7, floor: float | None = None,
+                 importance: str = "window"):
         super().__init__(sinks, window)
         if not 0.0 <= theta <= 1.0:
             raise MethodError(f"theta {theta} is outside [0, 1]")
@@ -56,6 +63,8 @@ class FlowMM(Method):
             raise MethodError(f"tau_quantile {tau_quantile} is outside [0, 1]")
         if merge not in MERGE_RULES:
             raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
+        if importance not in IMPORTANCE:
+            raise MethodError(f"importance {importance!r} is not one of {', '.join(IMPORTANCE)}")
         if orphans not in ORPHAN_RULES:
             raise MethodError(f"orphan rule {orphans!r} is not one of {', '.join(ORPHAN_RULES)}")
         if pool < 1 or pool % 2 == 0:
@@ -64,11 +73,18 @@ class FlowMM(Method):
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
         self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
         self.max_absorb, self.flow_guidance, self.sensitivity, self.pool = max_absorb, flow_guidance, sensitivity, pool
-        self.floor = floor_for(merge, floor)
+        self.floor, self.importance = floor_for(merge, floor), importance
 
     @property
     def needs(self):
-        return frozenset({WINDOW_SCORES, KEYS} | ({RHO} if self.flow_guidance else set()))
+        return frozenset({KEYS, *IMPORTANCE[self.importance]} | ({RHO} if self.flow_guidance else set()))
+
+    def mass(self, stats, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
+        """Attention mass per cell [n_layer, n_head_kv, n] from the chosen importance source(s)."""
+        parts = [stats.require(name, n_layer, n_head_kv, n).astype(np.float64) for name in IMPORTANCE[self.importance]]
+        if len(parts) == 1:
+            return parts[0]
+        return sum(p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30) for p in parts)
 
     def modes(self, rho: np.ndarray | None, n_layer: int) -> np.ndarray:
         """Per layer: True = cross-modal, False = intra-modal."""
@@ -78,7 +94,7 @@ class FlowMM(Method):
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
-        mass = importance = stats.require(WINDOW_SCORES, n_layer, n_head_kv, n).astype(np.float64)
+        mass = importance = self.mass(stats, n_layer, n_head_kv, n)
         if self.pool > 1:
             importance = avg_pool(importance, self.pool)
         keys = stats.require(KEYS, n_layer, n_head_kv, n)

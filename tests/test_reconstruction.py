@@ -1,0 +1,131 @@
+"""Reconstruction scores (flowmm_edge/reconstruction.py) against numpy: the attention mass that
+the rows of a repeat-the-context pass send to each cached cell, from the model's own Q (captured
+with cb_eval) and K read from a cache that still holds the repeat (an independent decode), in
+float64. Then: the pass leaves the cache and its slot bias exactly as they were, and fails
+cleanly when the context has no room for it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import make_tiny_models as tm
+from conftest import TINY_PROMPT
+from flowmm_edge import kv_cache, reconstruction, runtime
+from flowmm_edge.compression import Compressor
+from flowmm_edge.methods.base import MethodError
+from flowmm_edge.methods.flowmm import FlowMM
+from flowmm_edge.native import llama_cpp
+from tensor_capture import Capture
+
+SPEC = tm.TINY.text
+HD = SPEC.n_embd // SPEC.n_head
+L, H, NQ = SPEC.n_layer, SPEC.n_head_kv, SPEC.n_head
+
+
+def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) -> np.ndarray:
+    """[L, H, n]: mass the rows of `repeat` (decoded right after `context`) send to the context's cells."""
+    n = len(context)
+    cap = Capture([f"Qcur-{l}" for l in range(L)])
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
+                         cb_eval=cap.callback) as ctx:
+        cap.enabled = False
+        ctx.decode(context, 0)
+        cap.enabled = True
+        ctx.decode(repeat, n)
+        cells, pos = kv_cache.seq_cells(ctx)
+        cells = cells[np.argsort(pos)]
+        keys = [[kv_cache.read_rows(ctx, l, h, cells, "k").astype(np.float64) for h in range(H)] for l in range(L)]
+    mass = np.zeros((L, H, n))
+    for l in range(L):
+        q = np.concatenate([c.reshape(-1, NQ, HD) for c in cap.calls[f"Qcur-{l}"][2::3]])  # the RoPE'd Q
+        q = q.astype(np.float16).astype(np.float64)  # as ggml's f16 mul_mat rounds it
+        assert len(q) == len(repeat)
+        for t in range(len(repeat)):
+            for qh in range(NQ):
+                k = keys[l][qh // (NQ // H)][: n + t + 1]
+                z = k @ q[t, qh] / np.sqrt(HD)
+                p = np.exp(z - z.max())
+                mass[l, qh // (NQ // H)] += (p / p.sum())[:n]
+    return mass
+
+
+@pytest.mark.parametrize("chunk", [1000, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, flash_attn):
+    context = model.tokenize(TINY_PROMPT)
+    n = len(context)
+    tokens = np.asarray(context, np.int32)
+    tokens[5:9] = -1  # as if an image sat there: scored as keys, never repeated
+    prefix = reconstruction.repeat_prefix(model)
+    text = [t for t in tokens.tolist() if t >= 0]
+    want = sum(_numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn) for a in range(0, len(text), chunk))
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        got = reconstruction.reconstruction_scores(ctx, tokens, prefix, chunk=chunk)
+    np.testing.assert_array_equal(got.positions, np.arange(n))
+    assert got.scores.shape == (L, H, n)
+    np.testing.assert_allclose(got.scores, want, rtol=2e-3, atol=2e-4)
+    assert np.all(got.scores[..., 5:9] > 0)  # the unrepeated cells are still scored
+
+
+def test_the_pass_leaves_cache_and_bias_as_they_were(model):
+    context = model.tokenize(TINY_PROMPT)
+    with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        cells, _ = kv_cache.seq_cells(ctx)
+        bias = np.random.default_rng(3).uniform(-1, 1, (L, H, len(cells))).astype(np.float32)
+        kv_cache.set_slot_bias(ctx, bias)
+        state, logits = ctx.state(), ctx.decode([7], len(context))
+        ctx.truncate(len(context))
+        reconstruction.reconstruction_scores(ctx, np.asarray(context), reconstruction.repeat_prefix(model), chunk=9)
+        assert ctx.state() == state
+        np.testing.assert_array_equal(kv_cache.get_slot_bias(ctx), bias)
+        np.testing.assert_array_equal(ctx.decode([7], len(context)), logits)
+
+
+def test_no_room_or_missing_tokens_is_a_clear_error_and_changes_nothing(model):
+    prefix = reconstruction.repeat_prefix(model)
+    with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:
+        context = (model.tokenize(TINY_PROMPT) * 20)[:ctx.n_ctx - 20]  # 20 cells left free
+        ctx.decode(context, 0)
+        state = ctx.state()
+        with pytest.raises(reconstruction.ReconstructionError, match="free cells"):
+            reconstruction.reconstruction_scores(ctx, np.asarray(context), prefix)
+        with pytest.raises(reconstruction.ReconstructionError, match="tokens cover"):
+            reconstruction.reconstruction_scores(ctx, np.asarray(context[:-1]), prefix)
+        assert ctx.state() == state
+        comp = Compressor(FlowMM(importance="reconstruction", flow_guidance=False), budget=16)
+        with pytest.raises(MethodError, match="tokens by position"):
+            comp.compress(ctx, np.zeros(len(context), np.int32))
+        assert ctx.state() == state
+
+
+def test_scores_follow_positions_not_cells_after_a_merge(model):
+    """After a merge frees cells, the repeat lands in cells below the context's: scores stay with their positions."""
+    context = model.tokenize(TINY_PROMPT)
+    n = len(context)
+    prefix = reconstruction.repeat_prefix(model)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        keep = np.r_[0:4, 12:n]  # evict positions 4..11: their cells are free for the repeat
+        comp = Compressor(FlowMM(flow_guidance=False, merge="mass", floor=2.0, importance="reconstruction"),
+                          budget=len(keep))
+        stats_like = reconstruction.reconstruction_scores(ctx, np.asarray(context), prefix)
+        scores = np.zeros_like(stats_like.scores)
+        scores[..., keep] = 1.0  # the plan keeps exactly `keep`
+        comp.use_reconstruction(reconstruction.PositionScores(stats_like.positions, scores))
+        comp.compress(ctx, np.zeros(n, np.int32))
+        cells, pos = kv_cache.seq_cells(ctx)
+        assert sorted(pos.tolist()) == keep.tolist()
+        assert not np.array_equal(np.sort(cells), np.sort(pos))  # cells no longer stand for positions
+        tokens = np.asarray(context, np.int32)
+        got = reconstruction.reconstruction_scores(ctx, tokens, prefix)
+        np.testing.assert_array_equal(got.positions, keep)
+        # the same positions left in their own cells, with a hole where 4..11 were (the repeat lands there)
+        with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ref:
+            ref.decode(context, 0)
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ref.ptr), 0, 4, 12)
+            assert kv_cache.seq_cells(ref)[0].tolist() == keep.tolist()
+            want = reconstruction.reconstruction_scores(ref, tokens, prefix)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=3e-3, atol=3e-4)  # f16 sums in another order
