@@ -81,14 +81,16 @@ VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensiti
 
 
 def make_method(name: str, policy=None):
-    """(method, rho or None) for a name: a registered method, or flowmm:<ablation>."""
+    """(method, rho or None) for a name: a registered method, or flowmm:<variant>[+<variant>...]
+    (the variants' settings combined, later ones winning: flowmm:recon+no-flow)."""
     if name == "flowmm" and policy is not None:
         return policy.flowmm(), np.asarray(policy.rho)
     base, _, variant = name.partition(":")
-    if base not in METHODS or (variant and (base != "flowmm" or variant not in VARIANTS)):
+    parts = variant.split("+") if variant else []
+    if base not in METHODS or (parts and (base != "flowmm" or any(v not in VARIANTS for v in parts))):
         known = sorted(METHODS) + [f"flowmm:{a}" for a in VARIANTS]
-        raise MethodError(f"unknown method {name!r} (one of {', '.join(known)})")
-    return METHODS[base](**VARIANTS.get(variant, {})), None
+        raise MethodError(f"unknown method {name!r} (one of {', '.join(known)}, or variants joined by '+')")
+    return METHODS[base](**{k: v for part in parts for k, v in VARIANTS[part].items()}), None
 
 
 def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):

@@ -10,8 +10,12 @@ Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice)
      sinks and the recent window are always pivots [I]. Everything else is a merge candidate.
      [I] importance="reconstruction" takes the attention of a repeat-the-context pass instead
      (reconstruction.py, after KVzip), which keeps a context answerable for questions not yet
-     asked; "both" adds the two, each normalised to unit mass per layer and KV head (the
-     window's rows and the repeat's count alike, however many there are of each).
+     asked; "both" ranks the cells by each (after pooling) and scores a cell by its better
+     rank, so the pivots alternate between the two lists: the window's picks serve the question
+     being asked, the repeat's the ones to come. (Adding the two masses instead lets the
+     window's few peaked tokens outrank the repeat's: measured, it answered nothing after
+     compression, like SnapKV.) The merge's mass is then the two masses added, each
+     normalised to unit mass per layer and KV head.
      [I] I is smoothed by SnapKV's average pooling (`pool`=7; 1 turns it off) before both the
      selection and the tau gate: a fact spread over several tokens (a number is one token per
      digit in Qwen's vocabulary) otherwise keeps its two or three strongest tokens only, and on
@@ -79,12 +83,16 @@ class FlowMM(Method):
     def needs(self):
         return frozenset({KEYS, *IMPORTANCE[self.importance]} | ({RHO} if self.flow_guidance else set()))
 
-    def mass(self, stats, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
-        """Attention mass per cell [n_layer, n_head_kv, n] from the chosen importance source(s)."""
+    def scores(self, stats, n_layer: int, n_head_kv: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mass, importance) per cell [n_layer, n_head_kv, n] from the chosen source(s): the
+        attention mass the merge weighs values by, and the pooled score pivots are chosen by."""
         parts = [stats.require(name, n_layer, n_head_kv, n).astype(np.float64) for name in IMPORTANCE[self.importance]]
+        pooled = [avg_pool(p, self.pool) if self.pool > 1 else p for p in parts]
         if len(parts) == 1:
-            return parts[0]
-        return sum(p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30) for p in parts)
+            return parts[0], pooled[0]
+        mass = sum(p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30) for p in parts)
+        rank = np.min([np.argsort(np.argsort(-p, axis=-1, kind="stable"), axis=-1) for p in pooled], axis=0)
+        return mass, (n - rank).astype(np.float64)
 
     def modes(self, rho: np.ndarray | None, n_layer: int) -> np.ndarray:
         """Per layer: True = cross-modal, False = intra-modal."""
@@ -94,9 +102,7 @@ class FlowMM(Method):
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
-        mass = importance = self.mass(stats, n_layer, n_head_kv, n)
-        if self.pool > 1:
-            importance = avg_pool(importance, self.pool)
+        mass, importance = self.scores(stats, n_layer, n_head_kv, n)
         keys = stats.require(KEYS, n_layer, n_head_kv, n)
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
