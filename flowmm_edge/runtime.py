@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_file, native
+from . import gguf_file, kv_cache, native
 from .errors import FlowMMError, ModelFileError
 from .native import llama_cpp
 
@@ -229,7 +229,10 @@ class Context(_Handle):
         return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self.ptr), seq_id) + 1
 
     def clear(self, seq_id: int = 0) -> None:
+        """Empty the sequence, and drop the slot bias its cells carried (native, not part of
+        llama.cpp's state): a state restored next must not inherit a bias from a merge made since."""
         self.truncate(0, seq_id)
+        kv_cache.clear_slot_bias(self, seq_id)
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)

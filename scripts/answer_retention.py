@@ -11,9 +11,9 @@ With --compare-scores it also ranks importance scores a selection could start fr
 into SnapKV's selection (average pooling 7, top-k per layer and KV head, sinks and the last 32
 kept): "window", attention from the last 32 rows of the context (SnapKV's, here with no
 question in them); "prompt", attention from every prompt row (H2O's); "reconstruction",
-attention from the rows of a second pass that makes the model repeat the context
-(KVzip-style, Kim et al. 2025: a token the model needs to reproduce the context gets mass,
-whatever the question will be). That pass costs a second prefill.
+the largest mass any group of 64 rows of a second pass that makes the model repeat the context
+sends it (flowmm_edge/reconstruction.py, after KVzip, Kim et al. 2025: a token the model needs to
+reproduce the context gets mass, whatever the question will be). That pass costs a second prefill.
 
     cd scripts && python answer_retention.py --lengths 2048 --per-kind 2 --budgets 0.05,0.1,0.2,0.35,0.5
 """
@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import open_model
-from flowmm_edge import evaluation, kv_cache, ruler_tasks, runtime
+from flowmm_edge import evaluation, kv_cache, reconstruction, ruler_tasks, runtime
 from flowmm_edge.attention_stats import AttentionStats
 from flowmm_edge.methods.base import top_by_score
 from flowmm_edge.methods.snapkv import SnapKV, avg_pool
 from flowmm_edge.prompt import ModalityLabels, prepare
-
-REPEAT = "\n\nRepeat the previous context exactly.\n"
 
 
 def answer_positions(model, pieces, values: list[str]) -> np.ndarray:
@@ -79,11 +77,8 @@ def importance_scores(model, ctx, p, window: int) -> dict[str, np.ndarray]:
     with AttentionStats(ctx, prompt_end=n, window=window) as last:
         ctx.decode(tokens[-window:], n - window)
     out["window"] = _scores_by_position(ctx, last, n)
-    again = model.tokenize(REPEAT, add_special=False) + tokens[1:]  # the context again, without BOS
-    with AttentionStats(ctx, prompt_end=n + len(again), window=len(again)) as rec:
-        ctx.decode(again, n)
-    out["reconstruction"] = _scores_by_position(ctx, rec, n)
-    ctx.truncate(n)
+    rec = reconstruction.reconstruction_scores(ctx, np.r_[-1, tokens[1:]], reconstruction.repeat_prefix(model))
+    out["reconstruction"] = rec.scores  # the context again, without BOS, as the methods compute it
     return out
 
 

@@ -189,3 +189,22 @@ def test_a_merge_through_the_compressor_keeps_each_slots_bias(model):
         kv_cache.apply_plan(ref, report.plan.to_cells(kv_cache.seq_cells(ref)[0]))
         kv_cache.set_slot_bias(ref, want)
         np.testing.assert_array_equal(ctx.decode(nxt, n), ref.decode(nxt, n))
+
+
+def test_a_restored_state_does_not_inherit_a_bias_set_since(model):
+    """The bias is not part of llama.cpp's state: clearing or restoring the sequence drops it, so
+    a second method compressing a restored prefill starts from the cache the first one saw."""
+    import numpy as np
+    from flowmm_edge import kv_cache, runtime
+
+    tokens = model.tokenize("the secret key is red and the code is 1234")
+    with runtime.Context(model, n_ctx=64, n_threads=2) as ctx:
+        ctx.decode(tokens, 0)
+        state = ctx.state()
+        want = ctx.decode([7], len(tokens))
+        lay = kv_cache.layout(ctx)
+        n = len(kv_cache.seq_cells(ctx)[0])
+        kv_cache.set_slot_bias(ctx, np.full((lay.n_layer, lay.n_head_kv, n), 3.0, np.float32))
+        ctx.set_state(state)
+        assert not np.any(kv_cache.get_slot_bias(ctx))
+        np.testing.assert_array_equal(ctx.decode([7], len(tokens)), want)

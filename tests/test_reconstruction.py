@@ -24,7 +24,7 @@ L, H, NQ = SPEC.n_layer, SPEC.n_head_kv, SPEC.n_head
 
 
 def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) -> np.ndarray:
-    """[L, H, n]: mass the rows of `repeat` (decoded right after `context`) send to the context's cells."""
+    """[len(repeat), L, H, n]: mass each row of `repeat` (decoded right after `context`) sends to the context's cells."""
     n = len(context)
     cap = Capture([f"Qcur-{l}" for l in range(L)])
     with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
@@ -36,7 +36,7 @@ def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) 
         cells, pos = kv_cache.seq_cells(ctx)
         cells = cells[np.argsort(pos)]
         keys = [[kv_cache.read_rows(ctx, l, h, cells, "k").astype(np.float64) for h in range(H)] for l in range(L)]
-    mass = np.zeros((L, H, n))
+    mass = np.zeros((len(repeat), L, H, n))
     for l in range(L):
         q = np.concatenate([c.reshape(-1, NQ, HD) for c in cap.calls[f"Qcur-{l}"][2::3]])  # the RoPE'd Q
         q = q.astype(np.float16).astype(np.float64)  # as ggml's f16 mul_mat rounds it
@@ -46,23 +46,28 @@ def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) 
                 k = keys[l][qh // (NQ // H)][: n + t + 1]
                 z = k @ q[t, qh] / np.sqrt(HD)
                 p = np.exp(z - z.max())
-                mass[l, qh // (NQ // H)] += (p / p.sum())[:n]
+                mass[t, l, qh // (NQ // H)] += (p / p.sum())[:n]
     return mass
 
 
-@pytest.mark.parametrize("chunk", [1000, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("chunk,rows", [(1000, 1000), (1000, 5), (7, 3)], ids=["one-group", "groups-of-5", "chunks-of-7"])
 @pytest.mark.parametrize("flash_attn", [True, False])
-def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, flash_attn):
+def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, rows, flash_attn):
+    """The score: the max over chunks and over groups of `rows` repeat rows of the group's summed mass."""
     context = model.tokenize(TINY_PROMPT)
     n = len(context)
     tokens = np.asarray(context, np.int32)
     tokens[5:9] = -1  # as if an image sat there: scored as keys, never repeated
     prefix = reconstruction.repeat_prefix(model)
     text = [t for t in tokens.tolist() if t >= 0]
-    want = sum(_numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn) for a in range(0, len(text), chunk))
+    groups = []
+    for a in range(0, len(text), chunk):
+        per_row = _numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn)
+        groups += [per_row[g:g + rows].sum(axis=0) for g in range(0, len(per_row), rows)]
+    want = np.max(groups, axis=0)
     with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2) as ctx:
         ctx.decode(context, 0)
-        got = reconstruction.reconstruction_scores(ctx, tokens, prefix, chunk=chunk)
+        got = reconstruction.reconstruction_scores(ctx, tokens, prefix, chunk=chunk, rows=rows)
     np.testing.assert_array_equal(got.positions, np.arange(n))
     assert got.scores.shape == (L, H, n)
     np.testing.assert_allclose(got.scores, want, rtol=2e-3, atol=2e-4)
