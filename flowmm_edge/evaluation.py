@@ -73,16 +73,15 @@ def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Seg
 
 # flowmm:<variant>: the paper's ablations, and the mass merge (mass_merge.py) in place of LOOK-M's pivotal rule
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
-            "no-both": dict(flow_guidance=False, sensitivity=False), "mass": dict(merge="mass"),
-            "recon": dict(merge="mass", importance="reconstruction"), "both": dict(merge="mass", importance="both"),
-            # eviction on the same importance: no key clears a cosine floor above 1
-            "recon-select": dict(merge="mass", importance="reconstruction", floor=2.0),
-            "both-select": dict(merge="mass", importance="both", floor=2.0)}
+            "no-both": dict(flow_guidance=False, sensitivity=False),
+            "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source
+            "pivotal": dict(merge="pivotal"),  # LOOK-M's merge (flowmm:window+pivotal: FlowMM as first built)
+            "select": dict(merge="mass", floor=2.0)}  # no key clears a floor above 1: eviction, same pivots
 
 
 def make_method(name: str, policy=None):
     """(method, rho or None) for a name: a registered method, or flowmm:<variant>[+<variant>...]
-    (the variants' settings combined, later ones winning: flowmm:recon+no-flow)."""
+    (the variants' settings combined, later ones winning: flowmm:window+pivotal)."""
     if name == "flowmm" and policy is not None:
         return policy.flowmm(), np.asarray(policy.rho)
     base, _, variant = name.partition(":")

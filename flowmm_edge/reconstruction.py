@@ -38,7 +38,7 @@ from .errors import FlowMMError
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 CHUNK = 512
 ROWS = 64  # repeat rows per statistics group: the score is the max over groups
-MIN_ROOM = 64  # free cells the pass needs: the prefix and a chunk of a few dozen tokens
+MIN_ROOM = 32  # free cells the pass needs: the prefix and a chunk of a couple of dozen tokens
 
 
 class ReconstructionError(FlowMMError):

@@ -21,6 +21,7 @@ struct flowmm_kv_access {
     static uint32_t stream_of(const llama_kv_cache & kv, llama_seq_id s) { return kv.seq_to_stream[s]; }
     static const llama_kv_cells & cells(const llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
     static llama_kv_cells & cells_mut(llama_kv_cache & kv, uint32_t strm) { return kv.v_cells[strm]; }
+    static uint32_t & head(llama_kv_cache & kv, uint32_t strm) { return kv.v_heads[strm]; }
     static size_t n_layer(const llama_kv_cache & kv) { return kv.layers.size(); }
     static uint32_t layer_il(const llama_kv_cache & kv, size_t i) { return kv.layers[i].il; }
     static ggml_tensor * k(const llama_kv_cache & kv, size_t i, uint32_t strm) { return kv.layers[i].k_stream[strm]; }

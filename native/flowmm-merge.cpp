@@ -285,6 +285,9 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
         cells.pos_set(chk.dst[j], plan->slot_pos[j]);
         cells.seq_add(chk.dst[j], seq_id);
     }
+    // llama.cpp's find_slot searches from head: start at the bottom, so the next tokens fill the
+    // cells the compaction freed instead of landing past them (which would widen n_kv)
+    acc::head(*kv, chk.strm) = 0;
     flowmm_bias_forget_seq(*kv, seq_id); // its slots hold new content: biases must be set again
     return FLOWMM_OK;
 }

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from flowmm_edge import evaluation, followup, ruler_tasks, runtime
+from flowmm_edge import evaluation, followup, reconstruction, ruler_tasks, runtime
 from flowmm_edge.attention_stats import AttentionStats
 from flowmm_edge.compression import Compressor
 from flowmm_edge.methods.base import PROMPT_SCORES
@@ -34,7 +34,8 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
     q_tokens = [] if inside else sum(prepare(model, questions[k], labels).pieces, [])
     n, q = p.n_pos, task.questions[k]
     tokens = sum(p.pieces, [])
-    with runtime.Context(model, n_ctx=n + len(q_tokens) + q.max_tokens + 8, n_threads=2) as ctx:
+    room = max(len(q_tokens) + q.max_tokens + 8, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+    with runtime.Context(model, n_ctx=n + room, n_threads=2) as ctx:
         with AttentionStats(ctx, labels=p.labels, n_labels=2) as whole:
             logits = feed(ctx, p, 0)
         if method is not None:
@@ -46,7 +47,7 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
                 ctx.truncate(n - w)
                 with comp.observe(ctx, prompt_end=n, labels=p.labels):
                     logits = ctx.decode(tokens[-w:], n - w)
-            comp.compress(ctx, p.labels)
+            comp.compress(ctx, p.labels, tokens=reconstruction.tokens_by_position(p.pieces))
         pos = n
         if q_tokens:
             logits = ctx.decode(q_tokens, n)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowmm_edge import kv_cache, runtime
+from flowmm_edge import kv_cache, reconstruction, runtime
 from flowmm_edge.compression import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.prompt import ModalityLabels, Segment, feed, prepare
@@ -38,11 +38,12 @@ def test_flowmm_at_20_percent_keeps_a_planted_fact(default_model_path, passkey, 
         p = prepare(model, _segments(f"The secret passkey is {passkey}.", modality, seed), ModalityLabels())
         n = p.n_pos
         assert n > 1000
-        with runtime.Context(model, n_ctx=n + 32, n_batch=512, n_threads=2) as ctx:
+        with runtime.Context(model, n_ctx=n + reconstruction.CHUNK + reconstruction.MIN_ROOM, n_batch=512,
+                             n_threads=2) as ctx:
             comp = Compressor(FlowMM(), 0.2)
             with comp.observe(ctx, prompt_end=n, labels=p.labels):
                 logits = feed(ctx, p, 0)
-            report = comp.compress(ctx, p.labels)
+            report = comp.compress(ctx, p.labels, tokens=reconstruction.tokens_by_position(p.pieces))
             assert kv_cache.used_bound(ctx) == report.cells_after == int(np.ceil(0.2 * n))
             assert report.rho_source == "prompt"
             answer = model.detokenize(ctx.greedy(logits, n, 10)[0])

@@ -86,7 +86,7 @@ def test_nothing_above_the_floor_is_snapkvs_selection_byte_for_byte(model):
                             "and how many dogs are here in the picture of the city")
     n = len(tokens)
     states, plans = [], []
-    for method in (SnapKV(window=8), FlowMM(window=8, merge="mass", floor=1.01, flow_guidance=False,
+    for method in (SnapKV(window=8), FlowMM(window=8, merge="mass", floor=1.01, flow_guidance=False, importance="window",
                                             sensitivity=False)):
         with runtime.Context(model, n_ctx=256, n_threads=2) as ctx:
             comp = Compressor(method, 0.4)
@@ -105,7 +105,7 @@ def test_the_gain_becomes_the_slot_bias_and_adds_up_over_merges(model):
     more = model.tokenize(" and then the dogs ran to the river and back again", add_special=False)
     n, m = len(tokens), len(more)
     labels = np.zeros(n + m + 8, np.int32)
-    method = FlowMM(window=8, merge="mass", floor=0.0, flow_guidance=False, sensitivity=False)
+    method = FlowMM(window=8, merge="mass", floor=0.0, flow_guidance=False, sensitivity=False, importance="window")
     with runtime.Context(model, n_ctx=256, n_threads=2) as ctx:
         comp = Compressor(method, 0.5)
         with comp.observe(ctx, prompt_end=n, labels=labels):

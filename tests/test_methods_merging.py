@@ -19,6 +19,8 @@ from flowmm_edge.methods.flowmm import FlowMM
 
 L, H, D = 3, 2, 8
 
+PAPER = dict(importance="window", merge="pivotal")  # FlowMM as the paper reads, which the reference implements
+
 
 def layout(n, labels):
     return TokenLayout(positions=np.arange(n) * 3 + 1, labels=np.asarray(labels))
@@ -134,7 +136,7 @@ def make(n, seed, n_labels=2, tie=False):
 def test_flowmm_equals_reference(n, budget, variant, tie):
     labels, imp, keys = make(n, n + 7 * tie, tie=tie)
     rho = np.array([0.1, 0.3, 0.25])  # intra, cross, cross (>= theta)
-    m = FlowMM(sinks=2, window=4, theta=0.25, tau_quantile=0.8, **variant)
+    m = FlowMM(sinks=2, window=4, theta=0.25, tau_quantile=0.8, **PAPER, **variant)
     plan = m(layout(n, labels), Stats(window_scores=imp, keys=keys, rho=rho), L, H, budget)
     slots = plan.n_slots
     assert slots == (budget if isinstance(budget, int) else math.ceil(budget * n))
@@ -157,16 +159,17 @@ def test_degenerate_cases():
     st_ = Stats(window_scores=imp, keys=keys, rho=np.zeros(L), prompt_scores=imp)
     for name in ("flowmm", "lookm"):
         # one modality: intra-modal layers may merge anything into anything, so no orphan from labels
-        plan = METHODS[name](sinks=2, window=4)(layout(n, labels), st_, L, H, 10)
+        kw = PAPER if name == "flowmm" else {}
+        plan = METHODS[name](sinks=2, window=4, **kw)(layout(n, labels), st_, L, H, 10)
         absorbed = (plan.src[..., 1:] >= 0).sum(axis=(2, 3))
         assert absorbed.min() > 0
         # budget = context: nothing to merge, every slot is itself with weight 1
-        plan = METHODS[name](sinks=2, window=4)(layout(n, labels), st_, L, H, 1.0)
+        plan = METHODS[name](sinks=2, window=4, **kw)(layout(n, labels), st_, L, H, 1.0)
         assert plan.src.shape[2:] == (n, 1) and np.all(plan.src[..., 0] == np.arange(n)) and np.all(plan.weight == 1)
         with pytest.raises(MethodError, match="smaller than the 6 always kept"):
-            METHODS[name](sinks=2, window=4)(layout(n, labels), st_, L, H, 5)
+            METHODS[name](sinks=2, window=4, **kw)(layout(n, labels), st_, L, H, 5)
     with pytest.raises(MethodError, match="needs rho"):
-        FlowMM(sinks=2, window=4)(layout(n, labels), Stats(window_scores=imp, keys=keys), L, H, 0.5)
+        FlowMM(sinks=2, window=4, **PAPER)(layout(n, labels), Stats(window_scores=imp, keys=keys), L, H, 0.5)
     assert "rho" not in FlowMM(flow_guidance=False).needs
     for bad in (dict(theta=1.5), dict(tau_quantile=-0.1), dict(merge="max"), dict(orphans="keep"), dict(max_absorb=-1), dict(pool=4)):
         with pytest.raises(MethodError):
@@ -181,7 +184,8 @@ def test_merge_invariants(n, ratio, sinks, window, n_labels, seed, q, name):
     labels, imp, keys = make(n, seed, n_labels)
     rho = np.random.default_rng(seed).random(L) * 0.5
     if name.startswith("flowmm"):
-        m = FlowMM(sinks=sinks, window=window, tau_quantile=q, pool=1, merge="mean" if name == "flowmm-mean" else "pivotal",
+        m = FlowMM(sinks=sinks, window=window, tau_quantile=q, pool=1, importance="window",
+                   merge="mean" if name == "flowmm-mean" else "pivotal",
                    orphans="ungated" if name == "flowmm-ungated" else "evict")
     else:
         m = METHODS[name](sinks=sinks, window=window)

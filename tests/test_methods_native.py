@@ -34,7 +34,7 @@ def test_method_plan_applies_and_decoding_continues(model, name, kv_type):
             logits = ctx.decode(tokens, 0)
         cells0, before = kv_cache.seq_cells(ctx)
         k0 = {(l, h): kv_cache.read_rows(ctx, l, h, cells0, "k") for l in range(SPEC.n_layer) for h in range(SPEC.n_head_kv)}
-        report = comp.compress(ctx, labels)
+        report = comp.compress(ctx, labels, tokens=np.asarray(tokens))
         slots = n if name == "full" else int(np.ceil(0.4 * n))
         assert (report.cells_before, report.cells_after) == (n, slots)
         assert kv_cache.used_bound(ctx) == slots

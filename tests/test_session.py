@@ -84,7 +84,7 @@ def test_errors_lose_nothing(tiny_models, image, tmp_path):
                 s.add_user_turn("look", images=imgs)
             assert _state(s) == before
         # an image larger than the room left after a merge
-        with _session(tiny_models, n_ctx=96, budget=60, max_reply=24) as small:  # 12 cells of room
+        with _session(tiny_models, n_ctx=128, budget=84, max_reply=24) as small:  # 128 - 32 kept free - 84: 12 cells of room
             small.chat("hi")
             kept = _state(small)
             with pytest.raises(SessionError, match="image of 16 positions cannot fit"):
