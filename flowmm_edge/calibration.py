@@ -12,6 +12,7 @@ text-only model their "image" spans are text labelled as the image modality.
 from __future__ import annotations
 
 import datetime
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ from tqdm import tqdm
 from . import images, runtime
 from .attention_stats import AttentionStats
 from .compression import rho_from_flow
+from .methods.flowmm import FlowMM
 from .policy import Policy, fingerprint
 from .prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
 THETA = 0.25  # DESIGN.md §5: 0.2-0.3 worked best in the paper
-METHOD_DEFAULTS = {"sinks": 4, "window": 32, "tau_quantile": 0.9, "merge": "pivotal", "orphans": "evict", "max_absorb": 15,
-                   "pool": 7}
+# the policy records FlowMM's own defaults (one home: its signature), except what it calibrates or ablates
+METHOD_DEFAULTS = {k: p.default for k, p in inspect.signature(FlowMM).parameters.items()
+                   if k not in ("theta", "flow_guidance", "sensitivity")}
 
 _OBJECTS = ["red car", "blue door", "green tree", "yellow sign", "white cat", "black dog", "grey bridge", "orange kite"]
 _PLACES = ["on the left", "in the middle", "on the right", "at the top", "at the bottom", "in the background"]
