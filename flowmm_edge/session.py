@@ -7,9 +7,10 @@
 
 Memory: llama.cpp allocates the KV buffer once (`n_ctx` cells) and it never grows. After each
 user turn is decoded, the method merges the sequence down to `budget` cells (FlowMM's
-observation window is then the end of the user's turn). A turn longer than the free room is
-decoded in chunks, merging between chunks, so any conversation fits; `reserve` cells stay free
-for the reply. A turn fails (one-line error, everything restored) only if one image alone is
+observation window is then the end of the user's turn, and its reconstruction pass repeats the
+text the cache holds, from `tokens_by_pos`, in the free cells). A turn longer than the free
+room is decoded in chunks, merging between chunks, so any conversation fits; `reserve` cells
+stay free for the reply (and at least reconstruction.MIN_ROOM for that pass). A turn fails (one-line error, everything restored) only if one image alone is
 larger than the room left after a merge.
 """
 
@@ -174,6 +175,7 @@ class Session:
         self.labels = ModalityLabels()
         self.labels_by_pos = np.zeros(0, np.int32)
         self.tokens_by_pos = np.zeros(0, np.int32)  # -1 where an image sits; repeated by reconstruction scores
+        self._scored = None  # reconstruction.PositionScores of the positions already repeated (see _reconstruct)
         self.stats = SessionStats()
         self.last_logits = None
         self._active_reply = None
@@ -189,11 +191,11 @@ class Session:
     def _snapshot(self):
         return (self.ctx.state() if self.pos else b"", list(self.messages), self.cached_text, self.pos,
                 self.labels_by_pos.copy(), self.tokens_by_pos.copy(), list(self.labels.names),
-                dataclasses.replace(self.stats), self.last_logits, self._bias())
+                dataclasses.replace(self.stats), self.last_logits, self._bias(), self._scored)
 
     def _restore(self, snap) -> None:
         (state, self.messages, self.cached_text, self.pos, self.labels_by_pos, self.tokens_by_pos, names, self.stats,
-         self.last_logits, bias) = snap
+         self.last_logits, bias, self._scored) = snap
         self.labels.names = names
         if state:
             self.ctx.set_state(state)
@@ -338,6 +340,7 @@ class Session:
                 will_merge = merging and used + n + nxt > self.n_ctx - self.reserve
             if will_merge:
                 comp = Compressor(self._method(), self.budget_cells, rho=policy_mod.rho_array(self.policy))
+                wants_recon = RECONSTRUCTION_SCORES in comp.method.needs
                 with comp.observe(self.ctx, prompt_end=end, labels=labels):
                     logits = self._decode_unit(take)
             else:
@@ -347,11 +350,30 @@ class Session:
                 self.last_logits = logits
             if will_merge:
                 t1 = time.perf_counter()
-                comp.compress(self.ctx, labels, tokens=self.tokens_by_pos)
+                if wants_recon:
+                    comp.use_reconstruction(self._reconstruct())
+                comp.compress(self.ctx, labels)
                 self.stats.merges += 1
                 self.stats.merge_seconds += time.perf_counter() - t1
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _reconstruct(self):
+        """Reconstruction scores of the cache's cells, repeating only the text added since the last
+        merge: a position already scored keeps the larger of its old score and what the new repeat
+        sends it, so each turn's pass costs about that turn's own prefill, not the whole cache's."""
+        tokens = self.tokens_by_pos.copy()
+        old = self._scored
+        if old is not None:
+            tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
+        fresh = reconstruction.reconstruction_scores(self.ctx, tokens, reconstruction.repeat_prefix(self.model))
+        scores = fresh.scores
+        if old is not None:
+            seen = np.isin(fresh.positions, old.positions)
+            scores = scores.copy()
+            scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
+        self._scored = reconstruction.PositionScores(fresh.positions, scores)
+        return self._scored
 
     def _decode_unit(self, unit):
         if isinstance(unit, list):
@@ -484,6 +506,7 @@ class Session:
         self.cached_text, self.pos = h["cached_text"], h["pos"]
         self.labels_by_pos = np.asarray(h["labels"], np.int32)
         self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
+        self._scored = None  # the next merge repeats the loaded text once
         self.labels.names = list(h["label_names"])
         self.stats = SessionStats(**h["stats"])
         self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None

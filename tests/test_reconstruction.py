@@ -134,3 +134,40 @@ def test_scores_follow_positions_not_cells_after_a_merge(model):
             assert kv_cache.seq_cells(ref)[0].tolist() == keep.tolist()
             want = reconstruction.reconstruction_scores(ref, tokens, prefix)
         np.testing.assert_allclose(got.scores, want.scores, rtol=3e-3, atol=3e-4)  # f16 sums in another order
+
+
+def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models, monkeypatch):
+    """Session: the first merge repeats every text position; a later merge repeats only the
+    positions added since (the reply, the new turn), and a position scored before is planned
+    from max(its old score, what the new pass sends it)."""
+    from flowmm_edge.session import Session
+
+    passes, used = [], []
+    real_pass, real_use = reconstruction.reconstruction_scores, Compressor.use_reconstruction
+
+    def spy_pass(ctx, tokens, prefix, seq_id=0, **kw):
+        out = real_pass(ctx, tokens, prefix, seq_id, **kw)
+        passes.append((np.asarray(tokens).copy(), out))
+        return out
+
+    def spy_use(self, scores):
+        used.append(scores)
+        real_use(self, scores)
+
+    monkeypatch.setattr(reconstruction, "reconstruction_scores", spy_pass)
+    monkeypatch.setattr(Compressor, "use_reconstruction", spy_use)
+    text, _ = tiny_models
+    with Session(text, budget=40, n_ctx=256, max_reply=4, n_threads=2, method=FlowMM(flow_guidance=False)) as s:
+        s.chat("the secret key is red and the code is 1234 please tell me")
+        s.add_user_turn("what color is the cat")
+    assert len(passes) == len(used) == 2
+    (tok1, out1), (tok2, out2) = passes
+    assert np.all(tok1[out1.positions] >= 0)  # a text-only cache: every position repeated
+    new = out2.positions > out1.positions.max()
+    np.testing.assert_array_equal(tok2[out2.positions] >= 0, new)  # only what came after the first merge
+    old = ~new
+    assert old.sum() == 40  # the slots the first merge kept
+    np.testing.assert_array_equal(used[1].positions, out2.positions)
+    np.testing.assert_array_equal(used[1].scores[..., new], out2.scores[..., new])
+    np.testing.assert_array_equal(used[1].scores[..., old],
+                                  np.maximum(out2.scores[..., old], out1.at(out2.positions[old])))
