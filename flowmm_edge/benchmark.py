@@ -79,7 +79,7 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
         for L, kv in tqdm(todo, desc="bench", unit="config", disable=not progress):
             tokens, labels = _prompt(model, L)
             bpc = facts.kv_bytes_per_token(kv)
-            room = max(n_decode + 8, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+            room = max(n_decode + 8, reconstruction.ROOM)
             with runtime.Context(model, n_ctx=L + room, n_batch=512, kv_type=kv, n_threads=n_threads) as ctx:
                 t = time.perf_counter()
                 logits0 = ctx.decode(tokens, 0)

@@ -166,7 +166,7 @@ class Prefill:
 def _room(comps, room: int) -> int:
     """Free cells a context needs after the prompt: `room`, or a reconstruction chunk if more."""
     if any(RECONSTRUCTION_SCORES in comp.method.needs for _, _, comp in comps):
-        return max(room, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+        return max(room, reconstruction.ROOM)
     return room
 
 

@@ -22,7 +22,7 @@ so the max is taken over groups of ROWS rows. Measured on the default model (2k-
 documents, SnapKV's selection on the score, share of (layer, KV head) keeping every token of the
 answer at a 20% budget): the max over 64-row groups 52%, over 16-row groups 54%, the plain sum
 over all rows 23%. Chunks are at most CHUNK tokens and fit the free cells of the context, so the pass needs
-MIN_ROOM free cells at least; the cost is one extra prefill of the text cells.
+room_needed(prefix) free cells at least; the cost is one extra prefill of the text cells.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from .errors import FlowMMError
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 CHUNK = 512
 ROWS = 64  # repeat rows per statistics group: the score is the max over groups
-MIN_ROOM = 32  # free cells the pass needs: the prefix and a chunk of a couple of dozen tokens
+ROOM = CHUNK + 64  # free cells that give the pass whole chunks (the prefix fits in the 64)
+MIN_ROWS = 16  # the fewest repeat rows a chunk may hold: the pass needs the prefix and these free
 
 
 class ReconstructionError(FlowMMError):
@@ -61,6 +62,11 @@ class PositionScores:
         return self.scores[..., idx]
 
 
+def room_needed(prefix: list[int]) -> int:
+    """Free cells the pass needs: the prefix and MIN_ROWS tokens of a chunk."""
+    return len(prefix) + MIN_ROWS
+
+
 def repeat_prefix(model) -> list[int]:
     return model.tokenize(REPEAT_PROMPT, add_special=False)
 
@@ -81,9 +87,9 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
     free = ctx.n_ctx - len(cells)
-    if free < max(MIN_ROOM, len(prefix) + 1):
-        raise ReconstructionError(f"the reconstruction pass needs {MIN_ROOM} free cells, the context has {free}: "
-                                  f"raise --ctx")
+    if free < room_needed(prefix):
+        raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the context has "
+                                  f"{free}: raise --ctx")
     step = min(chunk, free - len(prefix))
     text = positions[tokens_by_pos[positions] >= 0]
     lay = kv_cache.layout(ctx)

@@ -10,7 +10,7 @@ user turn is decoded, the method merges the sequence down to `budget` cells (Flo
 observation window is then the end of the user's turn, and its reconstruction pass repeats the
 text the cache holds, from `tokens_by_pos`, in the free cells). A turn longer than the free
 room is decoded in chunks, merging between chunks, so any conversation fits; `reserve` cells
-stay free for the reply (and at least reconstruction.MIN_ROOM for that pass). A turn fails (one-line error, everything restored) only if one image alone is
+stay free for the reply (and at least reconstruction.room_needed for that pass). A turn fails (one-line error, everything restored) only if one image alone is
 larger than the room left after a merge.
 """
 
@@ -131,17 +131,15 @@ class Session:
         check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply, temperature, seed)
         self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
+        needs_repeat = False
         if method != "full":
             probe = self._method_obj or METHODS[method]()
-            if RECONSTRUCTION_SCORES in probe.needs:  # the repeat pass runs in the room kept for the reply
-                self.reserve = max(self.reserve, reconstruction.MIN_ROOM)
+            needs_repeat = RECONSTRUCTION_SCORES in probe.needs
             kept = len(probe.protected(10 ** 6))
             if self.budget_cells <= kept:
                 raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
                                    f"keeps (sinks + recent window)")
-        if method != "full" and self.budget_cells + self.reserve + 8 > n_ctx:
-            raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
-                               f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
+        self._check_room(method, n_ctx)
         self.policy = None
         if policy is not None:
             self.policy = policy if isinstance(policy, policy_mod.Policy) else policy_mod.load(policy)
@@ -155,6 +153,9 @@ class Session:
         self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.projector = None
         try:
+            if needs_repeat:  # the repeat pass runs in the room kept for the reply (which stays free at a merge)
+                self.reserve = max(self.reserve, reconstruction.room_needed(reconstruction.repeat_prefix(self.model)))
+                self._check_room(method, n_ctx)
             if mmproj:
                 from .multimodal import Projector
 
@@ -165,6 +166,11 @@ class Session:
             self.close()
             raise
         self._reset_state()
+
+    def _check_room(self, method: str, n_ctx: int) -> None:
+        if method != "full" and self.budget_cells + self.reserve + 8 > n_ctx:
+            raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
+                               f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
 
     # -- state ---------------------------------------------------------------------------------
 

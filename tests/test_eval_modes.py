@@ -34,7 +34,7 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
     q_tokens = [] if inside else sum(prepare(model, questions[k], labels).pieces, [])
     n, q = p.n_pos, task.questions[k]
     tokens = sum(p.pieces, [])
-    room = max(len(q_tokens) + q.max_tokens + 8, reconstruction.CHUNK + reconstruction.MIN_ROOM)
+    room = max(len(q_tokens) + q.max_tokens + 8, reconstruction.ROOM)
     with runtime.Context(model, n_ctx=n + room, n_threads=2) as ctx:
         with AttentionStats(ctx, labels=p.labels, n_labels=2) as whole:
             logits = feed(ctx, p, 0)

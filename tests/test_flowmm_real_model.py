@@ -38,7 +38,7 @@ def test_flowmm_at_20_percent_keeps_a_planted_fact(default_model_path, passkey, 
         p = prepare(model, _segments(f"The secret passkey is {passkey}.", modality, seed), ModalityLabels())
         n = p.n_pos
         assert n > 1000
-        with runtime.Context(model, n_ctx=n + reconstruction.CHUNK + reconstruction.MIN_ROOM, n_batch=512,
+        with runtime.Context(model, n_ctx=n + reconstruction.ROOM, n_batch=512,
                              n_threads=2) as ctx:
             comp = Compressor(FlowMM(), 0.2)
             with comp.observe(ctx, prompt_end=n, labels=p.labels):
