@@ -4,7 +4,7 @@ attention each cached cell receives while the model repeats the context it holds
 The last window's attention ranks tokens by what the *current* end of the prompt looks at; after
 compression the questions that matter have not been asked yet. Asking the model to reproduce the
 context instead touches every token a later question could need. On the default model this keeps
-53% of a planted answer's tokens at a 20% budget where the window keeps 24%
+69% of a planted answer's tokens at a 20% budget where the window keeps 24%
 (docs/RESULTS.md, `scripts/answer_retention.py --compare-scores`).
 
     scores = reconstruction_scores(ctx, tokens_by_pos, prefix=repeat_prefix(model))
@@ -22,7 +22,8 @@ so the max is taken over groups of ROWS rows. Measured on the default model (2k-
 documents, SnapKV's selection on the score, share of (layer, KV head) keeping every token of the
 answer at a 20% budget): the max over 64-row groups 52%, over 16-row groups 54%, the plain sum
 over all rows 23%. Chunks are at most CHUNK tokens and fit the free cells of the context, so the pass needs
-room_needed(prefix) free cells at least; the cost is one extra prefill of the text cells.
+room_needed(prefix) free cells at least. The cost is a second prefill of the text cells, with
+the statistics on: 2-3x the prefill on a 2-core CPU (docs/RESULTS.md, "FlowMM's default now").
 """
 
 from __future__ import annotations
