@@ -181,7 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         mmproj = args.mmproj
     session = Session(model, mmproj, method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type,
                       n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
-                      temperature=args.temp, seed=args.seed)
+                      temperature=args.temp, seed=args.seed, chat_template=args.chat_template)
     with session:
         facts = session.model.facts
         rho = ("rho per layer from the policy" if session.policy else
@@ -189,6 +189,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"{facts.name} ({facts.architecture}, {facts.n_layer} layers){' + ' + Path(str(mmproj)).name if mmproj else ''}: "
               f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
               f"{'; ' + rho if rho else ''}", file=sys.stderr)
+        print(session.template.why, file=sys.stderr)
         if args.prompt is not None:
             _send(session, args.prompt, list(args.image or []))
             return 0
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (-1: random)")
+    p.add_argument("--chat-template", help="one of llama.cpp's template names (chatml, llama2, vicuna, gemma, "
+                   "llama3, ...) or a Jinja file (default: the GGUF's own; without one, vicuna for a llama model "
+                   "with an mmproj, else chatml)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--image", action="append", help="an image for --prompt or the first message (repeatable)")
     p.set_defaults(func=cmd_chat)

@@ -103,17 +103,24 @@ class Model(_Handle):
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def token_to_piece(self, token: int) -> bytes:
+    def token_to_piece(self, token: int, special: bool = False) -> bytes:
+        """The token's text; a control token (BOS, EOS, ...) is empty unless `special`."""
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def format_chat(self, messages: list[tuple[str, str]], add_assistant: bool) -> str:
-        """The conversation in the model's own chat template (from its GGUF; chatml if it has none)."""
-        tmpl = llama_cpp.llama_model_chat_template(self.ptr, None) or b"chatml"
+    def chat_template(self) -> str | None:
+        """The chat template the GGUF carries (tokenizer.chat_template), or None."""
+        t = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return t.decode("utf-8", "replace") if t else None
+
+    def format_chat(self, messages: list[tuple[str, str]], add_assistant: bool, template: str | None = None) -> str:
+        """The conversation through llama.cpp's llama_chat_apply_template: `template` is one of its
+        built-in names or a template text it recognises; default the GGUF's own, else chatml."""
+        tmpl = (template or self.chat_template() or "chatml").encode()
         chat = (llama_cpp.llama_chat_message * len(messages))(
             *[llama_cpp.llama_chat_message(r.encode(), c.encode()) for r, c in messages])
         size = 256 + 2 * sum(len(c) + len(r) for r, c in messages)
@@ -121,11 +128,16 @@ class Model(_Handle):
             buf = ctypes.create_string_buffer(size)
             n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(messages), add_assistant, buf, size)
             if n < 0:
-                raise FlowMMError("llama.cpp does not know this model's chat template")
+                raise FlowMMError("llama.cpp does not know this chat template")
             if n <= size:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = n
         raise FlowMMError("chat template output kept growing")
+
+    def special_text(self, which: str) -> str:
+        """The text of the vocabulary's "bos" or "eos" token ("" if it has none)."""
+        tok = (llama_cpp.llama_vocab_bos if which == "bos" else llama_cpp.llama_vocab_eos)(self.vocab)
+        return self.token_to_piece(tok, special=True).decode("utf-8", "replace") if tok >= 0 else ""
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")

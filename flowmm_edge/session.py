@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import chat_template as chat_template_mod
 from . import default_model, gguf_file, kv_cache, policy as policy_mod, reconstruction, runtime, session_file
 from .compression import Compressor
 from .errors import FlowMMError
@@ -117,7 +118,7 @@ class Session:
                  budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: bool = True,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, chat_template: str | None = None):
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name, or an instance configured by the caller (an ablation, say)
@@ -153,6 +154,8 @@ class Session:
         self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.projector = None
         try:
+            # which template renders the conversation (`template.why` says, for the CLI to print)
+            self.template = chat_template_mod.choose(self.model, self.model_path, chat_template, vision=bool(mmproj))
             if needs_repeat:  # the repeat pass runs in the room kept for the reply (which stays free at a merge)
                 self.reserve = max(self.reserve, reconstruction.room_needed(reconstruction.repeat_prefix(self.model)))
                 self._check_room(method, n_ctx)
@@ -286,7 +289,7 @@ class Session:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
         content = "".join(MEDIA if s.kind == "image" else s.text for s in segments)
         messages = self.messages + [("user", content)]
-        formatted = self.model.format_chat(messages, add_assistant=True)
+        formatted = self.template.render(self.model, messages, add_assistant=True)
         if not formatted.startswith(self.cached_text):
             raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes

@@ -173,7 +173,8 @@ def _add_matrix(w: gguf.GGUFWriter, rng: np.random.Generator, name: str, rows: i
         w.add_tensor(name, (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float16))
 
 
-def write_text_model(spec: TextSpec, path: Path, seed: int = SEED) -> Path:
+def write_text_model(spec: TextSpec, path: Path, seed: int = SEED, chat_template: str | None = None) -> Path:
+    """The text GGUF; chat_template None writes chatml, "" writes none (as LLaVA-1.5's GGUFs ship)."""
     rng = np.random.default_rng(seed)
     head_dim = spec.n_embd // spec.n_head
     n_embd_kv = head_dim * spec.n_head_kv
@@ -203,7 +204,8 @@ def write_text_model(spec: TextSpec, path: Path, seed: int = SEED) -> Path:
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    if chat_template != "":
+        w.add_chat_template(chat_template or CHATML_TEMPLATE)
 
     std, wt = spec.weight_std, spec.weight_type
     _add_matrix(w, rng, "token_embd.weight", len(tokens), spec.n_embd, 1.0 if wt == "f16" else std, wt)

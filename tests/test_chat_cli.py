@@ -65,6 +65,16 @@ def test_one_shot_prompt_and_bad_inputs(tiny_models, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1 and "error: " in child.before and "Traceback" not in child.before
+    # --chat-template: said on stderr; an unknown name is one line naming the flag
+    child = spawn("--model", str(text), "--ctx", "256", "--budget", "64", "--max-tokens", "2", "--chat-template",
+                  "vicuna", "--prompt", "hi")
+    child.expect("chat template: vicuna \\(--chat-template\\)")
+    child.expect(pexpect.EOF)
+    child = spawn("--model", str(text), "--chat-template", "nonsense", "--prompt", "hi")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and "error: --chat-template 'nonsense' is neither a file" in child.before
+    assert "Traceback" not in child.before
 
 
 def test_hf_repo_download_then_offline(tiny_models, tmp_path):
