@@ -168,6 +168,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .session import Session
 
     runtime.quiet_native_logs()
+    if args.kv_type_v and args.kv_type_v != args.kv_type:
+        raise FlowMMError(f"-ctv {args.kv_type_v} differs from -ctk {args.kv_type}: the merged cache keeps K and V "
+                          f"in one type")
     # any bytes in: undecodable input reaches valid_text as surrogates instead of raising; any text out
     sys.stdin.reconfigure(errors="surrogateescape")
     sys.stdout.reconfigure(errors="replace")
@@ -181,7 +184,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         mmproj = args.mmproj
     session = Session(model, mmproj, method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type,
                       n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
-                      temperature=args.temp, seed=args.seed, chat_template=args.chat_template)
+                      temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
+                      top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                      **({} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}))
     with session:
         facts = session.model.facts
         rho = ("rho per layer from the policy" if session.policy else
@@ -415,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
-    p.add_argument("--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
+    # llama.cpp's flag names (llama-cli, llama-mtmd-cli) first; this project's older long names stay as aliases
+    p.add_argument("-m", "--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
     p.add_argument("--mmproj", help="vision projector GGUF")
     p.add_argument("--hf-repo", help="Hugging Face repo to take the model from (with --hf-file)")
     p.add_argument("--hf-file", help="the model GGUF in --hf-repo")
@@ -424,13 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="0.25",
                    help="cells kept after each merge: a ratio of --ctx (0.25, default), a count (512) or a size (24MiB)")
     p.add_argument("--policy", help="a policy file from `calibrate` (FlowMM's per-layer modes)")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type")
-    p.add_argument("--ctx", type=int, default=4096, help="KV buffer in cells, allocated once (default 4096)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to the GPU backend")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest reply")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (-1: random)")
+    p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="KV cache type (K and V share it: -ctv must match)")
+    p.add_argument("-ctv", "--cache-type-v", dest="kv_type_v", choices=["f16", "q8_0", "q4_0"],
+                   help="V cache type; must equal -ctk")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096,
+                   help="KV buffer in cells, allocated once (default 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
+                   help="layers to offload to the GPU backend")
+    p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
+    p.add_argument("-sys", "--system-prompt", dest="system_prompt", default=None,
+                   help="the system message (default: a short 'answer briefly' one; '' for none)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (<= 0: greedy, default)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off; default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1.0: off; default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (0.0: off; default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty on the last 64 tokens (1.0: off, default)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (-1: random)")
     p.add_argument("--chat-template", help="one of llama.cpp's template names (chatml, llama2, vicuna, gemma, "
                    "llama3, ...) or a Jinja file (default: the GGUF's own; without one, vicuna for a llama model "
                    "with an mmproj, else chatml)")

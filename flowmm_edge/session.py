@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import chat_template as chat_template_mod
-from . import default_model, gguf_file, kv_cache, policy as policy_mod, reconstruction, runtime, session_file
+from . import default_model, gguf_file, kv_cache, policy as policy_mod, reconstruction, runtime, sampling, session_file
 from .compression import Compressor
 from .errors import FlowMMError
 from .methods import METHODS
@@ -118,7 +118,8 @@ class Session:
                  budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: bool = True,
-                 temperature: float = 0.0, seed: int = 0, chat_template: str | None = None):
+                 temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0):
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name, or an instance configured by the caller (an ablation, say)
@@ -130,6 +131,11 @@ class Session:
                                f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
         self.bytes_per_cell = facts.kv_bytes_per_token(kv_type) if kv_type in gguf_file.KV_TYPE_BYTES else 0
         check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply, temperature, seed)
+        self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        try:
+            self.sampling.check()
+        except sampling.SamplingError as e:
+            raise SessionError(str(e)) from None
         self.budget_cells = parse_budget(budget, n_ctx, max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
         needs_repeat = False
@@ -149,7 +155,7 @@ class Session:
                 raise SessionError(f"a policy configures flowmm, not {method}")
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
-        self.temperature, self.rng = temperature, np.random.default_rng(None if seed == -1 else seed % 2 ** 64)
+        self.temperature = temperature
         self.n_ctx, self.kv_type = n_ctx, kv_type
         self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.projector = None
@@ -178,6 +184,9 @@ class Session:
     # -- state ---------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.close()
+        self.sampler = sampling.Sampler(self.model.n_vocab, self.sampling)  # a new conversation draws afresh
         self.messages: list[tuple[str, str]] = [("system", self.system_prompt)] if self.system_prompt else []
         self.cached_text = ""   # the formatted conversation whose tokens are in the cache
         self.pos = 0            # next position (tokens and image positions seen so far)
@@ -237,7 +246,7 @@ class Session:
     def close(self) -> None:
         if getattr(self, "ctx", None) is not None and getattr(self, "_active_reply", None) is not None:
             self._finish_reply()
-        for h in ("ctx", "projector", "model"):
+        for h in ("sampler", "ctx", "projector", "model"):
             obj = getattr(self, h, None)
             if obj is not None:
                 obj.close()
@@ -391,11 +400,7 @@ class Session:
         return None
 
     def _sample(self, logits: np.ndarray) -> int:
-        if self.temperature <= 0:
-            return int(logits.argmax())
-        z = (logits - logits.max()) / self.temperature
-        p = np.exp(z)
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+        return self.sampler.sample(logits)
 
     def reply(self):
         """Generate the assistant's reply, yielding text pieces as they come.

@@ -1,0 +1,95 @@
+"""Token sampling through llama.cpp's sampler chain (`llama_sampler_*`), as llama-cli samples:
+repetition penalty, top-k, top-p, min-p, temperature, then a seeded draw (or greedy at
+temperature <= 0). The chain works on a logits array, not the context's last row, so the chat
+can sample from logits it kept while other decodes (a merge's repeat pass) ran in between.
+
+    s = Sampler(n_vocab, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=1)
+    tok = s.sample(logits)      # and remembers tok for the repetition penalty
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import numpy as np
+
+from .errors import FlowMMError
+from .native import llama_cpp
+
+PENALTY_LAST_N = 64  # llama.cpp's default --repeat-last-n
+
+
+class SamplingError(FlowMMError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's meanings: --temp (<= 0: greedy), --top-k (<= 0: off), --top-p and --min-p
+    (1.0 and 0.0: off), --repeat-penalty (1.0: off) over the last PENALTY_LAST_N tokens, --seed."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        for name, ok in (("--temp", np.isfinite(self.temperature)), ("--top-p", 0.0 <= self.top_p <= 1.0),
+                         ("--min-p", 0.0 <= self.min_p <= 1.0),
+                         ("--repeat-penalty", np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0)):
+            if not ok:
+                raise SamplingError(f"{name} {getattr(self, _FIELD[name])} is out of range")
+
+
+_FIELD = {"--temp": "temperature", "--top-p": "top_p", "--min-p": "min_p", "--repeat-penalty": "repeat_penalty"}
+
+
+class Sampler:
+    def __init__(self, n_vocab: int, params: SamplingParams):
+        params.check()
+        self.n_vocab, self.params = n_vocab, params
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731  the chain owns what it holds
+        if params.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed >= 0 else int(np.random.SeedSequence().entropy % 2 ** 32)
+            add(llama_cpp.llama_sampler_init_dist(seed % 2 ** 32))
+        self._chain = chain
+        self._data = (llama_cpp.llama_token_data * n_vocab)()
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+
+    def sample(self, logits: np.ndarray) -> int:
+        """A token from `logits` [n_vocab]; it joins the history the repetition penalty sees."""
+        if len(logits) != self.n_vocab:
+            raise SamplingError(f"logits for {len(logits)} tokens, the vocabulary has {self.n_vocab}")
+        rows = np.ctypeslib.as_array(self._data).view(np.dtype([("id", np.int32), ("logit", np.float32),
+                                                                 ("p", np.float32)]))
+        rows["id"], rows["logit"], rows["p"] = self._ids, logits, 0.0
+        arr = llama_cpp.llama_token_data_array(self._data, self.n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        tok = int(self._data[arr.selected].id)
+        llama_cpp.llama_sampler_accept(self._chain, tok)
+        return tok
+
+    def accept(self, token: int) -> None:
+        """Put a token that was not sampled (the prompt's) into the penalty's history."""
+        llama_cpp.llama_sampler_accept(self._chain, int(token))
+
+    def close(self) -> None:
+        if getattr(self, "_chain", None) is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self):
+        self.close()
