@@ -1,23 +1,17 @@
-"""PNG bytes from an RGB array with zlib alone (for generated calibration and evaluation images)."""
+"""Generated pictures for calibration and evaluation, encoded as PNG by Pillow."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 
 import numpy as np
+from PIL import Image
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "PNG")
+    return buf.getvalue()
 
 
 def pattern(seed: int, size: int = 64) -> bytes:

@@ -1,5 +1,6 @@
 """Task metrics: contains, all (the share of the golds the answer contains: RULER's
-string_match_all, for answers that list several values), exact, ROUGE-L (F1 over whitespace tokens, as rouge-score computes it)
+string_match_all, for answers that list several values), exact, ROUGE-L (F1 of the longest common subsequence of the
+normalised whitespace tokens; rouge-score's own tokenizer and optional stemming differ)
 and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text)."""
 
 from __future__ import annotations
