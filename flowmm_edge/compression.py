@@ -9,10 +9,11 @@ prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to
 Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
 this prefill. Reconstruction scores (reconstruction.py) come from a repeat-the-context pass that
 `compress` runs over the cells it is about to merge (it needs each position's token), or from
-`use_reconstruction` when several methods share one pass. A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried
-before the merge, plus the plan's gain (merge="mass"), so a bias survives and accumulates over
-later merges (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from the rows observed here
-(the observation window), and the report says so.
+`use_reconstruction` when several methods share one pass (eval) or a chat repeats only new text.
+A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried before the
+merge, plus the plan's gain (merge="mass"), so a bias survives and accumulates over later merges
+(chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from
+the rows observed here (the observation window), and the report says so.
 """
 
 from __future__ import annotations
