@@ -97,6 +97,49 @@ def _hf_file(repo: str, filename: str) -> Path:
         raise DownloadError(f"{repo}/{filename}: download failed ({str(e).splitlines()[0]})") from None
 
 
+DEFAULT_QUANT = "Q4_K_M"  # what `-hf user/repo` picks without a tag, as llama.cpp does
+
+
+def pick_gguf(names: list[str], quant: str | None) -> tuple[str, str | None]:
+    """(model file, mmproj file or None) among a repo's file names, as llama.cpp's -hf picks them:
+    the model GGUF whose name holds the quant tag (Q4_K_M without one; the only one if the repo
+    has one), and a GGUF with "mmproj" in its name."""
+    ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+    projectors = [n for n in ggufs if "mmproj" in n.lower()]
+    models = [n for n in ggufs if n not in projectors]
+    tag = (quant or DEFAULT_QUANT).lower()
+    hits = [n for n in models if tag in Path(n).name.lower()]
+    if not hits and quant is None and len(models) == 1:
+        hits = models
+    if len(hits) != 1:
+        have = ", ".join(Path(n).name for n in models) or "none"
+        raise FlowMMError(f"-hf: {'no' if not hits else 'more than one'} model GGUF matches {quant or DEFAULT_QUANT!r} "
+                          f"(model GGUFs in the repo: {have})")
+    return hits[0], (projectors[0] if projectors else None)
+
+
+def _hf_pick(spec: str) -> tuple[Path, Path | None]:
+    """-hf user/repo[:quant]: list the repo (or, offline, its cached snapshot), pick, download."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from .errors import DownloadError
+
+    repo, _, quant = spec.partition(":")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise FlowMMError(f"-hf {spec!r}: expected user/repo[:quant]")
+    try:
+        names = HfApi().list_repo_files(repo)
+    except Exception:  # offline, unreachable, or HF_HUB_OFFLINE: the cached snapshot decides
+        try:
+            folder = Path(snapshot_download(repo_id=repo, allow_patterns=["*.gguf"], local_files_only=True))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+            raise DownloadError(f"-hf {repo}: cannot list the repo and nothing of it is cached") from None
+        names = [str(f.relative_to(folder)) for f in folder.rglob("*.gguf")]
+    model, mmproj = pick_gguf(names, quant or None)
+    return _hf_file(repo, model), (_hf_file(repo, mmproj) if mmproj else None)
+
+
 def _print_stats(r: dict) -> None:
     print(f"method {r['method']}: {r['turns']} turns, {r['positions']} positions seen, {r['merges']} merges "
           f"({r['merge_seconds']:.2f} s)")
@@ -174,7 +217,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     # any bytes in: undecodable input reaches valid_text as surrogates instead of raising; any text out
     sys.stdin.reconfigure(errors="surrogateescape")
     sys.stdout.reconfigure(errors="replace")
-    if args.hf_repo:
+    if args.hf:
+        model, found = _hf_pick(args.hf)
+        mmproj = args.mmproj or found
+    elif args.hf_repo:
         if not args.hf_file:
             raise FlowMMError("--hf-repo needs --hf-file (the GGUF inside the repo)")
         model = _hf_file(args.hf_repo, args.hf_file)
@@ -423,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     # llama.cpp's flag names (llama-cli, llama-mtmd-cli) first; this project's older long names stay as aliases
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
     p.add_argument("--mmproj", help="vision projector GGUF")
+    p.add_argument("-hf", "--hf", dest="hf", metavar="USER/REPO[:QUANT]",
+                   help="a Hugging Face repo: its GGUF with that quant tag (default Q4_K_M) and its mmproj, as llama.cpp")
     p.add_argument("--hf-repo", help="Hugging Face repo to take the model from (with --hf-file)")
     p.add_argument("--hf-file", help="the model GGUF in --hf-repo")
     p.add_argument("--hf-mmproj", help="the mmproj GGUF in --hf-repo")

@@ -1,11 +1,13 @@
 """A local HTTP server that serves files the way the Hugging Face Hub's resolve endpoint does
-(HEAD and GET on /{repo}/resolve/{revision}/{filename} with X-Repo-Commit and ETag), so the
+(HEAD and GET on /{repo}/resolve/{revision}/{filename} with X-Repo-Commit and ETag, and the
+file listing GET /api/models/{repo}/tree/{revision}), so the
 `huggingface_hub` download path runs without network (HF_ENDPOINT points here)."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import re
 import threading
 from pathlib import Path
@@ -48,6 +50,18 @@ class FakeHub:
                 self._serve(False)
 
             def do_GET(self):
+                m = re.fullmatch(r"/api/models/(.+?)/tree/([^/?]+)", self.path.split("?")[0])
+                if m and m.group(1) == hub.repo:  # the listing list_repo_files reads
+                    hub.requests.append((self.command, self.path.split("?")[0]))
+                    body = json.dumps([{"type": "file", "path": n, "size": p.stat().st_size,
+                                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                                       for n, p in hub.files.items()]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 self._serve(True)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

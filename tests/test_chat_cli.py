@@ -122,3 +122,46 @@ def test_real_model_answers_a_planted_fact_under_a_small_budget(default_model_pa
     child.close()
     assert child.exitstatus == 0, child.before
     assert passkey in child.before
+
+
+def test_hf_user_repo_quant_picks_the_gguf_and_its_mmproj(tiny_models, tmp_path):
+    """-hf user/repo[:quant] as llama.cpp: the listed repo's GGUF with the quant tag (Q4_K_M by
+    default) and its mmproj are downloaded; offline, the cached snapshot picks the same."""
+    text, mmproj = tiny_models
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf")}
+    files = {"tiny-Q4_K_M.gguf": text, "tiny-Q8_0.gguf": text, "mmproj-tiny-f16.gguf": mmproj}
+    with FakeHub("flowmm/tiny-llava", files) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        for spec, want in (("flowmm/tiny-llava", "tiny-Q4_K_M.gguf"), ("flowmm/tiny-llava:q8_0", "tiny-Q8_0.gguf")):
+            child = spawn("-hf", spec, "-c", "256", "--budget", "64", "-n", "2", "--prompt", "hi", env=env)
+            child.expect(pexpect.EOF)
+            child.close()
+            assert child.exitstatus == 0, child.before
+            assert "+ mmproj-tiny-f16.gguf" in child.before  # the projector came with it
+            # the picked file was fetched (a GET, or only a HEAD where its bytes were cached under another name)
+            assert any(p == f"/flowmm/tiny-llava/resolve/main/{want}" for _, p in hub.requests)
+            assert list((tmp_path / "hf").rglob(want))
+        child = spawn("-hf", "flowmm/tiny-llava:Q2_K", "--prompt", "hi", env=env)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 1 and "no model GGUF matches 'Q2_K'" in child.before
+        assert "tiny-Q4_K_M.gguf, tiny-Q8_0.gguf" in child.before and "Traceback" not in child.before
+    env["HF_HUB_OFFLINE"] = "1"  # the server is gone: the cache answers
+    child = spawn("-hf", "flowmm/tiny-llava:Q8_0", "-c", "256", "--budget", "64", "-n", "2", "--prompt", "hi", env=env)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_pick_gguf_rules():
+    from flowmm_edge.cli import pick_gguf
+    from flowmm_edge.errors import FlowMMError
+
+    names = ["README.md", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "mmproj-m-f16.gguf"]
+    assert pick_gguf(names, None) == ("m-Q4_K_M.gguf", "mmproj-m-f16.gguf")
+    assert pick_gguf(names, "q8_0") == ("m-Q8_0.gguf", "mmproj-m-f16.gguf")
+    assert pick_gguf(["only-F16.gguf"], None) == ("only-F16.gguf", None)  # one model: no tag needed
+    for bad, quant, message in ((names, "Q2_K", "no model GGUF"), (["a-Q4_K_M.gguf", "b-Q4_K_M.gguf"], None, "more than one"),
+                                (["mmproj.gguf"], None, "no model GGUF")):
+        with pytest.raises(FlowMMError, match=message):
+            pick_gguf(bad, quant)
