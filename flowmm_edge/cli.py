@@ -504,23 +504,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("calibrate", help="write a per-layer merging policy for a model")
-    p.add_argument("--model", help="text model GGUF (default: the embedded model)")
+    p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF: calibrate on images")
     p.add_argument("--prompts", help="JSONL of {\"segments\": [...]} prompts (default: a small built-in set)")
     p.add_argument("--out", required=True, type=output_file, help="the policy JSON to write")
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
-    p.add_argument("--threads", type=at_least(1), default=None)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="KV memory and speed, side by side")
-    p.add_argument("--model", help="text model GGUF, or 'tiny' / 'llava-1.5-7b' for the synthetic ones (default: the embedded model)")
+    p.add_argument("-m", "--model", help="text model GGUF, or 'tiny' / 'llava-1.5-7b' for the synthetic ones (default: the embedded model)")
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens")
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
     p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm")
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
     p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
-    p.add_argument("--threads", type=at_least(1), default=None)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None)
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
     p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", choices=["after", "inside", "followup"], default="after",
                    help="when the question meets the compressed cache: decoded after the context was compressed "
                         "(default), inside the compressed prompt, or in later chat turns through the real session")
-    p.add_argument("--model", help="text model GGUF (default: the embedded model)")
+    p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),
                    help=f"RULER-style families to generate (of {', '.join(ALL_FAMILIES)}; default: those the "
@@ -549,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
     p.add_argument("--budgets", default="0.2")
     p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"])
+    p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
-    p.add_argument("--threads", type=at_least(1), default=None)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None)
     p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
     p.add_argument("--markdown", type=output_file, help="write the tables as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")
@@ -559,9 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="native library, backend and model facts")
-    p.add_argument("--model", help="a text model GGUF to describe (default: the embedded model, if assembled)")
+    p.add_argument("-m", "--model", help="a text model GGUF to describe (default: the embedded model, if assembled)")
     p.add_argument("--mmproj", help="a vision projector GGUF to describe")
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload when loading --model")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0, help="layers to offload when loading --model")
     p.set_defaults(func=cmd_info)
     return ap
 

@@ -84,3 +84,24 @@ def test_chat_with_no_arguments_runs_the_default_model():
     assert proc.returncode == 0, proc.stderr
     assert "Qwen2.5 Coder 0.5B Instruct" in proc.stderr and "flowmm, budget 1024 cells of 4096" in proc.stderr
     assert "4" in proc.stdout
+
+
+def test_llama_cpp_flag_names_reach_the_same_settings():
+    """llama.cpp's short names and this project's older long names set the same attributes."""
+    from flowmm_edge.cli import build_parser
+
+    p = build_parser()
+    short = p.parse_args(["chat", "-m", "a.gguf", "-c", "512", "-n", "9", "-ngl", "3", "-t", "2", "-ctk", "q8_0",
+                          "-sys", "hi", "-s", "5", "--top-k", "7", "--top-p", "0.5", "--min-p", "0.1",
+                          "--repeat-penalty", "1.1"])
+    long = p.parse_args(["chat", "--model", "a.gguf", "--ctx", "512", "--max-tokens", "9", "--gpu-layers", "3",
+                         "--threads", "2", "--kv-type", "q8_0", "--system-prompt", "hi", "--seed", "5", "--top-k", "7",
+                         "--top-p", "0.5", "--min-p", "0.1", "--repeat-penalty", "1.1"])
+    keys = ("model", "ctx", "max_tokens", "gpu_layers", "threads", "kv_type", "system_prompt", "seed", "top_k", "top_p",
+            "min_p", "repeat_penalty")
+    assert [getattr(short, k) for k in keys] == [getattr(long, k) for k in keys]
+    assert (short.model, short.ctx, short.max_tokens, short.kv_type, short.seed) == ("a.gguf", 512, 9, "q8_0", 5)
+    for cmd in (["eval"], ["bench"], ["calibrate", "--out", "p.json"]):
+        a = p.parse_args(cmd + ["-m", "a.gguf", "-t", "2"])
+        assert (a.model, a.threads) == ("a.gguf", 2)
+    assert p.parse_args(["eval", "-ctk", "q4_0"]).kv_type == "q4_0"
