@@ -31,6 +31,13 @@ class ChatTemplateError(FlowMMError):
     pass
 
 
+def _jinja():
+    """The sandboxed Jinja environment a template file is checked and rendered in."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
 def builtin_names() -> list[str]:
     n = llama_cpp.llama_chat_builtin_templates(None, 0)
     out = (ctypes.c_char_p * n)()
@@ -47,11 +54,8 @@ class ChatTemplate:
     def render(self, model, messages: list[tuple[str, str]], add_assistant: bool) -> str:
         if self.jinja is None:
             return model.format_chat(messages, add_assistant, None if self.name == "gguf" else self.name)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
-            return env.from_string(self.jinja).render(
+            return _jinja().from_string(self.jinja).render(
                 messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=add_assistant,
                 bos_token=model.special_text("bos"), eos_token=model.special_text("eos"))
         except Exception as e:  # a template error of any kind is the file's problem, named as such
@@ -72,10 +76,9 @@ def choose(model, model_path: str | Path, requested: str | None = None, vision: 
         except (OSError, UnicodeDecodeError) as e:
             raise ChatTemplateError(f"--chat-template {requested}: cannot read it as UTF-8 text ({e})") from None
         from jinja2 import TemplateSyntaxError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         try:
-            ImmutableSandboxedEnvironment().parse(text)
+            _jinja().parse(text)
         except TemplateSyntaxError as e:
             raise ChatTemplateError(f"--chat-template {requested}: not a Jinja template (line {e.lineno}: {e.message})") from None
         return ChatTemplate(str(path), text, f"chat template: {path} (Jinja, --chat-template)")

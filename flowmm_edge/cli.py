@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
     p.add_argument("-sys", "--system-prompt", dest="system_prompt", default=None,
                    help="the system message (default: a short 'answer briefly' one; '' for none)")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (<= 0: greedy, default)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off; default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1.0: off; default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling (0.0: off; default 0.05)")

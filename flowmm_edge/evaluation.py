@@ -71,7 +71,7 @@ def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Seg
             [[Segment("text", "\n" + q.text + tail + q.answer_prefix)] for q in task.questions])
 
 
-# flowmm:<variant>: the paper's ablations, and the mass merge (mass_merge.py) in place of LOOK-M's pivotal rule
+# flowmm:<variant>: the paper's ablations, the importance source, the merge rule, and eviction in place of merging
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
             "no-both": dict(flow_guidance=False, sensitivity=False),
             "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source

@@ -26,8 +26,9 @@ class SamplingError(FlowMMError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """llama.cpp's meanings: --temp (<= 0: greedy), --top-k (<= 0: off), --top-p and --min-p
-    (1.0 and 0.0: off), --repeat-penalty (1.0: off) over the last PENALTY_LAST_N tokens, --seed."""
+    """llama.cpp's meanings: --temp (0: greedy), --top-k (<= 0: off), --top-p and --min-p
+    (1.0 and 0.0: off), --repeat-penalty (1.0: off) over the last PENALTY_LAST_N tokens, --seed
+    (-1: random). `check` is the one range check of these settings; its error names the flag."""
 
     temperature: float = 0.0
     top_k: int = 40
@@ -37,14 +38,16 @@ class SamplingParams:
     seed: int = 0
 
     def check(self) -> None:
-        for name, ok in (("--temp", np.isfinite(self.temperature)), ("--top-p", 0.0 <= self.top_p <= 1.0),
-                         ("--min-p", 0.0 <= self.min_p <= 1.0),
-                         ("--repeat-penalty", np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0)):
+        for ok, message in (
+                (np.isfinite(self.temperature) and self.temperature >= 0,
+                 f"--temp {self.temperature} must be a finite number >= 0"),
+                (isinstance(self.seed, int), f"--seed {self.seed!r} must be an integer (-1: random)"),
+                (0.0 <= self.top_p <= 1.0, f"--top-p {self.top_p} is out of range"),
+                (0.0 <= self.min_p <= 1.0, f"--min-p {self.min_p} is out of range"),
+                (np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+                 f"--repeat-penalty {self.repeat_penalty} is out of range")):
             if not ok:
-                raise SamplingError(f"{name} {getattr(self, _FIELD[name])} is out of range")
-
-
-_FIELD = {"--temp": "temperature", "--top-p": "top_p", "--min-p": "min_p", "--repeat-penalty": "repeat_penalty"}
+                raise SamplingError(message)
 
 
 class Sampler:
@@ -66,16 +69,16 @@ class Sampler:
             seed = params.seed if params.seed >= 0 else int(np.random.SeedSequence().entropy % 2 ** 32)
             add(llama_cpp.llama_sampler_init_dist(seed % 2 ** 32))
         self._chain = chain
-        self._data = (llama_cpp.llama_token_data * n_vocab)()
+        self._data = (llama_cpp.llama_token_data * n_vocab)()  # filled in place for every draw
+        self._rows = np.ctypeslib.as_array(self._data).view(np.dtype([("id", np.int32), ("logit", np.float32),
+                                                                       ("p", np.float32)]))
         self._ids = np.arange(n_vocab, dtype=np.int32)
 
     def sample(self, logits: np.ndarray) -> int:
         """A token from `logits` [n_vocab]; it joins the history the repetition penalty sees."""
         if len(logits) != self.n_vocab:
             raise SamplingError(f"logits for {len(logits)} tokens, the vocabulary has {self.n_vocab}")
-        rows = np.ctypeslib.as_array(self._data).view(np.dtype([("id", np.int32), ("logit", np.float32),
-                                                                 ("p", np.float32)]))
-        rows["id"], rows["logit"], rows["p"] = self._ids, logits, 0.0
+        self._rows["id"], self._rows["logit"], self._rows["p"] = self._ids, logits, 0.0
         arr = llama_cpp.llama_token_data_array(self._data, self.n_vocab, -1, False)
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
         tok = int(self._data[arr.selected].id)

@@ -8,17 +8,17 @@
 Memory: llama.cpp allocates the KV buffer once (`n_ctx` cells) and it never grows. After each
 user turn is decoded, the method merges the sequence down to `budget` cells (FlowMM's
 observation window is then the end of the user's turn, and its reconstruction pass repeats the
-text the cache holds, from `tokens_by_pos`, in the free cells). A turn longer than the free
-room is decoded in chunks, merging between chunks, so any conversation fits; `reserve` cells
-stay free for the reply (and at least reconstruction.room_needed for that pass). A turn fails (one-line error, everything restored) only if one image alone is
-larger than the room left after a merge.
+text added since the last merge, from `tokens_by_pos`, in the free cells). A turn longer than
+the free room is decoded in chunks, merging between chunks, so any conversation fits; `reserve`
+cells stay free for the reply (and at least reconstruction.room_needed for that pass). A turn
+fails (one-line error, everything restored) only if one image alone is larger than the room
+left after a merge.
 """
 
 from __future__ import annotations
 
 import codecs
 import dataclasses
-import math
 import os
 import re
 import time
@@ -81,9 +81,9 @@ def available_memory() -> int | None:
         return None
 
 
-def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_layers: int, max_reply: int,
-                   temperature: float, seed: int) -> None:
-    """Range-check a session's numeric settings; the error names the chat's flag."""
+def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_layers: int, max_reply: int) -> None:
+    """Range-check a session's numeric settings; the error names the chat's flag (the sampling
+    settings are checked by sampling.SamplingParams)."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise SessionError(message)
@@ -98,8 +98,6 @@ def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_la
     need(n_threads is None or (isinstance(n_threads, int) and n_threads >= 1), f"--threads {n_threads} must be >= 1")
     need(isinstance(n_gpu_layers, int) and n_gpu_layers >= -1, f"--gpu-layers {n_gpu_layers} must be >= 0 (-1: all)")
     need(isinstance(max_reply, int) and max_reply >= 1, f"--max-tokens {max_reply} must be >= 1")
-    need(math.isfinite(temperature) and temperature >= 0, f"--temp {temperature} must be a finite number >= 0")
-    need(isinstance(seed, int), f"--seed {seed!r} must be an integer (-1: random)")
 
 
 @dataclasses.dataclass
@@ -130,7 +128,7 @@ class Session:
             raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
                                f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
         self.bytes_per_cell = facts.kv_bytes_per_token(kv_type) if kv_type in gguf_file.KV_TYPE_BYTES else 0
-        check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply, temperature, seed)
+        check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply)
         self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         try:
             self.sampling.check()
@@ -155,7 +153,6 @@ class Session:
                 raise SessionError(f"a policy configures flowmm, not {method}")
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
-        self.temperature = temperature
         self.n_ctx, self.kv_type = n_ctx, kv_type
         self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         self.projector = None
@@ -240,7 +237,6 @@ class Session:
     def reset(self) -> None:
         self._finish_reply()
         self.ctx.clear()
-        kv_cache.clear_slot_bias(self.ctx)
         self._reset_state()
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ def importance_scores(model, ctx, p, window: int) -> dict[str, np.ndarray]:
         ctx.decode(tokens[-window:], n - window)
     out["window"] = _scores_by_position(ctx, last, n)
     rec = reconstruction.reconstruction_scores(ctx, np.r_[-1, tokens[1:]], reconstruction.repeat_prefix(model))
-    out["reconstruction"] = rec.scores  # the context again, without BOS, as the methods compute it
+    out["reconstruction"] = rec.scores  # the context again without its BOS (the methods' pass repeats that one token too)
     return out
 
 
