@@ -1,11 +1,11 @@
 """flowmm-edge: FlowMM KV-cache merging for multimodal GGUF models on llama.cpp.
 
-Importing the package loads the patched libllama (see flowmm_edge.native) and fails with
+Importing the package loads the patched libllama (see flowmm_edge.bindings.native) and fails with
 a NativeLibraryError that says what to run if it is missing or stale.
 """
 
 from .errors import DownloadError, FlowMMError, ModelFileError, NativeLibraryError
-from .native import flowmm_version
+from .bindings.native import flowmm_version
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ __all__ = [
 def __getattr__(name: str):
     """`flowmm_edge.Session` without importing the chat machinery for every use of the package."""
     if name == "Session":
-        from .session import Session
+        from .app.session import Session
 
         return Session
     raise AttributeError(f"module 'flowmm_edge' has no attribute {name!r}")

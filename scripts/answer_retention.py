@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import open_model
-from flowmm_edge import evaluation, kv_cache, reconstruction, ruler_tasks, runtime
-from flowmm_edge.attention_stats import AttentionStats
+from flowmm_edge.evaluation import evaluate, ruler_tasks
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.methods import reconstruction
+from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.methods.base import top_by_score
 from flowmm_edge.methods.snapkv import SnapKV, avg_pool
-from flowmm_edge.prompt import ModalityLabels, prepare
+from flowmm_edge.bindings.prompt import ModalityLabels, prepare
 
 
 def answer_positions(model, pieces, values: list[str]) -> np.ndarray:
@@ -60,7 +62,7 @@ def _scores_by_position(ctx, stats: AttentionStats, n: int) -> np.ndarray:
 
 def _context(model, task):
     """The task's context as eval prepares it, and the positions of the answers' tokens in it."""
-    context, _ = evaluation.wrap(model, task)
+    context, _ = evaluate.wrap(model, task)
     p = prepare(model, context, ModalityLabels(), add_bos=True)
     return p, answer_positions(model, p.pieces, [a for q in task.questions for a in q.answers])
 
@@ -104,9 +106,9 @@ def method_shares(model, tasks, methods: list[str], budgets, n_threads) -> list[
     shares: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for task in tasks:
         p, where = _context(model, task)
-        comps = evaluation.compressions(methods, budgets, None)
+        comps = evaluate.compressions(methods, budgets, None)
         with runtime.Context(model, n_ctx=p.n_pos + 8, n_threads=n_threads) as ctx:
-            pre = evaluation.Prefill(ctx, p, comps)
+            pre = evaluate.Prefill(ctx, p, comps)
             for name, budget, comp in comps:
                 _, report = pre.compress(comp)
                 if report.plan is None:  # every cell kept as it was

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowmm_edge import default_model, runtime
+from flowmm_edge.models import default_model
+from flowmm_edge.bindings import runtime
 
 FILLER = "the quick brown fox jumps over the lazy dog while the secret code stays 4711 "
 

@@ -16,7 +16,7 @@ import argparse
 import time
 
 from bench_common import add_common_args, open_model, prompt_tokens
-from flowmm_edge import native, runtime
+from flowmm_edge.bindings import native, runtime
 
 
 def decode_rate(model: runtime.Model, prompt: list[int], n_decode: int, n_threads) -> tuple[float, float]:

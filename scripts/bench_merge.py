@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from bench_common import add_common_args, open_model, prompt_tokens
-from flowmm_edge import kv_cache, runtime
+from flowmm_edge.bindings import kv_cache, runtime
 
 
 def keep_plan(n: int, budget: int, n_layer: int, n_head_kv: int) -> kv_cache.MergePlan:

@@ -15,8 +15,8 @@ import time
 import numpy as np
 
 from bench_common import add_common_args, open_model, prompt_tokens
-from flowmm_edge import runtime
-from flowmm_edge.attention_stats import AttentionStats
+from flowmm_edge.bindings import runtime
+from flowmm_edge.bindings.attention_stats import AttentionStats
 
 
 def prefill_s(model, tokens, n_threads, stats_kw) -> float:

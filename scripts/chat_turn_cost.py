@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from bench_common import open_model
-from flowmm_edge import ruler_tasks
-from flowmm_edge.session import Session
+from flowmm_edge.evaluation import ruler_tasks
+from flowmm_edge.app.session import Session
 
 QUESTIONS = ["What is this document about?", "Which numbers does it mention?", "Say that again, briefly."]
 

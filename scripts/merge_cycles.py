@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_tiny_models  # noqa: E402
+from flowmm_edge.models import tiny as make_tiny_models  # noqa: E402
 
-from flowmm_edge import kv_cache, runtime  # noqa: E402
+from flowmm_edge.bindings import kv_cache
+from flowmm_edge.bindings import runtime  # noqa: E402
 
 
 def main() -> int:

@@ -69,7 +69,8 @@ fi
 
 # 6. default model + a check that the package loads the patched library -----------------
 "$VPY" - <<'PY'
-from flowmm_edge import default_model, native
+from flowmm_edge.models import default_model
+from flowmm_edge.bindings import native
 print(f"[setup] default model: {default_model.ensure(progress=lambda s: print('[setup] ' + s))}")
 print(f"[setup] libllama with FlowMM {native.flowmm_version()}: {native.lib_path}")
 PY

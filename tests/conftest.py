@@ -18,8 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-import make_tiny_models  # noqa: E402
-from flowmm_edge import runtime  # noqa: E402
+from flowmm_edge.models import tiny as make_tiny_models  # noqa: E402
+from flowmm_edge.bindings import runtime  # noqa: E402
 
 runtime.quiet_native_logs()  # llama.cpp's errors still reach stderr; FLOWMM_VERBOSE=1 shows all
 
@@ -64,7 +64,7 @@ def span_labels(n: int) -> "np.ndarray":
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
-    from flowmm_edge import default_model
+    from flowmm_edge.models import default_model
 
     return default_model.ensure()
 

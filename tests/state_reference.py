@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
-from flowmm_edge.native import llama_cpp
+from flowmm_edge.bindings.native import llama_cpp
 
 
 @dataclasses.dataclass

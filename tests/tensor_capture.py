@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from flowmm_edge.native import lib, llama_cpp
+from flowmm_edge.bindings.native import lib, llama_cpp
 
 
 class _TensorHead(ctypes.Structure):  # the leading fields of struct ggml_tensor (ggml.h)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
-from flowmm_edge import kv_cache, runtime
-from flowmm_edge.attention_stats import AttentionStats, graph_n_nodes
+from flowmm_edge.models import tiny as tm
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.bindings.attention_stats import AttentionStats, graph_n_nodes
 from conftest import TINY_PROMPT, span_labels
 from tensor_capture import Capture
 
@@ -116,8 +116,8 @@ def test_statistics_off_leaves_graph_and_logits_untouched(model, flash_attn):
 def test_bad_requests_are_refused_and_change_nothing(model):
     import ctypes
 
-    from flowmm_edge.kv_cache import NativeError
-    from flowmm_edge.native import lib
+    from flowmm_edge.bindings.kv_cache import NativeError
+    from flowmm_edge.bindings.native import lib
 
     tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)
     n = len(tokens)

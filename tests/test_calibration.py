@@ -14,10 +14,12 @@ import shutil
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
+from flowmm_edge.models import tiny as tm
 from conftest import write_png
-from flowmm_edge import calibration, cli, policy, prompt, runtime
-from flowmm_edge.multimodal import Projector
+from flowmm_edge.methods import calibration, policy
+from flowmm_edge.app import cli
+from flowmm_edge.bindings import prompt, runtime
+from flowmm_edge.bindings.multimodal import Projector
 from tensor_capture import Capture
 
 SPEC = tm.TINY.text

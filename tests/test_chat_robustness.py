@@ -20,10 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import REPO, write_png
-from flowmm_edge import gguf_file, runtime, session_file
+from flowmm_edge.models import gguf_file
+from flowmm_edge.bindings import runtime
+from flowmm_edge.app import session_file
 from flowmm_edge.errors import FlowMMError
-from flowmm_edge.multimodal import MAX_IMAGE_PIXELS
-from flowmm_edge.session import Session, SessionError
+from flowmm_edge.bindings.multimodal import MAX_IMAGE_PIXELS
+from flowmm_edge.app.session import Session, SessionError
 
 ENV_PY = [sys.executable, "-m", "flowmm_edge"]
 FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -289,7 +291,7 @@ def test_random_flips_in_a_gguf_header(tiny_models, tmp_path_factory, flips):
     path = tmp_path_factory.mktemp("gguf") / "m.gguf"
     path.write_bytes(_flip(raw, flips, gguf_file.open_gguf(tiny_models[0]).data_offset))
     # a one-line error or a model that loads; in a child process, so that a crash is seen as one
-    code = ("import sys\nfrom flowmm_edge import runtime\nfrom flowmm_edge.errors import FlowMMError\n"
+    code = ("import sys\nfrom flowmm_edge.bindings import runtime\nfrom flowmm_edge.errors import FlowMMError\n"
             f"try:\n    runtime.Model({str(path)!r}).close()\nexcept FlowMMError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
@@ -359,7 +361,7 @@ def test_image_pixel_limits(session, tmp_path):
 
 
 def test_a_session_file_keeps_the_slot_bias_and_version_2_files_still_load(tiny_models, tmp_path):
-    from flowmm_edge import kv_cache
+    from flowmm_edge.bindings import kv_cache
 
     text, _ = tiny_models
     with Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2) as a, \

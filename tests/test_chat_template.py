@@ -8,10 +8,11 @@ import ctypes
 
 import pytest
 
-import make_tiny_models as tm
-from flowmm_edge import chat_template, runtime
-from flowmm_edge.native import llama_cpp
-from flowmm_edge.session import Session
+from flowmm_edge.models import tiny as tm
+from flowmm_edge.app import chat_template
+from flowmm_edge.bindings import runtime
+from flowmm_edge.bindings.native import llama_cpp
+from flowmm_edge.app.session import Session
 
 MESSAGES = [("system", "Be brief."), ("user", "What is in the picture?"), ("assistant", "A cat."), ("user", "Colour?")]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowmm_edge import gguf_file
+from flowmm_edge.models import gguf_file
 from flowmm_edge.errors import ModelFileError
 
 
@@ -31,7 +31,7 @@ def test_info_describes_the_library_and_a_model(tiny_models):
     proc = run_cli("info", "--model", str(text), "--mmproj", str(mmproj))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    from flowmm_edge import native
+    from flowmm_edge.bindings import native
     assert native.flowmm_version() in out and native.lib_path in out
     assert "architecture       llama" in out
     assert "heads / KV heads   4 / 2" in out
@@ -88,7 +88,7 @@ def test_chat_with_no_arguments_runs_the_default_model():
 
 def test_llama_cpp_flag_names_reach_the_same_settings():
     """llama.cpp's short names and this project's older long names set the same attributes."""
-    from flowmm_edge.cli import build_parser
+    from flowmm_edge.app.cli import build_parser
 
     p = build_parser()
     short = p.parse_args(["chat", "-m", "a.gguf", "-c", "512", "-n", "9", "-ngl", "3", "-t", "2", "-ctk", "q8_0",

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import build_native  # scripts/, put on sys.path by conftest
-from flowmm_edge import native, paths, runtime
+from flowmm_edge.bindings import native, runtime
+from flowmm_edge import paths
 
 LIB_DIR = paths.installed_native_lib_dir()
 SUFFIX = ".dylib" if sys.platform == "darwin" else ".so"

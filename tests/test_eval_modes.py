@@ -10,12 +10,14 @@ import math
 import numpy as np
 import pytest
 
-from flowmm_edge import evaluation, followup, reconstruction, ruler_tasks, runtime
-from flowmm_edge.attention_stats import AttentionStats
-from flowmm_edge.compression import Compressor
+from flowmm_edge.evaluation import evaluate, followup, ruler_tasks
+from flowmm_edge.methods import reconstruction
+from flowmm_edge.bindings import runtime
+from flowmm_edge.bindings.attention_stats import AttentionStats
+from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.base import PROMPT_SCORES
-from flowmm_edge.prompt import ModalityLabels, Segment, feed, prepare
-from flowmm_edge.session import Session
+from flowmm_edge.bindings.prompt import ModalityLabels, Segment, feed, prepare
+from flowmm_edge.app.session import Session
 
 
 def _multi_key(model, length: int = 300):
@@ -29,7 +31,7 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
     window statistics (eval's documented way to observe the rows one prefill ends with); compress;
     then the question (if after) and a greedy answer."""
     labels = ModalityLabels()
-    context, questions = evaluation.wrap(model, task)
+    context, questions = evaluate.wrap(model, task)
     p = prepare(model, context + (questions[k] if inside else []), labels, add_bos=True)
     q_tokens = [] if inside else sum(prepare(model, questions[k], labels).pieces, [])
     n, q = p.n_pos, task.questions[k]
@@ -39,7 +41,7 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
         with AttentionStats(ctx, labels=p.labels, n_labels=2) as whole:
             logits = feed(ctx, p, 0)
         if method is not None:
-            comp = Compressor(evaluation.make_method(method)[0], budget)
+            comp = Compressor(evaluate.make_method(method)[0], budget)
             if PROMPT_SCORES in comp.method.needs:
                 comp.use_observed(whole)
             else:
@@ -59,9 +61,9 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
 def test_rows_match_a_fresh_run_of_the_protocol(model, mode, monkeypatch):
     task = _multi_key(model)
     prefills = []
-    real_feed = evaluation.feed
-    monkeypatch.setattr(evaluation, "feed", lambda *a, **k: prefills.append(1) or real_feed(*a, **k))
-    rows = evaluation.evaluate_task(model, task, ["snapkv", "h2o"], [0.3], n_threads=2, mode=mode)
+    real_feed = evaluate.feed
+    monkeypatch.setattr(evaluate, "feed", lambda *a, **k: prefills.append(1) or real_feed(*a, **k))
+    rows = evaluate.evaluate_task(model, task, ["snapkv", "h2o"], [0.3], n_threads=2, mode=mode)
     # after: one prefill for the context and both questions; inside: one per question
     assert len(prefills) == (1 if mode == "after" else len(task.questions))
     assert len(rows) == len(task.questions) * 3 and {r.mode for r in rows} == {mode}
@@ -78,7 +80,7 @@ def test_rows_match_a_fresh_run_of_the_protocol(model, mode, monkeypatch):
 @pytest.mark.parametrize("mode", ["after", "inside"])
 def test_a_method_that_keeps_every_cell_is_the_full_cache(model, mode):
     task = _multi_key(model)
-    rows = evaluation.evaluate_task(model, task, ["snapkv"], [1.0], n_threads=2, mode=mode)
+    rows = evaluate.evaluate_task(model, task, ["snapkv"], [1.0], n_threads=2, mode=mode)
     full = {r.question: r for r in rows if r.method == "full"}
     for r in rows:
         # KL not exactly 0: the observation window is decoded again, in a batch of its own
@@ -136,7 +138,7 @@ def test_default_model_answers_with_the_full_cache_in_every_mode(default_model_p
         if mode == "followup":
             rows = followup.evaluate_task(default_model_path, task, ["snapkv"], [0.5], n_threads=2)
         else:
-            rows = evaluation.evaluate_task(m, task, ["snapkv"], [0.5, 1.0], n_threads=2, mode=mode)
+            rows = evaluate.evaluate_task(m, task, ["snapkv"], [0.5, 1.0], n_threads=2, mode=mode)
     full = [r for r in rows if r.method == "full"]
     assert [r.score for r in full] == [1.0] * len(task.questions), [r.answer for r in full]
     for r in rows:
@@ -149,7 +151,7 @@ def test_answer_positions_spell_the_answer(model):
 
     task = ruler_tasks.generate(("multi-value",), (300,), 1, seed=2,
                                 count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
-    context, _ = evaluation.wrap(model, task)
+    context, _ = evaluate.wrap(model, task)
     p = prepare(model, context, ModalityLabels(), add_bos=True)
     tokens = [t for piece in p.pieces for t in piece]
     where = answer_retention.answer_positions(model, p.pieces, task.questions[0].answers)
@@ -161,11 +163,11 @@ def test_answer_positions_spell_the_answer(model):
 
 def test_importance_scores_cover_the_context_and_rank_a_full_budget_whole(model):
     import answer_retention
-    import make_tiny_models
+    from flowmm_edge.models import tiny as make_tiny_models
 
     task = ruler_tasks.generate(("single-number",), (200,), 1, seed=3,
                                 count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
-    context, _ = evaluation.wrap(model, task)
+    context, _ = evaluate.wrap(model, task)
     p = prepare(model, context, ModalityLabels(), add_bos=True)
     with runtime.Context(model, n_ctx=2 * p.n_pos + 64, n_threads=2) as ctx:
         scores = answer_retention.importance_scores(model, ctx, p, 32)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowmm_edge import kv_cache, reconstruction, runtime
-from flowmm_edge.compression import Compressor
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.methods import reconstruction
+from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
-from flowmm_edge.prompt import ModalityLabels, Segment, feed, prepare
+from flowmm_edge.bindings.prompt import ModalityLabels, Segment, feed, prepare
 
 FILL = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 

@@ -1,4 +1,4 @@
-"""flowmm_edge.gguf_file's header scan against gguf-py's GGUFReader (the reference)."""
+"""flowmm_edge.models.gguf_file's header scan against gguf-py's GGUFReader (the reference)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from flowmm_edge import gguf_file
+from flowmm_edge.models import gguf_file
 
 
 def _reference(path):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
-from flowmm_edge import kv_cache, runtime
+from flowmm_edge.models import tiny as tm
+from flowmm_edge.bindings import kv_cache, runtime
 from tensor_capture import Capture
 
 SPEC = tm.TINY.text
@@ -100,7 +100,7 @@ def test_dead_and_weighted_slots_match_numpy_attention(model, flash_attn, per_he
 
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_cleared_bias_gives_identical_logits(model, flash_attn):
-    from flowmm_edge.native import llama_cpp
+    from flowmm_edge.bindings.native import llama_cpp
 
     tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)
     n = len(tokens)
@@ -145,7 +145,7 @@ def test_bad_bias_is_refused(model):
 
 
 def test_get_slot_bias_reads_back_what_was_set_and_forgets_freed_cells(model):
-    from flowmm_edge.native import llama_cpp
+    from flowmm_edge.bindings.native import llama_cpp
 
     tokens = model.tokenize(PROMPT)
     n = len(tokens)
@@ -168,7 +168,7 @@ def test_get_slot_bias_reads_back_what_was_set_and_forgets_freed_cells(model):
 
 
 def test_a_merge_through_the_compressor_keeps_each_slots_bias(model):
-    from flowmm_edge.compression import Compressor
+    from flowmm_edge.methods.compression import Compressor
     from flowmm_edge.methods import METHODS
 
     tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)
@@ -195,7 +195,7 @@ def test_a_restored_state_does_not_inherit_a_bias_set_since(model):
     """The bias is not part of llama.cpp's state: clearing or restoring the sequence drops it, so
     a second method compressing a restored prefill starts from the cache the first one saw."""
     import numpy as np
-    from flowmm_edge import kv_cache, runtime
+    from flowmm_edge.bindings import kv_cache, runtime
 
     tokens = model.tokenize("the secret key is red and the code is 1234")
     with runtime.Context(model, n_ctx=64, n_threads=2) as ctx:

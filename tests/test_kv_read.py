@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
-from flowmm_edge import kv_cache, runtime
+from flowmm_edge.models import tiny as tm
+from flowmm_edge.bindings import kv_cache, runtime
 from state_reference import parse_seq_state, seq_state_bytes
 
 SPEC = tm.TINY.text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowmm_edge import gguf_file, kv_cache, pypi_models, runtime
+from flowmm_edge.models import gguf_file, pypi_models
+from flowmm_edge.bindings import kv_cache, runtime
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import span_labels
-from flowmm_edge import kv_cache, runtime
-from flowmm_edge.compression import Compressor
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.base import TokenLayout
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.mass_merge import mass_plan

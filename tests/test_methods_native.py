@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
+from flowmm_edge.models import tiny as tm
 from conftest import TINY_PROMPT, span_labels
-from flowmm_edge import kv_cache, runtime
-from flowmm_edge.compression import Compressor
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods import METHODS
 from flowmm_edge.methods.flowmm import FlowMM
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flowmm_edge import native, paths
+from flowmm_edge.bindings import native
+from flowmm_edge import paths
 
 HEADER = Path(__file__).resolve().parent.parent / "native" / "flowmm.h"
 

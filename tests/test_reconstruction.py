@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
+from flowmm_edge.models import tiny as tm
 from conftest import TINY_PROMPT
-from flowmm_edge import kv_cache, reconstruction, runtime
-from flowmm_edge.compression import Compressor
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.methods import reconstruction
+from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.base import MethodError
 from flowmm_edge.methods.flowmm import FlowMM
-from flowmm_edge.native import llama_cpp
+from flowmm_edge.bindings.native import llama_cpp
 from tensor_capture import Capture
 
 SPEC = tm.TINY.text
@@ -140,7 +141,7 @@ def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models
     """Session: the first merge repeats every text position; a later merge repeats only the
     positions added since (the reply, the new turn), and a position scored before is planned
     from max(its old score, what the new pass sends it)."""
-    from flowmm_edge.session import Session
+    from flowmm_edge.app.session import Session
 
     passes, used = [], []
     real_pass, real_use = reconstruction.reconstruction_scores, Compressor.use_reconstruction

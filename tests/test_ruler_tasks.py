@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from flowmm_edge import ruler_tasks
+from flowmm_edge.evaluation import ruler_tasks
 
 
 def _text(task) -> str:

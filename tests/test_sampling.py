@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowmm_edge.sampling import Sampler, SamplingError, SamplingParams
-from flowmm_edge.session import Session, SessionError
+from flowmm_edge.bindings.sampling import Sampler, SamplingError, SamplingParams
+from flowmm_edge.app.session import Session, SessionError
 
 V = 300
 LOGITS = np.random.default_rng(0).normal(0, 2, V).astype(np.float32)

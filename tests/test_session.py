@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-import make_tiny_models as tm
+from flowmm_edge.models import tiny as tm
 from conftest import REPO, write_png
-from flowmm_edge import calibration, kv_cache
+from flowmm_edge.methods import calibration
+from flowmm_edge.bindings import kv_cache
 from flowmm_edge.errors import FlowMMError
-from flowmm_edge.session import Session, SessionError, parse_budget
+from flowmm_edge.app.session import Session, SessionError, parse_budget
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,9 @@ def test_bad_configurations_are_refused(tiny_models, tmp_path):
 CONTINUE = """
 import sys, json, numpy as np
 sys.path.insert(0, {scripts!r})
-from flowmm_edge import runtime
+from flowmm_edge.bindings import runtime
 runtime.quiet_native_logs()
-from flowmm_edge.session import Session
+from flowmm_edge.app.session import Session
 s = Session({text!r}, {mmproj!r}, budget=48, n_ctx=160, max_reply=12, n_threads=2)
 s.load({saved!r})
 s.add_user_turn("what next")

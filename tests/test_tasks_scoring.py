@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flowmm_edge import scoring, tasks
-from flowmm_edge.prompt import PromptError
+from flowmm_edge.evaluation import scoring, tasks
+from flowmm_edge.bindings.prompt import PromptError
 
 
 def test_jsonl_loader_reports_bad_lines_and_keeps_the_rest(tmp_path):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import gguf
-import make_tiny_models as tm
+from flowmm_edge.models import tiny as tm
 from conftest import write_png
-from flowmm_edge import runtime
-from flowmm_edge.native import llama_cpp
+from flowmm_edge.bindings import runtime
+from flowmm_edge.bindings.native import llama_cpp
 
 
 def test_text_model_header_matches_its_spec(tiny_models):

@@ -1,4 +1,6 @@
-"""KV-compression methods behind one interface (base.Method): name -> class."""
+"""KV-compression methods behind one interface (base.Method), name -> class in METHODS; running
+one on a live context (compression.Compressor) with the statistics it needs (reconstruction);
+FlowMM's per-layer policies (policy) and the calibration pass that writes them (calibration)."""
 
 from .base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Plan, Stats, TokenLayout
 from .flowmm import FlowMM

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..errors import FlowMMError
-from ..kv_cache import MergePlan
+from ..bindings.kv_cache import MergePlan
 
 WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
 PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every prompt row (H2O's accumulator)
@@ -110,16 +110,21 @@ def resolve_budget(budget: float | int, n: int, protected: int) -> int:
     return slots
 
 
+@dataclasses.dataclass
 class Method(abc.ABC):
-    """A KV-compression method: declare `needs`, implement `plan`."""
+    """A KV-compression method (kvpress's shape: a small dataclass of its settings): declare
+    `needs`, implement `plan`. `name` and `needs` are class attributes, not settings; a subclass
+    checks its settings in __post_init__ (calling this one)."""
 
-    name: str = "?"
-    needs: frozenset[str] = frozenset()
+    sinks: int = 4    # the first cells, always kept (attention sinks)
+    window: int = 32  # the last cells, always kept; also the observation window's rows
 
-    def __init__(self, sinks: int = 4, window: int = 32):
-        if sinks < 0 or window < 1:
-            raise MethodError(f"sinks must be >= 0 and window >= 1 (got {sinks}, {window})")
-        self.sinks, self.window = sinks, window
+    name = "?"
+    needs = frozenset()
+
+    def __post_init__(self):
+        if self.sinks < 0 or self.window < 1:
+            raise MethodError(f"sinks must be >= 0 and window >= 1 (got {self.sinks}, {self.window})")
 
     def protected(self, n: int) -> np.ndarray:
         """Cell indices always kept: the attention sinks, the recent window (which holds the last token)."""

@@ -48,6 +48,8 @@ similarity merging of the top-B-by-window selection.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .base import KEYS, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
@@ -60,14 +62,25 @@ IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCOR
               "both": (WINDOW_SCORES, RECONSTRUCTION_SCORES)}
 
 
+@dataclasses.dataclass
 class FlowMM(Method):
+    theta: float = 0.25
+    tau_quantile: float = 0.9
+    merge: str = "mass"
+    orphans: str = "evict"
+    max_absorb: int = 15
+    flow_guidance: bool = True
+    sensitivity: bool = True
+    pool: int = 7
+    floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
+    importance: str = "reconstruction"
+
     name = "flowmm"
 
-    def __init__(self, sinks: int = 4, window: int = 32, theta: float = 0.25, tau_quantile: float = 0.9,
-                 merge: str = "mass", orphans: str = "evict", max_absorb: int = 15,
-                 flow_guidance: bool = True, sensitivity: bool = True, pool: int = 7, floor: float | None = None,
-                 importance: str = "reconstruction"):
-        super().__init__(sinks, window)
+    def __post_init__(self):
+        super().__post_init__()
+        theta, tau_quantile, merge, importance = self.theta, self.tau_quantile, self.merge, self.importance
+        orphans, pool, max_absorb = self.orphans, self.pool, self.max_absorb
         if not 0.0 <= theta <= 1.0:
             raise MethodError(f"theta {theta} is outside [0, 1]")
         if not 0.0 <= tau_quantile <= 1.0:
@@ -82,9 +95,6 @@ class FlowMM(Method):
             raise MethodError(f"pool must be an odd kernel size >= 1 (got {pool})")
         if max_absorb < 0:
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
-        self.theta, self.tau_quantile, self.merge, self.orphans = theta, tau_quantile, merge, orphans
-        self.max_absorb, self.flow_guidance, self.sensitivity, self.pool = max_absorb, flow_guidance, sensitivity, pool
-        self.floor, self.importance = floor_for(merge, floor), importance
 
     @property
     def needs(self):
@@ -120,6 +130,6 @@ class FlowMM(Method):
             open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
             same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
             return fold(cand, piv, keys[l, h], same & open_, self.max_absorb,
-                        fallback=same if self.orphans == "ungated" else None, floor=self.floor)
+                        fallback=same if self.orphans == "ungated" else None, floor=floor_for(self.merge, self.floor))
 
         return merge_plan(layout, pivots, self.merge, fold_one, mass=mass)

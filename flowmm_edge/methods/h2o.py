@@ -3,9 +3,12 @@ the recent window, per layer and KV head. (Our sinks default to 4 as in every me
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import PROMPT_SCORES, Method, keep_plan, top_by_score
 
 
+@dataclasses.dataclass
 class H2O(Method):
     name = "h2o"
     needs = frozenset({PROMPT_SCORES})

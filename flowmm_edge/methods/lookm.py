@@ -19,6 +19,8 @@ the masses being the whole-prompt scores, with a key-cosine floor (0.8 by defaul
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .base import KEYS, PROMPT_SCORES, Method, MethodError, top_by_score
@@ -26,17 +28,21 @@ from .mass_merge import floor_for
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
 
+@dataclasses.dataclass
 class LookM(Method):
+    recent_share: float = 0.5
+    text_label: int = 0
+    merge: str = "pivotal"
+    max_absorb: int = 15
+    floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
+
     name = "lookm"
     needs = frozenset({PROMPT_SCORES, KEYS})
 
-    def __init__(self, sinks: int = 4, window: int = 32, recent_share: float = 0.5, text_label: int = 0,
-                 merge: str = "pivotal", max_absorb: int = 15, floor: float | None = None):
-        super().__init__(sinks, window)
-        if merge not in MERGE_RULES:
-            raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
-        self.recent_share, self.text_label, self.merge, self.max_absorb = recent_share, text_label, merge, max_absorb
-        self.floor = floor_for(merge, floor)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.merge not in MERGE_RULES:
+            raise MethodError(f"merge rule {self.merge!r} is not one of {', '.join(MERGE_RULES)}")
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
@@ -50,5 +56,5 @@ class LookM(Method):
         pivots = top_by_score(prior, protected, slots)
         return merge_plan(layout, pivots, self.merge,
                           lambda l, h, piv, cand: fold(cand, piv, keys[l, h], np.ones(len(piv), bool), self.max_absorb,
-                                                       floor=self.floor),
+                                                       floor=floor_for(self.merge, self.floor)),
                           mass=scores)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .base import Method, keep_plan, top_by_score
 
 
+@dataclasses.dataclass
 class RandomKeep(Method):
-    name = "random"
+    seed: int = 0
 
-    def __init__(self, sinks: int = 4, window: int = 32, seed: int = 0):
-        super().__init__(sinks, window)
-        self.seed = seed
+    name = "random"
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         scores = np.random.default_rng(self.seed).random((n_layer, n_head_kv, layout.n))

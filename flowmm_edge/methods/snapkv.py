@@ -4,6 +4,8 @@ important tokens survive, top-k per layer and KV head, plus the window itself.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .base import WINDOW_SCORES, Method, keep_plan, top_by_score
@@ -19,13 +21,12 @@ def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     return (c[..., hi] - c[..., lo]) / (hi - lo)
 
 
+@dataclasses.dataclass
 class SnapKV(Method):
+    kernel: int = 7  # average pooling of the scores (SnapKV's clustering)
+
     name = "snapkv"
     needs = frozenset({WINDOW_SCORES})
-
-    def __init__(self, sinks: int = 4, window: int = 32, kernel: int = 7):
-        super().__init__(sinks, window)
-        self.kernel = kernel
 
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         scores = avg_pool(stats.require(WINDOW_SCORES, n_layer, n_head_kv, layout.n), self.kernel)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .base import Method, keep_plan
 
 
+@dataclasses.dataclass
 class Streaming(Method):
     name = "streaming"
 

@@ -22,9 +22,9 @@ import ctypes
 import dataclasses
 from pathlib import Path
 
-from . import gguf_file
-from .errors import FlowMMError
-from .native import llama_cpp
+from ..models import gguf_file
+from ..errors import FlowMMError
+from ..bindings.native import llama_cpp
 
 
 class ChatTemplateError(FlowMMError):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_file
-from .errors import FlowMMError
+from ..models import gguf_file
+from ..errors import FlowMMError
 
 SCHEMA, SCHEMA_VERSION = "flowmm-edge/policy", 1
 
@@ -67,7 +67,7 @@ class Policy:
 
     def flowmm(self, **overrides):
         """The FlowMM method this policy describes (its parameters, overridden where given)."""
-        from .methods.flowmm import FlowMM
+        from .flowmm import FlowMM
 
         return FlowMM(**{**self.method, "theta": self.theta, **overrides})
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import images, runtime
-from .attention_stats import AttentionStats
+from ..bindings import images, runtime
+from ..bindings.attention_stats import AttentionStats
 from .compression import rho_from_flow
-from .methods.flowmm import FlowMM
+from .flowmm import FlowMM
 from .policy import Policy, fingerprint
-from .prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
+from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
 THETA = 0.25  # DESIGN.md §5: 0.2-0.3 worked best in the paper
 # the policy records FlowMM's own defaults (one home: its signature), except what it calibrates or ablates

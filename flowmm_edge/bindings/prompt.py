@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FlowMMError
+from ..errors import FlowMMError
 
 
 class PromptError(FlowMMError):

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import FlowMMError
+from ..errors import FlowMMError
 from .native import llama_cpp
 
 PENALTY_LAST_N = 64  # llama.cpp's default --repeat-last-n

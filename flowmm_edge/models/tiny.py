@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Synthetic LLaVA-style GGUF models for tests and benchmarks.
 
-    python scripts/make_tiny_models.py [--out DIR] [--shape tiny|llava-1.5-7b]
+    python -m flowmm_edge.models.tiny [--out DIR] [--shape tiny|llava-1.5-7b]
 
 Writes, from a fixed seed, a llama-architecture text model and a CLIP `mmproj` with the
 LLaVA-1.5 MLP projector, in the tensor layout real LLaVA GGUFs use (the legacy
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import gguf
+
+from .. import paths
 
 SEED = 20251108
 GENERATOR_VERSION = 1  # bump when the files' content changes
@@ -327,13 +328,7 @@ def ensure_tiny_models(out_dir: Path | None = None) -> tuple[Path, Path]:
 
 
 def _models_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "flowmm_paths", Path(__file__).resolve().parent.parent / "flowmm_edge" / "paths.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.models_dir() / "synthetic"
+    return paths.models_dir() / "synthetic"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import math
 import struct
 from pathlib import Path
 
-from .errors import FlowMMError
+from ..errors import FlowMMError
 
 MAGIC, VERSION = b"FLOWMMS3", 3
 FORMAT = "flowmm-edge/session"

@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FlowMMError
-from .prompt import Segment
+from ..errors import FlowMMError
+from ..bindings.prompt import Segment
 from .tasks import Question, Task
 
 FAMILIES = ("single-number", "single-code", "multi-key", "multi-value", "multi-query", "variable-tracking",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gguf
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 

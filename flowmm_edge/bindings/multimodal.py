@@ -7,8 +7,9 @@ import ctypes
 import io
 from pathlib import Path
 
-from . import gguf_file, runtime
-from .errors import FlowMMError, ModelFileError
+from ..models import gguf_file
+from . import runtime
+from ..errors import FlowMMError, ModelFileError
 from .native import llama_cpp  # noqa: F401  (loads the patched libraries first)
 
 from llama_cpp import mtmd_cpp  # noqa: E402

@@ -32,9 +32,9 @@ import dataclasses
 
 import numpy as np
 
-from . import kv_cache
-from .attention_stats import AttentionStats
-from .errors import FlowMMError
+from ..bindings import kv_cache
+from ..bindings.attention_stats import AttentionStats
+from ..errors import FlowMMError
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 CHUNK = 512

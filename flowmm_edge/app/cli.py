@@ -8,10 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from . import default_model, gguf_file, native, paths
-from .errors import FlowMMError
-from .prompt import valid_text
-from .ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
+from ..models import default_model, gguf_file, tiny
+from ..bindings import native
+from .. import paths
+from ..errors import FlowMMError
+from ..bindings.prompt import valid_text
+from ..evaluation.ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -56,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  parameters         {m.n_params / 1e6:.1f} M ({_human_bytes(m.file_size)} file)")
         kv = ", ".join(f"{t} {_human_bytes(m.kv_bytes_per_token(t))}" for t in gguf_file.KV_TYPE_BYTES)
         print(f"  KV bytes / token   {kv}")
-        from . import runtime
+        from ..bindings import runtime
 
         with runtime.Model(m.path, n_gpu_layers=args.gpu_layers) as loaded:
             bufs = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in loaded.buffers.items())
@@ -86,7 +88,7 @@ def _hf_file(repo: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from .errors import DownloadError
+    from ..errors import DownloadError
 
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename))
@@ -123,7 +125,7 @@ def _hf_pick(spec: str) -> tuple[Path, Path | None]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from .errors import DownloadError
+    from ..errors import DownloadError
 
     repo, _, quant = spec.partition(":")
     if repo.count("/") != 1 or not all(repo.split("/")):
@@ -207,7 +209,7 @@ def _send(session, text: str, images: list[str]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from . import runtime
+    from ..bindings import runtime
     from .session import Session
 
     runtime.quiet_native_logs()
@@ -305,8 +307,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from . import calibration, runtime
-    from .multimodal import Projector
+    from ..methods import calibration
+    from ..bindings import runtime
+    from ..bindings.multimodal import Projector
 
     runtime.quiet_native_logs()
     model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
@@ -315,7 +318,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise FlowMMError(f"{model}: architecture '{facts.architecture}' is not supported by FlowMM merging "
                           f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)} only)")
     if args.mmproj:
-        from .multimodal import check_pair
+        from ..bindings.multimodal import check_pair
 
         check_pair(facts, gguf_file.read_projector(args.mmproj))
     if not 0.0 <= args.theta <= 1.0:
@@ -343,20 +346,15 @@ def _csv(text: str, kind=str) -> list:
 
 
 def _model_arg(value: str | None) -> Path:
-    if value in ("tiny", "llava-1.5-7b"):
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("make_tiny_models", paths.repo_root() / "scripts" / "make_tiny_models.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return Path(mod.ensure_models(mod.SHAPES[value])[0])
+    if value in tiny.SHAPES:
+        return Path(tiny.ensure_models(tiny.SHAPES[value])[0])
     return Path(value) if value else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluation, ruler_tasks, runtime, tasks
-    from .policy import load as load_policy
+    from ..evaluation import evaluate, ruler_tasks, tasks
+    from ..bindings import runtime
+    from ..methods.policy import load as load_policy
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -366,7 +364,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = _csv(args.methods)
     for m in methods:  # an unknown name fails here, before any model is loaded
         if m != "full":
-            evaluation.make_method(m)
+            evaluate.make_method(m)
     policy = load_policy(args.policy) if args.policy else None
     if policy:
         policy.check_model(model)
@@ -387,18 +385,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FlowMMError("no tasks to run")
     if "flowmm" in methods and policy is None:
         print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
-    rows = evaluation.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
+    rows = evaluate.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
                           progress=not args.quiet, mmproj=args.mmproj, mode=args.question)
-    summary = evaluation.summarize(rows)
-    tables = [evaluation.score_grid(summary, args.question), evaluation.markdown(summary)]
+    summary = evaluate.summarize(rows)
+    tables = [evaluate.score_grid(summary, args.question), evaluate.markdown(summary)]
     if args.by_family:
-        by_family = evaluation.summarize(rows, by_family=True)
-        tables += [evaluation.family_grid(by_family, args.question, b) for b in budgets]
+        by_family = evaluate.summarize(rows, by_family=True)
+        tables += [evaluate.family_grid(by_family, args.question, b) for b in budgets]
     print("\n\n".join(tables))
     if args.markdown:
         Path(args.markdown).write_text("\n\n".join(tables) + "\n")
     if args.plot:
-        from .plots import plot_scores
+        from ..evaluation.plots import plot_scores
 
         plot_scores(summary, args.plot)
     return 0
@@ -407,7 +405,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from . import benchmark, runtime
+    from ..evaluation import benchmark
+    from ..bindings import runtime
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -422,7 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.plot:
-        from .plots import plot_bench
+        from ..evaluation.plots import plot_bench
 
         plot_bench(rows, args.plot)
     return 0

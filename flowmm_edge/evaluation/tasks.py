@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prompt import PromptError, Segment, jsonl_lines, parse_segments
+from ..bindings.prompt import PromptError, Segment, jsonl_lines, parse_segments
 from .scoring import METRICS, score
 
 

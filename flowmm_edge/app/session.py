@@ -27,12 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from . import chat_template as chat_template_mod
-from . import default_model, gguf_file, kv_cache, policy as policy_mod, reconstruction, runtime, sampling, session_file
-from .compression import Compressor
-from .errors import FlowMMError
-from .methods import METHODS
-from .methods.base import RECONSTRUCTION_SCORES, Method
-from .prompt import ModalityLabels, Segment, prepare, valid_text
+from ..models import default_model, gguf_file
+from ..bindings import kv_cache, runtime, sampling
+from ..methods import policy as policy_mod, reconstruction
+from . import session_file
+from ..methods.compression import Compressor
+from ..errors import FlowMMError
+from ..methods import METHODS
+from ..methods.base import RECONSTRUCTION_SCORES, Method
+from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
 MEDIA = "<__media__>"
@@ -163,7 +166,7 @@ class Session:
                 self.reserve = max(self.reserve, reconstruction.room_needed(reconstruction.repeat_prefix(self.model)))
                 self._check_room(method, n_ctx)
             if mmproj:
-                from .multimodal import Projector
+                from ..bindings.multimodal import Projector
 
                 self.projector = Projector(mmproj, self.model, n_threads=n_threads or 2, use_gpu=n_gpu_layers > 0)
             self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,

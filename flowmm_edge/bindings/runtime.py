@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_file, kv_cache, native
-from .errors import FlowMMError, ModelFileError
+from ..models import gguf_file
+from . import kv_cache, native
+from ..errors import FlowMMError, ModelFileError
 from .native import llama_cpp
 
 # llama.cpp's report of each weight buffer, e.g. "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB"

@@ -15,9 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from . import paths
-from .checksums import sha256_of
-from .errors import DownloadError
+from .. import paths
+from ..checksums import sha256_of
+from ..errors import DownloadError
 
 
 @dataclasses.dataclass(frozen=True)

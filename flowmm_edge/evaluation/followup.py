@@ -17,10 +17,10 @@ from __future__ import annotations
 import itertools
 import math
 
-from . import runtime
-from .evaluation import Row, make_method
-from .prompt import ModalityLabels, prepare
-from .session import Session
+from ..bindings import runtime
+from .evaluate import Row, make_method
+from ..bindings.prompt import ModalityLabels, prepare
+from ..app.session import Session
 from .tasks import Task
 
 FIRST_REPLY = 16      # pieces (about tokens) the model may say to the document before the first question
@@ -33,7 +33,7 @@ def _context_positions(model_path, task: Task, mmproj) -> int:
     with runtime.Model(model_path) as model:
         projector = None
         if mmproj and any(s.kind == "image" for s in task.segments):
-            from .multimodal import Projector
+            from ..bindings.multimodal import Projector
 
             projector = Projector(mmproj, model)
         try:

@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-from . import paths
-from .errors import NativeLibraryError
+from .. import paths
+from ..errors import NativeLibraryError
 
 SETUP_HINT = "run scripts/setup.sh (or python scripts/build_native.py) to build the patched llama.cpp"
 

@@ -19,11 +19,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import gguf_file, kv_cache, reconstruction, runtime
-from .attention_stats import AttentionStats
-from .compression import Compressor
-from .evaluation import make_method
-from .methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
+from ..models import gguf_file
+from ..bindings import kv_cache, runtime
+from ..methods import reconstruction
+from ..bindings.attention_stats import AttentionStats
+from ..methods.compression import Compressor
+from .evaluate import make_method
+from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
 
 
 @dataclasses.dataclass

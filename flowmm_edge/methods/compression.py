@@ -23,9 +23,10 @@ import dataclasses
 
 import numpy as np
 
-from . import kv_cache, reconstruction
-from .attention_stats import AttentionStats
-from .methods.base import (KEYS, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats,
+from ..bindings import kv_cache
+from . import reconstruction
+from ..bindings.attention_stats import AttentionStats
+from .base import (KEYS, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats,
                            TokenLayout)
 
 

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import reconstruction, runtime
-from .attention_stats import AttentionStats
-from .compression import Compressor
-from .methods import METHODS
-from .methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES, MethodError
-from .prompt import ModalityLabels, Prepared, Segment, feed, prepare
-from .session import DEFAULT_SYSTEM
+from ..methods import reconstruction
+from ..bindings import runtime
+from ..bindings.attention_stats import AttentionStats
+from ..methods.compression import Compressor
+from ..methods import METHODS
+from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES, MethodError
+from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
+from ..app.session import DEFAULT_SYSTEM
 from .tasks import Task
 
 MODES = ("after", "inside", "followup")
@@ -320,7 +321,7 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
         model = runtime.Model(model_path)
         projector = None
         if mmproj:
-            from .multimodal import Projector
+            from ..bindings.multimodal import Projector
 
             projector = Projector(mmproj, model, n_threads=n_threads or 2)
 

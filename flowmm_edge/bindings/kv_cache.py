@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import FlowMMError
+from ..errors import FlowMMError
 from .native import lib, llama_cpp
 
 _i32p = ctypes.POINTER(ctypes.c_int32)
