@@ -193,7 +193,7 @@ class Session:
         self.labels = ModalityLabels()
         self.labels_by_pos = np.zeros(0, np.int32)
         self.tokens_by_pos = np.zeros(0, np.int32)  # -1 where an image sits; repeated by reconstruction scores
-        self._scored = None  # reconstruction.PositionScores of the positions already repeated (see _reconstruct)
+        self._repeats = reconstruction.RepeatedScores()  # what the merges' repeat passes have scored so far
         self.stats = SessionStats()
         self.last_logits = None
         self._active_reply = None
@@ -209,11 +209,11 @@ class Session:
     def _snapshot(self):
         return (self.ctx.state() if self.pos else b"", list(self.messages), self.cached_text, self.pos,
                 self.labels_by_pos.copy(), self.tokens_by_pos.copy(), list(self.labels.names),
-                dataclasses.replace(self.stats), self.last_logits, self._bias(), self._scored)
+                dataclasses.replace(self.stats), self.last_logits, self._bias(), self._repeats.scored)
 
     def _restore(self, snap) -> None:
         (state, self.messages, self.cached_text, self.pos, self.labels_by_pos, self.tokens_by_pos, names, self.stats,
-         self.last_logits, bias, self._scored) = snap
+         self.last_logits, bias, self._repeats.scored) = snap
         self.labels.names = names
         if state:
             self.ctx.set_state(state)
@@ -368,29 +368,12 @@ class Session:
             if will_merge:
                 t1 = time.perf_counter()
                 if wants_recon:
-                    comp.use_reconstruction(self._reconstruct())
+                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos))
                 comp.compress(self.ctx, labels)
                 self.stats.merges += 1
                 self.stats.merge_seconds += time.perf_counter() - t1
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
-
-    def _reconstruct(self):
-        """Reconstruction scores of the cache's cells, repeating only the text added since the last
-        merge: a position already scored keeps the larger of its old score and what the new repeat
-        sends it, so each turn's pass costs about that turn's own prefill, not the whole cache's."""
-        tokens = self.tokens_by_pos.copy()
-        old = self._scored
-        if old is not None:
-            tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
-        fresh = reconstruction.reconstruction_scores(self.ctx, tokens, reconstruction.repeat_prefix(self.model))
-        scores = fresh.scores
-        if old is not None:
-            seen = np.isin(fresh.positions, old.positions)
-            scores = scores.copy()
-            scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
-        self._scored = reconstruction.PositionScores(fresh.positions, scores)
-        return self._scored
 
     def _decode_unit(self, unit):
         if isinstance(unit, list):
@@ -519,7 +502,7 @@ class Session:
         self.cached_text, self.pos = h["cached_text"], h["pos"]
         self.labels_by_pos = np.asarray(h["labels"], np.int32)
         self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
-        self._scored = None  # the next merge repeats the loaded text once
+        self._repeats = reconstruction.RepeatedScores()  # the next merge repeats the loaded text once
         self.labels.names = list(h["label_names"])
         self.stats = SessionStats(**h["stats"])
         self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None

@@ -39,9 +39,11 @@ class DecodeError(FlowMMError):
 
 class _Handle:
     """Owns one native object (`ptr`); frees it once, on close(), on leaving a with-block,
-    or when garbage-collected."""
+    or when garbage-collected. A borrowed handle (`owned` False) wraps an object somebody else
+    frees (a llama_cpp.Llama's model and context): close() only lets go of it."""
 
     ptr = None
+    owned = True
 
     def _free(self, ptr) -> None:
         raise NotImplementedError
@@ -49,7 +51,8 @@ class _Handle:
     def close(self) -> None:
         if self.ptr:
             ptr, self.ptr = self.ptr, None
-            self._free(ptr)
+            if self.owned:
+                self._free(ptr)
 
     def __enter__(self):
         return self
@@ -79,6 +82,16 @@ class Model(_Handle):
             self.ptr, self.buffers = self._load(path, n_gpu_layers, repack=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    @classmethod
+    def borrow(cls, ptr, path: str | Path) -> "Model":
+        """A handle on a model llama.cpp already loaded from `path` (a llama_cpp.Llama's)."""
+        self = cls.__new__(cls)
+        self.facts = gguf_file.read_text_model(path)
+        self.ptr, self.owned, self.buffers = ptr, False, {}
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        return self
 
     @staticmethod
     def _load(path, n_gpu_layers: int, repack: bool):
@@ -178,6 +191,15 @@ class Context(_Handle):
             raise FlowMMError(f"llama.cpp could not create a context (n_ctx={n_ctx}, kv_type={kv_type}, flash_attn={flash_attn})")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)  # llama.cpp caps it at n_ctx: a larger batch would abort
+
+    @classmethod
+    def borrow(cls, ptr, model: Model) -> "Context":
+        """A handle on a context somebody else created over `model` (a llama_cpp.Llama's)."""
+        self = cls.__new__(cls)
+        self.model, self.ptr, self.owned, self.params = model, ptr, False, None
+        self.n_ctx = llama_cpp.llama_n_ctx(ptr)
+        self.n_batch = llama_cpp.llama_n_batch(ptr)
+        return self
 
     def decode(self, tokens: list[int], pos0: int, seq_id: int = 0, all_logits: bool = False) -> np.ndarray:
         """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy),

@@ -110,3 +110,27 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     finally:
         ctx.truncate(end, seq_id)
     return PositionScores(positions, total)
+
+
+class RepeatedScores:
+    """Reconstruction scores kept across the merges of one growing sequence (a chat, a press):
+    each update repeats only the positions not scored before, and a position scored before keeps
+    the larger of its old score and what the new repeat sends it. So each merge's pass costs
+    about the text added since the last one, not the whole cache's."""
+
+    def __init__(self):
+        self.scored: PositionScores | None = None
+
+    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0) -> PositionScores:
+        tokens = np.array(tokens_by_pos, np.int32)
+        old = self.scored
+        if old is not None:
+            tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
+        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id)
+        scores = fresh.scores
+        if old is not None:
+            seen = np.isin(fresh.positions, old.positions)
+            scores = scores.copy()
+            scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
+        self.scored = PositionScores(fresh.positions, scores)
+        return self.scored
