@@ -30,7 +30,7 @@ from . import chat_template as chat_template_mod
 from ..models import default_model, gguf_file
 from ..bindings import kv_cache, runtime, sampling
 from ..methods import policy as policy_mod, reconstruction
-from . import session_file
+from . import chat_api, session_file
 from ..methods.compression import Compressor
 from ..errors import FlowMMError
 from ..methods import METHODS
@@ -197,6 +197,9 @@ class Session:
         self.stats = SessionStats()
         self.last_logits = None
         self._active_reply = None
+        self._reply_sampler = None
+        self.finish_reason = None
+        self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
 
     def _method(self):
         if self.policy is not None:
@@ -322,6 +325,7 @@ class Session:
             prepared.close()
         self.messages, self.cached_text = messages, formatted
         self.stats.turns += 1
+        self._keys = None  # a turn not from create_chat_completion: its next request starts afresh
         return prepared.n_pos
 
     def _decode_turn(self, prepared) -> None:
@@ -382,18 +386,32 @@ class Session:
         return None
 
     def _sample(self, logits: np.ndarray) -> int:
-        return self.sampler.sample(logits)
+        return (self._reply_sampler or self.sampler).sample(logits)
 
-    def reply(self):
-        """Generate the assistant's reply, yielding text pieces as they come.
+    def reply(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
+              stop: list[str] | tuple[str, ...] = ()):
+        """Generate the assistant's reply, yielding text pieces as they come: at most `max_tokens`
+        (default the session's max_reply), drawn with `params` for this reply only (default the
+        session's sampler), ended before the first of the `stop` strings (which it leaves out).
+        `finish_reason` then says "stop" (end of generation or a stop string) or "length".
 
         Stopping early -- closing the generator, Ctrl-C, an exception anywhere, or starting the
         next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
         positions, labels and messages consistent: the next turn continues as if the reply had
-        ended there."""
+        ended there. (After a stop string the cache keeps the tokens that spelled it.)"""
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
-        self._active_reply = self._generate()
+        if params is not None:
+            try:
+                params.check()
+            except sampling.SamplingError as e:
+                raise SessionError(str(e)) from None
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise SessionError(f"max_tokens {max_tokens!r} must be an integer >= 1")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SessionError("each stop string must be a non-empty string")
+        self._reply_sampler = sampling.Sampler(self.model.n_vocab, params) if params is not None else None
+        self._active_reply = self._generate(max_tokens or self.max_reply, tuple(stop))
         return self._active_reply
 
     def _finish_reply(self) -> None:
@@ -402,40 +420,132 @@ class Session:
         if gen is not None:
             gen.close()
 
-    def _generate(self):
+    def _generate(self, max_tokens: int, stop: tuple[str, ...]):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, logits, generated = [], self.last_logits, []
-        self.last_logits = None
+        full, shown, cut, logits, generated = "", 0, False, self.last_logits, []
+        hold = max((len(s) for s in stop), default=1) - 1  # text that may still become a stop string
+        self.last_logits, self.finish_reason = None, "length"
         t0 = time.perf_counter()
         try:
-            for _ in range(min(self.max_reply, self.n_ctx - self.cells())):  # stop when the buffer is full
+            for _ in range(min(max_tokens, self.n_ctx - self.cells())):  # stop when the buffer is full
                 tok = self._sample(logits)
                 if self.model.is_end_of_generation(tok):
+                    self.finish_reason = "stop"
                     break
                 logits = self.ctx.decode([tok], self.pos)
                 self.pos += 1
                 generated.append(tok)
-                piece = decoder.decode(self.model.token_to_piece(tok))
-                if piece:
-                    text.append(piece)
-                    yield piece
+                full += decoder.decode(self.model.token_to_piece(tok)).replace("\x00", "")  # C strings end at NUL
+                hits = [i for i in (full.find(s, max(0, shown - len(s))) for s in stop) if i >= 0]
+                if hits:
+                    full, self.finish_reason, cut = full[:min(hits)], "stop", True
+                    break
+                if len(full) - hold > shown:
+                    yield full[shown:len(full) - hold]
+                    shown = len(full) - hold
+            if not cut:
+                full += decoder.decode(b"", final=True)  # the bytes of a character left incomplete
+            if len(full) > shown:
+                yield full[shown:]
+                shown = len(full)
         finally:
             # A stop that lands between a token's decode and the bookkeeping above leaves that token
             # in the cache at self.pos: drop it, so the cache ends exactly where positions and text do.
             self.ctx.truncate(self.pos)
             self._active_reply = None
+            if self._reply_sampler is not None:
+                self._reply_sampler.close()
+                self._reply_sampler = None
             self.stats.decode_seconds += time.perf_counter() - t0
             self.stats.generated_tokens += len(generated)
             self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
             self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
-            # the template takes C strings: a NUL a model may emit would cut the reply there
-            reply = ("".join(text) + decoder.decode(b"", final=True)).replace("\x00", "")
+            reply = full
             self.messages = self.messages + [("assistant", reply)]
             self.cached_text += reply
+            self.last_reply_tokens = len(generated)
+            if self._keys is not None:  # as chat_api keys the reply when a client sends it back
+                self._keys = self._keys + [("assistant", reply, ())]
 
     def chat(self, text: str, images: list | tuple = ()) -> str:
         self.add_user_turn(text, images)
         return "".join(self.reply())
+
+    def add_assistant_turn(self, text: str) -> int:
+        """Decode an assistant message the caller supplies (a history resent by an API client) as
+        if it had been generated after the last user turn; returns its positions. On any error the
+        conversation and the cache are as before."""
+        self._finish_reply()
+        if not self.messages or self.messages[-1][0] != "user":
+            raise SessionError("an assistant message must follow a user message")
+        text = valid_text(text)
+        prepared = prepare(self.model, [Segment("text", text)], self.labels, self.projector, add_bos=False)
+        try:
+            snap = self._snapshot()
+            try:
+                if prepared.n_pos:
+                    self._decode_turn(prepared)
+            except BaseException:
+                self._restore(snap)
+                raise
+        finally:
+            prepared.close()
+        self.messages = self.messages + [("assistant", text)]
+        self.cached_text += text
+        self.last_logits = None
+        self._keys = None
+        return prepared.n_pos
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
+                               temperature: float | None = None, top_p: float | None = None,
+                               top_k: int | None = None, min_p: float | None = None,
+                               repeat_penalty: float | None = None, seed: int | None = None,
+                               stop: str | list[str] | None = None, stream: bool = False):
+        """llama-cpp-python's `Llama.create_chat_completion` on this session: `messages` is the
+        whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
+        with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
+        the one in the cache decodes only its new messages (llama-server's cache_prompt); any
+        other starts afresh. Sampling settings left None are the session's."""
+        turns = chat_api.parse_messages(messages)
+        params = dataclasses.replace(self.sampling, **{k: v for k, v in (
+            ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+            ("repeat_penalty", repeat_penalty), ("seed", seed)) if v is not None})
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt_tokens = self._feed(turns)
+        gen = self.reply(max_tokens, params, stops)
+        cid, name = chat_api.completion_id(), self.model_path.name
+        if stream:
+            return self._stream(gen, cid, name)
+        content = "".join(gen)
+        return chat_api.completion(cid, name, content, self.finish_reason, prompt_tokens, self.last_reply_tokens)
+
+    def _stream(self, gen, cid: str, name: str):
+        yield chat_api.chunk(cid, name, {"role": "assistant"})
+        for piece in gen:
+            yield chat_api.chunk(cid, name, {"content": piece})
+        yield chat_api.chunk(cid, name, {}, self.finish_reason)
+
+    def _feed(self, turns: list) -> int:
+        """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
+        cached turns if they are its beginning, else start afresh; decode the rest. Returns the
+        positions decoded."""
+        keys = [t.key for t in turns]
+        self._finish_reply()
+        cached = self._keys
+        if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
+            self.reset()
+            self.messages, self._keys = [], []
+        decoded = 0
+        for turn in turns[len(self._keys):]:
+            keys = self._keys
+            if turn.role == "system":
+                self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
+            elif turn.role == "assistant":
+                decoded += self.add_assistant_turn(turn.text)
+            else:
+                decoded += self.add_user_turn(segments=list(turn.segments))
+            self._keys = keys + [turn.key]
+        return decoded
 
     # -- statistics and persistence ------------------------------------------------------------
 

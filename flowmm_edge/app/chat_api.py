@@ -1,0 +1,120 @@
+"""The OpenAI / llama-cpp-python chat shapes: request messages in, completion dicts out.
+
+Messages are `{"role": "system"|"user"|"assistant", "content": str | [part, ...]}` with parts
+`{"type": "text", "text": ...}` and `{"type": "image_url", "image_url": {"url": ...} | str}`;
+an image URL is a `data:image/...;base64,` URL or a local file (`file://` or a path). Nothing is
+fetched from the network. Each message becomes a `Turn` whose `key` identifies it exactly
+(role, text, sha256 of each image), so a conversation resent by a client can be matched against
+the one in the cache. Replies are the dicts llama-cpp-python's `create_chat_completion` returns
+(`chat.completion`, or `chat.completion.chunk` pieces when streaming).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import time
+import uuid
+from pathlib import Path
+
+from ..bindings.prompt import Segment, valid_text
+from ..errors import FlowMMError
+
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(FlowMMError):
+    """A request the caller must fix (HTTP 400)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    role: str
+    segments: tuple[Segment, ...]
+    key: tuple  # (role, text with image markers, sha256 of each image): equal keys, equal turns
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments if s.kind == "text")
+
+
+def _image_bytes(url: str) -> bytes:
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if not head.endswith(";base64") or not data:
+            raise RequestError("an image data URL must be base64 (data:image/png;base64,...)")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("an image data URL is not valid base64") from None
+    if url.startswith(("http://", "https://")):
+        raise RequestError("image URLs are not fetched (no network): send the image as a data URL")
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RequestError(f"cannot read the image {path}: {e.strerror or e}") from None
+
+
+def _segments(content) -> list[Segment]:
+    if isinstance(content, str):
+        return [Segment("text", valid_text(content))]
+    if content is None:
+        return [Segment("text", "")]
+    if not isinstance(content, list):
+        raise RequestError("a message's content must be a string or a list of parts")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(Segment("text", valid_text(part["text"])))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise RequestError("an image_url part needs a url string")
+            out.append(Segment("image", image=_image_bytes(url), modality="image"))
+        else:
+            raise RequestError(f"unsupported content part {str(part)[:60]!r} (text and image_url are)")
+    return out
+
+
+def parse_messages(messages) -> list[Turn]:
+    """The request's messages as turns; consecutive messages of one role are joined (by a newline)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list")
+    turns: list[Turn] = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(f"each message needs a role of {', '.join(ROLES)}")
+        segs = _segments(m.get("content"))
+        if m["role"] != "user" and any(s.kind == "image" for s in segs):
+            raise RequestError(f"images go in user messages, not {m['role']} ones")
+        if turns and turns[-1].role == m["role"]:
+            segs = list(turns.pop().segments) + [Segment("text", "\n")] + segs
+        text = "".join(s.text if s.kind == "text" else "\0image\0" for s in segs)
+        digests = tuple(hashlib.sha256(s.image).hexdigest() for s in segs if s.kind == "image")
+        turns.append(Turn(m["role"], tuple(segs), (m["role"], text, digests)))
+    if turns[-1].role != "user":
+        raise RequestError("the last message must be the user's")
+    return turns
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def completion(cid: str, model: str, content: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}

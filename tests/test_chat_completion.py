@@ -1,0 +1,153 @@
+"""Session.create_chat_completion: llama-cpp-python's dict shapes (its own Llama is the
+reference), prefix reuse that answers as a fresh session does, stop strings, streaming, and bad
+requests that change nothing."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+
+import pytest
+from llama_cpp import Llama
+
+from flowmm_edge.app.chat_api import RequestError
+from flowmm_edge.app.session import Session
+from flowmm_edge.bindings import images
+
+PNG = "data:image/png;base64," + base64.b64encode(images.pattern(3)).decode()
+
+
+def session(tiny_models, **kw) -> Session:
+    return Session(tiny_models[0], tiny_models[1], budget=kw.pop("budget", 80), n_ctx=512, max_reply=12,
+                   n_threads=2, **kw)
+
+
+def first_turns() -> list[dict]:
+    return [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}},
+                                         {"type": "text", "text": "what is in the picture of the city"}]}]
+
+
+def shape(x):
+    """The nested keys of a dict (lists by their first element): what a client reads."""
+    if isinstance(x, dict):
+        return {k: shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [shape(x[0])] if x else []
+    return type(x).__name__ if x is not None else None
+
+
+def test_the_dicts_have_llama_cpp_pythons_shape(tiny_models):
+    msgs = [{"role": "user", "content": "hello there"}]
+    with contextlib.closing(Llama(model_path=str(tiny_models[0]), n_ctx=256, verbose=False)) as llm:
+        ref = llm.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        ref_chunks = list(llm.create_chat_completion(msgs, max_tokens=4, temperature=0, stream=True))
+    with session(tiny_models) as s:
+        ours = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        chunks = list(s.create_chat_completion(msgs, max_tokens=4, temperature=0, stream=True))
+    for d in (ref, ours):  # the content's and the logprobs' types may differ; the keys may not
+        d["choices"][0]["logprobs"] = None
+    assert set(ours) == set(ref) and shape(ours["choices"]) == shape(ref["choices"])
+    assert shape(ours["usage"]) == shape(ref["usage"])
+    assert ours["object"] == ref["object"] and ours["choices"][0]["finish_reason"] in ("stop", "length")
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * len(chunks)
+    assert chunks[0]["choices"][0]["delta"] == ref_chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert set(chunks[-1]["choices"][0]) == set(ref_chunks[-1]["choices"][0])
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None and chunks[-1]["choices"][0]["delta"] == {}
+
+
+@pytest.mark.parametrize("method", ["full", "flowmm"])
+def test_a_resent_history_decodes_only_its_new_turn(tiny_models, method):
+    msgs = first_turns()
+    with session(tiny_models, method=method, budget=80 if method == "flowmm" else 400) as s:
+        r1 = s.create_chat_completion(msgs, max_tokens=6, temperature=0)
+        msgs += [r1["choices"][0]["message"], {"role": "user", "content": "and what colour is the cat"}]
+        r2 = s.create_chat_completion(msgs, max_tokens=6, temperature=0)
+        assert s.report()["merges"] >= (method == "flowmm")  # the budget forced merges on the way
+    new_turn = msgs[-1:]
+    with session(tiny_models, method=method, budget=80 if method == "flowmm" else 400) as alone:
+        # the new turn's own tokens, less the BOS a conversation's first turn carries
+        alone_tokens = alone.create_chat_completion(new_turn, max_tokens=1)["usage"]["prompt_tokens"]
+    assert r2["usage"]["prompt_tokens"] < alone_tokens + 8 < r1["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("question", [
+    pytest.param("And what is the capital of Italy? One word.", marks=pytest.mark.slow),
+    pytest.param("And how many legs has a spider? A number.", marks=pytest.mark.slow),
+])
+def test_on_the_default_model_a_reused_history_answers_as_a_fresh_prefill(default_model_path, question):
+    """Real replies re-tokenize to the tokens generated, so a reused cache (no merge: a large
+    budget) must be the fresh prefill's and give the very same greedy answer."""
+    msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
+    with Session(default_model_path, budget=1024, n_ctx=2048, max_reply=12, n_threads=2) as s:
+        r1 = s.create_chat_completion(msgs, max_tokens=12, temperature=0)
+        msgs += [r1["choices"][0]["message"], {"role": "user", "content": question}]
+        r2 = s.create_chat_completion(msgs, max_tokens=12, temperature=0)
+        s.reset()
+        r2_fresh = s.create_chat_completion(msgs, max_tokens=12, temperature=0)
+        reused, fresh = r2["usage"]["prompt_tokens"], r2_fresh["usage"]["prompt_tokens"]
+        assert fresh == reused + r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"]
+    assert r2["choices"][0]["message"]["content"] == r2_fresh["choices"][0]["message"]["content"]
+
+
+def test_a_changed_history_starts_afresh(tiny_models):
+    msgs = first_turns()
+    with session(tiny_models) as s:
+        r1 = s.create_chat_completion(msgs, max_tokens=6, temperature=0)
+        edited = [msgs[0], {"role": "user", "content": "a different first question"}, r1["choices"][0]["message"],
+                  {"role": "user", "content": "and then"}]
+        r2 = s.create_chat_completion(edited, max_tokens=6, temperature=0)
+    with session(tiny_models) as fresh:
+        r2_fresh = fresh.create_chat_completion(edited, max_tokens=6, temperature=0)
+    assert r2["usage"]["prompt_tokens"] == r2_fresh["usage"]["prompt_tokens"]
+    assert r2["choices"][0]["message"] == r2_fresh["choices"][0]["message"]
+
+
+def test_stop_strings_cut_the_reply_in_both_modes_and_the_same_seed_draws_the_same(tiny_models):
+    msgs = [{"role": "user", "content": "tell me about the dogs"}]
+    with session(tiny_models) as s:
+        plain = s.create_chat_completion(msgs, max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
+        assert len(plain) >= 6
+        stop = plain[3:5]
+        cut = s.create_chat_completion(msgs, max_tokens=12, temperature=0, stop=[stop, "\x01never"])
+        assert cut["choices"][0]["message"]["content"] == plain[:plain.find(stop)]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in
+                  s.create_chat_completion(msgs, max_tokens=12, temperature=0, stop=stop, stream=True)]
+        assert "".join(pieces) == plain[:plain.find(stop)]
+        hot = [s.create_chat_completion(msgs, max_tokens=8, temperature=1.5, seed=7)["choices"][0]["message"]
+               for _ in range(2)]
+        assert hot[0] == hot[1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"role": "assistant", "content": "hi"}], "last message"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
+     "base64"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "https://example.com/a.png"}]}], "network"),
+    ([{"role": "robot", "content": "hi"}], "role"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported"),
+    ([], "non-empty"),
+])
+def test_a_bad_request_names_the_problem_and_changes_nothing(tiny_models, bad, message):
+    msgs = first_turns()
+    with session(tiny_models) as s:
+        r1 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        before, state = s.report(), s.ctx.state()
+        with pytest.raises(RequestError, match=message):
+            s.create_chat_completion(bad)
+        assert s.report() == before and s.ctx.state() == state
+        msgs += [r1["choices"][0]["message"], {"role": "user", "content": "next"}]
+        assert s.create_chat_completion(msgs, max_tokens=4)["usage"]["prompt_tokens"] < r1["usage"]["prompt_tokens"]
+
+
+def test_an_unreadable_image_changes_nothing(tiny_models):
+    msgs = first_turns()
+    with session(tiny_models) as s:
+        r1 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        before, state = s.report(), s.ctx.state()
+        junk = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+        with pytest.raises(Exception, match="image"):
+            s.create_chat_completion(msgs + [r1["choices"][0]["message"],
+                                             {"role": "user", "content": [{"type": "image_url", "image_url": junk}]}])
+        assert s.report() == before and s.ctx.state() == state
