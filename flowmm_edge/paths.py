@@ -10,6 +10,7 @@ Layout of the cache folder (``$FLOWMM_CACHE`` or ``$XDG_CACHE_HOME/flowmm-edge``
     native/<backend>/bin/       libllama, libggml*, libmtmd of that backend
     models/                     generated test models and the assembled default model
     wheels/                     the PyPI packages the default model is assembled from
+    python-wheels/              llama-cpp-python's Python layer, built once without compiling
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BACKENDS = ("cpu", "cuda", "metal")
 
 # What shared libraries' file names start with on this platform (libggml-cpu-haswell.so, ggml-cpu-haswell.dll)
 LIB_PREFIX = "" if sys.platform == "win32" else "lib"
+SHARED_SUFFIX = {"win32": ".dll", "darwin": ".dylib"}.get(sys.platform, ".so")
 
 # The file, inside the virtual environment, in which setup records the libraries it built.
 NATIVE_POINTER = "flowmm-native.json"
@@ -35,6 +37,11 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "flowmm-edge"
+
+
+def python_wheels_dir() -> Path:
+    """Wheels setup builds for `pip install --find-links` (llama-cpp-python's Python layer)."""
+    return cache_dir() / "python-wheels"
 
 
 def models_dir() -> Path:
@@ -59,15 +66,23 @@ def native_lib_dir(backend: str) -> Path:
     return native_build_dir(backend) / "bin"
 
 
+def package_lib_dir() -> Path:
+    """Where a wheel of this package carries its libraries (CMakeLists.txt installs them there)."""
+    return Path(__file__).resolve().parent / "lib"
+
+
 def installed_native_lib_dir() -> Path:
     """The folder flowmm_edge loads libllama/libmtmd from.
 
-    FLOWMM_LIB_DIR wins; otherwise the folder setup recorded in the active virtual
-    environment; otherwise the default backend's build folder.
+    FLOWMM_LIB_DIR wins; then the libraries installed with the package (`pip install`); then
+    the folder setup recorded in the active virtual environment; then the default backend's
+    build folder.
     """
     env = os.environ.get("FLOWMM_LIB_DIR")
     if env:
         return Path(env).expanduser()
+    if (package_lib_dir() / f"{LIB_PREFIX}llama{SHARED_SUFFIX}").is_file():
+        return package_lib_dir()
     pointer = Path(sys.prefix) / NATIVE_POINTER
     if pointer.is_file():
         try:

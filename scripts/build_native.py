@@ -223,6 +223,9 @@ def cmake_args(backend: str, tree: Path, build: Path) -> list[str]:
         # mtmd is added outside llama.cpp's scope: put every library in one folder
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build / 'bin'}",
         f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={build / 'bin'}",
+        # one file per library (libllama.so, no .so.0 links): a wheel cannot hold symbolic links,
+        # and two copies of one library under two names would be loaded twice
+        "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
         f"-DGGML_CUDA={'ON' if backend == 'cuda' else 'OFF'}",
         f"-DGGML_METAL={'ON' if backend == 'metal' else 'OFF'}",
         # portable CPU backend: every variant a module, the best loaded at run time (see CPU_VARIANTS)
@@ -269,6 +272,8 @@ def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[s
         for stale in (build / "bin").glob(f"{paths.LIB_PREFIX}ggml-*"):
             if stale.name.split(".")[0] not in (f"{paths.LIB_PREFIX}ggml", f"{paths.LIB_PREFIX}ggml-base"):
                 stale.unlink()
+        for stale in (build / "bin").glob("*.so.*"):  # versioned names of a build before unversioned SONAMEs
+            stale.unlink()
         subprocess.run(["cmake", *args], check=True)
         args_stamp.write_text(json.dumps(args))
     variants = built_cpu_variants(build)
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="virtual environment in which to record the library folder")
     ap.add_argument("--variant", default="", help="name of a second build with --cmake-arg flags (e.g. valgrind)")
     ap.add_argument("--cmake-arg", action="append", default=[], help="extra CMake argument for a variant")
+    ap.add_argument("--lib-dir-file", type=Path, default=None,
+                    help="write the folder of the built libraries to this file (the wheel's CMakeLists reads it)")
     ap.add_argument("--print-source-tree", action="store_true",
                     help="prepare the patched source tree, print its path and stop")
     a = ap.parse_args(argv)
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         print(f"build_native: error: {' '.join(map(str, e.cmd[:2]))} failed with exit code {e.returncode}", file=sys.stderr)
         return 1
+    if a.lib_dir_file:
+        a.lib_dir_file.write_text(f"{lib_dir}\n")
     if a.record_in:
         (a.record_in / paths.NATIVE_POINTER).write_text(json.dumps({"backend": backend, "lib_dir": str(lib_dir)}) + "\n")
     return 0

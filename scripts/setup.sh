@@ -52,18 +52,26 @@ fi
 "$VPY" "$REPO/scripts/build_native.py" --record-in "$VENV"
 
 # 4. llama-cpp-python's Python layer from the same sdist (no compile: LLAMA_BUILD=OFF) ------
+# built once as a wheel in the cache's python-wheels/ folder, where `pip install --find-links` of
+# a fresh environment (tests/test_install.py) finds it too, instead of compiling llama.cpp again
+WHEELS=$("$VPY" -c 'import sys; sys.path.insert(0, "flowmm_edge"); import paths; print(paths.python_wheels_dir())')
+if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python 0.3.36's Python layer (no native compile) into $WHEELS"
+    SRC=$("$VPY" "$REPO/scripts/build_native.py" --print-source-tree | tail -n 1)
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$VPY" -m pip wheel --quiet --disable-pip-version-check \
+        --no-deps --wheel-dir "$WHEELS" "$SRC"
+fi
 if ! "$VPY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama_cpp_python") != "0.3.36")' 2>/dev/null; then
     say "installing llama-cpp-python 0.3.36 (Python layer only)"
-    SRC=$("$VPY" "$REPO/scripts/build_native.py" --print-source-tree | tail -n 1)
-    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$VPY" -m pip install --quiet --disable-pip-version-check "$SRC"
+    "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps "$WHEELS"/llama_cpp_python-0.3.36-*.whl
 fi
 
-# 5. flowmm-edge (editable) ---------------------------------------------------------------
+# 5. flowmm-edge (editable; its CMake step finds the build of step 3 done) -----------------
 stamp="$VENV/.flowmm-edge-installed"
 want=$(cat pyproject.toml | "$VPY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing flowmm-edge (editable) and its test extra"
-    "$VPY" -m pip install --quiet --disable-pip-version-check -e "$REPO[test]"
+    "$VPY" -m pip install --quiet --disable-pip-version-check --find-links "$WHEELS" -e "$REPO[test]"
     echo "$want" >"$stamp"
 fi
 

@@ -72,7 +72,7 @@ def test_a_resent_history_decodes_only_its_new_turn(tiny_models, method):
 
 
 @pytest.mark.parametrize("question", [
-    pytest.param("And what is the capital of Italy? One word.", marks=pytest.mark.slow),
+    "And what is the capital of Italy? One word.",  # the default run's one real-model case
     pytest.param("And how many legs has a spider? A number.", marks=pytest.mark.slow),
 ])
 def test_on_the_default_model_a_reused_history_answers_as_a_fresh_prefill(default_model_path, question):

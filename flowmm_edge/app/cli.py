@@ -24,11 +24,14 @@ def _human_bytes(n: float) -> str:
 
 
 def _recorded_backend() -> str:
-    pointer = Path(sys.prefix) / paths.NATIVE_POINTER
-    try:
-        return json.loads(pointer.read_text())["backend"]
-    except (OSError, ValueError, KeyError):
-        return "unrecorded"
+    """The backend the loaded libraries were built for, as the wheel (next to them) or setup (in
+    the virtual environment) recorded it."""
+    for pointer in (Path(native.lib_path).parent / paths.NATIVE_POINTER, Path(sys.prefix) / paths.NATIVE_POINTER):
+        try:
+            return json.loads(pointer.read_text())["backend"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return "unrecorded"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
