@@ -105,3 +105,6 @@ def test_llama_cpp_flag_names_reach_the_same_settings():
         a = p.parse_args(cmd + ["-m", "a.gguf", "-t", "2"])
         assert (a.model, a.threads) == ("a.gguf", 2)
     assert p.parse_args(["eval", "-ctk", "q4_0"]).kv_type == "q4_0"
+    for cmd in (["chat"], ["eval"], ["bench"], ["calibrate", "--out", "p.json"]):
+        assert p.parse_args(cmd).flash_attn == "auto"
+        assert p.parse_args(cmd + ["-fa", "off"]).flash_attn == p.parse_args(cmd + ["--flash-attn", "off"]).flash_attn == "off"

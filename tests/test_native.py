@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flowmm_edge.bindings import native
+import pytest
+
 from flowmm_edge import paths
+from flowmm_edge.bindings import native
+from flowmm_edge.errors import FlowMMError
 
 HEADER = Path(__file__).resolve().parent.parent / "native" / "flowmm.h"
 
@@ -43,3 +46,19 @@ def test_library_without_flowmm_is_refused_with_a_hint(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "NativeLibraryError" in last and "scripts/setup.sh" in last
+
+
+@pytest.mark.parametrize("fa, said", [("on", "enabled"), ("off", "disabled"), ("auto", "auto"), (True, "enabled")])
+def test_flash_attention_settings_reach_llama_cpp(model, fa, said):
+    """-fa on|off|auto as llama.cpp's own context report states them; auto is resolved by llama.cpp
+    (on a device that supports flash attention, the CPU included, it says so)."""
+    from flowmm_edge.bindings import runtime
+
+    with native.captured_log() as lines:
+        runtime.Context(model, n_ctx=256, flash_attn=fa, n_threads=2).close()
+    log = "".join(lines)
+    assert re.search(rf"flash_attn\s+=\s+{said}", log), log[-2000:]
+    if fa == "auto":
+        assert "Flash Attention enabled" in log or "Flash Attention disabled" in log
+    with pytest.raises(FlowMMError, match="flash attention"):
+        runtime.Context(model, n_ctx=256, flash_attn="sometimes")

@@ -236,7 +236,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = Session(model, mmproj, method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type,
                       n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
                       temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
-                      top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                      top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
                       **({} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}))
     with session:
         facts = session.model.facts
@@ -330,7 +330,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     policy = calibration.calibrate(model, prompts, prompts_name=str(args.prompts or "builtin"),
                                    projector=(lambda m: Projector(args.mmproj, m, n_threads=args.threads or 2))
                                    if args.mmproj else None,
-                                   theta=args.theta, n_threads=args.threads, progress=not args.quiet)
+                                   theta=args.theta, n_threads=args.threads, progress=not args.quiet,
+                                   flash_attn=args.flash_attn)
     policy.save(args.out)
     print(f"policy for {facts.name}: theta {policy.theta}, {policy.calibration['n_prompts']} prompts"
           f"{' with images' if args.mmproj else ' (image spans played by labelled text)'}")
@@ -389,7 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "flowmm" in methods and policy is None:
         print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
     rows = evaluate.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
-                          progress=not args.quiet, mmproj=args.mmproj, mode=args.question)
+                          progress=not args.quiet, mmproj=args.mmproj, mode=args.question, flash_attn=args.flash_attn)
     summary = evaluate.summarize(rows)
     tables = [evaluate.score_grid(summary, args.question), evaluate.markdown(summary)]
     if args.by_family:
@@ -414,7 +415,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
-                         _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet)
+                         _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
+                         flash_attn=args.flash_attn)
     table = benchmark.markdown(rows)
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
@@ -487,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096,
                    help="KV buffer in cells, allocated once (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
                    help="layers to offload to the GPU backend")
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
@@ -512,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=output_file, help="the policy JSON to write")
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
@@ -523,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
     p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
     p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
@@ -554,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
     p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
     p.add_argument("--markdown", type=output_file, help="write the tables as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")

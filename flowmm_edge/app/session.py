@@ -118,7 +118,7 @@ class Session:
     def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str | Method = "flowmm",
                  budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: bool = True,
+                 system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0):
         self.model_path = Path(model) if model else default_model.ensure()

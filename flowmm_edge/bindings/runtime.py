@@ -26,6 +26,11 @@ BUFFER_REPORT = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([0-9
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
+# llama.cpp's -fa values. "auto" is llama.cpp's own choice at context creation: flash attention
+# where the device running the attention supports it (and always with a quantized V cache).
+FLASH_ATTN = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+              "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
+
 
 def quiet_native_logs() -> None:
     """Let only llama.cpp's errors through to stderr (all of them with FLOWMM_VERBOSE set), the
@@ -167,10 +172,13 @@ class Context(_Handle):
     """A llama.cpp context over `model`: a KV cache of `n_ctx` cells and a decode loop."""
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
-                 kv_type: str = "f16", flash_attn: bool = True, n_threads: int | None = None, n_seq_max: int = 1,
+                 kv_type: str = "f16", flash_attn: str | bool = "auto", n_threads: int | None = None, n_seq_max: int = 1,
                  kv_unified: bool = False, cb_eval=None):
         if kv_type not in KV_TYPES:
             raise FlowMMError(f"KV cache type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        fa = {True: "on", False: "off"}.get(flash_attn, flash_attn) if isinstance(flash_attn, bool) else flash_attn
+        if fa not in FLASH_ATTN:
+            raise FlowMMError(f"flash attention {flash_attn!r} is not one of {', '.join(FLASH_ATTN)}")
         self.model = model
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -180,7 +188,7 @@ class Context(_Handle):
         p.kv_unified = kv_unified  # one stream shared by all sequences, or one stream each
         p.n_threads = p.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
         p.type_k = p.type_v = KV_TYPES[kv_type]
-        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = FLASH_ATTN[fa]
         p.no_perf = True
         if cb_eval is not None:  # a llama_cpp.ggml_backend_sched_eval_callback; kept alive with the context
             self._cb_eval = cb_eval

@@ -73,7 +73,7 @@ def _decode_speed(ctx, logits, pos, n):
 
 def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0.5),
         methods=("streaming", "h2o", "snapkv", "lookm", "flowmm"), kv_types=("f16", "q8_0", "q4_0"),
-        combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True) -> list[BenchRow]:
+        combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True, flash_attn="auto") -> list[BenchRow]:
     facts = gguf_file.read_text_model(model_path)
     rows: list[BenchRow] = []
     with runtime.Model(model_path) as model:
@@ -82,7 +82,8 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
             tokens, labels = _prompt(model, L)
             bpc = facts.kv_bytes_per_token(kv)
             room = max(n_decode + 8, reconstruction.ROOM)
-            with runtime.Context(model, n_ctx=L + room, n_batch=512, kv_type=kv, n_threads=n_threads) as ctx:
+            with runtime.Context(model, n_ctx=L + room, n_batch=512, kv_type=kv, n_threads=n_threads,
+                                  flash_attn=flash_attn) as ctx:
                 t = time.perf_counter()
                 logits0 = ctx.decode(tokens, 0)
                 prefill = L / (time.perf_counter() - t)

@@ -238,12 +238,13 @@ def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[
 
 
 def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets: list[float], policy=None,
-                  kv_type: str = "f16", n_threads: int | None = None, projector=None, mode: str = "after") -> list[Row]:
+                  kv_type: str = "f16", n_threads: int | None = None, projector=None, mode: str = "after",
+                  flash_attn="auto") -> list[Row]:
     """Rows for the full cache and every (method, budget), one per question; mode "after" or "inside"
     (followup runs through `followup.evaluate_task`, which needs a model path)."""
     if mode not in ("after", "inside"):
         raise ValueError(f"mode {mode!r}: evaluate_task runs 'after' and 'inside'")
-    ctx_args = dict(n_batch=512, kv_type=kv_type, n_threads=n_threads)
+    ctx_args = dict(n_batch=512, kv_type=kv_type, n_threads=n_threads, flash_attn=flash_attn)
     run_mode = _after if mode == "after" else _inside
     return run_mode(model, task, methods, budgets, policy, ctx_args, projector)
 
@@ -308,14 +309,15 @@ def family_grid(summary: list[dict], mode: str, budget: float) -> str:
 
 def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float], policy=None, kv_type="f16",
         n_threads=None, json_out: str | Path | None = None, progress: bool = True, mmproj=None,
-        mode: str = "after") -> list[Row]:
+        mode: str = "after", flash_attn="auto") -> list[Row]:
     """All tasks in one mode; results so far are written to json_out after every task, so Ctrl-C keeps them."""
     rows: list[Row] = []
     if mode == "followup":
         from . import followup
 
         def one(task):
-            return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj)
+            return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj,
+                                          flash_attn)
         model = projector = None
     else:
         model = runtime.Model(model_path)
@@ -326,7 +328,7 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
             projector = Projector(mmproj, model, n_threads=n_threads or 2)
 
         def one(task):
-            return evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector, mode)
+            return evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector, mode, flash_attn)
     try:
         for task in tqdm(tasks, desc=f"eval ({mode})", unit="task", disable=not progress):
             rows += one(task)

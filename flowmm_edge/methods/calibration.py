@@ -66,7 +66,7 @@ def load_prompts(path: str | Path) -> list[list[Segment]]:
 
 
 def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=None, n_threads: int | None = None,
-                progress: bool = True) -> list[list[np.ndarray]]:
+                flash_attn="auto", progress: bool = True) -> list[list[np.ndarray]]:
     """Per prompt, per layer: the [n_head, n_labels, n_labels] attention flow over every row."""
     labels = ModalityLabels()
     prepared = [prepare(model, segs, labels, projector, add_bos=True) for segs in prompts]
@@ -74,7 +74,7 @@ def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=No
         n_ctx = max(p.n_pos for p in prepared) + 16
         n_labels = len(labels.names)
         flows = []
-        with runtime.Context(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads) as ctx:
+        with runtime.Context(model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, flash_attn=flash_attn) as ctx:
             for p in tqdm(prepared, desc="calibrating", unit="prompt", disable=not progress):
                 ctx.clear()
                 with AttentionStats(ctx, labels=p.labels, n_labels=n_labels) as stats:
@@ -87,13 +87,14 @@ def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=No
 
 
 def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",
-              projector=None, theta: float = THETA, n_threads: int | None = None, progress: bool = True) -> Policy:
+              projector=None, theta: float = THETA, n_threads: int | None = None, progress: bool = True,
+              flash_attn="auto") -> Policy:
     with runtime.Model(model_path) as model:
         if prompts is None:
             prompts = builtin_prompts(with_images=projector is not None)
         proj = projector(model) if callable(projector) else None
         try:
-            flows = layer_flows(model, prompts, proj, n_threads, progress)
+            flows = layer_flows(model, prompts, proj, n_threads, flash_attn, progress)
         finally:
             if proj is not None:
                 proj.close()
