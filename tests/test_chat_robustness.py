@@ -64,9 +64,7 @@ def _reference(tiny_models, method, n_tokens):
     assert n_tokens >= 1
     with _fresh(tiny_models, method) as ref:
         ref.add_user_turn(FIRST)
-        ref.max_reply = n_tokens
-        list(ref.reply())
-        ref.max_reply = 12
+        list(ref.reply(max_tokens=n_tokens))
         assert ref.stats.generated_tokens == n_tokens
         return _next_answer(ref)
 

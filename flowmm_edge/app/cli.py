@@ -211,32 +211,61 @@ def _send(session, text: str, images: list[str]) -> None:
     _stream_reply(session)
 
 
+def _model_source(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """(text model, mmproj) from -hf, --hf-repo/--hf-file, -m, or the embedded default model."""
+    if args.kv_type_v and args.kv_type_v != args.kv_type:
+        raise FlowMMError(f"-ctv {args.kv_type_v} differs from -ctk {args.kv_type}: the merged cache keeps K and V "
+                          f"in one type")
+    if args.hf:
+        model, found = _hf_pick(args.hf)
+        return model, args.mmproj or found
+    if args.hf_repo:
+        if not args.hf_file:
+            raise FlowMMError("--hf-repo needs --hf-file (the GGUF inside the repo)")
+        model = _hf_file(args.hf_repo, args.hf_file)
+        return model, _hf_file(args.hf_repo, args.hf_mmproj) if args.hf_mmproj else args.mmproj
+    model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
+    return model, args.mmproj
+
+
+def _engine_settings(args: argparse.Namespace) -> dict:
+    """The engine.Engine settings chat and serve share, from their common flags."""
+    return dict(method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type, n_ctx=args.ctx,
+                n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
+                temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..bindings import runtime
+    from .engine import Engine
+    from .server import serve
+
+    runtime.quiet_native_logs()
+    if not 0 < args.port < 65536:
+        raise FlowMMError(f"--port {args.port} is outside 1..65535")
+    model, mmproj = _model_source(args)
+    engine = Engine(model, mmproj, n_slots=args.parallel, system_prompt=None, **_engine_settings(args))
+    with engine:
+        facts = engine.model.facts
+        print(f"{facts.name}{' + ' + Path(str(mmproj)).name if mmproj else ''}: {args.parallel} slots sharing "
+              f"{args.ctx} cells, {args.method} to {engine.budget_cells} cells each; {engine.template.why}",
+              file=sys.stderr)
+        print(f"listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        serve(engine, args.host, args.port, Path(model).name, args.api_key, args.max_tokens)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..bindings import runtime
     from .session import Session
 
     runtime.quiet_native_logs()
-    if args.kv_type_v and args.kv_type_v != args.kv_type:
-        raise FlowMMError(f"-ctv {args.kv_type_v} differs from -ctk {args.kv_type}: the merged cache keeps K and V "
-                          f"in one type")
     # any bytes in: undecodable input reaches valid_text as surrogates instead of raising; any text out
     sys.stdin.reconfigure(errors="surrogateescape")
     sys.stdout.reconfigure(errors="replace")
-    if args.hf:
-        model, found = _hf_pick(args.hf)
-        mmproj = args.mmproj or found
-    elif args.hf_repo:
-        if not args.hf_file:
-            raise FlowMMError("--hf-repo needs --hf-file (the GGUF inside the repo)")
-        model = _hf_file(args.hf_repo, args.hf_file)
-        mmproj = _hf_file(args.hf_repo, args.hf_mmproj) if args.hf_mmproj else args.mmproj
-    else:
-        model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
-        mmproj = args.mmproj
-    session = Session(model, mmproj, method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type,
-                      n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
-                      temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
-                      top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
+    model, mmproj = _model_source(args)
+    session = Session(model, mmproj, **_engine_settings(args),
                       **({} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}))
     with session:
         facts = session.model.facts
@@ -463,14 +492,9 @@ def output_file(text: str) -> Path:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="python -m flowmm_edge",
-                                 description="FlowMM KV-cache merging for multimodal GGUF models on llama.cpp")
-    ap.add_argument("--version", action="version", version=f"flowmm-edge native {native.flowmm_version()}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
-
-    p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
-    # llama.cpp's flag names (llama-cli, llama-mtmd-cli) first; this project's older long names stay as aliases
+def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: int) -> None:
+    """The flags chat and serve share: the model, the merge, the KV buffer, sampling. llama.cpp's
+    names (llama-cli, llama-server, llama-mtmd-cli) first; this project's older long names stay as aliases."""
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
     p.add_argument("--mmproj", help="vision projector GGUF")
     p.add_argument("-hf", "--hf", dest="hf", metavar="USER/REPO[:QUANT]",
@@ -479,23 +503,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-file", help="the model GGUF in --hf-repo")
     p.add_argument("--hf-mmproj", help="the mmproj GGUF in --hf-repo")
     p.add_argument("--method", default="flowmm", help="flowmm (default), lookm, snapkv, h2o, streaming, random, full")
-    p.add_argument("--budget", default="0.25",
-                   help="cells kept after each merge: a ratio of --ctx (0.25, default), a count (512) or a size (24MiB)")
+    p.add_argument("--budget", default=budget,
+                   help=f"cells each conversation keeps after a merge: a ratio of {share} ({budget}, default), a count "
+                        f"(512) or a size (24MiB)")
     p.add_argument("--policy", help="a policy file from `calibrate` (FlowMM's per-layer modes)")
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"],
                    help="KV cache type (K and V share it: -ctv must match)")
     p.add_argument("-ctv", "--cache-type-v", dest="kv_type_v", choices=["f16", "q8_0", "q4_0"],
                    help="V cache type; must equal -ctk")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096,
-                   help="KV buffer in cells, allocated once (default 4096)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=ctx,
+                   help=f"KV buffer in cells, allocated once (default {ctx})")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
                    help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
                    help="layers to offload to the GPU backend")
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
-    p.add_argument("-sys", "--system-prompt", dest="system_prompt", default=None,
-                   help="the system message (default: a short 'answer briefly' one; '' for none)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off; default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (1.0: off; default 0.95)")
@@ -505,9 +528,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="one of llama.cpp's template names (chatml, llama2, vicuna, gemma, "
                    "llama3, ...) or a Jinja file (default: the GGUF's own; without one, vicuna for a llama model "
                    "with an mmproj, else chatml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = OneLineParser(prog="python -m flowmm_edge",
+                                 description="FlowMM KV-cache merging for multimodal GGUF models on llama.cpp")
+    ap.add_argument("--version", action="version", version=f"flowmm-edge native {native.flowmm_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
+    _add_engine_flags(p, budget="0.25", share="--ctx", ctx=4096)
+    p.add_argument("-sys", "--system-prompt", dest="system_prompt", default=None,
+                   help="the system message (default: a short 'answer briefly' one; '' for none)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--image", action="append", help="an image for --prompt or the first message (repeatable)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server; its conversations share one merged KV buffer")
+    _add_engine_flags(p, budget="0.5", share="a slot's share, --ctx / --parallel", ctx=8192)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("-np", "--parallel", type=int, default=4, help="slots: conversations held at once (default 4)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="write a per-layer merging policy for a model")
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")

@@ -1,0 +1,544 @@
+"""One conversation: a llama.cpp sequence on an engine's shared context (llama-server's slot),
+with its own positions, modality labels, merge state and bias, turns and replies.
+
+    with Engine(n_slots=4, budget=512) as engine:
+        a, b = Conversation(engine), Conversation(engine)
+        a.add_user_turn("What is in this picture?", images=["cat.png"])
+        print("".join(a.reply()))
+
+Memory: after each user turn is decoded the method merges the sequence down to `budget` cells
+(FlowMM's observation window is then the end of the user's turn, and its reconstruction pass
+repeats the text added since the last merge, from `tokens_by_pos`, in the free cells). A turn
+longer than the free room is decoded in chunks, merging between chunks, so any conversation fits;
+`reserve` cells stay free for the reply (and at least reconstruction.room_needed for that pass).
+When other conversations hold the room, the engine evicts the idle ones least recently used. A
+turn fails (one-line error, everything restored) only if one image alone is larger than the room
+left after a merge, or the buffer is held by conversations that are replying.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import chat_api, session_file
+from .engine import Engine, SessionError
+from ..bindings import kv_cache, sampling
+from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
+from ..errors import FlowMMError
+from ..methods import policy as policy_mod, reconstruction
+from ..methods.base import RECONSTRUCTION_SCORES
+from ..methods.compression import Compressor
+
+MEDIA = "<__media__>"
+
+
+@dataclasses.dataclass
+class SessionStats:
+    turns: int = 0
+    merges: int = 0
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    evictions: int = 0  # times the engine took the cells back for another conversation
+
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    """What a failed turn puts back: llama.cpp's state of the sequence, the slot bias (not part of
+    that state; cells in position order) and the conversation's own bookkeeping."""
+
+    state: bytes
+    bias: np.ndarray | None
+    messages: list
+    cached_text: str
+    pos: int
+    labels_by_pos: np.ndarray
+    tokens_by_pos: np.ndarray
+    label_names: list
+    stats: SessionStats
+    last_logits: np.ndarray | None
+    scored: object  # reconstruction.PositionScores or None
+
+
+class Conversation:
+    """A slot of `engine`: sequence `seq_id` (the first free one by default)."""
+
+    def __init__(self, engine: Engine, seq_id: int | None = None):
+        taken = {c.seq_id for c in engine.conversations}
+        if seq_id is None:
+            free = [s for s in range(engine.n_slots) if s not in taken]
+            if not free:
+                raise SessionError(f"all {engine.n_slots} slots of the engine are taken")
+            seq_id = free[0]
+        if not 0 <= seq_id < engine.n_slots or seq_id in taken:
+            raise SessionError(f"slot {seq_id} is taken or outside 0..{engine.n_slots - 1}")
+        self.engine, self.seq_id = engine, seq_id
+        self.busy = False   # serving a request: the engine never evicts it then
+        self.last_used = 0  # the engine's clock at the last request (least recently used is evicted first)
+        engine.conversations.append(self)
+        self._reset_state()
+
+    # the engine's settings, read as the conversation's own
+    model = property(lambda self: self.engine.model)
+    ctx = property(lambda self: self.engine.ctx)
+    projector = property(lambda self: self.engine.projector)
+    template = property(lambda self: self.engine.template)
+    model_path = property(lambda self: self.engine.model_path)
+    n_ctx = property(lambda self: self.engine.n_ctx)
+    kv_type = property(lambda self: self.engine.kv_type)
+    reserve = property(lambda self: self.engine.reserve)
+    budget_cells = property(lambda self: self.engine.budget_cells)
+    bytes_per_cell = property(lambda self: self.engine.bytes_per_cell)
+    method_name = property(lambda self: self.engine.method_name)
+    max_reply = property(lambda self: self.engine.max_reply)
+    system_prompt = property(lambda self: self.engine.system_prompt)
+    policy = property(lambda self: self.engine.policy)
+    sampling = property(lambda self: self.engine.sampling)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.close()
+        self.sampler = sampling.Sampler(self.model.n_vocab, self.engine.sampling)  # a new conversation draws afresh
+        self.messages: list[tuple[str, str]] = [("system", self.system_prompt)] if self.system_prompt else []
+        self.cached_text = ""   # the formatted conversation whose tokens are in the cache
+        self.pos = 0            # next position (tokens and image positions seen so far)
+        self.labels = ModalityLabels()
+        self.labels_by_pos = np.zeros(0, np.int32)
+        self.tokens_by_pos = np.zeros(0, np.int32)  # -1 where an image sits; repeated by reconstruction scores
+        self._repeats = reconstruction.RepeatedScores()  # what the merges' repeat passes have scored so far
+        self.stats = SessionStats()
+        self.last_logits = None
+        self._active_reply = None
+        self._reply_sampler = None
+        self.finish_reason = None
+        self.last_reply_tokens = 0
+        self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
+
+    def cells(self) -> int:
+        return len(kv_cache.seq_cells(self.ctx, self.seq_id)[0])
+
+    def _snapshot(self) -> "_Snapshot":
+        return _Snapshot(state=self.ctx.state(self.seq_id) if self.pos else b"", bias=self._bias(),
+                         messages=list(self.messages), cached_text=self.cached_text, pos=self.pos,
+                         labels_by_pos=self.labels_by_pos.copy(), tokens_by_pos=self.tokens_by_pos.copy(),
+                         label_names=list(self.labels.names), stats=dataclasses.replace(self.stats),
+                         last_logits=self.last_logits, scored=self._repeats.scored)
+
+    def _restore(self, snap: "_Snapshot") -> None:
+        self.messages, self.cached_text, self.pos = snap.messages, snap.cached_text, snap.pos
+        self.labels_by_pos, self.tokens_by_pos, self.labels.names = snap.labels_by_pos, snap.tokens_by_pos, snap.label_names
+        self.stats, self.last_logits, self._repeats.scored = snap.stats, snap.last_logits, snap.scored
+        if snap.state:
+            self.ctx.set_state(snap.state, self.seq_id)
+        else:
+            self.ctx.clear(self.seq_id)
+        self._set_bias(snap.bias)
+
+    def _bias(self) -> np.ndarray | None:
+        """The slot bias the cache carries (not part of llama.cpp's state), cells in position order; None if none."""
+        bias = kv_cache.get_slot_bias(self.ctx, self.seq_id) if self.pos else None
+        if bias is None or not np.any(bias):
+            return None
+        return bias[..., np.argsort(kv_cache.seq_cells(self.ctx, self.seq_id)[1], kind="stable")]
+
+    def _set_bias(self, bias: np.ndarray | None) -> None:
+        """Set a bias from _bias() on the cache's cells (which may sit in other cells now), or clear it."""
+        if bias is None:
+            kv_cache.clear_slot_bias(self.ctx, self.seq_id)
+            return
+        in_cells = np.empty_like(bias)
+        in_cells[..., np.argsort(kv_cache.seq_cells(self.ctx, self.seq_id)[1], kind="stable")] = bias
+        kv_cache.set_slot_bias(self.ctx, in_cells, self.seq_id)
+
+    def reset(self) -> None:
+        self._finish_reply()
+        self.ctx.clear(self.seq_id)
+        self._reset_state()
+
+    def evict(self) -> None:
+        """Give the cells back to the shared buffer (the engine makes room): the conversation is
+        forgotten, and its next request starts afresh."""
+        self.reset()
+        self.stats.evictions += 1
+
+    def close(self) -> None:
+        if getattr(self, "_active_reply", None) is not None and self.engine.ctx is not None:
+            self._finish_reply()
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.close()
+            self.sampler = None
+        if self in self.engine.conversations:
+            self.engine.conversations.remove(self)
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _segments(delta: str, content: list[Segment]) -> list[Segment]:
+        """The turn's rendered text as segments: the template's text around the user's content,
+        which keeps its own segments (images, and text spans with their modality labels).
+        Neighbouring text of one modality is joined, so a plain text turn is one segment."""
+        rendered = "".join(MEDIA if c.kind == "image" else c.text for c in content)
+        at = delta.find(rendered)
+        if at >= 0:
+            segs = [Segment("text", delta[:at]), *content, Segment("text", delta[at + len(rendered):])]
+        else:  # the template rewrote the content (trimmed it, say): labels other than text are lost
+            images = [c for c in content if c.kind == "image"]
+            parts = delta.split(MEDIA)
+            if len(parts) - 1 != len(images):
+                raise SessionError("the chat template dropped or duplicated an image marker")
+            segs = [x for k, text in enumerate(parts) for x in [Segment("text", text)] + images[k:k + 1]]
+        out: list[Segment] = []
+        for seg in segs:
+            if seg.kind == "text" and not seg.text:
+                continue
+            if out and seg.kind == out[-1].kind == "text" and seg.modality == out[-1].modality:
+                out[-1] = Segment("text", out[-1].text + seg.text, modality=seg.modality)
+            else:
+                out.append(seg)
+        return out
+
+    def add_user_turn(self, text: str = "", images: list | tuple = (), segments: list[Segment] | None = None) -> int:
+        """Decode a user turn (images first, then the text; or `segments`, in their order and with
+        their modality labels), merging as the budget requires. Returns its positions. On any
+        error the conversation and the cache are as before."""
+        self._finish_reply()
+        if segments is None:
+            segments = [Segment("image", image=im, modality="image") for im in images]
+            segments.append(Segment("text", ("\n" if images else "") + valid_text(text)))
+        else:
+            segments = [dataclasses.replace(s, text=valid_text(s.text)) for s in segments]
+        if any(s.kind == "image" for s in segments) and self.projector is None:
+            raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
+        content = "".join(MEDIA if s.kind == "image" else s.text for s in segments)
+        messages = self.messages + [("user", content)]
+        formatted = self.template.render(self.model, messages, add_assistant=True)
+        if not formatted.startswith(self.cached_text):
+            raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
+        # prepare first: an unreadable image or a bad segment fails here, before anything changes
+        prepared = prepare(self.model, self._segments(formatted[len(self.cached_text):], segments), self.labels,
+                           self.projector, add_bos=self.pos == 0)
+        try:
+            room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
+            for p in prepared.pieces:
+                if not isinstance(p, list) and p.n_pos > room:
+                    raise SessionError(f"an image of {p.n_pos} positions cannot fit: {room} cells are free after a "
+                                       f"merge (raise --ctx or lower --budget)")
+            if self.method_name == "full" and prepared.n_pos > room:
+                raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
+                                   f"method 'full' never merges (use another --method or /reset)")
+            snap = self._snapshot()
+            try:
+                self._decode_turn(prepared)
+            except BaseException:
+                self._restore(snap)
+                raise
+        finally:
+            prepared.close()
+        self.messages, self.cached_text = messages, formatted
+        self.stats.turns += 1
+        self._keys = None  # a turn not from create_chat_completion: its next request starts afresh
+        return prepared.n_pos
+
+    def _decode_turn(self, prepared) -> None:
+        labels = np.concatenate([self.labels_by_pos, prepared.labels])
+        self.labels_by_pos = labels
+        self.tokens_by_pos = np.concatenate([self.tokens_by_pos, reconstruction.tokens_by_position(prepared.pieces)])
+        units = []  # token lists (neighbours joined, split as the room allows) and images, in order
+        for piece in prepared.pieces:
+            if isinstance(piece, list) and units and isinstance(units[-1], list):
+                units[-1] = units[-1] + piece
+            else:
+                units.append(piece)
+        merging = self.method_name != "full"
+        t0 = time.perf_counter()
+        while units:
+            need = 1 if isinstance(units[0], list) else units[0].n_pos
+            if self.engine.free_cells() < need:  # other conversations fill the buffer: evict idle ones
+                self.engine.make_room(need, keep=self)
+            used, in_use, free = self.cells(), self.engine.cells_in_use(), self.engine.free_cells()
+            take = units.pop(0)
+            if isinstance(take, list):
+                take, rest = take[:max(free, 0)], take[max(free, 0):]
+                if rest:
+                    units.insert(0, rest)
+                n = len(take)
+            else:
+                n = take.n_pos
+            if n == 0 or n > free:  # alone in the buffer a merge below always makes room; shared, maybe not
+                raise SessionError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
+                                   f"conversations that are replying (try again, or raise --ctx)")
+            end = self.pos + n
+            if not units:  # the end of the turn: merge down to the budget
+                will_merge = merging and used + n > self.budget_cells
+            else:  # merge now if the next unit (one token at least, an image whole) would not fit
+                nxt = 1 if isinstance(units[0], list) else units[0].n_pos
+                will_merge = merging and in_use + n + nxt > self.n_ctx - self.reserve
+            if will_merge:
+                comp = Compressor(self.engine.method(), self.budget_cells, rho=policy_mod.rho_array(self.policy))
+                wants_recon = RECONSTRUCTION_SCORES in comp.method.needs
+                with comp.observe(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
+                    logits = self._decode_unit(take)
+            else:
+                logits = self._decode_unit(take)
+            self.pos = end
+            if logits is not None:
+                self.last_logits = logits
+            if will_merge:
+                t1 = time.perf_counter()
+                if wants_recon:
+                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id))
+                comp.compress(self.ctx, labels, self.seq_id)
+                self.stats.merges += 1
+                self.stats.merge_seconds += time.perf_counter() - t1
+        self.stats.prompt_tokens += prepared.n_pos
+        self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _decode_unit(self, unit):
+        if isinstance(unit, list):
+            return self.ctx.decode(unit, self.pos, self.seq_id)
+        unit.eval(self.ctx, self.pos, self.seq_id)
+        return None
+
+    def _sample(self, logits: np.ndarray) -> int:
+        return (self._reply_sampler or self.sampler).sample(logits)
+
+    def reply(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
+              stop: list[str] | tuple[str, ...] = ()):
+        """Generate the assistant's reply, yielding text pieces as they come: at most `max_tokens`
+        (default the session's max_reply), drawn with `params` for this reply only (default the
+        session's sampler), ended before the first of the `stop` strings (which it leaves out).
+        `finish_reason` then says "stop" (end of generation or a stop string) or "length".
+
+        Stopping early -- closing the generator, Ctrl-C, an exception anywhere, or starting the
+        next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
+        positions, labels and messages consistent: the next turn continues as if the reply had
+        ended there. (After a stop string the cache keeps the tokens that spelled it.)"""
+        if self.last_logits is None:
+            raise SessionError("no user turn to reply to")
+        if params is not None:
+            try:
+                params.check()
+            except sampling.SamplingError as e:
+                raise SessionError(str(e)) from None
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise SessionError(f"max_tokens {max_tokens!r} must be an integer >= 1")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SessionError("each stop string must be a non-empty string")
+        self._reply_sampler = sampling.Sampler(self.model.n_vocab, params) if params is not None else None
+        self._active_reply = self._generate(max_tokens or self.max_reply, tuple(stop))
+        return self._active_reply
+
+    def _finish_reply(self) -> None:
+        """Close a reply generator that was left suspended (its `finally` records the reply)."""
+        gen, self._active_reply = self._active_reply, None
+        if gen is not None:
+            gen.close()
+
+    def _generate(self, max_tokens: int, stop: tuple[str, ...]):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        full, shown, cut, logits, generated = "", 0, False, self.last_logits, []
+        hold = max((len(s) for s in stop), default=1) - 1  # text that may still become a stop string
+        self.last_logits, self.finish_reason = None, "length"
+        t0 = time.perf_counter()
+        try:
+            for _ in range(max_tokens):
+                if self.engine.free_cells(reserved=False) < 1 and not self.engine.make_room(1, self, reserved=False):
+                    break  # the buffer is full (finish_reason "length")
+                tok = self._sample(logits)
+                if self.model.is_end_of_generation(tok):
+                    self.finish_reason = "stop"
+                    break
+                logits = self.ctx.decode([tok], self.pos, self.seq_id)
+                self.pos += 1
+                generated.append(tok)
+                full += decoder.decode(self.model.token_to_piece(tok)).replace("\x00", "")  # C strings end at NUL
+                hits = [i for i in (full.find(s, max(0, shown - len(s))) for s in stop) if i >= 0]
+                if hits:
+                    full, self.finish_reason, cut = full[:min(hits)], "stop", True
+                    break
+                if len(full) - hold > shown:
+                    yield full[shown:len(full) - hold]
+                    shown = len(full) - hold
+            if not cut:
+                full += decoder.decode(b"", final=True)  # the bytes of a character left incomplete
+            if len(full) > shown:
+                yield full[shown:]
+                shown = len(full)
+        finally:
+            # A stop that lands between a token's decode and the bookkeeping above leaves that token
+            # in the cache at self.pos: drop it, so the cache ends exactly where positions and text do.
+            self.ctx.truncate(self.pos, self.seq_id)
+            self._active_reply = None
+            if self._reply_sampler is not None:
+                self._reply_sampler.close()
+                self._reply_sampler = None
+            self.stats.decode_seconds += time.perf_counter() - t0
+            self.stats.generated_tokens += len(generated)
+            self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
+            self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
+            reply = full
+            self.messages = self.messages + [("assistant", reply)]
+            self.cached_text += reply
+            self.last_reply_tokens = len(generated)
+            if self._keys is not None:  # as chat_api keys the reply when a client sends it back
+                self._keys = self._keys + [("assistant", reply, ())]
+
+    def chat(self, text: str, images: list | tuple = ()) -> str:
+        self.add_user_turn(text, images)
+        return "".join(self.reply())
+
+    def add_assistant_turn(self, text: str) -> int:
+        """Decode an assistant message the caller supplies (a history resent by an API client) as
+        if it had been generated after the last user turn; returns its positions. On any error the
+        conversation and the cache are as before."""
+        self._finish_reply()
+        if not self.messages or self.messages[-1][0] != "user":
+            raise SessionError("an assistant message must follow a user message")
+        text = valid_text(text)
+        prepared = prepare(self.model, [Segment("text", text)], self.labels, self.projector, add_bos=False)
+        try:
+            snap = self._snapshot()
+            try:
+                if prepared.n_pos:
+                    self._decode_turn(prepared)
+            except BaseException:
+                self._restore(snap)
+                raise
+        finally:
+            prepared.close()
+        self.messages = self.messages + [("assistant", text)]
+        self.cached_text += text
+        self.last_logits = None
+        self._keys = None
+        return prepared.n_pos
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
+                               temperature: float | None = None, top_p: float | None = None,
+                               top_k: int | None = None, min_p: float | None = None,
+                               repeat_penalty: float | None = None, seed: int | None = None,
+                               stop: str | list[str] | None = None, stream: bool = False):
+        """llama-cpp-python's `Llama.create_chat_completion` on this session: `messages` is the
+        whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
+        with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
+        the one in the cache decodes only its new messages (llama-server's cache_prompt); any
+        other starts afresh. Sampling settings left None are the session's."""
+        turns = chat_api.parse_messages(messages)
+        params = dataclasses.replace(self.engine.sampling, **{k: v for k, v in (
+            ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+            ("repeat_penalty", repeat_penalty), ("seed", seed)) if v is not None})
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt_tokens = self.feed(turns)
+        gen = self.reply(max_tokens, params, stops)
+        cid, name = chat_api.completion_id(), self.model_path.name
+        if stream:
+            return self._stream(gen, cid, name)
+        content = "".join(gen)
+        return chat_api.completion(cid, name, content, self.finish_reason, prompt_tokens, self.last_reply_tokens)
+
+    def _stream(self, gen, cid: str, name: str):
+        yield chat_api.chunk(cid, name, {"role": "assistant"})
+        for piece in gen:
+            yield chat_api.chunk(cid, name, {"content": piece})
+        yield chat_api.chunk(cid, name, {}, self.finish_reason)
+
+    def feed(self, turns: list) -> int:
+        """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
+        cached turns if they are its beginning, else start afresh; decode the rest. Returns the
+        positions decoded."""
+        keys = [t.key for t in turns]
+        self._finish_reply()
+        cached = self._keys
+        if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
+            self.reset()
+            self.messages, self._keys = [], []
+        decoded = 0
+        for turn in turns[len(self._keys):]:
+            keys = self._keys
+            if turn.role == "system":
+                self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
+            elif turn.role == "assistant":
+                decoded += self.add_assistant_turn(turn.text)
+            else:
+                decoded += self.add_user_turn(segments=list(turn.segments))
+            self._keys = keys + [turn.key]
+        return decoded
+
+    # -- statistics and persistence ------------------------------------------------------------
+
+    def report(self) -> dict:
+        cells = self.cells()
+        s = self.stats
+        return {"cells": cells, "buffer_cells": self.n_ctx, "budget_cells": self.budget_cells,
+                "kv_bytes": cells * self.bytes_per_cell, "buffer_bytes": self.n_ctx * self.bytes_per_cell,
+                "full_equivalent_bytes": self.pos * self.bytes_per_cell, "positions": self.pos,
+                "compression": self.pos / cells if cells else 1.0, "merges": s.merges, "turns": s.turns,
+                "prefill_tok_s": s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0,
+                "decode_tok_s": s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0,
+                "merge_seconds": s.merge_seconds, "method": self.method_name}
+
+    def save(self, path: str | Path) -> None:
+        self._finish_reply()
+        header = {"model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
+                  "messages": [list(m) for m in self.messages], "cached_text": self.cached_text, "pos": self.pos,
+                  "labels": self.labels_by_pos.tolist(), "tokens": self.tokens_by_pos.tolist(),
+                  "label_names": self.labels.names,
+                  "stats": dataclasses.asdict(self.stats)}
+        state = self.ctx.state(self.seq_id) if self.pos else b""
+        logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
+        bias = self._bias()
+        session_file.write(path, header, state, logits, b"" if bias is None else bias.astype(np.float32).tobytes())
+
+    def load(self, path: str | Path) -> None:
+        """Resume a saved session; on any problem the current one is left as it was."""
+        self._finish_reply()
+        try:
+            h, state, logits, bias = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)))
+        except session_file.SessionFileError as e:
+            raise SessionError(str(e)) from None
+        if h["model"] != policy_mod.fingerprint(self.model_path):
+            raise SessionError(f"{path}: saved with another model ({h['model']['name']!r})")
+        if h["kv_type"] != self.kv_type:
+            raise SessionError(f"{path}: saved with a {h['kv_type']} cache, this session uses {self.kv_type}")
+        if logits and len(logits) != 4 * self.model.n_vocab:
+            raise SessionError(f"{path}: invalid session file: logits for {len(logits) // 4} tokens, the model has "
+                               f"{self.model.n_vocab}")
+        if bool(state) != bool(h["pos"]):
+            raise SessionError(f"{path}: invalid session file: 'pos' {h['pos']} and the cache disagree")
+        snap = self._snapshot()
+        try:
+            if state:
+                self.ctx.set_state(state, self.seq_id)
+            else:
+                self.ctx.clear(self.seq_id)
+            if state and self.ctx.next_pos(self.seq_id) != h["pos"]:
+                raise SessionError(f"{path}: invalid session file: the cache ends at position "
+                                   f"{self.ctx.next_pos(self.seq_id) - 1}, the header says {h['pos'] - 1}")
+            lay = kv_cache.layout(self.ctx)
+            want = lay.n_layer * lay.n_head_kv * self.cells()
+            if bias and len(bias) != 4 * want:
+                raise SessionError(f"{path}: invalid session file: a slot bias of {len(bias) // 4} values, the cache "
+                                   f"needs {want}")
+            self._set_bias(np.frombuffer(bias, np.float32).reshape(lay.n_layer, lay.n_head_kv, -1) if bias else None)
+        except FlowMMError as e:
+            self._restore(snap)
+            if isinstance(e, SessionError):
+                raise
+            raise SessionError(f"{path}: llama.cpp refused the saved cache (is --ctx smaller than when it was saved?)") from None
+        self.messages = [tuple(m) for m in h["messages"]]
+        self.cached_text, self.pos = h["cached_text"], h["pos"]
+        self.labels_by_pos = np.asarray(h["labels"], np.int32)
+        self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
+        self._repeats = reconstruction.RepeatedScores()  # the next merge repeats the loaded text once
+        self.labels.names = list(h["label_names"])
+        self.stats = SessionStats(**h["stats"])
+        self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None

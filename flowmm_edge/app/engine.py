@@ -1,0 +1,210 @@
+"""The engine a chat runs on: model, vision projector, chat template, the merge settings and one
+llama.cpp context whose KV buffer every conversation shares (llama-server's context; a
+`conversation.Conversation` is its slot, one sequence each).
+
+With one slot (`Session`, the terminal chat) the buffer is the conversation's own. With several
+(`serve --parallel N`) it is one unified stream of n_ctx cells: each conversation merges itself
+down to `budget_cells` after its turns, and when a turn still finds no room, the least recently
+used idle conversations are evicted (`make_room`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+
+from . import chat_template as chat_template_mod
+from ..bindings import runtime, sampling
+from ..bindings.prompt import valid_text
+from ..errors import FlowMMError
+from ..methods import METHODS, policy as policy_mod, reconstruction
+from ..methods.base import RECONSTRUCTION_SCORES, Method
+from ..models import default_model, gguf_file
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
+
+
+class SessionError(FlowMMError):
+    pass
+
+
+def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
+    """Cells the cache is merged down to: a ratio of n_ctx ("0.25"), a cell count ("512") or memory ("24MiB")."""
+    if isinstance(value, str):
+        text = value.strip()
+        m = re.fullmatch(r"([0-9.]+)\s*(KiB|MiB|GiB|KB|MB|GB)", text, re.IGNORECASE)
+        if m:
+            scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2)[0].lower()]
+            return max(1, int(float(m.group(1)) * scale // bytes_per_cell))
+        try:
+            value = int(text) if re.fullmatch(r"[0-9]+", text) else float(text)
+        except ValueError:
+            raise SessionError(f"budget {value!r} is not a ratio (0.25), a cell count (512) or a size (24MiB)") from None
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise SessionError(f"budget ratio {value} is outside (0, 1]")
+        return max(1, int(value * n_ctx))
+    if isinstance(value, int) and value > 0:
+        return value
+    raise SessionError(f"budget {value!r} must be positive")
+
+
+MIN_CTX = 64  # the smallest KV buffer a chat can work in
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; else physical), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_layers: int, max_reply: int) -> None:
+    """Range-check a session's numeric settings; the error names the chat's flag (the sampling
+    settings are checked by sampling.SamplingParams)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SessionError(message)
+
+    need(isinstance(n_ctx, int) and n_ctx >= MIN_CTX, f"--ctx {n_ctx} is below the minimum of {MIN_CTX} cells")
+    need(not facts.n_ctx_train or n_ctx <= facts.n_ctx_train,
+         f"--ctx {n_ctx} is above the model's trained context of {facts.n_ctx_train} tokens")
+    free = available_memory()
+    need(free is None or n_ctx * bytes_per_cell < 0.8 * free,
+         f"--ctx {n_ctx}: a KV buffer of {n_ctx * bytes_per_cell / 2 ** 30:.2f} GiB would not fit in the "
+         f"{(free or 0) / 2 ** 30:.2f} GiB of memory available; lower --ctx or use --kv-type q8_0/q4_0")
+    need(n_threads is None or (isinstance(n_threads, int) and n_threads >= 1), f"--threads {n_threads} must be >= 1")
+    need(isinstance(n_gpu_layers, int) and n_gpu_layers >= -1, f"--gpu-layers {n_gpu_layers} must be >= 0 (-1: all)")
+    need(isinstance(max_reply, int) and max_reply >= 1, f"--max-tokens {max_reply} must be >= 1")
+
+
+class Engine:
+    def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str | Method = "flowmm",
+                 budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
+                 n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
+                 temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1):
+        self.model_path = Path(model) if model else default_model.ensure()
+        facts = gguf_file.read_text_model(self.model_path)
+        # a method is a registered name, or an instance configured by the caller (an ablation, say)
+        self._method_obj, method = (method, method.name) if isinstance(method, Method) else (None, method)
+        if method not in METHODS:
+            raise SessionError(f"unknown method {method!r} (one of {', '.join(sorted(METHODS))})")
+        if method != "full" and not facts.supported:
+            raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
+                               f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
+        self.bytes_per_cell = facts.kv_bytes_per_token(kv_type) if kv_type in gguf_file.KV_TYPE_BYTES else 0
+        check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply)
+        if not isinstance(n_slots, int) or n_slots < 1:
+            raise SessionError(f"--parallel {n_slots} must be >= 1")
+        self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        try:
+            self.sampling.check()
+        except sampling.SamplingError as e:
+            raise SessionError(str(e)) from None
+        # a ratio is of a slot's share of the buffer (all of it for one slot), as llama-server's n_ctx / np
+        self.budget_cells = parse_budget(budget, n_ctx // n_slots,
+                                         max(1, self.bytes_per_cell))
+        self.reserve = min(max_reply, n_ctx // 4)
+        needs_repeat = False
+        if method != "full":
+            probe = self._method_obj or METHODS[method]()
+            needs_repeat = RECONSTRUCTION_SCORES in probe.needs
+            kept = len(probe.protected(10 ** 6))
+            if self.budget_cells <= kept:
+                raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
+                                   f"keeps (sinks + recent window)")
+        self._check_room(method, n_ctx)
+        self.policy = None
+        if policy is not None:
+            self.policy = policy if isinstance(policy, policy_mod.Policy) else policy_mod.load(policy)
+            self.policy.check_model(self.model_path)
+            if method != "flowmm":
+                raise SessionError(f"a policy configures flowmm, not {method}")
+        self.method_name, self.max_reply = method, max_reply
+        self.system_prompt = valid_text(system_prompt) if system_prompt else None
+        self.n_ctx, self.kv_type = n_ctx, kv_type
+        self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
+        self.projector = None
+        try:
+            # which template renders the conversation (`template.why` says, for the CLI to print)
+            self.template = chat_template_mod.choose(self.model, self.model_path, chat_template, vision=bool(mmproj))
+            if needs_repeat:  # the repeat pass runs in the room kept for the reply (which stays free at a merge)
+                self.reserve = max(self.reserve, reconstruction.room_needed(reconstruction.repeat_prefix(self.model)))
+                self._check_room(method, n_ctx)
+            if mmproj:
+                from ..bindings.multimodal import Projector
+
+                self.projector = Projector(mmproj, self.model, n_threads=n_threads or 2, use_gpu=n_gpu_layers > 0)
+            # one KV buffer of n_ctx cells: with several slots one unified stream that every
+            # sequence draws on (llama.cpp would otherwise split it into n_slots fixed streams)
+            self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
+                                       n_threads=n_threads, n_seq_max=n_slots, kv_unified=n_slots > 1)
+        except BaseException:
+            self.close()
+            raise
+        self.n_slots = n_slots
+        self.conversations: list = []  # the Conversations on this engine, one sequence each
+        self._clock = itertools.count(1)
+
+    def _check_room(self, method: str, n_ctx: int) -> None:
+        if method != "full" and self.budget_cells + self.reserve + 8 > n_ctx:
+            raise SessionError(f"budget of {self.budget_cells} cells leaves no room for a turn in a {n_ctx}-cell "
+                               f"cache with {self.reserve} kept for the reply: lower --budget or raise --ctx")
+
+    # -- the shared pool ---------------------------------------------------------------------------
+
+    def method(self) -> Method:
+        """A fresh method object for one merge (the policy's FlowMM when there is a policy)."""
+        if self.policy is not None:
+            return self.policy.flowmm()
+        return self._method_obj or METHODS[self.method_name]()
+
+    def tick(self) -> int:
+        return next(self._clock)
+
+    def cells_in_use(self) -> int:
+        """Cells the conversations on this engine hold, all together."""
+        return sum(c.cells() for c in self.conversations)
+
+    def free_cells(self, reserved: bool = True) -> int:
+        """Cells free in the shared buffer, less (by default) the room kept for a reply and the repeat pass."""
+        return self.n_ctx - (self.reserve if reserved else 0) - self.cells_in_use()
+
+    def make_room(self, need: int, keep, reserved: bool = True) -> bool:
+        """Evict idle conversations, least recently used first (never `keep`, never one that is
+        replying), until `need` cells are free; True if they are. An evicted conversation forgets
+        its cache (its next request is prefilled afresh; a client resends the history anyway)."""
+        idle = sorted((c for c in self.conversations if c is not keep and not c.busy and c.cells()),
+                      key=lambda c: c.last_used)
+        for victim in idle:
+            if self.free_cells(reserved) >= need:
+                break
+            victim.evict()
+        return self.free_cells(reserved) >= need
+
+    def close(self) -> None:
+        for c in list(getattr(self, "conversations", ())):
+            c.close()
+        for h in ("ctx", "projector", "model"):
+            obj = getattr(self, h, None)
+            if obj is not None:
+                obj.close()
+                setattr(self, h, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

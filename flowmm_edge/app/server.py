@@ -1,0 +1,422 @@
+"""`python -m flowmm_edge serve`: an OpenAI-compatible HTTP server whose conversations share one
+merged KV buffer.
+
+One engine (engine.Engine: one llama.cpp context, one unified KV buffer) and N slots, each a
+conversation.Conversation on its own sequence, merged on its own after its turns. Every
+llama.cpp call runs on one worker thread (`Worker`); the HTTP side (FastAPI on uvicorn, as
+llama-cpp-python's server) parses and checks requests, queues them, and streams what the worker
+sends back. The worker starts a queued request when a slot is free, prefilling only what the
+slot does not hold already (a client resends the whole history; the slot whose conversation is
+its longest prefix takes it, else the one used least recently, which starts afresh), then
+advances every replying slot one piece in turn, so streams progress side by side.
+
+Endpoints: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
+GET /health, GET /metrics (Prometheus text). Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}: 400 for a request to fix, 401 without the
+--api-key, 413 for a body over MAX_BODY, 503 when the buffer is held by replying conversations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import threading
+import time
+
+import pydantic
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sse_starlette.sse import EventSourceResponse
+
+from . import chat_api
+from .conversation import Conversation
+from .engine import Engine, SessionError
+from ..bindings import sampling
+from ..errors import FlowMMError
+
+MAX_BODY = 64 * 1024 * 1024  # bytes: a few images as data URLs
+METRICS_EVERY = 16           # worker steps between refreshes of the /metrics figures while replying
+
+
+class ChatRequest(pydantic.BaseModel):
+    """The fields of OpenAI's chat completion request this server uses; others are ignored."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    messages: list
+    model: str | None = None
+    max_tokens: int | None = pydantic.Field(None, ge=1)
+    max_completion_tokens: int | None = pydantic.Field(None, ge=1)
+    temperature: float | None = pydantic.Field(None, ge=0.0, le=100.0)
+    top_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
+    top_k: int | None = None
+    min_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = pydantic.Field(1, ge=1, le=1)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code=None, param=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code=None, param=None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+@dataclasses.dataclass
+class Job:
+    """One request on its way through the worker; events go back to the HTTP side's queue."""
+
+    turns: list
+    max_tokens: int | None
+    params: sampling.SamplingParams
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    conv: Conversation | None = None
+    gen: object = None
+    merges0: int = 0
+    t_decode: float = 0.0
+
+    @property
+    def keys(self) -> list:
+        return [t.key for t in self.turns]
+
+    def send(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclasses.dataclass
+class Counters:
+    requests: int = 0
+    errors: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    merges: int = 0
+    reused_tokens: int = 0  # prompt positions a slot already held
+
+
+class Worker(threading.Thread):
+    """The only thread that calls llama.cpp: starts queued jobs when a slot is free, steps the
+    replying ones in turn, keeps the /metrics figures."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(name="flowmm-worker", daemon=True)
+        self.engine = engine
+        self.slots = [Conversation(engine) for _ in range(engine.n_slots)]
+        self.pending: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.counters = Counters()
+        self.figures: dict = {}
+        self._refresh()
+
+    # -- the HTTP side's calls (any thread) --------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.pending.append(job)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def metrics(self) -> dict:
+        with self.cond:
+            return dict(self.figures, queued=len(self.pending), counters=dataclasses.replace(self.counters))
+
+    # -- the worker thread ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        steps = 0
+        while True:
+            with self.cond:
+                while not self.stopping and not self.pending and not self.active:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                startable = [j for j in self.pending if j.cancelled.is_set() or self._slot_for(j) is not None]
+                job = startable[0] if startable else None
+                if job is not None:
+                    self.pending.remove(job)
+            if job is not None:
+                self._start(job)
+            for job in list(self.active):
+                self._step(job)
+            steps += 1
+            if job is not None or steps % METRICS_EVERY == 0:
+                self._refresh()
+        for job in self.active + list(self.pending):
+            job.send("error", 503, "the server is shutting down")
+
+    def _slot_for(self, job: Job) -> Conversation | None:
+        """The free slot holding the longest prefix of the job's conversation, else the free one
+        used least recently (it starts afresh), else None: the job waits."""
+        free = [c for c in self.slots if not c.busy]
+        keys = job.keys
+        holding = [c for c in free if c._keys and len(c._keys) < len(keys) and keys[:len(c._keys)] == c._keys]
+        if holding:
+            return max(holding, key=lambda c: len(c._keys))
+        return min(free, key=lambda c: c.last_used) if free else None
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.counters.cancelled += 1
+            return
+        conv = self._slot_for(job)
+        conv.busy, conv.last_used = True, self.engine.tick()
+        job.conv, job.merges0 = conv, conv.stats.merges
+        self.counters.requests += 1
+        t0 = time.perf_counter()
+        try:
+            held = conv.pos if conv._keys and job.keys[:len(conv._keys)] == conv._keys else 0
+            prompt_tokens = conv.feed(job.turns)
+            job.gen = conv.reply(job.max_tokens, job.params, job.stop)
+        except FlowMMError as e:
+            conv.busy = False
+            self.counters.errors += 1
+            busy = isinstance(e, SessionError) and "held by conversations" in str(e)
+            job.send("error", 503 if busy else 400, str(e))
+            return
+        except Exception as e:  # a bug: say so, keep serving the others
+            conv.busy = False
+            self.counters.errors += 1
+            job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
+            return
+        self.counters.prompt_tokens += prompt_tokens
+        self.counters.prompt_seconds += time.perf_counter() - t0
+        self.counters.reused_tokens += held
+        job.send("start", prompt_tokens)
+        self.active.append(job)
+
+    def _step(self, job: Job) -> None:
+        conv = job.conv
+        if job.cancelled.is_set():
+            job.gen.close()  # the reply so far is kept as the conversation's (see Conversation.reply)
+            self.counters.cancelled += 1
+            self._finish(job)
+            return
+        t0 = time.perf_counter()
+        try:
+            piece = next(job.gen)
+        except StopIteration:
+            job.t_decode += time.perf_counter() - t0
+            job.send("done", conv.finish_reason, conv.last_reply_tokens)
+            self._finish(job)
+            return
+        except Exception as e:
+            job.gen.close()
+            self.counters.errors += 1
+            job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
+            self._finish(job)
+            return
+        job.t_decode += time.perf_counter() - t0
+        job.send("piece", piece)
+
+    def _finish(self, job: Job) -> None:
+        conv = job.conv
+        self.active.remove(job)
+        conv.busy = False
+        self.counters.generated_tokens += getattr(conv, "last_reply_tokens", 0) or 0
+        self.counters.generation_seconds += job.t_decode
+        self.counters.merges += conv.stats.merges - job.merges0
+        self._refresh()
+
+    def _refresh(self) -> None:
+        e = self.engine
+        slots = [{"id": c.seq_id, "cells": c.cells(), "positions": c.pos, "busy": c.busy,
+                  "evictions": c.stats.evictions} for c in self.slots]
+        used = sum(s["cells"] for s in slots)
+        figures = {"cells_total": e.n_ctx, "cells_used": used, "bytes_per_cell": e.bytes_per_cell,
+                   "bytes_saved": sum(max(0, s["positions"] - s["cells"]) for s in slots) * e.bytes_per_cell,
+                   "slots": slots}
+        with self.cond:
+            self.figures = figures
+
+
+def _prometheus(m: dict) -> str:
+    c: Counters = m["counters"]
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP flowmm_{name} {help_}")
+        lines.append(f"# TYPE flowmm_{name} {kind}")
+        lines.extend(f"flowmm_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("kv_cells_total", "gauge", "cells in the shared KV buffer", [("", m["cells_total"])])
+    metric("kv_cells_used", "gauge", "cells the conversations hold", [("", m["cells_used"])])
+    metric("kv_slot_cells", "gauge", "cells each slot holds", [(f'{{slot="{s["id"]}"}}', s["cells"]) for s in m["slots"]])
+    metric("kv_slot_positions", "gauge", "positions each slot's conversation spans (its full cache's cells)",
+           [(f'{{slot="{s["id"]}"}}', s["positions"]) for s in m["slots"]])
+    metric("kv_bytes_saved", "gauge", "KV bytes the slots' full caches would take beyond what they hold",
+           [("", m["bytes_saved"])])
+    metric("slots_busy", "gauge", "slots serving a request", [("", sum(s["busy"] for s in m["slots"]))])
+    metric("requests_queued", "gauge", "requests waiting for a slot", [("", m["queued"])])
+    metric("requests_total", "counter", "requests started", [("", c.requests)])
+    metric("requests_errors_total", "counter", "requests that failed", [("", c.errors)])
+    metric("requests_cancelled_total", "counter", "requests whose client went away", [("", c.cancelled)])
+    metric("merges_total", "counter", "merges of a slot's cache", [("", c.merges)])
+    metric("evictions_total", "counter", "slots emptied to make room for another",
+           [("", sum(s["evictions"] for s in m["slots"]))])
+    metric("prompt_tokens_total", "counter", "prompt positions decoded", [("", c.prompt_tokens)])
+    metric("prompt_tokens_reused_total", "counter", "prompt positions a slot held already", [("", c.reused_tokens)])
+    metric("tokens_predicted_total", "counter", "tokens generated", [("", c.generated_tokens)])
+    metric("prompt_tokens_seconds", "gauge", "prompt tokens decoded per second",
+           [("", c.prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0)])
+    metric("predicted_tokens_seconds", "gauge", "tokens generated per second",
+           [("", c.generated_tokens / c.generation_seconds if c.generation_seconds else 0.0)])
+    return "\n".join(lines) + "\n"
+
+
+def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_tokens: int | None = None) -> FastAPI:
+    app = FastAPI(title="flowmm-edge", docs_url=None, redoc_url=None, openapi_url=None)
+    public = {"/health", "/v1/health"}
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path not in public:
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
+                                               "invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_request: Request, e: HTTPError):
+        return JSONResponse(error_body(str(e), e.kind, e.code, e.param), status_code=e.status)
+
+    @app.exception_handler(404)
+    async def not_found(_request: Request, _e):
+        return JSONResponse(error_body("no such endpoint", code="not_found"), status_code=404)
+
+    @app.exception_handler(405)
+    async def bad_method(_request: Request, _e):
+        return JSONResponse(error_body("method not allowed on this endpoint"), status_code=405)
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "flowmm-edge"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(worker.metrics()), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        req = await _parse(request)
+        try:
+            turns = chat_api.parse_messages(req.messages)
+        except chat_api.RequestError as e:
+            raise HTTPError(400, str(e), param="messages") from None
+        params = dataclasses.replace(worker.engine.sampling, **{k: v for k, v in (
+            ("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p),
+            ("repeat_penalty", req.repeat_penalty), ("seed", req.seed)) if v is not None})
+        try:
+            params.check()
+        except sampling.SamplingError as e:
+            raise HTTPError(400, str(e)) from None
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stop) or len(stop) > 8:
+            raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
+        job = Job(turns, req.max_completion_tokens or req.max_tokens or max_tokens, params, stop,
+                  asyncio.get_running_loop(), asyncio.Queue())
+        worker.submit(job)
+        cid = chat_api.completion_id()
+        if req.stream:
+            return await _stream(job, cid)
+        try:
+            prompt_tokens, pieces = None, []
+            while True:
+                kind, *rest = await job.events.get()
+                if kind == "error":
+                    raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
+                if kind == "start":
+                    prompt_tokens = rest[0]
+                elif kind == "piece":
+                    pieces.append(rest[0])
+                else:
+                    return chat_api.completion(cid, model_name, "".join(pieces), rest[0], prompt_tokens, rest[1])
+        finally:
+            job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
+
+    async def _stream(job: Job, cid: str):
+        try:
+            kind, *rest = await job.events.get()  # errors before the first byte are plain HTTP errors
+        except BaseException:  # the client left while the request waited or prefilled
+            job.cancelled.set()
+            raise
+        if kind == "error":
+            job.cancelled.set()
+            raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
+
+        async def events():
+            try:
+                yield json.dumps(chat_api.chunk(cid, model_name, {"role": "assistant"}))
+                while True:
+                    kind, *rest = await job.events.get()
+                    if kind == "piece":
+                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}))
+                    elif kind == "done":
+                        yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0]))
+                        yield "[DONE]"
+                        return
+                    else:
+                        yield json.dumps(error_body(rest[1], "server_error"))
+                        return
+            finally:
+                job.cancelled.set()  # the client went away (or the stream ended): free the slot
+
+        return EventSourceResponse(events(), sep="\n")
+
+    return app
+
+
+async def _parse(request: Request) -> ChatRequest:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPError(413, f"request body over {MAX_BODY // 2 ** 20} MiB")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(data)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        raise HTTPError(400, f"{where}: {first.get('msg', 'invalid')}", param=where) from None
+
+
+def serve(engine: Engine, host: str, port: int, model_name: str, api_key: str | None = None,
+          max_tokens: int | None = None, log_level: str = "warning") -> None:
+    worker = Worker(engine)
+    worker.start()
+    try:
+        uvicorn.run(create_app(worker, model_name, api_key, max_tokens), host=host, port=port, log_level=log_level)
+    finally:
+        worker.stop()
+        worker.join(timeout=30)

@@ -1,0 +1,67 @@
+"""Several conversations on one engine (one llama.cpp context, one unified KV buffer, one
+sequence each): each answers exactly as it would alone (a single-slot Session is the
+reference), and when the buffer is short the idle conversation used least recently gives its
+cells back."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowmm_edge.app.conversation import Conversation
+from flowmm_edge.app.engine import Engine, SessionError
+from flowmm_edge.app.session import Session
+
+A_TURNS = ["the secret key is red and the code is 1234", "what is the code", "and the key"]
+B_TURNS = ["dogs are here in the picture of the city", "how many dogs", "what city is it"]
+
+
+def settings(tiny_models, method):
+    return dict(model=tiny_models[0], mmproj=tiny_models[1], method=method, budget=48 if method != "full" else 400,
+                max_reply=6, n_threads=2, temperature=0.0)
+
+
+def alone(tiny_models, method, turns) -> list[str]:
+    with Session(n_ctx=512, **settings(tiny_models, method)) as s:
+        return [s.chat(t) for t in turns]
+
+
+@pytest.mark.parametrize("method", ["full", "flowmm", "snapkv"])
+def test_interleaved_conversations_answer_as_each_would_alone(tiny_models, method):
+    with Engine(n_ctx=1024, n_slots=3, **settings(tiny_models, method)) as engine:
+        a, b = Conversation(engine), Conversation(engine)
+        assert (a.seq_id, b.seq_id) == (0, 1)
+        got_a, got_b = [], []
+        for ta, tb in zip(A_TURNS, B_TURNS):
+            got_a.append(a.chat(ta))
+            got_b.append(b.chat(tb))
+        if method != "full":
+            assert a.stats.merges >= 1 and b.stats.merges >= 1
+        assert engine.cells_in_use() == a.cells() + b.cells()
+    assert got_a == alone(tiny_models, method, A_TURNS)
+    assert got_b == alone(tiny_models, method, B_TURNS)
+
+
+def test_the_idle_conversation_used_least_recently_is_evicted_for_room(tiny_models):
+    # 256 cells, 6 kept for replies: two conversations of ~95 cells (full cache) fit, three do not
+    with Engine(n_ctx=256, n_slots=3, **settings(tiny_models, "full")) as engine:
+        convs = [Conversation(engine) for _ in range(3)]
+        long_turn = " ".join(["the cat sat on the mat"] * 3)  # about 95 cells with system prompt and reply
+        for i, c in enumerate(convs):
+            c.last_used = engine.tick()
+            c.chat(long_turn)
+        assert convs[0].cells() == 0 and convs[0].stats.evictions == 1  # the oldest gave way to the third
+        assert convs[1].cells() > 0 and convs[2].cells() > 0
+        assert convs[0].pos == 0 and convs[0].messages[-1][0] == "system"  # forgotten whole, not half
+        convs[1].busy = True  # replying: never evicted, so the next room comes from convs[2]
+        convs[0].last_used = engine.tick()
+        convs[0].chat(long_turn)
+        assert convs[2].cells() == 0 and convs[1].cells() > 0
+
+
+def test_slots_are_counted(tiny_models):
+    with Engine(n_ctx=512, n_slots=2, **settings(tiny_models, "snapkv")) as engine:
+        Conversation(engine), Conversation(engine)
+        with pytest.raises(SessionError, match="slots"):
+            Conversation(engine)
+    with pytest.raises(SessionError, match="one conversation"):
+        Session(n_ctx=512, n_slots=2, **settings(tiny_models, "snapkv"))
