@@ -1,0 +1,258 @@
+"""`serve` as a client sees it: a server started here on 127.0.0.1 with the tiny model. The
+references are the `openai` client's own parsing, and in-process Sessions that run each
+conversation alone (the answers must match: no cross-talk between slots)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from flowmm_edge.app.session import Session
+
+MSG1 = [{"role": "user", "content": "the secret key is red and the code is 1234"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(tiny_models, *args):
+    port = free_port()
+    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "-m", str(tiny_models[0]), "--mmproj", str(tiny_models[1]),
+           "--port", str(port), "-t", "2", "-n", "8", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not come up in 30 s")
+        proc.url = url
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_models):
+    with server(tiny_models, "-c", "1024", "-np", "2", "--budget", "96") as proc:
+        yield proc
+
+
+def reference(tiny_models, turns: list[list[dict]], **kw) -> list[str]:
+    """Each request of one conversation, answered by an in-process Session alone."""
+    with Session(tiny_models[0], tiny_models[1], budget=96, n_ctx=1024, max_reply=8, n_threads=2) as s:
+        return [s.create_chat_completion(m, temperature=0, **kw)["choices"][0]["message"]["content"] for m in turns]
+
+
+def client(srv, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_health_models_and_metrics(srv, tiny_models):
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    models = client(srv).models.list()
+    assert [m.id for m in models.data] == [tiny_models[0].name]
+    text = httpx.get(srv.url + "/metrics").text
+    assert "flowmm_kv_cells_total 1024" in text and 'flowmm_kv_slot_cells{slot="1"}' in text
+
+
+def test_the_openai_client_chats_and_streams(srv, tiny_models):
+    c = client(srv)
+    r = c.chat.completions.create(model="x", messages=MSG1, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.usage.completion_tokens <= 8
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(model="x", messages=MSG1, max_tokens=8, temperature=0, stream=True))
+    assert r.choices[0].message.content == streamed == reference(tiny_models, [MSG1])[0]
+
+
+def test_concurrent_conversations_keep_their_own_answers_and_reuse_their_slots(srv, tiny_models):
+    convs = {"a": ["the secret key is red and the code is 1234", "what is the code", "and the key"],
+             "b": ["dogs are here in the picture of the city", "how many dogs", "what city is it"]}
+    got, usage, errors = {}, {}, []
+
+    def talk(name):
+        try:
+            c, msgs, answers, prompts = client(srv), [], [], []
+            for text in convs[name]:
+                msgs.append({"role": "user", "content": text})
+                r = c.chat.completions.create(model="x", messages=list(msgs), max_tokens=8, temperature=0)
+                answers.append(r.choices[0].message.content)
+                prompts.append(r.usage.prompt_tokens)
+                msgs.append({"role": "assistant", "content": answers[-1]})
+            got[name], usage[name] = answers, prompts
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=talk, args=(n,)) for n in convs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for name, texts in convs.items():
+        history, requests = [], []
+        for k, text in enumerate(texts):
+            history = history + [{"role": "user", "content": text}]
+            requests.append(list(history))
+            history = history + [{"role": "assistant", "content": got[name][k]}]
+        assert got[name] == reference(tiny_models, requests)
+        assert all(p < usage[name][0] for p in usage[name][1:])  # later turns decoded only their new messages
+
+
+def test_a_resent_history_goes_to_the_slot_that_holds_it(tiny_models):
+    with server(tiny_models, "-c", "1024", "-np", "2", "--budget", "96") as s:
+        c = client(s)
+
+        def ask(history, text):
+            history.append({"role": "user", "content": text})
+            r = c.chat.completions.create(model="x", messages=list(history), max_tokens=4, temperature=0)
+            history.append({"role": "assistant", "content": r.choices[0].message.content})
+            return r.usage.prompt_tokens
+
+        a, b, filler = [], [], " and the cat sat on the mat" * 4
+        first_a = ask(a, "the secret key is red and the code is 1234" + filler)
+        first_b = ask(b, "dogs are in the city" + filler)
+        # b's slot is the one used last: the least recently used free slot is a's, which must not be taken
+        assert ask(b, "how many dogs") < first_b and ask(a, "what is the code") < first_a
+
+
+def test_bad_requests_get_4xx_and_a_concurrent_good_one_still_answers(srv):
+    done = {}
+
+    def good():
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                          json={"messages": MSG1, "max_tokens": 8, "stream": True}) as r:
+            done["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    t = threading.Thread(target=good)
+    t.start()
+    junk = "data:image/png;base64," + base64.b64encode(b"not a picture").decode()
+    bad = [b"{not json", b"[1, 2]", json.dumps({"messages": "hi"}).encode(),
+           json.dumps({"messages": MSG1, "max_tokens": "many"}).encode(),
+           json.dumps({"messages": MSG1, "temperature": -1}).encode(),
+           json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": junk}]}]}).encode(),
+           json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                  "image_url": "http://example.com/x.png"}]}]}).encode(),
+           json.dumps({"messages": [{"role": "assistant", "content": "last"}]}).encode()]
+    for body in bad:
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body, timeout=60,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error"
+    assert httpx.get(srv.url + "/v1/nothing").status_code == 404
+    t.join(60)
+    assert done["lines"][-1] == "data: [DONE]" and len(done["lines"]) >= 3
+
+
+def test_a_prompt_that_cannot_fit_is_refused_and_the_server_goes_on(tiny_models):
+    with server(tiny_models, "-c", "256", "-np", "1", "--method", "full") as s:
+        long = " ".join(["the cat sat on the mat"] * 40)
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]}, timeout=60)
+        assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"]
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(tiny_models):
+    with server(tiny_models, "-c", "8192", "-np", "1", "--budget", "1024") as s:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
+                          json={"messages": MSG1, "max_tokens": 6000, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        # the only slot is free again long before 6000 tokens: the next request is served
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        metrics = httpx.get(s.url + "/metrics").text
+        assert "flowmm_requests_cancelled_total 1" in metrics
+        predicted = next(float(line.split()[1]) for line in metrics.splitlines()
+                         if line.startswith("flowmm_tokens_predicted_total"))
+        assert predicted < 6000
+
+
+def test_the_api_key_is_required_where_set(tiny_models):
+    with server(tiny_models, "-c", "512", "-np", "1", "--api-key", "sesame") as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            client(s, "wrong").chat.completions.create(model="x", messages=MSG1, max_tokens=2)
+        assert client(s, "sesame").chat.completions.create(model="x", messages=MSG1, max_tokens=2).choices
+
+
+def fuzz_bodies(n: int, seed: int = 0) -> list[bytes]:
+    """Malformed chat requests: broken JSON, wrong types, odd nesting, bad content parts."""
+    rng = random.Random(seed)
+    values = [None, True, -1, 0, 2 ** 70, 1e308, float("nan"), "", "x" * 3000, [], {}, [[]], {"a": {"b": []}}]
+    fields = ["messages", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n", "top_k", "min_p"]
+    parts = [{"type": "image_url"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}},
+             {"type": "text"}, {"type": "video"}, {"type": "text", "text": 5}, "just a string"]
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            raw = json.dumps({"messages": MSG1, "max_tokens": 4}).encode()
+            cut = rng.randrange(1, len(raw) - 1)
+            out.append(raw[:cut] + bytes(rng.randrange(256) for _ in range(rng.randrange(4))))
+        elif kind == 1:
+            body = {"messages": MSG1}
+            body[rng.choice(fields)] = rng.choice(values)
+            out.append(json.dumps(body, allow_nan=True).encode())
+        elif kind == 2:
+            role = rng.choice(["user", "system", "tool", 7, None])
+            content = rng.choice([[rng.choice(parts)], rng.choice(values)])
+            out.append(json.dumps({"messages": [{"role": role, "content": content}]}, allow_nan=True).encode())
+        else:
+            out.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+    return out
+
+
+def test_a_bounded_fuzz_leaves_the_server_answering_and_its_memory_flat(srv):
+    c = httpx.Client(timeout=30)
+    for _ in range(20):  # warm up every path once before taking the baseline
+        c.post(srv.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 2})
+        c.post(srv.url + "/v1/chat/completions", content=b"{bad")
+    before = rss_kib(srv.pid)
+    statuses, t0 = [], time.monotonic()
+    for body in fuzz_bodies(300):
+        if time.monotonic() - t0 > 90:
+            break
+        statuses.append(c.post(srv.url + "/v1/chat/completions", content=body,
+                               headers={"content-type": "application/json"}).status_code)
+    assert len(statuses) >= 200
+    assert all(s < 500 for s in statuses), sorted(set(statuses))
+    r = c.post(srv.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    grown = rss_kib(srv.pid) - before
+    assert grown < 32 * 1024, f"the server grew by {grown} KiB over the fuzz"
