@@ -48,7 +48,9 @@ def test_the_dicts_have_llama_cpp_pythons_shape(tiny_models):
     for d in (ref, ours):  # the content's and the logprobs' types may differ; the keys may not
         d["choices"][0]["logprobs"] = None
     assert set(ours) == set(ref) and shape(ours["choices"]) == shape(ref["choices"])
-    assert shape(ours["usage"]) == shape(ref["usage"])
+    usage = shape(ours["usage"])
+    assert {k: usage[k] for k in shape(ref["usage"])} == shape(ref["usage"])  # and OpenAI's prompt_tokens_details
+    assert ours["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert ours["object"] == ref["object"] and ours["choices"][0]["finish_reason"] in ("stop", "length")
     assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * len(chunks)
     assert chunks[0]["choices"][0]["delta"] == ref_chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
@@ -68,7 +70,9 @@ def test_a_resent_history_decodes_only_its_new_turn(tiny_models, method):
     with session(tiny_models, method=method, budget=80 if method == "flowmm" else 400) as alone:
         # the new turn's own tokens, less the BOS a conversation's first turn carries
         alone_tokens = alone.create_chat_completion(new_turn, max_tokens=1)["usage"]["prompt_tokens"]
-    assert r2["usage"]["prompt_tokens"] < alone_tokens + 8 < r1["usage"]["prompt_tokens"]
+    u1, u2 = r1["usage"], r2["usage"]
+    assert u2["prompt_tokens_details"]["cached_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"]
+    assert u2["prompt_tokens"] - u2["prompt_tokens_details"]["cached_tokens"] < alone_tokens + 8 < u1["prompt_tokens"]
 
 
 @pytest.mark.parametrize("question", [
@@ -85,8 +89,10 @@ def test_on_the_default_model_a_reused_history_answers_as_a_fresh_prefill(defaul
         r2 = s.create_chat_completion(msgs, max_tokens=12, temperature=0)
         s.reset()
         r2_fresh = s.create_chat_completion(msgs, max_tokens=12, temperature=0)
-        reused, fresh = r2["usage"]["prompt_tokens"], r2_fresh["usage"]["prompt_tokens"]
-        assert fresh == reused + r1["usage"]["prompt_tokens"] + r1["usage"]["completion_tokens"]
+        u1, u2, fresh = r1["usage"], r2["usage"], r2_fresh["usage"]
+        assert u2["prompt_tokens_details"]["cached_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"]
+        assert fresh["prompt_tokens_details"]["cached_tokens"] == 0
+        assert fresh["prompt_tokens"] == u2["prompt_tokens"]  # the reply re-tokenized to the tokens generated
     assert r2["choices"][0]["message"]["content"] == r2_fresh["choices"][0]["message"]["content"]
 
 
@@ -99,7 +105,7 @@ def test_a_changed_history_starts_afresh(tiny_models):
         r2 = s.create_chat_completion(edited, max_tokens=6, temperature=0)
     with session(tiny_models) as fresh:
         r2_fresh = fresh.create_chat_completion(edited, max_tokens=6, temperature=0)
-    assert r2["usage"]["prompt_tokens"] == r2_fresh["usage"]["prompt_tokens"]
+    assert r2["usage"] == r2_fresh["usage"] and r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert r2["choices"][0]["message"] == r2_fresh["choices"][0]["message"]
 
 
@@ -138,7 +144,8 @@ def test_a_bad_request_names_the_problem_and_changes_nothing(tiny_models, bad, m
             s.create_chat_completion(bad)
         assert s.report() == before and s.ctx.state() == state
         msgs += [r1["choices"][0]["message"], {"role": "user", "content": "next"}]
-        assert s.create_chat_completion(msgs, max_tokens=4)["usage"]["prompt_tokens"] < r1["usage"]["prompt_tokens"]
+        u = s.create_chat_completion(msgs, max_tokens=4)["usage"]
+        assert u["prompt_tokens_details"]["cached_tokens"] == r1["usage"]["total_tokens"]  # still reused
 
 
 def test_an_unreadable_image_changes_nothing(tiny_models):

@@ -90,9 +90,12 @@ def test_the_openai_client_chats_and_streams(srv, tiny_models):
     c = client(srv)
     r = c.chat.completions.create(model="x", messages=MSG1, max_tokens=8, temperature=0)
     assert r.object == "chat.completion" and r.usage.completion_tokens <= 8
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in
-                       c.chat.completions.create(model="x", messages=MSG1, max_tokens=8, temperature=0, stream=True))
+    chunks = list(c.chat.completions.create(model="x", messages=MSG1, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert r.choices[0].message.content == streamed == reference(tiny_models, [MSG1])[0]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
 
 
 def test_concurrent_conversations_keep_their_own_answers_and_reuse_their_slots(srv, tiny_models):
@@ -107,7 +110,7 @@ def test_concurrent_conversations_keep_their_own_answers_and_reuse_their_slots(s
                 msgs.append({"role": "user", "content": text})
                 r = c.chat.completions.create(model="x", messages=list(msgs), max_tokens=8, temperature=0)
                 answers.append(r.choices[0].message.content)
-                prompts.append(r.usage.prompt_tokens)
+                prompts.append(r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens)
                 msgs.append({"role": "assistant", "content": answers[-1]})
             got[name], usage[name] = answers, prompts
         except Exception as e:  # pragma: no cover - reported below
@@ -137,7 +140,7 @@ def test_a_resent_history_goes_to_the_slot_that_holds_it(tiny_models):
             history.append({"role": "user", "content": text})
             r = c.chat.completions.create(model="x", messages=list(history), max_tokens=4, temperature=0)
             history.append({"role": "assistant", "content": r.choices[0].message.content})
-            return r.usage.prompt_tokens
+            return r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens  # decoded now
 
         a, b, filler = [], [], " and the cat sat on the mat" * 4
         first_a = ask(a, "the secret key is red and the code is 1234" + filler)

@@ -106,13 +106,24 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def completion(cid: str, model: str, content: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's usage: the prompt's positions (those the cache held already among them) and the reply's."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                          "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": usage_}
+
+
+def usage_chunk(cid: str, model: str, usage_: dict) -> dict:
+    """The last chunk of a stream asked for with stream_options.include_usage (OpenAI's shape)."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage_}
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:

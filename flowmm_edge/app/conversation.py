@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import chat_api, session_file
-from .engine import Engine, SessionError
+from .engine import Engine, NoRoomError, SessionError
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 from ..errors import FlowMMError
@@ -275,8 +275,8 @@ class Conversation:
             else:
                 n = take.n_pos
             if n == 0 or n > free:  # alone in the buffer a merge below always makes room; shared, maybe not
-                raise SessionError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
-                                   f"conversations that are replying (try again, or raise --ctx)")
+                raise NoRoomError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
+                                  f"conversations that are replying (try again, or raise --ctx)")
             end = self.pos + n
             if not units:  # the end of the turn: merge down to the budget
                 will_merge = merging and used + n > self.budget_cells
@@ -431,19 +431,22 @@ class Conversation:
         whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
         with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
         the one in the cache decodes only its new messages (llama-server's cache_prompt); any
-        other starts afresh. Sampling settings left None are the session's."""
+        other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
+        positions the cache held already (OpenAI's field). Sampling settings left None are the
+        session's."""
         turns = chat_api.parse_messages(messages)
         params = dataclasses.replace(self.engine.sampling, **{k: v for k, v in (
             ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
             ("repeat_penalty", repeat_penalty), ("seed", seed)) if v is not None})
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        prompt_tokens = self.feed(turns)
+        held, decoded = self.feed(turns)
         gen = self.reply(max_tokens, params, stops)
         cid, name = chat_api.completion_id(), self.model_path.name
         if stream:
             return self._stream(gen, cid, name)
         content = "".join(gen)
-        return chat_api.completion(cid, name, content, self.finish_reason, prompt_tokens, self.last_reply_tokens)
+        return chat_api.completion(cid, name, content, self.finish_reason,
+                                   chat_api.usage(held + decoded, held, self.last_reply_tokens))
 
     def _stream(self, gen, cid: str, name: str):
         yield chat_api.chunk(cid, name, {"role": "assistant"})
@@ -451,17 +454,17 @@ class Conversation:
             yield chat_api.chunk(cid, name, {"content": piece})
         yield chat_api.chunk(cid, name, {}, self.finish_reason)
 
-    def feed(self, turns: list) -> int:
+    def feed(self, turns: list) -> tuple[int, int]:
         """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
-        cached turns if they are its beginning, else start afresh; decode the rest. Returns the
-        positions decoded."""
+        cached turns if they are its beginning, else start afresh; decode the rest. Returns
+        (positions the cache held already, positions decoded now)."""
         keys = [t.key for t in turns]
         self._finish_reply()
         cached = self._keys
         if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
             self.reset()
             self.messages, self._keys = [], []
-        decoded = 0
+        held, decoded = self.pos, 0
         for turn in turns[len(self._keys):]:
             keys = self._keys
             if turn.role == "system":
@@ -471,7 +474,7 @@ class Conversation:
             else:
                 decoded += self.add_user_turn(segments=list(turn.segments))
             self._keys = keys + [turn.key]
-        return decoded
+        return held, decoded
 
     # -- statistics and persistence ------------------------------------------------------------
 

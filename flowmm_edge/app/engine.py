@@ -30,6 +30,10 @@ class SessionError(FlowMMError):
     pass
 
 
+class NoRoomError(SessionError):
+    """The shared buffer is held by conversations that are replying: the turn can wait for them."""
+
+
 def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
     """Cells the cache is merged down to: a ratio of n_ctx ("0.25"), a cell count ("512") or memory ("24MiB")."""
     if isinstance(value, str):

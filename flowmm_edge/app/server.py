@@ -33,7 +33,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from . import chat_api
 from .conversation import Conversation
-from .engine import Engine, SessionError
+from .engine import Engine, NoRoomError
 from ..bindings import sampling
 from ..errors import FlowMMError
 
@@ -58,6 +58,7 @@ class ChatRequest(pydantic.BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict | None = None
     n: int = pydantic.Field(1, ge=1, le=1)
 
 
@@ -86,6 +87,7 @@ class Job:
     gen: object = None
     merges0: int = 0
     t_decode: float = 0.0
+    waits_for_room: bool = False  # its turn found the buffer held by replies: start again once none is active
 
     @property
     def keys(self) -> list:
@@ -150,7 +152,8 @@ class Worker(threading.Thread):
                     self.cond.wait()
                 if self.stopping:
                     break
-                startable = [j for j in self.pending if j.cancelled.is_set() or self._slot_for(j) is not None]
+                startable = [j for j in self.pending if j.cancelled.is_set() or
+                             (self._slot_for(j) is not None and not (j.waits_for_room and self.active))]
                 job = startable[0] if startable else None
                 if job is not None:
                     self.pending.remove(job)
@@ -181,27 +184,35 @@ class Worker(threading.Thread):
         conv = self._slot_for(job)
         conv.busy, conv.last_used = True, self.engine.tick()
         job.conv, job.merges0 = conv, conv.stats.merges
-        self.counters.requests += 1
+        self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
         try:
-            held = conv.pos if conv._keys and job.keys[:len(conv._keys)] == conv._keys else 0
-            prompt_tokens = conv.feed(job.turns)
+            held, decoded = conv.feed(job.turns)
             job.gen = conv.reply(job.max_tokens, job.params, job.stop)
+        except NoRoomError as e:
+            conv.busy = False
+            if self.active:  # the replies will end and give their room back: wait for them, first in line
+                job.waits_for_room = True
+                with self.cond:
+                    self.pending.appendleft(job)
+                return
+            self.counters.errors += 1
+            job.send("error", 503, str(e))
+            return
         except FlowMMError as e:
             conv.busy = False
             self.counters.errors += 1
-            busy = isinstance(e, SessionError) and "held by conversations" in str(e)
-            job.send("error", 503 if busy else 400, str(e))
+            job.send("error", 400, str(e))
             return
         except Exception as e:  # a bug: say so, keep serving the others
             conv.busy = False
             self.counters.errors += 1
             job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
             return
-        self.counters.prompt_tokens += prompt_tokens
+        self.counters.prompt_tokens += decoded
         self.counters.prompt_seconds += time.perf_counter() - t0
         self.counters.reused_tokens += held
-        job.send("start", prompt_tokens)
+        job.send("start", held + decoded, held)
         self.active.append(job)
 
     def _step(self, job: Job) -> None:
@@ -345,23 +356,24 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         worker.submit(job)
         cid = chat_api.completion_id()
         if req.stream:
-            return await _stream(job, cid)
+            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")))
         try:
-            prompt_tokens, pieces = None, []
+            prompt, pieces = (0, 0), []
             while True:
                 kind, *rest = await job.events.get()
                 if kind == "error":
                     raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
                 if kind == "start":
-                    prompt_tokens = rest[0]
+                    prompt = rest
                 elif kind == "piece":
                     pieces.append(rest[0])
                 else:
-                    return chat_api.completion(cid, model_name, "".join(pieces), rest[0], prompt_tokens, rest[1])
+                    return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
+                                               chat_api.usage(prompt[0], prompt[1], rest[1]))
         finally:
             job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
 
-    async def _stream(job: Job, cid: str):
+    async def _stream(job: Job, cid: str, include_usage: bool):
         try:
             kind, *rest = await job.events.get()  # errors before the first byte are plain HTTP errors
         except BaseException:  # the client left while the request waited or prefilled
@@ -370,6 +382,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         if kind == "error":
             job.cancelled.set()
             raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
+        prompt = rest
 
         async def events():
             try:
@@ -380,6 +393,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                         yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}))
                     elif kind == "done":
                         yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0]))
+                        if include_usage:
+                            yield json.dumps(chat_api.usage_chunk(cid, model_name,
+                                                                  chat_api.usage(prompt[0], prompt[1], rest[1])))
                         yield "[DONE]"
                         return
                     else:

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""K concurrent multi-turn conversations against `serve`, with FlowMM and with the full cache, in
+the same KV memory (the same --ctx): how many conversations stay live, throughput, time to first
+token, and whether the answers keep each conversation's fact.
+
+    .venv/bin/python scripts/bench_serve.py [--conversations 16] [--ctx 2048] [--budget 64]
+                                            [--markdown docs/bench-serve.md --json docs/bench-serve.json]
+
+Each conversation opens with a document of about --doc-tokens tokens holding one planted fact
+(the suite's single-number family, flowmm_edge/evaluation/ruler_tasks.py: "the special magic
+number for X is N" in filler text), asks --turns - 2 short questions, then asks for the number. Clients resend the whole history each turn, as OpenAI clients do. A conversation
+is *live* at a turn if its slot still held its history, so only the new turn was decoded (the
+request's prompt tokens are under half of its history's); one that was evicted is prefilled
+again from the history it resends. All K conversations run at once, each in its own slot
+(-np K); the server runs one worker thread, so prefills queue and replies stream side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from flowmm_edge.evaluation import ruler_tasks
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def run_config(args, method: str) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "--port", str(port), "-c", str(args.ctx),
+           "-np", str(args.conversations), "--method", method, "--budget", str(args.budget), "-n", str(args.max_tokens),
+           *(["-m", args.model] if args.model else []), *(["-t", str(args.threads)] if args.threads else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        return converse(args, url, method)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def converse(args, url: str, method: str) -> dict:
+    tasks = ruler_tasks.generate(families=("single-number",), lengths=(args.doc_tokens,),
+                                 per_family=args.conversations, seed=args.seed)
+    convs = [{"name": t.id, "doc": "".join(s.text for s in t.segments), "question": t.questions[0].text,
+              "answers": t.questions[0].answers} for t in tasks]
+    ttft, live, answered, errors = [], [], [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.time_limit
+
+    def turn(history: list, text: str) -> tuple[str, float, dict]:
+        history.append({"role": "user", "content": text})
+        body = {"messages": history, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0, first, content, usage = time.monotonic(), None, [], {}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=args.time_limit) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if not chunk["choices"]:  # the usage chunk
+                    usage = chunk["usage"]
+                    continue
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    first = first or time.monotonic() - t0
+                    content.append(delta)
+        history.append({"role": "assistant", "content": "".join(content)})
+        return "".join(content), first if first is not None else time.monotonic() - t0, usage
+
+    def talk(c: dict) -> None:
+        history: list = []
+        questions = [c["doc"]]
+        questions += [f"Name one thing the text mentions (question {k + 1})." for k in range(args.turns - 2)]
+        questions += [c["question"] + " Answer with the number only."]
+        try:
+            for k, q in enumerate(questions):
+                if time.monotonic() > deadline:
+                    return
+                answer, t_first, usage = turn(history, q)
+                with lock:
+                    ttft.append(t_first)
+                    if k == len(questions) - 1:
+                        # live: the slot still held the history, so only the new turn was decoded
+                        live.append(usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] / 2)
+                        answered.append(any(a in answer for a in c["answers"]))
+        except Exception as e:
+            with lock:
+                errors.append(f"{c['name']}: {e}")
+
+    metrics0 = httpx.get(url + "/metrics").text
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=talk, args=(c,)) for c in convs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    metrics1 = httpx.get(url + "/metrics").text
+    generated = metric(metrics1, "flowmm_tokens_predicted_total") - metric(metrics0, "flowmm_tokens_predicted_total")
+    prompt = metric(metrics1, "flowmm_prompt_tokens_total") - metric(metrics0, "flowmm_prompt_tokens_total")
+    reused = metric(metrics1, "flowmm_prompt_tokens_reused_total") - metric(metrics0, "flowmm_prompt_tokens_reused_total")
+    q = statistics.quantiles(ttft, n=20) if len(ttft) >= 2 else [ttft[0]] * 19 if ttft else [0.0] * 19
+    return {"method": method, "conversations": args.conversations, "ctx": args.ctx,
+            "budget_cells": args.budget if method != "full" else None, "wall_s": wall,
+            "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
+            "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
+            "evictions": metric(metrics1, "flowmm_evictions_total"), "ttft_p50_s": statistics.median(ttft) if ttft else 0.0,
+            "ttft_p95_s": q[18], "errors": errors}
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| method | conversations | KV cells (--ctx) | budget cells | live at the last turn | facts kept | "
+            "tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | evictions | wall s |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['conversations']} | {r['ctx']} | {r['budget_cells'] or '—'} | "
+                     f"{r['live_at_last_turn']} | {r['facts_kept']}/{r['answered']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['prompt_tokens']:.0f} | "
+                     f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r['wall_s']:.0f} |")
+    if len(rows) == 2 and rows[1]["live_at_last_turn"]:
+        lines.append(f"\nlive conversations, {rows[0]['method']} / {rows[1]['method']}: "
+                     f"{rows[0]['live_at_last_turn'] / rows[1]['live_at_last_turn']:.1f}x at the same KV memory")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=2048, help="KV cells shared by all conversations")
+    ap.add_argument("--budget", type=int, default=64, help="cells each FlowMM conversation keeps after a merge")
+    ap.add_argument("--doc-tokens", type=int, default=1024)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--methods", default="flowmm,full")
+    ap.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    args = ap.parse_args()
+    rows = []
+    for method in args.methods.split(","):
+        print(f"[bench_serve] {method}: {args.conversations} conversations in {args.ctx} cells", file=sys.stderr)
+        rows.append(run_config(args, method))
+        for e in rows[-1]["errors"]:
+            print(f"[bench_serve]   error: {e}", file=sys.stderr)
+    table = markdown(rows)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "markdown": str(args.markdown)},
+                                         "rows": rows}, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
