@@ -65,3 +65,15 @@ def test_slots_are_counted(tiny_models):
             Conversation(engine)
     with pytest.raises(SessionError, match="one conversation"):
         Session(n_ctx=512, n_slots=2, **settings(tiny_models, "snapkv"))
+
+
+def test_a_merge_repeat_pass_uses_only_the_cells_other_conversations_leave(tiny_models):
+    """FlowMM's repeat pass decodes after the sequence's end: in a shared buffer the room it has is
+    what all the conversations leave, not what its own sequence leaves."""
+    with Engine(n_ctx=512, n_slots=2, **settings(tiny_models, "flowmm")) as engine:
+        a, b = Conversation(engine), Conversation(engine)
+        long_turn = " ".join(["the cat sat on the mat and the dog"] * 20)  # about 300 tokens
+        a.chat(long_turn)
+        b.chat(long_turn)  # decodes in what a leaves, then repeats it there before merging
+        assert a.cells() <= 48 + 6 and b.cells() <= 48 + 6 and b.stats.merges == 1
+        assert a.stats.evictions == 0

@@ -492,6 +492,11 @@ def output_file(text: str) -> Path:
     return path
 
 
+def _add_flash_attn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
+
+
 def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: int) -> None:
     """The flags chat and serve share: the model, the merge, the KV buffer, sampling. llama.cpp's
     names (llama-cli, llama-server, llama-mtmd-cli) first; this project's older long names stay as aliases."""
@@ -514,8 +519,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=ctx,
                    help=f"KV buffer in cells, allocated once (default {ctx})")
     p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
-                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
+    _add_flash_attn(p)
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
                    help="layers to offload to the GPU backend")
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
@@ -559,8 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=output_file, help="the policy JSON to write")
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
-    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
-                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
+    _add_flash_attn(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 
@@ -572,8 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
     p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
-    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
-                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
+    _add_flash_attn(p)
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
     p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
@@ -605,8 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
-    p.add_argument("-fa", "--flash-attn", dest="flash_attn", choices=["on", "off", "auto"], default="auto",
-                   help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
+    _add_flash_attn(p)
     p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
     p.add_argument("--markdown", type=output_file, help="write the tables as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")

@@ -236,18 +236,22 @@ class Conversation:
             if self.method_name == "full" and prepared.n_pos > room:
                 raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
                                    f"method 'full' never merges (use another --method or /reset)")
-            snap = self._snapshot()
-            try:
-                self._decode_turn(prepared)
-            except BaseException:
-                self._restore(snap)
-                raise
+            self._decode_or_restore(prepared)
         finally:
             prepared.close()
         self.messages, self.cached_text = messages, formatted
         self.stats.turns += 1
         self._keys = None  # a turn not from create_chat_completion: its next request starts afresh
         return prepared.n_pos
+
+    def _decode_or_restore(self, prepared) -> None:
+        """Decode a turn whole, or on any error (Ctrl-C included) put cache and bookkeeping back."""
+        snap = self._snapshot()
+        try:
+            self._decode_turn(prepared)
+        except BaseException:
+            self._restore(snap)
+            raise
 
     def _decode_turn(self, prepared) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
@@ -295,8 +299,14 @@ class Conversation:
                 self.last_logits = logits
             if will_merge:
                 t1 = time.perf_counter()
-                if wants_recon:
-                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id))
+                if wants_recon:  # the repeat pass decodes in free cells of the shared buffer
+                    need = reconstruction.room_needed(reconstruction.repeat_prefix(self.model))
+                    if self.engine.free_cells(reserved=False) < need and \
+                            not self.engine.make_room(need, keep=self, reserved=False):
+                        raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
+                                          f"held by conversations that are replying")
+                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id,
+                                                                 free=self.engine.free_cells(reserved=False)))
                 comp.compress(self.ctx, labels, self.seq_id)
                 self.stats.merges += 1
                 self.stats.merge_seconds += time.perf_counter() - t1
@@ -407,13 +417,8 @@ class Conversation:
         text = valid_text(text)
         prepared = prepare(self.model, [Segment("text", text)], self.labels, self.projector, add_bos=False)
         try:
-            snap = self._snapshot()
-            try:
-                if prepared.n_pos:
-                    self._decode_turn(prepared)
-            except BaseException:
-                self._restore(snap)
-                raise
+            if prepared.n_pos:
+                self._decode_or_restore(prepared)
         finally:
             prepared.close()
         self.messages = self.messages + [("assistant", text)]

@@ -79,15 +79,17 @@ def tokens_by_position(pieces) -> np.ndarray:
 
 
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
-                          chunk: int = CHUNK, rows: int = ROWS) -> PositionScores:
-    """The reconstruction score of every cell of `seq_id` (see the module docstring)."""
+                          chunk: int = CHUNK, rows: int = ROWS, free: int | None = None) -> PositionScores:
+    """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
+    decodes in `free` cells: by default all the cells the sequence does not hold, which is right
+    when it is alone in the cache; with other sequences the caller says what is free."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
     if len(positions) and positions[-1] >= len(tokens_by_pos):
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
-    free = ctx.n_ctx - len(cells)
+    free = ctx.n_ctx - len(cells) if free is None else free
     if free < room_needed(prefix):
         raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the context has "
                                   f"{free}: raise --ctx")
@@ -121,12 +123,12 @@ class RepeatedScores:
     def __init__(self):
         self.scored: PositionScores | None = None
 
-    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0) -> PositionScores:
+    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, free: int | None = None) -> PositionScores:
         tokens = np.array(tokens_by_pos, np.int32)
         old = self.scored
         if old is not None:
             tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
-        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id)
+        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, free=free)
         scores = fresh.scores
         if old is not None:
             seen = np.isin(fresh.positions, old.positions)
