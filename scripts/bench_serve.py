@@ -9,10 +9,12 @@ token, and whether the answers keep each conversation's fact.
 Each conversation opens with a document of about --doc-tokens tokens holding one planted fact
 (the suite's single-number family, flowmm_edge/evaluation/ruler_tasks.py: "the special magic
 number for X is N" in filler text), asks --turns - 2 short questions, then asks for the number. Clients resend the whole history each turn, as OpenAI clients do. A conversation
-is *live* at a turn if its slot still held its history, so only the new turn was decoded (the
-request's prompt tokens are under half of its history's); one that was evicted is prefilled
-again from the history it resends. All K conversations run at once, each in its own slot
-(-np K); the server runs one worker thread, so prefills queue and replies stream side by side.
+is *live* at its last turn if its slot still held its history, so only the new turn was
+decoded (`usage.prompt_tokens_details.cached_tokens` over half the prompt); one that was evicted
+is prefilled again from the history it resends. The K conversations go in rounds, as K users
+chatting at once: every conversation sends its turn k (all at the same time, each in its own
+slot, -np K) before any sends turn k + 1. The server runs one worker thread, so prefills queue
+and replies stream side by side. "resident at the end" counts the slots that still hold cells.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def converse(args, url: str, method: str) -> dict:
               "answers": t.questions[0].answers} for t in tasks]
     ttft, live, answered, errors = [], [], [], []
     lock = threading.Lock()
+    rounds = threading.Barrier(len(convs))
     deadline = time.monotonic() + args.time_limit
 
     def turn(history: list, text: str) -> tuple[str, float, dict]:
@@ -103,6 +106,7 @@ def converse(args, url: str, method: str) -> dict:
         questions += [c["question"] + " Answer with the number only."]
         try:
             for k, q in enumerate(questions):
+                rounds.wait(timeout=args.time_limit)
                 if time.monotonic() > deadline:
                     return
                 answer, t_first, usage = turn(history, q)
@@ -115,6 +119,7 @@ def converse(args, url: str, method: str) -> dict:
         except Exception as e:
             with lock:
                 errors.append(f"{c['name']}: {e}")
+            rounds.abort()  # the others must not wait for this one
 
     metrics0 = httpx.get(url + "/metrics").text
     t0 = time.monotonic()
@@ -133,22 +138,28 @@ def converse(args, url: str, method: str) -> dict:
             "budget_cells": args.budget if method != "full" else None, "wall_s": wall,
             "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
             "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
-            "evictions": metric(metrics1, "flowmm_evictions_total"), "ttft_p50_s": statistics.median(ttft) if ttft else 0.0,
+            "evictions": metric(metrics1, "flowmm_evictions_total"),
+            "resident_at_end": len([m for m in re.findall(r'^flowmm_kv_slot_cells\{slot="\d+"\} ([0-9.]+)$', metrics1,
+                                                          re.MULTILINE) if float(m) > 0]),
+            "cells_used_at_end": metric(metrics1, "flowmm_kv_cells_used"), "ttft_p50_s": statistics.median(ttft) if ttft else 0.0,
             "ttft_p95_s": q[18], "errors": errors}
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | conversations | KV cells (--ctx) | budget cells | live at the last turn | facts kept | "
-            "tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | evictions | wall s |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| method | conversations | KV cells (--ctx) | budget cells | live at the last turn | resident at the end | "
+            "facts kept | tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | evictions | wall s |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['method']} | {r['conversations']} | {r['ctx']} | {r['budget_cells'] or '—'} | "
-                     f"{r['live_at_last_turn']} | {r['facts_kept']}/{r['answered']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['live_at_last_turn']} | {r['resident_at_end']} | {r['facts_kept']}/{r['answered']} | "
+                     f"{r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['prompt_tokens']:.0f} | "
                      f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r['wall_s']:.0f} |")
-    if len(rows) == 2 and rows[1]["live_at_last_turn"]:
-        lines.append(f"\nlive conversations, {rows[0]['method']} / {rows[1]['method']}: "
-                     f"{rows[0]['live_at_last_turn'] / rows[1]['live_at_last_turn']:.1f}x at the same KV memory")
+    if len(rows) == 2:
+        a, b = rows
+        ratio = lambda key: f"{a[key] / b[key]:.1f}x" if b[key] else "—"  # noqa: E731
+        lines.append(f"\n{a['method']} / {b['method']} at the same KV memory: live at the last turn "
+                     f"{ratio('live_at_last_turn')}, resident at the end {ratio('resident_at_end')}")
     return "\n".join(lines)
 
 

@@ -32,8 +32,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(tiny_models, *args):
     port = free_port()
-    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "-m", str(tiny_models[0]), "--mmproj", str(tiny_models[1]),
-           "--port", str(port), "-t", "2", "-n", "8", *args]
+    model = [] if "-m" in args else ["-m", str(tiny_models[0]), "--mmproj", str(tiny_models[1])]  # tiny by default
+    cmd = [sys.executable, "-m", "flowmm_edge", "serve", *model, "--port", str(port), "-t", "2", "-n", "8", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -259,3 +259,22 @@ def test_a_bounded_fuzz_leaves_the_server_answering_and_its_memory_flat(srv):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
     grown = rss_kib(srv.pid) - before
     assert grown < 32 * 1024, f"the server grew by {grown} KiB over the fuzz"
+
+
+def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_model_path, tiny_models):
+    """Real replies re-tokenize to what was generated, so the slot that reuses the history must
+    answer as the other slot does from a fresh prefill of the same history."""
+    with server(tiny_models, "-m", str(default_model_path), "-c", "2048", "-np", "2", "-n", "16") as s:
+        c = client(s)
+        msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
+        r1 = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
+        assert "paris" in r1.choices[0].message.content.lower()
+        msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "And of Italy? One word."}]
+        reused = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
+        assert reused.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+        fresh = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)  # the other slot
+        assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+        assert fresh.usage.prompt_tokens == reused.usage.prompt_tokens
+        assert reused.choices[0].message.content == fresh.choices[0].message.content
+        assert "rome" in fresh.choices[0].message.content.lower()

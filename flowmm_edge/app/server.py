@@ -35,6 +35,7 @@ from . import chat_api
 from .conversation import Conversation
 from .engine import Engine, NoRoomError
 from ..bindings import sampling
+from ..bindings.runtime import DecodeError
 from ..errors import FlowMMError
 
 MAX_BODY = 64 * 1024 * 1024  # bytes: a few images as data URLs
@@ -198,6 +199,11 @@ class Worker(threading.Thread):
                 return
             self.counters.errors += 1
             job.send("error", 503, str(e))
+            return
+        except DecodeError as e:  # llama.cpp refused a batch: not the client's doing
+            conv.busy = False
+            self.counters.errors += 1
+            job.send("error", 500, str(e))
             return
         except FlowMMError as e:
             conv.busy = False
