@@ -95,7 +95,10 @@ class Job:
         return [t.key for t in self.turns]
 
     def send(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the HTTP side's loop is closed (shutting down): nobody is listening
+            self.cancelled.set()
 
 
 @dataclasses.dataclass
