@@ -61,8 +61,19 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    # per length: full x 3 KV types, 2 methods x 2 budgets at f16, flowmm x q8_0 x 2 budgets
-    assert len(rows) == 2 * (3 + 4 + 2)
+    # per length: full x 3 KV types and full f16 with flash attention the other way, 2 methods x 2 budgets
+    # at f16, flowmm x q8_0 x 2 budgets
+    assert len(rows) == 2 * (4 + 4 + 2)
+    for L in (256, 512):
+        full16 = [r for r in rows if (r["n_ctx"], r["method"], r["kv_type"]) == (L, "full", "f16")]
+        assert sorted(r["flash_attn"] for r in full16) == ["auto", "off"]
+        fastest = max(full16, key=lambda r: r["decode_tok_s"])
+        assert fastest["decode_speedup"] == 1.0
+        for r in rows:
+            if r["n_ctx"] == L:
+                assert abs(r["decode_speedup"] - r["decode_tok_s"] / fastest["decode_tok_s"]) < 1e-9
+                assert r["plan_s"] >= 0 and r["apply_s"] >= 0 and (r["method"] == "full") == (r["apply_s"] == 0)
+    assert "statistics + plan + apply" in proc.stdout and "vs snapkv" in proc.stdout
     for r in rows:
         per_cell = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[r["kv_type"]] * 4 * 2 * 2 * 32
         assert r["kv_bytes"] == round(per_cell) * r["cells"]

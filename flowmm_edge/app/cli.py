@@ -446,7 +446,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
                          flash_attn=args.flash_attn)
-    table = benchmark.markdown(rows)
+    table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
     if args.json:

@@ -2,12 +2,15 @@
 
 For each context length: one prompt (filler text, its middle half labelled "image"), decoded
 once per KV type; its llama.cpp state is kept and restored for each method and budget, so all
-rows share the identical prefill. Per row: KV bytes held (cells in use x bytes per cell of the
-KV type), prefill tok/s, seconds spent gathering the method's statistics and merging, decode
-tok/s for `n_decode` greedy tokens after the merge, and the process's resident memory. A
-method that needs reconstruction scores pays for its repeat-the-context pass (one more prefill of
-the prompt's text) in the stats seconds.
-Ratios are to full f16 at the same length.
+rows share the identical prefill. The full f16 cache is also run with flash attention off (and
+on): the faster of the two is the baseline every ratio is to, the full cache "at its fastest
+setting". Per row: KV bytes held (cells in use x bytes per cell of the KV type), prefill tok/s,
+the seconds of the method's statistics (a re-decode of the observation window with statistics
+on, as a chat turn's end does, or the whole prompt again for whole-prompt scores, plus the
+repeat-the-context pass for reconstruction scores), plan seconds (reading keys, the method's
+host code), apply seconds (the native merge graph), decode tok/s for `n_decode` greedy tokens
+after the merge, and the process's resident memory. `targets` prints the performance issue's
+ratios from the rows.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ class BenchRow:
     kv_bytes: int
     prefill_tok_s: float
     stats_s: float
-    merge_s: float
+    plan_s: float
+    apply_s: float
     decode_tok_s: float
     rss_mib: float
-    kv_ratio: float = 1.0      # kv_bytes / full f16 at this length
-    decode_speedup: float = 1.0
+    flash_attn: str = "auto"
+    kv_ratio: float = 1.0      # kv_bytes / the fastest full f16 row's at this length
+    decode_speedup: float = 1.0  # decode tok/s / the fastest full f16 row's
 
 
 def _rss_mib() -> float:
@@ -88,8 +93,16 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                 logits0 = ctx.decode(tokens, 0)
                 prefill = L / (time.perf_counter() - t)
                 state = ctx.state()
-                rows.append(BenchRow(L, "full", kv, 1.0, L, L * bpc, prefill, 0.0, 0.0,
-                                     _decode_speed(ctx, logits0, L, n_decode), _rss_mib()))
+                rows.append(BenchRow(L, "full", kv, 1.0, L, L * bpc, prefill, 0.0, 0.0, 0.0,
+                                     _decode_speed(ctx, logits0, L, n_decode), _rss_mib(), flash_attn))
+                if kv == "f16":  # the full cache with flash attention the other way: which is faster here?
+                    other = "off" if flash_attn != "off" else "on"
+                    with runtime.Context(model, n_ctx=L + room, n_batch=512, kv_type=kv, n_threads=n_threads,
+                                          flash_attn=other) as ctx2:
+                        t = time.perf_counter()
+                        lg = ctx2.decode(tokens, 0)
+                        rows.append(BenchRow(L, "full", kv, 1.0, L, L * bpc, L / (time.perf_counter() - t), 0.0,
+                                             0.0, 0.0, _decode_speed(ctx2, lg, L, n_decode), _rss_mib(), other))
                 names = [m for m in methods if kv == "f16"] + [m for m, k in combos if k == kv]
                 all_rows, all_rows_s = None, 0.0
                 for name in names:
@@ -115,26 +128,57 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                                 ctx, np.asarray(tokens, np.int32), reconstruction.repeat_prefix(model)))
                             stats_s += time.perf_counter() - t
                         logits = logits0 if replayed is None else replayed
-                        t = time.perf_counter()
                         report = comp.compress(ctx, labels)
-                        merge_s = time.perf_counter() - t
                         cells = kv_cache.used_bound(ctx)
                         rows.append(BenchRow(L, name, kv, float(budget), report.cells_after, report.cells_after * bpc,
-                                             prefill, stats_s, merge_s, _decode_speed(ctx, logits, L, n_decode),
-                                             _rss_mib()))
+                                             prefill, stats_s, report.plan_s, report.apply_s,
+                                             _decode_speed(ctx, logits, L, n_decode), _rss_mib(), flash_attn))
                         assert cells == report.cells_after
     for r in rows:
-        base = next(b for b in rows if b.n_ctx == r.n_ctx and b.method == "full" and b.kv_type == "f16")
+        base = fastest_full(rows, r.n_ctx)
         r.kv_ratio = r.kv_bytes / base.kv_bytes
         r.decode_speedup = r.decode_tok_s / base.decode_tok_s
     return rows
 
 
+def fastest_full(rows: list[BenchRow], n_ctx: int) -> BenchRow:
+    """The full f16 row that decodes fastest at this length (flash attention on or off)."""
+    return max((b for b in rows if b.n_ctx == n_ctx and b.method == "full" and b.kv_type == "f16"),
+               key=lambda b: b.decode_tok_s)
+
+
+def targets(rows: list[BenchRow], decode_budget: float = 0.1, decode_at: int = 8192) -> list[str]:
+    """The performance issue's targets as ratios measured in this run, per length and budget of
+    FlowMM at f16: statistics + plan + apply against the prefill (<= 5%), plan + apply against
+    SnapKV's (<= 3x), decode against the fastest full cache (>= 2.5x at `decode_at` tokens and
+    `decode_budget`)."""
+    out = []
+    for f in sorted((r for r in rows if (r.method, r.kv_type) == ("flowmm", "f16")), key=lambda r: (r.n_ctx, r.budget)):
+        L, budget = f.n_ctx, f.budget
+        sk = [r for r in rows if (r.n_ctx, r.method, r.kv_type, r.budget) == (L, "snapkv", "f16", budget)]
+        prefill_s = L / f.prefill_tok_s
+        cost = f.stats_s + f.plan_s + f.apply_s
+        line = (f"{L} tokens, flowmm {budget:.0%}: statistics + plan + apply {cost:.2f} s = {cost / prefill_s:.1%} "
+                f"of the {prefill_s:.1f} s prefill (target <= 5%)")
+        if sk:
+            s = sk[0]
+            line += (f"; plan + apply {f.plan_s + f.apply_s:.2f} s vs snapkv {s.plan_s + s.apply_s:.2f} s = "
+                     f"{(f.plan_s + f.apply_s) / max(s.plan_s + s.apply_s, 1e-9):.1f}x (target <= 3x)")
+        base = fastest_full(rows, L)
+        line += (f"; decode {f.decode_tok_s:.1f} tok/s vs the fastest full ({base.flash_attn}) "
+                 f"{base.decode_tok_s:.1f} = {f.decode_speedup:.2f}x"
+                 + (" (target >= 2.5x)" if (L, budget) == (decode_at, decode_budget) else ""))
+        out.append(line)
+    return out
+
+
 def markdown(rows: list[BenchRow]) -> str:
-    lines = ["| context | method | KV | budget | cells | KV memory | vs full f16 | prefill tok/s | stats s | merge s | "
-             "decode tok/s | decode vs full | RSS MiB |", "|" + "---|" * 13]
+    lines = ["| context | method | KV | FA | budget | cells | KV memory | vs full f16 | prefill tok/s | stats s | "
+             "plan s | apply s | decode tok/s | decode vs fastest full | RSS MiB |", "|" + "---|" * 15]
     for r in rows:
-        lines.append(f"| {r.n_ctx} | {r.method} | {r.kv_type} | {r.budget:.2f} | {r.cells} | {r.kv_bytes / 2**20:.2f} MiB | "
-                     f"{r.kv_ratio:.1%} | {r.prefill_tok_s:.1f} | {r.stats_s:.2f} | {r.merge_s:.2f} | "
-                     f"{r.decode_tok_s:.1f} | {r.decode_speedup:.2f}x | {r.rss_mib:.0f} |")
+        budget = "—" if r.method == "full" else f"{r.budget:.2f}"
+        lines.append(f"| {r.n_ctx} | {r.method} | {r.kv_type} | {r.flash_attn} | {budget} | {r.cells} | "
+                     f"{r.kv_bytes / 2**20:.2f} MiB | {r.kv_ratio:.1%} | {r.prefill_tok_s:.1f} | {r.stats_s:.2f} | "
+                     f"{r.plan_s:.2f} | {r.apply_s:.2f} | {r.decode_tok_s:.1f} | {r.decode_speedup:.2f}x | "
+                     f"{r.rss_mib:.0f} |")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 
 import numpy as np
 
@@ -38,6 +39,8 @@ class Report:
     rho_source: str  # "policy", "prompt" or "unused"
     rho: np.ndarray | None
     plan: object = None  # methods.Plan in cell indices of the cells before the merge (None: nothing applied)
+    plan_s: float = 0.0   # seconds to read what the method needs from the cache (keys) and make the plan
+    apply_s: float = 0.0  # seconds to apply it to the cache (the native merge graph) and set the bias
 
 
 def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
@@ -117,6 +120,7 @@ class Compressor:
             if tokens is None:
                 raise MethodError(f"{self.method.name} needs reconstruction scores: pass the tokens by position")
             recon = reconstruction.reconstruction_scores(ctx, tokens, reconstruction.repeat_prefix(ctx.model), seq_id)
+        t0 = time.perf_counter()
         cells, positions = kv_cache.seq_cells(ctx, seq_id)
         order = np.argsort(positions, kind="stable")  # cell order need not follow positions once a merge freed cells
         cells, positions = cells[order], positions[order]
@@ -146,8 +150,9 @@ class Compressor:
         token_layout = TokenLayout(positions=positions, labels=np.asarray(labels)[positions])
         plan = self.method(token_layout, stats, n_layer, n_head_kv, self.budget)
         self._stats = None
+        t1 = time.perf_counter()
         if plan.n_slots == len(cells) and plan.src.shape[3] == 1:  # keeps every cell as it is: nothing to do
-            return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho)
+            return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho, plan_s=t1 - t0)
         prior = kv_cache.get_slot_bias(ctx, seq_id)[..., order]  # by position, like the plan's indices
         kv_cache.apply_plan(ctx, plan.to_cells(cells), seq_id)
         first = plan.src[..., 0]  # the merge dropped the bias: each slot takes its first source's again, plus its gain
@@ -156,4 +161,5 @@ class Compressor:
             bias = bias + plan.bias_gain
         if np.any(bias != 0):
             kv_cache.set_slot_bias(ctx, bias, seq_id)
-        return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan)
+        return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan,
+                      plan_s=t1 - t0, apply_s=time.perf_counter() - t1)
