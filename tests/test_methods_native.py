@@ -58,3 +58,25 @@ def test_method_plan_applies_and_decoding_continues(model, name, kv_type):
             logits = ctx.decode([int(logits.argmax())], pos)
             assert np.isfinite(logits).all()
             pos += 1
+
+
+def test_a_plan_runs_with_one_blas_thread(model):
+    """numpy's BLAS threads spin after a call and take the cores from the decode that follows:
+    the plan runs with one, as threadpoolctl (the reference) reports from inside it."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    class Spy(FlowMM):
+        def plan(self, *args):
+            seen.append([lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"])
+            return super().plan(*args)
+
+    tokens = model.tokenize(TINY_PROMPT)
+    labels = span_labels(len(tokens))
+    with runtime.Context(model, n_ctx=512, n_batch=64, n_threads=2) as ctx:
+        comp = Compressor(Spy(sinks=2, window=4), 0.5)
+        with comp.observe(ctx, prompt_end=len(tokens), labels=labels):
+            ctx.decode(tokens, 0)
+        comp.compress(ctx, labels, tokens=np.asarray(tokens, np.int32))
+    assert seen and seen[0] and all(n == 1 for n in seen[0])

@@ -23,6 +23,7 @@ import dataclasses
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..bindings import kv_cache
 from . import reconstruction
@@ -148,7 +149,11 @@ class Compressor:
             stats.keys = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "k", seq_id) for h in range(n_head_kv)])
                                    for l in range(n_layer)])
         token_layout = TokenLayout(positions=positions, labels=np.asarray(labels)[positions])
-        plan = self.method(token_layout, stats, n_layer, n_head_kv, self.budget)
+        # One BLAS thread for the plan's small matrix products: numpy's OpenBLAS threads keep
+        # spinning after a call and took the cores from llama.cpp's decode that follows (after a
+        # FlowMM merge on 2 cores, the tiny model decoded 4-5x slower; docs/RESULTS.md).
+        with threadpool_limits(limits=1, user_api="blas"):
+            plan = self.method(token_layout, stats, n_layer, n_head_kv, self.budget)
         self._stats = None
         t1 = time.perf_counter()
         if plan.n_slots == len(cells) and plan.src.shape[3] == 1:  # keeps every cell as it is: nothing to do
