@@ -20,6 +20,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -35,9 +36,12 @@ struct stats_state {
     std::vector<int32_t> labels; // label of each position
     int32_t n_layer = 0;
     int32_t n_head  = 0;
+    int32_t n_head_kv = 0;
     int32_t kv_size = 0;
     uint32_t strm   = 0;
     std::vector<float>  colsum; // [n_layer][n_head][kv_size]
+    int32_t group = 0;          // rows per group (0: plain sums); colsum then holds, at each KV head's first
+                                // query head, the max over groups of the group's mass summed over the KV head's query heads
     std::vector<double> flow;   // [n_layer][n_head][n_labels][n_labels]
     int64_t n_rows = 0;         // query rows counted
     std::string error;          // set when a ubatch could not be counted; getters then fail
@@ -96,14 +100,36 @@ public:
             return; // a marker without rows
         }
         stats_state & st = this->st();
-        const int64_t n_kv = colsum->ne[1];
+        const int64_t n_kv = colsum->ne[0];
+        const int64_t ng   = colsum->ne[1]; // 1 without row groups
         const int64_t nh   = colsum->ne[2];
-        std::vector<float> cs(n_kv * nh);
+        std::vector<float> cs(n_kv * ng * nh);
         ggml_backend_tensor_get(colsum, cs.data(), 0, cs.size() * sizeof(float));
-        for (int64_t h = 0; h < nh; ++h) {
-            float * dst = st.colsum.data() + ((size_t) layer * st.n_head + h) * st.kv_size;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                dst[c] += cs[h * n_kv + c];
+        if (st.group == 0) {
+            for (int64_t h = 0; h < nh; ++h) {
+                float * dst = st.colsum.data() + ((size_t) layer * st.n_head + h) * st.kv_size;
+                for (int64_t c = 0; c < n_kv; ++c) {
+                    dst[c] += cs[h * n_kv + c];
+                }
+            }
+        } else {
+            // per KV head: the group's mass summed over the head's query heads (consecutive, GQA), then the max
+            const int64_t gqa = nh / st.n_head_kv;
+            std::vector<float> sum(n_kv);
+            for (int64_t kh = 0; kh < st.n_head_kv; ++kh) {
+                float * dst = st.colsum.data() + ((size_t) layer * st.n_head + kh * gqa) * st.kv_size;
+                for (int64_t g = 0; g < ng; ++g) {
+                    std::fill(sum.begin(), sum.end(), 0.0f);
+                    for (int64_t j = 0; j < gqa; ++j) {
+                        const float * src = cs.data() + ((kh * gqa + j) * ng + g) * n_kv;
+                        for (int64_t c = 0; c < n_kv; ++c) {
+                            sum[c] += src[c];
+                        }
+                    }
+                    for (int64_t c = 0; c < n_kv; ++c) {
+                        dst[c] = std::max(dst[c], sum[c]);
+                    }
+                }
             }
         }
         if (flow != nullptr) {
@@ -128,7 +154,7 @@ public:
         }
     }
 
-    ggml_tensor * colsum = nullptr; // [1, n_kv, n_head]
+    ggml_tensor * colsum = nullptr; // [1, n_kv, n_head]; with row groups [n_kv, n_groups, n_head] sums
     ggml_tensor * flow   = nullptr; // [n_labels, n_sel * n_head]
     ggml_tensor * onehot = nullptr; // [n_kv, n_labels]
 
@@ -183,6 +209,14 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         return;
     }
 
+    if (st->group > 0 && (ubatch.pos[r0] - st->pos_min) % st->group != 0) {
+        if (st->error.empty()) {
+            st->error = "row groups of " + std::to_string(st->group) + " would straddle ubatches: decode from pos_min "
+                        "in ubatches of a multiple of " + std::to_string(st->group) + " rows";
+        }
+        return;
+    }
+
     const int64_t hd = q->ne[0];
     const int64_t nh = q->ne[1];
     const int64_t n_kv = k->ne[2];
@@ -204,19 +238,36 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
     }
     ggml_tensor * p = ggml_soft_max_ext(ctx, kq, m, kq_scale, 0.0f);               // [n_kv, n_sel, n_head]
 
-    auto inp = std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, n_sel);
-    // column sums over the rows: repeat_back reduces dim 1 in place of a transposed copy of p
-    // (1.34x instead of 1.9x prefill time for all rows at 4k); where the cache's device lacks it
-    // (Metal), the portable transpose + sum_rows
-    ggml_tensor * colsum = ggml_repeat_back(ctx, p, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_kv, 1, nh));
+    // column sums over rows: repeat_back reduces dim 1 in place of a transposed copy of p (1.34x
+    // instead of 1.9x prefill time for all rows at 4k); where the cache's device lacks it (Metal),
+    // the portable transpose + sum_rows. FLOWMM_STATS_PORTABLE=1 forces the portable path (tests
+    // run it on the CPU). `rows` is p's [n_kv, G, n_groups, n_head] view; the result [n_kv, n_groups, n_head].
     ggml_tensor * kbase = k->view_src ? k->view_src : k;
     ggml_backend_dev_t dev = kbase->buffer ? ggml_backend_buft_get_device(ggml_backend_buffer_get_type(kbase->buffer)) : nullptr;
-    // FLOWMM_STATS_PORTABLE=1 forces the portable path (tests run it on the CPU)
     const char * portable = getenv("FLOWMM_STATS_PORTABLE");
-    if ((portable && atoi(portable)) || (dev != nullptr && !ggml_backend_dev_supports_op(dev, colsum))) {
-        colsum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3)));
+    auto group_sums = [&](ggml_tensor * rows) {
+        ggml_tensor * s = ggml_repeat_back(ctx, rows, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, 1, rows->ne[2], nh));
+        if ((portable && atoi(portable)) || (dev != nullptr && !ggml_backend_dev_supports_op(dev, s))) {
+            s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, rows, 1, 0, 2, 3)));
+        }
+        return ggml_reshape_3d(ctx, s, n_kv, rows->ne[2], nh);
+    };
+
+    auto inp = std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, n_sel);
+    if (st->group == 0) {
+        inp->colsum = group_sums(ggml_view_4d(ctx, p, n_kv, n_sel, 1, nh, p->nb[1], p->nb[2], p->nb[2], 0));
+    } else {
+        // row groups: sums over each G consecutive rows (the last may be shorter), [n_kv, n_groups, n_head]
+        const int64_t G = st->group, n_full = n_sel / G, rest = n_sel % G;
+        if (n_full > 0) {
+            inp->colsum = group_sums(ggml_view_4d(ctx, p, n_kv, G, n_full, nh, p->nb[1], p->nb[1] * G, p->nb[2], 0));
+        }
+        if (rest > 0) {
+            ggml_tensor * last = group_sums(ggml_view_4d(ctx, p, n_kv, rest, 1, nh, p->nb[1], p->nb[1] * rest, p->nb[2],
+                                                         (size_t) n_full * G * p->nb[1]));
+            inp->colsum = inp->colsum ? ggml_concat(ctx, inp->colsum, last, 1) : last;
+        }
     }
-    inp->colsum = ggml_reshape_3d(ctx, colsum, 1, n_kv, nh);                       // [1, n_kv, n_head]
     ggml_set_output(inp->colsum);
     ggml_build_forward_expand(gf, inp->colsum);
     if (st->n_labels > 0) {
@@ -278,12 +329,33 @@ int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos p
     }
     st->n_layer = (int32_t) acc::n_layer(*kv);
     st->n_head  = (int32_t) hp.n_head(acc::layer_il(*kv, 0));
+    st->n_head_kv = (int32_t) hp.n_head_kv(acc::layer_il(*kv, 0));
     st->kv_size = (int32_t) acc::cells(*kv, strm).size();
     st->strm    = strm;
     st->colsum.assign((size_t) st->n_layer * st->n_head * st->kv_size, 0.0f);
     st->flow.assign((size_t) st->n_layer * st->n_head * n_labels * n_labels, 0.0);
     flowmm_ext_of(*kv, true)->stats = st;
     flowmm_drop_cached_graphs(ctx); // graphs built without the statistics nodes
+    return FLOWMM_OK;
+}
+
+int32_t flowmm_stats_set_row_groups(llama_context * ctx, int32_t rows) {
+    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    stats_state * st = state_of(*kv);
+    if (st == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested (flowmm_stats_begin)");
+    }
+    if (rows < 0) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "row groups of " + std::to_string(rows) + " rows");
+    }
+    if (st->n_rows > 0) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "row groups must be set before any row is counted");
+    }
+    st->group = rows;
+    flowmm_drop_cached_graphs(ctx); // graphs built with the other reduction
     return FLOWMM_OK;
 }
 

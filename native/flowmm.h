@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 4
+#define FLOWMM_VERSION_MINOR 5
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -136,12 +136,20 @@ extern "C" {
     FLOWMM_API int32_t flowmm_stats_begin(struct llama_context * ctx, llama_seq_id seq_id, llama_pos pos_min,
                                           const int32_t * labels, int32_t n_label_pos, int32_t n_labels);
 
+    // Count the rows of the request in groups of `rows` consecutive positions from pos_min: the
+    // column scores are then, per cell and KV head, the largest mass any one group sent it (the
+    // group's rows and the KV head's query heads summed), reported at the KV head's first query
+    // head (the others are 0), not the sum over all rows. Call right after flowmm_stats_begin. Groups must not
+    // straddle ubatches: decode from pos_min in ubatches of a multiple of `rows` (the last group
+    // may be shorter). 0 turns grouping off.
+    FLOWMM_API int32_t flowmm_stats_set_row_groups(struct llama_context * ctx, int32_t rows);
+
     // Stop computing statistics; the graph is again exactly llama.cpp's.
     FLOWMM_API int32_t flowmm_stats_end(struct llama_context * ctx);
 
     // Column scores of cache layer il: out[h][i] = attention mass the i-th cell of the sequence (cell
-    // order of flowmm_kv_seq_cells) received from the counted rows, per query head h. Returns the
-    // number of rows counted.
+    // order of flowmm_kv_seq_cells) received from the counted rows, per query head h (with row
+    // groups: the largest mass from one group). Returns the number of rows counted.
     FLOWMM_API int32_t flowmm_stats_column_scores(struct llama_context * ctx, int32_t il, float * out,
                                                   int32_t n_head, int32_t n_cells);
 

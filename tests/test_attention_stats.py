@@ -13,6 +13,7 @@ import pytest
 from flowmm_edge.models import tiny as tm
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats, graph_n_nodes
+from flowmm_edge.bindings.kv_cache import NativeError
 from conftest import TINY_PROMPT, span_labels
 from tensor_capture import Capture
 
@@ -177,3 +178,19 @@ def test_statistics_under_a_per_head_slot_bias_equal_numpy(model, flash_attn):
         got = stats.column_scores(l)
         assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3, l
     ctx.close()
+
+
+def test_row_groups_that_straddle_ubatches_are_refused(model):
+    """Groups of 16 rows counted from a window that starts mid-ubatch would be cut by the next one."""
+    tokens = model.tokenize(PROMPT)
+    n = len(tokens)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, n_threads=2) as ctx:
+        ctx.decode(tokens, 0)
+        ctx.decode([5], n)
+        plain_nodes = graph_n_nodes(ctx)
+        ctx.truncate(0)
+        with pytest.raises(NativeError, match="straddle ubatches"):
+            with AttentionStats(ctx, prompt_end=n, window=n - 3, row_groups=16):
+                ctx.decode(tokens, 0)
+        ctx.decode([5], n)
+        assert graph_n_nodes(ctx) == plain_nodes  # the request ended with the error: no statistics nodes

@@ -51,10 +51,13 @@ def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) 
     return mass
 
 
-@pytest.mark.parametrize("chunk,rows", [(1000, 1000), (1000, 5), (7, 3)], ids=["one-group", "groups-of-5", "chunks-of-7"])
+@pytest.mark.parametrize("chunk,rows", [(1000, 1000), (1000, 5), (7, 3), (1000, 8), (7, 4)],
+                         ids=["one-group", "groups-of-5", "chunks-of-7", "on-device-groups-of-8", "on-device-chunks-of-7"])
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, rows, flash_attn):
-    """The score: the max over chunks and over groups of `rows` repeat rows of the group's summed mass."""
+    """The score: the max over chunks and over groups of `rows` repeat rows of the group's summed mass.
+    Groups of 8 and 4 fit the context's batches of 64 and ubatches of 16, so the maximum over groups
+    is taken in the statistics' graph; 5, 3 and 1000 do not, and each group is decoded alone."""
     context = model.tokenize(TINY_PROMPT)
     n = len(context)
     tokens = np.asarray(context, np.int32)

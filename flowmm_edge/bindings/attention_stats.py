@@ -26,6 +26,8 @@ _f64p = ctypes.POINTER(ctypes.c_double)
 lib.flowmm_stats_begin.restype = ctypes.c_int32
 lib.flowmm_stats_begin.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _i32p,
                                    ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_stats_set_row_groups.restype = ctypes.c_int32
+lib.flowmm_stats_set_row_groups.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
 lib.flowmm_stats_end.restype = ctypes.c_int32
 lib.flowmm_stats_end.argtypes = [llama_cpp.llama_context_p_ctypes]
 lib.flowmm_stats_column_scores.restype = ctypes.c_int32
@@ -43,10 +45,12 @@ def graph_n_nodes(ctx) -> int:
 
 
 class AttentionStats:
-    """Statistics of `seq_id`'s query rows at positions >= prompt_end - window (all rows: window=None)."""
+    """Statistics of `seq_id`'s query rows at positions >= prompt_end - window (all rows: window=None).
+    With `row_groups` G, column scores are each cell's largest mass from one group of G
+    consecutive rows (decode from the window's start in batches of a multiple of G)."""
 
     def __init__(self, ctx, prompt_end: int | None = None, window: int | None = None, labels=None,
-                 n_labels: int | None = None, seq_id: int = 0):
+                 n_labels: int | None = None, seq_id: int = 0, row_groups: int | None = None):
         if window is not None:
             if prompt_end is None:
                 raise NativeError(-1, "an observation window needs prompt_end (the position after the prompt's last token)")
@@ -67,6 +71,13 @@ class AttentionStats:
         else:
             self._labels, self.n_labels, lab_ptr, n_pos = None, 0, None, 0
         _check(lib.flowmm_stats_begin(_ptr(ctx), seq_id, pos_min, lab_ptr, n_pos, self.n_labels))
+        self.row_groups = row_groups or 0
+        if row_groups:
+            try:
+                _check(lib.flowmm_stats_set_row_groups(_ptr(ctx), int(row_groups)))
+            except NativeError:
+                _check(lib.flowmm_stats_end(_ptr(ctx)))
+                raise
         self._running = True
 
     def stop(self) -> None:
@@ -74,12 +85,15 @@ class AttentionStats:
         if self._running:
             self._running = False
             self._results = {}
-            self.cells, self.positions = seq_cells(self.ctx, self.seq_id)  # what the columns below are
-            n_cells = len(self.cells)
-            for layer in range(self.n_layer):  # read everything before the native state goes
-                self._results[layer] = (self._column_scores(layer, n_cells), self._flow(layer) if self.n_labels else None)
-            self.n_rows = self._n_rows
-            _check(lib.flowmm_stats_end(_ptr(self.ctx)))
+            try:
+                self.cells, self.positions = seq_cells(self.ctx, self.seq_id)  # what the columns below are
+                n_cells = len(self.cells)
+                for layer in range(self.n_layer):  # read everything before the native state goes
+                    self._results[layer] = (self._column_scores(layer, n_cells),
+                                            self._flow(layer) if self.n_labels else None)
+                self.n_rows = self._n_rows
+            finally:  # the graph is llama.cpp's own again even when the results could not be read
+                _check(lib.flowmm_stats_end(_ptr(self.ctx)))
 
     def __enter__(self):
         return self
@@ -102,7 +116,10 @@ class AttentionStats:
 
     def column_scores(self, layer: int, per_kv_head: bool = False) -> np.ndarray:
         """[n_head, n_cells]: attention mass each cell of the sequence received, per query head;
-        with per_kv_head, summed over each KV head's group of query heads: [n_head_kv, n_cells]."""
+        with per_kv_head, summed over each KV head's group of query heads: [n_head_kv, n_cells].
+        With row groups, per KV head only: the largest of the groups' masses."""
+        if self.row_groups and not per_kv_head:
+            raise NativeError(-1, "with row groups the scores are per KV head (per_kv_head=True)")
         scores = self._results[layer][0] if not self._running else self._column_scores(layer)
         if per_kv_head:
             scores = scores.reshape(self.n_head_kv, self.n_head // self.n_head_kv, -1).sum(axis=1)

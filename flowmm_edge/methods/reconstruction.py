@@ -34,6 +34,7 @@ import numpy as np
 
 from ..bindings import kv_cache
 from ..bindings.attention_stats import AttentionStats
+from ..bindings.native import llama_cpp
 from ..errors import FlowMMError
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -97,12 +98,16 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     text = positions[tokens_by_pos[positions] >= 0]
     lay = kv_cache.layout(ctx)
     total = np.zeros((lay.n_layer, lay.n_head_kv, len(positions)), np.float64)
+    # the row groups' maximum is taken on the cache's backend (AttentionStats row_groups) when the
+    # batches llama.cpp decodes start at group boundaries; else each group is decoded on its own
+    whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
     try:
         for a in range(0, len(text), step):
             seq = list(prefix) + tokens_by_pos[text[a:a + step]].tolist()
-            for g in range(0, len(seq), rows):
-                part = seq[g:g + rows]
-                with AttentionStats(ctx, prompt_end=end + g + len(part), window=len(part), seq_id=seq_id) as st:
+            for g in range(0, len(seq), len(seq) if whole else rows):
+                part = seq[g:g + (len(seq) if whole else rows)]
+                with AttentionStats(ctx, prompt_end=end + g + len(part), window=len(part), seq_id=seq_id,
+                                    row_groups=rows if whole else None) as st:
                     ctx.decode(part, end + g, seq_id)
                 by_pos = np.argsort(st.positions, kind="stable")
                 cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
