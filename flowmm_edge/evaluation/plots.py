@@ -24,18 +24,37 @@ def plot_scores(summary: list[dict], path) -> None:
 
 
 def plot_bench(rows, path) -> None:
-    """KV memory and decode speed against context length: full (per KV type) and each method at each budget."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    series = sorted({(r.method, r.kv_type, r.budget) for r in rows})
-    for method, kv, budget in series:
+    """KV memory and decode speed against context length (full per KV type and flash-attention
+    setting, each method at 10% and 20%), and the seconds each part of a merge takes against
+    context length (prefill, statistics, plan, apply; each merging method at f16, its smallest
+    budget), so that how each cost grows with the context shows."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    series = sorted({(r.method, r.kv_type, r.budget, r.flash_attn) for r in rows})
+    for method, kv, budget, fa in series:
         pts = sorted((r.n_ctx, r.kv_bytes / 2 ** 20, r.decode_tok_s) for r in rows
-                     if (r.method, r.kv_type, r.budget) == (method, kv, budget))
+                     if (r.method, r.kv_type, r.budget, r.flash_attn) == (method, kv, budget, fa))
         if method != "full" and budget not in (0.1, 0.2):
             continue
-        label = f"{method} {kv}" + ("" if method == "full" else f" {budget:.0%}")
+        label = f"{method} {kv}" + (f" fa {fa}" if method == "full" else f" {budget:.0%}")
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    _finish(fig, path, [(a, "context (tokens)", "KV memory held (MiB)"), (b, "context (tokens)", "decode tok/s after the merge")])
+    for method in sorted({r.method for r in rows} - {"full"}):
+        mine = [r for r in rows if r.method == method and r.kv_type == "f16"]
+        if not mine:
+            continue
+        low = min(r.budget for r in mine)
+        pts = sorted((r.n_ctx, r) for r in mine if r.budget == low)
+        xs = [p[0] for p in pts]
+        for part, get, style in (("prefill", lambda r: r.n_ctx / r.prefill_tok_s, ":"), ("stats", lambda r: r.stats_s, "-"),
+                                 ("plan", lambda r: r.plan_s, "--"), ("apply", lambda r: r.apply_s, "-.")):
+            if method != sorted({r.method for r in rows} - {"full"})[0] and part == "prefill":
+                continue  # one prefill line: it is the same for every method
+            c.plot(xs, [max(get(p[1]), 1e-3) for p in pts], style, marker="o",
+                   label=part if part == "prefill" else f"{method} {part} ({low:.0%})")
+    c.set_yscale("log")
+    c.legend(fontsize=6)
+    _finish(fig, path, [(a, "context (tokens)", "KV memory held (MiB)"), (b, "context (tokens)", "decode tok/s after the merge"),
+                        (c, "context (tokens)", "seconds")])
 
 
 def _finish(fig, path, axes) -> None:
