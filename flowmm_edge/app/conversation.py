@@ -440,9 +440,8 @@ class Conversation:
         positions the cache held already (OpenAI's field). Sampling settings left None are the
         session's."""
         turns = chat_api.parse_messages(messages)
-        params = dataclasses.replace(self.engine.sampling, **{k: v for k, v in (
-            ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
-            ("repeat_penalty", repeat_penalty), ("seed", seed)) if v is not None})
+        params = self.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                               repeat_penalty=repeat_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         held, decoded = self.feed(turns)
         gen = self.reply(max_tokens, params, stops)

@@ -350,9 +350,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             turns = chat_api.parse_messages(req.messages)
         except chat_api.RequestError as e:
             raise HTTPError(400, str(e), param="messages") from None
-        params = dataclasses.replace(worker.engine.sampling, **{k: v for k, v in (
-            ("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p),
-            ("repeat_penalty", req.repeat_penalty), ("seed", req.seed)) if v is not None})
+        params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed)
         try:
             params.check()
         except sampling.SamplingError as e:

@@ -37,6 +37,10 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int = 0
 
+    def override(self, **settings) -> "SamplingParams":
+        """These settings with those given and not None in their place (a request's own)."""
+        return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None})
+
     def check(self) -> None:
         for ok, message in (
                 (np.isfinite(self.temperature) and self.temperature >= 0,
