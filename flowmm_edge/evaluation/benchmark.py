@@ -5,11 +5,10 @@ once per KV type; its llama.cpp state is kept and restored for each method and b
 rows share the identical prefill. The full f16 cache is also run with flash attention off (and
 on): the faster of the two is the baseline every ratio is to, the full cache "at its fastest
 setting". Per row: KV bytes held (cells in use x bytes per cell of the KV type), prefill tok/s,
-the seconds of the method's statistics (a re-decode of the observation window with statistics
-on, as a chat turn's end does, or the whole prompt again for whole-prompt scores, plus the
-repeat-the-context pass for reconstruction scores), plan seconds (reading keys, the method's
-host code), apply seconds (the native merge graph), decode tok/s for `n_decode` greedy tokens
-after the merge, and the process's resident memory. `targets` prints the performance issue's
+the seconds the method's statistics add to a prefill (a prefill with them, less the plain one;
+plus the repeat-the-context pass for reconstruction scores), plan seconds (reading keys, the
+method's host code), apply seconds (the native merge graph), decode tok/s for `n_decode` greedy
+tokens after the merge, and the process's resident memory. `targets` prints the performance issue's
 ratios from the rows.
 """
 
@@ -113,15 +112,20 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                         with AttentionStats(ctx) as all_rows:
                             ctx.decode(tokens, 0)
                         all_rows_s = max(0.0, time.perf_counter() - t - L / prefill)
+                    window_s = 0.0
+                    if PROMPT_SCORES not in method.needs and Compressor(method, 1.0, rho=rho).needs_observation:
+                        # what the observation window's statistics add to a prefill: the prefill with them,
+                        # less the plain one (the replays below only re-gather them for each budget)
+                        ctx.clear()
+                        t = time.perf_counter()
+                        with Compressor(method, 1.0, rho=rho).observe(ctx, prompt_end=L, labels=labels):
+                            ctx.decode(tokens, 0)
+                        window_s = max(0.0, time.perf_counter() - t - L / prefill)
                     for budget in budgets:
                         ctx.set_state(state)
                         comp = Compressor(method, budget, rho=rho)
-                        t = time.perf_counter()
                         replayed = comp.replay(ctx, tokens, L, labels, whole_prompt=all_rows)
-                        if PROMPT_SCORES in method.needs:
-                            stats_s = all_rows_s
-                        else:
-                            stats_s = 0.0 if replayed is None else time.perf_counter() - t
+                        stats_s = all_rows_s if PROMPT_SCORES in method.needs else window_s
                         if RECONSTRUCTION_SCORES in method.needs:
                             t = time.perf_counter()
                             comp.use_reconstruction(reconstruction.reconstruction_scores(
