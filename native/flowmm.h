@@ -102,6 +102,26 @@ extern "C" {
     FLOWMM_API int32_t flowmm_kv_apply_plan(struct llama_context * ctx, llama_seq_id seq_id,
                                             const struct flowmm_merge_plan * plan);
 
+    // Key matching, for merges that fold candidates into their most similar kept slot. For cache
+    // layer il and every KV head h, candidate c (cell cand[h][c]) is compared by key cosine with the
+    // pivots (cells piv[h][p]); the similarity plus bias[h][group[h][c]][p] (0: allowed, -INFINITY:
+    // not) picks best[h][c], an index into piv[h], and cosine[h][c] is that pivot's plain cosine.
+    // A candidate whose bias row allows no pivot gets best = -1. Runs as a ggml graph on the
+    // cache's backend; only best and cosine come back.
+    struct flowmm_match_request {
+        int32_t         n_head_kv; // must equal the cache's
+        int32_t         n_cand;    // C, per head
+        int32_t         n_piv;     // P, per head
+        int32_t         n_groups;  // rows of bias per head
+        const int32_t * cand;      // [n_head_kv][C] cells of seq_id
+        const int32_t * piv;       // [n_head_kv][P] cells of seq_id
+        const int32_t * group;     // [n_head_kv][C] in [0, n_groups)
+        const float   * bias;      // [n_head_kv][n_groups][P], 0 or -INFINITY
+    };
+
+    FLOWMM_API int32_t flowmm_kv_match_keys(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                                            const struct flowmm_match_request * req, int32_t * best, float * cosine);
+
     //
     // per-slot attention bias
     //

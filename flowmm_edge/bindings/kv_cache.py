@@ -149,6 +149,38 @@ def apply_plan(ctx, plan: MergePlan, seq_id: int = 0) -> None:
     _check(lib.flowmm_kv_apply_plan(_ptr(ctx), seq_id, ctypes.byref(c)))
 
 
+class _MatchRequest(ctypes.Structure):
+    _fields_ = [("n_head_kv", ctypes.c_int32), ("n_cand", ctypes.c_int32), ("n_piv", ctypes.c_int32),
+                ("n_groups", ctypes.c_int32), ("cand", _i32p), ("piv", _i32p), ("group", _i32p), ("bias", _f32p)]
+
+
+lib.flowmm_kv_match_keys.restype = ctypes.c_int32
+lib.flowmm_kv_match_keys.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,
+                                     ctypes.POINTER(_MatchRequest), _i32p, _f32p]
+
+
+def match_keys(ctx, layer: int, cand: np.ndarray, piv: np.ndarray, group: np.ndarray, allowed: np.ndarray,
+               seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """For every KV head h of cache layer `layer`: each candidate cell cand[h, c]'s most similar (key
+    cosine) pivot cell among piv[h, :] allowed by allowed[h, group[h, c], :], as an index into
+    piv[h] (-1 if none is allowed), and that cosine. Computed on the cache's backend (see
+    native/flowmm.h); returns (best [H, C] int32, cosine [H, C] float32)."""
+    cand = np.ascontiguousarray(cand, dtype=np.int32)
+    piv = np.ascontiguousarray(piv, dtype=np.int32)
+    group = np.ascontiguousarray(group, dtype=np.int32)
+    bias = np.ascontiguousarray(np.where(allowed, 0.0, -np.inf), dtype=np.float32)
+    if cand.ndim != 2 or piv.ndim != 2 or group.shape != cand.shape or bias.shape != (cand.shape[0], bias.shape[1], piv.shape[1]):
+        raise NativeError(-1, f"match shapes do not fit: cand {cand.shape}, piv {piv.shape}, group {group.shape}, "
+                              f"allowed {bias.shape}")
+    best = np.empty(cand.shape, np.int32)
+    cos = np.empty(cand.shape, np.float32)
+    req = _MatchRequest(cand.shape[0], cand.shape[1], piv.shape[1], bias.shape[1], cand.ctypes.data_as(_i32p),
+                        piv.ctypes.data_as(_i32p), group.ctypes.data_as(_i32p), bias.ctypes.data_as(_f32p))
+    _check(lib.flowmm_kv_match_keys(_ptr(ctx), seq_id, layer, ctypes.byref(req), best.ctypes.data_as(_i32p),
+                                    cos.ctypes.data_as(_f32p)))
+    return best, cos
+
+
 lib.flowmm_kv_set_slot_bias.restype = ctypes.c_int32
 lib.flowmm_kv_set_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_kv_clear_slot_bias.restype = ctypes.c_int32

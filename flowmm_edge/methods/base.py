@@ -22,7 +22,9 @@ PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every promp
 RECONSTRUCTION_SCORES = "reconstruction_scores"  # [n_layer, n_head_kv, n] mass from a repeat-the-context pass
 RHO = "rho"                      # [n_layer] cross-modal share of attention (DESIGN.md §5)
 KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
-STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, KEYS)
+MATCHER = "matcher"              # key matching on the cache's backend (kv_cache.match_keys), in cell indices;
+                                 # pivotal_merge.key_matcher is its numpy reference over KEYS
+STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, KEYS, MATCHER)
 
 
 class MethodError(FlowMMError):
@@ -54,8 +56,15 @@ class Stats:
     reconstruction_scores: np.ndarray | None = None
     rho: np.ndarray | None = None
     keys: np.ndarray | None = None
+    matcher: object = None  # callable, see MATCHER; without one, the numpy reference over `keys`
 
     def require(self, name: str, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
+        if name == MATCHER:  # the backend's, or the numpy reference over the keys
+            if self.matcher is not None:
+                return self.matcher
+            from .pivotal_merge import key_matcher
+
+            return key_matcher(self.require(KEYS, n_layer, n_head_kv, n))
         value = getattr(self, name)
         if value is None:
             raise MethodError(f"the method needs {name}, which was not computed")

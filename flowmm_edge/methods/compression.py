@@ -28,8 +28,8 @@ from threadpoolctl import threadpool_limits
 from ..bindings import kv_cache
 from . import reconstruction
 from ..bindings.attention_stats import AttentionStats
-from .base import (KEYS, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Stats,
-                           TokenLayout)
+from .base import (KEYS, MATCHER, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError,
+                   Stats, TokenLayout)
 
 
 @dataclasses.dataclass
@@ -148,6 +148,10 @@ class Compressor:
         if KEYS in needs:
             stats.keys = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "k", seq_id) for h in range(n_head_kv)])
                                    for l in range(n_layer)])
+        if MATCHER in needs:  # keys compared on the cache's backend; only the best matches come back
+            def match(layer, cand, piv, group, allowed):
+                return kv_cache.match_keys(ctx, layer, cells[cand], cells[piv], group, allowed, seq_id)
+            stats.matcher = match
         token_layout = TokenLayout(positions=positions, labels=np.asarray(labels)[positions])
         # One BLAS thread for the plan's small matrix products: numpy's OpenBLAS threads keep
         # spinning after a call and took the cores from llama.cpp's decode that follows (after a

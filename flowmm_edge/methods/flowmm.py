@@ -52,10 +52,11 @@ import dataclasses
 
 import numpy as np
 
-from .base import KEYS, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
+from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
 from .snapkv import avg_pool
 from .mass_merge import floor_for
-from .pivotal_merge import MERGE_RULES, fold, merge_plan
+from .mass_merge import mass_plan
+from .pivotal_merge import MERGE_RULES, absorbed_lists, build_plan, cap_absorbed
 
 ORPHAN_RULES = ("evict", "ungated")
 IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),
@@ -98,7 +99,7 @@ class FlowMM(Method):
 
     @property
     def needs(self):
-        return frozenset({KEYS, *IMPORTANCE[self.importance]} | ({RHO} if self.flow_guidance else set()))
+        return frozenset({MATCHER, *IMPORTANCE[self.importance]} | ({RHO} if self.flow_guidance else set()))
 
     def scores(self, stats, n_layer: int, n_head_kv: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(mass, importance) per cell [n_layer, n_head_kv, n] from the chosen source(s): the
@@ -120,16 +121,43 @@ class FlowMM(Method):
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
         mass, importance = self.scores(stats, n_layer, n_head_kv, n)
-        keys = stats.require(KEYS, n_layer, n_head_kv, n)
+        match = stats.require(MATCHER, n_layer, n_head_kv, n)
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
-        labels = layout.labels
+        every = np.arange(n)
+        cand = np.stack([np.stack([np.setdiff1d(every, pivots[l, h]) for h in range(n_head_kv)]) for l in range(n_layer)])
+        absorbed = [self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
+                    for l in range(n_layer)]
+        if self.merge == "mass":
+            return mass_plan(layout, pivots, absorbed, mass)
+        return build_plan(layout, pivots, absorbed, self.merge)
 
-        def fold_one(l, h, piv, cand):
-            imp = importance[l, h, piv]
-            open_ = imp <= np.quantile(imp, self.tau_quantile) if self.sensitivity else np.ones(len(piv), bool)
-            same = np.ones((len(cand), len(piv)), bool) if cross[l] else labels[cand][:, None] == labels[piv][None, :]
-            return fold(cand, piv, keys[l, h], same & open_, self.max_absorb,
-                        fallback=same if self.orphans == "ungated" else None, floor=floor_for(self.merge, self.floor))
-
-        return merge_plan(layout, pivots, self.merge, fold_one, mass=mass)
+    def _fold_layer(self, match, l, piv, cand, importance, labels, cross) -> list[list[np.ndarray]]:
+        """Per KV head and pivot, the candidates it absorbs: each candidate's most similar key among
+        the pivots open to it (the tau gate; same modality in an intra-modal layer), if its
+        cosine reaches the floor; with orphans="ungated", one without such a pivot tries again
+        without the gate. At most max_absorb per pivot, the most similar."""
+        n_head_kv, n_piv = piv.shape
+        if self.sensitivity:
+            imp = np.take_along_axis(importance, piv, axis=1)
+            open_ = imp <= np.quantile(imp, self.tau_quantile, axis=1, keepdims=True)
+        else:
+            open_ = np.ones(piv.shape, bool)
+        if cross:
+            group, same = np.zeros(cand.shape, np.int32), np.ones((n_head_kv, 1, n_piv), bool)
+        else:
+            n_labels = int(labels.max(initial=0)) + 1
+            group = labels[cand]
+            same = labels[piv][:, None, :] == np.arange(n_labels)[None, :, None]  # [H, label, P]
+        floor = floor_for(self.merge, self.floor)
+        best, cos = match(l, cand, piv, group, same & open_[:, None, :])
+        if floor is not None:
+            best = np.where(cos >= floor, best, -1)
+        if self.orphans == "ungated":
+            retry_best, retry_cos = match(l, cand, piv, group, same)
+            if floor is not None:
+                retry_best = np.where(retry_cos >= floor, retry_best, -1)
+            retry = best < 0
+            best, cos = np.where(retry, retry_best, best), np.where(retry, retry_cos, cos)
+        return [absorbed_lists(cap_absorbed(best[h], cos[h], n_piv, self.max_absorb), cand[h], n_piv)
+                for h in range(n_head_kv)]

@@ -43,6 +43,21 @@ def assign(sim: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     return np.where(ok, best, -1)
 
 
+def key_matcher(keys: np.ndarray):
+    """The numpy reference of the backend's key matching (kv_cache.match_keys), over keys
+    [n_layer, n_head_kv, n, head_dim]: match(layer, cand [H, C], piv [H, P], group [H, C],
+    allowed [H, G, P]) -> (best [H, C], index into piv or -1; cosine [H, C] to that pivot)."""
+    def match(layer, cand, piv, group, allowed):
+        best = np.empty(cand.shape, np.int32)
+        cos = np.zeros(cand.shape, np.float32)
+        for h in range(cand.shape[0]):
+            sim = cosine(keys[layer, h][cand[h]].astype(np.float64), keys[layer, h][piv[h]].astype(np.float64))
+            best[h] = assign(sim, allowed[h][group[h]])
+            cos[h] = sim[np.arange(len(sim)), np.maximum(best[h], 0)]
+        return best, cos
+    return match
+
+
 def cap_absorbed(target: np.ndarray, sim_to_target: np.ndarray, n_pivots: int, max_absorb: int) -> np.ndarray:
     """Each pivot keeps at most `max_absorb` candidates, the most similar (ties: earlier candidate);
     the others are evicted (-1). This bounds a merge plan to B x (max_absorb + 1) sources."""
