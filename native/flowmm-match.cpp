@@ -66,13 +66,10 @@ int32_t flowmm_kv_match_keys(llama_context * ctx, llama_seq_id seq_id, int32_t i
         }
     }
 
-    flowmm_drop_cached_graphs(ctx);
-    ggml_backend_sched_t sched = ctx->get_sched();
-    ggml_backend_sched_reset(sched);
-    llm_graph_result * res = ctx->get_gf_res_reserve();
-    res->reset();
-    ggml_context * gctx = res->get_ctx();
-    ggml_cgraph  * gf   = res->get_gf();
+    const flowmm_graph g = flowmm_begin_graph(ctx);
+    ggml_backend_sched_t sched = g.sched;
+    ggml_context * gctx = g.gctx;
+    ggml_cgraph  * gf   = g.gf;
 
     const int64_t hd = hp.n_embd_head_k(mil);
     ggml_tensor * k = acc::k(*kv, il, strm);

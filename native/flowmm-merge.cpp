@@ -142,6 +142,15 @@ void flowmm_drop_cached_graphs(llama_context * ctx) {
     flowmm_ctx_access::drop_cached_graphs(*ctx);
 }
 
+flowmm_graph flowmm_begin_graph(llama_context * ctx) {
+    flowmm_ctx_access::drop_cached_graphs(*ctx);
+    ggml_backend_sched_t sched = ctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    llm_graph_result * res = ctx->get_gf_res_reserve();
+    res->reset();
+    return {sched, res->get_ctx(), res->get_gf()};
+}
+
 int32_t flowmm_graph_n_nodes(llama_context * ctx) {
     if (ctx == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "context is NULL");
@@ -173,14 +182,10 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
     const auto & cs   = acc::cells(*kv, chk.strm);
     const int64_t kv_size = cs.size();
 
-    // the graph lives in the context's reserve result, like the K-shift graph
-    flowmm_ctx_access::drop_cached_graphs(*ctx);
-    ggml_backend_sched_t sched = ctx->get_sched();
-    ggml_backend_sched_reset(sched);
-    llm_graph_result * res = ctx->get_gf_res_reserve();
-    res->reset();
-    ggml_context * gctx = res->get_ctx();
-    ggml_cgraph  * gf   = res->get_gf();
+    const flowmm_graph g = flowmm_begin_graph(ctx);
+    ggml_backend_sched_t sched = g.sched;
+    ggml_context * gctx = g.gctx;
+    ggml_cgraph  * gf   = g.gf;
 
     // inputs: per layer source rows (cell * H + h) and weights; one destination row list
     ggml_tensor * dst_rows = ggml_new_tensor_1d(gctx, GGML_TYPE_I64, HB);
