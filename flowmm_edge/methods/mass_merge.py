@@ -56,16 +56,16 @@ def mass_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[
     src[..., 0] = pivots
     weight = np.zeros(src.shape, np.float32)
     weight[..., 0] = 1.0  # the key stays the pivot's
-    v_weight = weight.copy()
-    gain = np.zeros((n_layer, n_head_kv, b), np.float32)
     for l in range(n_layer):
         for h in range(n_head_kv):
             for s, cand in enumerate(absorbed[l][h]):
-                if len(cand) == 0:
-                    continue
-                m = np.maximum(mass[l, h, np.r_[pivots[l, h, s], cand]].astype(np.float64), MIN_MASS)
-                r = np.minimum(m / m[0], 1.0)  # r_0 = 1: the pivot itself
                 src[l, h, s, 1:1 + len(cand)] = cand
-                v_weight[l, h, s, :1 + len(cand)] = r / r.sum()
-                gain[l, h, s] = np.log(r.sum())
+    # every slot at once: r_i = min(mass_i / mass_pivot, 1) over its sources (r_0 = 1: the pivot)
+    m = np.take_along_axis(mass.astype(np.float64)[:, :, None, :], np.maximum(src, 0), axis=-1)
+    m = np.maximum(m, MIN_MASS)
+    r = np.where(src >= 0, np.minimum(m / m[..., :1], 1.0), 0.0)
+    r[..., 0] = 1.0
+    total = r.sum(axis=-1)
+    v_weight = (r / total[..., None]).astype(np.float32)
+    gain = np.log(total).astype(np.float32)
     return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]], v_weight=v_weight, bias_gain=gain)

@@ -62,11 +62,11 @@ def cap_absorbed(target: np.ndarray, sim_to_target: np.ndarray, n_pivots: int, m
     """Each pivot keeps at most `max_absorb` candidates, the most similar (ties: earlier candidate);
     the others are evicted (-1). This bounds a merge plan to B x (max_absorb + 1) sources."""
     target = target.copy()
-    for j in np.unique(target[target >= 0]):
-        mine = np.flatnonzero(target == j)
-        if len(mine) > max_absorb:
-            order = mine[np.argsort(-sim_to_target[mine], kind="stable")]
-            target[order[max_absorb:]] = -1
+    order = np.lexsort((np.arange(len(target)), -np.asarray(sim_to_target, np.float64), target))  # by pivot, best first
+    grouped = target[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(order) else np.zeros(0, np.int64)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))  # place within its pivot
+    target[order[(rank >= max_absorb) & (grouped >= 0)]] = -1
     return target
 
 
