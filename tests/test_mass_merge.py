@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.base import TokenLayout
 from flowmm_edge.methods.flowmm import FlowMM
-from flowmm_edge.methods.mass_merge import mass_plan
+from flowmm_edge.methods.mass_merge import MIN_MASS, mass_plan
 from flowmm_edge.methods.pivotal_merge import fold
 from flowmm_edge.methods.snapkv import SnapKV
 
@@ -130,3 +132,30 @@ def test_a_candidate_never_counts_for_more_than_its_pivot():
     plan = mass_plan(_layout(4), np.array([[[0]]]), [[[np.array([1, 2, 3])]]], mass)
     assert plan.bias_gain[0, 0, 0] == pytest.approx(np.log(4))  # at most log(group size)
     np.testing.assert_allclose(plan.v_weight[0, 0, 0], [0.25] * 4)
+
+
+def test_slot_weights_follow_the_formula_for_every_slot():
+    """mass_plan (all slots at once) against the rule spelled out slot by slot: r_i = min(m_i / m_pivot, 1)
+    with masses floored at MIN_MASS, V weights r / sum(r), bias gain log(sum(r)), K the pivot's."""
+    rng = np.random.default_rng(5)
+    L_, H_, n, b = 2, 3, 30, 6
+    pivots = np.stack([np.stack([np.sort(rng.choice(n, b, replace=False)) for _ in range(H_)]) for _ in range(L_)])
+    absorbed = []
+    for l in range(L_):
+        per_l = []
+        for h in range(H_):
+            cand, target = np.setdiff1d(np.arange(n), pivots[l, h]), rng.integers(-1, b, n - b)
+            per_l.append([cand[target == j] for j in range(b)])
+        absorbed.append(per_l)
+    mass = rng.random((L_, H_, n)) * (rng.random((L_, H_, n)) > 0.3)
+    plan = mass_plan(TokenLayout(np.arange(n), np.zeros(n, np.int32)), pivots, absorbed, mass)
+    for l in range(L_):
+        for h in range(H_):
+            for s in range(b):
+                srcs = [pivots[l, h, s], *absorbed[l][h][s]]
+                m = [max(float(mass[l, h, i]), MIN_MASS) for i in srcs]
+                r = [min(x / m[0], 1.0) for x in m]
+                assert list(plan.src[l, h, s, :len(srcs)]) == srcs and np.all(plan.src[l, h, s, len(srcs):] == -1)
+                np.testing.assert_allclose(plan.v_weight[l, h, s, :len(srcs)], np.array(r) / sum(r), rtol=1e-6)
+                assert plan.weight[l, h, s, 0] == 1 and not plan.weight[l, h, s, 1:].any()
+                assert abs(plan.bias_gain[l, h, s] - math.log(sum(r))) < 1e-6

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from flowmm_edge.methods import METHODS, MethodError, Stats, TokenLayout
 from flowmm_edge.methods.flowmm import FlowMM
+from flowmm_edge.methods.pivotal_merge import cap_absorbed
 
 L, H, D = 3, 2, 8
 
@@ -215,3 +216,21 @@ def test_merge_invariants(n, ratio, sinks, window, n_labels, seed, q, name):
                         assert not absorbed, "a pivot above tau absorbed tokens"
                 if name != "flowmm-mean" and absorbed:
                     assert plan.weight[l, h, s, 0] >= 0.5 - 1e-7
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_absorb_cap_keeps_each_pivots_most_similar_candidates(data):
+    """cap_absorbed (one lexsort) against the rule spelled out: per pivot, its candidates sorted
+    by similarity, best first, ties to the earlier candidate; beyond max_absorb, evicted."""
+    n = data.draw(st.integers(0, 40))
+    n_piv = data.draw(st.integers(1, 8))
+    k = data.draw(st.integers(0, 5))
+    target = np.array(data.draw(st.lists(st.integers(-1, n_piv - 1), min_size=n, max_size=n)), np.int64)
+    sim = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=n, max_size=n)))
+    want = target.copy()
+    for j in range(n_piv):
+        mine = sorted(np.flatnonzero(target == j), key=lambda i: (-sim[i], i))
+        for i in mine[k:]:
+            want[i] = -1
+    np.testing.assert_array_equal(cap_absorbed(target, sim, n_piv, k), want)
