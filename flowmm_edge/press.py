@@ -172,7 +172,7 @@ class AttachedPress:
         self.repeats.scored = _below(self.repeats.scored, llm.n_tokens)
         done = 0
         while done < len(tokens):
-            free = self.n_ctx - self.room - self.cells()
+            free = kv_cache.free_cells(self.ctx) - self.room
             if free < 1:
                 self.compress()
                 continue

@@ -158,6 +158,15 @@ int32_t flowmm_kv_used_bound(llama_context * ctx, llama_seq_id seq_id) {
     return (int32_t) acc::cells(*kv, acc::stream_of(*kv, seq_id)).used_max_p1();
 }
 
+int32_t flowmm_kv_free_cells(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    const auto & cells = acc::cells(*kv, acc::stream_of(*kv, seq_id));
+    return (int32_t) (cells.size() - cells.get_used());
+}
+
 // dequantize `n` values of type `type` from `src` into `dst`
 static bool to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
     if (type == GGML_TYPE_F32) {

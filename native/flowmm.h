@@ -70,6 +70,10 @@ extern "C" {
     // n_kv follows (padded up). After a merge it is the compacted size.
     FLOWMM_API int32_t flowmm_kv_used_bound(struct llama_context * ctx, llama_seq_id seq_id);
 
+    // Cells of seq_id's stream that hold no sequence at all: the room a decode after the
+    // sequence's end can use, whatever other sequences share the stream.
+    FLOWMM_API int32_t flowmm_kv_free_cells(struct llama_context * ctx, llama_seq_id seq_id);
+
     // K (is_v = 0) or V (is_v = 1) of KV head `head` in cache layer `il` for `n_cells` cells of
     // seq_id, dequantized to float32: out[i * head_dim + d]. Reads only those rows.
     FLOWMM_API int32_t flowmm_kv_read_rows(struct llama_context * ctx, llama_seq_id seq_id,

@@ -68,6 +68,20 @@ def test_second_sequence_reads_its_own_cells(model, unified):
         np.testing.assert_array_equal(kv_cache.read_rows(ctx, 1, 1, cells, "v", seq_id=1), ref.v[1][:, HEAD_DIM:])
 
 
+@pytest.mark.parametrize("unified", [False, True])
+def test_free_cells_are_the_streams_cells_no_sequence_holds(model, unified):
+    """Counted against llama.cpp's own serialisation of each sequence: one stream shared by both
+    sequences leaves its size less both; a stream each leaves its size less its own."""
+    with _filled_context(model, "f16", True, n_seq=2, unified=unified) as ctx:
+        held = [len(parse_seq_state(seq_state_bytes(ctx.ptr, s), SPEC.n_head_kv * HEAD_DIM,
+                                    SPEC.n_head_kv * HEAD_DIM).pos) for s in (0, 1)]
+        stream = kv_cache.layout(ctx).kv_size
+        for s in (0, 1):
+            assert kv_cache.free_cells(ctx, s) == stream - (sum(held) if unified else held[s])
+        ctx.truncate(3, seq_id=1)
+        assert kv_cache.free_cells(ctx, 1) == stream - (held[0] if unified else 0) - 3
+
+
 def test_bad_requests_are_refused_with_a_message(model):
     with _filled_context(model, "f16", True, n_seq=2, unified=True) as ctx:
         cells0, _ = kv_cache.seq_cells(ctx, 0)

@@ -269,7 +269,7 @@ class Conversation:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
             if self.engine.free_cells() < need:  # other conversations fill the buffer: evict idle ones
                 self.engine.make_room(need, keep=self)
-            used, in_use, free = self.cells(), self.engine.cells_in_use(), self.engine.free_cells()
+            used, free = self.cells(), self.engine.free_cells()
             take = units.pop(0)
             if isinstance(take, list):
                 take, rest = take[:max(free, 0)], take[max(free, 0):]
@@ -286,7 +286,7 @@ class Conversation:
                 will_merge = merging and used + n > self.budget_cells
             else:  # merge now if the next unit (one token at least, an image whole) would not fit
                 nxt = 1 if isinstance(units[0], list) else units[0].n_pos
-                will_merge = merging and in_use + n + nxt > self.n_ctx - self.reserve
+                will_merge = merging and n + nxt > free
             if will_merge:
                 comp = Compressor(self.engine.method(), self.budget_cells, rho=policy_mod.rho_array(self.policy))
                 wants_recon = RECONSTRUCTION_SCORES in comp.method.needs
@@ -305,8 +305,7 @@ class Conversation:
                             not self.engine.make_room(need, keep=self, reserved=False):
                         raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
                                           f"held by conversations that are replying")
-                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id,
-                                                                 free=self.engine.free_cells(reserved=False)))
+                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id))
                 comp.compress(self.ctx, labels, self.seq_id)
                 self.stats.merges += 1
                 self.stats.merge_seconds += time.perf_counter() - t1

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from . import chat_template as chat_template_mod
-from ..bindings import runtime, sampling
+from ..bindings import kv_cache, runtime, sampling
 from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
 from ..methods import METHODS, policy as policy_mod, reconstruction
@@ -180,11 +180,11 @@ class Engine:
 
     def cells_in_use(self) -> int:
         """Cells the conversations on this engine hold, all together."""
-        return sum(c.cells() for c in self.conversations)
+        return self.n_ctx - kv_cache.free_cells(self.ctx)
 
     def free_cells(self, reserved: bool = True) -> int:
         """Cells free in the shared buffer, less (by default) the room kept for a reply and the repeat pass."""
-        return self.n_ctx - (self.reserve if reserved else 0) - self.cells_in_use()
+        return kv_cache.free_cells(self.ctx) - (self.reserve if reserved else 0)
 
     def make_room(self, need: int, keep, reserved: bool = True) -> bool:
         """Evict idle conversations, least recently used first (never `keep`, never one that is

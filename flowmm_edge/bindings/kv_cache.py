@@ -36,6 +36,8 @@ lib.flowmm_kv_seq_cells.restype = ctypes.c_int32
 lib.flowmm_kv_seq_cells.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _i32p, _i32p, ctypes.c_int32]
 lib.flowmm_kv_used_bound.restype = ctypes.c_int32
 lib.flowmm_kv_used_bound.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
+lib.flowmm_kv_free_cells.restype = ctypes.c_int32
+lib.flowmm_kv_free_cells.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
 lib.flowmm_kv_read_rows.restype = ctypes.c_int32
 lib.flowmm_kv_read_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                                     ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
@@ -82,6 +84,11 @@ def seq_cells(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def used_bound(ctx, seq_id: int = 0) -> int:
     """One past the highest used cell of the sequence's stream (what llama.cpp's n_kv follows)."""
     return _check(lib.flowmm_kv_used_bound(_ptr(ctx), seq_id))
+
+
+def free_cells(ctx, seq_id: int = 0) -> int:
+    """Cells of the sequence's stream that no sequence holds (what a decode after its end can use)."""
+    return _check(lib.flowmm_kv_free_cells(_ptr(ctx), seq_id))
 
 
 def read_rows(ctx, layer: int, head: int, cells, which: str = "k", seq_id: int = 0) -> np.ndarray:

@@ -80,17 +80,16 @@ def tokens_by_position(pieces) -> np.ndarray:
 
 
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
-                          chunk: int = CHUNK, rows: int = ROWS, free: int | None = None) -> PositionScores:
+                          chunk: int = CHUNK, rows: int = ROWS) -> PositionScores:
     """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
-    decodes in `free` cells: by default all the cells the sequence does not hold, which is right
-    when it is alone in the cache; with other sequences the caller says what is free."""
+    decodes in the cells no sequence holds (other sequences may share the cache)."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
     if len(positions) and positions[-1] >= len(tokens_by_pos):
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
-    free = ctx.n_ctx - len(cells) if free is None else free
+    free = kv_cache.free_cells(ctx, seq_id)
     if free < room_needed(prefix):
         raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the context has "
                                   f"{free}: raise --ctx")
@@ -128,12 +127,12 @@ class RepeatedScores:
     def __init__(self):
         self.scored: PositionScores | None = None
 
-    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, free: int | None = None) -> PositionScores:
+    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0) -> PositionScores:
         tokens = np.array(tokens_by_pos, np.int32)
         old = self.scored
         if old is not None:
             tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
-        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, free=free)
+        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id)
         scores = fresh.scores
         if old is not None:
             seen = np.isin(fresh.positions, old.positions)
