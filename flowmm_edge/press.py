@@ -169,7 +169,7 @@ class AttachedPress:
         if llm.n_tokens + len(tokens) > self.max_positions:
             raise PressError(f"{llm.n_tokens + len(tokens)} positions exceed max_positions={self.max_positions}")
         self.ctx.truncate(llm.n_tokens)
-        self.repeats.scored = _below(self.repeats.scored, llm.n_tokens)
+        self.repeats.forget_from(llm.n_tokens)
         done = 0
         while done < len(tokens):
             free = kv_cache.free_cells(self.ctx) - self.room
@@ -192,11 +192,7 @@ class AttachedPress:
         labels = np.zeros(n, np.int32)
         if RECONSTRUCTION_SCORES in press.needs:
             comp.use_reconstruction(self.repeats.update(self.ctx, llm.input_ids[:n]))
-        if comp.needs_observation:  # the last `window` rows again, with statistics on
-            w = min(press.window, n)
-            self.ctx.truncate(n - w)
-            with comp.observe(self.ctx, prompt_end=n, labels=labels):
-                self.ctx.decode(llm.input_ids[n - w:n].tolist(), n - w)
+        comp.replay(self.ctx, llm.input_ids[max(0, n - press.window):n].tolist(), n, labels)  # the window again
         comp.compress(self.ctx, labels)
         self.merged_upto = n
         self.compressions += 1
@@ -206,13 +202,6 @@ class AttachedPress:
         return {"cells": cells, "buffer_cells": self.n_ctx, "positions": self.llm.n_tokens,
                 "compressions": self.compressions, "method": self.press.name}
 
-
-def _below(scores, end: int):
-    """Reconstruction scores of the positions below `end` (those llama-cpp-python kept), or None."""
-    if scores is None:
-        return None
-    keep = scores.positions < end
-    return type(scores)(scores.positions[keep], scores.scores[..., keep]) if np.any(keep) else None
 
 
 __all__ = ["PRESSES", "AttachedPress", "FlowMMPress", "H2OPress", "LookMPress", "Method", "Press", "PressError",

@@ -100,9 +100,10 @@ class Compressor:
         """Gather the statistics on a cache already holding the prompt (a restored state):
         whole-prompt scores come from `whole_prompt` (observed over that prefill); window scores
         by dropping the last `window` tokens (`tail_tokens` ends the prompt) and decoding them
-        again with statistics on, the very rows one prefill would have observed.
-        Returns the logits of that re-decode, or None if nothing was decoded."""
-        if PROMPT_SCORES in self.method.needs:
+        again with statistics on, the very rows one prefill would have observed. Without
+        `whole_prompt`, whole-prompt scores are those same re-decoded rows' (a cache whose prefill
+        nobody observed). Returns the logits of that re-decode, or None if nothing was decoded."""
+        if PROMPT_SCORES in self.method.needs and whole_prompt is not None:
             self.use_observed(whole_prompt)
             return None
         if not self.needs_observation:

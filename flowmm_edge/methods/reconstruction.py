@@ -127,6 +127,13 @@ class RepeatedScores:
     def __init__(self):
         self.scored: PositionScores | None = None
 
+    def forget_from(self, end: int) -> None:
+        """Drop the scores of positions >= end (the sequence was cut back there)."""
+        s = self.scored
+        if s is not None:
+            keep = s.positions < end
+            self.scored = PositionScores(s.positions[keep], s.scores[..., keep]) if np.any(keep) else None
+
     def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0) -> PositionScores:
         tokens = np.array(tokens_by_pos, np.int32)
         old = self.scored
