@@ -156,20 +156,31 @@ class Worker(threading.Thread):
                     self.cond.wait()
                 if self.stopping:
                     break
-                startable = [j for j in self.pending if j.cancelled.is_set() or
-                             (self._slot_for(j) is not None and not (j.waits_for_room and self.active))]
-                job = startable[0] if startable else None
-                if job is not None:
-                    self.pending.remove(job)
-            if job is not None:
-                self._start(job)
+                started, slot = self._next_job()
+            if started is not None:
+                self._start(started, slot)
             for job in list(self.active):
                 self._step(job)
             steps += 1
-            if job is not None or steps % METRICS_EVERY == 0:
+            if started is not None or steps % METRICS_EVERY == 0:
                 self._refresh()
         for job in self.active + list(self.pending):
             job.send("error", 503, "the server is shutting down")
+
+    def _next_job(self) -> tuple[Job | None, Conversation | None]:
+        """The first queued job that can go now, taken off the queue, with its slot (None for a
+        cancelled one); a job waiting for room goes once no reply holds it."""
+        for job in self.pending:
+            slot = None
+            if not job.cancelled.is_set():
+                if job.waits_for_room and self.active:
+                    continue
+                slot = self._slot_for(job)
+                if slot is None:
+                    continue
+            self.pending.remove(job)
+            return job, slot
+        return None, None
 
     def _slot_for(self, job: Job) -> Conversation | None:
         """The free slot holding the longest prefix of the job's conversation, else the free one
@@ -181,11 +192,10 @@ class Worker(threading.Thread):
             return max(holding, key=lambda c: len(c._keys))
         return min(free, key=lambda c: c.last_used) if free else None
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, conv: Conversation | None) -> None:
         if job.cancelled.is_set():
             self.counters.cancelled += 1
             return
-        conv = self._slot_for(job)
         conv.busy, conv.last_used = True, self.engine.tick()
         job.conv, job.merges0 = conv, conv.stats.merges
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
@@ -193,30 +203,22 @@ class Worker(threading.Thread):
         try:
             held, decoded = conv.feed(job.turns)
             job.gen = conv.reply(job.max_tokens, job.params, job.stop)
-        except NoRoomError as e:
+        except Exception as e:
             conv.busy = False
-            if self.active:  # the replies will end and give their room back: wait for them, first in line
+            if isinstance(e, NoRoomError) and self.active:  # replies will give their room back: wait, first in line
                 job.waits_for_room = True
                 with self.cond:
                     self.pending.appendleft(job)
                 return
             self.counters.errors += 1
-            job.send("error", 503, str(e))
-            return
-        except DecodeError as e:  # llama.cpp refused a batch: not the client's doing
-            conv.busy = False
-            self.counters.errors += 1
-            job.send("error", 500, str(e))
-            return
-        except FlowMMError as e:
-            conv.busy = False
-            self.counters.errors += 1
-            job.send("error", 400, str(e))
-            return
-        except Exception as e:  # a bug: say so, keep serving the others
-            conv.busy = False
-            self.counters.errors += 1
-            job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
+            if isinstance(e, NoRoomError):
+                job.send("error", 503, str(e))
+            elif isinstance(e, DecodeError):  # llama.cpp refused a batch: not the client's doing
+                job.send("error", 500, str(e))
+            elif isinstance(e, FlowMMError):  # the request's own problem
+                job.send("error", 400, str(e))
+            else:  # a bug: say so, keep serving the others
+                job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
             return
         self.counters.prompt_tokens += decoded
         self.counters.prompt_seconds += time.perf_counter() - t0

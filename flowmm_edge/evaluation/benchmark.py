@@ -112,13 +112,13 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                         with AttentionStats(ctx) as all_rows:
                             ctx.decode(tokens, 0)
                         all_rows_s = max(0.0, time.perf_counter() - t - L / prefill)
-                    window_s = 0.0
-                    if PROMPT_SCORES not in method.needs and Compressor(method, 1.0, rho=rho).needs_observation:
+                    window_s, observer = 0.0, Compressor(method, 1.0, rho=rho)
+                    if PROMPT_SCORES not in method.needs and observer.needs_observation:
                         # what the observation window's statistics add to a prefill: the prefill with them,
                         # less the plain one (the replays below only re-gather them for each budget)
                         ctx.clear()
                         t = time.perf_counter()
-                        with Compressor(method, 1.0, rho=rho).observe(ctx, prompt_end=L, labels=labels):
+                        with observer.observe(ctx, prompt_end=L, labels=labels):
                             ctx.decode(tokens, 0)
                         window_s = max(0.0, time.perf_counter() - t - L / prefill)
                     for budget in budgets:
