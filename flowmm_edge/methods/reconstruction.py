@@ -103,8 +103,9 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     try:
         for a in range(0, len(text), step):
             seq = list(prefix) + tokens_by_pos[text[a:a + step]].tolist()
-            for g in range(0, len(seq), len(seq) if whole else rows):
-                part = seq[g:g + (len(seq) if whole else rows)]
+            per_decode = len(seq) if whole else rows
+            for g in range(0, len(seq), per_decode):
+                part = seq[g:g + per_decode]
                 with AttentionStats(ctx, prompt_end=end + g + len(part), window=len(part), seq_id=seq_id,
                                     row_groups=rows if whole else None) as st:
                     ctx.decode(part, end + g, seq_id)
