@@ -11,6 +11,7 @@ Layout of the cache folder (``$FLOWMM_CACHE`` or ``$XDG_CACHE_HOME/flowmm-edge``
     models/                     generated test models and the assembled default model
     wheels/                     the PyPI packages the default model is assembled from
     python-wheels/              llama-cpp-python's Python layer, built once without compiling
+    stock/src/, stock/native/   the stock (unpatched) llama.cpp and its libllama: bench's baseline
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def default_backend() -> str:
 
 def native_build_dir(backend: str) -> Path:
     return cache_dir() / "native" / backend
+
+
+def stock_dir() -> Path:
+    """The stock, unpatched llama.cpp's own cache folder (src/ and native/ as the patched one's)."""
+    return cache_dir() / "stock"
+
+
+def stock_build_dir(backend: str) -> Path:
+    return stock_dir() / "native" / backend
+
+
+def stock_lib_dir(backend: str) -> Path:
+    return stock_build_dir(backend) / "bin"
 
 
 def native_lib_dir(backend: str) -> Path:

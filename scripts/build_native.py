@@ -45,6 +45,13 @@ PACKAGE_INDEX = os.environ.get("FLOWMM_PACKAGE_INDEX", "https://pypi.org/simple"
 NATIVE_DEST = Path("vendor/llama.cpp/src/flowmm")
 BUILD_TARGETS = ("llama", "mtmd")
 
+# The stock build (--stock): the pinned llama.cpp as upstream ships it, which `bench` times
+# against the patched build with FlowMM off. Of patches/ it takes only those that change what
+# CMake compiles and no source (0006, the CPU variant filter), so both builds carry the same CPU
+# variants and differ exactly by the FlowMM hooks and native/. Only libllama is needed from it.
+STOCK_PATCHES = ("0006-ggml-cpu-variant-selection.patch",)
+STOCK_TARGETS = ("llama",)
+
 # The CPU backend is built the way llama.cpp's releases and Ollama ship it: GGML_BACKEND_DL with
 # GGML_CPU_ALL_VARIANTS and GGML_NATIVE off. Each variant is a libggml-cpu-<name> module compiled
 # for one instruction-set level; at run time ggml scores every module against the running CPU
@@ -148,6 +155,8 @@ def apply_patches(tree: Path, patches: list[Path]) -> None:
 
 
 def install_native(tree: Path, sources: list[Path]) -> None:
+    if not sources:  # the stock tree
+        return
     dest = tree / NATIVE_DEST
     dest.mkdir(parents=True, exist_ok=True)
     for src in sources:
@@ -189,10 +198,14 @@ def source_fingerprint(patches: list[Path], sources: list[Path]) -> str:
     return h.hexdigest()
 
 
-def prepare_source(cache: Path, repo: Path = REPO) -> Path:
-    """The patched source tree in the cache, brought up to date with patches/ and native/."""
+def prepare_source(cache: Path, repo: Path = REPO, stock: bool = False) -> Path:
+    """The patched source tree in the cache, brought up to date with patches/ and native/; with
+    `stock`, the stock tree (only STOCK_PATCHES, no native/) in the cache's stock/ folder."""
     sdist = fetch_sdist(cache)
     patches, sources = patch_files(repo), native_files(repo)
+    if stock:
+        patches, sources, cache = [p for p in patches if p.name in STOCK_PATCHES], [], paths.stock_dir()
+        cache.mkdir(parents=True, exist_ok=True)
     tree = cache / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     stamp = tree / ".flowmm-source-fingerprint"
     fingerprint = source_fingerprint(patches, sources)
@@ -257,12 +270,15 @@ def built_cpu_variants(build: Path) -> list[str]:
     return sorted(set(re.findall(r"\bggml-cpu-([A-Za-z0-9_.]+?)(?=[:\s]|$)", listing, re.MULTILINE)))
 
 
-def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[str, ...] = ()) -> Path:
-    """Build into native/<backend>[-<variant>]; a variant is a second build with extra CMake flags."""
+def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[str, ...] = (),
+                 stock: bool = False) -> Path:
+    """Build into native/<backend>[-<variant>]; a variant is a second build with extra CMake flags.
+    `stock` builds libllama of the stock tree (prepare_source) into the cache's stock/ folder."""
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tree = prepare_source(cache)
-    build = paths.native_build_dir(backend + (f"-{variant}" if variant else ""))
+    tree = prepare_source(cache, stock=stock)
+    targets = STOCK_TARGETS if stock else BUILD_TARGETS
+    build = (paths.stock_build_dir if stock else paths.native_build_dir)(backend + (f"-{variant}" if variant else ""))
     args = cmake_args(backend, tree, build) + list(extra_args)
     args_stamp = build / ".flowmm-cmake-args.json"
     if not (build / "CMakeCache.txt").is_file() or not args_stamp.is_file() or json.loads(args_stamp.read_text()) != args:
@@ -280,10 +296,10 @@ def build_native(backend: str, jobs: int, variant: str = "", extra_args: tuple[s
     if not variants:
         raise BuildError(f"this llama.cpp defines none of the CPU variants {', '.join(cpu_variants())}")
     # libggml depends on every backend module, so these targets build the CPU variants too
-    log(f"building {', '.join(BUILD_TARGETS)} and CPU variants {', '.join(variants)} with {jobs} job(s)")
+    log(f"building {', '.join(targets)} and CPU variants {', '.join(variants)} with {jobs} job(s)")
     t0 = time.time()
     subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
-                    "--target", *BUILD_TARGETS], check=True)
+                    "--target", *targets], check=True)
     log(f"build finished in {time.time() - t0:.1f} s; libraries in {build / 'bin'}")
     return build / "bin"
 
@@ -299,15 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmake-arg", action="append", default=[], help="extra CMake argument for a variant")
     ap.add_argument("--lib-dir-file", type=Path, default=None,
                     help="write the folder of the built libraries to this file (the wheel's CMakeLists reads it)")
+    ap.add_argument("--stock", action="store_true",
+                    help="build the stock, unpatched libllama of the pinned version (bench's baseline)")
     ap.add_argument("--print-source-tree", action="store_true",
                     help="prepare the patched source tree, print its path and stop")
     a = ap.parse_args(argv)
     try:
         if a.print_source_tree:
-            print(prepare_source(paths.cache_dir()))
+            print(prepare_source(paths.cache_dir(), stock=a.stock))
             return 0
         backend = a.backend or paths.default_backend()
-        lib_dir = build_native(backend, a.jobs, a.variant, tuple(a.cmake_arg))
+        lib_dir = build_native(backend, a.jobs, a.variant, tuple(a.cmake_arg), stock=a.stock)
     except (BuildError, ValueError) as e:
         print(f"build_native: error: {e}", file=sys.stderr)
         return 1
@@ -316,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if a.lib_dir_file:
         a.lib_dir_file.write_text(f"{lib_dir}\n")
-    if a.record_in:
+    if a.record_in and not a.stock:
         (a.record_in / paths.NATIVE_POINTER).write_text(json.dumps({"backend": backend, "lib_dir": str(lib_dir)}) + "\n")
     return 0
 

@@ -101,3 +101,23 @@ def test_second_build_compiles_nothing():
                          capture_output=True, text=True, check=True).stdout
     assert lib.stat().st_mtime_ns == before
     assert "no work to do" in out or "Nothing to be done" in out or not re.search(r"Building (C|CXX)", out)
+
+
+def test_stock_tree_is_the_sdist_with_only_build_patches(fresh_sdist_tree, tmp_path, monkeypatch):
+    """bench's stock baseline: the pinned source with none of the FlowMM hooks or native/; the
+    patches it does take change only CMake files (what is compiled, not what the code does)."""
+    for name in build_native.STOCK_PATCHES:
+        touched = re.findall(r"^\+\+\+ b/(\S+)", (REPO / "patches" / name).read_text(), re.MULTILINE)
+        assert touched and all(Path(t).name == "CMakeLists.txt" or t.endswith(".cmake") for t in touched)
+    sdist = build_native.fetch_sdist(paths.cache_dir())
+    monkeypatch.setenv("FLOWMM_CACHE", str(tmp_path))
+    (tmp_path / "sdist").mkdir()
+    (tmp_path / "sdist" / build_native.SDIST_NAME).symlink_to(sdist)
+    tree = build_native.prepare_source(tmp_path, stock=True)
+    assert tree.is_relative_to(tmp_path / "stock")
+    src = Path("vendor/llama.cpp/src")
+    assert not (tree / build_native.NATIVE_DEST).exists()
+    for f in (fresh_sdist_tree / src).rglob("*"):
+        if f.is_file():
+            assert (tree / src / f.relative_to(fresh_sdist_tree / src)).read_bytes() == f.read_bytes(), f
+    assert "GGML_CPU_VARIANTS" in (tree / "vendor/llama.cpp/ggml/src/CMakeLists.txt").read_text()

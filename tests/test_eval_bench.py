@@ -8,9 +8,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 
 from conftest import REPO
+from flowmm_edge import paths
+from flowmm_edge.bindings import native, runtime
+from flowmm_edge.evaluation import benchmark
 
 
 def _cli(*args):
@@ -57,16 +62,22 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
         assert {r["mode"] for r in rows} == {mode}
     bad = _cli("eval", "--model", "tiny", "--families", "single-number,haystack")
     assert bad.returncode == 1 and "unknown task family 'haystack'" in bad.stderr
+    # the patched library stands in for the stock one: what is checked is that both are timed apart
     proc = _cli("bench", "--model", "tiny", "--lengths", "256,512", "--budgets", "0.2,0.5", "--methods", "snapkv,flowmm",
-                "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), "--quiet")
+                "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), "--quiet",
+                "--stock-lib", str(paths.installed_native_lib_dir()))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    # per length: full x 3 KV types and full f16 with flash attention the other way, 2 methods x 2 budgets
-    # at f16, flowmm x q8_0 x 2 budgets
-    assert len(rows) == 2 * (4 + 4 + 2)
+    # per length: full x 3 KV types, full f16 with flash attention the other way, full f16 timed apart
+    # for the stock and the patched library, 2 methods x 2 budgets at f16, flowmm x q8_0 x 2 budgets
+    assert len(rows) == 2 * (4 + 2 + 4 + 2)
     for L in (256, 512):
         full16 = [r for r in rows if (r["n_ctx"], r["method"], r["kv_type"]) == (L, "full", "f16")]
-        assert sorted(r["flash_attn"] for r in full16) == ["auto", "off"]
+        here = [r for r in full16 if r["build"] == "patched"]
+        assert sorted(r["flash_attn"] for r in here) == ["auto", "off"]
+        fastest_here = max(here, key=lambda r: r["decode_tok_s"])
+        apart = sorted((r["build"], r["flash_attn"]) for r in full16 if r["build"] != "patched")
+        assert apart == [("patched (own process)", fastest_here["flash_attn"]), ("stock (own process)", fastest_here["flash_attn"])]
         fastest = max(full16, key=lambda r: r["decode_tok_s"])
         assert fastest["decode_speedup"] == 1.0
         for r in rows:
@@ -74,6 +85,9 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
                 assert abs(r["decode_speedup"] - r["decode_tok_s"] / fastest["decode_tok_s"]) < 1e-9
                 assert r["plan_s"] >= 0 and r["apply_s"] >= 0 and (r["method"] == "full") == (r["apply_s"] == 0)
     assert "statistics + plan + apply" in proc.stdout and "vs snapkv" in proc.stdout
+    assert proc.stdout.count("patched build with FlowMM off vs stock llama.cpp") == 2
+    bad = _cli("bench", "--model", "tiny", "--stock-lib", str(tmp_path))
+    assert bad.returncode == 2 and f"{tmp_path} holds no libllama" in bad.stderr
     for r in rows:
         per_cell = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[r["kv_type"]] * 4 * 2 * 2 * 32
         assert r["kv_bytes"] == round(per_cell) * r["cells"]
@@ -85,3 +99,21 @@ def test_eval_and_bench_commands_on_the_tiny_model(tmp_path):
     assert bad.returncode == 1 and "budgets must be ratios" in bad.stderr
     bad = _cli("eval", "--model", "tiny", "--tasks", str(tmp_path / "none.jsonl"))
     assert bad.returncode == 1 and "cannot read the task file" in bad.stderr
+
+
+def test_llama_speed_decodes_what_this_process_decodes(model, tiny_models):
+    """llama_speed.py, run apart on this build's library through llama-cpp-python alone (as bench
+    runs it on the stock one), greedily decodes the tokens this process's own decode loop does:
+    it timed the model, not an empty loop."""
+    tokens = model.tokenize("the grass is green and the sky is blue " * 12)
+    with runtime.Context(model, n_ctx=len(tokens) + 64, n_threads=2, flash_attn="off") as ctx:
+        logits, pos, want = ctx.decode(tokens, 0), len(tokens), []
+        for _ in range(8):
+            want.append(int(logits.argmax()))
+            logits = ctx.decode([want[-1]], pos)
+            pos += 1
+    got = benchmark.library_speed(paths.installed_native_lib_dir(), tiny_models[0], tokens, 8, "off", 2)
+    assert got["tokens"] == want
+    assert got["prefill_tok_s"] > 0 and got["decode_tok_s"] > 0
+    assert Path(got["lib"]).resolve().parent == paths.installed_native_lib_dir().resolve()
+    assert got["backends"]["CPU"] == os.path.basename(native.loaded_backends["CPU"])  # the variant this process runs

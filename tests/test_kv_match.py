@@ -13,6 +13,7 @@ from flowmm_edge.bindings.kv_cache import NativeError
 from flowmm_edge.methods.base import Stats, TokenLayout
 from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
+from flowmm_edge.methods.lookm import LookM
 from flowmm_edge.models import tiny as tm
 from state_reference import parse_seq_state, seq_state_bytes
 
@@ -122,3 +123,29 @@ class _FixedWindow:
 
     def column_scores(self, layer, per_kv_head=False):
         return self._by_cell[layer]
+
+
+@pytest.mark.parametrize("merge", ["pivotal", "mass"])
+def test_lookm_plans_the_same_on_the_backend_as_with_numpy(model, merge):
+    """LOOK-M's fold through the backend's matching (as Compressor wires it) against numpy's
+    key_matcher over the keys of llama.cpp's own serialisation: the same plan."""
+    ctx, n = _filled(model, "f16")
+    with ctx:
+        labels = np.zeros(n, np.int32)
+        labels[10:30] = 1
+        scores = np.random.default_rng(3).random((L, H, n))
+        cells, pos = kv_cache.seq_cells(ctx)
+        by_pos = cells[np.argsort(pos)]
+        keys = _keys_by_cell(ctx)
+        ref_keys = np.stack([np.stack([keys[l][h][by_pos] for h in range(H)]) for l in range(L)])
+        method = LookM(sinks=2, window=4, merge=merge)
+        layout = TokenLayout(np.sort(pos), labels)
+
+        def backend(layer, cand, piv, group, allowed):
+            return kv_cache.match_keys(ctx, layer, by_pos[cand], by_pos[piv], group, allowed, 0)
+
+        want = method(layout, Stats(prompt_scores=scores, keys=ref_keys), L, H, 0.4)
+        got = method(layout, Stats(prompt_scores=scores, matcher=backend), L, H, 0.4)
+        assert np.any(got.src[..., 1:] >= 0)  # something was folded
+        np.testing.assert_array_equal(got.src, want.src)
+        np.testing.assert_allclose(got.weight, want.weight, rtol=1e-6)

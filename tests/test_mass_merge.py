@@ -17,10 +17,10 @@ import pytest
 from conftest import span_labels
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.methods.compression import Compressor
-from flowmm_edge.methods.base import TokenLayout
+from flowmm_edge.methods.base import TokenLayout, merge_sources
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.mass_merge import MIN_MASS, mass_plan
-from flowmm_edge.methods.pivotal_merge import fold
+from flowmm_edge.methods.pivotal_merge import fold, key_matcher
 from flowmm_edge.methods.snapkv import SnapKV
 
 D = 16
@@ -47,6 +47,32 @@ def _layout(n):
     return TokenLayout(positions=np.arange(n), labels=np.zeros(n, np.int32))
 
 
+def _src(pivots, absorbed):
+    """Sources [L, H, B, S] spelled out from per (layer, head, slot) lists: the pivot, then its candidates."""
+    pivots = np.asarray(pivots)
+    width = 1 + max((len(a) for per_l in absorbed for per_h in per_l for a in per_h), default=0)
+    src = np.full(pivots.shape + (width,), -1, np.int32)
+    for l, per_l in enumerate(absorbed):
+        for h, per_h in enumerate(per_l):
+            for s, a in enumerate(per_h):
+                src[l, h, s, 0] = pivots[l, h, s]
+                src[l, h, s, 1:1 + len(a)] = a
+    return src
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_sources_groups_every_candidate_under_its_slot(seed):
+    """merge_sources (one sort) against the lists spelled out: per slot, its pivot, then the
+    candidates whose target is that slot, in candidate order; evicted ones nowhere."""
+    rng = np.random.default_rng(seed)
+    L_, H_, n, b = 3, 2, 40, 7
+    pivots = np.stack([np.stack([np.sort(rng.choice(n, b, replace=False)) for _ in range(H_)]) for _ in range(L_)])
+    cand = np.stack([np.stack([np.setdiff1d(np.arange(n), pivots[l, h]) for h in range(H_)]) for l in range(L_)])
+    target = rng.integers(-1, b, cand.shape) if seed else np.full(cand.shape, -1)  # seed 0: nothing folded
+    want = _src(pivots, [[[cand[l, h][target[l, h] == j] for j in range(b)] for h in range(H_)] for l in range(L_)])
+    np.testing.assert_array_equal(merge_sources(pivots, cand, target), want)
+
+
 def test_identical_keys_fold_exactly(rng=np.random.default_rng(0)):
     groups = [0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4]          # five distinct keys, repeated
     base = rng.normal(size=(5, D))
@@ -55,7 +81,7 @@ def test_identical_keys_fold_exactly(rng=np.random.default_rng(0)):
     mass = _attend(q_obs, k, v)[1].sum(axis=0)
     pivots = np.array([0, 3, 4, 6, 10])
     absorbed = [np.array([1, 2]), np.array([], int), np.array([5]), np.array([7, 8, 9]), np.array([], int)]
-    plan = mass_plan(_layout(len(groups)), pivots[None, None], [[absorbed]], mass[None, None])
+    plan = mass_plan(_layout(len(groups)), _src(pivots[None, None], [[absorbed]]), mass[None, None])
     keys, vals, bias = _merged(plan, k, v)
     np.testing.assert_array_equal(keys, k[pivots])     # kept keys are not touched
     np.testing.assert_allclose(bias, np.log([3, 1, 2, 4, 1]), rtol=1e-6)  # ToMe's log(group size)
@@ -74,9 +100,9 @@ def test_merging_beats_evicting_the_same_candidates(seed):
     mass = p.sum(axis=0)
     pivots = np.sort(np.argsort(-mass, kind="stable")[:24])
     cand = np.setdiff1d(np.arange(96), pivots)
-    absorbed = fold(cand, pivots, k, np.ones(len(pivots), bool), max_absorb=15, floor=0.8)
-    assert sum(len(a) for a in absorbed) > 0
-    plan = mass_plan(_layout(96), pivots[None, None], [[absorbed]], mass[None, None])
+    target = fold(key_matcher(k[None, None]), 0, pivots[None], cand[None], max_absorb=15, floor=0.8)
+    assert np.any(target >= 0)
+    plan = mass_plan(_layout(96), merge_sources(pivots[None, None], cand[None, None], target[None]), mass[None, None])
     keys, vals, bias = _merged(plan, k, v)
     evicted = _attend(q_obs, k[pivots], v[pivots])[0]
     merged = _attend(q_obs, keys, vals, bias)[0]
@@ -129,7 +155,7 @@ def test_the_gain_becomes_the_slot_bias_and_adds_up_over_merges(model):
 
 def test_a_candidate_never_counts_for_more_than_its_pivot():
     mass = np.array([[[1e-9, 0.5, 0.2, 0.7]]])  # a pivot the window hardly saw, absorbing three that it did
-    plan = mass_plan(_layout(4), np.array([[[0]]]), [[[np.array([1, 2, 3])]]], mass)
+    plan = mass_plan(_layout(4), np.array([[[[0, 1, 2, 3]]]]), mass)
     assert plan.bias_gain[0, 0, 0] == pytest.approx(np.log(4))  # at most log(group size)
     np.testing.assert_allclose(plan.v_weight[0, 0, 0], [0.25] * 4)
 
@@ -148,7 +174,7 @@ def test_slot_weights_follow_the_formula_for_every_slot():
             per_l.append([cand[target == j] for j in range(b)])
         absorbed.append(per_l)
     mass = rng.random((L_, H_, n)) * (rng.random((L_, H_, n)) > 0.3)
-    plan = mass_plan(TokenLayout(np.arange(n), np.zeros(n, np.int32)), pivots, absorbed, mass)
+    plan = mass_plan(TokenLayout(np.arange(n), np.zeros(n, np.int32)), _src(pivots, absorbed), mass)
     for l in range(L_):
         for h in range(H_):
             for s in range(b):

@@ -445,7 +445,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
-                         flash_attn=args.flash_attn)
+                         flash_attn=args.flash_attn,
+                         stock_lib={"auto": "auto", "none": None}.get(args.stock_lib, Path(args.stock_lib)))
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
@@ -490,6 +491,15 @@ def output_file(text: str) -> Path:
     if path.is_dir() or not os.access(path.parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"{path} cannot be written")
     return path
+
+
+def _stock_lib(text: str) -> str:
+    """bench --stock-lib: auto, none, or a folder holding a libllama (checked before the work)."""
+    if text in ("auto", "none"):
+        return text
+    if not (Path(text) / f"{paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}").is_file():
+        raise argparse.ArgumentTypeError(f"{text} holds no {paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}")
+    return text
 
 
 def _add_flash_attn(p: argparse.ArgumentParser) -> None:
@@ -579,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
     p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
+    p.add_argument("--stock-lib", default="auto", type=_stock_lib,
+                   help="folder of the stock llama.cpp's libllama timed against this build (default auto: the one "
+                        "'python scripts/build_native.py --stock' builds, if built; none: leave it out)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 

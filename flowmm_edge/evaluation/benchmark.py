@@ -10,19 +10,33 @@ plus the repeat-the-context pass for reconstruction scores), plan seconds (readi
 method's host code), apply seconds (the native merge graph), decode tok/s for `n_decode` greedy
 tokens after the merge, and the process's resident memory. `targets` prints the performance issue's
 ratios from the rows.
+
+Against what a user would otherwise run: at each length, the stock (unpatched) llama.cpp of the
+pinned version and this patched build with FlowMM off are each timed by llama_speed.py in a
+process of its own (the same code for both), full f16 cache at the faster flash-attention
+setting; `targets` prints the patched/stock ratio, which should be 1 within noise. The stock
+libllama is built by `python scripts/build_native.py --stock`; without it those rows are left
+out and bench says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .. import paths
 from ..models import gguf_file
-from ..bindings import kv_cache, runtime
+from ..bindings import kv_cache, native, runtime
 from ..methods import reconstruction
 from ..bindings.attention_stats import AttentionStats
 from ..methods.compression import Compressor
@@ -47,6 +61,34 @@ class BenchRow:
     flash_attn: str = "auto"
     kv_ratio: float = 1.0      # kv_bytes / the fastest full f16 row's at this length
     decode_speedup: float = 1.0  # decode tok/s / the fastest full f16 row's
+    build: str = "patched"     # the libllama: "patched" in this process, or STOCK / PATCHED_APART
+
+
+# The builds timed apart by llama_speed.py, each in a process of its own
+STOCK, PATCHED_APART = "stock (own process)", "patched (own process)"
+LLAMA_SPEED = Path(__file__).with_name("llama_speed.py")
+
+
+def stock_lib_dir() -> Path | None:
+    """The stock libllama's folder (scripts/build_native.py --stock), or None when not built."""
+    d = paths.stock_lib_dir(paths.default_backend())
+    return d if (d / f"{paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}").is_file() else None
+
+
+def library_speed(lib_dir: Path, model_path, tokens: list[int], n_decode: int, flash_attn: str,
+                  n_threads: int | None) -> dict:
+    """Prefill and decode tok/s of the libllama in `lib_dir`, timed by llama_speed.py in a fresh process."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(list(map(int, tokens)), f)
+    try:
+        cmd = [sys.executable, str(LLAMA_SPEED), "--lib", str(lib_dir), "--model", str(model_path), "--tokens", f.name,
+               "--n-decode", str(n_decode), "--fa", flash_attn, "--threads", str(n_threads or os.cpu_count() or 1)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama_speed.py on {lib_dir} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        os.unlink(f.name)
 
 
 def _rss_mib() -> float:
@@ -77,9 +119,15 @@ def _decode_speed(ctx, logits, pos, n):
 
 def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0.5),
         methods=("streaming", "h2o", "snapkv", "lookm", "flowmm"), kv_types=("f16", "q8_0", "q4_0"),
-        combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True, flash_attn="auto") -> list[BenchRow]:
+        combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True, flash_attn="auto",
+        stock_lib: Path | None | str = "auto") -> list[BenchRow]:
+    """`stock_lib`: the folder of the stock libllama; "auto": stock_lib_dir(); None: no stock rows."""
     facts = gguf_file.read_text_model(model_path)
     rows: list[BenchRow] = []
+    stock = stock_lib_dir() if stock_lib == "auto" else stock_lib
+    if stock is None and stock_lib == "auto" and progress:
+        print("bench: the stock llama.cpp is not built (python scripts/build_native.py --stock): "
+              "its rows and the patched/stock ratio are left out", file=sys.stderr)
     with runtime.Model(model_path) as model:
         todo = [(L, kv) for L in lengths for kv in kv_types]
         for L, kv in tqdm(todo, desc="bench", unit="config", disable=not progress):
@@ -102,6 +150,17 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                         lg = ctx2.decode(tokens, 0)
                         rows.append(BenchRow(L, "full", kv, 1.0, L, L * bpc, L / (time.perf_counter() - t), 0.0,
                                              0.0, 0.0, _decode_speed(ctx2, lg, L, n_decode), _rss_mib(), other))
+                    if stock is not None:  # stock against patched, FlowMM off, each timed apart by the same code
+                        fa = fastest_full(rows, L).flash_attn
+                        modules = set()
+                        for build, lib in ((PATCHED_APART, Path(native.lib_path).parent), (STOCK, stock)):
+                            sp = library_speed(lib, model_path, tokens, n_decode, fa, n_threads)
+                            modules.add(json.dumps(sp["backends"], sort_keys=True))
+                            rows.append(BenchRow(L, "full", kv, 1.0, L, L * bpc, sp["prefill_tok_s"], 0.0, 0.0, 0.0,
+                                                 sp["decode_tok_s"], _rss_mib(), fa, build=build))
+                        if len(modules) > 1:
+                            print(f"bench: warning: the two builds loaded different ggml modules ({' vs '.join(modules)})",
+                                  file=sys.stderr)
                 names = [m for m in methods if kv == "f16"] + [m for m, k in combos if k == kv]
                 all_rows, all_rows_s = None, 0.0
                 for name in names:
@@ -121,16 +180,20 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                         with observer.observe(ctx, prompt_end=L, labels=labels):
                             ctx.decode(tokens, 0)
                         window_s = max(0.0, time.perf_counter() - t - L / prefill)
+                    recon, recon_s = None, 0.0  # the repeat pass does not depend on the budget: once per method
                     for budget in budgets:
                         ctx.set_state(state)
                         comp = Compressor(method, budget, rho=rho)
                         replayed = comp.replay(ctx, tokens, L, labels, whole_prompt=all_rows)
                         stats_s = all_rows_s if PROMPT_SCORES in method.needs else window_s
                         if RECONSTRUCTION_SCORES in method.needs:
-                            t = time.perf_counter()
-                            comp.use_reconstruction(reconstruction.reconstruction_scores(
-                                ctx, np.asarray(tokens, np.int32), reconstruction.repeat_prefix(model)))
-                            stats_s += time.perf_counter() - t
+                            if recon is None:
+                                t = time.perf_counter()
+                                recon = reconstruction.reconstruction_scores(
+                                    ctx, np.asarray(tokens, np.int32), reconstruction.repeat_prefix(model))
+                                recon_s = time.perf_counter() - t
+                            comp.use_reconstruction(recon)
+                            stats_s += recon_s
                         logits = logits0 if replayed is None else replayed
                         report = comp.compress(ctx, labels)
                         cells = kv_cache.used_bound(ctx)
@@ -146,7 +209,7 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
 
 
 def fastest_full(rows: list[BenchRow], n_ctx: int) -> BenchRow:
-    """The full f16 row that decodes fastest at this length (flash attention on or off)."""
+    """The full f16 row that decodes fastest at this length (flash attention on or off, either build)."""
     return max((b for b in rows if b.n_ctx == n_ctx and b.method == "full" and b.kv_type == "f16"),
                key=lambda b: b.decode_tok_s)
 
@@ -173,15 +236,23 @@ def targets(rows: list[BenchRow], decode_budget: float = 0.1, decode_at: int = 8
                  f"{base.decode_tok_s:.1f} = {f.decode_speedup:.2f}x"
                  + (" (target >= 2.5x)" if (L, budget) == (decode_at, decode_budget) else ""))
         out.append(line)
+    for L in sorted({r.n_ctx for r in rows}):
+        apart = {r.build: r for r in rows if r.n_ctx == L and r.build in (STOCK, PATCHED_APART)}
+        if len(apart) == 2:
+            p, s = apart[PATCHED_APART], apart[STOCK]
+            out.append(f"{L} tokens, full f16 (fa {s.flash_attn}), patched build with FlowMM off vs stock llama.cpp, "
+                       f"each in its own process: prefill {p.prefill_tok_s:.1f} vs {s.prefill_tok_s:.1f} tok/s = "
+                       f"{p.prefill_tok_s / s.prefill_tok_s:.3f}x, decode {p.decode_tok_s:.1f} vs {s.decode_tok_s:.1f} "
+                       f"tok/s = {p.decode_tok_s / s.decode_tok_s:.3f}x (target: 1 within noise)")
     return out
 
 
 def markdown(rows: list[BenchRow]) -> str:
-    lines = ["| context | method | KV | FA | budget | cells | KV memory | vs full f16 | prefill tok/s | stats s | "
-             "plan s | apply s | decode tok/s | decode vs fastest full | RSS MiB |", "|" + "---|" * 15]
+    lines = ["| context | method | build | KV | FA | budget | cells | KV memory | vs full f16 | prefill tok/s | stats s | "
+             "plan s | apply s | decode tok/s | decode vs fastest full | RSS MiB |", "|" + "---|" * 16]
     for r in rows:
         budget = "—" if r.method == "full" else f"{r.budget:.2f}"
-        lines.append(f"| {r.n_ctx} | {r.method} | {r.kv_type} | {r.flash_attn} | {budget} | {r.cells} | "
+        lines.append(f"| {r.n_ctx} | {r.method} | {r.build} | {r.kv_type} | {r.flash_attn} | {budget} | {r.cells} | "
                      f"{r.kv_bytes / 2**20:.2f} MiB | {r.kv_ratio:.1%} | {r.prefill_tok_s:.1f} | {r.stats_s:.2f} | "
                      f"{r.plan_s:.2f} | {r.apply_s:.2f} | {r.decode_tok_s:.1f} | {r.decode_speedup:.2f}x | "
                      f"{r.rss_mib:.0f} |")

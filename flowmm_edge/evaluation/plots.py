@@ -29,13 +29,14 @@ def plot_bench(rows, path) -> None:
     context length (prefill, statistics, plan, apply; each merging method at f16, its smallest
     budget), so that how each cost grows with the context shows."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    series = sorted({(r.method, r.kv_type, r.budget, r.flash_attn) for r in rows})
-    for method, kv, budget, fa in series:
+    series = sorted({(r.method, r.kv_type, r.budget, r.flash_attn, r.build) for r in rows})
+    for method, kv, budget, fa, build in series:
         pts = sorted((r.n_ctx, r.kv_bytes / 2 ** 20, r.decode_tok_s) for r in rows
-                     if (r.method, r.kv_type, r.budget, r.flash_attn) == (method, kv, budget, fa))
+                     if (r.method, r.kv_type, r.budget, r.flash_attn, r.build) == (method, kv, budget, fa, build))
         if method != "full" and budget not in (0.1, 0.2):
             continue
-        label = f"{method} {kv}" + (f" fa {fa}" if method == "full" else f" {budget:.0%}")
+        label = (f"{method} {kv}" + (f" fa {fa}" if method == "full" else f" {budget:.0%}")
+                 + ("" if build == "patched" else f", {build.split()[0]}"))
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     for method in sorted({r.method for r in rows} - {"full"}):

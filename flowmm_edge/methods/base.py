@@ -165,6 +165,25 @@ def top_by_score(scores: np.ndarray, protected: np.ndarray, slots: int) -> np.nd
     return out.reshape(scores.shape[:-1] + (slots,))
 
 
+def merge_sources(pivots: np.ndarray, cand: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """A merge plan's src [n_layer, n_head_kv, B, 1 + the largest group] from sorted pivots
+    [n_layer, n_head_kv, B], candidates [n_layer, n_head_kv, C] and each candidate's slot (index
+    into its pivots, -1: evicted) [n_layer, n_head_kv, C]: source 0 of every slot is its pivot,
+    then the candidates sent to it in the order they are given (-1 pads). One sort, no loop."""
+    n_layer, n_head_kv, b = pivots.shape
+    head = np.arange(n_layer * n_head_kv).reshape(n_layer, n_head_kv, 1)
+    slot = np.where(target >= 0, head * b + target, -1).ravel()  # flat slot id of each candidate
+    order = np.lexsort((np.broadcast_to(np.arange(cand.shape[-1]), cand.shape).ravel(), slot))
+    order = order[slot[order] >= 0]
+    grouped = slot[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(order) else np.zeros(0, np.int64)
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))  # place within its slot
+    src = np.full((n_layer * n_head_kv * b, 2 + int(rank.max(initial=-1))), -1, np.int32)
+    src[:, 0] = pivots.ravel()
+    src[grouped, 1 + rank] = cand.ravel()[order]
+    return src.reshape(n_layer, n_head_kv, b, -1)
+
+
 def keep_plan(layout: TokenLayout, selection: np.ndarray) -> Plan:
     """A keep-only plan from per-(layer, head) sorted selections [n_layer, n_head_kv, B].
 

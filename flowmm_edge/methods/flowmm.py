@@ -52,11 +52,11 @@ import dataclasses
 
 import numpy as np
 
-from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, top_by_score
+from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, merge_sources, top_by_score
 from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .mass_merge import mass_plan
-from .pivotal_merge import MERGE_RULES, absorbed_lists, build_plan, cap_absorbed
+from .pivotal_merge import MERGE_RULES, build_plan, candidates, cap_absorbed
 
 ORPHAN_RULES = ("evict", "ungated")
 IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),
@@ -124,16 +124,14 @@ class FlowMM(Method):
         match = stats.require(MATCHER, n_layer, n_head_kv, n)
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
-        every = np.arange(n)
-        cand = np.stack([np.stack([np.setdiff1d(every, pivots[l, h]) for h in range(n_head_kv)]) for l in range(n_layer)])
-        absorbed = [self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
-                    for l in range(n_layer)]
-        if self.merge == "mass":
-            return mass_plan(layout, pivots, absorbed, mass)
-        return build_plan(layout, pivots, absorbed, self.merge)
+        cand = candidates(pivots, n)
+        target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
+                           for l in range(n_layer)])
+        src = merge_sources(pivots, cand, target)
+        return mass_plan(layout, src, mass) if self.merge == "mass" else build_plan(layout, src, self.merge)
 
-    def _fold_layer(self, match, l, piv, cand, importance, labels, cross) -> list[list[np.ndarray]]:
-        """Per KV head and pivot, the candidates it absorbs: each candidate's most similar key among
+    def _fold_layer(self, match, l, piv, cand, importance, labels, cross) -> np.ndarray:
+        """Each candidate's slot [H, C] (-1: evicted): its most similar key among
         the pivots open to it (the tau gate; same modality in an intra-modal layer), if its
         cosine reaches the floor; with orphans="ungated", one without such a pivot tries again
         without the gate. At most max_absorb per pivot, the most similar."""
@@ -159,5 +157,4 @@ class FlowMM(Method):
                 retry_best = np.where(retry_cos >= floor, retry_best, -1)
             retry = best < 0
             best, cos = np.where(retry, retry_best, best), np.where(retry, retry_cos, cos)
-        return [absorbed_lists(cap_absorbed(best[h], cos[h], n_piv, self.max_absorb), cand[h], n_piv)
-                for h in range(n_head_kv)]
+        return np.stack([cap_absorbed(best[h], cos[h], n_piv, self.max_absorb) for h in range(n_head_kv)])

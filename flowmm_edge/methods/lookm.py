@@ -5,7 +5,8 @@ As the paper states it: importance = attention each token received over the whol
 (column sums, all query rows); text tokens are ranked first (the "text prior": their score is
 raised by the largest score); the recent window and the top-scored tokens are kept in equal
 shares (its default: 10% recent + 10% heavy); each evicted key/value is merged into its most
-similar kept key with the pivotal rule of pivotal_merge.py.
+similar kept key with the pivotal rule of pivotal_merge.py. Keys are compared on the cache's
+backend (MATCHER): only each candidate's best pivot and its cosine come back to the host.
 
 Where its code differs, and what we do: the released code compresses once at prefill and in
 fact leaves every text token uncompressed (only image tokens count against the budget). Here
@@ -23,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import KEYS, PROMPT_SCORES, Method, MethodError, top_by_score
+from .base import MATCHER, PROMPT_SCORES, Method, MethodError, top_by_score
 from .mass_merge import floor_for
 from .pivotal_merge import MERGE_RULES, fold, merge_plan
 
@@ -37,7 +38,7 @@ class LookM(Method):
     floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
 
     name = "lookm"
-    needs = frozenset({PROMPT_SCORES, KEYS})
+    needs = frozenset({PROMPT_SCORES, MATCHER})
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,14 +48,13 @@ class LookM(Method):
     def plan(self, layout, stats, n_layer, n_head_kv, slots):
         n = layout.n
         scores = stats.require(PROMPT_SCORES, n_layer, n_head_kv, n).astype(np.float64)
-        keys = stats.require(KEYS, n_layer, n_head_kv, n)
+        match = stats.require(MATCHER, n_layer, n_head_kv, n)
         # the recent window: `recent_share` of the budget (LOOK-M: as many recent as heavy), at least `window`
         recent = min(max(self.window, int(self.recent_share * slots)), slots - min(self.sinks, n))
         protected = np.unique(np.r_[np.arange(min(self.sinks, n)), np.arange(max(0, n - recent), n)])
         text = layout.labels == self.text_label
         prior = scores + text * scores.max(axis=-1, keepdims=True)  # every text token outranks every other
         pivots = top_by_score(prior, protected, slots)
+        floor = floor_for(self.merge, self.floor)
         return merge_plan(layout, pivots, self.merge,
-                          lambda l, h, piv, cand: fold(cand, piv, keys[l, h], np.ones(len(piv), bool), self.max_absorb,
-                                                       floor=floor_for(self.merge, self.floor)),
-                          mass=scores)
+                          lambda l, piv, cand: fold(match, l, piv, cand, self.max_absorb, floor), mass=scores)

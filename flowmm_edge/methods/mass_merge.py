@@ -46,20 +46,11 @@ def floor_for(merge: str, floor: float | None) -> float | None:
     return MASS_FLOOR if floor is None and merge == "mass" else floor
 
 
-def mass_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[np.ndarray]]],
-              mass: np.ndarray) -> Plan:
-    """A Plan from sorted pivots [n_layer, n_head_kv, B], per (layer, head, slot) the candidates
-    folded into it, and the attention mass of every cell [n_layer, n_head_kv, n]."""
-    n_layer, n_head_kv, b = pivots.shape
-    width = 1 + max((len(a) for per_l in absorbed for per_h in per_l for a in per_h), default=0)
-    src = np.full((n_layer, n_head_kv, b, width), -1, np.int32)
-    src[..., 0] = pivots
+def mass_plan(layout: TokenLayout, src: np.ndarray, mass: np.ndarray) -> Plan:
+    """A Plan from each slot's sources [n_layer, n_head_kv, B, S] (base.merge_sources: the pivot
+    first, -1 unused) and the attention mass of every cell [n_layer, n_head_kv, n]."""
     weight = np.zeros(src.shape, np.float32)
     weight[..., 0] = 1.0  # the key stays the pivot's
-    for l in range(n_layer):
-        for h in range(n_head_kv):
-            for s, cand in enumerate(absorbed[l][h]):
-                src[l, h, s, 1:1 + len(cand)] = cand
     # every slot at once: r_i = min(mass_i / mass_pivot, 1) over its sources (r_0 = 1: the pivot)
     m = np.take_along_axis(mass.astype(np.float64)[:, :, None, :], np.maximum(src, 0), axis=-1)
     m = np.maximum(m, MIN_MASS)
@@ -68,4 +59,4 @@ def mass_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[
     total = r.sum(axis=-1)
     v_weight = (r / total[..., None]).astype(np.float32)
     gain = np.log(total).astype(np.float32)
-    return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]], v_weight=v_weight, bias_gain=gain)
+    return Plan(src=src, weight=weight, slot_pos=layout.positions[src[0, 0, :, 0]], v_weight=v_weight, bias_gain=gain)

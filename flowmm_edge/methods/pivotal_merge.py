@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import MethodError, Plan, TokenLayout
+from .base import MethodError, Plan, TokenLayout, merge_sources
 from .mass_merge import mass_plan
 
 MERGE_RULES = ("pivotal", "mean", "mass")  # mass: mass_merge.py (kept keys, mass-weighted values, log-mass bias)
@@ -70,53 +70,40 @@ def cap_absorbed(target: np.ndarray, sim_to_target: np.ndarray, n_pivots: int, m
     return target
 
 
-def build_plan(layout: TokenLayout, pivots: np.ndarray, absorbed: list[list[list[np.ndarray]]], rule: str) -> Plan:
-    """A Plan from sorted pivots [n_layer, n_head_kv, B] and, per (layer, head, slot), the
-    candidate indices merged into that slot. Source 0 of every slot is its pivot."""
-    n_layer, n_head_kv, b = pivots.shape
-    width = 1 + max((len(a) for per_l in absorbed for per_h in per_l for a in per_h), default=0)
-    src = np.full((n_layer, n_head_kv, b, width), -1, np.int32)
-    weight = np.zeros(src.shape, np.float32)
-    src[..., 0] = pivots
-    for l in range(n_layer):
-        for h in range(n_head_kv):
-            for s, cand in enumerate(absorbed[l][h]):
-                wp, wc = merge_weights(len(cand), rule)
-                weight[l, h, s, 0] = wp
-                src[l, h, s, 1:1 + len(cand)] = cand
-                weight[l, h, s, 1:1 + len(cand)] = wc
-    return Plan(src=src, weight=weight, slot_pos=layout.positions[pivots[0, 0]])
+def build_plan(layout: TokenLayout, src: np.ndarray, rule: str) -> Plan:
+    """A Plan from each slot's sources [n_layer, n_head_kv, B, S] (base.merge_sources: the pivot
+    first, -1 unused), K and V weighted alike by `rule`."""
+    n_absorbed = (src[..., 1:] >= 0).sum(axis=-1, keepdims=True)
+    wp, wc = merge_weights(n_absorbed, rule)  # every slot at once
+    weight = np.where(src >= 0, wc, 0.0).astype(np.float32)
+    weight[..., :1] = wp
+    return Plan(src=src, weight=weight, slot_pos=layout.positions[src[0, 0, :, 0]])
 
 
-def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_one, mass: np.ndarray | None = None) -> Plan:
-    """A Plan from pivots [n_layer, n_head_kv, B]: fold_one(layer, head, pivots, candidates)
-    returns per pivot the candidates merged into it; the rest are evicted. The "mass" rule needs
-    the cells' attention mass [n_layer, n_head_kv, n]."""
-    n_layer, n_head_kv, _ = pivots.shape
-    every = np.arange(layout.n)
-    absorbed = [[fold_one(l, h, pivots[l, h], np.setdiff1d(every, pivots[l, h])) for h in range(n_head_kv)]
-                for l in range(n_layer)]
-    if rule == "mass":
-        return mass_plan(layout, pivots, absorbed, mass)
-    return build_plan(layout, pivots, absorbed, rule)
+def merge_plan(layout: TokenLayout, pivots: np.ndarray, rule: str, fold_layer, mass: np.ndarray | None = None) -> Plan:
+    """A Plan from pivots [n_layer, n_head_kv, B]: fold_layer(layer, pivots [H, B], candidates [H, C])
+    returns each candidate's slot [H, C] (-1: evicted). The "mass" rule needs the cells' attention
+    mass [n_layer, n_head_kv, n]."""
+    cand = candidates(pivots, layout.n)
+    target = np.stack([fold_layer(l, pivots[l], cand[l]) for l in range(len(pivots))])
+    src = merge_sources(pivots, cand, target)
+    return mass_plan(layout, src, mass) if rule == "mass" else build_plan(layout, src, rule)
 
 
-def absorbed_lists(target: np.ndarray, candidates: np.ndarray, n_pivots: int) -> list[np.ndarray]:
-    """Per pivot slot, the candidate indices assigned to it (in position order)."""
-    return [candidates[target == j] for j in range(n_pivots)]
+def candidates(pivots: np.ndarray, n: int) -> np.ndarray:
+    """[..., n - B]: per row of sorted pivots [..., B], the other cells of 0..n-1 in order."""
+    keep = np.ones(pivots.shape[:-1] + (n,), bool)
+    np.put_along_axis(keep, pivots, False, axis=-1)
+    return np.nonzero(keep)[-1].reshape(pivots.shape[:-1] + (n - pivots.shape[-1],))
 
 
-def fold(cand: np.ndarray, piv: np.ndarray, keys: np.ndarray, eligible: np.ndarray, max_absorb: int,
-         fallback: np.ndarray | None = None, floor: float | None = None) -> list[np.ndarray]:
-    """Match candidates to their most similar eligible pivot (then, for those left without one,
-    to the most similar pivot allowed by `fallback`), cap each pivot at max_absorb, and return
-    per pivot the candidates it absorbs. eligible/fallback: bool, broadcastable to [cand, piv].
-    With a floor, a candidate whose best allowed cosine is below it is evicted."""
-    sim = cosine(keys[cand], keys[piv])
-    above = np.ones(sim.shape, bool) if floor is None else sim >= floor
-    target = assign(sim, eligible & above)
-    if fallback is not None:
-        retry = target < 0
-        target[retry] = assign(sim[retry], (np.broadcast_to(fallback, sim.shape) & above)[retry])
-    best = sim[np.arange(len(cand)), np.maximum(target, 0)]
-    return absorbed_lists(cap_absorbed(target, best, len(piv), max_absorb), cand, len(piv))
+def fold(match, layer: int, piv: np.ndarray, cand: np.ndarray, max_absorb: int,
+         floor: float | None = None) -> np.ndarray:
+    """Each candidate's slot [H, C] (-1: evicted): each candidate [H, C] goes to its most similar
+    pivot [H, P] by key cosine (`match`, see key_matcher: the cache's backend or numpy), unless
+    that cosine is below `floor`; each pivot keeps at most max_absorb, the most similar."""
+    n_head_kv, n_piv = piv.shape
+    best, cos = match(layer, cand, piv, np.zeros(cand.shape, np.int32), np.ones((n_head_kv, 1, n_piv), bool))
+    if floor is not None:
+        best = np.where(cos >= floor, best, -1)
+    return np.stack([cap_absorbed(best[h], cos[h], n_piv, max_absorb) for h in range(n_head_kv)])
