@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from flowmm_edge.methods import METHODS, MethodError, Stats, TokenLayout
 from flowmm_edge.methods.flowmm import FlowMM
+from flowmm_edge.methods.base import top_by_score
 from flowmm_edge.methods.pivotal_merge import cap_absorbed
 
 L, H, D = 3, 2, 8
@@ -234,3 +235,20 @@ def test_the_absorb_cap_keeps_each_pivots_most_similar_candidates(data):
         for i in mine[k:]:
             want[i] = -1
     np.testing.assert_array_equal(cap_absorbed(target, sim, n_piv, k), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_top_by_score_keeps_the_protected_and_the_best_others(data):
+    """top_by_score (one lexsort for every row) against the rule spelled out per row: the protected
+    cells, then the others by score, best first, ties to the earlier position; sorted."""
+    n = data.draw(st.integers(1, 30))
+    rows = data.draw(st.integers(1, 4))
+    scores = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=rows * n, max_size=rows * n)))
+    scores = scores.reshape(rows, n)
+    protected = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), max_size=n))), np.int64)
+    slots = data.draw(st.integers(len(protected), n))
+    for r in range(rows):
+        others = sorted(set(range(n)) - set(protected.tolist()), key=lambda i: (-scores[r, i], i))
+        want = sorted(protected.tolist() + others[:slots - len(protected)])
+        assert top_by_score(scores, protected, slots)[r].tolist() == want

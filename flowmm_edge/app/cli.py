@@ -444,7 +444,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
-                         _csv(args.kv_types), n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
+                         _csv(args.kv_types), combos=args.combos, n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
                          flash_attn=args.flash_attn,
                          stock_lib={"auto": "auto", "none": None}.get(args.stock_lib, Path(args.stock_lib)))
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
@@ -491,6 +491,17 @@ def output_file(text: str) -> Path:
     if path.is_dir() or not os.access(path.parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"{path} cannot be written")
     return path
+
+
+def _combos(text: str) -> tuple[tuple[str, str], ...]:
+    """bench --combos: METHOD:KV pairs, or none."""
+    if text == "none":
+        return ()
+    pairs = tuple(tuple(p.split(":")) for p in _csv(text))
+    if any(len(p) != 2 or p[1] not in ("f16", "q8_0", "q4_0") for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD:KV pairs with KV f16, q8_0 or q4_0 "
+                                         "(flowmm:q8_0), or none")
+    return pairs
 
 
 def _stock_lib(text: str) -> str:
@@ -583,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
     p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm")
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
+    p.add_argument("--combos", default="flowmm:q8_0", type=_combos,
+                   help="METHOD:KV pairs also run on a quantized cache (of --kv-types), comma-separated, or none "
+                        "(default flowmm:q8_0)")
     p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)

@@ -151,18 +151,14 @@ class Method(abc.ABC):
 def top_by_score(scores: np.ndarray, protected: np.ndarray, slots: int) -> np.ndarray:
     """Per row of scores [..., n]: the protected indices plus the highest-scoring others, sorted.
 
-    Ties go to the earlier position (a stable sort on the negated score)."""
+    Ties go to the earlier position (lexsort is stable). Every row at once."""
     n = scores.shape[-1]
-    extra = slots - len(protected)
     mask = np.zeros(n, bool)
     mask[protected] = True
     flat = scores.reshape(-1, n)
-    out = np.empty((flat.shape[0], slots), dtype=np.int64)
-    for r, row in enumerate(flat):
-        order = np.argsort(-row, kind="stable")
-        chosen = order[~mask[order]][:extra]
-        out[r] = np.sort(np.r_[protected, chosen])
-    return out.reshape(scores.shape[:-1] + (slots,))
+    # protected first, then by descending score, then by position
+    order = np.lexsort((-flat, np.broadcast_to(~mask, flat.shape)), axis=-1)
+    return np.sort(order[:, :slots], axis=-1).astype(np.int64).reshape(scores.shape[:-1] + (slots,))
 
 
 def merge_sources(pivots: np.ndarray, cand: np.ndarray, target: np.ndarray) -> np.ndarray:
