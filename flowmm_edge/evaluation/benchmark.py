@@ -14,9 +14,9 @@ ratios from the rows.
 Against what a user would otherwise run: at each length, the stock (unpatched) llama.cpp of the
 pinned version and this patched build with FlowMM off are each timed by llama_speed.py in a
 process of its own (the same code for both; twice each in ABBA order, the faster of the two
-kept), full f16 cache at the faster flash-attention setting; `targets` prints the patched/stock ratio, which should be 1 within noise. The stock
-libllama is built by `python scripts/build_native.py --stock`; without it those rows are left
-out and bench says so.
+kept), full f16 cache at the faster flash-attention setting; `targets` prints the patched/stock
+ratio, which should be 1 within noise. The stock libllama is built by
+`python scripts/build_native.py --stock`; without it those rows are left out and bench says so.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import paths
+from ..errors import FlowMMError
 from ..models import gguf_file
 from ..bindings import kv_cache, native, runtime
 from ..methods import reconstruction
@@ -85,7 +86,7 @@ def library_speed(lib_dir: Path, model_path, tokens: list[int], n_decode: int, f
                "--n-decode", str(n_decode), "--fa", flash_attn, "--threads", str(n_threads or os.cpu_count() or 1)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            raise RuntimeError(f"llama_speed.py on {lib_dir} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise FlowMMError(f"llama_speed.py on {lib_dir} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         os.unlink(f.name)
