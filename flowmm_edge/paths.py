@@ -26,6 +26,7 @@ BACKENDS = ("cpu", "cuda", "metal")
 # What shared libraries' file names start with on this platform (libggml-cpu-haswell.so, ggml-cpu-haswell.dll)
 LIB_PREFIX = "" if sys.platform == "win32" else "lib"
 SHARED_SUFFIX = {"win32": ".dll", "darwin": ".dylib"}.get(sys.platform, ".so")
+LIBLLAMA = f"{LIB_PREFIX}llama{SHARED_SUFFIX}"  # the file a library folder must hold
 
 # The file, inside the virtual environment, in which setup records the libraries it built.
 NATIVE_POINTER = "flowmm-native.json"
@@ -95,7 +96,7 @@ def installed_native_lib_dir() -> Path:
     env = os.environ.get("FLOWMM_LIB_DIR")
     if env:
         return Path(env).expanduser()
-    if (package_lib_dir() / f"{LIB_PREFIX}llama{SHARED_SUFFIX}").is_file():
+    if (package_lib_dir() / LIBLLAMA).is_file():
         return package_lib_dir()
     pointer = Path(sys.prefix) / NATIVE_POINTER
     if pointer.is_file():

@@ -445,8 +445,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), combos=args.combos, n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
-                         flash_attn=args.flash_attn,
-                         stock_lib={"auto": "auto", "none": None}.get(args.stock_lib, Path(args.stock_lib)))
+                         flash_attn=args.flash_attn, stock_lib=args.stock_lib)
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
@@ -504,13 +503,14 @@ def _combos(text: str) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
-def _stock_lib(text: str) -> str:
-    """bench --stock-lib: auto, none, or a folder holding a libllama (checked before the work)."""
+def _stock_lib(text: str) -> str | Path | None:
+    """bench --stock-lib, as benchmark.run takes it: "auto", None for none, or a folder holding a
+    libllama (checked before the work)."""
     if text in ("auto", "none"):
-        return text
-    if not (Path(text) / f"{paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}").is_file():
-        raise argparse.ArgumentTypeError(f"{text} holds no {paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}")
-    return text
+        return None if text == "none" else text
+    if not (Path(text) / paths.LIBLLAMA).is_file():
+        raise argparse.ArgumentTypeError(f"{text} holds no {paths.LIBLLAMA}")
+    return Path(text)
 
 
 def _add_flash_attn(p: argparse.ArgumentParser) -> None:

@@ -73,7 +73,7 @@ LLAMA_SPEED = Path(__file__).with_name("llama_speed.py")
 def stock_lib_dir() -> Path | None:
     """The stock libllama's folder (scripts/build_native.py --stock), or None when not built."""
     d = paths.stock_lib_dir(paths.default_backend())
-    return d if (d / f"{paths.LIB_PREFIX}llama{paths.SHARED_SUFFIX}").is_file() else None
+    return d if (d / paths.LIBLLAMA).is_file() else None
 
 
 def library_speed(lib_dir: Path, model_path, tokens: list[int], n_decode: int, flash_attn: str,

@@ -56,7 +56,7 @@ from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, Me
 from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .mass_merge import mass_plan
-from .pivotal_merge import MERGE_RULES, build_plan, candidates, cap_absorbed
+from .pivotal_merge import MERGE_RULES, build_plan, candidates, cap_absorbed, match_above
 
 ORPHAN_RULES = ("evict", "ungated")
 IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),
@@ -148,13 +148,9 @@ class FlowMM(Method):
             group = labels[cand]
             same = labels[piv][:, None, :] == np.arange(n_labels)[None, :, None]  # [H, label, P]
         floor = floor_for(self.merge, self.floor)
-        best, cos = match(l, cand, piv, group, same & open_[:, None, :])
-        if floor is not None:
-            best = np.where(cos >= floor, best, -1)
+        best, cos = match_above(match, l, cand, piv, group, same & open_[:, None, :], floor)
         if self.orphans == "ungated":
-            retry_best, retry_cos = match(l, cand, piv, group, same)
-            if floor is not None:
-                retry_best = np.where(retry_cos >= floor, retry_best, -1)
+            retry_best, retry_cos = match_above(match, l, cand, piv, group, same, floor)
             retry = best < 0
             best, cos = np.where(retry, retry_best, best), np.where(retry, retry_cos, cos)
         return np.stack([cap_absorbed(best[h], cos[h], n_piv, self.max_absorb) for h in range(n_head_kv)])

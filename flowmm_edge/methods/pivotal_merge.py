@@ -97,13 +97,20 @@ def candidates(pivots: np.ndarray, n: int) -> np.ndarray:
     return np.nonzero(keep)[-1].reshape(pivots.shape[:-1] + (n - pivots.shape[-1],))
 
 
+def match_above(match, layer: int, cand: np.ndarray, piv: np.ndarray, group: np.ndarray, allowed: np.ndarray,
+                floor: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """`match`'s (best pivot [H, C], its cosine [H, C]) (see key_matcher), with a best pivot whose
+    cosine is below `floor` dropped (-1): that candidate is evicted, not folded."""
+    best, cos = match(layer, cand, piv, group, allowed)
+    return (best if floor is None else np.where(cos >= floor, best, -1)), cos
+
+
 def fold(match, layer: int, piv: np.ndarray, cand: np.ndarray, max_absorb: int,
          floor: float | None = None) -> np.ndarray:
     """Each candidate's slot [H, C] (-1: evicted): each candidate [H, C] goes to its most similar
     pivot [H, P] by key cosine (`match`, see key_matcher: the cache's backend or numpy), unless
     that cosine is below `floor`; each pivot keeps at most max_absorb, the most similar."""
     n_head_kv, n_piv = piv.shape
-    best, cos = match(layer, cand, piv, np.zeros(cand.shape, np.int32), np.ones((n_head_kv, 1, n_piv), bool))
-    if floor is not None:
-        best = np.where(cos >= floor, best, -1)
+    best, cos = match_above(match, layer, cand, piv, np.zeros(cand.shape, np.int32),
+                            np.ones((n_head_kv, 1, n_piv), bool), floor)
     return np.stack([cap_absorbed(best[h], cos[h], n_piv, max_absorb) for h in range(n_head_kv)])
