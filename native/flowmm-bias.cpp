@@ -7,6 +7,7 @@
 // attention on and off; with no bias set it adds nothing to the graph.
 
 #include "flowmm.h"
+#include "flowmm-graph.h"
 #include "flowmm-hooks.h"
 #include "flowmm-impl.h"
 

@@ -51,18 +51,6 @@ llama_kv_cache * flowmm_resolve_kv_seq(llama_context * ctx, llama_seq_id seq_id)
 // the slot-bias state forgets the cells of seq_id (after they were rewritten by a merge)
 void flowmm_bias_forget_seq(llama_kv_cache & kv, llama_seq_id seq_id);
 
-// llama_context's cached graphs must not be reused after the cache or its hooks change
-void flowmm_drop_cached_graphs(llama_context * ctx);
-
-// a fresh graph of native/'s own in the context's reserve result, like llama.cpp's K-shift
-// graph: cached graphs dropped, the scheduler reset
-struct flowmm_graph {
-    ggml_backend_sched_t sched;
-    ggml_context       * gctx;
-    ggml_cgraph        * gf;
-};
-flowmm_graph flowmm_begin_graph(llama_context * ctx);
-
 // what native/ keeps on a cache (in its flowmm_ext slot, patches/0002): one entry per feature
 struct flowmm_ext {
     std::shared_ptr<void> bias;  // flowmm-bias.cpp

@@ -7,6 +7,7 @@
 // those two small arrays come back to the host, which decides what folds into what.
 
 #include "flowmm.h"
+#include "flowmm-graph.h"
 #include "flowmm-impl.h"
 
 #include "llama-context.h"
@@ -73,7 +74,7 @@ int32_t flowmm_kv_match_keys(llama_context * ctx, llama_seq_id seq_id, int32_t i
 
     const int64_t hd = hp.n_embd_head_k(mil);
     ggml_tensor * k = acc::k(*kv, il, strm);
-    ggml_tensor * rows = ggml_view_2d(gctx, k, hd, H * kv_size, ggml_row_size(k->type, hd), 0); // row (cell * H + h)
+    ggml_tensor * rows = flowmm_cache_rows(gctx, k, hd, H * kv_size); // row (cell * H + h)
 
     ggml_tensor * cand_rows = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * C);
     ggml_tensor * piv_rows  = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * P);

@@ -5,6 +5,7 @@
 // (get_rows, mul, permute/cont, sum_rows, set_rows, cpy), so CPU, CUDA and Metal run it.
 
 #include "flowmm.h"
+#include "flowmm-graph.h"
 #include "flowmm-impl.h"
 
 #include "llama-context.h"
@@ -18,24 +19,6 @@
 #include <cmath>
 #include <string>
 #include <vector>
-
-struct flowmm_ctx_access {
-    // what llama_context::memory_update does before it changes the memory: graphs built
-    // for the old cache must not be reused
-    static void drop_cached_graphs(llama_context & lctx) {
-        for (auto & res : lctx.gf_res_prev) {
-            if (res) {
-                res->reset();
-            }
-        }
-        lctx.gf_res_prev_active = nullptr;
-    }
-
-    static int32_t last_graph_n_nodes(llama_context & lctx) {
-        const llm_graph_result * res = lctx.gf_res_prev_active;
-        return res ? ggml_graph_n_nodes(res->get_gf()) : -1;
-    }
-};
 
 using acc = flowmm_kv_access;
 
@@ -138,27 +121,6 @@ int32_t validate(const llama_kv_cache & kv, llama_seq_id seq_id, const flowmm_me
 
 } // namespace
 
-void flowmm_drop_cached_graphs(llama_context * ctx) {
-    flowmm_ctx_access::drop_cached_graphs(*ctx);
-}
-
-flowmm_graph flowmm_begin_graph(llama_context * ctx) {
-    flowmm_ctx_access::drop_cached_graphs(*ctx);
-    ggml_backend_sched_t sched = ctx->get_sched();
-    ggml_backend_sched_reset(sched);
-    llm_graph_result * res = ctx->get_gf_res_reserve();
-    res->reset();
-    return {sched, res->get_ctx(), res->get_gf()};
-}
-
-int32_t flowmm_graph_n_nodes(llama_context * ctx) {
-    if (ctx == nullptr) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "context is NULL");
-    }
-    const int32_t n = flowmm_ctx_access::last_graph_n_nodes(*ctx);
-    return n < 0 ? flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the context has not computed a graph yet") : n;
-}
-
 int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flowmm_merge_plan * plan) {
     llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
@@ -218,12 +180,12 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
         const int64_t hd_v = hp.n_embd_head_v(mil);
 
         ggml_tensor * k = acc::k(*kv, l, chk.strm);
-        ggml_tensor * k2 = ggml_view_2d(gctx, k, hd_k, H * kv_size, ggml_row_size(k->type, hd_k), 0);
+        ggml_tensor * k2 = flowmm_cache_rows(gctx, k, hd_k, H * kv_size);
         ggml_build_forward_expand(gf, ggml_set_rows(gctx, k2, merge(k2, l, hd_k, weights[l]), dst_rows));
 
         ggml_tensor * v = acc::v(*kv, l, chk.strm);
         if (!acc::v_trans(*kv)) {
-            ggml_tensor * v2 = ggml_view_2d(gctx, v, hd_v, H * kv_size, ggml_row_size(v->type, hd_v), 0);
+            ggml_tensor * v2 = flowmm_cache_rows(gctx, v, hd_v, H * kv_size);
             ggml_build_forward_expand(gf, ggml_set_rows(gctx, v2, merge(v2, l, hd_v, weights_v[l]), dst_rows));
         } else {
             // V^T: element (cell c, dim d) at d * kv_size + c. Gather from a row-major copy, write

@@ -9,6 +9,7 @@
 // host across ubatches. With no request, neither hook adds or does anything.
 
 #include "flowmm.h"
+#include "flowmm-graph.h"
 #include "flowmm-hooks.h"
 #include "flowmm-impl.h"
 

@@ -1,6 +1,6 @@
 """Key matching on the cache's backend (kv_cache.match_keys, native/flowmm-match.cpp) against
 numpy over the keys of llama.cpp's own serialisation of the sequence (state_reference), and
-FlowMM planned with it against FlowMM planned by its numpy reference (pivotal_merge.key_matcher)."""
+FlowMM planned with it against FlowMM planned by its numpy reference (token_folding.key_matcher)."""
 
 from __future__ import annotations
 

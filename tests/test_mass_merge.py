@@ -20,7 +20,7 @@ from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.base import TokenLayout, merge_sources
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.mass_merge import MIN_MASS, mass_plan
-from flowmm_edge.methods.pivotal_merge import fold, key_matcher
+from flowmm_edge.methods.token_folding import fold, key_matcher
 from flowmm_edge.methods.snapkv import SnapKV
 
 D = 16

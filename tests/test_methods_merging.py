@@ -1,8 +1,9 @@
 """Merging methods (flowmm with its ablations, lookm) against plain-Python references.
 
-The references below re-derive every step from DESIGN.md §5 and the LOOK-M paper with loops and
-the textbook formulas (selection by sorting, cosine by dot/(|a||b|), the pivotal merge as
-(k_j + ½Σ(k_i + k_j))/(n_j + 1) on the vectors), sharing no code with flowmm_edge.methods.
+The references below re-derive every step from docs/METHOD.md ('Merging strategy per layer',
+'Sensitivity-aware matching') and the LOOK-M paper with loops and the textbook formulas
+(selection by sorting, cosine by dot/(|a||b|), the pivotal merge as (k_j + ½Σ(k_i + k_j))/(n_j + 1)
+on the vectors), sharing no code with flowmm_edge.methods.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from flowmm_edge.methods import METHODS, MethodError, Stats, TokenLayout
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.base import top_by_score
-from flowmm_edge.methods.pivotal_merge import cap_absorbed
+from flowmm_edge.methods.token_folding import cap_absorbed
 
 L, H, D = 3, 2, 8
 

@@ -16,14 +16,15 @@ import numpy as np
 
 from ..errors import FlowMMError
 from ..bindings.kv_cache import MergePlan
+from .token_folding import key_matcher
 
 WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
 PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every prompt row (H2O's accumulator)
 RECONSTRUCTION_SCORES = "reconstruction_scores"  # [n_layer, n_head_kv, n] mass from a repeat-the-context pass
-RHO = "rho"                      # [n_layer] cross-modal share of attention (DESIGN.md §5)
+RHO = "rho"                      # [n_layer] cross-modal share of attention (docs/METHOD.md, 'Cross-modal flow (rho)')
 KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
 MATCHER = "matcher"              # key matching on the cache's backend (kv_cache.match_keys), in cell indices;
-                                 # pivotal_merge.key_matcher is its numpy reference over KEYS
+                                 # token_folding.key_matcher is its numpy reference over KEYS
 STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, KEYS, MATCHER)
 
 
@@ -62,8 +63,6 @@ class Stats:
         if name == MATCHER:  # the backend's, or the numpy reference over the keys
             if self.matcher is not None:
                 return self.matcher
-            from .pivotal_merge import key_matcher
-
             return key_matcher(self.require(KEYS, n_layer, n_head_kv, n))
         value = getattr(self, name)
         if value is None:

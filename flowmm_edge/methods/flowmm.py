@@ -1,7 +1,7 @@
 """`flowmm` (Li et al. 2025, "FlowMM", arXiv 2511.05534; no official code): cross-modal information
 flow picks a merging mode per layer, a sensitivity-adaptive matcher picks what folds into what.
 
-Per layer l and KV head (DESIGN.md §5; [S] the paper states it, [I] our choice):
+Per layer l and KV head (docs/METHOD.md; [S] the paper states it, [I] our choice):
   1. [S] mode: cross-modal if rho^l >= theta, else intra-modal. rho^l (the share of attention
      mass crossing text<->other modality) comes from a calibrated policy or, without one, from
      the current prompt's statistics.
@@ -56,7 +56,8 @@ from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, Me
 from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .mass_merge import mass_plan
-from .pivotal_merge import MERGE_RULES, build_plan, candidates, cap_absorbed, match_above
+from .pivotal_merge import MERGE_RULES, build_plan
+from .token_folding import candidates, cap_absorbed, match_above
 
 ORPHAN_RULES = ("evict", "ungated")
 IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),

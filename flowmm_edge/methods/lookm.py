@@ -26,7 +26,8 @@ import numpy as np
 
 from .base import MATCHER, PROMPT_SCORES, Method, MethodError, top_by_score
 from .mass_merge import floor_for
-from .pivotal_merge import MERGE_RULES, fold, merge_plan
+from .pivotal_merge import MERGE_RULES, merge_plan
+from .token_folding import fold
 
 
 @dataclasses.dataclass
