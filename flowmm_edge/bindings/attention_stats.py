@@ -4,7 +4,8 @@
         ctx.decode(prompt, 0)
     scores = stats.column_scores(layer)      # [n_head, n_cells], cells in seq_cells order
     flow = stats.flow(layer)                 # [n_head, n_labels, n_labels] mass from label a to b
-    rho = stats.cross_modal_share(layer)     # per head, DESIGN.md §5's rho^l before averaging
+    rho = stats.cross_modal_share(layer)     # per head, rho^l before averaging (docs/METHOD.md,
+                                             # 'Cross-modal flow (rho)')
 
 The context manager stops the computation on exit (the graph is llama.cpp's own again) but
 keeps the results readable until the next request or `close()`.
@@ -132,7 +133,8 @@ class AttentionStats:
         return self._results[layer][1] if not self._running else self._flow(layer)
 
     def cross_modal_share(self, layer: int, text_label: int = 0) -> np.ndarray:
-        """Per query head: (mass text->non-text + non-text->text) / all mass (DESIGN.md §5, rho^l before 1/H)."""
+        """Per query head: (mass text->non-text + non-text->text) / all mass: rho^l before 1/H
+        (docs/METHOD.md, 'Cross-modal flow (rho)')."""
         f = self.flow(layer)
         text = np.zeros(self.n_labels, bool)
         text[text_label] = True

@@ -1,9 +1,9 @@
 """Thin, leak-free handles over llama.cpp's low-level API: model, context, decode.
 
 The high-level `llama_cpp.Llama` keeps `n_tokens` equal to the next position and indexes
-its arrays by it, which breaks once the cache is compacted (DESIGN.md §2); flowmm-edge
-drives llama.cpp through these handles instead. Every handle frees its native object in
-`close()` (and as a last resort when garbage-collected).
+its arrays by it, which breaks once the cache is compacted (docs/ARCHITECTURE.md, 'What the
+code relies on in llama.cpp'); flowmm-edge drives llama.cpp through these handles instead.
+Every handle frees its native object in `close()` (and as a last resort when garbage-collected).
 """
 
 from __future__ import annotations

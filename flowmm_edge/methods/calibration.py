@@ -2,7 +2,8 @@
 attention statistics (every query row, all heads), and write the model's merging policy.
 
 rho^l = mean over query heads of (mass text->other + other->text) / (all mass), with the flow
-matrices summed over all calibration prompts before the ratio (DESIGN.md §5).
+matrices summed over all calibration prompts before the ratio (docs/METHOD.md, 'Cross-modal
+flow (rho)').
 
 Prompts: a JSONL file, one {"segments": [...]} per line (prompt.parse_segments), or the
 built-in set. For a model with an mmproj the built-in prompts carry generated images; for a
@@ -25,7 +26,7 @@ from .flowmm import FlowMM
 from .policy import Policy, fingerprint
 from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
-THETA = 0.25  # DESIGN.md §5: 0.2-0.3 worked best in the paper
+THETA = 0.25  # docs/METHOD.md, 'Merging strategy per layer': 0.2-0.3 worked best in the paper
 # the policy records FlowMM's own defaults (one home: its signature), except what it calibrates or ablates
 METHOD_DEFAULTS = {k: p.default for k, p in inspect.signature(FlowMM).parameters.items()
                    if k not in ("theta", "flow_guidance", "sensitivity")}

@@ -1,4 +1,5 @@
-"""The embedded default model that `chat` uses when no model is given (DESIGN.md §6)."""
+"""The embedded default model that `chat` uses when no model is given (docs/METHOD.md, 'Models
+available here')."""
 
 from __future__ import annotations
 

