@@ -41,7 +41,7 @@ from ..bindings import kv_cache, native, runtime
 from ..methods import reconstruction
 from ..bindings.attention_stats import AttentionStats
 from ..methods.compression import Compressor
-from .evaluate import make_method
+from ..methods import registry
 from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
 
 
@@ -171,7 +171,7 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                 names = [m for m in methods if kv == "f16"] + [m for m, k in combos if k == kv]
                 all_rows, all_rows_s = None, 0.0
                 for name in names:
-                    method, rho = make_method(name)
+                    method, rho = registry.resolve(name)
                     if PROMPT_SCORES in method.needs and all_rows is None:  # whole-prompt statistics: one more prefill
                         ctx.clear()
                         t = time.perf_counter()

@@ -32,30 +32,15 @@ from ..methods import reconstruction
 from ..bindings import runtime
 from ..bindings.attention_stats import AttentionStats
 from ..methods.compression import Compressor
-from ..methods import METHODS
+from ..methods import registry
 from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES, MethodError
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
+from .rows import Row
 from .tasks import Task
 
 MODES = ("after", "inside", "followup")
 PLACEHOLDER = "\x01FLOWMM\x01"
-
-
-@dataclasses.dataclass
-class Row:
-    mode: str
-    task: str
-    kind: str
-    question: int    # index of the question in its task
-    method: str
-    budget: float
-    n_prompt: int    # positions compressed: the context (after, followup) or context + question (inside)
-    cells: int       # cells held after the compression
-    answer: str
-    score: float
-    kl: float        # mean over the full answer's steps of KL(full || method), nats (nan in followup)
-    top1: float      # share of those steps where both pick the same token (nan in followup)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -70,27 +55,6 @@ def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Seg
     head, _, tail = text.partition(PLACEHOLDER)
     return ([Segment("text", head), *task.segments],
             [[Segment("text", "\n" + q.text + tail + q.answer_prefix)] for q in task.questions])
-
-
-# flowmm:<variant>: the paper's ablations, the importance source, the merge rule, and eviction in place of merging
-VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
-            "no-both": dict(flow_guidance=False, sensitivity=False),
-            "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source
-            "pivotal": dict(merge="pivotal"),  # LOOK-M's merge (flowmm:window+pivotal: FlowMM as first built)
-            "select": dict(merge="mass", floor=2.0)}  # no key clears a floor above 1: eviction, same pivots
-
-
-def make_method(name: str, policy=None):
-    """(method, rho or None) for a name: a registered method, or flowmm:<variant>[+<variant>...]
-    (the variants' settings combined, later ones winning: flowmm:window+pivotal)."""
-    if name == "flowmm" and policy is not None:
-        return policy.flowmm(), np.asarray(policy.rho)
-    base, _, variant = name.partition(":")
-    parts = variant.split("+") if variant else []
-    if base not in METHODS or (parts and (base != "flowmm" or any(v not in VARIANTS for v in parts))):
-        known = sorted(METHODS) + [f"flowmm:{a}" for a in VARIANTS]
-        raise MethodError(f"unknown method {name!r} (one of {', '.join(known)}, or variants joined by '+')")
-    return METHODS[base](**{k: v for part in parts for k, v in VARIANTS[part].items()}), None
 
 
 def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):
@@ -119,7 +83,7 @@ def compressions(methods: list[str], budgets: list[float], policy) -> list[tuple
     out = []
     for name in methods:
         if name != "full":
-            method, rho = make_method(name, policy)
+            method, rho = registry.resolve(name, policy)
             out += [(name, float(budget), Compressor(method, budget, rho=rho)) for budget in budgets]
     return out
 

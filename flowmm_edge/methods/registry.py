@@ -1,0 +1,49 @@
+"""The one place a method's name becomes a method object.
+
+    method, rho = registry.resolve("flowmm:no-flow")        # an ablation
+    method, rho = registry.resolve("flowmm", policy)        # the policy's FlowMM and its rho^l
+
+A name is a registered method (`METHODS`), or `flowmm:<variant>[+<variant>...]`: the variants'
+settings combined, later ones winning (`flowmm:window+pivotal`). With a calibrated policy, the
+name "flowmm" is the policy's FlowMM, with its per-layer rho. `chat`, `serve`, `eval`, `bench`,
+`Engine` and the press all resolve names here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import METHODS
+from .base import Method, MethodError
+
+# flowmm:<variant>: the paper's ablations, the importance source, the merge rule, and eviction in place of merging
+VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
+            "no-both": dict(flow_guidance=False, sensitivity=False),
+            "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source
+            "pivotal": dict(merge="pivotal"),  # LOOK-M's merge (flowmm:window+pivotal: FlowMM as first built)
+            "select": dict(merge="mass", floor=2.0)}  # no key clears a floor above 1: eviction, same pivots
+
+
+def known_names() -> list[str]:
+    return sorted(METHODS) + [f"flowmm:{v}" for v in VARIANTS]
+
+
+def base_name(name: str) -> str:
+    """The registered method a name is a variant of ("flowmm:no-flow" -> "flowmm")."""
+    return name.partition(":")[0]
+
+
+def resolve(name: str | Method, policy=None) -> tuple[Method, np.ndarray | None]:
+    """(a fresh method object, rho^l from the policy or None) for a name. A Method instance (a
+    caller's own configuration) is returned as it is, with the policy's rho if it is FlowMM."""
+    rho = None if policy is None else np.asarray(policy.rho, dtype=np.float64)
+    if isinstance(name, Method):
+        return name, rho if name.name == "flowmm" else None
+    if name == "flowmm" and policy is not None:
+        return policy.flowmm(), rho
+    # a variant is an ablation of the paper's method: it estimates its own rho, as without a policy
+    base, _, variant = name.partition(":")
+    parts = variant.split("+") if variant else []
+    if base not in METHODS or (parts and (base != "flowmm" or any(v not in VARIANTS for v in parts))):
+        raise MethodError(f"unknown method {name!r} (one of {', '.join(known_names())}, or variants joined by '+')")
+    return METHODS[base](**{k: v for part in parts for k, v in VARIANTS[part].items()}), None
