@@ -25,7 +25,8 @@ def spawn(*args, env=None, timeout=60):
 def test_interactive_chat(tiny_models, tmp_path):
     text, mmproj = tiny_models
     img = write_png(tmp_path / "pic.png", 32, 32)
-    child = spawn("--model", str(text), "--mmproj", str(mmproj), "--ctx", "256", "--budget", "64", "--max-tokens", "8")
+    child = spawn("--model", str(text), "--mmproj", str(mmproj), "--ctx", "256", "--budget", "64", "--max-tokens", "8",
+                  "--schedule", "blocking")
     child.expect("type /help for commands")
     child.expect("> ")
     child.sendline(f"/image {img}")
@@ -34,7 +35,7 @@ def test_interactive_chat(tiny_models, tmp_path):
     child.sendline("what is in the picture?")
     child.expect("> ")  # the reply streamed, the prompt is back
     child.sendline("/stats")
-    child.expect(r"method flowmm: 1 turns, (\d+) positions seen, 1 merges")
+    child.expect(r"method flowmm, blocking: 1 turns, (\d+) positions seen; merges waited for 1 ")
     positions = int(child.match.group(1))
     child.expect(r"KV cells in use (\d+) of a fixed 256-cell buffer")
     assert int(child.match.group(1)) <= 64 + 8 < positions

@@ -19,7 +19,7 @@ PNG = "data:image/png;base64," + base64.b64encode(images.pattern(3)).decode()
 
 def session(tiny_models, **kw) -> Session:
     return Session(tiny_models[0], tiny_models[1], budget=kw.pop("budget", 80), n_ctx=512, max_reply=12,
-                   n_threads=2, **kw)
+                   n_threads=2, schedule="blocking", **kw)
 
 
 def first_turns() -> list[dict]:

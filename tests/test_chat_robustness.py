@@ -35,7 +35,7 @@ FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthChe
 def session(tiny_models):
     """One tiny-model session for the tests that only need it to survive (reset by each)."""
     text, mmproj = tiny_models
-    with Session(text, mmproj, budget=48, n_ctx=160, max_reply=4, n_threads=2) as s:
+    with Session(text, mmproj, budget=48, n_ctx=160, max_reply=4, n_threads=2, schedule="blocking") as s:
         yield s
 
 
@@ -46,7 +46,7 @@ def _state(s):
 def _fresh(tiny_models, method, max_reply=12):
     text, mmproj = tiny_models
     return Session(text, mmproj, method=method, budget=48 if method != "full" else 0.9, n_ctx=256,
-                   max_reply=max_reply, n_threads=2)
+                   max_reply=max_reply, n_threads=2, schedule="blocking")
 
 
 FIRST = "tell me a long story about the red cat and the blue dog that live in the big old city"
@@ -362,8 +362,8 @@ def test_a_session_file_keeps_the_slot_bias_and_version_2_files_still_load(tiny_
     from flowmm_edge.bindings import kv_cache
 
     text, _ = tiny_models
-    with Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2) as a, \
-         Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2) as b:
+    with Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2, schedule="blocking") as a, \
+         Session(text, budget=48, n_ctx=160, max_reply=4, n_threads=2, schedule="blocking") as b:
         a.chat("the secret key is red and the code is 1234")
         cells, pos = kv_cache.seq_cells(a.ctx)
         lay = kv_cache.layout(a.ctx)

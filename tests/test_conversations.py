@@ -17,7 +17,7 @@ B_TURNS = ["dogs are here in the picture of the city", "how many dogs", "what ci
 
 def settings(tiny_models, method):
     return dict(model=tiny_models[0], mmproj=tiny_models[1], method=method, budget=48 if method != "full" else 400,
-                max_reply=6, n_threads=2, temperature=0.0)
+                max_reply=6, n_threads=2, temperature=0.0, schedule="blocking")
 
 
 def alone(tiny_models, method, turns) -> list[str]:

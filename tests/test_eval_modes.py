@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flowmm_edge.evaluation import evaluate, followup, ruler_tasks
-from flowmm_edge.methods import reconstruction
+from flowmm_edge.methods import reconstruction, registry
 from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.methods.compression import Compressor
@@ -41,7 +41,7 @@ def _fresh_answer(model, task, k: int, method: str | None, budget: float, inside
         with AttentionStats(ctx, labels=p.labels, n_labels=2) as whole:
             logits = feed(ctx, p, 0)
         if method is not None:
-            comp = Compressor(evaluate.make_method(method)[0], budget)
+            comp = Compressor(registry.resolve(method)[0], budget)
             if PROMPT_SCORES in comp.method.needs:
                 comp.use_observed(whole)
             else:
@@ -100,7 +100,7 @@ def test_followup_asks_each_question_in_a_later_turn_over_the_merged_cache(tiny_
     # the same conversation typed into a session by hand
     for method, budget in (("full", "1.0"), ("snapkv", str(math.ceil(0.3 * n_doc)))):
         got = [r.answer for r in rows if r.method == method]
-        with Session(text, method=method, budget=budget, n_ctx=rows[0].cells + 512, n_threads=2,
+        with Session(text, method=method, budget=budget, n_ctx=rows[0].cells + 512, n_threads=2, schedule="blocking",
                      max_reply=task.questions[0].max_tokens + followup.REPLY_SLACK) as s:
             assert s.add_user_turn(segments=task.segments) == n_doc
             first = s.reply()

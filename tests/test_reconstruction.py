@@ -161,7 +161,8 @@ def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models
     monkeypatch.setattr(reconstruction, "reconstruction_scores", spy_pass)
     monkeypatch.setattr(Compressor, "use_reconstruction", spy_use)
     text, _ = tiny_models
-    with Session(text, budget=40, n_ctx=256, max_reply=4, n_threads=2, method=FlowMM(flow_guidance=False)) as s:
+    with Session(text, budget=40, n_ctx=256, max_reply=4, n_threads=2, method=FlowMM(flow_guidance=False),
+                 schedule="blocking") as s:
         s.chat("the secret key is red and the code is 1234 please tell me")
         s.add_user_turn("what color is the cat")
     assert len(passes) == len(used) == 2

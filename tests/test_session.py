@@ -25,7 +25,7 @@ def image(tmp_path_factory):
 
 def _session(tiny_models, **kw):
     text, mmproj = tiny_models
-    args = dict(budget=48, n_ctx=160, max_reply=12, n_threads=2)
+    args = dict(budget=48, n_ctx=160, max_reply=12, n_threads=2, schedule="blocking")  # merged at each turn's end
     args.update(kw)
     return Session(text, mmproj, **args)
 

@@ -146,8 +146,10 @@ def _hf_pick(spec: str) -> tuple[Path, Path | None]:
 
 
 def _print_stats(r: dict) -> None:
-    print(f"method {r['method']}: {r['turns']} turns, {r['positions']} positions seen, {r['merges']} merges "
-          f"({r['merge_seconds']:.2f} s)")
+    print(f"method {r['method']}, {r['schedule'].replace('_', '-')}: {r['turns']} turns, {r['positions']} positions "
+          f"seen; merges waited for {r['merges']} ({r['merge_seconds']:.2f} s), after replies "
+          f"{r['background_merges']} ({r['background_merge_seconds']:.2f} s)"
+          f"{'; merging now' if r['merging_in_background'] else ''}")
     print(f"KV cells in use {r['cells']} of a fixed {r['buffer_cells']}-cell buffer; merged down to <= {r['budget_cells']} "
           f"after each turn")
     print(f"KV memory {_human_bytes(r['kv_bytes'])} in use, {_human_bytes(r['buffer_bytes'])} allocated (never grows); "
@@ -200,6 +202,38 @@ def _use_line_editing() -> None:
             pass
 
 
+class TerminalProgress:
+    """Conversation.on_progress on a terminal: a stderr bar (tqdm) with tokens/s for a long
+    prefill and for a merge the turn waits for; notes on their own line. Never on a pipe."""
+
+    MIN_TOKENS = 256  # shorter prefills show no bar
+
+    def __init__(self, stream=None):
+        self.stream, self.bar, self.what = stream or sys.stderr, None, None
+
+    def __call__(self, what: str, done: int, total: int, note: str = "") -> None:
+        if what == "note":
+            self.close()
+            print(note, file=self.stream)
+            return
+        if total < self.MIN_TOKENS:
+            return
+        if self.bar is None or self.what != what:
+            from tqdm import tqdm
+
+            self.close()
+            label = "prefill" if what == "prefill" else "merge (repeat pass)"
+            self.bar, self.what = tqdm(total=total, desc=label, unit="tok", file=self.stream, leave=False), what
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _send(session, text: str, images: list[str]) -> None:
     clean = valid_text(text)
     if clean != text.replace("\x00", ""):
@@ -208,7 +242,13 @@ def _send(session, text: str, images: list[str]) -> None:
         session.add_user_turn(clean, images=images)
     finally:
         images.clear()
+        if isinstance(session.on_progress, TerminalProgress):
+            session.on_progress.close()
     _stream_reply(session)
+    if session.merge_error:
+        print(f"note: the merge after the last reply failed ({session.merge_error}); the cache was kept as it was",
+              file=sys.stderr)
+        session.merge_error = None
 
 
 def _model_source(args: argparse.Namespace) -> tuple[Path, str | None]:
@@ -233,7 +273,8 @@ def _engine_settings(args: argparse.Namespace) -> dict:
     return dict(method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type, n_ctx=args.ctx,
                 n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
                 temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn)
+                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
+                schedule=args.schedule.replace("-", "_"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -275,6 +316,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
               f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
               f"{'; ' + rho if rho else ''}", file=sys.stderr)
         print(session.template.why, file=sys.stderr)
+        if sys.stderr.isatty():
+            session.on_progress = TerminalProgress()
         if args.prompt is not None:
             _send(session, args.prompt, list(args.image or []))
             return 0
@@ -387,6 +430,7 @@ def _model_arg(value: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, ruler_tasks, tasks
     from ..bindings import runtime
+    from ..methods import registry
     from ..methods.policy import load as load_policy
 
     runtime.quiet_native_logs()
@@ -397,7 +441,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = _csv(args.methods)
     for m in methods:  # an unknown name fails here, before any model is loaded
         if m != "full":
-            evaluate.make_method(m)
+            registry.resolve(m)
     policy = load_policy(args.policy) if args.policy else None
     if policy:
         policy.check_model(model)
@@ -533,6 +577,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
                    help=f"cells each conversation keeps after a merge: a ratio of {share} ({budget}, default), a count "
                         f"(512) or a size (24MiB)")
     p.add_argument("--policy", help="a policy file from `calibrate` (FlowMM's per-layer modes)")
+    p.add_argument("--schedule", choices=["reply-first", "blocking"], default="reply-first",
+                   help="reply-first (default): a turn that fits the free room is answered from the whole cache and "
+                        "merged after the reply, while you read; blocking: merged before the reply")
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"],
                    help="KV cache type (K and V share it: -ctv must match)")
     p.add_argument("-ctv", "--cache-type-v", dest="kv_type_v", choices=["f16", "q8_0", "q4_0"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,7 @@ from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 from ..errors import FlowMMError
 from ..methods import policy as policy_mod, reconstruction
-from ..methods.base import RECONSTRUCTION_SCORES
-from ..methods.compression import Compressor
+from ..methods.sequence_compressor import BLOCKING, MergeInterrupted
 
 MEDIA = "<__media__>"
 
@@ -40,10 +40,12 @@ MEDIA = "<__media__>"
 @dataclasses.dataclass
 class SessionStats:
     turns: int = 0
-    merges: int = 0
+    merges: int = 0             # merges the turn waited for (a turn that did not fit, or the blocking schedule)
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     merge_seconds: float = 0.0
+    background_merges: int = 0  # merges run after a reply, while nothing waited for them
+    background_merge_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     evictions: int = 0  # times the engine took the cells back for another conversation
@@ -65,7 +67,7 @@ class _Snapshot:
     label_names: list
     stats: SessionStats
     last_logits: np.ndarray | None
-    scored: object  # reconstruction.PositionScores or None
+    compression: tuple  # SequenceCompressor.snapshot()
 
 
 class Conversation:
@@ -83,6 +85,10 @@ class Conversation:
         self.engine, self.seq_id = engine, seq_id
         self.busy = False   # serving a request: the engine never evicts it then
         self.last_used = 0  # the engine's clock at the last request (least recently used is evicted first)
+        self.background = False  # merge after each reply on a thread of its own (Session); else the caller merges
+        self.on_progress = None  # on_progress(what, done, total, note): "prefill", "merge" (waited for), "note"
+        self._bg: _BackgroundMerge | None = None
+        self._bg_cells = 0
         engine.conversations.append(self)
         self._reset_state()
 
@@ -115,7 +121,8 @@ class Conversation:
         self.labels = ModalityLabels()
         self.labels_by_pos = np.zeros(0, np.int32)
         self.tokens_by_pos = np.zeros(0, np.int32)  # -1 where an image sits; repeated by reconstruction scores
-        self._repeats = reconstruction.RepeatedScores()  # what the merges' repeat passes have scored so far
+        self.compression = self.engine.compressor()  # when and how this sequence is merged, and its scores so far
+        self.merge_error: str | None = None  # why the last background merge failed (the cache was kept as it was)
         self.stats = SessionStats()
         self.last_logits = None
         self._active_reply = None
@@ -132,12 +139,13 @@ class Conversation:
                          messages=list(self.messages), cached_text=self.cached_text, pos=self.pos,
                          labels_by_pos=self.labels_by_pos.copy(), tokens_by_pos=self.tokens_by_pos.copy(),
                          label_names=list(self.labels.names), stats=dataclasses.replace(self.stats),
-                         last_logits=self.last_logits, scored=self._repeats.scored)
+                         last_logits=self.last_logits, compression=self.compression.snapshot())
 
     def _restore(self, snap: "_Snapshot") -> None:
         self.messages, self.cached_text, self.pos = snap.messages, snap.cached_text, snap.pos
         self.labels_by_pos, self.tokens_by_pos, self.labels.names = snap.labels_by_pos, snap.tokens_by_pos, snap.label_names
-        self.stats, self.last_logits, self._repeats.scored = snap.stats, snap.last_logits, snap.scored
+        self.stats, self.last_logits = snap.stats, snap.last_logits
+        self.compression.restore(snap.compression)
         if snap.state:
             self.ctx.set_state(snap.state, self.seq_id)
         else:
@@ -172,7 +180,7 @@ class Conversation:
         self.stats.evictions += 1
 
     def close(self) -> None:
-        if getattr(self, "_active_reply", None) is not None and self.engine.ctx is not None:
+        if self.engine.ctx is not None:
             self._finish_reply()
         if getattr(self, "sampler", None) is not None:
             self.sampler.close()
@@ -263,11 +271,11 @@ class Conversation:
                 units[-1] = units[-1] + piece
             else:
                 units.append(piece)
-        merging = self.method_name != "full"
-        t0 = time.perf_counter()
+        merging, blocking = self.compression.enabled, self.engine.schedule == BLOCKING
+        t0, total, done = time.perf_counter(), sum(u.n_pos if not isinstance(u, list) else len(u) for u in units), 0
         while units:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
-            if self.engine.free_cells() < need:  # other conversations fill the buffer: evict idle ones
+            if self.engine.free_cells() < need:  # other conversations fill the buffer: merge or evict idle ones
                 self.engine.make_room(need, keep=self)
             used, free = self.cells(), self.engine.free_cells()
             take = units.pop(0)
@@ -282,41 +290,115 @@ class Conversation:
                 raise NoRoomError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
                                   f"conversations that are replying (try again, or raise --ctx)")
             end = self.pos + n
-            if not units:  # the end of the turn: merge down to the budget
-                will_merge = merging and used + n > self.budget_cells
+            if not units:  # the end of the turn: merge down to the budget now only on the blocking schedule
+                merge_now = merging and blocking and used + n > self.budget_cells
+                observe = merging  # the window a merge after the reply plans from is the turn's end
             else:  # merge now if the next unit (one token at least, an image whole) would not fit
                 nxt = 1 if isinstance(units[0], list) else units[0].n_pos
-                will_merge = merging and n + nxt > free
-            if will_merge:
-                comp = Compressor(self.engine.method(), self.budget_cells, rho=policy_mod.rho_array(self.policy))
-                wants_recon = RECONSTRUCTION_SCORES in comp.method.needs
-                with comp.observe(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
-                    logits = self._decode_unit(take)
+                merge_now = observe = merging and n + nxt > free
+                if merge_now:
+                    self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
+                                                 f"merging before it goes on")
+            if observe:
+                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
+                    logits = self._decode_unit(take, done, total)
             else:
-                logits = self._decode_unit(take)
-            self.pos = end
+                logits = self._decode_unit(take, done, total)
+            self.pos, done = end, done + n
             if logits is not None:
                 self.last_logits = logits
-            if will_merge:
-                t1 = time.perf_counter()
-                if wants_recon:  # the repeat pass decodes in free cells of the shared buffer
-                    need = reconstruction.room_needed(reconstruction.repeat_prefix(self.model))
-                    if self.engine.free_cells(reserved=False) < need and \
-                            not self.engine.make_room(need, keep=self, reserved=False):
-                        raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
-                                          f"held by conversations that are replying")
-                    comp.use_reconstruction(self._repeats.update(self.ctx, self.tokens_by_pos, self.seq_id))
-                comp.compress(self.ctx, labels, self.seq_id)
-                self.stats.merges += 1
-                self.stats.merge_seconds += time.perf_counter() - t1
+            if merge_now:
+                self._merge(foreground=True)
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
 
-    def _decode_unit(self, unit):
-        if isinstance(unit, list):
+    # -- merging ---------------------------------------------------------------------------------
+
+    def merge_due(self) -> bool:
+        """Whether the sequence is over its budget and can merge now (the reply-first schedule
+        leaves this for after the reply: `merge`, `merge_in_background`, or the next turn)."""
+        return self._bg is None and self.pos > 0 and self.compression.due(self.cells())
+
+    def merge(self, stop=None) -> bool:
+        """Merge the sequence down to the budget now, if due; True if it merged. `stop()`, asked
+        between chunks of the repeat pass, ends it early (False): the cache is as it was, and
+        what was scored is kept for the next try. On any error too the cache is unchanged."""
+        self.stop_background_merge()
+        if not self.merge_due():
+            return False
+        try:
+            self._merge(foreground=False, stop=stop)
+        except MergeInterrupted:
+            return False
+        return True
+
+    def _merge(self, foreground: bool, stop=None) -> None:
+        t0 = time.perf_counter()
+        need = self.compression.room(self.model)
+        if need and self.engine.free_cells(reserved=False) < need and \
+                not self.engine.make_room(need, keep=self, reserved=False):
+            raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
+                              f"held by conversations that are replying")
+        progress = (lambda d, t: self._progress("merge", d, t)) if foreground else None
+        self.compression.merge(self.ctx, self.tokens_by_pos, self.labels_by_pos, self.seq_id, stop=stop,
+                               progress=progress)
+        if foreground:
+            self.stats.merges += 1
+            self.stats.merge_seconds += time.perf_counter() - t0
+        else:
+            self.stats.background_merges += 1
+            self.stats.background_merge_seconds += time.perf_counter() - t0
+
+    def merge_in_background(self) -> bool:
+        """Start the due merge on a thread that owns the context while it runs (the chat's idle
+        time while the user reads and types); True if one started. Any other call on this
+        conversation first stops it at the next chunk boundary (the cache stays consistent,
+        and it resumes from its progress at the next idle time)."""
+        if not self.merge_due():
+            return False
+        self._bg_cells = self.cells()
+        self._bg = _BackgroundMerge(self)
+        self._bg.start()
+        return True
+
+    def merging_in_background(self) -> bool:
+        return self._bg is not None and not self._bg.done.is_set()
+
+    def stop_background_merge(self) -> None:
+        """Stop a background merge at its next chunk boundary and wait for it (Ctrl-C cannot cut it
+        short: the context must be the caller's again before anything else touches it)."""
+        bg, self._bg = self._bg, None
+        if bg is None:
+            return
+        bg.stop.set()
+        interrupted = False
+        while not bg.done.is_set():  # not Thread.join: a Ctrl-C inside it can leave is_alive() False too early
+            try:
+                bg.done.wait(0.2)
+            except KeyboardInterrupt:
+                interrupted = True
+        if bg.error is not None:
+            self.merge_error = bg.error
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _progress(self, what: str, done: int, total: int, note: str = "") -> None:
+        if self.on_progress is not None:
+            self.on_progress(what, done, total, note)
+
+    def _decode_unit(self, unit, done: int = 0, total: int = 0):
+        """Decode one unit; with a progress listener, text in batches so it can follow."""
+        if not isinstance(unit, list):
+            unit.eval(self.ctx, self.pos, self.seq_id)
+            self._progress("prefill", done + unit.n_pos, total)
+            return None
+        if self.on_progress is None:
             return self.ctx.decode(unit, self.pos, self.seq_id)
-        unit.eval(self.ctx, self.pos, self.seq_id)
-        return None
+        step = self.ctx.n_batch
+        for a in range(0, len(unit), step):
+            logits = self.ctx.decode(unit[a:a + step], self.pos + a, self.seq_id)
+            self._progress("prefill", done + min(a + step, len(unit)), total)
+        return logits
 
     def _sample(self, logits: np.ndarray) -> int:
         return (self._reply_sampler or self.sampler).sample(logits)
@@ -348,10 +430,12 @@ class Conversation:
         return self._active_reply
 
     def _finish_reply(self) -> None:
-        """Close a reply generator that was left suspended (its `finally` records the reply)."""
+        """Make the context this call's: close a reply generator that was left suspended (its
+        `finally` records the reply) and stop a background merge at its next chunk boundary."""
         gen, self._active_reply = self._active_reply, None
         if gen is not None:
             gen.close()
+        self.stop_background_merge()
 
     def _generate(self, max_tokens: int, stop: tuple[str, ...]):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -401,6 +485,8 @@ class Conversation:
             self.last_reply_tokens = len(generated)
             if self._keys is not None:  # as chat_api keys the reply when a client sends it back
                 self._keys = self._keys + [("assistant", reply, ())]
+            if self.background and self.engine.schedule != BLOCKING:  # reply first, merge after: while the user reads
+                self.merge_in_background()
 
     def chat(self, text: str, images: list | tuple = ()) -> str:
         self.add_user_turn(text, images)
@@ -482,7 +568,8 @@ class Conversation:
     # -- statistics and persistence ------------------------------------------------------------
 
     def report(self) -> dict:
-        cells = self.cells()
+        merging = self.merging_in_background()
+        cells = self._bg_cells if merging else self.cells()  # a running merge owns the context
         s = self.stats
         return {"cells": cells, "buffer_cells": self.n_ctx, "budget_cells": self.budget_cells,
                 "kv_bytes": cells * self.bytes_per_cell, "buffer_bytes": self.n_ctx * self.bytes_per_cell,
@@ -490,7 +577,9 @@ class Conversation:
                 "compression": self.pos / cells if cells else 1.0, "merges": s.merges, "turns": s.turns,
                 "prefill_tok_s": s.prompt_tokens / s.prefill_seconds if s.prefill_seconds else 0.0,
                 "decode_tok_s": s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0,
-                "merge_seconds": s.merge_seconds, "method": self.method_name}
+                "merge_seconds": s.merge_seconds, "background_merges": s.background_merges,
+                "background_merge_seconds": s.background_merge_seconds, "merging_in_background": merging,
+                "schedule": self.engine.schedule, "method": self.method_name}
 
     def save(self, path: str | Path) -> None:
         self._finish_reply()
@@ -508,7 +597,8 @@ class Conversation:
         """Resume a saved session; on any problem the current one is left as it was."""
         self._finish_reply()
         try:
-            h, state, logits, bias = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)))
+            h, state, logits, bias = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)),
+                                                       optional_stats=("background_merges", "background_merge_seconds"))
         except session_file.SessionFileError as e:
             raise SessionError(str(e)) from None
         if h["model"] != policy_mod.fingerprint(self.model_path):
@@ -544,7 +634,25 @@ class Conversation:
         self.cached_text, self.pos = h["cached_text"], h["pos"]
         self.labels_by_pos = np.asarray(h["labels"], np.int32)
         self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
-        self._repeats = reconstruction.RepeatedScores()  # the next merge repeats the loaded text once
+        self.compression.reset()  # the next merge repeats the loaded text once
         self.labels.names = list(h["label_names"])
         self.stats = SessionStats(**h["stats"])
         self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None
+
+
+class _BackgroundMerge(threading.Thread):
+    """A conversation's due merge on a thread of its own; `stop` ends it at a chunk boundary."""
+
+    def __init__(self, conv: Conversation):
+        super().__init__(name=f"flowmm-merge-{conv.seq_id}", daemon=True)
+        self.conv, self.stop, self.done, self.error = conv, threading.Event(), threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            self.conv._merge(foreground=False, stop=self.stop.is_set)
+        except MergeInterrupted:
+            pass
+        except Exception as e:  # the cache is as it was; the next turn merges in the foreground if it must
+            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, FlowMMError) else str(e)
+        finally:
+            self.done.set()  # the context is the conversation's again

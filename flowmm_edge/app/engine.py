@@ -19,8 +19,9 @@ from . import chat_template as chat_template_mod
 from ..bindings import kv_cache, runtime, sampling
 from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
-from ..methods import METHODS, policy as policy_mod, reconstruction
-from ..methods.base import RECONSTRUCTION_SCORES, Method
+from ..methods import policy as policy_mod, registry
+from ..methods.base import Method, MethodError
+from ..methods.sequence_compressor import BLOCKING, REPLY_FIRST, SCHEDULES, SequenceCompressor
 from ..models import default_model, gguf_file
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -98,13 +99,20 @@ class Engine:
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
-                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1):
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1,
+                 schedule: str = REPLY_FIRST):
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
-        # a method is a registered name, or an instance configured by the caller (an ablation, say)
-        self._method_obj, method = (method, method.name) if isinstance(method, Method) else (None, method)
-        if method not in METHODS:
-            raise SessionError(f"unknown method {method!r} (one of {', '.join(sorted(METHODS))})")
+        # a method is a registered name or variant, or an instance configured by the caller (an ablation, say)
+        self.method_spec = method
+        try:
+            probe = registry.resolve(method)[0]
+        except MethodError as e:
+            raise SessionError(str(e)) from None
+        method = probe.name
+        if schedule not in SCHEDULES:
+            raise SessionError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        self.schedule = schedule
         if method != "full" and not facts.supported:
             raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
                                f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)}); use --method full")
@@ -121,10 +129,7 @@ class Engine:
         self.budget_cells = parse_budget(budget, n_ctx // n_slots,
                                          max(1, self.bytes_per_cell))
         self.reserve = min(max_reply, n_ctx // 4)
-        needs_repeat = False
         if method != "full":
-            probe = self._method_obj or METHODS[method]()
-            needs_repeat = RECONSTRUCTION_SCORES in probe.needs
             kept = len(probe.protected(10 ** 6))
             if self.budget_cells <= kept:
                 raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
@@ -144,8 +149,10 @@ class Engine:
         try:
             # which template renders the conversation (`template.why` says, for the CLI to print)
             self.template = chat_template_mod.choose(self.model, self.model_path, chat_template, vision=bool(mmproj))
-            if needs_repeat:  # the repeat pass runs in the room kept for the reply (which stays free at a merge)
-                self.reserve = max(self.reserve, reconstruction.room_needed(reconstruction.repeat_prefix(self.model)))
+            # the repeat pass runs in the room kept for the reply (which stays free at a merge)
+            room = self.compressor().room(self.model)
+            if room > self.reserve:
+                self.reserve = room
                 self._check_room(method, n_ctx)
             if mmproj:
                 from ..bindings.multimodal import Projector
@@ -169,11 +176,9 @@ class Engine:
 
     # -- the shared pool ---------------------------------------------------------------------------
 
-    def method(self) -> Method:
-        """A fresh method object for one merge (the policy's FlowMM when there is a policy)."""
-        if self.policy is not None:
-            return self.policy.flowmm()
-        return self._method_obj or METHODS[self.method_name]()
+    def compressor(self) -> SequenceCompressor:
+        """A new sequence's compression: this engine's method, budget and policy."""
+        return SequenceCompressor(self.method_spec, self.budget_cells, self.policy)
 
     def tick(self) -> int:
         return next(self._clock)
@@ -187,11 +192,21 @@ class Engine:
         return kv_cache.free_cells(self.ctx) - (self.reserve if reserved else 0)
 
     def make_room(self, need: int, keep, reserved: bool = True) -> bool:
-        """Evict idle conversations, least recently used first (never `keep`, never one that is
-        replying), until `need` cells are free; True if they are. An evicted conversation forgets
-        its cache (its next request is prefilled afresh; a client resends the history anyway)."""
+        """Free `need` cells for `keep`'s turn, from idle conversations (never `keep`, never one
+        that is replying), least recently used first: merge those whose merge is still due (what
+        the reply-first schedule left for idle time), then evict. True if the cells are free. An
+        evicted conversation forgets its cache (its next request is prefilled afresh; a client
+        resends the history anyway)."""
         idle = sorted((c for c in self.conversations if c is not keep and not c.busy and c.cells()),
                       key=lambda c: c.last_used)
+        for victim in idle:
+            if self.free_cells(reserved) >= need:
+                return True
+            if victim.merge_due() and self.free_cells(reserved=False) >= victim.compression.room(self.model):
+                try:
+                    victim.merge()
+                except FlowMMError:
+                    pass  # it could not merge (kept as it was): evicting it below still frees its cells
         for victim in idle:
             if self.free_cells(reserved) >= need:
                 break

@@ -87,6 +87,7 @@ class Job:
     conv: Conversation | None = None
     gen: object = None
     merges0: int = 0
+    merge_s0: float = 0.0
     t_decode: float = 0.0
     waits_for_room: bool = False  # its turn found the buffer held by replies: start again once none is active
 
@@ -110,13 +111,17 @@ class Counters:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
-    merges: int = 0
+    merges: int = 0               # merges a request waited for (its turn did not fit the free room)
+    merge_seconds: float = 0.0
+    background_merges: int = 0    # merges run after the replies, while no request was waiting
+    background_merge_seconds: float = 0.0
     reused_tokens: int = 0  # prompt positions a slot already held
 
 
 class Worker(threading.Thread):
     """The only thread that calls llama.cpp: starts queued jobs when a slot is free, steps the
-    replying ones in turn, keeps the /metrics figures."""
+    replying ones in turn, merges idle slots down to their budget when nothing else is waiting
+    (reply first, merge after), keeps the /metrics figures."""
 
     def __init__(self, engine: Engine):
         super().__init__(name="flowmm-worker", daemon=True)
@@ -128,6 +133,7 @@ class Worker(threading.Thread):
         self.stopping = False
         self.counters = Counters()
         self.figures: dict = {}
+        self._merge_failed: set[int] = set()  # slots whose idle merge failed: not tried again before their next request
         self._refresh()
 
     # -- the HTTP side's calls (any thread) --------------------------------------------------------
@@ -152,7 +158,11 @@ class Worker(threading.Thread):
         steps = 0
         while True:
             with self.cond:
+                idle = None
                 while not self.stopping and not self.pending and not self.active:
+                    idle = self._idle_merge()
+                    if idle is not None:
+                        break
                     self.cond.wait()
                 if self.stopping:
                     break
@@ -161,6 +171,8 @@ class Worker(threading.Thread):
                 self._start(started, slot)
             for job in list(self.active):
                 self._step(job)
+            if idle is not None and started is None and not self.active:
+                self._merge(idle)
             steps += 1
             if started is not None or steps % METRICS_EVERY == 0:
                 self._refresh()
@@ -182,6 +194,26 @@ class Worker(threading.Thread):
             return job, slot
         return None, None
 
+    def _idle_merge(self) -> Conversation | None:
+        """The idle slot whose merge is due, used most recently first (its user is reading it)."""
+        due = [c for c in self.slots if not c.busy and c.seq_id not in self._merge_failed and c.merge_due()]
+        return max(due, key=lambda c: c.last_used) if due else None
+
+    def _merge(self, conv: Conversation) -> None:
+        """Merge an idle slot, stopping at the next chunk boundary once a request is queued (it
+        goes on from there at the next idle time)."""
+        t0 = time.perf_counter()
+        try:
+            merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping)
+        except FlowMMError as e:  # the cache is as it was; its next request merges in the foreground if it must
+            conv.merge_error = str(e)
+            self._merge_failed.add(conv.seq_id)
+            return
+        finally:
+            self.counters.background_merge_seconds += time.perf_counter() - t0
+        self.counters.background_merges += int(merged)
+        self._refresh()
+
     def _slot_for(self, job: Job) -> Conversation | None:
         """The free slot holding the longest prefix of the job's conversation, else the free one
         used least recently (it starts afresh), else None: the job waits."""
@@ -197,7 +229,8 @@ class Worker(threading.Thread):
             self.counters.cancelled += 1
             return
         conv.busy, conv.last_used = True, self.engine.tick()
-        job.conv, job.merges0 = conv, conv.stats.merges
+        self._merge_failed.discard(conv.seq_id)
+        job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
         try:
@@ -256,7 +289,8 @@ class Worker(threading.Thread):
         conv.busy = False
         self.counters.generated_tokens += getattr(conv, "last_reply_tokens", 0) or 0
         self.counters.generation_seconds += job.t_decode
-        self.counters.merges += conv.stats.merges - job.merges0
+        self.counters.merges += max(0, conv.stats.merges - job.merges0)
+        self.counters.merge_seconds += max(0.0, conv.stats.merge_seconds - job.merge_s0)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -292,7 +326,10 @@ def _prometheus(m: dict) -> str:
     metric("requests_total", "counter", "requests started", [("", c.requests)])
     metric("requests_errors_total", "counter", "requests that failed", [("", c.errors)])
     metric("requests_cancelled_total", "counter", "requests whose client went away", [("", c.cancelled)])
-    metric("merges_total", "counter", "merges of a slot's cache", [("", c.merges)])
+    metric("merges_total", "counter", "merges of a slot's cache, by whether a request waited for them",
+           [('{schedule="foreground"}', c.merges), ('{schedule="background"}', c.background_merges)])
+    metric("merge_seconds_total", "counter", "seconds spent merging, by whether a request waited for them",
+           [('{schedule="foreground"}', c.merge_seconds), ('{schedule="background"}', c.background_merge_seconds)])
     metric("evictions_total", "counter", "slots emptied to make room for another",
            [("", sum(s["evictions"] for s in m["slots"]))])
     metric("prompt_tokens_total", "counter", "prompt positions decoded", [("", c.prompt_tokens)])

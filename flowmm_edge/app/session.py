@@ -27,6 +27,7 @@ class Session(Conversation):
         engine = Engine(*args, **kwargs)
         try:
             super().__init__(engine, 0)
+            self.background = True  # the terminal chat's idle time merges: reply first, merge while the user reads
         except BaseException:
             engine.close()
             raise

@@ -52,8 +52,9 @@ def write(path: str | Path, header: dict, cache: bytes, logits: bytes, bias: byt
         raise SessionFileError(f"{path}: cannot save the session ({e.strerror or e})") from None
 
 
-def read(path: str | Path, stats_fields: tuple[str, ...]) -> tuple[dict, bytes, bytes, bytes]:
-    """(header, cache bytes, logits bytes, bias bytes) of a whole, intact, well-formed session file."""
+def read(path: str | Path, stats_fields: tuple[str, ...], optional_stats: tuple[str, ...] = ()) -> tuple[dict, bytes, bytes, bytes]:
+    """(header, cache bytes, logits bytes, bias bytes) of a whole, intact, well-formed session file
+    (`optional_stats`: fields of `stats_fields` that files written before them lack)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -76,7 +77,7 @@ def read(path: str | Path, stats_fields: tuple[str, ...]) -> tuple[dict, bytes, 
         header = json.loads(raw[start:start + n_blob])
     except ValueError:
         raise SessionFileError(f"{path}: the session header is not valid JSON") from None
-    problem = _header_problem(header, stats_fields, version)
+    problem = _header_problem(header, stats_fields, version, optional_stats)
     if problem:
         raise SessionFileError(f"{path}: invalid session header: {problem}")
     cache = raw[start + n_blob:start + n_blob + n_cache]
@@ -91,7 +92,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _header_problem(h, stats_fields: tuple[str, ...], version: int = VERSION) -> str | None:
+def _header_problem(h, stats_fields: tuple[str, ...], version: int = VERSION,
+                    optional_stats: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a decoded header, naming the field; None when it is well formed."""
     if not isinstance(h, dict):
         return "not a JSON object"
@@ -127,7 +129,8 @@ def _header_problem(h, stats_fields: tuple[str, ...], version: int = VERSION) ->
     if not all(_is_int(v) and v >= -1 for v in tokens):
         return "'tokens' holds a value that is not an integer >= -1"
     stats = h.get("stats")
-    if not isinstance(stats, dict) or set(stats) != set(stats_fields):
+    if not isinstance(stats, dict) or set(stats) - set(optional_stats) != set(stats_fields) - set(optional_stats) \
+            or not set(stats) <= set(stats_fields):
         return f"'stats' is missing or does not have the fields {', '.join(stats_fields)}"
     for k, v in stats.items():
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):

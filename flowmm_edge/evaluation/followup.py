@@ -18,7 +18,8 @@ import itertools
 import math
 
 from ..bindings import runtime
-from .evaluate import Row, make_method
+from .rows import Row
+from ..methods import registry
 from ..bindings.prompt import ModalityLabels, prepare
 from ..app.session import Session
 from .tasks import Task
@@ -47,14 +48,17 @@ def _context_positions(model_path, task: Task, mmproj) -> int:
 
 def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
                   n_threads=None, mmproj=None, flash_attn="auto") -> list[Row]:
-    compressors = {m: make_method(m, policy) for m in methods if m != "full"}  # unknown names fail here
+    compressors = {m: registry.resolve(m, policy) for m in methods if m != "full"}  # unknown names fail here
     max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
     after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
     n_ctx = _context_positions(model_path, task, mmproj) + 64 + after_doc  # 64: the template around the turn
 
     def converse(name: str, budget: float, budget_cells: int | None) -> list[Row]:
         method, rho = compressors.get(name, ("full", None))
+        # blocking: every turn is merged before its answer, so each later question is asked over the
+        # merged cache (the reply-first schedule would answer the current one from the whole cache)
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
+                     schedule="blocking",
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
                      policy=policy if rho is not None else None) as s:
             n_doc = s.add_user_turn(segments=task.segments)

@@ -45,7 +45,7 @@ class Report:
 
 
 def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
-    """rho^l (DESIGN.md §5) from per-head flow matrices [n_head, n_labels, n_labels], summed over
+    """rho^l (docs/METHOD.md, 'Cross-modal flow (rho)') from per-head flow matrices [n_head, n_labels, n_labels], summed over
     the given prompts first: mean over heads of (text->other + other->text) / all mass."""
     f = np.sum(flows, axis=0)
     text = np.zeros(f.shape[1], bool)
@@ -53,6 +53,22 @@ def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
     cross = f[:, text][:, :, ~text].sum(axis=(1, 2)) + f[:, ~text][:, :, text].sum(axis=(1, 2))
     total = f.sum(axis=(1, 2))
     return float(np.mean(np.where(total > 0, cross / np.maximum(total, 1e-300), 0.0)))
+
+
+def observed_at(stats: AttentionStats, positions: np.ndarray, n_layer: int) -> np.ndarray:
+    """Column scores [n_layer, n_head_kv, len(positions)] of a stopped observation, by position: a
+    cell decoded after it (a reply, when the merge comes after it) was never a column there, and
+    takes its (layer, head)'s largest score, so a method ranks it with the most attended."""
+    by_pos = np.argsort(stats.positions, kind="stable")
+    idx = np.minimum(np.searchsorted(stats.positions, positions, sorter=by_pos), max(len(by_pos) - 1, 0))
+    seen = stats.positions[by_pos[idx]] == positions if len(by_pos) else np.zeros(len(positions), bool)
+    out = []
+    for layer in range(n_layer):
+        col = stats.column_scores(layer, per_kv_head=True)
+        row = np.repeat(col.max(axis=1, initial=0)[:, None], len(positions), axis=1)
+        row[:, seen] = col[:, by_pos[idx[seen]]]
+        out.append(row)
+    return np.stack(out)
 
 
 class Compressor:
@@ -96,7 +112,7 @@ class Compressor:
         self._recon = scores
 
     def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray,
-               whole_prompt: AttentionStats | None = None):
+               whole_prompt: AttentionStats | None = None, seq_id: int = 0):
         """Gather the statistics on a cache already holding the prompt (a restored state):
         whole-prompt scores come from `whole_prompt` (observed over that prefill); window scores
         by dropping the last `window` tokens (`tail_tokens` ends the prompt) and decoding them
@@ -109,9 +125,9 @@ class Compressor:
         if not self.needs_observation:
             return None
         w = min(self.method.window, len(tail_tokens), prompt_end)
-        ctx.truncate(prompt_end - w)
-        with self.observe(ctx, prompt_end=prompt_end, labels=labels):
-            return ctx.decode(tail_tokens[-w:], prompt_end - w)
+        ctx.truncate(prompt_end - w, seq_id)
+        with self.observe(ctx, prompt_end=prompt_end, labels=labels, seq_id=seq_id):
+            return ctx.decode(tail_tokens[-w:], prompt_end - w, seq_id)
 
     def compress(self, ctx, labels: np.ndarray, seq_id: int = 0, tokens: np.ndarray | None = None) -> Report:
         """Plan for the sequence's current cells and apply it; the cache is unchanged on error.
@@ -133,7 +149,7 @@ class Compressor:
         if needs & {WINDOW_SCORES, PROMPT_SCORES}:
             if s is None:
                 raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
-            scores = np.stack([s.column_scores(l, per_kv_head=True)[:, order] for l in range(n_layer)])
+            scores = observed_at(s, positions, n_layer)
             setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)

@@ -79,10 +79,21 @@ def tokens_by_position(pieces) -> np.ndarray:
                            for p in pieces] or [np.zeros(0, np.int32)])
 
 
+class Interrupted(ReconstructionError):
+    """`stop()` said so at a chunk boundary. `partial` scores every cell by the chunks repeated so
+    far, and `repeated` lists the positions those chunks fed; the cache is as it was."""
+
+    def __init__(self, partial: PositionScores, repeated: np.ndarray):
+        super().__init__(f"the repeat pass stopped after {len(repeated)} positions")
+        self.partial, self.repeated = partial, repeated
+
+
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
-                          chunk: int = CHUNK, rows: int = ROWS) -> PositionScores:
+                          chunk: int = CHUNK, rows: int = ROWS, stop=None, progress=None) -> PositionScores:
     """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
-    decodes in the cells no sequence holds (other sequences may share the cache)."""
+    decodes in the cells no sequence holds (other sequences may share the cache). `stop`, a
+    callable, is asked before each chunk: True raises Interrupted with what was done so far;
+    `progress(done, total)` is told the text positions repeated after each chunk."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
@@ -102,6 +113,8 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
     try:
         for a in range(0, len(text), step):
+            if stop is not None and stop():
+                raise Interrupted(PositionScores(positions, total), text[:a])
             seq = list(prefix) + tokens_by_pos[text[a:a + step]].tolist()
             per_decode = len(seq) if whole else rows
             for g in range(0, len(seq), per_decode):
@@ -114,6 +127,8 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 for layer in range(lay.n_layer):
                     np.maximum(total[layer], st.column_scores(layer, per_kv_head=True)[:, cols], out=total[layer])
             ctx.truncate(end, seq_id)
+            if progress is not None:
+                progress(min(a + step, len(text)), len(text))
     finally:
         ctx.truncate(end, seq_id)
     return PositionScores(positions, total)
@@ -121,12 +136,20 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
 
 class RepeatedScores:
     """Reconstruction scores kept across the merges of one growing sequence (a chat, a press):
-    each update repeats only the positions not scored before, and a position scored before keeps
-    the larger of its old score and what the new repeat sends it. So each merge's pass costs
-    about the text added since the last one, not the whole cache's."""
+    each update repeats only the positions not repeated before, and a position scored before
+    keeps the larger of its old score and what the new repeat sends it. So each merge's pass
+    costs about the text added since the last one, not the whole cache's. An update that is
+    stopped (Interrupted) keeps what its finished chunks scored: the next one goes on from there."""
 
     def __init__(self):
-        self.scored: PositionScores | None = None
+        self.scored: PositionScores | None = None  # every cell's score so far
+        self.repeated = np.zeros(0, np.int64)      # positions whose tokens a pass has fed
+
+    def snapshot(self) -> tuple:
+        return self.scored, self.repeated
+
+    def restore(self, snap: tuple) -> None:
+        self.scored, self.repeated = snap
 
     def forget_from(self, end: int) -> None:
         """Drop the scores of positions >= end (the sequence was cut back there)."""
@@ -134,17 +157,24 @@ class RepeatedScores:
         if s is not None:
             keep = s.positions < end
             self.scored = PositionScores(s.positions[keep], s.scores[..., keep]) if np.any(keep) else None
+        self.repeated = self.repeated[self.repeated < end]
 
-    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0) -> PositionScores:
-        tokens = np.array(tokens_by_pos, np.int32)
-        old = self.scored
-        if old is not None:
-            tokens[old.positions[old.positions < len(tokens)]] = -1  # scored already: not repeated again
-        fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id)
-        scores = fresh.scores
+    def _combine(self, fresh: PositionScores, repeated: np.ndarray) -> PositionScores:
+        old, scores = self.scored, fresh.scores
         if old is not None:
             seen = np.isin(fresh.positions, old.positions)
             scores = scores.copy()
             scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
         self.scored = PositionScores(fresh.positions, scores)
+        self.repeated = np.union1d(self.repeated, repeated)
         return self.scored
+
+    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, stop=None, progress=None) -> PositionScores:
+        tokens = np.array(tokens_by_pos, np.int32)
+        tokens[self.repeated[self.repeated < len(tokens)]] = -1  # repeated already: not fed again
+        try:
+            fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, stop=stop, progress=progress)
+        except Interrupted as e:
+            self._combine(e.partial, e.repeated)
+            raise
+        return self._combine(fresh, fresh.positions[tokens[fresh.positions] >= 0])
