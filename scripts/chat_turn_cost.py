@@ -33,7 +33,7 @@ def run_turns(path, turns, method: str, schedule: str, args) -> list[dict]:
     with Session(path, method=method, budget=args.budget, n_ctx=args.ctx, n_threads=args.threads, max_reply=8,
                  schedule=schedule) as s:
         for k, turn in enumerate(turns):
-            fg0, bg0 = s.stats.merge_seconds, s.stats.background_merge_seconds
+            fg0 = s.stats.merge_seconds
             t0 = time.perf_counter()
             n = s.add_user_turn(**turn)
             gen = s.reply()

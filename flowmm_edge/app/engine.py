@@ -21,7 +21,7 @@ from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
 from ..methods import policy as policy_mod, registry
 from ..methods.base import Method, MethodError
-from ..methods.sequence_compressor import BLOCKING, REPLY_FIRST, SCHEDULES, SequenceCompressor
+from ..methods.sequence_compressor import REPLY_FIRST, SCHEDULES, SequenceCompressor
 from ..models import default_model, gguf_file
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."

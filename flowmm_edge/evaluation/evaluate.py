@@ -33,7 +33,7 @@ from ..bindings import runtime
 from ..bindings.attention_stats import AttentionStats
 from ..methods.compression import Compressor
 from ..methods import registry
-from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES, MethodError
+from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
 from .rows import Row
