@@ -45,7 +45,7 @@ def run_turns(path, turns, method: str, schedule: str, args) -> list[dict]:
                     time.sleep(0.05)
             else:
                 time.sleep(float(args.read))
-            cells = s._bg_cells if s.merging_in_background() else s.cells()
+            cells = s.report()["cells"]  # what the context held before a merge still running
             out.append(dict(turn=k, positions=n, ttft=ttft, waited=s.stats.merge_seconds - fg0, reply=reply,
                             cells=cells))
         s.stop_background_merge()  # one still running stops at its next chunk boundary; its seconds count then

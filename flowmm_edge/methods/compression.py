@@ -45,8 +45,9 @@ class Report:
 
 
 def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
-    """rho^l (docs/METHOD.md, 'Cross-modal flow (rho)') from per-head flow matrices [n_head, n_labels, n_labels], summed over
-    the given prompts first: mean over heads of (text->other + other->text) / all mass."""
+    """rho^l (docs/METHOD.md, 'Cross-modal flow (rho)') from per-head flow matrices
+    [n_head, n_labels, n_labels], summed over the given prompts first: mean over heads of
+    (text->other + other->text) / all mass."""
     f = np.sum(flows, axis=0)
     text = np.zeros(f.shape[1], bool)
     text[text_label] = True

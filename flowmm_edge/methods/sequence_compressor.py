@@ -41,8 +41,9 @@ class MergeInterrupted(FlowMMError):
 class SequenceCompressor:
     def __init__(self, method: str | Method, budget_cells: int, policy=None):
         self._spec, self.policy, self.budget = method, policy, int(budget_cells)
-        probe, _ = registry.resolve(method, policy)  # an unknown name fails here
+        probe, rho = registry.resolve(method, policy)  # an unknown name fails here
         self.name, self.needs = probe.name, probe.needs
+        self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
         self.repeats = reconstruction.RepeatedScores()
         self._observed: Compressor | None = None  # observed over the latest turn's end, not merged yet
 
@@ -57,10 +58,6 @@ class SequenceCompressor:
     def room(self, model) -> int:
         """Free cells a merge needs beyond the sequence's own (the repeat pass decodes there)."""
         return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if self.repeats_context else 0
-
-    def protected(self) -> int:
-        """Cells every merge keeps (sinks and the recent window)."""
-        return len(registry.resolve(self._spec, self.policy)[0].protected(10 ** 6))
 
     def _fresh(self) -> Compressor:
         method, rho = registry.resolve(self._spec, self.policy)
@@ -81,7 +78,7 @@ class SequenceCompressor:
         that needs an observation window has one)."""
         if not self.enabled or cells <= self.budget:
             return False
-        return self._observed is not None or not self._fresh().needs_observation
+        return self._observed is not None or not self._needs_observation
 
     def merge(self, ctx, tokens_by_pos: np.ndarray, labels: np.ndarray, seq_id: int = 0, stop=None,
               progress=None) -> Report:
