@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 5
+#define FLOWMM_VERSION_MINOR 6
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -125,6 +125,31 @@ extern "C" {
 
     FLOWMM_API int32_t flowmm_kv_match_keys(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                             const struct flowmm_match_request * req, int32_t * best, float * cosine);
+
+    // Learned importance. For cache layer il and every KV head h, each cell of seq_id (in the
+    // cell order of flowmm_kv_seq_cells) is scored by
+    //     scores[h][c] = weights[h] . [k, len(pairs of k)] + bias[h]
+    // where k is the cell's key as the model computed it (dequantized, Hadamard rotation undone)
+    // and len(pair i) = sqrt(k[a]^2 + k[b]^2) for the dimensions RoPE rotates together:
+    // (i, i + head_dim/2) with FLOWMM_PAIRS_HALVES (NEOX-style RoPE), (2i, 2i + 1) with
+    // FLOWMM_PAIRS_ADJACENT. n_feat = head_dim_k * 3 / 2. Runs as a ggml graph on the cache's
+    // backend; returns the number of cells scored.
+    enum flowmm_rope_pairing {
+        FLOWMM_PAIRS_HALVES   = 0,
+        FLOWMM_PAIRS_ADJACENT = 1,
+    };
+
+    struct flowmm_predictor {
+        int32_t       n_head_kv; // must equal the cache's
+        int32_t       n_feat;    // head_dim_k * 3 / 2
+        int32_t       pairing;   // enum flowmm_rope_pairing
+        const float * weights;   // [n_head_kv][n_feat]
+        const float * bias;      // [n_head_kv]
+    };
+
+    // scores: [n_head_kv][n_cells], n_cells = flowmm_kv_seq_cells(ctx, seq_id, NULL, NULL, 0)
+    FLOWMM_API int32_t flowmm_kv_predict_scores(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                                                const struct flowmm_predictor * pred, float * scores);
 
     //
     // per-slot attention bias

@@ -53,7 +53,7 @@ TINY_PROMPT = ("the secret key is red and the code is 1234 please tell me what c
 IMAGE_SPAN = (10, 30)  # positions the tests label 1 ("image"); the rest are text (0)
 
 
-def span_labels(n: int) -> "np.ndarray":
+def span_labels(n: int):
     """Labels by position for a prompt of n tokens plus a few decoded after it."""
     import numpy as np
 

@@ -115,7 +115,7 @@ def _write(path, **changes):
 
 @pytest.mark.parametrize("changes,message", [
     (dict(schema="other"), "not a flowmm-edge policy"),
-    (dict(schema_version=2), "schema version 2"),
+    (dict(schema_version=3), "schema version 3"),
     (dict(rho=[0.1, float("nan")]), "finite numbers"),
     (dict(rho=[0.1]), "1 values for a model of 2 layers"),
     (dict(rho=[0.1, 1.5]), "in \\[0, 1\\]"),

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from flowmm_edge.models import default_model, gguf_file
+from flowmm_edge.models import gguf_file
 from flowmm_edge.bindings import runtime
 
 EXPECTED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"

@@ -12,7 +12,6 @@ import gguf
 from flowmm_edge.models import tiny as tm
 from conftest import write_png
 from flowmm_edge.bindings import runtime
-from flowmm_edge.bindings.native import llama_cpp
 
 
 def test_text_model_header_matches_its_spec(tiny_models):

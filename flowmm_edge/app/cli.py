@@ -270,7 +270,8 @@ def _model_source(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 def _engine_settings(args: argparse.Namespace) -> dict:
     """The engine.Engine settings chat and serve share, from their common flags."""
-    return dict(method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type, n_ctx=args.ctx,
+    policy = None if args.policy == "none" else args.policy
+    return dict(method=args.method, budget=args.budget, policy=policy, kv_type=args.kv_type, n_ctx=args.ctx,
                 n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
                 temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
@@ -310,7 +311,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                       **({} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}))
     with session:
         facts = session.model.facts
-        rho = ("rho per layer from the policy" if session.policy else
+        pol = session.policy
+        rho = ((f"rho per layer from the {'shipped ' if args.policy == 'auto' else ''}policy"
+                + (", importance predicted" if pol.predictor is not None else "")) if pol else
                "rho estimated from each prompt (no --policy)" if args.method == "flowmm" else "")
         print(f"{facts.name} ({facts.architecture}, {facts.n_layer} layers){' + ' + Path(str(mmproj)).name if mmproj else ''}: "
               f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
@@ -403,14 +406,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    projector=(lambda m: Projector(args.mmproj, m, n_threads=args.threads or 2))
                                    if args.mmproj else None,
                                    theta=args.theta, n_threads=args.threads, progress=not args.quiet,
-                                   flash_attn=args.flash_attn)
+                                   flash_attn=args.flash_attn, distill_docs=args.distill,
+                                   distill_tokens=args.distill_tokens)
     policy.save(args.out)
     print(f"policy for {facts.name}: theta {policy.theta}, {policy.calibration['n_prompts']} prompts"
           f"{' with images' if args.mmproj else ' (image spans played by labelled text)'}")
     for layer, (rho, mode) in enumerate(zip(policy.rho, policy.modes)):
         print(f"  layer {layer:3d}  rho {rho:.4f}  {mode}-modal")
     n_cross = policy.modes.count("cross")
-    print(f"{n_cross} cross-modal and {len(policy.rho) - n_cross} intra-modal layers; written to {args.out}")
+    print(f"{n_cross} cross-modal and {len(policy.rho) - n_cross} intra-modal layers")
+    if policy.predictor is not None:
+        info = policy.predictor.info
+        print(f"importance predictor: {info['n_documents']} documents, {info['n_tokens']} tokens; rank correlation "
+              f"with the repeat pass on {info['held_back_documents']} held-back documents {info['held_back_spearman_mean']:.3f}"
+              f" (per layer {min(info['held_back_spearman_per_layer']):.2f}-{max(info['held_back_spearman_per_layer']):.2f})")
+    print(f"written to {args.out}")
     return 0
 
 
@@ -576,7 +586,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("--budget", default=budget,
                    help=f"cells each conversation keeps after a merge: a ratio of {share} ({budget}, default), a count "
                         f"(512) or a size (24MiB)")
-    p.add_argument("--policy", help="a policy file from `calibrate` (FlowMM's per-layer modes)")
+    p.add_argument("--policy", default="auto",
+                   help="a policy file from `calibrate` (FlowMM's per-layer modes and importance predictor); "
+                        "'auto' (default): the one the package ships for this model, if any; 'none': no policy")
     p.add_argument("--schedule", choices=["reply-first", "blocking"], default="reply-first",
                    help="reply-first (default): a turn that fits the free room is answered from the whole cache and "
                         "merged after the reply, while you read; blocking: merged before the reply")
@@ -632,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)
+    p.add_argument("--distill", type=at_least(0), default=0, metavar="N",
+                   help="also distil the repeat pass into an importance predictor on N documents of the built-in "
+                        "corpus (docs/METHOD.md, 'Learned importance'; 0: no predictor)")
+    p.add_argument("--distill-tokens", type=at_least(256), default=2048, help="tokens per distillation document")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import sys
 from pathlib import Path
 
 from . import chat_template as chat_template_mod
@@ -25,6 +26,15 @@ from ..methods.sequence_compressor import REPLY_FIRST, SCHEDULES, SequenceCompre
 from ..models import default_model, gguf_file
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
+AUTO_POLICY = "auto"  # Engine(policy=...): the policy the package ships for this model (policy.shipped_for), if any
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """A note on stderr, once per process (a server's engines, a test run's sessions)."""
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
 
 
 class SessionError(FlowMMError):
@@ -95,7 +105,7 @@ def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_la
 
 class Engine:
     def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str | Method = "flowmm",
-                 budget="0.25", policy: str | Path | policy_mod.Policy | None = None, kv_type: str = "f16",
+                 budget="0.25", policy: str | Path | policy_mod.Policy | None = "auto", kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
@@ -136,11 +146,16 @@ class Engine:
                                    f"keeps (sinks + recent window)")
         self._check_room(method, n_ctx)
         self.policy = None
+        if policy == AUTO_POLICY:  # the policy the package ships for this model, if any, for FlowMM
+            policy = policy_mod.shipped_for(self.model_path) if method == "flowmm" else None
         if policy is not None:
             self.policy = policy if isinstance(policy, policy_mod.Policy) else policy_mod.load(policy)
             self.policy.check_model(self.model_path)
             if method != "flowmm":
                 raise SessionError(f"a policy configures flowmm, not {method}")
+        if SequenceCompressor(self.method_spec, self.budget_cells, self.policy).repeats_context:
+            say_once(f"flowmm: no importance predictor for {facts.name or self.model_path.name}: each merge scores "
+                     f"by the repeat pass (about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
         self.n_ctx, self.kv_type = n_ctx, kv_type

@@ -188,6 +188,32 @@ def match_keys(ctx, layer: int, cand: np.ndarray, piv: np.ndarray, group: np.nda
     return best, cos
 
 
+class _Predictor(ctypes.Structure):
+    _fields_ = [("n_head_kv", ctypes.c_int32), ("n_feat", ctypes.c_int32), ("pairing", ctypes.c_int32),
+                ("weights", _f32p), ("bias", _f32p)]
+
+
+lib.flowmm_kv_predict_scores.restype = ctypes.c_int32
+lib.flowmm_kv_predict_scores.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,
+                                         ctypes.POINTER(_Predictor), _f32p]
+ROPE_PAIRINGS = {"halves": 0, "adjacent": 1}  # native/flowmm.h, enum flowmm_rope_pairing
+
+
+def predict_scores(ctx, layer: int, weights: np.ndarray, bias: np.ndarray, pairing: str, seq_id: int = 0) -> np.ndarray:
+    """For every KV head h of cache layer `layer`: weights[h] . [k, pair lengths of k] + bias[h]
+    for each of the sequence's cells (cell order of seq_cells), computed on the cache's backend
+    (native/flowmm.h, flowmm_kv_predict_scores). Returns [n_head_kv, n_cells] float32."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    b = np.ascontiguousarray(bias, dtype=np.float32)
+    if w.ndim != 2 or b.shape != (w.shape[0],) or pairing not in ROPE_PAIRINGS:
+        raise NativeError(-1, f"predictor shapes do not fit: weights {w.shape}, bias {b.shape}, pairing {pairing!r}")
+    n = _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, None, None, 0))
+    out = np.empty((w.shape[0], n), np.float32)
+    req = _Predictor(w.shape[0], w.shape[1], ROPE_PAIRINGS[pairing], w.ctypes.data_as(_f32p), b.ctypes.data_as(_f32p))
+    _check(lib.flowmm_kv_predict_scores(_ptr(ctx), seq_id, layer, ctypes.byref(req), out.ctypes.data_as(_f32p)))
+    return out
+
+
 lib.flowmm_kv_set_slot_bias.restype = ctypes.c_int32
 lib.flowmm_kv_set_slot_bias.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_kv_clear_slot_bias.restype = ctypes.c_int32

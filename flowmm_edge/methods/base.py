@@ -21,11 +21,13 @@ from .token_folding import key_matcher
 WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
 PROMPT_SCORES = "prompt_scores"  # [n_layer, n_head_kv, n] mass from every prompt row (H2O's accumulator)
 RECONSTRUCTION_SCORES = "reconstruction_scores"  # [n_layer, n_head_kv, n] mass from a repeat-the-context pass
+PREDICTED_SCORES = "predicted_scores"  # [n_layer, n_head_kv, n] the reconstruction mass an ImportancePredictor
+                                       # (importance_predictor.py) expects from each cell's cached key
 RHO = "rho"                      # [n_layer] cross-modal share of attention (docs/METHOD.md, 'Cross-modal flow (rho)')
 KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
 MATCHER = "matcher"              # key matching on the cache's backend (kv_cache.match_keys), in cell indices;
                                  # token_folding.key_matcher is its numpy reference over KEYS
-STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, KEYS, MATCHER)
+STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, PREDICTED_SCORES, RHO, KEYS, MATCHER)
 
 
 class MethodError(FlowMMError):
@@ -55,6 +57,7 @@ class Stats:
     window_scores: np.ndarray | None = None
     prompt_scores: np.ndarray | None = None
     reconstruction_scores: np.ndarray | None = None
+    predicted_scores: np.ndarray | None = None
     rho: np.ndarray | None = None
     keys: np.ndarray | None = None
     matcher: object = None  # callable, see MATCHER; without one, the numpy reference over `keys`
@@ -68,7 +71,8 @@ class Stats:
         if value is None:
             raise MethodError(f"the method needs {name}, which was not computed")
         scores = (n_layer, n_head_kv, n)
-        want = {WINDOW_SCORES: scores, PROMPT_SCORES: scores, RECONSTRUCTION_SCORES: scores, RHO: (n_layer,)}.get(name)
+        want = {WINDOW_SCORES: scores, PROMPT_SCORES: scores, RECONSTRUCTION_SCORES: scores, PREDICTED_SCORES: scores,
+                RHO: (n_layer,)}.get(name)
         if want is not None and value.shape != want:
             raise MethodError(f"{name} has shape {value.shape}, expected {want}")
         if name == KEYS and value.shape[:3] != (n_layer, n_head_kv, n):

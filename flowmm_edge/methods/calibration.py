@@ -8,10 +8,15 @@ flow (rho)').
 Prompts: a JSONL file, one {"segments": [...]} per line (prompt.parse_segments), or the
 built-in set. For a model with an mmproj the built-in prompts carry generated images; for a
 text-only model their "image" spans are text labelled as the image modality.
+
+With `distill_docs`, calibration also distils the repeat pass into an importance predictor
+(distillation.py) on a corpus of its own, and the policy's FlowMM scores by it
+(importance="predicted").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
 from pathlib import Path
@@ -20,8 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..bindings import images, runtime
+from ..bindings.native import llama_cpp
 from ..bindings.attention_stats import AttentionStats
+from . import distillation, reconstruction
 from .compression import rho_from_flow
+from .importance_predictor import rope_pairing
 from .flowmm import FlowMM
 from .policy import Policy, fingerprint
 from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
@@ -29,7 +37,9 @@ from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_
 THETA = 0.25  # docs/METHOD.md, 'Merging strategy per layer': 0.2-0.3 worked best in the paper
 # the policy records FlowMM's own defaults (one home: its signature), except what it calibrates or ablates
 METHOD_DEFAULTS = {k: p.default for k, p in inspect.signature(FlowMM).parameters.items()
-                   if k not in ("theta", "flow_guidance", "sensitivity")}
+                   if k not in ("theta", "flow_guidance", "sensitivity", "predictor")}
+DISTILL_TOKENS = 2048  # tokens per distillation document
+DISTILL_HELD_BACK = 2  # documents kept out of the fit to report its rank correlation (one natural, one planted)
 
 _OBJECTS = ["red car", "blue door", "green tree", "yellow sign", "white cat", "black dog", "grey bridge", "orange kite"]
 _PLACES = ["on the left", "in the middle", "on the right", "at the top", "at the bottom", "in the background"]
@@ -87,9 +97,33 @@ def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=No
             p.close()
 
 
+def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS, n_threads: int | None = None,
+            progress: bool = True):
+    """(the predictor, what the policy records about it): n_docs documents of the distillation
+    corpus, each prefilled and repeated (the teacher), the last DISTILL_HELD_BACK kept out of the
+    fit to measure its rank correlation, then all of them fitted."""
+    if n_docs <= DISTILL_HELD_BACK:
+        raise reconstruction.ReconstructionError(f"distillation needs more than {DISTILL_HELD_BACK} documents")
+    texts = distillation.natural_texts()
+    docs = distillation.documents(model, n_docs, doc_tokens, texts=texts)
+    bar = tqdm(total=n_docs, desc="distilling", unit="doc", disable=not progress)
+    with runtime.Context(model, n_ctx=doc_tokens + reconstruction.ROOM, n_batch=512, n_threads=n_threads) as ctx:
+        samples = distillation.collect(ctx, docs, progress=lambda done, total: bar.update(1))
+    bar.close()
+    pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
+    predictor, info = distillation.fit(samples, pairing, held_back=DISTILL_HELD_BACK)
+    record = {"teacher": "reconstruction_scores (repeat pass), log(mass + 1e-4)",
+              "corpus": "dist-info METADATA and LICENSE texts of the installed Python packages, every second "
+                        "document with planted records (methods/distillation.py)",
+              "n_sources": len(texts), "n_documents": n_docs, "tokens_per_document": doc_tokens,
+              "n_tokens": samples.n_tokens, "held_back_documents": DISTILL_HELD_BACK, **info}
+    return dataclasses.replace(predictor, info=record), record
+
+
 def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",
               projector=None, theta: float = THETA, n_threads: int | None = None, progress: bool = True,
-              flash_attn="auto") -> Policy:
+              flash_attn="auto", distill_docs: int = 0, distill_tokens: int = DISTILL_TOKENS) -> Policy:
+    predictor = None
     with runtime.Model(model_path) as model:
         if prompts is None:
             prompts = builtin_prompts(with_images=projector is not None)
@@ -99,8 +133,12 @@ def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None
         finally:
             if proj is not None:
                 proj.close()
+        if distill_docs:
+            predictor, _ = distill(model, distill_docs, distill_tokens, n_threads, progress)
     n_layer = len(flows[0])
     rho = [rho_from_flow([f[l] for f in flows]) for l in range(n_layer)]
-    return Policy(model=fingerprint(model_path), theta=theta, rho=rho, method=dict(METHOD_DEFAULTS),
+    method = dict(METHOD_DEFAULTS, **({"importance": "predicted"} if predictor is not None else {}))
+    return Policy(model=fingerprint(model_path), theta=theta, rho=rho, method=method,
                   calibration={"prompts": prompts_name, "n_prompts": len(prompts), "with_images": projector is not None,
-                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                  predictor=predictor)

@@ -7,7 +7,8 @@ prompt is decoded, turn them into `methods.Stats`, make the plan and apply it to
     report = comp.compress(ctx, labels_by_position)
 
 Observation windows are rows at the end of the prompt; whole-prompt scores are every row of
-this prefill. Reconstruction scores (reconstruction.py) come from a repeat-the-context pass that
+this prefill; predicted scores come from the cells' own keys when the plan is made (the method's
+ImportancePredictor, on the cache's backend). Reconstruction scores (reconstruction.py) come from a repeat-the-context pass that
 `compress` runs over the cells it is about to merge (it needs each position's token), or from
 `use_reconstruction` when several methods share one pass (eval) or a chat repeats only new text.
 A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried before the
@@ -28,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from ..bindings import kv_cache
 from . import reconstruction
 from ..bindings.attention_stats import AttentionStats
-from .base import (KEYS, MATCHER, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError,
+from .base import (KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError,
                    Stats, TokenLayout)
 
 
@@ -154,6 +155,8 @@ class Compressor:
             setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
+        if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
+            stats.predicted_scores = np.exp(self.method.predictor.scores(ctx, seq_id)[..., order].astype(np.float64))
         rho_source = "unused"
         if RHO in needs:
             if self.rho is not None:

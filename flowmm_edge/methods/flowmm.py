@@ -16,6 +16,9 @@ Per layer l and KV head (docs/METHOD.md; [S] the paper states it, [I] our choice
      window's few peaked tokens outrank the repeat's: measured, it answered nothing after
      compression, like SnapKV.) The merge's mass is then the two masses added, each
      normalised to unit mass per layer and KV head.
+     [I] importance="predicted" takes the repeat pass's mass as a calibrated predictor expects
+     it from each cell's cached key (importance_predictor.py, distilled by `calibrate
+     --distill`): one small matrix product per layer in place of a second prefill.
      [I] I is smoothed by SnapKV's average pooling (`pool`=7; 1 turns it off) before both the
      selection and the tau gate: a fact spread over several tokens (a number is one token per
      digit in Qwen's vocabulary) otherwise keeps its two or three strongest tokens only, and on
@@ -52,7 +55,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import MATCHER, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, merge_sources, top_by_score
+from .base import MATCHER, PREDICTED_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, merge_sources, top_by_score
 from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .mass_merge import mass_plan
@@ -60,7 +63,7 @@ from .pivotal_merge import MERGE_RULES, build_plan
 from .token_folding import candidates, cap_absorbed, match_above
 
 ORPHAN_RULES = ("evict", "ungated")
-IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,),
+IMPORTANCE = {"window": (WINDOW_SCORES,), "reconstruction": (RECONSTRUCTION_SCORES,), "predicted": (PREDICTED_SCORES,),
               "both": (WINDOW_SCORES, RECONSTRUCTION_SCORES)}
 
 
@@ -76,6 +79,8 @@ class FlowMM(Method):
     pool: int = 7
     floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
     importance: str = "reconstruction"
+    # importance="predicted": the ImportancePredictor that scores the cells (a policy's, see policy.py)
+    predictor: object = dataclasses.field(default=None, repr=False, compare=False)
 
     name = "flowmm"
 
@@ -91,6 +96,9 @@ class FlowMM(Method):
             raise MethodError(f"merge rule {merge!r} is not one of {', '.join(MERGE_RULES)}")
         if importance not in IMPORTANCE:
             raise MethodError(f"importance {importance!r} is not one of {', '.join(IMPORTANCE)}")
+        if importance == "predicted" and self.predictor is None:
+            raise MethodError("importance 'predicted' needs a policy with an importance predictor "
+                              "(calibrate --distill)")
         if orphans not in ORPHAN_RULES:
             raise MethodError(f"orphan rule {orphans!r} is not one of {', '.join(ORPHAN_RULES)}")
         if pool < 1 or pool % 2 == 0:

@@ -1,9 +1,13 @@
 """The per-layer merging policy a calibration pass writes for one model (JSON).
 
-    {"schema": "flowmm-edge/policy", "schema_version": 1,
+    {"schema": "flowmm-edge/policy", "schema_version": 2,
      "model": {"name", "architecture", "n_layer", "n_head", "n_head_kv", "gguf_header_sha256"},
      "theta": 0.25, "rho": [per layer], "modes": ["cross" | "intra", per layer],
-     "method": {FlowMM's parameters}, "calibration": {what it was computed from}}
+     "method": {FlowMM's parameters}, "calibration": {what it was computed from},
+     "predictor": null | {an ImportancePredictor: features, rope_pairing, weights, bias, info}}
+
+Version 2 added the predictor (importance_predictor.py, distilled by `calibrate --distill`);
+version 1 files, which have none, still load.
 
 The model fingerprint includes a hash of the GGUF's header and tensor table (everything before
 the tensor data), so a policy never silently applies to another model or another quantization.
@@ -17,12 +21,14 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 
 from ..models import gguf_file
 from ..errors import FlowMMError
+from .importance_predictor import ImportancePredictor, PredictorError
 
-SCHEMA, SCHEMA_VERSION = "flowmm-edge/policy", 1
+SHIPPED = Path(__file__).resolve().parent.parent / "policies"  # policies the package ships (the default model's)
+SCHEMA, SCHEMA_VERSION = "flowmm-edge/policy", 2
+READABLE_VERSIONS = (1, 2)
 
 
 class PolicyError(FlowMMError):
@@ -52,6 +58,7 @@ class Policy:
     rho: list[float]
     method: dict
     calibration: dict
+    predictor: ImportancePredictor | None = None
 
     @property
     def modes(self) -> list[str]:
@@ -60,7 +67,8 @@ class Policy:
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": self.model, "theta": self.theta,
                 "rho": [float(r) for r in self.rho], "modes": self.modes, "method": self.method,
-                "calibration": self.calibration}
+                "calibration": self.calibration,
+                "predictor": None if self.predictor is None else self.predictor.to_json()}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -69,7 +77,10 @@ class Policy:
         """The FlowMM method this policy describes (its parameters, overridden where given)."""
         from .flowmm import FlowMM
 
-        return FlowMM(**{**self.method, "theta": self.theta, **overrides})
+        params = {**self.method, "theta": self.theta, **overrides}
+        if params.get("importance") == "predicted":
+            params.setdefault("predictor", self.predictor)
+        return FlowMM(**params)
 
     def check_model(self, model_path: str | Path) -> None:
         """Refuse a policy calibrated for another model."""
@@ -92,8 +103,9 @@ def load(path: str | Path) -> Policy:
         raise PolicyError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise PolicyError(f"{p}: not a flowmm-edge policy (schema {data.get('schema') if isinstance(data, dict) else None!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise PolicyError(f"{p}: policy schema version {data.get('schema_version')!r} is not {SCHEMA_VERSION}")
+    if data.get("schema_version") not in READABLE_VERSIONS:
+        raise PolicyError(f"{p}: policy schema version {data.get('schema_version')!r} is not one of "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     for key, kind in (("model", dict), ("theta", (int, float)), ("rho", list), ("method", dict), ("calibration", dict)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise PolicyError(f"{p}: '{key}' is missing or of the wrong type")
@@ -108,8 +120,17 @@ def load(path: str | Path) -> Policy:
         raise PolicyError(f"{p}: rho values must be finite numbers in [0, 1]")
     if not (math.isfinite(theta) and 0 <= theta <= 1):
         raise PolicyError(f"{p}: theta {theta} is not in [0, 1]")
+    predictor = None
+    if data.get("predictor") is not None:
+        try:
+            predictor = ImportancePredictor.from_json(data["predictor"], str(p))
+        except PredictorError as e:
+            raise PolicyError(str(e)) from None
+        if predictor.weights.shape[:2] != (model["n_layer"], model["n_head_kv"]):
+            raise PolicyError(f"{p}: the predictor's weights {tuple(predictor.weights.shape)} do not fit a model of "
+                              f"{model['n_layer']} layers and {model['n_head_kv']} KV heads")
     policy = Policy(model=model, theta=float(theta), rho=[float(r) for r in rho], method=data["method"],
-                    calibration=data["calibration"])
+                    calibration=data["calibration"], predictor=predictor)
     if "modes" in data and data["modes"] != policy.modes:
         raise PolicyError(f"{p}: 'modes' disagree with rho and theta")
     try:
@@ -119,5 +140,15 @@ def load(path: str | Path) -> Policy:
     return policy
 
 
-def rho_array(policy: Policy | None) -> np.ndarray | None:
-    return None if policy is None else np.asarray(policy.rho, dtype=np.float64)
+def shipped_for(model_path: str | Path) -> Policy | None:
+    """The policy the package ships for this very model (same fingerprint), or None. The default
+    model's is made by `python -m flowmm_edge calibrate --distill 16 --threads 2 --out
+    flowmm_edge/policies/qwen2.5-coder-0.5b-instruct.json` (docs/METHOD.md, 'Learned importance')."""
+    have = fingerprint(model_path)
+    for f in sorted(SHIPPED.glob("*.json")):
+        pol = load(f)
+        if pol.model == have:
+            return pol
+    return None
+
+

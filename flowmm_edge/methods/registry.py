@@ -5,7 +5,10 @@
 
 A name is a registered method (`METHODS`), or `flowmm:<variant>[+<variant>...]`: the variants'
 settings combined, later ones winning (`flowmm:window+pivotal`). With a calibrated policy, the
-name "flowmm" is the policy's FlowMM, with its per-layer rho. `chat`, `serve`, `eval`, `bench`,
+name "flowmm" is the policy's FlowMM, with its per-layer rho and, if it has one, its importance
+predictor; a variant is then the policy's FlowMM with the variant's settings (`flowmm:repeat`:
+the policy's method scored by the repeat pass instead of its predictor). Without a policy a
+variant starts from FlowMM's defaults and estimates its own rho. `chat`, `serve`, `eval`, `bench`,
 `Engine` and the press all resolve names here.
 """
 
@@ -20,6 +23,7 @@ from .base import Method, MethodError
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
             "no-both": dict(flow_guidance=False, sensitivity=False),
             "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source
+            "repeat": dict(importance="reconstruction"), "predicted": dict(importance="predicted"),
             "pivotal": dict(merge="pivotal"),  # LOOK-M's merge (flowmm:window+pivotal: FlowMM as first built)
             "select": dict(merge="mass", floor=2.0)}  # no key clears a floor above 1: eviction, same pivots
 
@@ -39,11 +43,11 @@ def resolve(name: str | Method, policy=None) -> tuple[Method, np.ndarray | None]
     rho = None if policy is None else np.asarray(policy.rho, dtype=np.float64)
     if isinstance(name, Method):
         return name, rho if name.name == "flowmm" else None
-    if name == "flowmm" and policy is not None:
-        return policy.flowmm(), rho
-    # a variant is an ablation of the paper's method: it estimates its own rho, as without a policy
     base, _, variant = name.partition(":")
     parts = variant.split("+") if variant else []
     if base not in METHODS or (parts and (base != "flowmm" or any(v not in VARIANTS for v in parts))):
         raise MethodError(f"unknown method {name!r} (one of {', '.join(known_names())}, or variants joined by '+')")
-    return METHODS[base](**{k: v for part in parts for k, v in VARIANTS[part].items()}), None
+    settings = {k: v for part in parts for k, v in VARIANTS[part].items()}
+    if base == "flowmm" and policy is not None:
+        return policy.flowmm(**settings), rho
+    return METHODS[base](**settings), None

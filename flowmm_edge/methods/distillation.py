@@ -1,0 +1,173 @@
+"""Distilling the repeat pass into an ImportancePredictor (importance_predictor.py).
+
+    samples = collect(ctx, documents(model, n_docs, n_tokens))   # prefill + repeat pass, per document
+    predictor, info = fit(samples, pairing)                      # ridge per (layer, KV head), held-back ranks
+
+The teacher is reconstruction.reconstruction_scores: for every (layer, KV head, cell), the largest
+attention mass a group of the repeat pass's rows sent the cell. The student sees only that cell's
+cached key (after RoPE, as the cache holds it) and regresses log(teacher + LOG_FLOOR).
+
+The corpus is not the evaluation suite and not its generators' haystacks:
+- natural text the machine has: the descriptions and licences of the Python packages installed
+  beside flowmm_edge (`*.dist-info/METADATA`, `LICENSE*`), read in sorted order;
+- documents of this module's own design with planted facts: the same natural text with records
+  ("The badge number of the archive room is 7316-K.") set into it at random places, so the
+  teacher sees the spans a later question would need among prose that no question asks about.
+The policy records which sources and how many tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..bindings import kv_cache
+from .importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
+from . import reconstruction
+
+RIDGE = 1e-3  # of the standardised features' scale, per sample
+_THINGS = ["archive room", "north gate", "blue locker", "server rack", "night shift", "west wing", "supply van",
+           "reading room", "cold store", "back office", "test bench", "loading dock", "clock tower", "boat house"]
+_WHATS = ["badge number", "door code", "account name", "pass phrase", "serial number", "room number", "pin", "tag"]
+_WORDS = ["amber", "falcon", "quartz", "meadow", "cobalt", "ember", "willow", "harbor", "tundra", "violet", "saffron"]
+
+
+def natural_texts(roots: list[Path] | None = None) -> list[tuple[str, str]]:
+    """(name, text) of the package descriptions and licences under `roots` (default: the
+    site-packages this module is installed in), sorted by name, each at least 2,000 characters."""
+    if roots is None:
+        roots = [Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    out = {}
+    for root in roots:
+        for pattern in ("*.dist-info/METADATA", "*.dist-info/LICENSE*", "*.dist-info/licenses/LICENSE*"):
+            for f in root.glob(pattern):
+                try:
+                    text = f.read_text(errors="replace")
+                except OSError:
+                    continue
+                if len(text) >= 2000:
+                    out[str(f.relative_to(root))] = text
+    return sorted(out.items())
+
+
+def _record(rng: np.random.Generator) -> str:
+    what, thing = rng.choice(_WHATS), rng.choice(_THINGS)
+    value = rng.choice([f"{rng.integers(1000, 9999)}-{chr(65 + rng.integers(26))}",
+                        f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.integers(10, 99)}"])
+    return f" The {what} of the {thing} is {value}. "
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    name: str
+    tokens: list[int]
+
+
+def documents(model, n_docs: int, n_tokens: int, seed: int = 0, texts=None) -> list[Document]:
+    """n_docs documents of n_tokens each (BOS first): natural text cut in order from the corpus,
+    every second one with planted records (one per ~150 tokens)."""
+    texts = natural_texts() if texts is None else texts
+    if not texts:
+        raise reconstruction.ReconstructionError("no natural text found for the distillation corpus")
+    rng = np.random.default_rng(seed)
+    stream = model.tokenize("\n\n".join(t for _, t in texts), add_special=False)
+    names = [n for n, _ in texts]
+    docs, at = [], 0
+    for d in range(n_docs):
+        if at + n_tokens > len(stream):
+            at = 0
+        body = stream[at:at + n_tokens]
+        at += n_tokens
+        if d % 2 == 1:
+            text = model.detokenize(body)
+            cuts = sorted(rng.integers(0, len(text), size=max(1, n_tokens // 150)))
+            text = "".join(text[a:b] + _record(rng) for a, b in zip([0, *cuts], [*cuts, len(text)]))
+            body = model.tokenize(text, add_special=False)
+        docs.append(Document(f"{'planted' if d % 2 else 'natural'}:{names[min(d, len(names) - 1)]}",
+                             model.tokenize("", add_special=True)[:1] + body[:n_tokens - 1]))
+    return docs
+
+
+@dataclasses.dataclass
+class Samples:
+    """Per document: k, v [n_layer, n_head_kv, n, d] (float16) and the teacher [n_layer, n_head_kv, n]."""
+
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+    teacher: list[np.ndarray]
+    names: list[str]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(t.shape[-1] for t in self.teacher)
+
+
+def cache_rows(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, k, v) of the sequence's cells in position order; k, v [n_layer, n_head_kv, n, d]."""
+    cells, pos = kv_cache.seq_cells(ctx, seq_id)
+    order = np.argsort(pos, kind="stable")
+    cells = cells[order]
+    lay = kv_cache.layout(ctx)
+    k = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "k", seq_id) for h in range(lay.n_head_kv)])
+                  for l in range(lay.n_layer)])
+    v = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "v", seq_id) for h in range(lay.n_head_kv)])
+                  for l in range(lay.n_layer)])
+    return pos[order], k, v
+
+
+def collect(ctx, docs: list[Document], progress=None) -> Samples:
+    """Prefill each document alone in sequence 0, run the repeat pass, keep its scores and rows."""
+    out = Samples([], [], [], [])
+    prefix = reconstruction.repeat_prefix(ctx.model)
+    for i, doc in enumerate(docs):
+        ctx.clear()
+        ctx.decode(doc.tokens, 0)
+        scored = reconstruction.reconstruction_scores(ctx, np.asarray(doc.tokens, np.int32), prefix)
+        pos, k, v = cache_rows(ctx)
+        assert np.array_equal(pos, scored.positions)
+        out.k.append(k.astype(np.float16))
+        out.v.append(v.astype(np.float16))
+        out.teacher.append(scored.scores.astype(np.float32))
+        out.names.append(doc.name)
+        ctx.clear()
+        if progress is not None:
+            progress(i + 1, len(docs))
+    return out
+
+
+def _xy(samples: Samples, docs: list[int], layer: int, head: int, pairing: str):
+    x = np.concatenate([features(samples.k[d][layer, head].astype(np.float32), pairing) for d in docs])
+    y = np.concatenate([np.log(samples.teacher[d][layer, head] + LOG_FLOOR) for d in docs])
+    return x, y
+
+
+def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE):
+    """A predictor fitted on all documents but the last `held_back`, and the mean Spearman rank
+    correlation with the teacher on those held back, per layer (averaged over KV heads and
+    documents). Then refitted on every document for the weights it returns."""
+    n_doc = len(samples.teacher)
+    train, test = list(range(n_doc - held_back)), list(range(n_doc - held_back, n_doc))
+    n_layer, n_head = samples.teacher[0].shape[:2]
+    rank = np.zeros((n_layer, n_head))
+    weights, bias = [], []
+    for l in range(n_layer):
+        wl, bl = [], []
+        for h in range(n_head):
+            x, y = _xy(samples, train, l, h, pairing)
+            w, b = fit_ridge(x, y, ridge)
+            rank[l, h] = np.mean([spearman(_xy(samples, [d], l, h, pairing)[0] @ w + b,
+                                           samples.teacher[d][l, h]) for d in test])
+            x, y = _xy(samples, list(range(n_doc)), l, h, pairing)
+            w, b = fit_ridge(x, y, ridge)
+            wl.append(w)
+            bl.append(b)
+        weights.append(wl)
+        bias.append(bl)
+    per_layer = rank.mean(1)
+    info = {"held_back_spearman_per_layer": [round(float(r), 4) for r in per_layer],
+            "held_back_spearman_mean": round(float(per_layer.mean()), 4), "ridge": ridge}
+    return ImportancePredictor(pairing, np.asarray(weights, np.float32), np.asarray(bias, np.float32),
+                               info), info

@@ -1,0 +1,141 @@
+"""A learned importance: per (layer, KV head), a linear map from what the cache holds at a cell to
+the log of the reconstruction score that the repeat pass (reconstruction.py) would give it.
+
+    score = w . [k, |rotated pairs of k|] + b
+
+The features are the cell's own cached key, so nothing runs while decoding: the score is one
+small matrix product per layer over the cache, computed on the cache's backend when a merge
+plans (kv_cache.predict_scores, the native graph) and reproduced here in numpy (`features`,
+`predict`) as the reference the tests hold the graph to.
+
+K is cached after RoPE, which rotates each pair of dimensions (i, i + d/2 for NEOX-style models
+such as Qwen2, 2i and 2i + 1 for the original style) by an angle that grows with the position.
+A linear map of raw K therefore means something different at every position. The length of
+each rotated pair does not change with the position; the slowest-turning pairs barely turn over
+a document, so raw K carries signal too. The features are both: k and the d/2 pair lengths.
+Measured against the alternatives (pair lengths alone, raw K alone, with V) in docs/METHOD.md,
+'Learned importance' (scripts/predictor_features.py).
+
+After KVzap (NVIDIA kvpress, kvzap/, arXiv 2601.07891), which maps a layer's hidden state to the
+log KVzip score per KV head with one linear layer. Distillation: methods/distillation.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import FlowMMError
+
+FEATURES = "k+pair_lengths"  # the one input the native graph computes: [k, |rotated pairs of k|]
+PAIRINGS = ("halves", "adjacent")  # RoPE's pairs: (i, i + d/2) NEOX-style, (2i, 2i + 1) the original
+LOG_FLOOR = 1e-4  # added to the teacher's attention mass before the log (a cell nobody looked at)
+
+
+class PredictorError(FlowMMError):
+    pass
+
+
+def rope_pairing(rope_type: int) -> str:
+    """The pairing of llama.cpp's rope type (llama_model_rope_type): NORM (0) rotates adjacent
+    dimensions, NEOX (2) and the multi-section kinds built on it rotate the two halves."""
+    return "adjacent" if rope_type == 0 else "halves"
+
+
+def k_pair_lengths(k: np.ndarray, pairing: str) -> np.ndarray:
+    """[n, d] rotated keys -> [n, d/2] the length of each rotated pair (unchanged by RoPE)."""
+    half = k.shape[-1] // 2
+    a, b = (k[..., :half], k[..., half:]) if pairing == "halves" else (k[..., 0::2], k[..., 1::2])
+    return np.sqrt(a * a + b * b)
+
+
+def features(k: np.ndarray, pairing: str) -> np.ndarray:
+    """The predictor's input rows for cells with keys k [n, d]: [k, k_pair_lengths(k)], [n, 3d/2]."""
+    k = np.asarray(k, np.float64)
+    return np.concatenate([k, k_pair_lengths(k, pairing)], axis=-1)
+
+
+def n_features(head_dim_k: int) -> int:
+    return head_dim_k + head_dim_k // 2
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, float]:
+    """Closed-form ridge regression of y [n] on x [n, f], with the features standardised for the
+    penalty and the standardisation folded back into the weights: returns (w [f], b)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    ym = y.mean()
+    w = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(z.shape[1]), z.T @ (y - ym))
+    w = w / sd
+    return w, float(ym - mu @ w)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb) + 1e-12))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportancePredictor:
+    """weights [n_layer, n_head_kv, n_feat], bias [n_layer, n_head_kv]."""
+
+    rope_pairing: str
+    weights: np.ndarray
+    bias: np.ndarray
+    info: dict = dataclasses.field(default_factory=dict)  # what it was fitted on, how well it ranks
+
+    def __post_init__(self):
+        if self.rope_pairing not in PAIRINGS:
+            raise PredictorError(f"predictor RoPE pairing {self.rope_pairing!r} is not one of {', '.join(PAIRINGS)}")
+        w, b = np.asarray(self.weights), np.asarray(self.bias)
+        if w.ndim != 3 or b.shape != w.shape[:2]:
+            raise PredictorError(f"predictor weights {w.shape} and bias {b.shape} do not fit together "
+                                 "([n_layer, n_head_kv, n_feat] and [n_layer, n_head_kv])")
+        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+            raise PredictorError("predictor weights are not all finite")
+
+    @property
+    def n_layer(self) -> int:
+        return self.weights.shape[0]
+
+    def check_layout(self, lay) -> None:
+        want = n_features(lay.head_dim_k)
+        if self.weights.shape != (lay.n_layer, lay.n_head_kv, want):
+            raise PredictorError(f"the predictor's weights {tuple(self.weights.shape)} do not fit this cache "
+                                 f"({lay.n_layer} layers, {lay.n_head_kv} KV heads, {want} features)")
+
+    def predict(self, layer: int, head: int, k: np.ndarray) -> np.ndarray:
+        """numpy reference: the predicted log score of cells with keys k [n, d] (as the model
+        computed them: no storage rotation)."""
+        return features(k, self.rope_pairing) @ self.weights[layer, head] + self.bias[layer, head]
+
+    def scores(self, ctx, seq_id: int = 0) -> np.ndarray:
+        """The predicted log score of every cell of the sequence, [n_layer, n_head_kv, n_cells] in
+        kv_cache.seq_cells order, from the cache's own keys, on the cache's backend."""
+        from ..bindings import kv_cache
+
+        self.check_layout(kv_cache.layout(ctx))
+        return np.stack([kv_cache.predict_scores(ctx, l, self.weights[l], self.bias[l], self.rope_pairing, seq_id)
+                         for l in range(self.n_layer)])
+
+    def to_json(self) -> dict:
+        return {"features": FEATURES, "rope_pairing": self.rope_pairing,
+                "weights": np.asarray(self.weights, np.float32).round(6).tolist(),
+                "bias": np.asarray(self.bias, np.float32).round(6).tolist(), "info": self.info}
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "ImportancePredictor":
+        if not isinstance(data, dict):
+            raise PredictorError(f"{where}: 'predictor' must be an object")
+        try:
+            if data["features"] != FEATURES:
+                raise PredictorError(f"predictor features {data['features']!r} are not {FEATURES!r}")
+            return cls(rope_pairing=data["rope_pairing"],
+                       weights=np.asarray(data["weights"], np.float32), bias=np.asarray(data["bias"], np.float32),
+                       info=dict(data.get("info") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PredictorError(f"{where}: bad predictor ({e})") from None
+        except PredictorError as e:
+            raise PredictorError(f"{where}: {e}") from None

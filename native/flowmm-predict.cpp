@@ -1,0 +1,155 @@
+// flowmm-edge: learned cell importance, on the cache's backend.
+//
+// For one cache layer and every KV head, each of the sequence's cells is scored by a linear map of
+// its own cached key: score = w . [k, |pairs of k|] + b. The keys are gathered from the cache
+// (get_rows, in f32), rotated back where llama.cpp stores them Hadamard-rotated (quantized K), and
+// the length of each RoPE-rotated pair of dimensions is appended (sqr, add of the two halves or
+// of adjacent dimensions, sqrt: a length does not change with the position). One mul_mat per KV
+// head against the caller's weights gives the scores; only those come back to the host.
+
+#include "flowmm.h"
+#include "flowmm-graph.h"
+#include "flowmm-impl.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-hparams.h"
+#include "llama-kv-cache.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+using acc = flowmm_kv_access;
+
+// the orthonormal Sylvester-Walsh-Hadamard matrix llama.cpp rotates quantized K with
+// (llama-kv-cache.cpp, ggml_gen_hadamard); symmetric, its own inverse
+static std::vector<float> flowmm_hadamard(int64_t n) {
+    std::vector<float> h(n * n, 0.0f);
+    h[0] = 1.0f / sqrtf((float) n);
+    for (int64_t s = 1; s < n; s *= 2) {
+        for (int64_t i = 0; i < s; ++i) {
+            for (int64_t j = 0; j < s; ++j) {
+                const float v = h[i * n + j];
+                h[(i + s) * n + j]       =  v;
+                h[i * n + (j + s)]       =  v;
+                h[(i + s) * n + (j + s)] = -v;
+            }
+        }
+    }
+    return h;
+}
+
+// the block size llama.cpp rotates K in: the largest power of two (>= 64) dividing head_dim
+// (llama_kv_cache::build_input_k_rot)
+static int64_t flowmm_k_rot_size(int64_t head_dim) {
+    int64_t n = 64;
+    do {
+        n *= 2;
+    } while (head_dim % n == 0);
+    return n / 2;
+}
+
+int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                                 const flowmm_predictor * pred, float * scores) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (pred == nullptr || pred->weights == nullptr || pred->bias == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "a predictor array is NULL");
+    }
+    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
+    }
+    const auto & hp = acc::hparams(*kv);
+    const uint32_t mil = acc::layer_il(*kv, il);
+    const int64_t H  = hp.n_head_kv(mil);
+    const int64_t hd = hp.n_embd_head_k(mil);
+    const int64_t nf = hd + hd / 2;
+    if (pred->n_head_kv != H || pred->n_feat != nf || hd % 2 != 0) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the predictor has " + std::to_string(pred->n_head_kv) +
+                           " KV heads of " + std::to_string(pred->n_feat) + " features, the cache " +
+                           std::to_string(H) + " of " + std::to_string(nf));
+    }
+    if (pred->pairing != FLOWMM_PAIRS_HALVES && pred->pairing != FLOWMM_PAIRS_ADJACENT) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(pred->pairing));
+    }
+    for (int64_t i = 0; i < H * nf + H; ++i) {
+        if (!std::isfinite(i < H * nf ? pred->weights[i] : pred->bias[i - H * nf])) {
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "a predictor weight is not finite");
+        }
+    }
+    if (scores == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "scores is NULL");
+    }
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
+    const int64_t n = own.size();
+    if (n == 0) {
+        return FLOWMM_OK;
+    }
+    const int64_t kv_size = acc::cells(*kv, strm).size();
+
+    const flowmm_graph g = flowmm_begin_graph(ctx);
+    ggml_context * gctx = g.gctx;
+
+    ggml_tensor * rows = flowmm_cache_rows(gctx, acc::k(*kv, il, strm), hd, H * kv_size); // row (cell * H + h)
+    ggml_tensor * idx  = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * n);                 // head-major
+    ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
+    ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
+    ggml_tensor * hmat = nullptr;
+    for (ggml_tensor * t : {idx, w, b}) {
+        ggml_set_input(t);
+    }
+    ggml_tensor * k = ggml_get_rows(gctx, rows, idx); // [hd, H * n] f32
+    const int64_t nrot = acc::rot_k(*kv) ? flowmm_k_rot_size(hd) : 0;
+    if (nrot > 0) {
+        hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
+        ggml_set_input(hmat);
+        k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * n)), hd, H * n);
+    }
+    ggml_tensor * sq = ggml_sqr(gctx, k);
+    ggml_tensor * pairs;
+    if (pred->pairing == FLOWMM_PAIRS_HALVES) {
+        ggml_tensor * lo = ggml_view_2d(gctx, sq, hd / 2, H * n, sq->nb[1], 0);
+        ggml_tensor * hi = ggml_view_2d(gctx, sq, hd / 2, H * n, sq->nb[1], (hd / 2) * ggml_element_size(sq));
+        pairs = ggml_add(gctx, ggml_cont(gctx, lo), ggml_cont(gctx, hi));
+    } else {
+        pairs = ggml_reshape_2d(gctx, ggml_sum_rows(gctx, ggml_reshape_2d(gctx, sq, 2, hd / 2 * H * n)), hd / 2, H * n);
+    }
+    ggml_tensor * feat = ggml_concat(gctx, k, ggml_sqrt(gctx, pairs), 0);           // [nf, H * n]
+    ggml_tensor * out  = ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, feat, nf, n, H)); // [1, n, H]
+    ggml_prec_set_acc(out, GGML_PREC_F32);
+    out = ggml_add(gctx, out, b);
+    ggml_set_output(out);
+    ggml_build_forward_expand(g.gf, out);
+
+    if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
+        return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the importance graph");
+    }
+    {
+        std::vector<int32_t> r(H * n);
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t c = 0; c < n; ++c) {
+                r[h * n + c] = own[c] * (int32_t) H + (int32_t) h;
+            }
+        }
+        ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
+        ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
+        if (hmat != nullptr) {
+            const std::vector<float> hv = flowmm_hadamard(nrot);
+            ggml_backend_tensor_set(hmat, hv.data(), 0, hv.size() * sizeof(float));
+        }
+    }
+    if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+        return flowmm_fail(FLOWMM_ERR_BACKEND, "the importance graph failed to compute");
+    }
+    llama_synchronize(ctx);
+    ggml_backend_tensor_get(out, scores, 0, H * n * sizeof(float));
+    return (int32_t) n;
+}

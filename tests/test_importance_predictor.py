@@ -1,0 +1,188 @@
+"""The learned importance (methods/importance_predictor.py, native/flowmm-predict.cpp): the scores
+the cache's backend computes equal numpy applying the same weights to the keys of llama.cpp's
+own state serialisation (state_reference), with the Hadamard rotation llama.cpp stores quantized
+keys in undone by an independent construction; across cache types, flash attention, a merge and a
+save/load. Then the policy that carries a predictor, and FlowMM planning from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_PROMPT, span_labels
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.bindings.kv_cache import NativeError
+from flowmm_edge.methods import METHODS, policy, registry
+from flowmm_edge.methods.base import MethodError
+from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.methods.flowmm import FlowMM
+from flowmm_edge.methods.importance_predictor import ImportancePredictor, fit_ridge, n_features, spearman
+from flowmm_edge.models import tiny as tm
+from state_reference import parse_seq_state, seq_state_bytes
+
+SPEC = tm.TINY.text
+HD = SPEC.n_embd // SPEC.n_head
+L, H = SPEC.n_layer, SPEC.n_head_kv
+
+
+def _predictor(n_layer, n_head, hd, pairing, seed=0) -> ImportancePredictor:
+    rng = np.random.default_rng(seed)
+    return ImportancePredictor(pairing, rng.normal(size=(n_layer, n_head, n_features(hd))).astype(np.float32),
+                               rng.normal(size=(n_layer, n_head)).astype(np.float32))
+
+
+def _hadamard(n: int) -> np.ndarray:
+    """Sylvester's construction by Kronecker products, orthonormal."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / np.sqrt(n)
+
+
+def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int) -> np.ndarray:
+    """[n_layer, n_head, n_cells] from llama.cpp's serialised keys (cell order), numpy only."""
+    lay = kv_cache.layout(ctx)
+    st = parse_seq_state(seq_state_bytes(ctx.ptr, 0), n_head * hd, n_head * lay.head_dim_v)
+    out = []
+    for l in range(pred.n_layer):
+        k = st.k[l].reshape(-1, n_head, hd).astype(np.float64)
+        if lay.rot_k:  # stored as H k in blocks of the largest power of two dividing head_dim
+            block = max(b for b in (64, 128, 256) if hd % b == 0)
+            k = (k.reshape(-1, n_head, hd // block, block) @ _hadamard(block)).reshape(-1, n_head, hd)
+        half = hd // 2
+        a, b = (k[..., :half], k[..., half:]) if pred.rope_pairing == "halves" else (k[..., 0::2], k[..., 1::2])
+        feat = np.concatenate([k, np.sqrt(a * a + b * b)], axis=-1)  # [n, H, 3hd/2]
+        out.append(np.einsum("nhf,hf->hn", feat, pred.weights[l].astype(np.float64)) + pred.bias[l][:, None])
+    return np.stack(out)
+
+
+def _close(got, want):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kv_type,fa", [("f16", "on"), ("f16", "off"), ("q8_0", "on"), ("q4_0", "on")])
+@pytest.mark.parametrize("pairing", ["halves", "adjacent"])
+def test_scores_equal_numpy_over_llama_cpps_keys(model, kv_type, fa, pairing):
+    pred = _predictor(L, H, HD, pairing)
+    with runtime.Context(model, n_ctx=256, n_batch=64, kv_type=kv_type, flash_attn=fa, n_threads=2) as ctx:
+        ctx.decode(model.tokenize(TINY_PROMPT * 2), 0)
+        _close(pred.scores(ctx), _reference(ctx, pred, H, HD))
+
+
+def test_quantized_keys_are_rotated_back_on_the_default_model(default_model_path):
+    """head_dim 64: llama.cpp stores q8_0 keys Hadamard-rotated; the features are of the keys the
+    model computed, so f16 and q8_0 caches score (nearly) alike and both equal numpy."""
+    with runtime.Model(default_model_path) as m:
+        tokens = m.tokenize("The badge number of the archive room is 7316-K. " * 6)
+        got = {}
+        for kv_type in ("f16", "q8_0"):
+            with runtime.Context(m, n_ctx=256, n_batch=64, kv_type=kv_type, n_threads=2) as ctx:
+                ctx.decode(tokens, 0)
+                lay = kv_cache.layout(ctx)
+                assert lay.rot_k == (kv_type == "q8_0")
+                pred = _predictor(lay.n_layer, lay.n_head_kv, lay.head_dim_k, "halves", seed=3)
+                got[kv_type] = pred.scores(ctx)
+                _close(got[kv_type], _reference(ctx, pred, lay.n_head_kv, lay.head_dim_k))
+        assert np.corrcoef(got["f16"].ravel(), got["q8_0"].ravel())[0, 1] > 0.99
+
+
+def test_scores_follow_the_cells_through_a_merge_and_a_save_load(model):
+    pred = _predictor(L, H, HD, "adjacent", seed=1)
+    tokens = model.tokenize(TINY_PROMPT * 2)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
+        with comp.observe(ctx, prompt_end=len(tokens), labels=span_labels(len(tokens))):
+            ctx.decode(tokens, 0)
+        comp.compress(ctx, span_labels(len(tokens)))
+        assert len(kv_cache.seq_cells(ctx)[0]) < len(tokens)
+        merged = pred.scores(ctx)
+        _close(merged, _reference(ctx, pred, H, HD))
+        state = ctx.state()
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.set_state(state)
+        _close(pred.scores(ctx), merged)
+
+
+def test_bad_predictors_are_refused_and_change_nothing(model):
+    with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(model.tokenize(TINY_PROMPT), 0)
+        before = seq_state_bytes(ctx.ptr, 0)
+        w, b = np.zeros((H, n_features(HD)), np.float32), np.zeros(H, np.float32)
+        with pytest.raises(NativeError, match="features"):
+            kv_cache.predict_scores(ctx, 0, w[:, 1:], b, "halves")
+        with pytest.raises(NativeError, match="out of range"):
+            kv_cache.predict_scores(ctx, L, w, b, "halves")
+        w[0, 0] = np.nan
+        with pytest.raises(NativeError, match="not finite"):
+            kv_cache.predict_scores(ctx, 0, w, b, "halves")
+        with pytest.raises(NativeError, match="pairing"):
+            kv_cache.predict_scores(ctx, 0, w, b, "diagonal")
+        assert seq_state_bytes(ctx.ptr, 0) == before
+
+
+def test_ridge_without_penalty_is_least_squares_and_spearman_is_pearson_of_ranks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)) * [1, 10, 0.1, 3, 1]
+    y = x @ [1, -2, 3, 0.5, 0] + 4 + rng.normal(size=200) * 0.1
+    w, b = fit_ridge(x, y, 0.0)
+    ref = np.linalg.lstsq(np.c_[x, np.ones(200)], y, rcond=None)[0]
+    np.testing.assert_allclose(np.r_[w, b], ref, rtol=1e-6, atol=1e-8)
+    a, c = rng.normal(size=50), rng.normal(size=50)
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731 (distinct values: ranks are a permutation)
+    assert spearman(a, c) == pytest.approx(np.corrcoef(ranks(a), ranks(c))[0, 1])
+    assert spearman(a, np.exp(a)) == pytest.approx(1.0)
+
+
+def _policy_file(tmp_path, predictor) -> "policy.Policy":
+    pol = policy.Policy(model={"name": "x", "architecture": "llama", "n_layer": L, "n_head": SPEC.n_head,
+                               "n_head_kv": H, "gguf_header_sha256": "0" * 64},
+                        theta=0.25, rho=[0.1, 0.5, 0.2, 0.9], method={"importance": "predicted"}, calibration={},
+                        predictor=predictor)
+    pol.save(tmp_path / "p.json")
+    return tmp_path / "p.json"
+
+
+def test_a_policy_carries_its_predictor_and_refuses_a_broken_one(tmp_path):
+    pred = _predictor(L, H, HD, "adjacent")
+    loaded = policy.load(_policy_file(tmp_path, pred))
+    np.testing.assert_allclose(loaded.predictor.weights, pred.weights, atol=1e-6)
+    method, rho = registry.resolve("flowmm", loaded)
+    assert method.importance == "predicted" and method.predictor is loaded.predictor and rho.tolist() == loaded.rho
+    assert registry.resolve("flowmm:repeat", loaded)[0].importance == "reconstruction"
+    data = json.loads((tmp_path / "p.json").read_text())
+    for broken, message in [(dict(data["predictor"], weights=[[[1.0]]]), "do not fit"),
+                            (dict(data["predictor"], features="v"), "features"),
+                            (dict(data["predictor"], rope_pairing="spiral"), "pairing"),
+                            ("weights", "must be an object")]:
+        (tmp_path / "b.json").write_text(json.dumps(dict(data, predictor=broken)))
+        with pytest.raises(policy.PolicyError, match=message):
+            policy.load(tmp_path / "b.json")
+    (tmp_path / "b.json").write_text(json.dumps(dict(data, predictor=None, method={})))
+    assert policy.load(tmp_path / "b.json").predictor is None
+    with pytest.raises(MethodError, match="predictor"):
+        registry.resolve("flowmm:predicted")  # no policy, no predictor
+
+
+def test_flowmm_plans_from_the_predicted_scores(model):
+    """The scores FlowMM plans from are exp(numpy's prediction over llama.cpp's keys), by position."""
+    pred = _predictor(L, H, HD, "adjacent", seed=2)
+    seen = {}
+
+    class Spy(FlowMM):
+        def plan(self, layout, stats, n_layer, n_head_kv, slots):
+            seen["scores"], seen["positions"] = stats.predicted_scores, layout.positions
+            return super().plan(layout, stats, n_layer, n_head_kv, slots)
+
+    tokens = model.tokenize(TINY_PROMPT * 2)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(tokens, 0)
+        _, pos = kv_cache.seq_cells(ctx)
+        want = np.exp(_reference(ctx, pred, H, HD))[..., np.argsort(pos)]
+        comp = Compressor(Spy(sinks=2, window=4, importance="predicted", predictor=pred, flow_guidance=False), 0.5)
+        assert not comp.needs_observation  # nothing to gather while the prompt decodes
+        report = comp.compress(ctx, span_labels(len(tokens)))
+        assert report.cells_after < len(tokens)
+    np.testing.assert_allclose(seen["scores"], want, rtol=1e-3)
+    assert np.array_equal(seen["positions"], np.sort(pos))
