@@ -186,3 +186,40 @@ def test_flowmm_plans_from_the_predicted_scores(model):
         assert report.cells_after < len(tokens)
     np.testing.assert_allclose(seen["scores"], want, rtol=1e-3)
     assert np.array_equal(seen["positions"], np.sort(pos))
+
+
+def test_calibrate_distils_a_predictor_that_ranks_like_the_repeat_pass(tiny_models, tmp_path):
+    """On the tiny model: the distilled predictor ranks held-back cells like the teacher (well
+    above chance), the policy records its corpus, and a session with that policy merges without
+    the repeat pass (no room kept for it) and says nothing about falling back."""
+    from flowmm_edge.methods import calibration
+    from flowmm_edge.app.session import Session
+
+    pol = calibration.calibrate(tiny_models[0], progress=False, distill_docs=4, distill_tokens=256)
+    info = pol.predictor.info
+    assert info["n_documents"] == 4 and 4 * 250 <= info["n_tokens"] <= 4 * 256 and info["n_sources"] > 0
+    assert info["held_back_spearman_mean"] > 0.3 and len(info["held_back_spearman_per_layer"]) == L
+    assert pol.method["importance"] == "predicted"
+    pol.save(tmp_path / "p.json")
+    loaded = policy.load(tmp_path / "p.json")
+    with Session(tiny_models[0], policy=loaded, budget="48", n_ctx=512, schedule="blocking") as s:
+        assert s.compression.room(s.model) == 0 and not s.compression.repeats_context
+        s.add_user_turn(TINY_PROMPT * 3)
+        "".join(s.reply())
+        assert s.cells() <= 48 + s.engine.max_reply
+        assert s.stats.merges >= 1 and len(s.compression.repeats.repeated) == 0  # merged, nothing repeated
+
+
+def test_flowmm_without_a_predictor_says_once_that_it_repeats_the_context(tiny_models, capsys):
+    from flowmm_edge.app import engine
+    from flowmm_edge.app.session import Session
+
+    engine._said.clear()
+    for _ in range(2):
+        with Session(tiny_models[0], budget="48", n_ctx=512) as s:  # no policy ships for the tiny model
+            assert s.policy is None and s.compression.repeats_context
+    err = capsys.readouterr().err
+    assert err.count("no importance predictor") == 1 and "calibrate --distill" in err
+    with Session(tiny_models[0], method="snapkv", budget="48", n_ctx=512):
+        pass
+    assert "no importance predictor" not in capsys.readouterr().err

@@ -437,11 +437,24 @@ def _model_arg(value: str | None) -> Path:
     return Path(value) if value else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
 
 
+def _policy_arg(value: str | None, model: Path):
+    """--policy of eval and bench: a file (checked against the model), 'auto' (the policy the
+    package ships for the model, if any) or 'none'."""
+    from ..methods import policy as policy_mod
+
+    if value in (None, "none"):
+        return None
+    if value == "auto":
+        return policy_mod.shipped_for(model)
+    pol = policy_mod.load(value)
+    pol.check_model(model)
+    return pol
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, ruler_tasks, tasks
     from ..bindings import runtime
     from ..methods import registry
-    from ..methods.policy import load as load_policy
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -449,12 +462,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if any(not 0 < b <= 1 for b in budgets):
         raise FlowMMError(f"budgets must be ratios in (0, 1]: {args.budgets}")
     methods = _csv(args.methods)
+    policy = _policy_arg(args.policy, model)
     for m in methods:  # an unknown name fails here, before any model is loaded
         if m != "full":
-            registry.resolve(m)
-    policy = load_policy(args.policy) if args.policy else None
-    if policy:
-        policy.check_model(model)
+            registry.resolve(m, policy)
     if args.tasks:
         task_list = tasks.load_tasks(args.tasks)
     elif args.milebench:
@@ -499,7 +510,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), combos=args.combos, n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
-                         flash_attn=args.flash_attn, stock_lib=args.stock_lib)
+                         flash_attn=args.flash_attn, stock_lib=args.stock_lib, policy=_policy_arg(args.policy, model))
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
@@ -661,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="METHOD:KV pairs also run on a quantized cache (of --kv-types), comma-separated, or none "
                         "(default flowmm:q8_0)")
     p.add_argument("--decode", type=at_least(1), default=32, help="tokens decoded after each merge")
+    p.add_argument("--policy", default="auto",
+                   help="a policy file for flowmm; 'auto' (default): the one the package ships for the model, if "
+                        "any; 'none'")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
@@ -693,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-family", action="store_true", help="also print, per budget, a table of families by methods")
     p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
     p.add_argument("--budgets", default="0.2")
-    p.add_argument("--policy", help="a policy file from `calibrate` for flowmm")
+    p.add_argument("--policy", default="auto",
+                   help="a policy file from `calibrate` for flowmm; 'auto' (default): the one the package ships for "
+                        "the model, if any; 'none'")
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"])
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)

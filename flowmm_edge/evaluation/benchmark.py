@@ -121,8 +121,9 @@ def _decode_speed(ctx, logits, pos, n):
 def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0.5),
         methods=("streaming", "h2o", "snapkv", "lookm", "flowmm"), kv_types=("f16", "q8_0", "q4_0"),
         combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True, flash_attn="auto",
-        stock_lib: Path | None | str = "auto") -> list[BenchRow]:
-    """`stock_lib`: the folder of the stock libllama; "auto": stock_lib_dir(); None: no stock rows."""
+        stock_lib: Path | None | str = "auto", policy=None) -> list[BenchRow]:
+    """`stock_lib`: the folder of the stock libllama; "auto": stock_lib_dir(); None: no stock rows.
+    `policy`: FlowMM's (its rho and, if it has one, its importance predictor)."""
     facts = gguf_file.read_text_model(model_path)
     rows: list[BenchRow] = []
     stock = stock_lib_dir() if stock_lib == "auto" else stock_lib
@@ -171,7 +172,7 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                 names = [m for m in methods if kv == "f16"] + [m for m, k in combos if k == kv]
                 all_rows, all_rows_s = None, 0.0
                 for name in names:
-                    method, rho = registry.resolve(name)
+                    method, rho = registry.resolve(name, policy)
                     if PROMPT_SCORES in method.needs and all_rows is None:  # whole-prompt statistics: one more prefill
                         ctx.clear()
                         t = time.perf_counter()

@@ -36,6 +36,7 @@ from ..methods import registry
 from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
+from . import scoring
 from .rows import Row
 from .tasks import Task
 
@@ -228,8 +229,12 @@ def summarize(rows: list[Row], by_family: bool = False) -> list[dict]:
         full = groups.get((key[0], key[1], "full", 1.0), [])
         full_mean = float(np.mean([r.score for r in full])) if full else float("nan")
         mean = float(np.mean([r.score for r in rs]))
+        by_context: dict[str, list[float]] = {}
+        for r in rs:
+            by_context.setdefault(r.task, []).append(r.score)
+        lo, hi = scoring.context_interval(list(by_context.values()))
         out.append({"mode": key[0], "family": key[1], "method": key[2], "budget": key[3], "questions": len(rs),
-                    "score": mean, "vs_full": mean / full_mean if full_mean else float("nan"),
+                    "contexts": len(by_context), "score": mean, "score_lo": lo, "score_hi": hi, "vs_full": mean / full_mean if full_mean else float("nan"),
                     "kl": float(np.mean([r.kl for r in rs])), "top1": float(np.mean([r.top1 for r in rs])),
                     "cells": float(np.mean([r.cells / r.n_prompt for r in rs]))})
     return out
@@ -237,11 +242,11 @@ def summarize(rows: list[Row], by_family: bool = False) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     """One row per (mode, family, method, budget)."""
-    lines = ["| mode | family | method | budget | questions | score | vs full | KL (nats) | top-1 | cells kept |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | family | method | budget | questions | score [95% interval] | vs full | KL (nats) | top-1 | "
+             "cells kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['mode']} | {s['family']} | {s['method']} | {s['budget']:.2f} | {s['questions']} | "
-                     f"{s['score']:.3f} | {s['vs_full']:.2f} | {s['kl']:.3f} | {s['top1']:.2f} | {s['cells']:.0%} |")
+                     f"{s['score']:.3f} {interval(s)} | {s['vs_full']:.2f} | {s['kl']:.3f} | {s['top1']:.2f} | {s['cells']:.0%} |")
     return "\n".join(lines)
 
 
@@ -250,13 +255,18 @@ def score_grid(summary: list[dict], mode: str, family: str = "all") -> str:
     sel = [s for s in summary if s["mode"] == mode and s["family"] == family]
     budgets = sorted({s["budget"] for s in sel if s["method"] != "full"})
     methods = sorted({s["method"] for s in sel}, key=lambda m: (m != "full", m))
-    cell = {(s["method"], s["budget"]): s["score"] for s in sel}
+    cell = {(s["method"], s["budget"]): f"{s['score']:.2f} {interval(s)}" for s in sel}
     lines = [f"| {mode} · {family} | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for m in methods:
         vals = [cell.get((m, 1.0 if m == "full" else b)) for b in budgets]
-        lines.append(f"| {m} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in vals) + " |")
+        lines.append(f"| {m} | " + " | ".join("—" if v is None else v for v in vals) + " |")
     return "\n".join(lines)
+
+
+def interval(s: dict) -> str:
+    """A summary cell's 95% interval over its contexts, as [lo–hi] ('' for rows written before it)."""
+    return f"[{s['score_lo']:.2f}–{s['score_hi']:.2f}]" if "score_lo" in s else ""
 
 
 def family_grid(summary: list[dict], mode: str, budget: float) -> str:

@@ -1,14 +1,18 @@
 """Task metrics: contains, all (the share of the golds the answer contains: RULER's
 string_match_all, for answers that list several values), exact, ROUGE-L (F1 of the longest common subsequence of the
 normalised whitespace tokens; rouge-score's own tokenizer and optional stemming differ)
-and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text)."""
+and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text).
+`context_interval` is the 95% interval of a mean score, by bootstrap over the contexts."""
 
 from __future__ import annotations
 
 import re
 import string
 
+import numpy as np
+
 METRICS = ("contains", "all", "exact", "rouge_l", "choice")
+BOOTSTRAP = 2000  # resamples for context_interval
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -83,3 +87,16 @@ def score(metric: str, answer: str, golds: list[str], choices: list[str] | None 
     if metric == "choice":
         return choice(answer, golds, choices or [])
     return {"contains": contains, "all": contains_all, "exact": exact, "rouge_l": rouge_l}[metric](answer, golds)
+
+
+def context_interval(scores_by_context: list[list[float]], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """The `level` interval of the mean score over all questions, by a percentile bootstrap that
+    resamples whole contexts (a context's questions share its cache, so they are not independent)."""
+    groups = [np.asarray(g, np.float64) for g in scores_by_context if len(g)]
+    if not groups:
+        return float("nan"), float("nan")
+    sums, counts = np.array([g.sum() for g in groups]), np.array([len(g) for g in groups])
+    pick = np.random.default_rng(seed).integers(0, len(groups), size=(BOOTSTRAP, len(groups)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
