@@ -2,8 +2,9 @@
 
 Messages are `{"role": "system"|"user"|"assistant", "content": str | [part, ...]}` with parts
 `{"type": "text", "text": ...}` and `{"type": "image_url", "image_url": {"url": ...} | str}`;
-an image URL is a `data:image/...;base64,` URL or a local file (`file://` or a path). Nothing is
-fetched from the network. Each message becomes a `Turn` whose `key` identifies it exactly
+an image URL is a `data:image/...;base64,` URL, or a local file (`file://` or a path) where the
+caller's MediaPolicy allows one (bindings/media.py bounds every read). Nothing is fetched from
+the network. Each message becomes a `Turn` whose `key` identifies it exactly
 (role, text, sha256 of each image), so a conversation resent by a client can be matched against
 the one in the cache. Replies are the dicts llama-cpp-python's `create_chat_completion` returns
 (`chat.completion`, or `chat.completion.chunk` pieces when streaming).
@@ -11,14 +12,13 @@ the one in the cache. Replies are the dicts llama-cpp-python's `create_chat_comp
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import hashlib
 import time
 import uuid
 from pathlib import Path
 
+from ..bindings import media
 from ..bindings.prompt import Segment, valid_text
 from ..errors import FlowMMError
 
@@ -40,25 +40,23 @@ class Turn:
         return "".join(s.text for s in self.segments if s.kind == "text")
 
 
-def _image_bytes(url: str) -> bytes:
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        if not head.endswith(";base64") or not data:
-            raise RequestError("an image data URL must be base64 (data:image/png;base64,...)")
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError("an image data URL is not valid base64") from None
-    if url.startswith(("http://", "https://")):
-        raise RequestError("image URLs are not fetched (no network): send the image as a data URL")
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    """Which image URLs a caller may name: `serve` reads data URLs only unless started with
+    --allowed-local-media DIR; a Session's own caller may name any local file (allowed_dir "/")."""
+
+    allowed_dir: Path | None = None
+    max_bytes: int = media.MAX_IMAGE_BYTES
+
+
+def _image_bytes(url: str, policy: MediaPolicy) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as e:
-        raise RequestError(f"cannot read the image {path}: {e.strerror or e}") from None
+        return media.image_from_url(url, policy.allowed_dir, policy.max_bytes)
+    except media.MediaError as e:
+        raise RequestError(str(e)) from None
 
 
-def _segments(content) -> list[Segment]:
+def _segments(content, policy: MediaPolicy) -> list[Segment]:
     if isinstance(content, str):
         return [Segment("text", valid_text(content))]
     if content is None:
@@ -75,21 +73,22 @@ def _segments(content) -> list[Segment]:
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise RequestError("an image_url part needs a url string")
-            out.append(Segment("image", image=_image_bytes(url), modality="image"))
+            out.append(Segment("image", image=_image_bytes(url, policy), modality="image"))
         else:
             raise RequestError(f"unsupported content part {str(part)[:60]!r} (text and image_url are)")
     return out
 
 
-def parse_messages(messages) -> list[Turn]:
-    """The request's messages as turns; consecutive messages of one role are joined (by a newline)."""
+def parse_messages(messages, media_policy: MediaPolicy = MediaPolicy()) -> list[Turn]:
+    """The request's messages as turns; consecutive messages of one role are joined (by a newline).
+    Image URLs are read as `media_policy` allows (default: data URLs only)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list")
     turns: list[Turn] = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(f"each message needs a role of {', '.join(ROLES)}")
-        segs = _segments(m.get("content"))
+        segs = _segments(m.get("content"), media_policy)
         if m["role"] != "user" and any(s.kind == "image" for s in segs):
             raise RequestError(f"images go in user messages, not {m['role']} ones")
         if turns and turns[-1].role == m["role"]:

@@ -12,6 +12,7 @@ from ..models import default_model, gguf_file, tiny
 from ..bindings import native
 from .. import paths
 from ..errors import FlowMMError
+from ..bindings.media import MAX_IMAGE_BYTES
 from ..bindings.prompt import valid_text
 from ..evaluation.ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
 
@@ -281,20 +282,30 @@ def _engine_settings(args: argparse.Namespace) -> dict:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..bindings import runtime
     from .engine import Engine
-    from .server import serve
+    from . import chat_api
+    from .server import Limits, serve
 
     runtime.quiet_native_logs()
     if not 0 < args.port < 65536:
         raise FlowMMError(f"--port {args.port} is outside 1..65535")
+    media_dir = None
+    if args.allowed_local_media:
+        media_dir = Path(args.allowed_local_media).resolve()
+        if not media_dir.is_dir():
+            raise FlowMMError(f"--allowed-local-media {args.allowed_local_media}: not a directory")
+    if args.timeout is not None and args.timeout <= 0:
+        raise FlowMMError(f"--timeout {args.timeout} must be positive (seconds)")
+    limits = Limits(chat_api.MediaPolicy(media_dir, args.max_image_bytes), args.max_prompt_tokens, args.timeout)
     model, mmproj = _model_source(args)
-    engine = Engine(model, mmproj, n_slots=args.parallel, system_prompt=None, **_engine_settings(args))
+    engine = Engine(model, mmproj, n_slots=args.parallel, system_prompt=None, max_image_bytes=args.max_image_bytes,
+                    **_engine_settings(args))
     with engine:
         facts = engine.model.facts
         print(f"{facts.name}{' + ' + Path(str(mmproj)).name if mmproj else ''}: {args.parallel} slots sharing "
               f"{args.ctx} cells, {args.method} to {engine.budget_cells} cells each; {engine.template.why}",
               file=sys.stderr)
         print(f"listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-        serve(engine, args.host, args.port, Path(model).name, args.api_key, args.max_tokens)
+        serve(engine, args.host, args.port, Path(model).name, args.api_key, args.max_tokens, limits=limits)
     return 0
 
 
@@ -645,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("-np", "--parallel", type=int, default=4, help="slots: conversations held at once (default 4)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--allowed-local-media", metavar="DIR", default=None,
+                   help="also read image_url paths (or file:// URLs) under DIR, symlinks resolved (default: data URLs only)")
+    p.add_argument("--max-image-bytes", type=at_least(1), default=MAX_IMAGE_BYTES,
+                   help="largest image a request may carry or name, in bytes (default 20 MiB, as OpenAI's)")
+    p.add_argument("--max-prompt-tokens", type=at_least(1), default=None,
+                   help="a request whose messages tokenize to more is refused with 400 before any work "
+                        "(default: 8 slot shares, 8 x --ctx / --parallel)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a request may take from arrival to its last token; past it, 408 (default: none)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("calibrate", help="write a per-layer merging policy for a model")

@@ -86,7 +86,10 @@ class Conversation:
         self.busy = False   # serving a request: the engine never evicts it then
         self.last_used = 0  # the engine's clock at the last request (least recently used is evicted first)
         self.background = False  # merge after each reply on a thread of its own (Session); else the caller merges
-        self.on_progress = None  # on_progress(what, done, total, note): "prefill", "merge" (waited for), "note"
+        self.on_progress = None  # on_progress(what, done, total, note): "prefill", "merge" (waited for), "note";
+        # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
+        # exception raised from it stops the turn there with the conversation as before (serve's cancel)
+        self.prefill_step: int | None = None  # tokens per prefill batch while a listener follows (None: n_batch)
         self._bg: _BackgroundMerge | None = None
         self._bg_cells = 0
         engine.conversations.append(self)
@@ -387,14 +390,15 @@ class Conversation:
             self.on_progress(what, done, total, note)
 
     def _decode_unit(self, unit, done: int = 0, total: int = 0):
-        """Decode one unit; with a progress listener, text in batches so it can follow."""
+        """Decode one unit; with a progress listener, text in batches (of `prefill_step` tokens if
+        set) so it can follow, and stop the turn by raising from it."""
         if not isinstance(unit, list):
             unit.eval(self.ctx, self.pos, self.seq_id)
             self._progress("prefill", done + unit.n_pos, total)
             return None
         if self.on_progress is None:
             return self.ctx.decode(unit, self.pos, self.seq_id)
-        step = self.ctx.n_batch
+        step = min(self.prefill_step or self.ctx.n_batch, self.ctx.n_batch)
         for a in range(0, len(unit), step):
             logits = self.ctx.decode(unit[a:a + step], self.pos + a, self.seq_id)
             self._progress("prefill", done + min(a + step, len(unit)), total)
@@ -524,7 +528,7 @@ class Conversation:
         other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
         positions the cache held already (OpenAI's field). Sampling settings left None are the
         session's."""
-        turns = chat_api.parse_messages(messages)
+        turns = chat_api.parse_messages(messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes))
         params = self.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                                repeat_penalty=repeat_penalty, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import chat_template as chat_template_mod
-from ..bindings import kv_cache, runtime, sampling
+from ..bindings import kv_cache, media, runtime, sampling
 from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
 from ..methods import policy as policy_mod, registry
@@ -110,7 +110,7 @@ class Engine:
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1,
-                 schedule: str = REPLY_FIRST):
+                 schedule: str = REPLY_FIRST, max_image_bytes: int = media.MAX_IMAGE_BYTES):
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name or variant, or an instance configured by the caller (an ablation, say)
@@ -173,6 +173,7 @@ class Engine:
                 from ..bindings.multimodal import Projector
 
                 self.projector = Projector(mmproj, self.model, n_threads=n_threads or 2, use_gpu=n_gpu_layers > 0)
+                self.projector.max_image_bytes = max_image_bytes
             # one KV buffer of n_ctx cells: with several slots one unified stream that every
             # sequence draws on (llama.cpp would otherwise split it into n_slots fixed streams)
             self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
@@ -180,7 +181,7 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        self.n_slots = n_slots
+        self.n_slots, self.max_image_bytes = n_slots, max_image_bytes
         self.conversations: list = []  # the Conversations on this engine, one sequence each
         self._clock = itertools.count(1)
 

@@ -10,10 +10,23 @@ slot does not hold already (a client resends the whole history; the slot whose c
 its longest prefix takes it, else the one used least recently, which starts afresh), then
 advances every replying slot one piece in turn, so streams progress side by side.
 
+A long prompt does not hold the others up: its prefill goes in PREFILL_STEP-token chunks, and
+between two chunks the worker advances every replying slot by one piece and starts the queued
+requests (their prefills and first tokens), as llama-server's continuous batching and vLLM's
+chunked prefill do. A request whose client has gone (a closed stream, or a non-streamed request
+whose connection closed), whose --timeout has passed, or that is still running at shutdown, is
+dropped from the queue or stopped at the next chunk boundary (prefill chunk, repeat-pass chunk
+or decode step); its slot keeps what it had before the turn (or the reply so far) and is reused.
+
+Clients send images as data URLs; local paths are read only under --allowed-local-media, every
+image read is bounded by --max-image-bytes (bindings/media.py), and a prompt over
+--max-prompt-tokens is refused before any work.
+
 Endpoints: POST /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
 GET /health, GET /metrics (Prometheus text). Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a request to fix, 401 without the
---api-key, 413 for a body over MAX_BODY, 503 when the buffer is held by replying conversations.
+--api-key, 408 past --timeout, 413 for a body over MAX_BODY, 503 when the buffer is held by
+replying conversations or the server is shutting down.
 """
 
 from __future__ import annotations
@@ -40,6 +53,18 @@ from ..errors import FlowMMError
 
 MAX_BODY = 64 * 1024 * 1024  # bytes: a few images as data URLs
 METRICS_EVERY = 16           # worker steps between refreshes of the /metrics figures while replying
+PREFILL_STEP = 128           # prompt tokens a slot prefills before the others get a turn (~2 s on 2 cores, 0.5B)
+MAX_PROMPT_SHARES = 8        # default --max-prompt-tokens: this many slot shares (n_ctx / slots), merged as it goes
+DISCONNECT_POLL_S = 0.25     # how often a waiting non-streamed request checks that its client is still there
+
+
+class Stopped(FlowMMError):
+    """A running request stopped at a chunk boundary: its client left, its time ran out, or the
+    server is shutting down (`status`, `message`: what the client is told, if anyone listens)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -63,6 +88,15 @@ class ChatRequest(pydantic.BaseModel):
     n: int = pydantic.Field(1, ge=1, le=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a client may ask of the server (serve's flags)."""
+
+    media: chat_api.MediaPolicy = chat_api.MediaPolicy()  # data URLs only; --allowed-local-media, --max-image-bytes
+    max_prompt_tokens: int | None = None  # None: MAX_PROMPT_SHARES slot shares
+    timeout: float | None = None          # seconds a request may take in all (--timeout); None: no limit
+
+
 def error_body(message: str, kind: str = "invalid_request_error", code=None, param=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -84,6 +118,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() past which the request is stopped (--timeout)
     conv: Conversation | None = None
     gen: object = None
     merges0: int = 0
@@ -123,10 +158,13 @@ class Worker(threading.Thread):
     replying ones in turn, merges idle slots down to their budget when nothing else is waiting
     (reply first, merge after), keeps the /metrics figures."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, prefill_step: int = PREFILL_STEP):
         super().__init__(name="flowmm-worker", daemon=True)
         self.engine = engine
         self.slots = [Conversation(engine) for _ in range(engine.n_slots)]
+        for conv in self.slots:
+            conv.prefill_step = prefill_step
+        self._yielding = False  # inside a chunk boundary's round of the other slots' work
         self.pending: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.cond = threading.Condition()
@@ -167,23 +205,65 @@ class Worker(threading.Thread):
                 if self.stopping:
                     break
                 started, slot = self._next_job()
-            if started is not None:
-                self._start(started, slot)
-            for job in list(self.active):
-                self._step(job)
+            self._round(started, slot)
             if idle is not None and started is None and not self.active:
                 self._merge(idle)
             steps += 1
             if started is not None or steps % METRICS_EVERY == 0:
                 self._refresh()
-        for job in self.active + list(self.pending):
+        for job in list(self.active):
+            job.gen.close()
+            self._finish(job)
             job.send("error", 503, "the server is shutting down")
+        for job in list(self.pending):
+            job.send("error", 503, "the server is shutting down")
+
+    def _round(self, started: Job | None, slot: Conversation | None) -> None:
+        """Start one job (its prefill yields to the others at every chunk, see _chunk_boundary),
+        then advance every replying job by one piece."""
+        if started is not None:
+            self._start(started, slot)
+        for job in list(self.active):
+            self._step(job)
+
+    def _chunk_boundary(self, job: Job):
+        """The slot's progress listener while `job` runs: stop it here if it must stop; else give
+        the other slots a round (one piece each, and a queued request started), unless this is
+        already inside such a round."""
+        def on_progress(what, done, total, note=""):
+            if what == "note":
+                return
+            why = self._must_stop(job)
+            if why is not None:
+                raise why
+            if self._yielding:
+                return
+            self._yielding = True
+            try:
+                with self.cond:
+                    started, slot = self._next_job()
+                self._round(started, slot)
+            finally:
+                self._yielding = False
+        return on_progress
+
+    def _must_stop(self, job: Job) -> Stopped | None:
+        if self.stopping:
+            return Stopped(503, "the server is shutting down", "shutting_down")
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            return Stopped(408, "the request took longer than the server's --timeout", "timeout")
+        if job.cancelled.is_set():
+            return Stopped(499, "the client closed the request", "cancelled")
+        return None
 
     def _next_job(self) -> tuple[Job | None, Conversation | None]:
         """The first queued job that can go now, taken off the queue, with its slot (None for a
         cancelled one); a job waiting for room goes once no reply holds it."""
         for job in self.pending:
             slot = None
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                job.send("error", 408, "the request waited longer than the server's --timeout")
+                job.cancelled.set()
             if not job.cancelled.is_set():
                 if job.waits_for_room and self.active:
                     continue
@@ -233,11 +313,17 @@ class Worker(threading.Thread):
         job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
+        conv.on_progress = self._chunk_boundary(job)
         try:
             held, decoded = conv.feed(job.turns)
             job.gen = conv.reply(job.max_tokens, job.params, job.stop)
         except Exception as e:
             conv.busy = False
+            conv.on_progress = None
+            if isinstance(e, Stopped):  # stopped at a chunk boundary; the slot is as before the turn
+                self.counters.cancelled += 1
+                job.send("error", e.status, str(e))
+                return
             if isinstance(e, NoRoomError) and self.active:  # replies will give their room back: wait, first in line
                 job.waits_for_room = True
                 with self.cond:
@@ -260,11 +346,15 @@ class Worker(threading.Thread):
         self.active.append(job)
 
     def _step(self, job: Job) -> None:
+        if job not in self.active:  # finished inside a chunk boundary's round
+            return
         conv = job.conv
-        if job.cancelled.is_set():
+        why = self._must_stop(job)
+        if why is not None:
             job.gen.close()  # the reply so far is kept as the conversation's (see Conversation.reply)
             self.counters.cancelled += 1
             self._finish(job)
+            job.send("error", why.status, str(why))
             return
         t0 = time.perf_counter()
         try:
@@ -286,7 +376,7 @@ class Worker(threading.Thread):
     def _finish(self, job: Job) -> None:
         conv = job.conv
         self.active.remove(job)
-        conv.busy = False
+        conv.busy, conv.on_progress = False, None
         self.counters.generated_tokens += getattr(conv, "last_reply_tokens", 0) or 0
         self.counters.generation_seconds += job.t_decode
         self.counters.merges += max(0, conv.stats.merges - job.merges0)
@@ -342,17 +432,13 @@ def _prometheus(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_tokens: int | None = None) -> FastAPI:
+def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_tokens: int | None = None,
+               limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="flowmm-edge", docs_url=None, redoc_url=None, openapi_url=None)
-    public = {"/health", "/v1/health"}
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path not in public:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                               "invalid_api_key"), status_code=401)
-        return await call_next(request)
+    engine = worker.engine
+    max_prompt = limits.max_prompt_tokens or MAX_PROMPT_SHARES * (engine.n_ctx // engine.n_slots)
+    if api_key:
+        app.add_middleware(_RequireKey, key=api_key)
 
     @app.exception_handler(HTTPError)
     async def http_error(_request: Request, e: HTTPError):
@@ -386,9 +472,13 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     async def chat_completions(request: Request):
         req = await _parse(request)
         try:
-            turns = chat_api.parse_messages(req.messages)
+            turns = chat_api.parse_messages(req.messages, limits.media)
         except chat_api.RequestError as e:
             raise HTTPError(400, str(e), param="messages") from None
+        n_prompt = sum(len(engine.model.tokenize(t.text, add_special=False, parse_special=False)) for t in turns)
+        if n_prompt > max_prompt:
+            raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
+                                 f"(--max-prompt-tokens)", code="context_length_exceeded", param="messages")
         params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                                  min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed)
         try:
@@ -399,7 +489,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         if any(not s for s in stop) or len(stop) > 8:
             raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
         job = Job(turns, req.max_completion_tokens or req.max_tokens or max_tokens, params, stop,
-                  asyncio.get_running_loop(), asyncio.Queue())
+                  asyncio.get_running_loop(), asyncio.Queue(),
+                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout)
         worker.submit(job)
         cid = chat_api.completion_id()
         if req.stream:
@@ -407,9 +498,16 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         try:
             prompt, pieces = (0, 0), []
             while True:
-                kind, *rest = await job.events.get()
+                try:  # wait for the worker, and notice a client that hangs up meanwhile
+                    kind, *rest = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        return JSONResponse(error_body("the client closed the request", code="cancelled"),
+                                            status_code=499)
+                    continue
                 if kind == "error":
-                    raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
+                    raise HTTPError(rest[0], rest[1], _error_kind(rest[0]), code=_error_code(rest[0]))
                 if kind == "start":
                     prompt = rest
                 elif kind == "piece":
@@ -428,7 +526,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             raise
         if kind == "error":
             job.cancelled.set()
-            raise HTTPError(rest[0], rest[1], "server_error" if rest[0] >= 500 else "invalid_request_error")
+            raise HTTPError(rest[0], rest[1], _error_kind(rest[0]), code=_error_code(rest[0]))
         prompt = rest
 
         async def events():
@@ -456,6 +554,33 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     return app
 
 
+class _RequireKey:
+    """401 without 'Authorization: Bearer KEY' on every path but /health. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (and so
+    from the worker's cancellation)."""
+
+    PUBLIC = ("/health", "/v1/health")
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
+                dict(scope.get("headers") or []).get(b"authorization", b"") != self.want:
+            await JSONResponse(error_body("invalid or missing API key", "authentication_error", "invalid_api_key"),
+                               status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _error_kind(status: int) -> str:
+    return {408: "timeout_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def _error_code(status: int) -> str | None:
+    return {408: "timeout", 499: "cancelled", 503: "unavailable"}.get(status)
+
+
 async def _parse(request: Request) -> ChatRequest:
     body = await request.body()
     if len(body) > MAX_BODY:
@@ -474,12 +599,31 @@ async def _parse(request: Request) -> ChatRequest:
         raise HTTPError(400, f"{where}: {first.get('msg', 'invalid')}", param=where) from None
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM or SIGINT also stops the worker at once: in-flight work
+    ends at its next chunk boundary and waiting clients get 503, so the process exits in seconds
+    instead of after the longest running request."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame) -> None:
+        self.worker.stop()
+        super().handle_exit(sig, frame)
+
+
+SHUTDOWN_GRACE_S = 2  # seconds uvicorn waits for open connections to finish after the worker stopped
+
+
 def serve(engine: Engine, host: str, port: int, model_name: str, api_key: str | None = None,
-          max_tokens: int | None = None, log_level: str = "warning") -> None:
+          max_tokens: int | None = None, log_level: str = "warning", limits: Limits = Limits()) -> None:
     worker = Worker(engine)
     worker.start()
     try:
-        uvicorn.run(create_app(worker, model_name, api_key, max_tokens), host=host, port=port, log_level=log_level)
+        config = uvicorn.Config(create_app(worker, model_name, api_key, max_tokens, limits), host=host, port=port,
+                                log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        _Server(config, worker).run()
     finally:
         worker.stop()
-        worker.join(timeout=30)
+        worker.join(timeout=SHUTDOWN_GRACE_S)

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 from ..models import gguf_file
-from . import runtime
+from . import media, runtime
 from ..errors import FlowMMError, ModelFileError
 from .native import llama_cpp  # noqa: F401  (loads the patched libraries first)
 
@@ -62,6 +62,7 @@ class Projector(runtime._Handle):
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        self.max_image_bytes = media.MAX_IMAGE_BYTES  # the largest image file prepare() reads
         self.ptr = mtmd_cpp.mtmd_init_from_file(str(path).encode(), model.ptr, params)
         if not self.ptr:
             raise ModelFileError(f"{path}: mtmd could not load this mmproj (see the error above)")
@@ -77,9 +78,9 @@ class Projector(runtime._Handle):
         else:
             name = str(image)
             try:
-                data = Path(image).read_bytes()
-            except OSError as e:
-                raise ImageError(f"{image}: cannot read the image ({e.strerror or e})") from None
+                data = media.read_image_file(image, self.max_image_bytes)
+            except media.MediaError as e:
+                raise ImageError(str(e)) from None
         if not data:
             raise ImageError(f"{name}: the image file is empty")
         if not data.startswith(IMAGE_SIGNATURES):  # decided here: mtmd would go on to probe it as a video
