@@ -17,7 +17,7 @@ import pytest
 from flowmm_edge.models import tiny as tm
 from conftest import write_png
 from flowmm_edge.methods import calibration, policy
-from flowmm_edge.app import cli
+from flowmm_edge import cli
 from flowmm_edge.bindings import prompt, runtime
 from flowmm_edge.bindings.multimodal import Projector
 from tensor_capture import Capture

@@ -155,7 +155,7 @@ def test_hf_user_repo_quant_picks_the_gguf_and_its_mmproj(tiny_models, tmp_path)
 
 
 def test_pick_gguf_rules():
-    from flowmm_edge.app.cli import pick_gguf
+    from flowmm_edge.cli import pick_gguf
     from flowmm_edge.errors import FlowMMError
 
     names = ["README.md", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "mmproj-m-f16.gguf"]

@@ -88,7 +88,7 @@ def test_chat_with_no_arguments_runs_the_default_model():
 
 def test_llama_cpp_flag_names_reach_the_same_settings():
     """llama.cpp's short names and this project's older long names set the same attributes."""
-    from flowmm_edge.app.cli import build_parser
+    from flowmm_edge.cli import build_parser
 
     p = build_parser()
     short = p.parse_args(["chat", "-m", "a.gguf", "-c", "512", "-n", "9", "-ngl", "3", "-t", "2", "-ctk", "q8_0",

@@ -128,3 +128,33 @@ def usage_chunk(cid: str, model: str, usage_: dict) -> dict:
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy = MediaPolicy(),
+                           max_tokens: int | None = None, temperature: float | None = None,
+                           top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                           repeat_penalty: float | None = None, seed: int | None = None,
+                           stop: str | list[str] | None = None, stream: bool = False):
+    """llama-cpp-python's `Llama.create_chat_completion` over a conversation (app/conversation.py):
+    the messages parsed (images as `media_policy` allows), the conversation brought to them
+    (`feed`: only new messages are decoded), the reply sampled with the conversation's settings
+    overridden where given, and shaped as a `chat.completion` dict or, with stream=True, an
+    iterator of `chat.completion.chunk` dicts."""
+    turns = parse_messages(messages, media_policy)
+    params = conv.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                           repeat_penalty=repeat_penalty, seed=seed)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    held, decoded = conv.feed(turns)
+    gen = conv.reply(max_tokens, params, stops)
+    cid, name = completion_id(), conv.model_path.name
+    if stream:
+        return _chunks(conv, gen, cid, name)
+    content = "".join(gen)
+    return completion(cid, name, content, conv.finish_reason, usage(held + decoded, held, conv.last_reply_tokens))
+
+
+def _chunks(conv, gen, cid: str, name: str):
+    yield chunk(cid, name, {"role": "assistant"})
+    for piece in gen:
+        yield chunk(cid, name, {"content": piece})
+    yield chunk(cid, name, {}, conv.finish_reason)

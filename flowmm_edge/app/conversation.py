@@ -527,25 +527,17 @@ class Conversation:
         the one in the cache decodes only its new messages (llama-server's cache_prompt); any
         other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
         positions the cache held already (OpenAI's field). Sampling settings left None are the
-        session's."""
-        turns = chat_api.parse_messages(messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes))
-        params = self.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                               repeat_penalty=repeat_penalty, seed=seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        held, decoded = self.feed(turns)
-        gen = self.reply(max_tokens, params, stops)
-        cid, name = chat_api.completion_id(), self.model_path.name
-        if stream:
-            return self._stream(gen, cid, name)
-        content = "".join(gen)
-        return chat_api.completion(cid, name, content, self.finish_reason,
-                                   chat_api.usage(held + decoded, held, self.last_reply_tokens))
+        session's. The caller names local image files freely (it is this process)."""
+        return chat_api.create_chat_completion(
+            self, messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes), max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+            seed=seed, stop=stop, stream=stream)
 
-    def _stream(self, gen, cid: str, name: str):
-        yield chat_api.chunk(cid, name, {"role": "assistant"})
-        for piece in gen:
-            yield chat_api.chunk(cid, name, {"content": piece})
-        yield chat_api.chunk(cid, name, {}, self.finish_reason)
+    def held_prefix(self, keys: list) -> int:
+        """How many of a request's turn keys (chat_api.Turn.key) the cache holds as its beginning,
+        when the request extends them (0: it would start afresh)."""
+        own = self._keys
+        return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
 
     def feed(self, turns: list) -> tuple[int, int]:
         """Bring the cache to the conversation `turns` less its last user turn's reply: keep the

@@ -299,9 +299,9 @@ class Worker(threading.Thread):
         used least recently (it starts afresh), else None: the job waits."""
         free = [c for c in self.slots if not c.busy]
         keys = job.keys
-        holding = [c for c in free if c._keys and len(c._keys) < len(keys) and keys[:len(c._keys)] == c._keys]
+        holding = [c for c in free if c.held_prefix(keys)]
         if holding:
-            return max(holding, key=lambda c: len(c._keys))
+            return max(holding, key=lambda c: c.held_prefix(keys))
         return min(free, key=lambda c: c.last_used) if free else None
 
     def _start(self, job: Job, conv: Conversation | None) -> None:

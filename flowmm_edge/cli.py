@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from ..models import default_model, gguf_file, tiny
-from ..bindings import native
-from .. import paths
-from ..errors import FlowMMError
-from ..bindings.media import MAX_IMAGE_BYTES
-from ..bindings.prompt import valid_text
-from ..evaluation.ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
+from .models import default_model, gguf_file, tiny
+from .bindings import native
+from . import paths
+from .errors import FlowMMError
+from .bindings.media import MAX_IMAGE_BYTES
+from .bindings.prompt import valid_text
+from .evaluation.ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -62,7 +62,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  parameters         {m.n_params / 1e6:.1f} M ({_human_bytes(m.file_size)} file)")
         kv = ", ".join(f"{t} {_human_bytes(m.kv_bytes_per_token(t))}" for t in gguf_file.KV_TYPE_BYTES)
         print(f"  KV bytes / token   {kv}")
-        from ..bindings import runtime
+        from .bindings import runtime
 
         with runtime.Model(m.path, n_gpu_layers=args.gpu_layers) as loaded:
             bufs = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in loaded.buffers.items())
@@ -92,7 +92,7 @@ def _hf_file(repo: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from ..errors import DownloadError
+    from .errors import DownloadError
 
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename))
@@ -129,7 +129,7 @@ def _hf_pick(spec: str) -> tuple[Path, Path | None]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from ..errors import DownloadError
+    from .errors import DownloadError
 
     repo, _, quant = spec.partition(":")
     if repo.count("/") != 1 or not all(repo.split("/")):
@@ -280,10 +280,10 @@ def _engine_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..bindings import runtime
-    from .engine import Engine
-    from . import chat_api
-    from .server import Limits, serve
+    from .bindings import runtime
+    from .app.engine import Engine
+    from .app import chat_api
+    from .app.server import Limits, serve
 
     runtime.quiet_native_logs()
     if not 0 < args.port < 65536:
@@ -310,8 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ..bindings import runtime
-    from .session import Session
+    from .bindings import runtime
+    from .app.session import Session
 
     runtime.quiet_native_logs()
     # any bytes in: undecodable input reaches valid_text as surrogates instead of raising; any text out
@@ -396,9 +396,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..methods import calibration
-    from ..bindings import runtime
-    from ..bindings.multimodal import Projector
+    from .methods import calibration
+    from .bindings import runtime
+    from .bindings.multimodal import Projector
 
     runtime.quiet_native_logs()
     model = Path(args.model) if args.model else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
@@ -407,7 +407,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise FlowMMError(f"{model}: architecture '{facts.architecture}' is not supported by FlowMM merging "
                           f"({', '.join(gguf_file.SUPPORTED_ARCHITECTURES)} only)")
     if args.mmproj:
-        from ..bindings.multimodal import check_pair
+        from .bindings.multimodal import check_pair
 
         check_pair(facts, gguf_file.read_projector(args.mmproj))
     if not 0.0 <= args.theta <= 1.0:
@@ -451,7 +451,7 @@ def _model_arg(value: str | None) -> Path:
 def _policy_arg(value: str | None, model: Path):
     """--policy of eval and bench: a file (checked against the model), 'auto' (the policy the
     package ships for the model, if any) or 'none'."""
-    from ..methods import policy as policy_mod
+    from .methods import policy as policy_mod
 
     if value in (None, "none"):
         return None
@@ -463,9 +463,9 @@ def _policy_arg(value: str | None, model: Path):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate, ruler_tasks, tasks
-    from ..bindings import runtime
-    from ..methods import registry
+    from .evaluation import evaluate, ruler_tasks, tasks
+    from .bindings import runtime
+    from .methods import registry
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -505,7 +505,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text("\n\n".join(tables) + "\n")
     if args.plot:
-        from ..evaluation.plots import plot_scores
+        from .evaluation.plots import plot_scores
 
         plot_scores(summary, args.plot)
     return 0
@@ -514,8 +514,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..evaluation import benchmark
-    from ..bindings import runtime
+    from .evaluation import benchmark
+    from .bindings import runtime
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -531,7 +531,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.plot:
-        from ..evaluation.plots import plot_bench
+        from .evaluation.plots import plot_bench
 
         plot_bench(rows, args.plot)
     return 0
