@@ -58,7 +58,8 @@ def server(args, *flags):
     port = free_port()
     cmd = [sys.executable, "-m", "flowmm_edge", "serve", "-m", str(args.model), "--port", str(port),
            "-c", "4096", "-np", "2", "-n", "16", "-t", str(args.threads), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while the load runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     proc.url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -67,10 +68,12 @@ def server(args, *flags):
                     break
             except httpx.TransportError:
                 if proc.poll() is not None:
-                    raise SystemExit(f"the server exited: {proc.stderr.read()}")
+                    log.seek(0)
+                    raise SystemExit(f"the server exited: {log.read()}")
                 time.sleep(0.1)
         yield proc
     finally:
+        log.close()
         if proc.poll() is None:
             proc.terminate()
             try:

@@ -90,6 +90,9 @@ class Conversation:
         # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
         # exception raised from it stops the turn there with the conversation as before (serve's cancel)
         self.prefill_step: int | None = None  # tokens per prefill batch while a listener follows (None: n_batch)
+        # the context's attention statistics are on for this sequence's decode (one request per
+        # context): a listener must not decode other sequences until they are off again
+        self.statistics_on = False
         self._bg: _BackgroundMerge | None = None
         self._bg_cells = 0
         engine.conversations.append(self)
@@ -303,8 +306,12 @@ class Conversation:
                     self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
                                                  f"merging before it goes on")
             if observe:
-                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
-                    logits = self._decode_unit(take, done, total)
+                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id) as st:
+                    self.statistics_on = st is not None
+                    try:
+                        logits = self._decode_unit(take, done, total)
+                    finally:
+                        self.statistics_on = False
             else:
                 logits = self._decode_unit(take, done, total)
             self.pos, done = end, done + n

@@ -236,7 +236,7 @@ class Worker(threading.Thread):
             why = self._must_stop(job)
             if why is not None:
                 raise why
-            if self._yielding:
+            if self._yielding or job.conv.statistics_on:  # the statistics are one request per context
                 return
             self._yielding = True
             try:
