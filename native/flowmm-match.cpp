@@ -28,7 +28,8 @@
 using acc = flowmm_kv_access;
 
 // bytes of one block's similarity matrix (candidates are matched in blocks of this size)
-static constexpr int64_t FLOWMM_MATCH_BLOCK_BYTES = 32ll * 1024 * 1024;
+// (the graph holds about three matrices of that size: the similarities, the gathered bias, their sum)
+static constexpr int64_t FLOWMM_MATCH_BLOCK_BYTES = 8ll * 1024 * 1024;
 
 int32_t flowmm_kv_match_keys(llama_context * ctx, llama_seq_id seq_id, int32_t il,
                              const flowmm_match_request * req, int32_t * best, float * cosine) {

@@ -19,11 +19,15 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
 using acc = flowmm_kv_access;
+
+// cells per importance graph (its features: about 1.5 * head_dim * n_head_kv * 4 bytes each)
+static constexpr int64_t FLOWMM_PREDICT_BLOCK = 4096;
 
 // the orthonormal Sylvester-Walsh-Hadamard matrix llama.cpp rotates quantized K with
 // (llama-kv-cache.cpp, ggml_gen_hadamard); symmetric, its own inverse
@@ -94,62 +98,70 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     }
     const int64_t kv_size = acc::cells(*kv, strm).size();
 
-    const flowmm_graph g = flowmm_begin_graph(ctx);
-    ggml_context * gctx = g.gctx;
+    // cells go in blocks, so the graph's features stay a few MiB whatever the cache's length
+    const std::vector<float> hv = acc::rot_k(*kv) ? flowmm_hadamard(flowmm_k_rot_size(hd)) : std::vector<float>();
+    std::vector<float> blk(H * FLOWMM_PREDICT_BLOCK);
+    for (int64_t c0 = 0; c0 < n; c0 += FLOWMM_PREDICT_BLOCK) {
+        const int64_t nb = std::min<int64_t>(FLOWMM_PREDICT_BLOCK, n - c0);
+        const flowmm_graph g = flowmm_begin_graph(ctx);
+        ggml_context * gctx = g.gctx;
 
-    ggml_tensor * rows = flowmm_cache_rows(gctx, acc::k(*kv, il, strm), hd, H * kv_size); // row (cell * H + h)
-    ggml_tensor * idx  = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * n);                 // head-major
-    ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
-    ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
-    ggml_tensor * hmat = nullptr;
-    for (ggml_tensor * t : {idx, w, b}) {
-        ggml_set_input(t);
-    }
-    ggml_tensor * k = ggml_get_rows(gctx, rows, idx); // [hd, H * n] f32
-    const int64_t nrot = acc::rot_k(*kv) ? flowmm_k_rot_size(hd) : 0;
-    if (nrot > 0) {
-        hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
-        ggml_set_input(hmat);
-        k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * n)), hd, H * n);
-    }
-    ggml_tensor * sq = ggml_sqr(gctx, k);
-    ggml_tensor * pairs;
-    if (pred->pairing == FLOWMM_PAIRS_HALVES) {
-        ggml_tensor * lo = ggml_view_2d(gctx, sq, hd / 2, H * n, sq->nb[1], 0);
-        ggml_tensor * hi = ggml_view_2d(gctx, sq, hd / 2, H * n, sq->nb[1], (hd / 2) * ggml_element_size(sq));
-        pairs = ggml_add(gctx, ggml_cont(gctx, lo), ggml_cont(gctx, hi));
-    } else {
-        pairs = ggml_reshape_2d(gctx, ggml_sum_rows(gctx, ggml_reshape_2d(gctx, sq, 2, hd / 2 * H * n)), hd / 2, H * n);
-    }
-    ggml_tensor * feat = ggml_concat(gctx, k, ggml_sqrt(gctx, pairs), 0);           // [nf, H * n]
-    ggml_tensor * out  = ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, feat, nf, n, H)); // [1, n, H]
-    ggml_prec_set_acc(out, GGML_PREC_F32);
-    out = ggml_add(gctx, out, b);
-    ggml_set_output(out);
-    ggml_build_forward_expand(g.gf, out);
+        ggml_tensor * rows = flowmm_cache_rows(gctx, acc::k(*kv, il, strm), hd, H * kv_size); // row (cell * H + h)
+        ggml_tensor * idx  = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb);                // head-major
+        ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
+        ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
+        ggml_tensor * hmat = nullptr;
+        for (ggml_tensor * t : {idx, w, b}) {
+            ggml_set_input(t);
+        }
+        ggml_tensor * k = ggml_get_rows(gctx, rows, idx); // [hd, H * nb] f32
+        const int64_t nrot = hv.empty() ? 0 : flowmm_k_rot_size(hd);
+        if (nrot > 0) {
+            hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
+            ggml_set_input(hmat);
+            k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * nb)), hd, H * nb);
+        }
+        ggml_tensor * sq = ggml_sqr(gctx, k);
+        ggml_tensor * pairs;
+        if (pred->pairing == FLOWMM_PAIRS_HALVES) {
+            ggml_tensor * lo = ggml_view_2d(gctx, sq, hd / 2, H * nb, sq->nb[1], 0);
+            ggml_tensor * hi = ggml_view_2d(gctx, sq, hd / 2, H * nb, sq->nb[1], (hd / 2) * ggml_element_size(sq));
+            pairs = ggml_add(gctx, ggml_cont(gctx, lo), ggml_cont(gctx, hi));
+        } else {
+            pairs = ggml_reshape_2d(gctx, ggml_sum_rows(gctx, ggml_reshape_2d(gctx, sq, 2, hd / 2 * H * nb)), hd / 2, H * nb);
+        }
+        ggml_tensor * feat = ggml_concat(gctx, k, ggml_sqrt(gctx, pairs), 0);            // [nf, H * nb]
+        ggml_tensor * out  = ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, feat, nf, nb, H)); // [1, nb, H]
+        ggml_prec_set_acc(out, GGML_PREC_F32);
+        out = ggml_add(gctx, out, b);
+        ggml_set_output(out);
+        ggml_build_forward_expand(g.gf, out);
 
-    if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
-        return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the importance graph");
-    }
-    {
-        std::vector<int32_t> r(H * n);
-        for (int64_t h = 0; h < H; ++h) {
-            for (int64_t c = 0; c < n; ++c) {
-                r[h * n + c] = own[c] * (int32_t) H + (int32_t) h;
+        if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the importance graph");
+        }
+        {
+            std::vector<int32_t> r(H * nb);
+            for (int64_t h = 0; h < H; ++h) {
+                for (int64_t c = 0; c < nb; ++c) {
+                    r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
+                }
+            }
+            ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
+            ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
+            ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
+            if (hmat != nullptr) {
+                ggml_backend_tensor_set(hmat, hv.data(), 0, hv.size() * sizeof(float));
             }
         }
-        ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
-        ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
-        ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
-        if (hmat != nullptr) {
-            const std::vector<float> hv = flowmm_hadamard(nrot);
-            ggml_backend_tensor_set(hmat, hv.data(), 0, hv.size() * sizeof(float));
+        if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "the importance graph failed to compute");
+        }
+        llama_synchronize(ctx);
+        ggml_backend_tensor_get(out, blk.data(), 0, H * nb * sizeof(float));
+        for (int64_t h = 0; h < H; ++h) {
+            std::copy(blk.begin() + h * nb, blk.begin() + (h + 1) * nb, scores + h * n + c0);
         }
     }
-    if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
-        return flowmm_fail(FLOWMM_ERR_BACKEND, "the importance graph failed to compute");
-    }
-    llama_synchronize(ctx);
-    ggml_backend_tensor_get(out, scores, 0, H * n * sizeof(float));
     return (int32_t) n;
 }

@@ -71,6 +71,15 @@ def test_scores_equal_numpy_over_llama_cpps_keys(model, kv_type, fa, pairing):
         _close(pred.scores(ctx), _reference(ctx, pred, H, HD))
 
 
+def test_a_long_sequence_is_scored_in_blocks_like_a_short_one(model):
+    """7,000 cells: more than one block of cells per graph (native/flowmm-predict.cpp)."""
+    pred = _predictor(L, H, HD, "adjacent", seed=4)
+    with runtime.Context(model, n_ctx=8192, n_batch=512, n_threads=2) as ctx:
+        ctx.decode(model.tokenize(TINY_PROMPT * 200)[:7000], 0)
+        assert len(kv_cache.seq_cells(ctx)[0]) == 7000
+        _close(pred.scores(ctx), _reference(ctx, pred, H, HD))
+
+
 def test_quantized_keys_are_rotated_back_on_the_default_model(default_model_path):
     """head_dim 64: llama.cpp stores q8_0 keys Hadamard-rotated; the features are of the keys the
     model computed, so f16 and q8_0 caches score (nearly) alike and both equal numpy."""

@@ -475,7 +475,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             turns = chat_api.parse_messages(req.messages, limits.media)
         except chat_api.RequestError as e:
             raise HTTPError(400, str(e), param="messages") from None
-        n_prompt = sum(len(engine.model.tokenize(t.text, add_special=False, parse_special=False)) for t in turns)
+        # counted off the event loop: a 100k-token paste must not hold up the other clients' streams
+        n_prompt = await asyncio.to_thread(
+            lambda: sum(len(engine.model.tokenize(t.text, add_special=False, parse_special=False)) for t in turns))
         if n_prompt > max_prompt:
             raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="messages")
