@@ -153,7 +153,8 @@ class Engine:
             self.policy.check_model(self.model_path)
             if method != "flowmm":
                 raise SessionError(f"a policy configures flowmm, not {method}")
-        if SequenceCompressor(self.method_spec, self.budget_cells, self.policy).repeats_context:
+        if SequenceCompressor(self.method_spec, self.budget_cells, self.policy).repeats_context and \
+                (self.policy is None or self.policy.predictor is None):
             say_once(f"flowmm: no importance predictor for {facts.name or self.model_path.name}: each merge scores "
                      f"by the repeat pass (about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
         self.method_name, self.max_reply = method, max_reply

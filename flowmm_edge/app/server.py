@@ -35,6 +35,8 @@ import asyncio
 import collections
 import dataclasses
 import json
+import os
+import sys
 import threading
 import time
 
@@ -475,9 +477,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             turns = chat_api.parse_messages(req.messages, limits.media)
         except chat_api.RequestError as e:
             raise HTTPError(400, str(e), param="messages") from None
-        # counted off the event loop: a 100k-token paste must not hold up the other clients' streams
-        n_prompt = await asyncio.to_thread(
-            lambda: sum(len(engine.model.tokenize(t.text, add_special=False, parse_special=False)) for t in turns))
+        n_prompt = _prompt_tokens(engine.model, turns, max_prompt)
         if n_prompt > max_prompt:
             raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="messages")
@@ -575,6 +575,30 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
+def _prompt_tokens(model, turns, limit: int) -> int:
+    """The request's text tokens, or a bound when that decides it: a token is at least one byte,
+    so a text of at most `limit` bytes cannot be over the limit and is not tokenized here."""
+    texts = [t.text for t in turns]
+    n_bytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in texts)
+    if n_bytes <= limit:
+        return n_bytes
+    return sum(len(model.tokenize(x, add_special=False, parse_special=False)) for x in texts)
+
+
+HTTP_NICE = 10  # the HTTP side's niceness under the worker's (Linux, where it is per thread)
+
+
+def _deprioritise_this_thread() -> None:
+    """Lower the calling thread's CPU priority (Linux: niceness is per thread, and the threads it
+    starts inherit it), so parsing a flood of requests takes cores from llama.cpp's decode only
+    when they are idle. The worker and the ggml threads it starts keep theirs. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HTTP_NICE)
+        except (OSError, AttributeError):
+            pass
+
+
 def _error_kind(status: int) -> str:
     return {408: "timeout_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
@@ -622,6 +646,7 @@ def serve(engine: Engine, host: str, port: int, model_name: str, api_key: str | 
           max_tokens: int | None = None, log_level: str = "warning", limits: Limits = Limits()) -> None:
     worker = Worker(engine)
     worker.start()
+    _deprioritise_this_thread()  # uvicorn's event loop runs here; the worker started at normal priority
     try:
         config = uvicorn.Config(create_app(worker, model_name, api_key, max_tokens, limits), host=host, port=port,
                                 log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
