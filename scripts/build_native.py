@@ -241,6 +241,9 @@ def cmake_args(backend: str, tree: Path, build: Path) -> list[str]:
         "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
         f"-DGGML_CUDA={'ON' if backend == 'cuda' else 'OFF'}",
         f"-DGGML_METAL={'ON' if backend == 'metal' else 'OFF'}",
+        # llama.cpp's RPC backend (a module, libggml-rpc): tensors behind a socket, the non-host
+        # backend the tests run the native code on (bindings/rpc.py)
+        "-DGGML_RPC=ON",
         # portable CPU backend: every variant a module, the best loaded at run time (see CPU_VARIANTS)
         "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF",
         f"-DGGML_CPU_VARIANTS={';'.join(cpu_variants())}",  # patches/0006: build only these

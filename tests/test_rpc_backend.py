@@ -1,0 +1,76 @@
+"""Every native path with the KV cache off the host: llama.cpp's RPC backend on 127.0.0.1, all of
+the tiny model's layers and their cache on the RPC device, against the same run with the cache in
+host memory (the reference; the two must agree to float rounding, the server running the same
+CPU code). A host-memory assumption in native/ (a tensor->data read, a host copy of a device
+buffer) fails here as it would on CUDA or Metal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rpc_server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", f"from flowmm_edge.bindings import rpc; rpc.serve('127.0.0.1:{port}', 2)"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise AssertionError("the RPC server exited")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the RPC server did not listen within 30 s")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def runs(rpc_server, tiny_models):
+    out = subprocess.run([sys.executable, str(HERE / "rpc_client.py"), rpc_server, str(tiny_models[0])],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "FLOWMM_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # llama.cpp's own report: the second run's cache lives on the RPC device, every layer of it
+    assert re.search(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", out.stderr), out.stderr[-3000:]
+    assert not re.search(r"layer +\d+: dev = CPU", out.stderr.split("offloaded 5/5 layers")[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["logits", "k_rows", "v_rows", "predicted", "match_cos", "bias_logits", "bias_back",
+                                  "snapkv_logits", "snapkv_bias", "flowmm_logits", "flowmm_bias", "loaded_logits"])
+def test_a_native_path_with_the_cache_on_an_rpc_device_equals_the_host_run(runs, what):
+    host, remote = np.asarray(runs["host"][what]), np.asarray(runs["rpc"][what])
+    assert host.shape == remote.shape and host.size > 0
+    np.testing.assert_allclose(remote, host, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(host).max())))
+
+
+def test_merges_and_matches_pick_the_same_cells_and_save_the_same_state(runs):
+    host, remote = runs["host"], runs["rpc"]
+    assert remote["match_best"] == host["match_best"]
+    for name in ("snapkv", "flowmm"):
+        assert remote[f"{name}_cells"] == host[f"{name}_cells"] < 100
+    assert remote["flowmm_state_bytes"] == host["flowmm_state_bytes"] and remote["state_sha"] == host["state_sha"]
