@@ -270,7 +270,13 @@ def _model_source(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 
 def _engine_settings(args: argparse.Namespace) -> dict:
-    """The engine.Engine settings chat and serve share, from their common flags."""
+    """The engine.Engine settings chat and serve share, from their common flags (registering the
+    --rpc servers' devices first, so -ngl can place layers on them)."""
+    if args.rpc:
+        from .bindings import rpc
+
+        for endpoint in args.rpc.split(","):
+            rpc.add_server(endpoint.strip())
     policy = None if args.policy == "none" else args.policy
     return dict(method=args.method, budget=args.budget, policy=policy, kv_type=args.kv_type, n_ctx=args.ctx,
                 n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
@@ -623,7 +629,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_flash_attn(p)
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
-                   help="layers to offload to the GPU backend")
+                   help="layers to offload to the GPU backend (or to the --rpc servers)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="llama.cpp RPC servers whose devices take the -ngl layers and their KV cache")
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off; default 40)")

@@ -74,3 +74,24 @@ def test_merges_and_matches_pick_the_same_cells_and_save_the_same_state(runs):
     for name in ("snapkv", "flowmm"):
         assert remote[f"{name}_cells"] == host[f"{name}_cells"] < 100
     assert remote["flowmm_state_bytes"] == host["flowmm_state_bytes"] and remote["state_sha"] == host["state_sha"]
+
+
+def _chat(model, *extra, env=None):
+    return subprocess.run([sys.executable, "-m", "flowmm_edge", "chat", "-m", str(model), "-c", "512", "-n", "8",
+                           "-t", "2", "--prompt", "the secret key is red and the code is 1234. what is the code?",
+                           *extra], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_chat_with_its_layers_on_an_rpc_server_answers_as_on_the_host(rpc_server, tiny_models):
+    host = _chat(tiny_models[0])
+    remote = _chat(tiny_models[0], "--rpc", rpc_server, "-ngl", "99", env={**os.environ, "FLOWMM_VERBOSE": "1"})
+    assert host.returncode == remote.returncode == 0, remote.stderr[-2000:]
+    assert re.search(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", remote.stderr)  # the cache lives there
+    assert remote.stdout == host.stdout and remote.stdout.strip()
+
+
+def test_an_unreachable_rpc_server_is_a_one_line_error(tiny_models):
+    out = _chat(tiny_models[0], "--rpc", f"127.0.0.1:{_free_port()}", "-ngl", "99")
+    assert out.returncode != 0 and "cannot reach the RPC server" in out.stderr and "Traceback" not in out.stderr
+    bad = _chat(tiny_models[0], "--rpc", "nonsense", "-ngl", "99")
+    assert bad.returncode != 0 and "is not HOST:PORT" in bad.stderr

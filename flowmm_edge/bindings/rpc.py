@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 
 from ..errors import FlowMMError
 from . import native
@@ -32,6 +33,7 @@ _ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 _START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                                  ctypes.POINTER(ctypes.c_void_p))
 DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type
+CONNECT_TIMEOUT_S = 3.0  # how long add_server waits for a server to accept a connection
 
 
 class RPCError(FlowMMError):
@@ -48,9 +50,23 @@ def _proc(name: str):
     return addr
 
 
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RPCError(f"RPC server {endpoint!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def add_server(endpoint: str) -> None:
     """Register the device of the RPC server at host:port; models loaded afterwards may place
-    layers (-ngl) and their KV cache on it."""
+    layers (-ngl) and their KV cache on it. The server must accept a connection within
+    CONNECT_TIMEOUT_S first: ggml-rpc aborts the process when it cannot connect, so an
+    unreachable server is refused here with a one-line error instead."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RPCError(f"cannot reach the RPC server at {endpoint} ({e.strerror or e})") from None
     reg = _ADD_SERVER(_proc("ggml_backend_rpc_add_server"))(endpoint.encode())
     if not reg:
         raise RPCError(f"cannot use the RPC server at {endpoint}")
