@@ -99,7 +99,8 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     const int64_t kv_size = acc::cells(*kv, strm).size();
 
     // cells go in blocks, so the graph's features stay a few MiB whatever the cache's length
-    const std::vector<float> hv = acc::rot_k(*kv) ? flowmm_hadamard(flowmm_k_rot_size(hd)) : std::vector<float>();
+    const int64_t nrot = acc::rot_k(*kv) ? flowmm_k_rot_size(hd) : 0; // quantized K is stored rotated
+    const std::vector<float> hv = nrot > 0 ? flowmm_hadamard(nrot) : std::vector<float>();
     std::vector<float> blk(H * FLOWMM_PREDICT_BLOCK);
     for (int64_t c0 = 0; c0 < n; c0 += FLOWMM_PREDICT_BLOCK) {
         const int64_t nb = std::min<int64_t>(FLOWMM_PREDICT_BLOCK, n - c0);
@@ -115,7 +116,6 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             ggml_set_input(t);
         }
         ggml_tensor * k = ggml_get_rows(gctx, rows, idx); // [hd, H * nb] f32
-        const int64_t nrot = hv.empty() ? 0 : flowmm_k_rot_size(hd);
         if (nrot > 0) {
             hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
             ggml_set_input(hmat);

@@ -62,11 +62,12 @@ DISCONNECT_POLL_S = 0.25     # how often a waiting non-streamed request checks t
 
 class Stopped(FlowMMError):
     """A running request stopped at a chunk boundary: its client left, its time ran out, or the
-    server is shutting down (`status`, `message`: what the client is told, if anyone listens)."""
+    server is shutting down (`status` and the message: what the client is told, if anyone
+    listens; the error's code follows from the status, _error_code)."""
 
-    def __init__(self, status: int, message: str, code: str):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status = status
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -251,11 +252,11 @@ class Worker(threading.Thread):
 
     def _must_stop(self, job: Job) -> Stopped | None:
         if self.stopping:
-            return Stopped(503, "the server is shutting down", "shutting_down")
+            return Stopped(503, "the server is shutting down")
         if job.deadline is not None and time.monotonic() > job.deadline:
-            return Stopped(408, "the request took longer than the server's --timeout", "timeout")
+            return Stopped(408, "the request took longer than the server's --timeout")
         if job.cancelled.is_set():
-            return Stopped(499, "the client closed the request", "cancelled")
+            return Stopped(499, "the client closed the request")
         return None
 
     def _next_job(self) -> tuple[Job | None, Conversation | None]:
