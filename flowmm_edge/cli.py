@@ -277,8 +277,7 @@ def _engine_settings(args: argparse.Namespace) -> dict:
 
         for endpoint in args.rpc.split(","):
             rpc.add_server(endpoint.strip())
-    policy = None if args.policy == "none" else args.policy
-    return dict(method=args.method, budget=args.budget, policy=policy, kv_type=args.kv_type, n_ctx=args.ctx,
+    return dict(method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type, n_ctx=args.ctx,
                 n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
                 temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
@@ -454,24 +453,10 @@ def _model_arg(value: str | None) -> Path:
     return Path(value) if value else default_model.ensure(progress=lambda s: print(s, file=sys.stderr))
 
 
-def _policy_arg(value: str | None, model: Path):
-    """--policy of eval and bench: a file (checked against the model), 'auto' (the policy the
-    package ships for the model, if any) or 'none'."""
-    from .methods import policy as policy_mod
-
-    if value in (None, "none"):
-        return None
-    if value == "auto":
-        return policy_mod.shipped_for(model)
-    pol = policy_mod.load(value)
-    pol.check_model(model)
-    return pol
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, ruler_tasks, tasks
     from .bindings import runtime
-    from .methods import registry
+    from .methods import policy as policy_mod, registry
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -479,7 +464,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if any(not 0 < b <= 1 for b in budgets):
         raise FlowMMError(f"budgets must be ratios in (0, 1]: {args.budgets}")
     methods = _csv(args.methods)
-    policy = _policy_arg(args.policy, model)
+    policy = policy_mod.choose(args.policy, model)
     for m in methods:  # an unknown name fails here, before any model is loaded
         if m != "full":
             registry.resolve(m, policy)
@@ -522,12 +507,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .evaluation import benchmark
     from .bindings import runtime
+    from .methods import policy as policy_mod
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), combos=args.combos, n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
-                         flash_attn=args.flash_attn, stock_lib=args.stock_lib, policy=_policy_arg(args.policy, model))
+                         flash_attn=args.flash_attn, stock_lib=args.stock_lib,
+                         policy=policy_mod.choose(args.policy, model))
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")

@@ -26,7 +26,6 @@ from ..methods.sequence_compressor import REPLY_FIRST, SCHEDULES, SequenceCompre
 from ..models import default_model, gguf_file
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
-AUTO_POLICY = "auto"  # Engine(policy=...): the policy the package ships for this model (policy.shipped_for), if any
 _said: set[str] = set()
 
 
@@ -105,7 +104,7 @@ def check_settings(facts, n_ctx: int, bytes_per_cell: float, n_threads, n_gpu_la
 
 class Engine:
     def __init__(self, model: str | Path | None = None, mmproj: str | Path | None = None, *, method: str | Method = "flowmm",
-                 budget="0.25", policy: str | Path | policy_mod.Policy | None = "auto", kv_type: str = "f16",
+                 budget="0.25", policy: str | Path | policy_mod.Policy | None = policy_mod.AUTO, kv_type: str = "f16",
                  n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0,
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
@@ -145,16 +144,13 @@ class Engine:
                 raise SessionError(f"budget of {self.budget_cells} cells must be above the {kept} cells every merge "
                                    f"keeps (sinks + recent window)")
         self._check_room(method, n_ctx)
-        self.policy = None
-        if policy == AUTO_POLICY:  # the policy the package ships for this model, if any, for FlowMM
-            policy = policy_mod.shipped_for(self.model_path) if method == "flowmm" else None
-        if policy is not None:
-            self.policy = policy if isinstance(policy, policy_mod.Policy) else policy_mod.load(policy)
-            self.policy.check_model(self.model_path)
-            if method != "flowmm":
-                raise SessionError(f"a policy configures flowmm, not {method}")
-        if SequenceCompressor(self.method_spec, self.budget_cells, self.policy).repeats_context and \
-                (self.policy is None or self.policy.predictor is None):
+        # the shipped policy is FlowMM's: another method takes none unless one is named
+        self.policy = policy_mod.choose(None if policy == policy_mod.AUTO and method != "flowmm" else policy,
+                                        self.model_path)
+        if self.policy is not None and method != "flowmm":
+            raise SessionError(f"a policy configures flowmm, not {method}")
+        probe = self.compressor()  # the compression a sequence of this engine gets
+        if probe.repeats_context and (self.policy is None or self.policy.predictor is None):
             say_once(f"flowmm: no importance predictor for {facts.name or self.model_path.name}: each merge scores "
                      f"by the repeat pass (about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
         self.method_name, self.max_reply = method, max_reply
@@ -166,7 +162,7 @@ class Engine:
             # which template renders the conversation (`template.why` says, for the CLI to print)
             self.template = chat_template_mod.choose(self.model, self.model_path, chat_template, vision=bool(mmproj))
             # the repeat pass runs in the room kept for the reply (which stays free at a merge)
-            room = self.compressor().room(self.model)
+            room = probe.room(self.model)
             if room > self.reserve:
                 self.reserve = room
                 self._check_room(method, n_ctx)

@@ -27,6 +27,7 @@ from ..errors import FlowMMError
 from .importance_predictor import ImportancePredictor, PredictorError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"  # policies the package ships (the default model's)
+AUTO, NONE = "auto", "none"  # --policy values: the shipped policy for the model, if any; no policy
 SCHEMA, SCHEMA_VERSION = "flowmm-edge/policy", 2
 READABLE_VERSIONS = (1, 2)
 
@@ -152,3 +153,13 @@ def shipped_for(model_path: str | Path) -> Policy | None:
     return None
 
 
+def choose(value, model_path: str | Path) -> Policy | None:
+    """The policy a --policy value (or Engine's `policy=`) names for this model: a Policy or a file
+    (checked against the model), AUTO (the one the package ships for it, if any) or NONE/None."""
+    if value is None or value == NONE:
+        return None
+    if value == AUTO:
+        return shipped_for(model_path)  # matched by the fingerprint already
+    pol = value if isinstance(value, Policy) else load(value)
+    pol.check_model(model_path)
+    return pol
