@@ -74,20 +74,20 @@ def documents(model, n_docs: int, n_tokens: int, seed: int = 0, texts=None) -> l
         raise reconstruction.ReconstructionError("no natural text found for the distillation corpus")
     rng = np.random.default_rng(seed)
     stream = model.tokenize("\n\n".join(t for _, t in texts), add_special=False)
-    names = [n for n, _ in texts]
+    bos = model.tokenize("", add_special=True)[:1]  # the model's BOS, if it has one
     docs, at = [], 0
     for d in range(n_docs):
         if at + n_tokens > len(stream):
             at = 0
-        body = stream[at:at + n_tokens]
+        start, body = at, stream[at:at + n_tokens]
         at += n_tokens
         if d % 2 == 1:
             text = model.detokenize(body)
             cuts = sorted(rng.integers(0, len(text), size=max(1, n_tokens // 150)))
             text = "".join(text[a:b] + _record(rng) for a, b in zip([0, *cuts], [*cuts, len(text)]))
             body = model.tokenize(text, add_special=False)
-        docs.append(Document(f"{'planted' if d % 2 else 'natural'}:{names[min(d, len(names) - 1)]}",
-                             model.tokenize("", add_special=True)[:1] + body[:n_tokens - 1]))
+        docs.append(Document(f"{'planted' if d % 2 else 'natural'}: corpus tokens {start}-{start + n_tokens}",
+                             bos + body[:n_tokens - 1]))
     return docs
 
 
