@@ -97,7 +97,9 @@ def image_from_url(url: str, allowed_dir: Path | None = None, max_bytes: int = M
     raw = url[len("file://"):] if url.startswith("file://") else url
     root = Path(allowed_dir).resolve()
     try:
-        real = (root / raw).resolve(strict=False)  # symlinks resolved; a relative path is under the root
+        # symlinks resolved; a relative path is the current directory's, as for any local file (a
+        # Session's caller names files as its shell would; serve's root check then applies)
+        real = Path(raw).resolve(strict=False)
     except (OSError, RuntimeError, ValueError):
         raise MediaError(f"{raw}: not under the allowed media directory") from None
     if real != root and root not in real.parents:
