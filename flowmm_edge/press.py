@@ -16,7 +16,8 @@ those settings, and `PRESSES[name]` is the registry. Attaching it to a Llama:
   the Llama's `n_ctx` cells, up to `max_positions` tokens (default: the model's trained
   context), while the KV buffer stays the `n_ctx` cells llama.cpp allocated.
 - **What a method sees.** Reconstruction scores (FlowMM's default) repeat the tokens added since
-  the last compression (`reconstruction.RepeatedScores`); window and whole-prompt scores come
+  the last compression (kept by the sequence's `SequenceCompressor`, the one home of a
+  sequence's compression that chat and serve use too); window and whole-prompt scores come
   from re-decoding the last `window` tokens with statistics on (so H2O's accumulator holds
   those rows only); every cell is labelled text.
 - **llama-cpp-python's prefix reuse stays right.** A Llama keeps the tokens it evaluated and,
@@ -38,9 +39,7 @@ import numpy as np
 from .bindings import kv_cache, runtime
 from .errors import FlowMMError
 from .methods import FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
-from .methods.base import RECONSTRUCTION_SCORES
-from .methods.compression import Compressor
-from .methods.reconstruction import RepeatedScores, repeat_prefix, room_needed
+from .methods.sequence_compressor import SequenceCompressor
 
 
 class PressError(FlowMMError):
@@ -111,13 +110,12 @@ class AttachedPress:
         self.ctx = runtime.Context.borrow(llm._ctx.ctx, self.model)
         self.n_ctx = self.ctx.n_ctx
         self.max_positions = max(self.n_ctx, max_positions or self.model.facts.n_ctx_train or self.n_ctx)
-        needs_repeat = RECONSTRUCTION_SCORES in press.needs
-        self.room = room_needed(repeat_prefix(self.model)) if needs_repeat else 0  # kept free for the pass
+        self.seq = SequenceCompressor(press, 1.0)  # each merge sets its own budget (compress)
+        self.room = self.seq.room(self.model)  # kept free for the method's own pass
         kept = len(press.protected(10 ** 6))
         if self.n_ctx - self.room <= 2 * kept:
             raise PressError(f"a Llama of {self.n_ctx} cells leaves no room to compress with {press.name} "
                              f"({self.room} cells for its pass, {kept} always kept): raise n_ctx")
-        self.repeats = RepeatedScores()
         self.merged_upto = 0  # positions below this were merged: a cut before it means prefilling again
         self.compressions = 0
         self._saved = None
@@ -164,12 +162,13 @@ class AttachedPress:
         tokens = list(tokens)
         if llm.n_tokens < self.merged_upto:  # the kept prefix ends inside merged cells: prefill again
             tokens = llm.input_ids[:llm.n_tokens].tolist() + tokens
-            llm.n_tokens, self.merged_upto, self.repeats = 0, 0, RepeatedScores()
+            llm.n_tokens, self.merged_upto = 0, 0
+            self.seq.reset()
             self.ctx.clear()
         if llm.n_tokens + len(tokens) > self.max_positions:
             raise PressError(f"{llm.n_tokens + len(tokens)} positions exceed max_positions={self.max_positions}")
         self.ctx.truncate(llm.n_tokens)
-        self.repeats.forget_from(llm.n_tokens)
+        self.seq.forget_from(llm.n_tokens)
         done = 0
         while done < len(tokens):
             free = kv_cache.free_cells(self.ctx) - self.room
@@ -188,12 +187,9 @@ class AttachedPress:
         target = max(len(press.protected(cells)) + 1, math.ceil((1 - press.compression_ratio) * cells))
         if target >= cells:
             raise PressError(f"cannot compress {cells} cells below the {target} that {press.name} always keeps")
-        comp = Compressor(press, target)
-        labels = np.zeros(n, np.int32)
-        if RECONSTRUCTION_SCORES in press.needs:
-            comp.use_reconstruction(self.repeats.update(self.ctx, llm.input_ids[:n]))
-        comp.replay(self.ctx, llm.input_ids[max(0, n - press.window):n].tolist(), n, labels)  # the window again
-        comp.compress(self.ctx, labels)
+        labels, tokens = np.zeros(n, np.int32), llm.input_ids[:n]
+        self.seq.replay(self.ctx, tokens[max(0, n - press.window):].tolist(), n, labels)  # the window again
+        self.seq.merge(self.ctx, tokens, labels, budget=target)
         self.merged_upto = n
         self.compressions += 1
 

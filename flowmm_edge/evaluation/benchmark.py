@@ -40,9 +40,8 @@ from ..models import gguf_file
 from ..bindings import kv_cache, native, runtime
 from ..methods import reconstruction
 from ..bindings.attention_stats import AttentionStats
-from ..methods.compression import Compressor
-from ..methods import registry
-from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
+from ..methods.base import PROMPT_SCORES
+from ..methods.sequence_compressor import SequenceCompressor
 
 
 @dataclasses.dataclass
@@ -172,38 +171,38 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                 names = [m for m in methods if kv == "f16"] + [m for m, k in combos if k == kv]
                 all_rows, all_rows_s = None, 0.0
                 for name in names:
-                    method, rho = registry.resolve(name, policy)
-                    if PROMPT_SCORES in method.needs and all_rows is None:  # whole-prompt statistics: one more prefill
+                    observer = SequenceCompressor(name, 1.0, policy)  # an unknown name fails here
+                    needs = observer.needs
+                    if PROMPT_SCORES in needs and all_rows is None:  # whole-prompt statistics: one more prefill
                         ctx.clear()
                         t = time.perf_counter()
                         with AttentionStats(ctx) as all_rows:
                             ctx.decode(tokens, 0)
                         all_rows_s = max(0.0, time.perf_counter() - t - L / prefill)
-                    window_s, observer = 0.0, Compressor(method, 1.0, rho=rho)
-                    if PROMPT_SCORES not in method.needs and observer.needs_observation:
+                    window_s = 0.0
+                    if PROMPT_SCORES not in needs and observer.needs_observation:
                         # what the observation window's statistics add to a prefill: the prefill with them,
                         # less the plain one (the replays below only re-gather them for each budget)
                         ctx.clear()
                         t = time.perf_counter()
-                        with observer.observe(ctx, prompt_end=L, labels=labels):
+                        with observer.observing(ctx, prompt_end=L, labels=labels):
                             ctx.decode(tokens, 0)
                         window_s = max(0.0, time.perf_counter() - t - L / prefill)
-                    recon, recon_s = None, 0.0  # the repeat pass does not depend on the budget: once per method
+                    # the repeat pass does not depend on the budget: once per method, shared by its budgets
+                    repeats, recon_s = reconstruction.RepeatedScores(), 0.0
+                    if observer.repeats_context:
+                        ctx.set_state(state)
+                        t = time.perf_counter()
+                        repeats.update(ctx, np.asarray(tokens, np.int32))
+                        recon_s = time.perf_counter() - t
                     for budget in budgets:
                         ctx.set_state(state)
-                        comp = Compressor(method, budget, rho=rho)
-                        replayed = comp.replay(ctx, tokens, L, labels, whole_prompt=all_rows)
-                        stats_s = all_rows_s if PROMPT_SCORES in method.needs else window_s
-                        if RECONSTRUCTION_SCORES in method.needs:
-                            if recon is None:
-                                t = time.perf_counter()
-                                recon = reconstruction.reconstruction_scores(
-                                    ctx, np.asarray(tokens, np.int32), reconstruction.repeat_prefix(model))
-                                recon_s = time.perf_counter() - t
-                            comp.use_reconstruction(recon)
-                            stats_s += recon_s
+                        seq = SequenceCompressor(name, float(budget), policy)
+                        seq.share_scores(repeats)
+                        replayed = seq.replay(ctx, tokens, L, labels, whole_prompt=all_rows)
+                        stats_s = (all_rows_s if PROMPT_SCORES in needs else window_s) + recon_s
                         logits = logits0 if replayed is None else replayed
-                        report = comp.compress(ctx, labels)
+                        report = seq.merge(ctx, np.asarray(tokens, np.int32), labels)
                         cells = kv_cache.used_bound(ctx)
                         rows.append(BenchRow(L, name, kv, float(budget), report.cells_after, report.cells_after * bpc,
                                              prefill, stats_s, report.plan_s, report.apply_s,

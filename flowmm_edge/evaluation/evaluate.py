@@ -31,9 +31,8 @@ from tqdm import tqdm
 from ..methods import reconstruction
 from ..bindings import runtime
 from ..bindings.attention_stats import AttentionStats
-from ..methods.compression import Compressor
-from ..methods import registry
-from ..methods.base import PROMPT_SCORES, RECONSTRUCTION_SCORES
+from ..methods.base import PROMPT_SCORES
+from ..methods.sequence_compressor import SequenceCompressor
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
 from . import scoring
@@ -79,14 +78,10 @@ def _fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, floa
     return kl, float(np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)]))
 
 
-def compressions(methods: list[str], budgets: list[float], policy) -> list[tuple[str, float, Compressor]]:
-    """(name, budget, Compressor) for every method but full at every budget."""
-    out = []
-    for name in methods:
-        if name != "full":
-            method, rho = registry.resolve(name, policy)
-            out += [(name, float(budget), Compressor(method, budget, rho=rho)) for budget in budgets]
-    return out
+def compressions(methods: list[str], budgets: list[float], policy) -> list[tuple[str, float, SequenceCompressor]]:
+    """(name, budget, SequenceCompressor) for every method but full at every budget."""
+    return [(name, float(budget), SequenceCompressor(name, float(budget), policy))
+            for name in methods if name != "full" for budget in budgets]
 
 
 def _trailing_text_tokens(pieces) -> list[int]:
@@ -107,31 +102,31 @@ class Prefill:
     def __init__(self, ctx, p: Prepared, comps: list):
         self.ctx, self.p, self.n = ctx, p, p.n_pos
         self.labels = p.labels
-        self.rows = self.recon = None
-        if any(PROMPT_SCORES in comp.method.needs for _, _, comp in comps):
+        self.rows = None
+        if any(PROMPT_SCORES in seq.needs for _, _, seq in comps):
             with AttentionStats(ctx, labels=p.labels, n_labels=max(2, int(p.labels.max()) + 1)) as self.rows:
                 self.logits = feed(ctx, p, 0)
         else:
             self.logits = feed(ctx, p, 0)
-        if any(RECONSTRUCTION_SCORES in comp.method.needs for _, _, comp in comps):
-            self.recon = reconstruction.reconstruction_scores(ctx, reconstruction.tokens_by_position(p.pieces),
-                                                              reconstruction.repeat_prefix(ctx.model))
+        self.tokens = reconstruction.tokens_by_position(p.pieces)
+        self.repeats = reconstruction.RepeatedScores()  # one repeat pass, shared by every method that needs it
+        if any(seq.repeats_context for _, _, seq in comps):
+            self.repeats.update(ctx, self.tokens)
         self.state = ctx.state()
         self.tail = _trailing_text_tokens(p.pieces)
 
-    def compress(self, comp: Compressor):
+    def compress(self, seq: SequenceCompressor):
         """Restore the prefill, compress it; returns (logits after the prompt, report)."""
         self.ctx.set_state(self.state)
-        replayed = comp.replay(self.ctx, self.tail, self.n, self.labels, whole_prompt=self.rows)
-        if self.recon is not None:
-            comp.use_reconstruction(self.recon)
-        report = comp.compress(self.ctx, self.labels)
+        seq.share_scores(self.repeats)
+        replayed = seq.replay(self.ctx, self.tail, self.n, self.labels, whole_prompt=self.rows)
+        report = seq.merge(self.ctx, self.tokens, self.labels)
         return (self.logits if replayed is None else replayed), report
 
 
 def _room(comps, room: int) -> int:
     """Free cells a context needs after the prompt: `room`, or a reconstruction chunk if more."""
-    if any(RECONSTRUCTION_SCORES in comp.method.needs for _, _, comp in comps):
+    if any(seq.repeats_context for _, _, seq in comps):
         return max(room, reconstruction.ROOM)
     return room
 

@@ -10,7 +10,7 @@ Observation windows are rows at the end of the prompt; whole-prompt scores are e
 this prefill; predicted scores come from the cells' own keys when the plan is made (the method's
 ImportancePredictor, on the cache's backend). Reconstruction scores (reconstruction.py) come from a repeat-the-context pass that
 `compress` runs over the cells it is about to merge (it needs each position's token), or from
-`use_reconstruction` when several methods share one pass (eval) or a chat repeats only new text.
+`use_reconstruction` (a SequenceCompressor's scores, kept across its merges and shared in eval and bench).
 A slot keeps the attention bias (kv_cache.set_slot_bias) its first source carried before the
 merge, plus the plan's gain (merge="mass"), so a bias survives and accumulates over later merges
 (chunked prefill, every chat turn). Without a calibrated rho, FlowMM's rho^l is estimated from

@@ -1,12 +1,17 @@
 """One sequence's compression, from its first turn to its last: the one home that decides when
 and how a sequence of a llama.cpp context is merged (kvpress's press; llama-server's slot).
 
-    seq = SequenceCompressor("flowmm", budget_cells=1024, policy=policy)
+    seq = SequenceCompressor("flowmm", budget=1024, policy=policy)
     with seq.observing(ctx, prompt_end=end, labels=labels, seq_id=s):   # the turn's last unit
         logits = ctx.decode(tokens, pos, s)
     ... reply from the whole cache ...
     if seq.due(cells):
         report = seq.merge(ctx, tokens_by_pos, labels, s, stop=lambda: queue_not_empty)
+
+Its callers: a chat or server conversation (app/conversation.py), the press on a user's own
+Llama (press.py: `replay` re-gathers the window on a cache nobody observed, and each merge takes
+its own budget), and eval and bench, which compare many methods and budgets on one restored
+prefill and so let them `share_scores` of one repeat pass.
 
 It owns the method (resolved by `registry`, the policy's FlowMM when there is one), the budget,
 rho, and the scores gathered so far: the observation window of the latest turn (window and
@@ -39,10 +44,12 @@ class MergeInterrupted(FlowMMError):
 
 
 class SequenceCompressor:
-    def __init__(self, method: str | Method, budget_cells: int, policy=None):
-        self._spec, self.policy, self.budget = method, policy, int(budget_cells)
+    def __init__(self, method: str | Method, budget: int | float, policy=None):
+        """`budget`: the cells a merge keeps, or a ratio of the cells it finds (methods.base.resolve_budget)."""
+        self._spec, self.policy = method, policy
+        self.budget = budget if isinstance(budget, float) else int(budget)
         probe, rho = registry.resolve(method, policy)  # an unknown name fails here
-        self.name, self.needs = probe.name, probe.needs
+        self.method, self.name, self.needs = probe, probe.name, probe.needs
         self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
         self.repeats = reconstruction.RepeatedScores()
         self._observed: Compressor | None = None  # observed over the latest turn's end, not merged yet
@@ -50,6 +57,11 @@ class SequenceCompressor:
     @property
     def enabled(self) -> bool:
         return self.name != "full"
+
+    @property
+    def needs_observation(self) -> bool:
+        """Whether a merge plans from statistics observed while the sequence's end was decoded."""
+        return self._needs_observation
 
     @property
     def repeats_context(self) -> bool:
@@ -73,18 +85,38 @@ class SequenceCompressor:
         if comp.needs_observation:
             self._observed = comp
 
+    def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray, seq_id: int = 0,
+               whole_prompt=None):
+        """Gather the observation on a cache that already holds the sequence and that nobody
+        observed (a press's Llama, a restored prefill): Compressor.replay re-decodes the window
+        from `tail_tokens`, the tokens that end it, or takes `whole_prompt`'s rows. Returns the
+        logits of that re-decode, or None if nothing was decoded."""
+        comp = self._fresh()
+        logits = comp.replay(ctx, tail_tokens, prompt_end, labels, whole_prompt=whole_prompt, seq_id=seq_id)
+        if comp.needs_observation:
+            self._observed = comp
+        return logits
+
+    def share_scores(self, repeats: reconstruction.RepeatedScores) -> None:
+        """Use repeat-pass scores gathered over the same cells by someone else (eval and bench
+        compare several methods and budgets on one restored prefill, and pay for one pass); a
+        merge repeats only what they have not."""
+        self.repeats = repeats
+
     def due(self, cells: int) -> bool:
         """Whether the sequence's `cells` are over the budget and a merge can plan now (a method
         that needs an observation window has one)."""
-        if not self.enabled or cells <= self.budget:
+        if not self.enabled or isinstance(self.budget, float) or cells <= self.budget:
             return False
         return self._observed is not None or not self._needs_observation
 
     def merge(self, ctx, tokens_by_pos: np.ndarray, labels: np.ndarray, seq_id: int = 0, stop=None,
-              progress=None) -> Report:
-        """Merge the sequence down to the budget (see the module docstring); `progress(done, total)`
-        follows the repeat pass."""
+              progress=None, budget: int | float | None = None) -> Report:
+        """Merge the sequence down to the budget, or to this call's `budget` (see the module
+        docstring); `progress(done, total)` follows the repeat pass."""
         comp = self._observed or self._fresh()
+        if budget is not None:
+            comp.budget = budget
         if self.repeats_context:
             try:
                 comp.use_reconstruction(self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop,
