@@ -29,28 +29,27 @@ def peak_mib() -> float:
 
 
 def one(args) -> dict:
-    from flowmm_edge.methods import policy as policy_mod, registry
-    from flowmm_edge.methods.compression import Compressor
+    from flowmm_edge.methods import policy as policy_mod
+    from flowmm_edge.methods.sequence_compressor import SequenceCompressor
     from flowmm_edge.bindings import runtime
 
     path, model = open_model(args)
     pol = policy_mod.shipped_for(path) if args.method.startswith("flowmm") else None
-    method, rho = registry.resolve(args.method, pol)
+    seq = SequenceCompressor(args.method, args.budget, pol)
     tokens = prompt_tokens(model, args.ctx)
     labels = np.zeros(len(tokens) + 8, np.int32)
     with runtime.Context(model, n_ctx=args.ctx + 640, n_batch=512, n_threads=args.threads) as ctx:
-        comp = Compressor(method, args.budget, rho=rho)
         t = time.perf_counter()
-        with comp.observe(ctx, prompt_end=len(tokens), labels=labels):
+        with seq.observing(ctx, prompt_end=len(tokens), labels=labels):
             ctx.decode(tokens, 0)
         prefill_s = time.perf_counter() - t
         full = peak_mib()
         t = time.perf_counter()
-        report = comp.compress(ctx, labels, tokens=np.asarray(tokens, np.int32))
+        report = seq.merge(ctx, np.asarray(tokens, np.int32), labels)
         merge_s = time.perf_counter() - t
     return {"method": args.method, "ctx": args.ctx, "budget": args.budget, "cells_after": report.cells_after,
             "prefill_s": prefill_s, "merge_s": merge_s, "peak_after_prefill_mib": full, "peak_after_merge_mib": peak_mib(),
-            "importance": getattr(method, "importance", None)}
+            "importance": getattr(seq.method, "importance", None)}
 
 
 def main() -> None:

@@ -101,8 +101,9 @@ class Plan:
     def to_cells(self, cells: np.ndarray) -> MergePlan:
         cells = np.asarray(cells, dtype=np.int32)
         src = np.where(self.src >= 0, cells[np.maximum(self.src, 0)], -1).astype(np.int32)
-        return MergePlan(src=src, weight=self.weight.astype(np.float32), slot_pos=self.slot_pos.astype(np.int32),
-                         v_weight=None if self.v_weight is None else self.v_weight.astype(np.float32))
+        return MergePlan(src=src, weight=self.weight.astype(np.float32, copy=False),
+                         slot_pos=self.slot_pos.astype(np.int32),
+                         v_weight=None if self.v_weight is None else self.v_weight.astype(np.float32, copy=False))
 
 
 def resolve_budget(budget: float | int, n: int, protected: int) -> int:
@@ -170,9 +171,11 @@ def merge_sources(pivots: np.ndarray, cand: np.ndarray, target: np.ndarray) -> n
     into its pivots, -1: evicted) [n_layer, n_head_kv, C]: source 0 of every slot is its pivot,
     then the candidates sent to it in the order they are given (-1 pads). One sort, no loop."""
     n_layer, n_head_kv, b = pivots.shape
-    head = np.arange(n_layer * n_head_kv).reshape(n_layer, n_head_kv, 1)
-    slot = np.where(target >= 0, head * b + target, -1).ravel()  # flat slot id of each candidate
-    order = np.lexsort((np.broadcast_to(np.arange(cand.shape[-1]), cand.shape).ravel(), slot))
+    head = np.arange(n_layer * n_head_kv, dtype=np.int32).reshape(n_layer, n_head_kv, 1)
+    slot = np.where(target >= 0, head * b + target, -1).astype(np.int32).ravel()  # flat slot id of each candidate
+    # by slot, then by candidate index: a (layer, head)'s candidates are consecutive and in order in
+    # the flat array, so a stable sort by slot alone keeps them so
+    order = np.argsort(slot, kind="stable")
     order = order[slot[order] >= 0]
     grouped = slot[order]
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(order) else np.zeros(0, np.int64)

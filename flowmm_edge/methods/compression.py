@@ -156,7 +156,8 @@ class Compressor:
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
         if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
-            stats.predicted_scores = np.exp(self.method.predictor.scores(ctx, seq_id)[..., order].astype(np.float64))
+            predicted = self.method.predictor.scores(ctx, seq_id)[..., order].astype(np.float64)
+            stats.predicted_scores = np.exp(predicted, out=predicted)
         rho_source = "unused"
         if RHO in needs:
             if self.rho is not None:

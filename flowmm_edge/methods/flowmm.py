@@ -113,7 +113,7 @@ class FlowMM(Method):
     def scores(self, stats, n_layer: int, n_head_kv: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(mass, importance) per cell [n_layer, n_head_kv, n] from the chosen source(s): the
         attention mass the merge weighs values by, and the pooled score pivots are chosen by."""
-        parts = [stats.require(name, n_layer, n_head_kv, n).astype(np.float64) for name in IMPORTANCE[self.importance]]
+        parts = [np.asarray(stats.require(name, n_layer, n_head_kv, n), np.float64) for name in IMPORTANCE[self.importance]]
         pooled = [avg_pool(p, self.pool) if self.pool > 1 else p for p in parts]
         if len(parts) == 1:
             return parts[0], pooled[0]

@@ -51,12 +51,16 @@ def mass_plan(layout: TokenLayout, src: np.ndarray, mass: np.ndarray) -> Plan:
     first, -1 unused) and the attention mass of every cell [n_layer, n_head_kv, n]."""
     weight = np.zeros(src.shape, np.float32)
     weight[..., 0] = 1.0  # the key stays the pivot's
-    # every slot at once: r_i = min(mass_i / mass_pivot, 1) over its sources (r_0 = 1: the pivot)
-    m = np.take_along_axis(mass.astype(np.float64)[:, :, None, :], np.maximum(src, 0), axis=-1)
-    m = np.maximum(m, MIN_MASS)
-    r = np.where(src >= 0, np.minimum(m / m[..., :1], 1.0), 0.0)
-    r[..., 0] = 1.0
-    total = r.sum(axis=-1)
-    v_weight = (r / total[..., None]).astype(np.float32)
-    gain = np.log(total).astype(np.float32)
+    v_weight = np.empty(src.shape, np.float32)
+    gain = np.empty(src.shape[:-1], np.float32)
+    for layer in range(src.shape[0]):  # one layer at a time: the float64 work stays a layer's size
+        s = src[layer]
+        # every slot at once: r_i = min(mass_i / mass_pivot, 1) over its sources (r_0 = 1: the pivot)
+        m = np.take_along_axis(np.asarray(mass[layer], np.float64)[:, None, :], np.maximum(s, 0), axis=-1)
+        m = np.maximum(m, MIN_MASS)
+        r = np.where(s >= 0, np.minimum(m / m[..., :1], 1.0), 0.0)
+        r[..., 0] = 1.0
+        total = r.sum(axis=-1)
+        v_weight[layer] = r / total[..., None]
+        gain[layer] = np.log(total)
     return Plan(src=src, weight=weight, slot_pos=layout.positions[src[0, 0, :, 0]], v_weight=v_weight, bias_gain=gain)

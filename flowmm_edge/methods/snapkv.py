@@ -14,11 +14,15 @@ from .base import WINDOW_SCORES, Method, keep_plan, top_by_score
 def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     """Mean over a centred window of `kernel` cells (stride 1, shrinking at the edges)."""
     pad = kernel // 2
-    c = np.cumsum(np.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(1, 0)]), axis=-1)
     n = scores.shape[-1]
+    c = np.zeros(scores.shape[:-1] + (n + 1,), np.result_type(scores, np.float64))
+    np.cumsum(scores, axis=-1, out=c[..., 1:])  # in place: this runs on [layers, heads, cells] at 16k and more
     lo = np.clip(np.arange(n) - pad, 0, n)
     hi = np.clip(np.arange(n) + pad + 1, 0, n)
-    return (c[..., hi] - c[..., lo]) / (hi - lo)
+    out = c[..., hi]
+    out -= c[..., lo]
+    out /= hi - lo
+    return out
 
 
 @dataclasses.dataclass

@@ -60,7 +60,11 @@ def candidates(pivots: np.ndarray, n: int) -> np.ndarray:
     """[..., n - B]: per row of sorted pivots [..., B], the other cells of 0..n-1 in order."""
     keep = np.ones(pivots.shape[:-1] + (n,), bool)
     np.put_along_axis(keep, pivots, False, axis=-1)
-    return np.nonzero(keep)[-1].reshape(pivots.shape[:-1] + (n - pivots.shape[-1],))
+    out = np.empty(pivots.shape[:-1] + (n - pivots.shape[-1],), np.int32)
+    rows = out.reshape(int(np.prod(out.shape[:-1])), out.shape[-1])
+    for r, row in enumerate(keep.reshape(-1, n)):  # a row at a time: nonzero over all of them held 3 int64 copies
+        rows[r] = np.flatnonzero(row)
+    return out
 
 
 def match_above(match, layer: int, cand: np.ndarray, piv: np.ndarray, group: np.ndarray, allowed: np.ndarray,
