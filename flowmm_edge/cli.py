@@ -40,11 +40,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = args.model or (default_model.path() if default_model.path().is_file() else None)
     m = gguf_file.read_text_model(model) if model else None
     p = gguf_file.read_projector(args.mmproj) if args.mmproj else None
+    placement = _placement(args)  # the --rpc servers' devices join the list below
     print(f"flowmm-edge native   {native.flowmm_version()}")
     print(f"libllama             {native.lib_path}")
     print(f"libmtmd              {native.mtmd_lib_path()}")
     print(f"backend (built for)  {_recorded_backend()}")
-    print(f"ggml devices         {', '.join(native.backend_devices()) or 'none'}")
+    print(f"ggml devices         {', '.join(native.backend_device_descriptions()) or 'none'}")
     print(f"CPU variant          {native.cpu_variant()}  ({native.loaded_backends.get('CPU', '?')})")
     feats = native.cpu_features()
     print(f"CPU features         {' '.join(k if v == '1' else f'{k}={v}' for k, v in feats.items()) or 'none reported'}")
@@ -64,7 +65,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  KV bytes / token   {kv}")
         from .bindings import runtime
 
-        with runtime.Model(m.path, n_gpu_layers=args.gpu_layers) as loaded:
+        with runtime.Model(m.path, **placement) as loaded:
             bufs = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in loaded.buffers.items())
         print(f"  weight buffers     {bufs or 'none reported'}")
     if p is not None:
@@ -270,15 +271,9 @@ def _model_source(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 
 def _engine_settings(args: argparse.Namespace) -> dict:
-    """The engine.Engine settings chat and serve share, from their common flags (registering the
-    --rpc servers' devices first, so -ngl can place layers on them)."""
-    if args.rpc:
-        from .bindings import rpc
-
-        for endpoint in args.rpc.split(","):
-            rpc.add_server(endpoint.strip())
+    """The engine.Engine settings chat and serve share, from their common flags."""
     return dict(method=args.method, budget=args.budget, policy=args.policy, kv_type=args.kv_type, n_ctx=args.ctx,
-                n_threads=args.threads, n_gpu_layers=args.gpu_layers, max_reply=args.max_tokens,
+                n_threads=args.threads, **_placement(args), max_reply=args.max_tokens,
                 temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
                 schedule=args.schedule.replace("-", "_"))
@@ -423,7 +418,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    if args.mmproj else None,
                                    theta=args.theta, n_threads=args.threads, progress=not args.quiet,
                                    flash_attn=args.flash_attn, distill_docs=args.distill,
-                                   distill_tokens=args.distill_tokens)
+                                   distill_tokens=args.distill_tokens, **_placement(args))
     policy.save(args.out)
     print(f"policy for {facts.name}: theta {policy.theta}, {policy.calibration['n_prompts']} prompts"
           f"{' with images' if args.mmproj else ' (image spans played by labelled text)'}")
@@ -486,7 +481,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "flowmm" in methods and policy is None:
         print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
     rows = evaluate.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
-                          progress=not args.quiet, mmproj=args.mmproj, mode=args.question, flash_attn=args.flash_attn)
+                          progress=not args.quiet, mmproj=args.mmproj, mode=args.question, flash_attn=args.flash_attn,
+                          placement=_placement(args))
     summary = evaluate.summarize(rows)
     tables = [evaluate.score_grid(summary, args.question), evaluate.markdown(summary)]
     if args.by_family:
@@ -514,7 +510,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = benchmark.run(model, _csv(args.lengths, int), _csv(args.budgets, float), _csv(args.methods),
                          _csv(args.kv_types), combos=args.combos, n_decode=args.decode, n_threads=args.threads, progress=not args.quiet,
                          flash_attn=args.flash_attn, stock_lib=args.stock_lib,
-                         policy=policy_mod.choose(args.policy, model))
+                         policy=policy_mod.choose(args.policy, model), placement=_placement(args))
     table = benchmark.markdown(rows) + "\n\n" + "\n".join(f"- {line}" for line in benchmark.targets(rows))
     print(table)
     print(f"process peak RSS {benchmark.peak_rss_mib():.0f} MiB")
@@ -615,10 +611,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
                    help=f"KV buffer in cells, allocated once (default {ctx})")
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_flash_attn(p)
-    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
-                   help="layers to offload to the GPU backend (or to the --rpc servers)")
-    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="llama.cpp RPC servers whose devices take the -ngl layers and their KV cache")
+    _add_placement_flags(p)
     p.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=256, help="longest reply")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy, default)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (<= 0: off; default 40)")
@@ -629,6 +622,25 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("--chat-template", help="one of llama.cpp's template names (chatml, llama2, vicuna, gemma, "
                    "llama3, ...) or a Jinja file (default: the GGUF's own; without one, vicuna for a llama model "
                    "with an mmproj, else chatml)")
+
+
+def _add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """Where the layers and their KV cache live, as llama.cpp's tools say it."""
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0,
+                   help="layers to offload to the GPU backend (or to the --rpc servers)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="llama.cpp RPC servers whose devices take the -ngl layers and their KV cache")
+    p.add_argument("-ts", "--tensor-split", default=None, metavar="N0,N1,...",
+                   help="shares of the offloaded layers per device, in llama.cpp's device order (`info` lists it)")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """runtime.Model's placement settings from the flags, with the --rpc servers' devices
+    registered first (so -ngl can place layers on them)."""
+    from .bindings import rpc, runtime
+
+    rpc.add_servers(args.rpc)
+    return dict(n_gpu_layers=args.gpu_layers, tensor_split=runtime.check_tensor_split(args.tensor_split))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta", type=float, default=0.25, help="cross-modal threshold on rho (default 0.25, the paper's range 0.2-0.3)")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)
+    _add_placement_flags(p)
     p.add_argument("--distill", type=at_least(0), default=0, metavar="N",
                    help="also distil the repeat pass into an importance predictor on N documents of the built-in "
                         "corpus (docs/METHOD.md, 'Learned importance'; 0: no predictor)")
@@ -692,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "any; 'none'")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)
+    _add_placement_flags(p)
     p.add_argument("--json", type=output_file, help="write the rows as JSON")
     p.add_argument("--markdown", type=output_file, help="write the table as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: KV memory and decode speed against context length")
@@ -729,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=at_least(1), default=None, help="at most this many tasks")
     p.add_argument("-t", "--threads", type=at_least(1), default=None)
     _add_flash_attn(p)
+    _add_placement_flags(p)
     p.add_argument("--json", type=output_file, help="write rows and summary as JSON (after every task)")
     p.add_argument("--markdown", type=output_file, help="write the tables as Markdown")
     p.add_argument("--plot", type=output_file, help="write a PNG: score against budget per method")
@@ -738,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="native library, backend and model facts")
     p.add_argument("-m", "--model", help="a text model GGUF to describe (default: the embedded model, if assembled)")
     p.add_argument("--mmproj", help="a vision projector GGUF to describe")
-    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="gpu_layers", type=int, default=0, help="layers to offload when loading --model")
+    _add_placement_flags(p)
     p.set_defaults(func=cmd_info)
     return ap
 

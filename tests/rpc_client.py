@@ -3,7 +3,11 @@ with all layers (and their cache) on an RPC device, and print what each run retu
 line). Run by tests/test_rpc_backend.py in a process of its own: a registered RPC device stays in
 llama.cpp's registry for the process's life.
 
-    python tests/rpc_client.py HOST:PORT TEXT_GGUF
+    python tests/rpc_client.py HOST:PORT TEXT_GGUF MMPROJ_GGUF
+
+Beyond the native entry points: a press on a llama_cpp.Llama of one's own, and two conversations
+of one engine (two slots of one context, images included) whose turns merge (FlowMM, blocking
+schedule), with the layers on the same device as the entry points' run.
 """
 
 from __future__ import annotations
@@ -13,13 +17,44 @@ import sys
 
 import numpy as np
 
-from flowmm_edge.bindings import kv_cache, rpc, runtime
+from flowmm_edge.app.conversation import Conversation
+from flowmm_edge.app.engine import Engine
+from flowmm_edge.bindings import images, kv_cache, rpc, runtime
 from flowmm_edge.methods import METHODS
 from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, n_features
 
 PROMPT = "the secret key is red and the code is 1234 please tell me what color the cat is " * 6
+
+
+A_TURNS = ["the secret key is red and the code is 1234 " * 4, "what is the code", "and the key"]
+B_TURNS = ["dogs are here in the picture of the city " * 4, "how many dogs", "what city is it"]
+
+
+def press_run(model_path: str, n_gpu_layers: int) -> dict:
+    from llama_cpp import Llama
+    from flowmm_edge.press import FlowMMPress
+
+    llm = Llama(model_path=model_path, n_ctx=256, n_batch=64, n_gpu_layers=n_gpu_layers, verbose=False, seed=0)
+    try:
+        with FlowMMPress(compression_ratio=0.5, window=8, sinks=2).attach(llm) as ap:
+            text = llm.create_completion(PROMPT * 2, max_tokens=8, temperature=0)["choices"][0]["text"]
+            return {"press_text": text, "press_compressions": ap.compressions, "press_cells": ap.cells()}
+    finally:
+        llm.close()
+
+
+def engine_run(model_path: str, mmproj: str, n_gpu_layers: int) -> dict:
+    with Engine(model_path, mmproj, method="flowmm", budget=64, policy="none", n_ctx=1024, n_slots=2, max_reply=6,
+                n_threads=2, temperature=0.0, schedule="blocking", n_gpu_layers=n_gpu_layers) as engine:
+        a, b = Conversation(engine), Conversation(engine)
+        replies = []
+        for k, (ta, tb) in enumerate(zip(A_TURNS, B_TURNS)):
+            replies.append(a.chat(ta, images=[images.pattern(k)] if k == 0 else []))
+            replies.append(b.chat(tb))
+        return {"slot_replies": replies, "slot_merges": [a.stats.merges, b.stats.merges],
+                "slot_cells": [a.cells(), b.cells()]}
 
 
 def run(model_path: str, n_gpu_layers: int) -> dict:
@@ -65,10 +100,10 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
 
 
 def main() -> None:
-    endpoint, model_path = sys.argv[1], sys.argv[2]
-    host = run(model_path, 0)
+    endpoint, model_path, mmproj = sys.argv[1], sys.argv[2], sys.argv[3]
+    host = {**run(model_path, 0), **press_run(model_path, 0), **engine_run(model_path, mmproj, 0)}
     rpc.add_server(endpoint)
-    remote = run(model_path, 99)
+    remote = {**run(model_path, 99), **press_run(model_path, 99), **engine_run(model_path, mmproj, 99)}
     print(json.dumps({"host": host, "rpc": remote}))
 
 

@@ -51,7 +51,7 @@ def rpc_server():
 
 @pytest.fixture(scope="module")
 def runs(rpc_server, tiny_models):
-    out = subprocess.run([sys.executable, str(HERE / "rpc_client.py"), rpc_server, str(tiny_models[0])],
+    out = subprocess.run([sys.executable, str(HERE / "rpc_client.py"), rpc_server, str(tiny_models[0]), str(tiny_models[1])],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "FLOWMM_VERBOSE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     # llama.cpp's own report: the second run's cache lives on the RPC device, every layer of it
@@ -76,6 +76,14 @@ def test_merges_and_matches_pick_the_same_cells_and_save_the_same_state(runs):
     assert remote["flowmm_state_bytes"] == host["flowmm_state_bytes"] and remote["state_sha"] == host["state_sha"]
 
 
+def test_a_press_and_two_merging_conversations_with_their_cache_on_rpc_answer_as_on_the_host(runs):
+    host, remote = runs["host"], runs["rpc"]
+    assert host["press_compressions"] >= 1 and host["press_text"]  # the press compressed the Llama's cache
+    assert all(m >= 1 for m in host["slot_merges"])  # both slots merged, an image turn among them
+    for key in ("press_text", "press_compressions", "press_cells", "slot_replies", "slot_merges", "slot_cells"):
+        assert remote[key] == host[key], key
+
+
 def _chat(model, *extra, env=None):
     return subprocess.run([sys.executable, "-m", "flowmm_edge", "chat", "-m", str(model), "-c", "512", "-n", "8",
                            "-t", "2", "--prompt", "the secret key is red and the code is 1234. what is the code?",
@@ -95,3 +103,66 @@ def test_an_unreachable_rpc_server_is_a_one_line_error(tiny_models):
     assert out.returncode != 0 and "cannot reach the RPC server" in out.stderr and "Traceback" not in out.stderr
     bad = _chat(tiny_models[0], "--rpc", "nonsense", "-ngl", "99")
     assert bad.returncode != 0 and "is not HOST:PORT" in bad.stderr
+
+
+DROP_CHILD = """
+import subprocess, sys, time
+from flowmm_edge.app.session import Session
+from flowmm_edge.bindings import runtime
+runtime.quiet_native_logs()
+port, model = sys.argv[1], sys.argv[2]
+server = subprocess.Popen([sys.executable, "-c", f"from flowmm_edge.bindings import rpc; rpc.serve('127.0.0.1:{port}', 1)"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(0.2)
+for _ in range(200):
+    try:
+        __import__("socket").create_connection(("127.0.0.1", int(port)), timeout=0.2).close()
+        break
+    except OSError:
+        time.sleep(0.1)
+with Session(model, method="snapkv", budget=48, n_ctx=512, max_reply=4, n_threads=2, n_gpu_layers=99,
+             rpc_servers=f"127.0.0.1:{port}") as s:
+    print("first:", s.chat("the secret key is red"), flush=True)
+    server.kill()
+    server.wait()
+    print("second:", s.chat("what is the key"), flush=True)
+"""
+
+
+def test_an_rpc_server_lost_mid_conversation_stops_the_process_with_one_line_and_no_hang(tiny_models):
+    """ggml-rpc has no way to go on without its server (GGML_ABORT): the process must stop at once
+    with one line naming the server, not hang, dump a backtrace or print a traceback."""
+    from flowmm_edge.bindings.rpc import EXIT_RPC_LOST
+
+    port = _free_port()
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", DROP_CHILD, str(port), str(tiny_models[0])], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == EXIT_RPC_LOST, (out.returncode, out.stderr[-2000:])
+    assert "first:" in out.stdout and "second:" not in out.stdout
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: llama.cpp stopped:") and f"127.0.0.1:{port}" in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "backtrace" not in out.stderr.lower()
+    assert time.perf_counter() - t < 110
+
+
+@pytest.mark.parametrize("command", [
+    ["info"],
+    ["bench", "--lengths", "256", "--budgets", "0.5", "--methods", "snapkv", "--kv-types", "f16", "--combos", "none",
+     "--stock-lib", "none", "--decode", "4", "--quiet"],
+    ["eval", "--suite", "builtin", "--limit", "1", "--methods", "snapkv", "--budgets", "0.5", "--quiet"],
+    ["eval", "--suite", "builtin", "--limit", "1", "--methods", "snapkv", "--budgets", "0.5", "--quiet",
+     "--question", "followup"],
+    ["calibrate", "--quiet", "--out", "{tmp}/policy.json"],
+])
+def test_every_command_takes_rpc_servers_and_places_the_layers_there(rpc_server, tiny_models, tmp_path, command):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    out = subprocess.run([sys.executable, "-m", "flowmm_edge", *args, "-m", str(tiny_models[0]), "--rpc", rpc_server,
+                          "-ngl", "99", "-t", "2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FLOWMM_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    if command[0] == "info":  # the server's device is listed, and the weights went there
+        assert re.search(r"ggml devices .*RPC0 \(127\.0\.0\.1:\d+\)", out.stdout), out.stdout
+        assert re.search(r"weight buffers .*RPC0\[127\.0\.0\.1:\d+\]", out.stdout), out.stdout
+    else:  # llama.cpp's own report: the KV cache lives on the RPC device
+        assert re.search(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", out.stderr), out.stderr[-3000:]

@@ -109,7 +109,11 @@ class Engine:
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1,
-                 schedule: str = REPLY_FIRST, max_image_bytes: int = media.MAX_IMAGE_BYTES):
+                 schedule: str = REPLY_FIRST, max_image_bytes: int = media.MAX_IMAGE_BYTES,
+                 rpc_servers: str | list[str] | None = None, tensor_split: list[float] | str | None = None):
+        """`rpc_servers` ("HOST:PORT,..." as llama.cpp's --rpc) are registered before the model
+        loads, so `n_gpu_layers` can place layers and their KV cache on them; `tensor_split`
+        shares the offloaded layers between devices (llama.cpp's --tensor-split)."""
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name or variant, or an instance configured by the caller (an ablation, say)
@@ -156,7 +160,11 @@ class Engine:
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
         self.n_ctx, self.kv_type = n_ctx, kv_type
-        self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers)
+        if rpc_servers:
+            from ..bindings import rpc
+
+            rpc.add_servers(rpc_servers)  # an unreachable or malformed one: RPCError, one line
+        self.model = runtime.Model(self.model_path, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
         self.projector = None
         try:
             # which template renders the conversation (`template.why` says, for the CLI to print)

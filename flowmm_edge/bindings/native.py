@@ -130,6 +130,8 @@ lib.ggml_backend_dev_get.restype = ctypes.c_void_p
 lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
 lib.ggml_backend_dev_name.restype = ctypes.c_char_p
 lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
 
 
 def _load_backends(lib_dir: str) -> dict[str, str]:
@@ -181,3 +183,14 @@ def backend_devices() -> list[str]:
     """Names of the ggml devices llama.cpp can use (e.g. ['CPU'], ['CUDA0', 'CPU'])."""
     llama_cpp.llama_backend_init()
     return [lib.ggml_backend_dev_name(lib.ggml_backend_dev_get(i)).decode() for i in range(lib.ggml_backend_dev_count())]
+
+
+def backend_device_descriptions() -> list[str]:
+    """Each device as `name (description)`, in llama.cpp's order (-ts shares follow it); an RPC
+    device's description is its server's endpoint."""
+    llama_cpp.llama_backend_init()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append(f"{lib.ggml_backend_dev_name(dev).decode()} ({lib.ggml_backend_dev_description(dev).decode()})")
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import socket
 
 from ..errors import FlowMMError
@@ -57,12 +58,18 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_registered: list[str] = []  # endpoints whose devices this process registered, in order
+
+
 def add_server(endpoint: str) -> None:
     """Register the device of the RPC server at host:port; models loaded afterwards may place
     layers (-ngl) and their KV cache on it. The server must accept a connection within
     CONNECT_TIMEOUT_S first: ggml-rpc aborts the process when it cannot connect, so an
-    unreachable server is refused here with a one-line error instead."""
+    unreachable server is refused here with a one-line error instead. An endpoint registered
+    before is not registered again (it would be a second device on the same server)."""
     host, port = parse_endpoint(endpoint)
+    if endpoint in _registered:
+        return
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
@@ -71,6 +78,49 @@ def add_server(endpoint: str) -> None:
     if not reg:
         raise RPCError(f"cannot use the RPC server at {endpoint}")
     lib.ggml_backend_register(reg)
+    _registered.append(endpoint)
+    _stop_on_abort()
+
+
+def add_servers(servers: str | list[str] | None) -> list[str]:
+    """add_server for each of "HOST:PORT,HOST:PORT" (llama.cpp's --rpc) or a list; returns them."""
+    if not servers:
+        return []
+    endpoints = [e.strip() for e in (servers.split(",") if isinstance(servers, str) else servers)]
+    for endpoint in endpoints:
+        add_server(endpoint)
+    return endpoints
+
+
+# ggml-rpc cannot go on when a server stops answering mid-call (a set_tensor or graph_compute has
+# no error return): it calls GGML_ABORT, which prints a backtrace and aborts the process. With RPC
+# servers registered, the abort is one line on stderr naming them, and the process exits with
+# EXIT_RPC_LOST at once instead of dumping core; a supervisor (or the user) starts it again.
+EXIT_RPC_LOST = 75  # EX_TEMPFAIL: the server may come back
+_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_on_abort_ref = None
+
+
+def abort_message(raw: bytes) -> str:
+    """The one line printed when ggml aborts in a process with RPC servers."""
+    text = re.sub(r"^\S+:\d+: ", "", raw.decode(errors="replace").strip())  # without ggml's file:line
+    return (f"error: llama.cpp stopped: {text} (RPC servers: {', '.join(_registered)}); the cache held there "
+            f"is lost, start again or /load a saved session")
+
+
+def _stop_on_abort() -> None:
+    global _on_abort_ref
+    if _on_abort_ref is not None:
+        return
+
+    def on_abort(raw):
+        os.write(2, (abort_message(raw or b"") + "\n").encode())
+        os._exit(EXIT_RPC_LOST)
+
+    _on_abort_ref = _ABORT_CALLBACK(on_abort)
+    lib.ggml_set_abort_callback.restype = ctypes.c_void_p
+    lib.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
+    lib.ggml_set_abort_callback(_on_abort_ref)
 
 
 def serve(endpoint: str, n_threads: int | None = None) -> None:

@@ -69,13 +69,33 @@ class _Handle:
         self.close()
 
 
+def check_tensor_split(split: list[float] | str | None) -> list[float] | None:
+    """llama.cpp's --tensor-split ("3,1" or [3, 1]): non-negative shares, one per device."""
+    if split is None or split == "":
+        return None
+    try:
+        shares = [float(x) for x in (split.split(",") if isinstance(split, str) else split)]
+    except (TypeError, ValueError):
+        raise ModelFileError(f"--tensor-split {split!r} is not a list of numbers") from None
+    if not shares or any(not x >= 0 for x in shares) or sum(shares) <= 0:
+        raise ModelFileError(f"--tensor-split {split!r}: shares must be >= 0 and not all 0")
+    if len(shares) > llama_cpp.llama_max_devices():
+        raise ModelFileError(f"--tensor-split has {len(shares)} shares; llama.cpp takes at most "
+                             f"{llama_cpp.llama_max_devices()} devices")
+    return shares
+
+
 class Model(_Handle):
     """A text model GGUF, checked with gguf_file before llama.cpp opens it."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, repack: bool = True):
-        """`repack=False` keeps every CPU weight in the plain CPU buffer (no repacked layouts)."""
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, repack: bool = True,
+                 tensor_split: list[float] | None = None):
+        """`repack=False` keeps every CPU weight in the plain CPU buffer (no repacked layouts);
+        `tensor_split`: the share of the offloaded layers each device takes, in llama.cpp's device
+        order (its --tensor-split; None: by free memory)."""
         self.facts = gguf_file.read_text_model(path)
         llama_cpp.llama_backend_init()
+        self.tensor_split = check_tensor_split(tensor_split)
         self.ptr, self.buffers = self._load(path, n_gpu_layers, repack)
         if any(name.startswith("AMX") for name in self.buffers):
             # Only a build with ggml's AMX buffer type gets here (scripts/build_native.py builds none):
@@ -98,12 +118,15 @@ class Model(_Handle):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         return self
 
-    @staticmethod
-    def _load(path, n_gpu_layers: int, repack: bool):
+    def _load(self, path, n_gpu_layers: int, repack: bool):
         """(model pointer, {buffer type: MiB}) from llama.cpp's own report of where the weights went."""
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.use_extra_bufts = repack
+        split = None
+        if self.tensor_split:
+            split = (ctypes.c_float * llama_cpp.llama_max_devices())(*self.tensor_split)
+            params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))  # read while loading
         with native.captured_log() as lines:
             ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:

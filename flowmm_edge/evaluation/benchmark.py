@@ -120,16 +120,17 @@ def _decode_speed(ctx, logits, pos, n):
 def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0.5),
         methods=("streaming", "h2o", "snapkv", "lookm", "flowmm"), kv_types=("f16", "q8_0", "q4_0"),
         combos=(("flowmm", "q8_0"),), n_decode=32, n_threads=None, progress=True, flash_attn="auto",
-        stock_lib: Path | None | str = "auto", policy=None) -> list[BenchRow]:
+        stock_lib: Path | None | str = "auto", policy=None, placement: dict | None = None) -> list[BenchRow]:
     """`stock_lib`: the folder of the stock libllama; "auto": stock_lib_dir(); None: no stock rows.
-    `policy`: FlowMM's (its rho and, if it has one, its importance predictor)."""
+    `policy`: FlowMM's (its rho and, if it has one, its importance predictor). `placement`:
+    runtime.Model's n_gpu_layers / tensor_split (the stock rows run on the host whatever it says)."""
     facts = gguf_file.read_text_model(model_path)
     rows: list[BenchRow] = []
     stock = stock_lib_dir() if stock_lib == "auto" else stock_lib
     if stock is None and stock_lib == "auto" and progress:
         print("bench: the stock llama.cpp is not built (python scripts/build_native.py --stock): "
               "its rows and the patched/stock ratio are left out", file=sys.stderr)
-    with runtime.Model(model_path) as model:
+    with runtime.Model(model_path, **(placement or {})) as model:
         todo = [(L, kv) for L in lengths for kv in kv_types]
         for L, kv in tqdm(todo, desc="bench", unit="config", disable=not progress):
             tokens, labels = _prompt(model, L)

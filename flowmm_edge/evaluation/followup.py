@@ -47,7 +47,7 @@ def _context_positions(model_path, task: Task, mmproj) -> int:
 
 
 def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
-                  n_threads=None, mmproj=None, flash_attn="auto") -> list[Row]:
+                  n_threads=None, mmproj=None, flash_attn="auto", placement: dict | None = None) -> list[Row]:
     compressors = {m: registry.resolve(m, policy) for m in methods if m != "full"}  # unknown names fail here
     max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
     after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
@@ -60,6 +60,7 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
                      schedule="blocking",
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
+                     **(placement or {}),
                      policy=policy if rho is not None else None) as s:
             n_doc = s.add_user_turn(segments=task.segments)
             reply = s.reply()

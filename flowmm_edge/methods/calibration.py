@@ -122,9 +122,11 @@ def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS,
 
 def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",
               projector=None, theta: float = THETA, n_threads: int | None = None, progress: bool = True,
-              flash_attn="auto", distill_docs: int = 0, distill_tokens: int = DISTILL_TOKENS) -> Policy:
+              flash_attn="auto", distill_docs: int = 0, distill_tokens: int = DISTILL_TOKENS, n_gpu_layers: int = 0,
+              tensor_split: list[float] | None = None) -> Policy:
+    """`n_gpu_layers`, `tensor_split`: where the layers and their cache live (runtime.Model)."""
     predictor = None
-    with runtime.Model(model_path) as model:
+    with runtime.Model(model_path, n_gpu_layers=n_gpu_layers, tensor_split=tensor_split) as model:
         if prompts is None:
             prompts = builtin_prompts(with_images=projector is not None)
         proj = projector(model) if callable(projector) else None
