@@ -77,9 +77,11 @@ fi
 
 # 6. default model + a check that the package loads the patched library -----------------
 "$VPY" - <<'PY'
-from flowmm_edge.models import default_model
+from flowmm_edge.models import default_model, glyph
 from flowmm_edge.bindings import native
-print(f"[setup] default model: {default_model.ensure(progress=lambda s: print('[setup] ' + s))}")
+model = default_model.ensure(progress=lambda s: print('[setup] ' + s))
+print(f"[setup] default model: {model}")
+print(f"[setup] its glyph projector (docs/GLYPH.md): {glyph.ensure(model)}")
 print(f"[setup] libllama with FlowMM {native.flowmm_version()}: {native.lib_path}")
 PY
 say "done in $((SECONDS - START)) s"
