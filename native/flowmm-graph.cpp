@@ -42,6 +42,21 @@ flowmm_graph flowmm_begin_graph(llama_context * ctx) {
     return {sched, res->get_ctx(), res->get_gf()};
 }
 
+void flowmm_pin_to_backend_of(const flowmm_graph & g, ggml_tensor * node, const ggml_tensor * held) {
+    const ggml_backend_buffer_t buf = held->view_src ? held->view_src->buffer : held->buffer;
+    if (buf == nullptr) {
+        return;
+    }
+    const ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(buf);
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(g.sched); ++i) {
+        ggml_backend_t backend = ggml_backend_sched_get_backend(g.sched, i);
+        if (ggml_backend_supports_buft(backend, buft)) {
+            ggml_backend_sched_set_tensor_backend(g.sched, node, backend);
+            return;
+        }
+    }
+}
+
 ggml_tensor * flowmm_cache_rows(ggml_context * gctx, ggml_tensor * t, int64_t head_dim, int64_t n_rows) {
     return ggml_view_2d(gctx, t, head_dim, n_rows, ggml_row_size(t->type, head_dim), 0);
 }

@@ -26,3 +26,9 @@ flowmm_graph flowmm_begin_graph(llama_context * ctx);
 // [head_dim, n_rows], n_rows = n_head_kv * kv_size: row (cell * n_head_kv + h) is KV head h of
 // that cell
 ggml_tensor * flowmm_cache_rows(ggml_context * gctx, ggml_tensor * t, int64_t head_dim, int64_t n_rows);
+
+// run `node` on the backend that holds `held` (a cache tensor or a view of one). An op whose
+// operands are all graph inputs is otherwise scheduled on the CPU, the inputs' backend, and its
+// result copied to the cache's device: for a [pivots x candidates] broadcast that is megabytes
+// per layer over PCIe or a socket where the inputs themselves are kilobytes.
+void flowmm_pin_to_backend_of(const flowmm_graph & g, ggml_tensor * node, const ggml_tensor * held);

@@ -100,7 +100,9 @@ int32_t flowmm_kv_match_keys(llama_context * ctx, llama_seq_id seq_id, int32_t i
         ggml_tensor * pn = ggml_reshape_3d(gctx, ggml_l2_norm(gctx, ggml_get_rows(gctx, rows, piv_rows), eps), hd, P, H);
         ggml_tensor * sim = ggml_mul_mat(gctx, pn, cn);                                    // [P, Cb, H]
         ggml_prec_set_acc(sim, GGML_PREC_F32);
-        sim = ggml_add(gctx, sim, ggml_get_rows(gctx, bias, group));                        // each candidate's row
+        ggml_tensor * cand_bias = ggml_get_rows(gctx, bias, group);                        // each candidate's row
+        flowmm_pin_to_backend_of(g, cand_bias, k); // [P, Cb, H]: made where the keys are, from its small inputs
+        sim = ggml_add(gctx, sim, cand_bias);
         ggml_tensor * arg = ggml_argmax(gctx, ggml_reshape_2d(gctx, sim, P, Cb * H));        // [Cb * H]
         ggml_tensor * picked = ggml_get_rows(gctx, pn, ggml_reshape_2d(gctx, arg, Cb, H));  // [hd, Cb, H]
         ggml_tensor * cosv = ggml_sum_rows(gctx, ggml_mul(gctx, cn, picked));               // [1, Cb, H]
