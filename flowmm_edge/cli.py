@@ -15,6 +15,7 @@ from .errors import FlowMMError
 from .bindings.media import MAX_IMAGE_BYTES
 from .bindings.prompt import valid_text
 from .evaluation.ruler_tasks import FAMILIES as ALL_FAMILIES, KEPT_FAMILIES
+from .evaluation.image_tasks import FAMILIES as IMAGE_FAMILIES
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -470,11 +471,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.suite == "builtin":
         task_list = tasks.builtin_suite(_csv(args.lengths, int), args.per_kind)
     else:
+        from .evaluation import image_tasks
+
         families = _csv(args.families)
-        ruler_tasks.check_families(families)  # before the model is loaded
+        text_families = [f for f in families if f not in image_tasks.FAMILIES]
+        image_families = [f for f in families if f in image_tasks.FAMILIES]
+        ruler_tasks.check_families(text_families)  # before the model is loaded
+        if image_families and not args.mmproj:
+            from .models import glyph
+
+            args.mmproj = str(glyph.ensure(model))  # the constructed projector that reads its pages
         with runtime.Model(model) as m:  # lengths in the model's own tokens
-            task_list = ruler_tasks.generate(families, _csv(args.lengths, int), args.per_kind, args.seed,
-                                             count_tokens=lambda text: len(m.tokenize(text, add_special=False)))
+            count = lambda text: len(m.tokenize(text, add_special=False))  # noqa: E731
+            task_list = ruler_tasks.generate(text_families, _csv(args.lengths, int), args.per_kind, args.seed,
+                                             count_tokens=count) if text_families else []
+            if image_families:
+                from .models import glyph
+
+                task_list += image_tasks.generate(image_families, _csv(args.lengths, int), args.per_kind, args.seed,
+                                                  glyph.Codebook.load(args.mmproj), m, count_tokens=count)
     task_list = task_list[: args.limit] if args.limit else task_list
     if not task_list:
         raise FlowMMError("no tasks to run")
@@ -727,8 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),
-                   help=f"RULER-style families to generate (of {', '.join(ALL_FAMILIES)}; default: those the "
-                        f"default model answers with the full cache, docs/RESULTS.md)")
+                   help=f"families to generate: RULER-style (of {', '.join(ALL_FAMILIES)}; default: those the "
+                        f"default model answers with the full cache, docs/RESULTS.md) or with the answer in glyph "
+                        f"page images ({', '.join(IMAGE_FAMILIES)}; --mmproj defaults to the model's glyph projector)")
     p.add_argument("--lengths", default="2048", help="context lengths (tokens) of the generated suite, e.g. 2048,4096,8192")
     p.add_argument("--per-kind", "--per-family", type=at_least(1), default=2,
                    help="tasks per family and length in the generated suite")
@@ -755,7 +771,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mmproj", help="a vision projector GGUF to describe")
     _add_placement_flags(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("rpc-server", help="serve this machine's CPU as a llama.cpp RPC device (llama.cpp's rpc-server)")
+    p.add_argument("-H", "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052, as llama.cpp's rpc-server)")
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_rpc_server)
     return ap
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    from .bindings import rpc
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: ggml-rpc has no authentication or encryption; "
+              "anyone who reaches the port can use this machine's memory and compute", file=sys.stderr)
+    if not 0 < args.port < 65536:
+        raise FlowMMError(f"-p/--port must be from 1 to 65535, not {args.port}")
+    endpoint = f"{args.host}:{args.port}"
+    print(f"rpc-server: this machine's CPU backend at {endpoint} ({args.threads or os.cpu_count()} threads); "
+          f"clients: --rpc {endpoint}", file=sys.stderr)
+    rpc.serve(endpoint, args.threads)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def rpc_server():
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", f"from flowmm_edge.bindings import rpc; rpc.serve('127.0.0.1:{port}', 2)"],
+    # the package's own command, as a user starts one (llama.cpp's rpc-server flags)
+    proc = subprocess.Popen([sys.executable, "-m", "flowmm_edge", "rpc-server", "-p", str(port), "-t", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
