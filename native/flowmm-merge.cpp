@@ -155,12 +155,18 @@ int32_t flowmm_kv_apply_plan(llama_context * ctx, llama_seq_id seq_id, const flo
     std::vector<ggml_tensor *> src_rows(plan->n_layer), weights(plan->n_layer), weights_v(plan->n_layer);
 
     auto merge = [&](ggml_tensor * rows2d, int64_t il, int64_t head_dim, ggml_tensor * w) {
-        // rows2d: [head_dim, H * kv_size], row (cell * H + h); returns [head_dim, B * H], row (j * H + h)
+        // rows2d: [head_dim, H * kv_size], row (cell * H + h); returns [head_dim, B * H], row (j * H + h).
+        // Every op runs where the layer's cache lives: with layers split over devices, the
+        // scheduler would otherwise put some on another device and copy [hd, HBS] between them.
         ggml_tensor * x = ggml_get_rows(gctx, rows2d, src_rows[il]);                 // [hd, HBS] f32
+        flowmm_pin_to_backend_of(g, x, rows2d);
         x = ggml_mul(gctx, x, w);                                                      // * w, broadcast over hd
+        flowmm_pin_to_backend_of(g, x, rows2d);
         x = ggml_reshape_3d(gctx, x, head_dim, S, HB);
         x = ggml_cont(gctx, ggml_permute(gctx, x, 1, 0, 2, 3));                        // [S, hd, HB]
+        flowmm_pin_to_backend_of(g, x, rows2d);
         x = ggml_sum_rows(gctx, x);                                                    // [1, hd, HB]
+        flowmm_pin_to_backend_of(g, x, rows2d);
         return ggml_reshape_2d(gctx, x, head_dim, HB);
     };
 
