@@ -167,3 +167,53 @@ def test_every_command_takes_rpc_servers_and_places_the_layers_there(rpc_server,
         assert re.search(r"weight buffers .*RPC0\[127\.0\.0\.1:\d+\]", out.stdout), out.stdout
     else:  # llama.cpp's own report: the KV cache lives on the RPC device
         assert re.search(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", out.stderr), out.stderr[-3000:]
+
+
+def _start_rpc_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "flowmm_edge", "rpc-server", "-p", str(port), "-t", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the RPC server did not listen within 30 s")
+
+
+def _session_run(default_model_path, *placement):
+    from flowmm_edge.models import glyph
+
+    out = subprocess.run([sys.executable, str(HERE / "rpc_session.py"), str(default_model_path),
+                          str(glyph.ensure(default_model_path)), *placement],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "FLOWMM_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.fixture(scope="module")
+def default_model_host_run(default_model_path):
+    return _session_run(default_model_path)[0]
+
+
+@pytest.mark.parametrize("n_servers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_the_default_model_reads_an_image_after_a_merge_on_rpc_as_on_the_host(default_model_path,
+                                                                             default_model_host_run, n_servers):
+    """The real model and its glyph projector, a page image in a document turn, FlowMM's merge (the
+    shipped predictor) before the question: every layer on one RPC server, or split over two with
+    -ts 1,1. The host answers the page's code from the merged cache; the RPC run says the same."""
+    host = default_model_host_run
+    assert host["answer"].strip() == "4815162" and host["merges"] >= 1 and host["cells_after_merge"] < 300
+    procs, ports = [], [_free_port() for _ in range(n_servers)]
+    try:
+        procs = [_start_rpc_server(p) for p in ports]
+        servers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        remote, stderr = _session_run(default_model_path, servers, *(["1,1"] if n_servers == 2 else []))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+    for port in ports:  # each server holds part of the cache
+        assert re.search(rf"RPC0\[127\.0\.0\.1:{port}\] KV buffer size", stderr), stderr[-3000:]
+    assert remote == host
