@@ -278,3 +278,55 @@ def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_m
         assert fresh.usage.prompt_tokens == reused.usage.prompt_tokens
         assert reused.choices[0].message.content == fresh.choices[0].message.content
         assert "rome" in fresh.choices[0].message.content.lower()
+
+
+def test_a_stream_its_client_does_not_read_pauses_and_goes_on_when_read(tiny_models):
+    """Backpressure: the worker decodes at most MAX_UNREAD_PIECES ahead of what the client took,
+    so a slow (or silently gone) reader holds a bounded queue and no core; reading resumes it."""
+    import asyncio
+
+    from flowmm_edge.app import chat_api
+    from flowmm_edge.app.engine import Engine
+    from flowmm_edge.app.server import MAX_UNREAD_PIECES, Job, Worker
+    from flowmm_edge.bindings.sampling import SamplingParams
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    want = MAX_UNREAD_PIECES + 40
+    with Engine(tiny_models[0], tiny_models[1], method="full", n_ctx=1024, n_slots=1, max_reply=want,
+                n_threads=2, temperature=0.0) as engine:
+        worker = Worker(engine)
+        worker.start()
+        try:
+            job = Job(chat_api.parse_messages(MSG1), want, SamplingParams(), [], loop, asyncio.Queue())
+            worker.submit(job)
+            events = []
+
+            def take(n=None):  # what the HTTP side does: take events off the queue on its loop
+                async def drain():
+                    while n is None or len(events) < n:
+                        try:
+                            events.append(await asyncio.wait_for(job.events.get(), 0.5))
+                        except asyncio.TimeoutError:
+                            return
+                    return
+                asyncio.run_coroutine_threadsafe(drain(), loop).result(60)
+                job.taken = sum(e[0] == "piece" for e in events)
+
+            deadline = time.monotonic() + 30
+            while job.sent < MAX_UNREAD_PIECES and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # time for hundreds of tiny-model tokens, were it not paused
+            assert job.sent == MAX_UNREAD_PIECES
+            assert job.conv.busy and job in worker.active
+            take()
+            deadline = time.monotonic() + 30
+            while not any(e[0] == "done" for e in events) and time.monotonic() < deadline:
+                take()
+            pieces = [e for e in events if e[0] == "piece"]
+            done = [e for e in events if e[0] == "done"]
+            assert done and len(pieces) == job.sent and len(pieces) > MAX_UNREAD_PIECES
+        finally:
+            worker.stop()
+            worker.join(30)
+            loop.call_soon_threadsafe(loop.stop)

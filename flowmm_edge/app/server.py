@@ -58,6 +58,8 @@ METRICS_EVERY = 16           # worker steps between refreshes of the /metrics fi
 PREFILL_STEP = 128           # prompt tokens a slot prefills before the others get a turn (~2 s on 2 cores, 0.5B)
 MAX_PROMPT_SHARES = 8        # default --max-prompt-tokens: this many slot shares (n_ctx / slots), merged as it goes
 DISCONNECT_POLL_S = 0.25     # how often a waiting non-streamed request checks that its client is still there
+MAX_UNREAD_PIECES = 64       # a stream's pieces sent but not yet taken by its client before its decode pauses
+PAUSED_WAIT_S = 0.01         # the worker's nap when every replying stream is paused and nothing else is due
 
 
 class Stopped(FlowMMError):
@@ -128,12 +130,22 @@ class Job:
     merge_s0: float = 0.0
     t_decode: float = 0.0
     waits_for_room: bool = False  # its turn found the buffer held by replies: start again once none is active
+    sent: int = 0    # pieces the worker sent (worker thread)
+    taken: int = 0   # pieces the HTTP side took off the queue (its event loop)
 
     @property
     def keys(self) -> list:
         return [t.key for t in self.turns]
 
+    @property
+    def paused(self) -> bool:
+        """The client has not taken MAX_UNREAD_PIECES of its pieces: decode no further for it until
+        it does (llama-server blocks on the socket instead). A slow reader's queue stays bounded, and a
+        client that left without being noticed yet holds its slot idle, not busy decoding."""
+        return self.sent - self.taken >= MAX_UNREAD_PIECES
+
     def send(self, *event) -> None:
+        self.sent += event[0] == "piece"
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the HTTP side's loop is closed (shutting down): nobody is listening
@@ -208,9 +220,12 @@ class Worker(threading.Thread):
                 if self.stopping:
                     break
                 started, slot = self._next_job()
-            self._round(started, slot)
+            stepped = self._round(started, slot)
             if idle is not None and started is None and not self.active:
                 self._merge(idle)
+            elif started is None and self.active and not stepped:  # every stream waits for its client
+                with self.cond:
+                    self.cond.wait(PAUSED_WAIT_S)
             steps += 1
             if started is not None or steps % METRICS_EVERY == 0:
                 self._refresh()
@@ -221,13 +236,15 @@ class Worker(threading.Thread):
         for job in list(self.pending):
             job.send("error", 503, "the server is shutting down")
 
-    def _round(self, started: Job | None, slot: Conversation | None) -> None:
+    def _round(self, started: Job | None, slot: Conversation | None) -> int:
         """Start one job (its prefill yields to the others at every chunk, see _chunk_boundary),
-        then advance every replying job by one piece."""
+        then advance every replying job by one piece; returns how many moved (a paused stream does not)."""
         if started is not None:
             self._start(started, slot)
+        stepped = 0
         for job in list(self.active):
-            self._step(job)
+            stepped += self._step(job)
+        return stepped
 
     def _chunk_boundary(self, job: Job):
         """The slot's progress listener while `job` runs: stop it here if it must stop; else give
@@ -348,9 +365,9 @@ class Worker(threading.Thread):
         job.send("start", held + decoded, held)
         self.active.append(job)
 
-    def _step(self, job: Job) -> None:
+    def _step(self, job: Job) -> bool:
         if job not in self.active:  # finished inside a chunk boundary's round
-            return
+            return False
         conv = job.conv
         why = self._must_stop(job)
         if why is not None:
@@ -358,7 +375,9 @@ class Worker(threading.Thread):
             self.counters.cancelled += 1
             self._finish(job)
             job.send("error", why.status, str(why))
-            return
+            return True
+        if job.paused:
+            return False
         t0 = time.perf_counter()
         try:
             piece = next(job.gen)
@@ -366,15 +385,16 @@ class Worker(threading.Thread):
             job.t_decode += time.perf_counter() - t0
             job.send("done", conv.finish_reason, conv.last_reply_tokens)
             self._finish(job)
-            return
+            return True
         except Exception as e:
             job.gen.close()
             self.counters.errors += 1
             job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
             self._finish(job)
-            return
+            return True
         job.t_decode += time.perf_counter() - t0
         job.send("piece", piece)
+        return True
 
     def _finish(self, job: Job) -> None:
         conv = job.conv
@@ -515,6 +535,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     prompt = rest
                 elif kind == "piece":
                     pieces.append(rest[0])
+                    job.taken += 1
                 else:
                     return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
                                                chat_api.usage(prompt[0], prompt[1], rest[1]))
@@ -538,6 +559,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                 while True:
                     kind, *rest = await job.events.get()
                     if kind == "piece":
+                        job.taken += 1
                         yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}))
                     elif kind == "done":
                         yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0]))
