@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -122,19 +120,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, threads: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", f"from flowmm_edge.bindings import rpc; rpc.serve('127.0.0.1:{port}', {threads})"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the RPC server on port {port} did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -157,7 +142,7 @@ def main() -> None:
     try:
         for _ in range(args.servers):
             port = free_port()
-            servers.append(start_server(port, threads))
+            servers.append(rpc.spawn_local(port, threads))
             proxies.append(CountingProxy(("127.0.0.1", port)))
         rpc.add_servers([f"127.0.0.1:{p.port}" for p in proxies])
 

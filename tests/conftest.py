@@ -69,6 +69,23 @@ def default_model_path() -> Path:
     return default_model.ensure()
 
 
+@pytest.fixture(scope="session")
+def mmproj(default_model_path) -> Path:
+    """The default model's glyph projector (docs/GLYPH.md), built once."""
+    from flowmm_edge.models import glyph
+
+    return glyph.ensure(default_model_path)
+
+
+@pytest.fixture(scope="module")
+def text_model(default_model_path):
+    """The default model's weights and tokenizer, loaded once per test module."""
+    from flowmm_edge.bindings import runtime
+
+    with runtime.Model(default_model_path) as m:
+        yield m
+
+
 def write_png(path: Path, width: int, height: int) -> Path:
     """An RGB PNG written with zlib alone (a gradient), independent of any image library."""
     rows = b"".join(

@@ -29,17 +29,6 @@ TEXT = "The first line of the new file has 12 values in 2024. Is it true? It is:
 
 
 @pytest.fixture(scope="module")
-def mmproj(default_model_path):
-    return glyph.ensure(default_model_path)
-
-
-@pytest.fixture(scope="module")
-def text_model(default_model_path):
-    with runtime.Model(default_model_path) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
 def projector(mmproj, text_model):
     with multimodal.Projector(mmproj, text_model, n_threads=2) as p:
         yield p

@@ -8,21 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from flowmm_edge.bindings import runtime
 from flowmm_edge.evaluation import evaluate, image_tasks
 from flowmm_edge.evaluation.ruler_tasks import FamilyError
 from flowmm_edge.models import glyph
-
-
-@pytest.fixture(scope="module")
-def mmproj(default_model_path):
-    return glyph.ensure(default_model_path)
-
-
-@pytest.fixture(scope="module")
-def text_model(default_model_path):
-    with runtime.Model(default_model_path) as m:
-        yield m
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flowmm_edge.bindings import rpc
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -30,20 +32,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def rpc_server():
     port = _free_port()
-    # the package's own command, as a user starts one (llama.cpp's rpc-server flags)
-    proc = subprocess.Popen([sys.executable, "-m", "flowmm_edge", "rpc-server", "-p", str(port), "-t", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = rpc.spawn_local(port)  # the package's own command, as a user starts one (llama.cpp's rpc-server flags)
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise AssertionError("the RPC server exited")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("the RPC server did not listen within 30 s")
         yield f"127.0.0.1:{port}"
     finally:
         proc.kill()
@@ -169,19 +159,6 @@ def test_every_command_takes_rpc_servers_and_places_the_layers_there(rpc_server,
         assert re.search(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", out.stderr), out.stderr[-3000:]
 
 
-def _start_rpc_server(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "flowmm_edge", "rpc-server", "-p", str(port), "-t", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("the RPC server did not listen within 30 s")
-
-
 def _session_run(default_model_path, *placement):
     from flowmm_edge.models import glyph
 
@@ -207,7 +184,7 @@ def test_the_default_model_reads_an_image_after_a_merge_on_rpc_as_on_the_host(de
     assert host["answer"].strip() == "4815162" and host["merges"] >= 1 and host["cells_after_merge"] < 300
     procs, ports = [], [_free_port() for _ in range(n_servers)]
     try:
-        procs = [_start_rpc_server(p) for p in ports]
+        procs = [rpc.spawn_local(p) for p in ports]
         servers = ",".join(f"127.0.0.1:{p}" for p in ports)
         remote, stderr = _session_run(default_model_path, servers, *(["1,1"] if n_servers == 2 else []))
     finally:

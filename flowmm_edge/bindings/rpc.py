@@ -16,6 +16,9 @@ import ctypes
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 
 from ..errors import FlowMMError
 from . import native
@@ -132,3 +135,20 @@ def serve(endpoint: str, n_threads: int | None = None) -> None:
     devices = (ctypes.c_void_p * 1)(cpu)
     _START_SERVER(_proc("ggml_backend_rpc_start_server"))(endpoint.encode(), None,
                                                           n_threads or max(1, os.cpu_count() or 1), 1, devices)
+
+
+def spawn_local(port: int, n_threads: int = 2, wait_s: float = 30.0) -> subprocess.Popen:
+    """`python -m flowmm_edge rpc-server` on 127.0.0.1:port in a child process, returned once it
+    accepts a connection (for tests and benchmarks; the caller kills it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "flowmm_edge", "rpc-server", "-p", str(port), "-t", str(n_threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RPCError(f"the RPC server on 127.0.0.1:{port} did not listen within {wait_s:g} s")
