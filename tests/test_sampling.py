@@ -21,6 +21,23 @@ def test_greedy_is_the_argmax():
         assert s.sample(l) == int(np.argmax(l))
 
 
+def test_banned_tokens_are_never_drawn_and_the_logits_are_not_changed():
+    """--ignore-eos: the end-of-generation ids are banned; greedy is numpy's argmax of the rest, a
+    seeded draw never lands on them even where they hold almost all the mass."""
+    order = np.argsort(-LOGITS)
+    banned = order[:2]
+    rest = LOGITS.copy()
+    rest[banned] = -np.inf
+    given = LOGITS.copy()
+    assert Sampler(V, SamplingParams(temperature=0.0), banned=banned).sample(given) == int(np.argmax(rest))
+    assert np.array_equal(given, LOGITS)
+    peaked = LOGITS.copy()
+    peaked[banned] += 30
+    draws = {Sampler(V, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=k), banned=banned)
+             .sample(peaked) for k in range(40)}
+    assert not draws & set(banned.tolist())
+
+
 def test_top_k_and_min_p_draw_only_what_they_allow():
     draws = {Sampler(V, SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0, seed=k)).sample(LOGITS)
              for k in range(60)}

@@ -187,10 +187,22 @@ def test_a_prompt_that_cannot_fit_is_refused_and_the_server_goes_on(tiny_models)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_ignore_eos_runs_the_reply_to_max_tokens(srv):
+    """llama-server's ignore_eos: the same request that the tiny model ends early ("stop") runs to
+    its max_tokens ("length") when asked to."""
+    ask = lambda **kw: httpx.post(srv.url + "/v1/chat/completions", timeout=60,  # noqa: E731
+                                  json={"messages": MSG1, "max_tokens": 200, **kw}).json()
+    plain, forced = ask(), ask(ignore_eos=True)
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 200
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 200
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(tiny_models):
     with server(tiny_models, "-c", "8192", "-np", "1", "--budget", "1024") as s:
+        # ignore_eos: the tiny model ends this reply after 85 tokens, which a fast decode could finish
+        # before the server sees the client leave (a cancel that was never needed)
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
-                          json={"messages": MSG1, "max_tokens": 6000, "stream": True}) as r:
+                          json={"messages": MSG1, "max_tokens": 6000, "stream": True, "ignore_eos": True}) as r:
             lines = r.iter_lines()
             for _ in range(3):
                 next(lines)
@@ -198,7 +210,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(tiny_models):
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 4}, timeout=60)
         assert r.status_code == 200
         metrics = httpx.get(s.url + "/metrics").text
-        assert "flowmm_requests_cancelled_total 1" in metrics
+        assert "flowmm_requests_cancelled_total 1" in metrics, metrics
         predicted = next(float(line.split()[1]) for line in metrics.splitlines()
                          if line.startswith("flowmm_tokens_predicted_total"))
         assert predicted < 6000
@@ -298,7 +310,7 @@ def test_a_stream_its_client_does_not_read_pauses_and_goes_on_when_read(tiny_mod
         worker = Worker(engine)
         worker.start()
         try:
-            job = Job(chat_api.parse_messages(MSG1), want, SamplingParams(), [], loop, asyncio.Queue())
+            job = Job(chat_api.parse_messages(MSG1), want, SamplingParams(ignore_eos=True), [], loop, asyncio.Queue())
             worker.submit(job)
             events = []
 

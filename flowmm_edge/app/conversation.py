@@ -436,7 +436,8 @@ class Conversation:
             raise SessionError(f"max_tokens {max_tokens!r} must be an integer >= 1")
         if any(not isinstance(s, str) or not s for s in stop):
             raise SessionError("each stop string must be a non-empty string")
-        self._reply_sampler = sampling.Sampler(self.model.n_vocab, params) if params is not None else None
+        self._reply_sampler = None if params is None else sampling.Sampler(
+            self.model.n_vocab, params, banned=self.model.end_of_generation_tokens() if params.ignore_eos else None)
         self._active_reply = self._generate(max_tokens or self.max_reply, tuple(stop))
         return self._active_reply
 

@@ -87,6 +87,7 @@ class ChatRequest(pydantic.BaseModel):
     min_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
     seed: int | None = None
+    ignore_eos: bool | None = None  # llama-server's extension: the reply runs to max_tokens
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -503,7 +504,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="messages")
         params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed)
+                                                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed,
+                                                 ignore_eos=req.ignore_eos)
         try:
             params.check()
         except sampling.SamplingError as e:

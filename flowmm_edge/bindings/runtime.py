@@ -187,6 +187,13 @@ class Model(_Handle):
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    def end_of_generation_tokens(self) -> np.ndarray:
+        """Every token id that ends a generation (llama_vocab_is_eog), found once."""
+        if getattr(self, "_eog", None) is None:
+            self._eog = np.array([t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)],
+                                 np.int64)
+        return self._eog
+
     def _free(self, ptr) -> None:
         llama_cpp.llama_model_free(ptr)
 

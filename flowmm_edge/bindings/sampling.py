@@ -28,7 +28,8 @@ class SamplingError(FlowMMError):
 class SamplingParams:
     """llama.cpp's meanings: --temp (0: greedy), --top-k (<= 0: off), --top-p and --min-p
     (1.0 and 0.0: off), --repeat-penalty (1.0: off) over the last PENALTY_LAST_N tokens, --seed
-    (-1: random). `check` is the one range check of these settings; its error names the flag."""
+    (-1: random), --ignore-eos (never draw an end-of-generation token: the reply runs to its
+    length). `check` is the one range check of these settings; its error names the flag."""
 
     temperature: float = 0.0
     top_k: int = 40
@@ -36,6 +37,7 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False
 
     def override(self, **settings) -> "SamplingParams":
         """These settings with those given and not None in their place (a request's own)."""
@@ -55,9 +57,12 @@ class SamplingParams:
 
 
 class Sampler:
-    def __init__(self, n_vocab: int, params: SamplingParams):
+    def __init__(self, n_vocab: int, params: SamplingParams, banned=None):
+        """`banned`: token ids never drawn (their logits set to -inf first, as llama.cpp's
+        --ignore-eos biases the end-of-generation tokens)."""
         params.check()
         self.n_vocab, self.params = n_vocab, params
+        self._banned = None if banned is None or not len(banned) else np.asarray(banned, np.int64)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731  the chain owns what it holds
         if params.repeat_penalty != 1.0:
@@ -83,6 +88,8 @@ class Sampler:
         if len(logits) != self.n_vocab:
             raise SamplingError(f"logits for {len(logits)} tokens, the vocabulary has {self.n_vocab}")
         self._rows["id"], self._rows["logit"], self._rows["p"] = self._ids, logits, 0.0
+        if self._banned is not None:
+            self._rows["logit"][self._banned] = -np.inf
         arr = llama_cpp.llama_token_data_array(self._data, self.n_vocab, -1, False)
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
         tok = int(self._data[arr.selected].id)
