@@ -38,7 +38,7 @@ import numpy as np
 
 from .bindings import kv_cache, runtime
 from .errors import FlowMMError
-from .methods import FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
+from .methods import ExpectedAttention, FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
 from .methods.sequence_compressor import SequenceCompressor
 
 
@@ -79,6 +79,12 @@ class SnapKVPress(Press, SnapKV):
 
 
 @dataclasses.dataclass
+class ExpectedAttentionPress(Press, ExpectedAttention):
+    """Expected Attention (methods/expected_attention.py): the cells the window's mean query,
+    RoPE-averaged over the coming positions, is expected to attend to. Training-free."""
+
+
+@dataclasses.dataclass
 class H2OPress(Press, H2O):
     """H2O (methods/h2o.py): heavy hitters by accumulated attention, and the recent window."""
 
@@ -93,7 +99,7 @@ class RandomPress(Press, RandomKeep):
     """A control: sinks, recent window and a seeded random choice of the rest."""
 
 
-PRESSES: dict[str, type[Press]] = {p.name: p for p in (FlowMMPress, LookMPress, SnapKVPress, H2OPress,
+PRESSES: dict[str, type[Press]] = {p.name: p for p in (FlowMMPress, LookMPress, SnapKVPress, ExpectedAttentionPress, H2OPress,
                                                          StreamingLLMPress, RandomPress)}
 
 
@@ -200,5 +206,5 @@ class AttachedPress:
 
 
 
-__all__ = ["PRESSES", "AttachedPress", "FlowMMPress", "H2OPress", "LookMPress", "Method", "Press", "PressError",
+__all__ = ["PRESSES", "AttachedPress", "ExpectedAttentionPress", "FlowMMPress", "H2OPress", "LookMPress", "Method", "Press", "PressError",
            "RandomPress", "SnapKVPress", "StreamingLLMPress"]

@@ -6,7 +6,9 @@
 // soft_max_ext, permute/cont, sum_rows), for the requested rows of each ubatch only. Two
 // graph outputs per layer: column sums (mass each cell receives) and, with labels, the mass
 // each row sends to each label. The after-compute hook (patches/0005) accumulates them on the
-// host across ubatches. With no request, neither hook adds or does anything.
+// host across ubatches. A third output sums the counted rows' queries (as the layer attends with
+// them, RoPE applied): their mean is what Expected Attention scores the keys against. With no
+// request, neither hook adds or does anything.
 
 #include "flowmm.h"
 #include "flowmm-graph.h"
@@ -44,6 +46,8 @@ struct stats_state {
     int32_t group = 0;          // rows per group (0: plain sums); colsum then holds, at each KV head's first
                                 // query head, the max over groups of the group's mass summed over the KV head's query heads
     std::vector<double> flow;   // [n_layer][n_head][n_labels][n_labels]
+    int32_t head_dim = 0;
+    std::vector<double> qsum;   // [n_layer][n_head][head_dim] sum of the counted rows' queries
     int64_t n_rows = 0;         // query rows counted
     std::string error;          // set when a ubatch could not be counted; getters then fail
 
@@ -150,6 +154,15 @@ public:
                 }
             }
         }
+        if (qsum != nullptr) {
+            const int64_t hd = qsum->ne[1];
+            std::vector<float> qs(hd * nh);
+            ggml_backend_tensor_get(qsum, qs.data(), 0, qs.size() * sizeof(float));
+            double * dst = st.qsum.data() + (size_t) layer * st.n_head * st.head_dim;
+            for (int64_t i = 0; i < hd * nh; ++i) {
+                dst[i] += qs[i];
+            }
+        }
         if (layer == 0) {
             st.n_rows += n_sel;
         }
@@ -157,6 +170,7 @@ public:
 
     ggml_tensor * colsum = nullptr; // [1, n_kv, n_head]; with row groups [n_kv, n_groups, n_head] sums
     ggml_tensor * flow   = nullptr; // [n_labels, n_sel * n_head]
+    ggml_tensor * qsum   = nullptr; // [1, head_dim, n_head]
     ggml_tensor * onehot = nullptr; // [n_kv, n_labels]
 
 private:
@@ -271,6 +285,12 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
     }
     ggml_set_output(inp->colsum);
     ggml_build_forward_expand(gf, inp->colsum);
+    if (hd == st->head_dim && nh == st->n_head) {
+        // [n_sel, hd, n_head] rows summed: [1, hd, n_head]
+        inp->qsum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, qs, 1, 0, 2, 3)));
+        ggml_set_output(inp->qsum);
+        ggml_build_forward_expand(gf, inp->qsum);
+    }
     if (st->n_labels > 0) {
         inp->onehot = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, st->n_labels);
         ggml_set_input(inp->onehot);
@@ -335,6 +355,8 @@ int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos p
     st->strm    = strm;
     st->colsum.assign((size_t) st->n_layer * st->n_head * st->kv_size, 0.0f);
     st->flow.assign((size_t) st->n_layer * st->n_head * n_labels * n_labels, 0.0);
+    st->head_dim = (int32_t) hp.n_embd_head_k(acc::layer_il(*kv, 0));
+    st->qsum.assign((size_t) st->n_layer * st->n_head * st->head_dim, 0.0);
     flowmm_ext_of(*kv, true)->stats = st;
     flowmm_drop_cached_graphs(ctx); // graphs built without the statistics nodes
     return FLOWMM_OK;
@@ -431,5 +453,20 @@ int32_t flowmm_stats_flow(llama_context * ctx, int32_t il, double * out, int32_t
     }
     const size_t n = (size_t) n_head * n_labels * n_labels;
     std::copy(st->flow.begin() + (size_t) il * n, st->flow.begin() + (size_t) (il + 1) * n, out);
+    return (int32_t) st->n_rows;
+}
+
+int32_t flowmm_stats_query_sums(llama_context * ctx, int32_t il, double * out, int32_t n_head, int32_t head_dim) {
+    llama_kv_cache * kv = nullptr;
+    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    if (st == nullptr) {
+        return flowmm_last_status();
+    }
+    if (head_dim != st->head_dim || out == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "head_dim " + std::to_string(head_dim) + " differs from the model's " +
+            std::to_string(st->head_dim));
+    }
+    const size_t n = (size_t) n_head * head_dim;
+    std::copy(st->qsum.begin() + (size_t) il * n, st->qsum.begin() + (size_t) (il + 1) * n, out);
     return (int32_t) st->n_rows;
 }

@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 6
+#define FLOWMM_VERSION_MINOR 7
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -206,6 +206,12 @@ extern "C" {
     // sent to cells labelled b, per query head h. Returns the number of rows counted.
     FLOWMM_API int32_t flowmm_stats_flow(struct llama_context * ctx, int32_t il, double * out,
                                          int32_t n_head, int32_t n_labels);
+
+    // Query sums of cache layer il: out[h][d] = sum over the counted rows of query head h's query
+    // (as the layer attends with it: after RoPE, before kq_scale), head_dim = n_embd_head_k.
+    // Returns the number of rows counted (the mean is out / that). Since 0.7.
+    FLOWMM_API int32_t flowmm_stats_query_sums(struct llama_context * ctx, int32_t il, double * out,
+                                               int32_t n_head, int32_t head_dim);
 
     // Nodes of the graph the context computed last (to check that hooks add nothing when off).
     FLOWMM_API int32_t flowmm_graph_n_nodes(struct llama_context * ctx);

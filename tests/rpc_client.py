@@ -20,6 +20,7 @@ import numpy as np
 from flowmm_edge.app.conversation import Conversation
 from flowmm_edge.app.engine import Engine
 from flowmm_edge.bindings import images, kv_cache, rpc, runtime
+from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.methods import METHODS
 from flowmm_edge.methods.compression import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
@@ -81,7 +82,12 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
             out["bias_logits"] = ctx.decode([tokens[1]], len(tokens)).tolist()
             out["bias_back"] = kv_cache.get_slot_bias(ctx)[..., :len(cells)].tolist()
             kv_cache.clear_slot_bias(ctx)
-            for name, method in [("snapkv", METHODS["snapkv"](sinks=2, window=8)), ("flowmm", FlowMM(sinks=2, window=8))]:
+            ctx.clear()
+            with AttentionStats(ctx, prompt_end=len(tokens), window=8) as stats:
+                ctx.decode(tokens, 0)
+            out["query_means"] = np.stack([stats.query_mean(l) for l in range(lay.n_layer)]).tolist()
+            for name, method in [("snapkv", METHODS["snapkv"](sinks=2, window=8)), ("flowmm", FlowMM(sinks=2, window=8)),
+                                 ("expected_attention", METHODS["expected_attention"](sinks=2, window=8))]:
                 ctx.clear()
                 comp = Compressor(method, 0.4)
                 with comp.observe(ctx, prompt_end=len(tokens), labels=labels):

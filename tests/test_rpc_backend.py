@@ -52,7 +52,8 @@ def runs(rpc_server, tiny_models):
 
 
 @pytest.mark.parametrize("what", ["logits", "k_rows", "v_rows", "predicted", "match_cos", "bias_logits", "bias_back",
-                                  "snapkv_logits", "snapkv_bias", "flowmm_logits", "flowmm_bias", "loaded_logits"])
+                                  "snapkv_logits", "snapkv_bias", "flowmm_logits", "flowmm_bias", "loaded_logits",
+                                  "query_means", "expected_attention_logits"])
 def test_a_native_path_with_the_cache_on_an_rpc_device_equals_the_host_run(runs, what):
     host, remote = np.asarray(runs["host"][what]), np.asarray(runs["rpc"][what])
     assert host.shape == remote.shape and host.size > 0
@@ -62,7 +63,7 @@ def test_a_native_path_with_the_cache_on_an_rpc_device_equals_the_host_run(runs,
 def test_merges_and_matches_pick_the_same_cells_and_save_the_same_state(runs):
     host, remote = runs["host"], runs["rpc"]
     assert remote["match_best"] == host["match_best"]
-    for name in ("snapkv", "flowmm"):
+    for name in ("snapkv", "flowmm", "expected_attention"):
         assert remote[f"{name}_cells"] == host[f"{name}_cells"] < 100
     assert remote["flowmm_state_bytes"] == host["flowmm_state_bytes"] and remote["state_sha"] == host["state_sha"]
 

@@ -3,6 +3,7 @@
     with AttentionStats(ctx, prompt_end=n, window=32, labels=labels) as stats:
         ctx.decode(prompt, 0)
     scores = stats.column_scores(layer)      # [n_head, n_cells], cells in seq_cells order
+    q = stats.query_mean(layer)              # [n_head, head_dim] the counted rows' mean query
     flow = stats.flow(layer)                 # [n_head, n_labels, n_labels] mass from label a to b
     rho = stats.cross_modal_share(layer)     # per head, rho^l before averaging (docs/METHOD.md,
                                              # 'Cross-modal flow (rho)')
@@ -17,7 +18,7 @@ import ctypes
 
 import numpy as np
 
-from .kv_cache import NativeError, _check, _ptr, seq_cells
+from .kv_cache import NativeError, _check, _ptr, layout, seq_cells
 from .native import lib, llama_cpp
 
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -36,6 +37,9 @@ lib.flowmm_stats_column_scores.argtypes = [llama_cpp.llama_context_p_ctypes, cty
                                            ctypes.c_int32]
 lib.flowmm_stats_flow.restype = ctypes.c_int32
 lib.flowmm_stats_flow.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f64p, ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_stats_query_sums.restype = ctypes.c_int32
+lib.flowmm_stats_query_sums.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f64p, ctypes.c_int32,
+                                        ctypes.c_int32]
 lib.flowmm_graph_n_nodes.restype = ctypes.c_int32
 lib.flowmm_graph_n_nodes.argtypes = [llama_cpp.llama_context_p_ctypes]
 
@@ -65,6 +69,7 @@ class AttentionStats:
         self.n_head = llama_cpp.llama_model_n_head(model)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
         self.n_layer = llama_cpp.llama_model_n_layer(model)
+        self.head_dim = layout(ctx).head_dim_k
         if labels is not None:
             self._labels = np.ascontiguousarray(labels, dtype=np.int32)
             self.n_labels = int(n_labels if n_labels is not None else self._labels.max(initial=0) + 1)
@@ -91,7 +96,8 @@ class AttentionStats:
                 n_cells = len(self.cells)
                 for layer in range(self.n_layer):  # read everything before the native state goes
                     self._results[layer] = (self._column_scores(layer, n_cells),
-                                            self._flow(layer) if self.n_labels else None)
+                                            self._flow(layer) if self.n_labels else None,
+                                            self._query_sums(layer))
                 self.n_rows = self._n_rows
             finally:  # the graph is llama.cpp's own again even when the results could not be read
                 _check(lib.flowmm_stats_end(_ptr(self.ctx)))
@@ -114,6 +120,18 @@ class AttentionStats:
         out = np.zeros((self.n_head, self.n_labels, self.n_labels), dtype=np.float64)
         _check(lib.flowmm_stats_flow(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head, self.n_labels))
         return out
+
+    def _query_sums(self, layer: int) -> np.ndarray:
+        """[n_head, head_dim] sums over the counted rows, divided by their count: the mean query."""
+        out = np.zeros((self.n_head, self.head_dim), dtype=np.float64)
+        rows = _check(lib.flowmm_stats_query_sums(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head,
+                                                  self.head_dim))
+        return out / max(rows, 1)
+
+    def query_mean(self, layer: int) -> np.ndarray:
+        """[n_head, head_dim]: the mean query of the counted rows, per query head, as the layer
+        attends with it (RoPE applied at each row's position, before the 1/sqrt(d) scale)."""
+        return self._results[layer][2] if not self._running else self._query_sums(layer)
 
     def column_scores(self, layer: int, per_kv_head: bool = False) -> np.ndarray:
         """[n_head, n_cells]: attention mass each cell of the sequence received, per query head;

@@ -184,6 +184,12 @@ class Model(_Handle):
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_to_piece(t) for t in tokens).decode("utf-8", "replace")
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (llama_model_meta_val_str), None if the model has no such key."""
+        buf = ctypes.create_string_buffer(1024)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 

@@ -3,6 +3,7 @@ one on a live context (compression.Compressor) with the statistics it needs (rec
 FlowMM's per-layer policies (policy) and the calibration pass that writes them (calibration)."""
 
 from .base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Plan, Stats, TokenLayout
+from .expected_attention import ExpectedAttention
 from .flowmm import FlowMM
 from .full import Full
 from .h2o import H2O
@@ -11,7 +12,8 @@ from .random_keep import RandomKeep
 from .snapkv import SnapKV
 from .streaming import Streaming
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Streaming, H2O, SnapKV, LookM, FlowMM, RandomKeep)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, Streaming, H2O, SnapKV, ExpectedAttention, LookM, FlowMM,
+                                                        RandomKeep)}
 
-__all__ = ["KEYS", "METHODS", "PROMPT_SCORES", "RHO", "WINDOW_SCORES", "Method", "MethodError", "Plan", "Stats",
-           "TokenLayout"]
+__all__ = ["KEYS", "METHODS", "PROMPT_SCORES", "RHO", "WINDOW_SCORES", "ExpectedAttention", "FlowMM", "H2O", "LookM",
+           "Method", "MethodError", "Plan", "RandomKeep", "SnapKV", "Stats", "Streaming", "TokenLayout"]

@@ -27,11 +27,37 @@ RHO = "rho"                      # [n_layer] cross-modal share of attention (doc
 KEYS = "keys"                    # [n_layer, n_head_kv, n, head_dim] keys as stored in the cache
 MATCHER = "matcher"              # key matching on the cache's backend (kv_cache.match_keys), in cell indices;
                                  # token_folding.key_matcher is its numpy reference over KEYS
-STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, PREDICTED_SCORES, RHO, KEYS, MATCHER)
+QUERY_MEANS = "query_means"      # [n_layer, n_head, head_dim] the observation window's mean query (RoPE applied)
+KEY_SCORER = "key_scorer"        # callable(layer, weights [n_head_kv, n_feat], bias [n_head_kv]) -> [n_head_kv, n]:
+                                 # weights . [k, pair lengths of k] + bias per cell, on the cache's backend
+                                 # (kv_cache.predict_scores), in cell indices
+ROPE = "rope"                    # the model's RoPE: RopeGeometry
+STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, PREDICTED_SCORES, RHO, KEYS, MATCHER,
+              QUERY_MEANS, KEY_SCORER, ROPE)
 
 
 class MethodError(FlowMMError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeGeometry:
+    """Which key dimensions RoPE rotates together ("halves": i and i + n_rot/2, NEOX; "adjacent":
+    2i and 2i + 1) and by how much per position: pair i turns by freq_scale * freq_base^(-2i/n_rot)."""
+
+    freq_base: float
+    n_rot: int
+    pairing: str
+    freq_scale: float = 1.0
+
+    def angles(self) -> np.ndarray:
+        """[n_rot / 2] radians per position of each rotated pair."""
+        return self.freq_scale * self.freq_base ** (-np.arange(0, self.n_rot, 2, dtype=np.float64) / self.n_rot)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first, second) dimension of each rotated pair."""
+        i = np.arange(self.n_rot // 2)
+        return (i, i + self.n_rot // 2) if self.pairing == "halves" else (2 * i, 2 * i + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +87,9 @@ class Stats:
     rho: np.ndarray | None = None
     keys: np.ndarray | None = None
     matcher: object = None  # callable, see MATCHER; without one, the numpy reference over `keys`
+    query_means: np.ndarray | None = None
+    key_scorer: object = None  # callable, see KEY_SCORER
+    rope: RopeGeometry | None = None
 
     def require(self, name: str, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
         if name == MATCHER:  # the backend's, or the numpy reference over the keys
@@ -70,6 +99,10 @@ class Stats:
         value = getattr(self, name)
         if value is None:
             raise MethodError(f"the method needs {name}, which was not computed")
+        if name in (KEY_SCORER, ROPE):
+            return value
+        if name == QUERY_MEANS and (value.ndim != 3 or value.shape[0] != n_layer or value.shape[1] % n_head_kv):
+            raise MethodError(f"query means have shape {value.shape}, expected ({n_layer}, n_head, head_dim)")
         scores = (n_layer, n_head_kv, n)
         want = {WINDOW_SCORES: scores, PROMPT_SCORES: scores, RECONSTRUCTION_SCORES: scores, PREDICTED_SCORES: scores,
                 RHO: (n_layer,)}.get(name)

@@ -29,7 +29,10 @@ from threadpoolctl import threadpool_limits
 from ..bindings import kv_cache
 from . import reconstruction
 from ..bindings.attention_stats import AttentionStats
-from .base import (KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError,
+from ..bindings.native import llama_cpp
+from .importance_predictor import rope_pairing
+from .base import (KEY_SCORER, KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, QUERY_MEANS, RECONSTRUCTION_SCORES, RHO, ROPE,
+                   WINDOW_SCORES, Method, MethodError, RopeGeometry,
                    Stats, TokenLayout)
 
 
@@ -73,6 +76,18 @@ def observed_at(stats: AttentionStats, positions: np.ndarray, n_layer: int) -> n
     return np.stack(out)
 
 
+def rope_geometry(model) -> RopeGeometry:
+    """The model's RoPE from its GGUF metadata, with llama.cpp's defaults where a key is absent
+    (freq_base 10000, every dimension of a head rotated)."""
+    arch = model.meta("general.architecture") or ""
+    head_dim = llama_cpp.llama_model_n_embd(model.ptr) // llama_cpp.llama_model_n_head(model.ptr)
+    base = model.meta(f"{arch}.rope.freq_base")
+    n_rot = model.meta(f"{arch}.rope.dimension_count")
+    return RopeGeometry(freq_base=float(base) if base else 10000.0, n_rot=int(n_rot) if n_rot else head_dim,
+                        pairing=rope_pairing(llama_cpp.llama_model_rope_type(model.ptr)),
+                        freq_scale=float(llama_cpp.llama_model_rope_freq_scale_train(model.ptr)))
+
+
 class Compressor:
     def __init__(self, method: Method, budget: float | int, rho: np.ndarray | None = None):
         needs = method.needs
@@ -85,7 +100,8 @@ class Compressor:
 
     @property
     def needs_observation(self) -> bool:
-        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES}) or (RHO in self.method.needs and self.rho is None)
+        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS}) or \
+            (RHO in self.method.needs and self.rho is None)
 
     @contextlib.contextmanager
     def observe(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
@@ -148,11 +164,21 @@ class Compressor:
         n_layer, n_head_kv = lay.n_layer, lay.n_head_kv
         needs, s = self.method.needs, self._stats
         stats = Stats()
+        if needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS} and s is None:
+            raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
         if needs & {WINDOW_SCORES, PROMPT_SCORES}:
-            if s is None:
-                raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
             scores = observed_at(s, positions, n_layer)
             setattr(stats, WINDOW_SCORES if WINDOW_SCORES in needs else PROMPT_SCORES, scores)
+        if QUERY_MEANS in needs:
+            stats.query_means = np.stack([s.query_mean(l) for l in range(n_layer)])
+        if ROPE in needs:
+            stats.rope = rope_geometry(ctx.model)
+        if KEY_SCORER in needs:  # linear in each key, on the cache's backend; [n_head_kv, n] floats come back
+            pairing = stats.rope.pairing if stats.rope is not None else rope_geometry(ctx.model).pairing
+
+            def score_keys(layer, weights, bias):
+                return kv_cache.predict_scores(ctx, layer, weights, bias, pairing, seq_id)[:, order]
+            stats.key_scorer = score_keys
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
         if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
