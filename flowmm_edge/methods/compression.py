@@ -174,7 +174,7 @@ class Compressor:
         if ROPE in needs:
             stats.rope = rope_geometry(ctx.model)
         if KEY_SCORER in needs:  # linear in each key, on the cache's backend; [n_head_kv, n] floats come back
-            pairing = stats.rope.pairing if stats.rope is not None else rope_geometry(ctx.model).pairing
+            pairing = rope_pairing(llama_cpp.llama_model_rope_type(ctx.model.ptr))
 
             def score_keys(layer, weights, bias):
                 return kv_cache.predict_scores(ctx, layer, weights, bias, pairing, seq_id)[:, order]
