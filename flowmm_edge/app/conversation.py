@@ -281,9 +281,11 @@ class Conversation:
         t0, total, done = time.perf_counter(), sum(u.n_pos if not isinstance(u, list) else len(u) for u in units), 0
         while units:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
-            if self.engine.free_cells() < need:  # other conversations fill the buffer: merge or evict idle ones
+            if self.engine.room(self) < need and merging and self.merge_due():  # fold down to the budget first
+                self._merge(foreground=True)
+            if self.engine.room(self) < need:  # other conversations fill the buffer: merge or evict idle ones
                 self.engine.make_room(need, keep=self)
-            used, free = self.cells(), self.engine.free_cells()
+            used, free = self.cells(), self.engine.room(self)
             take = units.pop(0)
             if isinstance(take, list):
                 take, rest = take[:max(free, 0)], take[max(free, 0):]
@@ -317,7 +319,7 @@ class Conversation:
             self.pos, done = end, done + n
             if logits is not None:
                 self.last_logits = logits
-            if merge_now:
+            if merge_now and self.merge_due():  # a sequence within its budget has nothing to merge
                 self._merge(foreground=True)
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
@@ -345,7 +347,7 @@ class Conversation:
     def _merge(self, foreground: bool, stop=None) -> None:
         t0 = time.perf_counter()
         need = self.compression.room(self.model)
-        if need and self.engine.free_cells(reserved=False) < need and \
+        if need and self.engine.room(self, reserved=False) < need and \
                 not self.engine.make_room(need, keep=self, reserved=False):
             raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
                               f"held by conversations that are replying")
@@ -457,7 +459,7 @@ class Conversation:
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
-                if self.engine.free_cells(reserved=False) < 1 and not self.engine.make_room(1, self, reserved=False):
+                if self.engine.room(self, reserved=False) < 1 and not self.engine.make_room(1, self, reserved=False):
                     break  # the buffer is full (finish_reason "length")
                 tok = self._sample(logits)
                 if self.model.is_end_of_generation(tok):

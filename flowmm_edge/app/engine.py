@@ -188,6 +188,7 @@ class Engine:
             raise
         self.n_slots, self.max_image_bytes = n_slots, max_image_bytes
         self.conversations: list = []  # the Conversations on this engine, one sequence each
+        self._claims: dict[int, tuple] = {}  # seq_id -> (conversation, cells claimed): see claim()
         self._clock = itertools.count(1)
 
     def _check_room(self, method: str, n_ctx: int) -> None:
@@ -212,27 +213,47 @@ class Engine:
         """Cells free in the shared buffer, less (by default) the room kept for a reply and the repeat pass."""
         return kv_cache.free_cells(self.ctx) - (self.reserve if reserved else 0)
 
-    def make_room(self, need: int, keep, reserved: bool = True) -> bool:
-        """Free `need` cells for `keep`'s turn, from idle conversations (never `keep`, never one
-        that is replying), least recently used first: merge those whose merge is still due (what
-        the reply-first schedule left for idle time), then evict. True if the cells are free. An
-        evicted conversation forgets its cache (its next request is prefilled afresh; a client
-        resends the history anyway)."""
+    # A claim is the most cells a conversation serving a request expects to hold before the request
+    # ends (its turn and reply): the cells it has not taken yet are held back from the others, so a
+    # prefill interleaved with another's never takes the room the other was admitted with. The
+    # owner itself may grow past its claim into unclaimed cells (an estimate that fell short).
+
+    def claim(self, conv, cells: int) -> None:
+        self._claims[conv.seq_id] = (conv, cells)
+
+    def release(self, conv) -> None:
+        self._claims.pop(conv.seq_id, None)
+
+    def claimed_by_others(self, conv) -> int:
+        """Cells the other conversations' claims hold back: claimed and not taken yet."""
+        return sum(max(0, cells - c.cells()) for s, (c, cells) in self._claims.items() if c is not conv)
+
+    def room(self, conv, reserved: bool = True) -> int:
+        """Free cells `conv` may take: the buffer's free cells less the others' outstanding claims
+        (and, by default, the room kept for a reply and the repeat pass)."""
+        return self.free_cells(reserved) - (self.claimed_by_others(conv) if self._claims else 0)
+
+    def make_room(self, need: int, keep, reserved: bool = True, evict: bool = True) -> bool:
+        """Free cells until `keep` has `need` of room (Engine.room), from idle conversations (never
+        `keep`, never one serving a request), least recently used first: merge those whose merge
+        is still due (what the reply-first schedule left for idle time), then, if `evict`, evict.
+        True if the room is there. An evicted conversation forgets its cache (its next request is
+        prefilled afresh; a client resends the history anyway)."""
         idle = sorted((c for c in self.conversations if c is not keep and not c.busy and c.cells()),
                       key=lambda c: c.last_used)
         for victim in idle:
-            if self.free_cells(reserved) >= need:
+            if self.room(keep, reserved) >= need:
                 return True
-            if victim.merge_due() and self.free_cells(reserved=False) >= victim.compression.room(self.model):
+            if victim.merge_due() and self.room(victim, reserved=False) >= victim.compression.room(self.model):
                 try:
                     victim.merge()
                 except FlowMMError:
                     pass  # it could not merge (kept as it was): evicting it below still frees its cells
-        for victim in idle:
-            if self.free_cells(reserved) >= need:
+        for victim in idle if evict else ():
+            if self.room(keep, reserved) >= need:
                 break
             victim.evict()
-        return self.free_cells(reserved) >= need
+        return self.room(keep, reserved) >= need
 
     def close(self) -> None:
         for c in list(getattr(self, "conversations", ())):

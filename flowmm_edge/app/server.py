@@ -60,6 +60,8 @@ MAX_PROMPT_SHARES = 8        # default --max-prompt-tokens: this many slot share
 DISCONNECT_POLL_S = 0.25     # how often a waiting non-streamed request checks that its client is still there
 MAX_UNREAD_PIECES = 64       # a stream's pieces sent but not yet taken by its client before its decode pauses
 PAUSED_WAIT_S = 0.01         # the worker's nap when every replying stream is paused and nothing else is due
+ADMIT_STEP = PREFILL_STEP    # new tokens a merging slot must have room for beyond its budget to start a turn
+TURN_OVERHEAD = 16           # positions a chat template adds around a turn's text (an estimate, for claims)
 
 
 class Stopped(FlowMMError):
@@ -131,6 +133,7 @@ class Job:
     merge_s0: float = 0.0
     t_decode: float = 0.0
     waits_for_room: bool = False  # its turn found the buffer held by replies: start again once none is active
+    estimate: tuple | None = None  # (turns its slot held, positions the rest add): Worker._new_tokens
     sent: int = 0    # pieces the worker sent (worker thread)
     taken: int = 0   # pieces the HTTP side took off the queue (its event loop)
 
@@ -279,7 +282,9 @@ class Worker(threading.Thread):
 
     def _next_job(self) -> tuple[Job | None, Conversation | None]:
         """The first queued job that can go now, taken off the queue, with its slot (None for a
-        cancelled one); a job waiting for room goes once no reply holds it."""
+        cancelled one) and the cells that slot claims (see _admit). Queued jobs keep their order:
+        one that waits for room holds back those behind it (llama-server queues a request until
+        a slot is free); a job that found no room mid-turn goes once no reply holds any."""
         for job in self.pending:
             slot = None
             if job.deadline is not None and time.monotonic() > job.deadline:
@@ -291,9 +296,44 @@ class Worker(threading.Thread):
                 slot = self._slot_for(job)
                 if slot is None:
                     continue
+                if not self._admit(job, slot):
+                    return None, None
             self.pending.remove(job)
             return job, slot
         return None, None
+
+    def _admit(self, job: Job, slot: Conversation) -> bool:
+        """Whether `job` can start on `slot` now, and if so the slot's claim on the shared buffer
+        (Engine.claim): room for its new tokens and the reply, or, for a method that merges, at
+        least room to merge down to its budget and go on by a chunk (the turn then merges as it
+        goes). Room is made by merging idle conversations whose merge is due; an idle one is
+        evicted only when waiting for the replying ones could not help (nothing is replying, or
+        the method never merges). A job that finds no room stays queued."""
+        e = self.engine
+        held = slot.held_prefix(job.keys)
+        kept = slot.cells() if held else 0  # a slot that starts afresh gives its cells back first
+        freed = slot.cells() - kept
+        new = self._new_tokens(job, held)
+        want = new + e.reserve
+        merging = slot.compression.enabled
+        least = min(want, max(0, e.budget_cells - kept) + min(new, ADMIT_STEP) + e.reserve) if merging else want
+        room = e.room(slot, reserved=False) + freed
+        if room < least:
+            e.make_room(least - freed, keep=slot, reserved=False, evict=not self.active or not merging)
+            room = e.room(slot, reserved=False) + freed
+        if room < least and self.active:
+            return False  # the replies will end, and their conversations can be merged or evicted then
+        e.claim(slot, kept + max(min(want, room), 0))
+        return True
+
+    def _new_tokens(self, job: Job, held: int) -> int:
+        """The positions the job's turns beyond the `held` ones add, estimated: their text tokens
+        and TURN_OVERHEAD each for the template's markup (an image counts only by its marker:
+        a claim that falls short is topped up from unclaimed cells, or the turn merges as it goes)."""
+        if job.estimate is None or job.estimate[0] != held:
+            job.estimate = (held, sum(len(self.engine.model.tokenize(t.text, add_special=False, parse_special=False))
+                                      + TURN_OVERHEAD for t in job.turns[held:]))
+        return job.estimate[1]
 
     def _idle_merge(self) -> Conversation | None:
         """The idle slot whose merge is due, used most recently first (its user is reading it)."""
@@ -328,6 +368,8 @@ class Worker(threading.Thread):
     def _start(self, job: Job, conv: Conversation | None) -> None:
         if job.cancelled.is_set():
             self.counters.cancelled += 1
+            if conv is not None:
+                self.engine.release(conv)
             return
         conv.busy, conv.last_used = True, self.engine.tick()
         self._merge_failed.discard(conv.seq_id)
@@ -341,6 +383,7 @@ class Worker(threading.Thread):
         except Exception as e:
             conv.busy = False
             conv.on_progress = None
+            self.engine.release(conv)
             if isinstance(e, Stopped):  # stopped at a chunk boundary; the slot is as before the turn
                 self.counters.cancelled += 1
                 job.send("error", e.status, str(e))
@@ -401,6 +444,7 @@ class Worker(threading.Thread):
         conv = job.conv
         self.active.remove(job)
         conv.busy, conv.on_progress = False, None
+        self.engine.release(conv)
         self.counters.generated_tokens += getattr(conv, "last_reply_tokens", 0) or 0
         self.counters.generation_seconds += job.t_decode
         self.counters.merges += max(0, conv.stats.merges - job.merges0)

@@ -100,21 +100,24 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     if len(positions) and positions[-1] >= len(tokens_by_pos):
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
-    free = kv_cache.free_cells(ctx, seq_id)
-    if free < room_needed(prefix):
-        raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the context has "
-                                  f"{free}: raise --ctx")
-    step = min(chunk, free - len(prefix))
     text = positions[tokens_by_pos[positions] >= 0]
     lay = kv_cache.layout(ctx)
     total = np.zeros((lay.n_layer, lay.n_head_kv, len(positions)), np.float64)
     # the row groups' maximum is taken on the cache's backend (AttentionStats row_groups) when the
     # batches llama.cpp decodes start at group boundaries; else each group is decoded on its own
     whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
+    a = 0
     try:
-        for a in range(0, len(text), step):
+        while a < len(text):
             if stop is not None and stop():
                 raise Interrupted(PositionScores(positions, total), text[:a])
+            # the free cells are counted before each chunk: between two, the caller's progress
+            # listener may have let other sequences of a shared cache decode into them
+            free = kv_cache.free_cells(ctx, seq_id)
+            if free < room_needed(prefix):
+                raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the "
+                                          f"context has {free}: raise --ctx")
+            step = min(chunk, free - len(prefix))
             seq = list(prefix) + tokens_by_pos[text[a:a + step]].tolist()
             per_decode = len(seq) if whole else rows
             for g in range(0, len(seq), per_decode):
@@ -127,8 +130,9 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 for layer in range(lay.n_layer):
                     np.maximum(total[layer], st.column_scores(layer, per_kv_head=True)[:, cols], out=total[layer])
             ctx.truncate(end, seq_id)
+            a += step
             if progress is not None:
-                progress(min(a + step, len(text)), len(text))
+                progress(min(a, len(text)), len(text))
     finally:
         ctx.truncate(end, seq_id)
     return PositionScores(positions, total)
