@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .models import default_model, gguf_file, tiny
 from .bindings import native
+from .app import merge_schedule
+from .methods import registry
 from . import paths
 from .errors import FlowMMError
 from .bindings.media import MAX_IMAGE_BYTES
@@ -452,7 +454,7 @@ def _model_arg(value: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, ruler_tasks, tasks
     from .bindings import runtime
-    from .methods import policy as policy_mod, registry
+    from .methods import policy as policy_mod
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -608,14 +610,15 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("--hf-repo", help="Hugging Face repo to take the model from (with --hf-file)")
     p.add_argument("--hf-file", help="the model GGUF in --hf-repo")
     p.add_argument("--hf-mmproj", help="the mmproj GGUF in --hf-repo")
-    p.add_argument("--method", default="flowmm", help="flowmm (default), lookm, snapkv, h2o, streaming, random, full")
+    p.add_argument("--method", default="flowmm",
+                   help=f"flowmm (default), or one of: {', '.join(n for n in registry.known_names() if n != 'flowmm')}")
     p.add_argument("--budget", default=budget,
                    help=f"cells each conversation keeps after a merge: a ratio of {share} ({budget}, default), a count "
                         f"(512) or a size (24MiB)")
     p.add_argument("--policy", default="auto",
                    help="a policy file from `calibrate` (FlowMM's per-layer modes and importance predictor); "
                         "'auto' (default): the one the package ships for this model, if any; 'none': no policy")
-    p.add_argument("--schedule", choices=["reply-first", "blocking"], default="reply-first",
+    p.add_argument("--schedule", choices=[k.replace("_", "-") for k in merge_schedule.SCHEDULES], default="reply-first",
                    help="reply-first (default): a turn that fits the free room is answered from the whole cache and "
                         "merged after the reply, while you read; blocking: merged before the reply")
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"],
@@ -709,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="text model GGUF, or 'tiny' / 'llava-1.5-7b' for the synthetic ones (default: the embedded model)")
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens")
     p.add_argument("--budgets", default="0.05,0.1,0.2,0.35,0.5")
-    p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm")
+    p.add_argument("--methods", default="streaming,h2o,snapkv,lookm,flowmm",
+                   help=f"comma-separated, of: {', '.join(registry.known_names())}")
     p.add_argument("--kv-types", default="f16,q8_0,q4_0")
     p.add_argument("--combos", default="flowmm:q8_0", type=_combos,
                    help="METHOD:KV pairs also run on a quantized cache (of --kv-types), comma-separated, or none "
@@ -750,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks per family and length in the generated suite")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated suite")
     p.add_argument("--by-family", action="store_true", help="also print, per budget, a table of families by methods")
-    p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming")
+    p.add_argument("--methods", default="flowmm,flowmm:no-flow,flowmm:no-sensitivity,flowmm:no-both,lookm,snapkv,h2o,streaming",
+                   help=f"comma-separated, of: {', '.join(registry.known_names())}")
     p.add_argument("--budgets", default="0.2")
     p.add_argument("--policy", default="auto",
                    help="a policy file from `calibrate` for flowmm; 'auto' (default): the one the package ships for "

@@ -65,7 +65,23 @@ class Press:
 
 @dataclasses.dataclass
 class FlowMMPress(Press, FlowMM):
-    """FlowMM (methods/flowmm.py): reconstruction-chosen pivots, mass merge, flow-guided matching."""
+    """FlowMM (methods/flowmm.py): importance-chosen pivots, mass merge, flow-guided matching.
+
+    `policy` ("auto": the one shipped or learned for the Llama's model, if any; a path or
+    methods.policy.Policy; None) gives its per-layer rho and, where the policy has one and
+    `importance` is left at its default, the importance predictor instead of the repeat pass (as
+    `chat` and `serve` use it)."""
+
+    policy: object = dataclasses.field(default="auto", repr=False, compare=False)
+
+    def for_model(self, model_path):
+        """(the method to run on this model, its policy or None)."""
+        from .methods import policy as policy_mod
+
+        pol = policy_mod.choose(self.policy, model_path)
+        if pol is not None and pol.predictor is not None and self.importance == "reconstruction":
+            return dataclasses.replace(self, importance="predicted", predictor=pol.predictor), pol
+        return self, pol
 
 
 @dataclasses.dataclass
@@ -116,7 +132,8 @@ class AttachedPress:
         self.ctx = runtime.Context.borrow(llm._ctx.ctx, self.model)
         self.n_ctx = self.ctx.n_ctx
         self.max_positions = max(self.n_ctx, max_positions or self.model.facts.n_ctx_train or self.n_ctx)
-        self.seq = SequenceCompressor(press, 1.0)  # each merge sets its own budget (compress)
+        method, policy = press.for_model(llm.model_path) if isinstance(press, FlowMMPress) else (press, None)
+        self.seq = SequenceCompressor(method, 1.0, policy)  # each merge sets its own budget (compress)
         self.room = self.seq.room(self.model)  # kept free for the method's own pass
         kept = len(press.protected(10 ** 6))
         if self.n_ctx - self.room <= 2 * kept:

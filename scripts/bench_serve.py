@@ -46,21 +46,9 @@ def metric(text: str, name: str) -> float:
 
 
 def run_config(args, method: str) -> dict:
-    port = free_port()
-    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "--port", str(port), "-c", str(args.ctx),
-           "-np", str(args.conversations), "--method", method, "--budget", str(args.budget), "-n", str(args.max_tokens),
-           *(["-m", args.model] if args.model else []), *(["-t", str(args.threads)] if args.threads else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
+                                    "--budget", str(args.budget), "-n", str(args.max_tokens)])
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited: {proc.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         return converse(args, url, method)
     finally:
         proc.terminate()
@@ -145,6 +133,91 @@ def converse(args, url: str, method: str) -> dict:
             "ttft_p95_s": q[18], "errors": errors}
 
 
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def start_server(args, extra: list[str]):
+    """`serve` on a free loopback port; returns (process, url) once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "--port", str(port), *extra,
+           *(["-m", args.model] if args.model else []), *(["-t", str(args.threads)] if args.threads else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit("the server did not come up")
+
+
+def streams(args) -> list[dict]:
+    """K streams at once (K in --streams), each a short prompt and --stream-tokens tokens
+    (ignore_eos), in one server of -np max(K) -c --stream-ctx: aggregate and per-stream decode
+    tokens/s (from each stream's first to its last token), time to first token p50/p95, peak RSS."""
+    ks = [int(k) for k in args.streams.split(",")]
+    proc, url = start_server(args, ["-c", str(args.stream_ctx), "-np", str(max(ks)), "--method", "full",
+                                    "-n", str(args.stream_tokens)])
+    out = []
+    try:
+        def one(k: int, res: list):
+            body = {"messages": [{"role": "user", "content": f"Count slowly from {k} upwards, one number a line."}],
+                    "max_tokens": args.stream_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            t0, first, last, n = time.monotonic(), None, None, 0
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=args.time_limit) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if not chunk["choices"]:
+                        n = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"][0]["delta"].get("content"):
+                        first = first or time.monotonic()
+                        last = time.monotonic()
+            res.append({"ttft": first - t0, "tokens": n, "span": last - first, "start": first, "end": last})
+
+        one(0, [])  # warm up
+        for k in ks:
+            res: list = []
+            threads = [threading.Thread(target=one, args=(i, res)) for i in range(k)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = max(r["end"] for r in res) - min(r["start"] for r in res)
+            ttft = sorted(r["ttft"] for r in res)
+            q = statistics.quantiles(ttft, n=20)[18] if len(ttft) >= 2 else ttft[0]
+            out.append({"streams": k, "aggregate_tok_s": sum(r["tokens"] - 1 for r in res) / wall,
+                        "per_stream_tok_s": statistics.mean((r["tokens"] - 1) / r["span"] for r in res),
+                        "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": q})
+            print(f"[bench_serve] {k} streams: {out[-1]['aggregate_tok_s']:.1f} tok/s in all", file=sys.stderr)
+        rss = peak_rss_mib(proc.pid)
+        for row in out:
+            row["peak_rss_mib"] = rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def streams_markdown(rows: list[dict]) -> str:
+    one = rows[0]["aggregate_tok_s"] if rows and rows[0]["streams"] == 1 else None
+    lines = ["| concurrent streams | aggregate tok/s | x one stream | per-stream tok/s | TTFT p50 s | TTFT p95 s | "
+             "peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['streams']} | {r['aggregate_tok_s']:.1f} | "
+                     f"{r['aggregate_tok_s'] / one:.2f}x | " if one else f"| {r['streams']} | {r['aggregate_tok_s']:.1f} | — | ")
+        lines[-1] += (f"{r['per_stream_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | "
+                      f"{r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| method | conversations | KV cells (--ctx) | budget cells | live at the last turn | resident at the end | "
             "facts kept | tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | evictions | wall s |")
@@ -178,7 +251,16 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--streams", default="", help="instead: K concurrent streams for each K listed (1,2,4,8)")
+    ap.add_argument("--stream-tokens", type=int, default=64)
+    ap.add_argument("--stream-ctx", type=int, default=4096)
     args = ap.parse_args()
+    if args.streams:
+        table = streams_markdown(streams(args))
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table + "\n")
+        return 0
     rows = []
     for method in args.methods.split(","):
         print(f"[bench_serve] {method}: {args.conversations} conversations in {args.ctx} cells", file=sys.stderr)

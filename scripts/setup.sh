@@ -75,6 +75,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" >"$stamp"
 fi
 
+# 5b. `import llama_cpp` before flowmm_edge loads the patched libllama too: a .pth file points
+# llama-cpp-python at it at interpreter start (FLOWMM_LIB_DIR and LLAMA_CPP_LIB_PATH still win)
+"$VPY" - <<'PY'
+import sysconfig
+from pathlib import Path
+from flowmm_edge import paths
+line = ('import os; [os.environ.setdefault(v, os.environ.get("FLOWMM_LIB_DIR") or %r) '
+        'for v in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")]\n' % str(paths.installed_native_lib_dir()))
+pth = Path(sysconfig.get_paths()["purelib"]) / "flowmm_edge_native.pth"
+if not pth.is_file() or pth.read_text() != line:
+    pth.write_text(line)
+PY
+
 # 6. default model + a check that the package loads the patched library -----------------
 "$VPY" - <<'PY'
 from flowmm_edge.models import default_model, glyph

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -99,3 +100,14 @@ def write_png(path: Path, width: int, height: int) -> Path:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     return path
+
+
+# Policies that self-distillation learns go to a folder of the test run's own (the servers the
+# tests start inherit it), never to the user's cache where a later run would find them; and each
+# test has its own, so a model that learned in one test is unseen in the next.
+os.environ.setdefault("FLOWMM_POLICY_DIR", tempfile.mkdtemp(prefix="flowmm-policies-"))
+
+
+@pytest.fixture(autouse=True)
+def _own_policy_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FLOWMM_POLICY_DIR", str(tmp_path_factory.mktemp("policies")))

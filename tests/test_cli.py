@@ -108,3 +108,15 @@ def test_llama_cpp_flag_names_reach_the_same_settings():
     for cmd in (["chat"], ["eval"], ["bench"], ["calibrate", "--out", "p.json"]):
         assert p.parse_args(cmd).flash_attn == "auto"
         assert p.parse_args(cmd + ["-fa", "off"]).flash_attn == p.parse_args(cmd + ["--flash-attn", "off"]).flash_attn == "off"
+
+
+def test_the_help_lists_every_registered_method():
+    """--method's help is made from the registry: every method in methods.METHODS and every flowmm
+    variant is named (a hand-written list fell behind once)."""
+    from flowmm_edge.methods import METHODS, registry
+
+    for command in ("chat", "serve", "eval", "bench"):
+        out = subprocess.run([sys.executable, "-m", "flowmm_edge", command, "--help"], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "COLUMNS": "1000"}).stdout
+        for name in list(METHODS) + [f"flowmm:{v}" for v in registry.VARIANTS]:
+            assert name in out, (command, name)

@@ -219,14 +219,19 @@ def test_calibrate_distils_a_predictor_that_ranks_like_the_repeat_pass(tiny_mode
         assert s.stats.merges >= 1 and len(s.compression.repeats.repeated) == 0  # merged, nothing repeated
 
 
-def test_flowmm_without_a_predictor_says_once_that_it_repeats_the_context(tiny_models, capsys):
+def test_flowmm_without_a_predictor_says_once_that_it_learns_or_repeats_the_context(tiny_models, capsys):
     from flowmm_edge.app import engine
     from flowmm_edge.app.session import Session
 
     engine._said.clear()
     for _ in range(2):
         with Session(tiny_models[0], budget="48", n_ctx=512) as s:  # no policy ships for the tiny model
-            assert s.policy is None and s.compression.repeats_context
+            assert s.policy is None and s.compression.repeats_context and s.engine.importance_state() == "learning"
+    err = capsys.readouterr().err
+    assert err.count("learning an importance predictor") == 1 and "calibrate --distill" in err
+    for _ in range(2):
+        with Session(tiny_models[0], budget="48", n_ctx=512, policy="none") as s:  # no predictor, no learning
+            assert s.policy is None and s.compression.repeats_context and s.engine.importance_state() == "repeat"
     err = capsys.readouterr().err
     assert err.count("no importance predictor") == 1 and "calibrate --distill" in err
     with Session(tiny_models[0], method="snapkv", budget="48", n_ctx=512):

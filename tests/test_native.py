@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,26 @@ def test_flash_attention_settings_reach_llama_cpp(model, fa, said):
         assert "Flash Attention enabled" in log or "Flash Attention disabled" in log
     with pytest.raises(FlowMMError, match="flash attention"):
         runtime.Context(model, n_ctx=256, flash_attn="sometimes")
+
+
+def test_llama_cpp_imported_first_still_loads_the_patched_library(tmp_path):
+    """A user's script that imports llama_cpp before flowmm_edge (the press's usual order) gets
+    the patched libllama in the set-up's environment; where llama_cpp loaded a library without the
+    extension, importing flowmm_edge says in one line what to do."""
+    code = ("import llama_cpp, flowmm_edge; from flowmm_edge.bindings import native; "
+            "print(native.flowmm_version())")
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.strip().startswith("0."), r.stderr
+    # a libllama without the extension (a stock build), stood in for by hiding its flowmm_* symbols
+    stock = ("import llama_cpp; from llama_cpp import llama_cpp as L\n"
+             "class Stock:\n"
+             "    def __init__(self, lib): self._lib, self._name = lib, lib._name\n"
+             "    def __getattr__(self, name):\n"
+             "        if name.startswith('flowmm'): raise AttributeError(name)\n"
+             "        return getattr(self._lib, name)\n"
+             "L._lib = Stock(L._lib)\n" + code)
+    r = subprocess.run([sys.executable, "-c", stock], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "imported before flowmm_edge" in last and "import flowmm_edge first" in last, r.stderr[-2000:]

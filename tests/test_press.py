@@ -35,7 +35,8 @@ def test_every_method_but_full_has_a_press_with_its_settings_and_a_ratio():
     assert set(PRESSES) == set(METHODS) - {"full"}
     for name, press in PRESSES.items():
         fields = {f.name for f in dataclasses.fields(press)}
-        assert fields == {f.name for f in dataclasses.fields(METHODS[name])} | {"compression_ratio"}, name
+        extra = {"compression_ratio"} | ({"policy"} if name == "flowmm" else set())
+        assert fields == {f.name for f in dataclasses.fields(METHODS[name])} | extra, name
         assert press().name == name
     p = SnapKVPress(compression_ratio=0.9, window=16, kernel=5)
     assert (p.compression_ratio, p.window, p.kernel) == (0.9, 16, 5)
@@ -122,3 +123,24 @@ def _kv_widths(llm):
 
     lay = kv_cache.layout(llm._ctx.ctx)
     return lay.n_head_kv * lay.head_dim_k, lay.n_head_kv * lay.head_dim_v
+
+
+def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(default_model_path, monkeypatch):
+    """As chat and serve do: on the default model (whose policy ships with a predictor) the press
+    merges without ever running the repeat pass; `policy=None` keeps the repeat pass."""
+    from flowmm_edge.methods import reconstruction
+
+    calls = []
+    real = reconstruction.reconstruction_scores
+    monkeypatch.setattr(reconstruction, "reconstruction_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    m = Llama(model_path=str(default_model_path), n_ctx=N_CTX, n_batch=64, verbose=False, seed=0)
+    try:
+        with FlowMMPress(compression_ratio=0.5).attach(m) as ap:
+            assert ap.seq.method.importance == "predicted" and ap.seq.policy is not None
+            complete(m, " ".join(f"item {i} is red." for i in range(60)), 4)
+            assert ap.compressions >= 1 and not calls
+        m.reset()
+        with FlowMMPress(compression_ratio=0.5, policy=None).attach(m) as ap:
+            assert ap.seq.method.importance == "reconstruction" and ap.seq.policy is None
+    finally:
+        m.close()

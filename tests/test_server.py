@@ -394,3 +394,52 @@ def test_an_oversubscribed_pool_answers_every_turn(tiny_models, method):
                 history += [{"role": "assistant", "content": first}, {"role": "user", "content": "what is the secret code"}]
                 reply = ref.create_chat_completion(history, temperature=0)["choices"][0]["message"]["content"]
                 assert second == reply or not held, k
+
+
+def test_replying_slots_decode_in_one_batch_and_answer_as_each_alone(tiny_models):
+    """Continuous batching: four requests queued at once are decoded one llama_decode per step,
+    a row per slot (the batch sizes are counted at the context), and each greedy reply equals the
+    same request decoded by itself on a fresh context (a Session of its own)."""
+    import asyncio
+
+    from flowmm_edge.app import chat_api
+    from flowmm_edge.app.engine import Engine
+    from flowmm_edge.app.server import Job, Worker
+    from flowmm_edge.bindings.sampling import SamplingParams
+
+    prompts = ["the secret key is red", "dogs are in the city", "what color is the cat", "the code is 1234"]
+    n = 24
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    with Engine(tiny_models[0], method="full", n_ctx=1024, n_slots=4, max_reply=n, n_threads=2) as engine:
+        sizes = []
+        real = engine.ctx.decode_rows
+        engine.ctx.decode_rows = lambda rows: sizes.append(len(rows)) or real(rows)
+        worker = Worker(engine)
+        jobs = [Job(chat_api.parse_messages([{"role": "user", "content": p}]), n, SamplingParams(ignore_eos=True), [],
+                    loop, asyncio.Queue()) for p in prompts]
+        with worker.cond:  # all four queued before the worker takes any
+            worker.pending.extend(jobs)
+        worker.start()
+        try:
+            async def collect(job):
+                out = []
+                while True:
+                    kind, *rest = await asyncio.wait_for(job.events.get(), 60)
+                    if kind == "piece":
+                        out.append(rest[0])
+                        job.taken += 1
+                    elif kind == "done":
+                        return "".join(out), rest[1]
+                    elif kind == "error":
+                        raise AssertionError(rest)
+            got = [asyncio.run_coroutine_threadsafe(collect(j), loop).result(120) for j in jobs]
+        finally:
+            worker.stop()
+            worker.join(30)
+            loop.call_soon_threadsafe(loop.stop)
+    assert max(sizes) == 4 and sizes.count(4) >= n - 4, sizes  # the four streams shared their steps
+    for p, (text, tokens) in zip(prompts, got):
+        with Session(tiny_models[0], method="full", n_ctx=1024, max_reply=n, n_threads=2) as alone:
+            r = alone.create_chat_completion([{"role": "user", "content": p}], temperature=0, max_tokens=n)
+        assert tokens == n and text == r["choices"][0]["message"]["content"], p

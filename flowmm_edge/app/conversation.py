@@ -18,7 +18,6 @@ left after a merge, or the buffer is held by conversations that are replying.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import threading
 import time
@@ -28,11 +27,12 @@ import numpy as np
 
 from . import chat_api, session_file
 from .engine import Engine, NoRoomError, SessionError
+from .reply_stream import ReplyStream
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 from ..errors import FlowMMError
 from ..methods import policy as policy_mod, reconstruction
-from ..methods.sequence_compressor import BLOCKING, MergeInterrupted
+from ..methods.sequence_compressor import MergeInterrupted
 
 MEDIA = "<__media__>"
 
@@ -85,7 +85,7 @@ class Conversation:
         self.engine, self.seq_id = engine, seq_id
         self.busy = False   # serving a request: the engine never evicts it then
         self.last_used = 0  # the engine's clock at the last request (least recently used is evicted first)
-        self.background = False  # merge after each reply on a thread of its own (Session); else the caller merges
+        self.idle_since = time.monotonic()  # when its last reply ended (the merge schedule's idle delay)
         self.on_progress = None  # on_progress(what, done, total, note): "prefill", "merge" (waited for), "note";
         # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
         # exception raised from it stops the turn there with the conversation as before (serve's cancel)
@@ -131,7 +131,8 @@ class Conversation:
         self.merge_error: str | None = None  # why the last background merge failed (the cache was kept as it was)
         self.stats = SessionStats()
         self.last_logits = None
-        self._active_reply = None
+        self._active_reply = None  # the generator of `reply`, if it made one
+        self._active_stream = None  # the ReplyStream being generated
         self._reply_sampler = None
         self.finish_reason = None
         self.last_reply_tokens = 0
@@ -277,7 +278,7 @@ class Conversation:
                 units[-1] = units[-1] + piece
             else:
                 units.append(piece)
-        merging, blocking = self.compression.enabled, self.engine.schedule == BLOCKING
+        merging, schedule = self.compression.enabled, self.engine.merge_schedule
         t0, total, done = time.perf_counter(), sum(u.n_pos if not isinstance(u, list) else len(u) for u in units), 0
         while units:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
@@ -299,11 +300,11 @@ class Conversation:
                                   f"conversations that are replying (try again, or raise --ctx)")
             end = self.pos + n
             if not units:  # the end of the turn: merge down to the budget now only on the blocking schedule
-                merge_now = merging and blocking and used + n > self.budget_cells
+                merge_now = merging and schedule.at_turn_end(used + n > self.budget_cells)
                 observe = merging  # the window a merge after the reply plans from is the turn's end
             else:  # merge now if the next unit (one token at least, an image whole) would not fit
                 nxt = 1 if isinstance(units[0], list) else units[0].n_pos
-                merge_now = observe = merging and n + nxt > free
+                merge_now = observe = merging and schedule.mid_turn(n, nxt, free)
                 if merge_now:
                     self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
                                                  f"merging before it goes on")
@@ -331,29 +332,34 @@ class Conversation:
         leaves this for after the reply: `merge`, `merge_in_background`, or the next turn)."""
         return self._bg is None and self.pos > 0 and self.compression.due(self.cells())
 
-    def merge(self, stop=None) -> bool:
+    def merge(self, stop=None, teacher: bool = False) -> bool:
         """Merge the sequence down to the budget now, if due; True if it merged. `stop()`, asked
         between chunks of the repeat pass, ends it early (False): the cache is as it was, and
-        what was scored is kept for the next try. On any error too the cache is unchanged."""
+        what was scored is kept for the next try. On any error too the cache is unchanged.
+        `teacher`: nobody waits for this merge (idle time), so it scores by the repeat pass even
+        where a predictor would do (SequenceCompressor.merge)."""
         self.stop_background_merge()
         if not self.merge_due():
             return False
         try:
-            self._merge(foreground=False, stop=stop)
+            self._merge(foreground=False, stop=stop, teacher=teacher)
         except MergeInterrupted:
             return False
         return True
 
-    def _merge(self, foreground: bool, stop=None) -> None:
+    def _merge(self, foreground: bool, stop=None, teacher: bool = False) -> None:
         t0 = time.perf_counter()
-        need = self.compression.room(self.model)
+        if teacher and self.engine.room(self, reserved=False) < self.compression.room(self.model, teacher):
+            teacher = False  # no free room for the teacher's pass: the predictor, rather than evict anyone
+        need = self.compression.room(self.model, teacher)
         if need and self.engine.room(self, reserved=False) < need and \
                 not self.engine.make_room(need, keep=self, reserved=False):
             raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
                               f"held by conversations that are replying")
         progress = (lambda d, t: self._progress("merge", d, t)) if foreground else None
         self.compression.merge(self.ctx, self.tokens_by_pos, self.labels_by_pos, self.seq_id, stop=stop,
-                               progress=progress)
+                               progress=progress, teacher=teacher)
+        self.engine.learned()  # the merge may have taught the engine's learner enough
         if foreground:
             self.stats.merges += 1
             self.stats.merge_seconds += time.perf_counter() - t0
@@ -361,15 +367,15 @@ class Conversation:
             self.stats.background_merges += 1
             self.stats.background_merge_seconds += time.perf_counter() - t0
 
-    def merge_in_background(self) -> bool:
-        """Start the due merge on a thread that owns the context while it runs (the chat's idle
-        time while the user reads and types); True if one started. Any other call on this
-        conversation first stops it at the next chunk boundary (the cache stays consistent,
-        and it resumes from its progress at the next idle time)."""
+    def merge_in_background(self, delay: float = 0.0) -> bool:
+        """Start the due merge, after `delay` seconds, on a thread that owns the context while it
+        runs (the chat's idle time while the user reads and types); True if one started. Any
+        other call on this conversation first stops it at the next chunk boundary (the cache
+        stays consistent, and it resumes from its progress at the next idle time)."""
         if not self.merge_due():
             return False
         self._bg_cells = self.cells()
-        self._bg = _BackgroundMerge(self)
+        self._bg = _BackgroundMerge(self, delay)
         self._bg.start()
         return True
 
@@ -427,6 +433,15 @@ class Conversation:
         next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
         positions, labels and messages consistent: the next turn continues as if the reply had
         ended there. (After a stop string the cache keeps the tokens that spelled it.)"""
+        gen = self._generate(self.reply_stream(max_tokens, params, stop))
+        self._active_reply = gen
+        return gen
+
+    def reply_stream(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
+                     stop: list[str] | tuple[str, ...] = ()) -> ReplyStream:
+        """The reply as a ReplyStream (see `reply` for the arguments): its owner decodes each
+        token, alone or in a batch with other sequences' (serve's worker)."""
+        self._finish_reply()
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
         if params is not None:
@@ -440,67 +455,78 @@ class Conversation:
             raise SessionError("each stop string must be a non-empty string")
         self._reply_sampler = None if params is None else sampling.Sampler(
             self.model.n_vocab, params, banned=self.model.end_of_generation_tokens() if params.ignore_eos else None)
-        self._active_reply = self._generate(max_tokens or self.max_reply, tuple(stop))
-        return self._active_reply
+        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop))
+        self.last_logits, self.finish_reason = None, "length"
+        self._active_stream = stream
+        return stream
 
     def _finish_reply(self) -> None:
         """Make the context this call's: close a reply generator that was left suspended (its
         `finally` records the reply) and stop a background merge at its next chunk boundary."""
         gen, self._active_reply = self._active_reply, None
+        stream, self._active_stream = self._active_stream, None
         if gen is not None:
             gen.close()
+        if stream is not None:
+            stream.close()
         self.stop_background_merge()
 
-    def _generate(self, max_tokens: int, stop: tuple[str, ...]):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        full, shown, cut, logits, generated = "", 0, False, self.last_logits, []
-        hold = max((len(s) for s in stop), default=1) - 1  # text that may still become a stop string
-        self.last_logits, self.finish_reason = None, "length"
-        t0 = time.perf_counter()
+    def _generate(self, stream: ReplyStream):
+        """Conversation.reply's generator: the stream's tokens decoded one at a time."""
         try:
-            for _ in range(max_tokens):
-                if self.engine.room(self, reserved=False) < 1 and not self.engine.make_room(1, self, reserved=False):
-                    break  # the buffer is full (finish_reason "length")
-                tok = self._sample(logits)
-                if self.model.is_end_of_generation(tok):
-                    self.finish_reason = "stop"
+            while True:
+                tok = stream.next_token()
+                if tok is None:
                     break
-                logits = self.ctx.decode([tok], self.pos, self.seq_id)
-                self.pos += 1
-                generated.append(tok)
-                full += decoder.decode(self.model.token_to_piece(tok)).replace("\x00", "")  # C strings end at NUL
-                hits = [i for i in (full.find(s, max(0, shown - len(s))) for s in stop) if i >= 0]
-                if hits:
-                    full, self.finish_reason, cut = full[:min(hits)], "stop", True
+                piece = stream.accept(tok, self.ctx.decode([tok], self.pos, self.seq_id))
+                if piece:
+                    yield piece
+                if stream.done:
                     break
-                if len(full) - hold > shown:
-                    yield full[shown:len(full) - hold]
-                    shown = len(full) - hold
-            if not cut:
-                full += decoder.decode(b"", final=True)  # the bytes of a character left incomplete
-            if len(full) > shown:
-                yield full[shown:]
-                shown = len(full)
+            rest = stream.tail()
+            if rest:
+                yield rest
         finally:
-            # A stop that lands between a token's decode and the bookkeeping above leaves that token
-            # in the cache at self.pos: drop it, so the cache ends exactly where positions and text do.
-            self.ctx.truncate(self.pos, self.seq_id)
-            self._active_reply = None
-            if self._reply_sampler is not None:
-                self._reply_sampler.close()
-                self._reply_sampler = None
-            self.stats.decode_seconds += time.perf_counter() - t0
-            self.stats.generated_tokens += len(generated)
-            self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
-            self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
-            reply = full
-            self.messages = self.messages + [("assistant", reply)]
-            self.cached_text += reply
-            self.last_reply_tokens = len(generated)
-            if self._keys is not None:  # as chat_api keys the reply when a client sends it back
-                self._keys = self._keys + [("assistant", reply, ())]
-            if self.background and self.engine.schedule != BLOCKING:  # reply first, merge after: while the user reads
-                self.merge_in_background()
+            stream.close()
+
+    def _release_reply(self, stream: ReplyStream) -> None:
+        if self._active_stream is stream:
+            self._active_stream = self._active_reply = None
+        if self._reply_sampler is not None:
+            self._reply_sampler.close()
+            self._reply_sampler = None
+
+    def _reply_abandoned(self, stream: ReplyStream) -> None:
+        """A reply closed before its first token: the turn can still be replied to."""
+        self._release_reply(stream)
+        self.last_logits, self.finish_reason = stream.logits, None
+
+    def _took_token(self) -> None:
+        """The reply's token was decoded at self.pos."""
+        self.pos += 1
+
+    def _reply_ended(self, stream: ReplyStream, text: str, generated: list[int], seconds: float) -> None:
+        """The reply `stream` ended with `text` (its tokens `generated`): it becomes the conversation's."""
+        # A stop that lands between a token's decode and its bookkeeping leaves that token in the
+        # cache at self.pos: drop it, so the cache ends exactly where positions and text do.
+        self.ctx.truncate(self.pos, self.seq_id)
+        self._release_reply(stream)
+        self.finish_reason = stream.finish_reason
+        self.stats.decode_seconds += seconds
+        self.stats.generated_tokens += len(generated)
+        self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
+        self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
+        self.messages = self.messages + [("assistant", text)]
+        self.cached_text += text
+        self.last_reply_tokens = len(generated)
+        if self._keys is not None:  # as chat_api keys the reply when a client sends it back
+            self._keys = self._keys + [("assistant", text, ())]
+        self.idle_since = time.monotonic()
+        self._after_reply()
+
+    def _after_reply(self) -> None:
+        """The hook for the owner of the context once a reply has ended: a Session merges in the
+        background here; the server's worker merges idle slots in its own idle steps."""
 
     def chat(self, text: str, images: list | tuple = ()) -> str:
         self.add_user_turn(text, images)
@@ -649,13 +675,15 @@ class Conversation:
 class _BackgroundMerge(threading.Thread):
     """A conversation's due merge on a thread of its own; `stop` ends it at a chunk boundary."""
 
-    def __init__(self, conv: Conversation):
+    def __init__(self, conv: Conversation, delay: float = 0.0):
         super().__init__(name=f"flowmm-merge-{conv.seq_id}", daemon=True)
         self.conv, self.stop, self.done, self.error = conv, threading.Event(), threading.Event(), None
+        self.delay = delay
 
     def run(self) -> None:
         try:
-            self.conv._merge(foreground=False, stop=self.stop.is_set)
+            if not self.stop.wait(self.delay):
+                self.conv._merge(foreground=False, stop=self.stop.is_set, teacher=True)  # idle time: the teacher
         except MergeInterrupted:
             pass
         except Exception as e:  # the cache is as it was; the next turn merges in the foreground if it must

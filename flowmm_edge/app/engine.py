@@ -22,7 +22,8 @@ from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
 from ..methods import policy as policy_mod, registry
 from ..methods.base import Method, MethodError
-from ..methods.sequence_compressor import REPLY_FIRST, SCHEDULES, SequenceCompressor
+from ..methods.sequence_compressor import SequenceCompressor
+from .merge_schedule import REPLY_FIRST, MergeSchedule, ScheduleError
 from ..models import default_model, gguf_file
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -66,6 +67,13 @@ def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
 
 
 MIN_CTX = 64  # the smallest KV buffer a chat can work in
+
+
+def method_spec_learns(method, policy) -> bool:
+    """Whether an engine with this --method and --policy learns FlowMM's predictor from its own
+    merges when no policy is found: plain "flowmm" with --policy auto (a variant or an instance is
+    the caller's explicit configuration; --policy none means no predictor at all)."""
+    return method == "flowmm" and policy == policy_mod.AUTO
 
 
 def available_memory() -> int | None:
@@ -123,8 +131,10 @@ class Engine:
         except MethodError as e:
             raise SessionError(str(e)) from None
         method = probe.name
-        if schedule not in SCHEDULES:
-            raise SessionError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        try:
+            self.merge_schedule = MergeSchedule(schedule)  # when a conversation of this engine merges
+        except ScheduleError as e:
+            raise SessionError(str(e)) from None
         self.schedule = schedule
         if method != "full" and not facts.supported:
             raise SessionError(f"{self.model_path}: architecture '{facts.architecture}' is not supported by merging "
@@ -153,10 +163,13 @@ class Engine:
                                         self.model_path)
         if self.policy is not None and method != "flowmm":
             raise SessionError(f"a policy configures flowmm, not {method}")
+        self.learner = None  # self_distillation.ImportanceLearner while FlowMM learns this model's predictor
+        self._learns = method_spec_learns(self.method_spec, policy) and self.policy is None
         probe = self.compressor()  # the compression a sequence of this engine gets
-        if probe.repeats_context and (self.policy is None or self.policy.predictor is None):
-            say_once(f"flowmm: no importance predictor for {facts.name or self.model_path.name}: each merge scores "
-                     f"by the repeat pass (about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
+        self.model_label = facts.name or self.model_path.name
+        if probe.repeats_context and (self.policy is None or self.policy.predictor is None) and not self._learns:
+            say_once(f"flowmm: no importance predictor for {self.model_label}: each merge scores by the repeat pass "
+                     f"(about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
         self.n_ctx, self.kv_type = n_ctx, kv_type
@@ -183,6 +196,16 @@ class Engine:
             # sequence draws on (llama.cpp would otherwise split it into n_slots fixed streams)
             self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
                                        n_threads=n_threads, n_seq_max=n_slots, kv_unified=n_slots > 1)
+            if self._learns:
+                from ..methods import self_distillation
+                from ..methods.importance_predictor import rope_pairing
+
+                self.learner = self_distillation.ImportanceLearner.for_context(
+                    policy_mod.fingerprint(self.model_path), self.ctx,
+                    rope_pairing(runtime.llama_cpp.llama_model_rope_type(self.model.ptr)))
+                say_once(f"flowmm: learning an importance predictor for {self.model_label} from the repeat passes "
+                         f"of its merges after the replies (about {self_distillation.MIN_TOKENS} tokens); until "
+                         f"then each merge scores by the repeat pass. `calibrate --distill 16` makes one ahead of time")
         except BaseException:
             self.close()
             raise
@@ -199,8 +222,40 @@ class Engine:
     # -- the shared pool ---------------------------------------------------------------------------
 
     def compressor(self) -> SequenceCompressor:
-        """A new sequence's compression: this engine's method, budget and policy."""
-        return SequenceCompressor(self.method_spec, self.budget_cells, self.policy)
+        """A new sequence's compression: this engine's method, budget and policy (and learner)."""
+        return SequenceCompressor(self.method_spec, self.budget_cells, self.policy, getattr(self, "learner", None))
+
+    def importance_state(self) -> str:
+        """'learning' (self-distillation under way), 'predicted' (a predictor scores) or 'repeat'."""
+        if self.learner is not None:
+            return "learning"
+        return "predicted" if self.policy is not None and self.policy.predictor is not None else "repeat"
+
+    def learned(self) -> bool:
+        """Called after each merge: once the learner's fit is good, write its policy where
+        `--policy auto` finds it next time and switch every conversation to its predictor. True then."""
+        if self.learner is None:
+            return False
+        pol = self.learner.ready()
+        if pol is None:
+            return False
+        from ..methods import self_distillation
+
+        path = self_distillation.learned_path(pol.model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pol.save(path)
+            where = f"saved to {path}"
+        except OSError as e:
+            where = f"not saved ({e.strerror or e})"
+        self.policy, self.learner = pol, None
+        for c in self.conversations:
+            c.compression.use_policy(pol)
+        info = pol.calibration
+        say_once(f"flowmm: learned an importance predictor for {self.model_label} from {info['n_tokens']} tokens in "
+                 f"{info['n_documents']} spans (held-back rank correlation {info['held_back_spearman']:.2f}); "
+                 f"{where}; merges now use it")
+        return True
 
     def tick(self) -> int:
         return next(self._clock)
@@ -239,8 +294,7 @@ class Engine:
         is still due (what the reply-first schedule left for idle time), then, if `evict`, evict.
         True if the room is there. An evicted conversation forgets its cache (its next request is
         prefilled afresh; a client resends the history anyway)."""
-        idle = sorted((c for c in self.conversations if c is not keep and not c.busy and c.cells()),
-                      key=lambda c: c.last_used)
+        idle = self.merge_schedule.room_order(self.conversations, keep)
         for victim in idle:
             if self.room(keep, reserved) >= need:
                 return True

@@ -8,7 +8,10 @@ llama-cpp-python's server) parses and checks requests, queues them, and streams 
 sends back. The worker starts a queued request when a slot is free, prefilling only what the
 slot does not hold already (a client resends the whole history; the slot whose conversation is
 its longest prefix takes it, else the one used least recently, which starts afresh), then
-advances every replying slot one piece in turn, so streams progress side by side.
+advances every replying slot by one token in **one batch** (continuous batching, llama-server's
+update_slots): each slot samples its next token from its own logits with its own sampler, the
+tokens go into one llama_decode, a row per slot, and each slot takes its row's logits. On a
+memory-bound machine a step of N rows costs little more than a step of one.
 
 A long prompt does not hold the others up: its prefill goes in PREFILL_STEP-token chunks, and
 between two chunks the worker advances every replying slot by one piece and starts the queued
@@ -128,7 +131,7 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() past which the request is stopped (--timeout)
     conv: Conversation | None = None
-    gen: object = None
+    stream: object = None  # its reply (reply_stream.ReplyStream), once its prompt is decoded
     merges0: int = 0
     merge_s0: float = 0.0
     t_decode: float = 0.0
@@ -217,10 +220,10 @@ class Worker(threading.Thread):
             with self.cond:
                 idle = None
                 while not self.stopping and not self.pending and not self.active:
-                    idle = self._idle_merge()
+                    idle, wait = self.engine.merge_schedule.idle_pick(self.slots, skip=self._merge_failed)
                     if idle is not None:
                         break
-                    self.cond.wait()
+                    self.cond.wait(wait)
                 if self.stopping:
                     break
                 started, slot = self._next_job()
@@ -234,7 +237,6 @@ class Worker(threading.Thread):
             if started is not None or steps % METRICS_EVERY == 0:
                 self._refresh()
         for job in list(self.active):
-            job.gen.close()
             self._finish(job)
             job.send("error", 503, "the server is shutting down")
         for job in list(self.pending):
@@ -242,13 +244,11 @@ class Worker(threading.Thread):
 
     def _round(self, started: Job | None, slot: Conversation | None) -> int:
         """Start one job (its prefill yields to the others at every chunk, see _chunk_boundary),
-        then advance every replying job by one piece; returns how many moved (a paused stream does not)."""
+        then advance every replying job by one token, all in one batch; returns how many moved (a
+        paused stream does not)."""
         if started is not None:
             self._start(started, slot)
-        stepped = 0
-        for job in list(self.active):
-            stepped += self._step(job)
-        return stepped
+        return self._step_all()
 
     def _chunk_boundary(self, job: Job):
         """The slot's progress listener while `job` runs: stop it here if it must stop; else give
@@ -335,17 +335,12 @@ class Worker(threading.Thread):
                                       + TURN_OVERHEAD for t in job.turns[held:]))
         return job.estimate[1]
 
-    def _idle_merge(self) -> Conversation | None:
-        """The idle slot whose merge is due, used most recently first (its user is reading it)."""
-        due = [c for c in self.slots if not c.busy and c.seq_id not in self._merge_failed and c.merge_due()]
-        return max(due, key=lambda c: c.last_used) if due else None
-
     def _merge(self, conv: Conversation) -> None:
         """Merge an idle slot, stopping at the next chunk boundary once a request is queued (it
         goes on from there at the next idle time)."""
         t0 = time.perf_counter()
         try:
-            merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping)
+            merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping, teacher=True)  # idle: the teacher
         except FlowMMError as e:  # the cache is as it was; its next request merges in the foreground if it must
             conv.merge_error = str(e)
             self._merge_failed.add(conv.seq_id)
@@ -379,7 +374,7 @@ class Worker(threading.Thread):
         conv.on_progress = self._chunk_boundary(job)
         try:
             held, decoded = conv.feed(job.turns)
-            job.gen = conv.reply(job.max_tokens, job.params, job.stop)
+            job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop)
         except Exception as e:
             conv.busy = False
             conv.on_progress = None
@@ -409,39 +404,70 @@ class Worker(threading.Thread):
         job.send("start", held + decoded, held)
         self.active.append(job)
 
-    def _step(self, job: Job) -> bool:
-        if job not in self.active:  # finished inside a chunk boundary's round
-            return False
-        conv = job.conv
-        why = self._must_stop(job)
-        if why is not None:
-            job.gen.close()  # the reply so far is kept as the conversation's (see Conversation.reply)
-            self.counters.cancelled += 1
-            self._finish(job)
-            job.send("error", why.status, str(why))
-            return True
-        if job.paused:
-            return False
+    def _step_all(self) -> int:
+        """One decode step for every replying job that may go on: each samples its next token from
+        its own logits with its own sampler, the tokens are decoded in one llama_decode (one row
+        per slot, llama-server's update_slots), and each takes its row's logits. Returns how many
+        jobs moved."""
+        moved, batch = 0, []
+        for job in list(self.active):
+            if job not in self.active:  # finished inside a chunk boundary's round
+                continue
+            why = self._must_stop(job)
+            if why is not None:  # the reply so far is kept as the conversation's (see Conversation.reply)
+                self.counters.cancelled += 1
+                self._finish(job)
+                job.send("error", why.status, str(why))
+                moved += 1
+                continue
+            if job.paused or (batch and len(batch) >= self.engine.free_cells(reserved=False)):
+                continue  # (no free cell left for this step's batch: it goes at the next)
+            try:
+                tok = job.stream.next_token()
+            except Exception as e:
+                self._fail(job, e)
+                moved += 1
+                continue
+            if tok is None:
+                self._done(job)
+                moved += 1
+            else:
+                batch.append((job, tok))
+        if not batch:
+            return moved
         t0 = time.perf_counter()
         try:
-            piece = next(job.gen)
-        except StopIteration:
-            job.t_decode += time.perf_counter() - t0
-            job.send("done", conv.finish_reason, conv.last_reply_tokens)
-            self._finish(job)
-            return True
+            logits = self.engine.ctx.decode_rows([(tok, job.conv.pos, job.conv.seq_id) for job, tok in batch])
         except Exception as e:
-            job.gen.close()
-            self.counters.errors += 1
-            job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
-            self._finish(job)
-            return True
-        job.t_decode += time.perf_counter() - t0
-        job.send("piece", piece)
-        return True
+            for job, _ in batch:
+                self._fail(job, e)
+            return moved + len(batch)
+        share = (time.perf_counter() - t0) / len(batch)
+        for (job, tok), row in zip(batch, logits):
+            job.t_decode += share
+            piece = job.stream.accept(tok, row)
+            if piece:
+                job.send("piece", piece)
+            if job.stream.done:
+                self._done(job)
+        return moved + len(batch)
+
+    def _done(self, job: Job) -> None:
+        rest = job.stream.tail()
+        if rest:
+            job.send("piece", rest)
+        conv = job.conv
+        self._finish(job)
+        job.send("done", conv.finish_reason, conv.last_reply_tokens)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        self.counters.errors += 1
+        self._finish(job)
+        job.send("error", 500, f"internal error: {type(e).__name__}: {e}")
 
     def _finish(self, job: Job) -> None:
         conv = job.conv
+        job.stream.close()  # the reply so far becomes the conversation's
         self.active.remove(job)
         conv.busy, conv.on_progress = False, None
         self.engine.release(conv)

@@ -27,10 +27,17 @@ class Session(Conversation):
         engine = Engine(*args, **kwargs)
         try:
             super().__init__(engine, 0)
-            self.background = True  # the terminal chat's idle time merges: reply first, merge while the user reads
         except BaseException:
             engine.close()
             raise
+        self.background = True  # the terminal chat's idle time merges: reply first, merge while the user reads
+
+    def _after_reply(self) -> None:
+        """The merge schedule's idle merge, on a thread of its own while the user reads and types."""
+        if self.background:
+            delay = self.engine.merge_schedule.idle_delay(self)
+            if delay is not None:
+                self.merge_in_background(delay)
 
     def close(self) -> None:
         super().close()

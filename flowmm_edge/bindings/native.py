@@ -32,6 +32,7 @@ def _point_llama_cpp_at_patched_build() -> str:
     return lib_dir
 
 
+_imported_first = "llama_cpp" in sys.modules  # by the caller, before flowmm_edge could point it at the patched build
 _expected_dir = _point_llama_cpp_at_patched_build()
 
 try:
@@ -49,6 +50,10 @@ try:
     lib.flowmm_version_number.restype = ctypes.c_int32
     lib.flowmm_version_number.argtypes = []
 except AttributeError:
+    if _imported_first:
+        raise NativeLibraryError(
+            f"llama_cpp was imported before flowmm_edge and loaded a libllama without the FlowMM extension "
+            f"({lib_path}): import flowmm_edge first, or set LLAMA_CPP_LIB_PATH={_expected_dir}") from None
     raise NativeLibraryError(f"{lib_path} was built without the FlowMM extension (no flowmm_version symbol); {SETUP_HINT}") from None
 
 if lib.flowmm_version_number() // 100 != EXPECTED_VERSION[0] * 100 + EXPECTED_VERSION[1]:

@@ -271,6 +271,28 @@ class Context(_Handle):
             llama_cpp.llama_batch_free(batch)
         return np.stack(rows) if all_logits else self.logits(-1)
 
+    def decode_rows(self, rows: list[tuple[int, int, int]]) -> np.ndarray:
+        """Decode one token for each of several sequences in one batch (llama-server's
+        update_slots): rows of (token, position, seq_id), at most n_batch; returns each row's
+        logits, [len(rows), n_vocab]. The weights are read once for all of them."""
+        if not rows:
+            raise DecodeError("nothing to decode")
+        if len(rows) > self.n_batch:
+            raise DecodeError(f"{len(rows)} rows are more than the batch of {self.n_batch}")
+        batch = llama_cpp.llama_batch_init(len(rows), 0, 1)
+        try:
+            batch.n_tokens = len(rows)
+            for i, (tok, pos, seq_id) in enumerate(rows):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = True
+            rc = llama_cpp.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
+            return np.stack([self.logits(i) for i in range(len(rows))])
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
     def greedy(self, logits: np.ndarray, pos: int, max_tokens: int, seq_id: int = 0) -> tuple[list[int], int]:
         """Greedy decoding from `logits` (of the token before `pos`) until an end-of-generation
         token or max_tokens; returns (tokens, next position)."""

@@ -125,6 +125,13 @@ class Compressor:
         """Plan from statistics gathered elsewhere (a stopped AttentionStats over the same cells)."""
         self._stats = stats
 
+    def with_method(self, method: Method) -> "Compressor":
+        """The same budget, rho and observation, planned by another method (the teacher's
+        importance in place of the predictor's, say): the statistics observed must serve it."""
+        other = Compressor(method, self.budget, self.rho)
+        other._stats = self._stats
+        return other
+
     def use_reconstruction(self, scores: reconstruction.PositionScores) -> None:
         """Plan from reconstruction scores computed elsewhere over the same positions."""
         self._recon = scores

@@ -153,13 +153,30 @@ def shipped_for(model_path: str | Path) -> Policy | None:
     return None
 
 
+def learned_for(model_path: str | Path) -> Policy | None:
+    """The policy this machine learned for this very model from its conversations
+    (self_distillation.py), or None. A file that no longer loads is ignored (learning starts again)."""
+    from .self_distillation import learned_path
+
+    have = fingerprint(model_path)
+    path = learned_path(have)
+    if not path.is_file():
+        return None
+    try:
+        pol = load(path)
+    except PolicyError:
+        return None
+    return pol if pol.model == have else None
+
+
 def choose(value, model_path: str | Path) -> Policy | None:
     """The policy a --policy value (or Engine's `policy=`) names for this model: a Policy or a file
-    (checked against the model), AUTO (the one the package ships for it, if any) or NONE/None."""
+    (checked against the model), AUTO (the one the package ships for it, else the one learned for
+    it on this machine, if any) or NONE/None."""
     if value is None or value == NONE:
         return None
     if value == AUTO:
-        return shipped_for(model_path)  # matched by the fingerprint already
+        return shipped_for(model_path) or learned_for(model_path)  # matched by the fingerprint already
     pol = value if isinstance(value, Policy) else load(value)
     pol.check_model(model_path)
     return pol

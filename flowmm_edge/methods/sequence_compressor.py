@@ -20,13 +20,14 @@ whole-prompt methods, and FlowMM's rho without a policy) and the repeat pass's s
 
 `merge` is all-or-nothing: on any error, or when `stop()` says so between two chunks of the
 repeat pass (MergeInterrupted), the cache is exactly as before; what the finished chunks scored
-is kept, so the next attempt goes on from there. Callers decide *when* (compression schedule,
-docs/ARCHITECTURE.md): reply first and merge after, or merge before the reply (`blocking`).
+is kept, so the next attempt goes on from there. *When* a conversation merges is decided by
+app/merge_schedule.py; eval, bench and the press call `merge` where they need it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 
@@ -35,24 +36,28 @@ from .base import RECONSTRUCTION_SCORES, Method
 from .compression import Compressor, Report
 from ..errors import FlowMMError
 
-REPLY_FIRST, BLOCKING = "reply_first", "blocking"
-SCHEDULES = (REPLY_FIRST, BLOCKING)
-
 
 class MergeInterrupted(FlowMMError):
     """A merge stopped at a chunk boundary because its caller asked; the cache is unchanged."""
 
 
 class SequenceCompressor:
-    def __init__(self, method: str | Method, budget: int | float, policy=None):
-        """`budget`: the cells a merge keeps, or a ratio of the cells it finds (methods.base.resolve_budget)."""
-        self._spec, self.policy = method, policy
-        self.budget = budget if isinstance(budget, float) else int(budget)
-        probe, rho = registry.resolve(method, policy)  # an unknown name fails here
-        self.method, self.name, self.needs = probe, probe.name, probe.needs
-        self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
+    def __init__(self, method: str | Method, budget: int | float, policy=None, learner=None):
+        """`budget`: the cells a merge keeps, or a ratio of the cells it finds (methods.base.resolve_budget).
+        `learner` (self_distillation.ImportanceLearner): fed the repeat pass's scores and keys of
+        every merge that runs it, before the merge changes the cache."""
+        self._spec, self.budget = method, budget if isinstance(budget, float) else int(budget)
+        self.learner = learner
+        self.use_policy(policy)  # an unknown name fails here
         self.repeats = reconstruction.RepeatedScores()
         self._observed: Compressor | None = None  # observed over the latest turn's end, not merged yet
+
+    def use_policy(self, policy) -> None:
+        """Merge by `policy` from now on (a predictor learned meanwhile, say); the repeat pass's
+        scores so far are kept."""
+        probe, rho = registry.resolve(self._spec, policy)
+        self.policy, self.method, self.name, self.needs = policy, probe, probe.name, probe.needs
+        self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
 
     @property
     def enabled(self) -> bool:
@@ -67,9 +72,10 @@ class SequenceCompressor:
     def repeats_context(self) -> bool:
         return RECONSTRUCTION_SCORES in self.needs
 
-    def room(self, model) -> int:
+    def room(self, model, teacher: bool = False) -> int:
         """Free cells a merge needs beyond the sequence's own (the repeat pass decodes there)."""
-        return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if self.repeats_context else 0
+        repeats = self.repeats_context or (teacher and self.teaches())
+        return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if repeats else 0
 
     def _fresh(self) -> Compressor:
         method, rho = registry.resolve(self._spec, self.policy)
@@ -110,20 +116,33 @@ class SequenceCompressor:
             return False
         return self._observed is not None or not self._needs_observation
 
+    def teaches(self) -> bool:
+        """Whether a merge with time to spare would score by the repeat pass (the teacher) where
+        this one predicts: FlowMM with a predictor."""
+        return getattr(self.method, "importance", None) == "predicted"
+
     def merge(self, ctx, tokens_by_pos: np.ndarray, labels: np.ndarray, seq_id: int = 0, stop=None,
-              progress=None, budget: int | float | None = None) -> Report:
+              progress=None, budget: int | float | None = None, teacher: bool = False) -> Report:
         """Merge the sequence down to the budget, or to this call's `budget` (see the module
-        docstring); `progress(done, total)` follows the repeat pass."""
+        docstring); `progress(done, total)` follows the repeat pass. `teacher`: a merge nobody
+        waits for (idle time) scores by the repeat pass even where the method has a predictor."""
         comp = self._observed or self._fresh()
         if budget is not None:
             comp.budget = budget
-        if self.repeats_context:
+        if teacher and self.teaches():
+            comp = comp.with_method(dataclasses.replace(comp.method, importance="reconstruction", predictor=None))
+        if RECONSTRUCTION_SCORES in comp.method.needs:
+            before = self.repeats.repeated
             try:
-                comp.use_reconstruction(self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop,
-                                                                progress=progress))
+                scored = self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop, progress=progress)
             except reconstruction.Interrupted as e:
                 raise MergeInterrupted(str(e)) from None
+            comp.use_reconstruction(scored)
+            if self.learner is not None:
+                self.learner.observe(ctx, seq_id, scored, np.setdiff1d(self.repeats.repeated, before))
         report = comp.compress(ctx, labels, seq_id)
+        if self.learner is not None and report.rho_source == "prompt":
+            self.learner.add_rho(report.rho)
         self._observed = None
         return report
 

@@ -1,0 +1,215 @@
+"""Self-distillation: a model with no importance predictor learns one from its own conversations.
+
+    learner = ImportanceLearner(model_path, pairing, n_layer, n_head_kv, head_dim)
+    ... each merge that runs the repeat pass: learner.observe(ctx, seq_id, scored, new_positions) ...
+    policy = learner.ready()          # a Policy with the predictor once the fit is good, else None
+
+The teacher is the repeat pass (reconstruction.py) that the merges of a model without a
+predictor run anyway, after the reply; the student is the ridge predictor of
+importance_predictor.py, fitted as `calibrate --distill` fits it (distillation.fit), but from
+moments accumulated as the conversations go (`RidgeMoments`), so memory stays a few
+[features x features] matrices per (layer, KV head) whatever the number of tokens seen.
+
+Every HOLD_OUT_EVERY-th observed span is held back (its keys and teacher scores kept, up to
+HELD_BACK_TOKENS) and scores the fit: the mean Spearman rank correlation between the student and
+the teacher over the held-back spans (distillation.fit's measure). The fit is *good*, and the
+policy is written, once at least MIN_TOKENS have been seen in MIN_DOCUMENTS spans and the held-back
+correlation reaches GOOD_SPEARMAN. Chosen by measurement (scripts/learning_curve.py, docs/RESULTS.md,
+"Self-distillation"): on the default model's chat, the teacher of a conversation's own repeat pass
+is ranked at 0.64-0.73 by the student from 3k tokens on, and at 0.50-0.62 by the shipped
+predictor (fitted on whole documents) on the same spans.
+
+The policy goes to `policy_dir()` (FLOWMM_POLICY_DIR, default the user cache's `policies/`),
+named by the model's fingerprint, so `policy.choose("auto", model)` finds it the next time, and
+a copy of a model whose header differs in one string is unseen and learns afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import paths
+from ..bindings import kv_cache
+from .importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman
+from .distillation import RIDGE
+
+MIN_TOKENS = 4096        # tokens observed before a fit may count as good
+MIN_DOCUMENTS = 4        # spans observed (a merge's newly repeated text is one)
+GOOD_SPEARMAN = 0.60     # held-back rank correlation that makes the fit good (measured: RESULTS.md)
+FIT_EVERY = 1024         # tokens observed between two fits
+HOLD_OUT_EVERY = 4       # every 4th span is held back to score the fit
+HELD_BACK_TOKENS = 4096  # at most this many held-back tokens kept (their keys, float16)
+MIN_SPAN = 32            # spans shorter than this are not observed (too few ranks to compare)
+
+
+def policy_dir() -> Path:
+    env = os.environ.get("FLOWMM_POLICY_DIR")
+    return Path(env).expanduser() if env else paths.cache_dir() / "policies"
+
+
+def learned_path(fingerprint: dict) -> Path:
+    return policy_dir() / f"{fingerprint['architecture']}-{fingerprint['gguf_header_sha256'][:16]}.json"
+
+
+class RidgeMoments:
+    """The sums a standardised ridge regression needs (importance_predictor.fit_ridge), kept per
+    (layer, KV head): n, sum x, sum x x^T, sum y, sum x y, in float64."""
+
+    def __init__(self, n_layer: int, n_head: int, n_feat: int):
+        self.n = np.zeros((n_layer, n_head))
+        self.sx = np.zeros((n_layer, n_head, n_feat))
+        self.sxx = np.zeros((n_layer, n_head, n_feat, n_feat))
+        self.sy = np.zeros((n_layer, n_head))
+        self.sxy = np.zeros((n_layer, n_head, n_feat))
+
+    def add(self, layer: int, head: int, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        self.n[layer, head] += len(y)
+        self.sx[layer, head] += x.sum(0)
+        self.sxx[layer, head] += x.T @ x
+        self.sy[layer, head] += y.sum()
+        self.sxy[layer, head] += x.T @ y
+
+    def solve(self, layer: int, head: int, ridge: float = RIDGE) -> tuple[np.ndarray, float]:
+        """fit_ridge's (w, b) from the moments: the same closed form, with z = (x - mu) / sd."""
+        n = self.n[layer, head]
+        mu = self.sx[layer, head] / n
+        var = np.maximum(np.diag(self.sxx[layer, head]) / n - mu * mu, 0.0)
+        sd = np.sqrt(var) + 1e-6
+        ym = self.sy[layer, head] / n
+        ztz = (self.sxx[layer, head] - n * np.outer(mu, mu)) / np.outer(sd, sd)
+        zty = (self.sxy[layer, head] - mu * self.sy[layer, head]) / sd
+        w = np.linalg.solve(ztz + ridge * n * np.eye(len(mu)), zty) / sd
+        return w, float(ym - mu @ w)
+
+
+@dataclasses.dataclass
+class Progress:
+    n_tokens: int = 0
+    n_documents: int = 0
+    held_back_tokens: int = 0
+    spearman: float | None = None  # the latest fit's held-back rank correlation
+
+
+class ImportanceLearner:
+    def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int):
+        self.fingerprint, self.pairing = fingerprint, pairing
+        self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k))
+        self.held_k: list[np.ndarray] = []        # [n_layer, n_head_kv, n, d] float16 per held-back span
+        self.held_teacher: list[np.ndarray] = []  # [n_layer, n_head_kv, n]
+        self.rho: list[np.ndarray] = []           # rho^l the learning merges estimated from their windows
+        self.progress = Progress()
+        self._since_fit = 0
+        self.predictor: ImportancePredictor | None = None
+
+    @classmethod
+    def for_context(cls, fingerprint: dict, ctx, pairing: str) -> "ImportanceLearner":
+        lay = kv_cache.layout(ctx)
+        return cls(fingerprint, pairing, lay.n_layer, lay.n_head_kv, lay.head_dim_k)
+
+    # -- what the merges feed ----------------------------------------------------------------------
+
+    def observe(self, ctx, seq_id: int, scored, positions: np.ndarray) -> None:
+        """Learn from the repeat pass's scores (`scored`, reconstruction.PositionScores) of the
+        cells at `positions` (the text it repeated for the first time), read from the cache
+        before the merge changes it."""
+        positions = np.asarray(positions)
+        if self.predictor is not None or len(positions) < MIN_SPAN:
+            return
+        cells, pos = kv_cache.seq_cells(ctx, seq_id)
+        by_pos = dict(zip(pos.tolist(), cells.tolist()))
+        positions = np.asarray([p for p in positions.tolist() if p in by_pos], np.int64)
+        if len(positions) < MIN_SPAN:
+            return
+        at = np.asarray([by_pos[p] for p in positions.tolist()], np.int32)
+        teacher = scored.at(positions).astype(np.float32)  # [n_layer, n_head_kv, n]
+        n_layer, n_head = teacher.shape[:2]
+        k = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, at, "k", seq_id) for h in range(n_head)])
+                      for l in range(n_layer)])
+        self.add(k, teacher)
+
+    def add(self, k: np.ndarray, teacher: np.ndarray) -> None:
+        """One span: keys k [n_layer, n_head_kv, n, d] and the teacher's scores [n_layer, n_head_kv, n]."""
+        p = self.progress
+        held = p.n_documents % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 and p.held_back_tokens < HELD_BACK_TOKENS
+        n_layer, n_head = teacher.shape[:2]
+        if held:
+            self.held_k.append(k.astype(np.float16))
+            self.held_teacher.append(teacher)
+            p.held_back_tokens += teacher.shape[-1]
+        else:
+            for l in range(n_layer):
+                for h in range(n_head):
+                    self.moments.add(l, h, features(k[l, h].astype(np.float32), self.pairing),
+                                     np.log(teacher[l, h].astype(np.float64) + LOG_FLOOR))
+            p.n_tokens += teacher.shape[-1]
+            self._since_fit += teacher.shape[-1]
+        p.n_documents += 1
+
+    def add_rho(self, rho) -> None:
+        if rho is not None:
+            self.rho.append(np.asarray(rho, np.float64))
+
+    # -- the fit -----------------------------------------------------------------------------------
+
+    def fit(self) -> tuple[ImportancePredictor, float | None]:
+        """The predictor from every span not held back, and its held-back rank correlation (None
+        while nothing is held back)."""
+        n_layer, n_head = self.moments.n.shape
+        weights = np.zeros((n_layer, n_head, self.moments.sx.shape[-1]), np.float32)
+        bias = np.zeros((n_layer, n_head), np.float32)
+        for l in range(n_layer):
+            for h in range(n_head):
+                w, b = self.moments.solve(l, h)
+                weights[l, h], bias[l, h] = w, b
+        rank = None
+        if self.held_k:
+            per_layer = [np.mean([spearman(features(k[l, h].astype(np.float32), self.pairing) @ weights[l, h]
+                                           + bias[l, h], t[l, h])
+                                  for k, t in zip(self.held_k, self.held_teacher) for h in range(n_head)])
+                         for l in range(n_layer)]
+            rank = float(np.mean(per_layer))
+        p = self.progress
+        info = {"teacher": "reconstruction (the repeat pass of this model's own conversations)",
+                "corpus": "self-distillation", "n_documents": p.n_documents, "n_tokens": p.n_tokens,
+                "held_back_tokens": p.held_back_tokens,
+                "held_back_spearman_mean": None if rank is None else round(rank, 4), "ridge": RIDGE}
+        return ImportancePredictor(self.pairing, weights, bias, info), rank
+
+    def ready(self):
+        """A Policy with the learned predictor once the fit is good (computed every FIT_EVERY
+        tokens), else None."""
+        p = self.progress
+        if self.predictor is not None or self._since_fit < FIT_EVERY or p.n_tokens < MIN_TOKENS \
+                or p.n_documents < MIN_DOCUMENTS:
+            return None
+        self._since_fit = 0
+        predictor, rank = self.fit()
+        p.spearman = rank
+        if rank is None or rank < GOOD_SPEARMAN:
+            return None
+        self.predictor = predictor
+        return self.policy(predictor, rank)
+
+    def policy(self, predictor: ImportancePredictor, rank: float):
+        """The policy of a fitted predictor: FlowMM's defaults scoring with it, rho averaged over
+        the learning merges' windows, and what it was learned from."""
+        from .calibration import METHOD_DEFAULTS, THETA
+        from .policy import Policy
+
+        p = self.progress
+
+        n_layer = predictor.weights.shape[0]
+        rho = np.mean(self.rho, 0) if self.rho else np.zeros(n_layer)
+        return Policy(model=self.fingerprint, theta=THETA, rho=[float(np.clip(r, 0, 1)) for r in rho],
+                      method=dict(METHOD_DEFAULTS, importance="predicted"),
+                      calibration={"source": "self-distillation", "n_tokens": p.n_tokens,
+                                   "n_documents": p.n_documents, "held_back_spearman": round(rank, 4),
+                                   "rho_from_merges": len(self.rho),
+                                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                      predictor=predictor)

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""How fast a model with no predictor learns one from its own chat (self-distillation,
+flowmm_edge/methods/self_distillation.py), in the chat's own code path.
+
+    cd scripts && python learning_curve.py [-m MODEL] [--turns 24] [--turn-tokens 1024] [--threads 2]
+                                           [--markdown ../docs/runs/learning-curve.md]
+
+The model is a copy of -m (default: the embedded model) with one header string changed, so no
+shipped or learned policy matches it: it learns like any model a user brings. A Session chats
+with it: each turn is a document of --turn-tokens tokens from the distillation corpus, past the
+part `calibrate --distill 16` fitted the shipped predictor on; the reply is one token and the
+merge after it runs the repeat pass, which feeds the learner. After each turn the script fits the
+student (as the learner does) and prints the held-back rank correlation with the teacher, and
+beside it the same measure for the shipped predictor of the original model on the same held-back
+spans (same weights, same keys), when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flowmm_edge.app.session import Session
+from flowmm_edge.methods import distillation, policy as policy_mod, self_distillation
+from flowmm_edge.methods.importance_predictor import features, spearman
+from flowmm_edge.models import default_model, gguf_file
+
+SHIPPED_CORPUS_TOKENS = 16 * 2048  # what calibrate --distill 16 cut from the corpus for the shipped predictor
+
+
+def renamed_copy(src: Path, dst: Path) -> Path:
+    """src with general.name's first letter changed: the same weights, another fingerprint."""
+    data = bytearray(src.read_bytes())
+    name = gguf_file.read_text_model(src).name.encode()
+    at = data.find(b"general.name") + len(b"general.name") + 4 + 8
+    assert data[at:at + len(name)] == name, "general.name is not where expected"
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def held_back_spearman(learner, predictor) -> float | None:
+    if not learner.held_k or predictor is None:
+        return None
+    n_layer, n_head = learner.held_teacher[0].shape[:2]
+    return float(np.mean([spearman(features(k[l, h].astype(np.float32), predictor.rope_pairing) @ predictor.weights[l, h]
+                                   + predictor.bias[l, h], t[l, h])
+                          for k, t in zip(learner.held_k, learner.held_teacher)
+                          for l in range(n_layer) for h in range(n_head)]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", type=Path, default=None)
+    ap.add_argument("--turns", type=int, default=24)
+    ap.add_argument("--turn-tokens", type=int, default=1024)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--save", type=Path, help="folder to keep the renamed copy (copy.gguf) and the policy the chat "
+                                              "switches to (learned.json), for eval")
+    args = ap.parse_args()
+    src = args.model or default_model.ensure()
+    shipped = policy_mod.shipped_for(src)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        import os
+
+        os.environ["FLOWMM_POLICY_DIR"] = str(Path(tmp) / "policies")  # learn afresh, keep nothing
+        good = self_distillation.GOOD_SPEARMAN
+        self_distillation.GOOD_SPEARMAN = 2.0  # never switch: the curve goes on past the point the chat would
+        model = renamed_copy(Path(src), Path(tmp) / "copy.gguf")
+        with Session(model, method="flowmm", budget=512, n_ctx=args.turn_tokens * 2 + 1024, max_reply=1,
+                     n_threads=args.threads) as s:
+            s.background = False
+            learner = s.engine.learner
+            assert learner is not None, "the copy found a policy: it must be unseen"
+            skip = SHIPPED_CORPUS_TOKENS // args.turn_tokens + 1
+            docs = distillation.documents(s.model, skip + args.turns, args.turn_tokens)[skip:]
+            t_start = time.perf_counter()
+            for turn, doc in enumerate(docs, 1):
+                t0 = time.perf_counter()
+                s.add_user_turn(s.model.detokenize(doc.tokens[1:]))
+                list(s.reply())
+                s.merge()
+                p = learner.progress
+                student = learner.fit()[0] if p.n_tokens and learner.held_k else None
+                row = {"turn": turn, "tokens_seen": p.n_tokens, "spans": p.n_documents,
+                       "held_back_tokens": p.held_back_tokens,
+                       "student_spearman": held_back_spearman(learner, student),
+                       "shipped_spearman": held_back_spearman(learner, shipped.predictor if shipped else None),
+                       "turn_s": time.perf_counter() - t0}
+                rows.append(row)
+                if args.save and student is not None and not (args.save / "learned.json").exists() and \
+                        p.n_tokens >= self_distillation.MIN_TOKENS and row["student_spearman"] >= good:
+                    args.save.mkdir(parents=True, exist_ok=True)
+                    learner.policy(student, row["student_spearman"]).save(args.save / "learned.json")
+                    shutil.copy(model, args.save / "copy.gguf")
+                fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+                print(f"turn {turn:3d}: {p.n_tokens:6d} tokens seen, {p.n_documents} spans; held-back Spearman "
+                      f"student {fmt(row['student_spearman'])}, shipped {fmt(row['shipped_spearman'])} "
+                      f"({row['turn_s']:.1f} s)", flush=True)
+            total = time.perf_counter() - t_start
+    first = next((r for r in rows if r["tokens_seen"] >= self_distillation.MIN_TOKENS
+                  and (r["student_spearman"] or -1) >= good), None)
+    lines = [f"Self-distillation learning curve: a renamed copy of `{Path(src).name}`, {args.turn_tokens}-token "
+             f"document turns, threads {args.threads}, {total:.0f} s in all. Held-back: every "
+             f"{self_distillation.HOLD_OUT_EVERY}th span. The chat switches to the student at the first fit "
+             f"with >= {self_distillation.MIN_TOKENS} tokens and Spearman >= {good}: "
+             f"{'turn ' + str(first['turn']) if first else 'not within these turns'}.", "",
+             "| turn | tokens seen (fit) | spans | held-back tokens | student Spearman | shipped predictor Spearman |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {r['turn']} | {r['tokens_seen']} | {r['spans']} | {r['held_back_tokens']} | "
+                     f"{fmt(r['student_spearman'])} | {fmt(r['shipped_spearman'])} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

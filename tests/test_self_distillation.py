@@ -1,0 +1,81 @@
+"""Self-distillation (methods/self_distillation.py): a model with no predictor learns one from its
+own merges' repeat passes. References: the closed-form ridge of importance_predictor.fit_ridge on
+the concatenated data (numpy), and the repeat pass itself (the learning merges must run it; the
+merges after the switch must not)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from flowmm_edge.app.session import Session
+from flowmm_edge.methods import policy as policy_mod, reconstruction, self_distillation
+from flowmm_edge.methods.importance_predictor import fit_ridge
+from flowmm_edge.models import gguf_file
+
+
+def renamed_copy(src, dst):
+    """A copy of a GGUF with one header string changed (general.name's first letter): the same
+    weights, another fingerprint."""
+    data = bytearray(open(src, "rb").read())
+    name = gguf_file.read_text_model(src).name.encode()
+    at = data.find(b"general.name") + len(b"general.name") + 4 + 8
+    assert data[at:at + len(name)] == name
+    data[at] = ord("X")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_ridge_from_moments_equals_the_closed_form_on_all_the_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 12)) * rng.uniform(0.1, 5, 12) + rng.normal(size=12)
+    y = x @ rng.normal(size=12) + rng.normal(size=500)
+    m = self_distillation.RidgeMoments(1, 1, 12)
+    for a in range(0, 500, 97):  # in uneven pieces, as spans come
+        m.add(0, 0, x[a:a + 97], y[a:a + 97])
+    w, b = m.solve(0, 0, ridge=1e-3)
+    w_ref, b_ref = fit_ridge(x, y, 1e-3)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-6, atol=1e-9)
+    assert b == pytest.approx(b_ref, rel=1e-6, abs=1e-9)
+
+
+def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_the_repeat_pass(
+        tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMM_POLICY_DIR", str(tmp_path / "policies"))
+    monkeypatch.setattr(self_distillation, "MIN_TOKENS", 200)
+    monkeypatch.setattr(self_distillation, "FIT_EVERY", 100)
+    monkeypatch.setattr(self_distillation, "GOOD_SPEARMAN", -1.0)  # the tiny model's ranks mean little: any fit
+    model = renamed_copy(tiny_models[0], tmp_path / "copy.gguf")
+    assert policy_mod.choose("auto", model) is None
+    passes = []
+    real = reconstruction.reconstruction_scores
+    monkeypatch.setattr(reconstruction, "reconstruction_scores", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+    text = " ".join(f"record {i} has the value {1000 + 7 * i}." for i in range(40))
+    settings = dict(method="flowmm", budget=48, n_ctx=512, max_reply=4, n_threads=2)
+    with Session(model, **settings) as s:
+        assert s.engine.importance_state() == "learning"
+        s.background = False
+        turns = 0
+        while s.engine.importance_state() == "learning" and turns < 12:
+            s.add_user_turn(text)
+            list(s.reply())
+            assert s.merge()
+            turns += 1
+        assert s.engine.importance_state() == "predicted", s.engine.learner.progress
+        learned = s.engine.policy
+        info = learned.calibration
+        assert info["source"] == "self-distillation" and info["n_tokens"] >= 200 and info["n_documents"] >= 4
+        assert learned.predictor.weights.shape[:2] == (4, 2) and learned.model == policy_mod.fingerprint(model)
+        # the same session goes on with the predictor: its next merge runs no repeat pass
+        n = len(passes)
+        s.add_user_turn(text)
+        list(s.reply())
+        assert s.merge() and len(passes) == n
+    # the next start finds the learned policy for this very model, not for the original
+    assert self_distillation.learned_path(policy_mod.fingerprint(model)).is_file()
+    with Session(model, **settings) as s2:
+        assert s2.engine.importance_state() == "predicted"
+    assert policy_mod.choose("auto", tiny_models[0]) is None
+    with Session(model, policy="none", **settings) as s3:  # --policy none: no predictor, no learning
+        assert s3.engine.importance_state() == "repeat"
