@@ -4,7 +4,7 @@ the same KV memory (the same --ctx): how many conversations stay live, throughpu
 token, and whether the answers keep each conversation's fact.
 
     .venv/bin/python scripts/bench_serve.py [--conversations 16] [--ctx 2048] [--budget 64]
-                                            [--markdown docs/bench-serve.md --json docs/bench-serve.json]
+                                            [--markdown docs/runs/bench-serve.md --json docs/runs/bench-serve.json]
 
 Each conversation opens with a document of about --doc-tokens tokens holding one planted fact
 (the suite's single-number family, flowmm_edge/evaluation/ruler_tasks.py: "the special magic

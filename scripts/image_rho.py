@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """rho per layer (FlowMM's cross-modal flow, docs/METHOD.md) on image chunks against labelled text.
 
-    cd scripts && python image_rho.py [--tasks 4] [--threads 2] [--json ../docs/image-rho.json]
+    cd scripts && python image_rho.py [--tasks 4] [--threads 2] [--json ../docs/runs/image-rho.json]
 
 The contexts are the eval's image families (glyph pages, docs/GLYPH.md) at 2k tokens. Each is run
 twice: with its pages as mtmd image chunks (image positions, image label), and as a twin whose
