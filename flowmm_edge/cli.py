@@ -305,7 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with engine:
         facts = engine.model.facts
         print(f"{facts.name}{' + ' + Path(str(mmproj)).name if mmproj else ''}: {args.parallel} slots sharing "
-              f"{args.ctx} cells, {args.method} to {engine.budget_cells} cells each; {engine.template.why}",
+              f"{args.ctx} cells, {args.method} (importance: {engine.importance_state()}) to {engine.budget_cells} "
+              f"cells each; {engine.template.why}",
               file=sys.stderr)
         print(f"listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         serve(engine, args.host, args.port, Path(model).name, args.api_key, args.max_tokens, limits=limits)
@@ -330,11 +331,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 + (", importance predicted" if pol.predictor is not None else "")) if pol else
                "rho estimated from each prompt (no --policy)" if args.method == "flowmm" else "")
         print(f"{facts.name} ({facts.architecture}, {facts.n_layer} layers){' + ' + Path(str(mmproj)).name if mmproj else ''}: "
-              f"{args.method}, budget {session.budget_cells} cells of {args.ctx}, KV {args.kv_type}"
+              f"{args.method} (importance: {session.engine.importance_state()}), budget {session.budget_cells} cells "
+              f"of {args.ctx}, KV {args.kv_type}"
               f"{'; ' + rho if rho else ''}", file=sys.stderr)
         print(session.template.why, file=sys.stderr)
         if sys.stderr.isatty():
-            session.on_progress = TerminalProgress()
+            session.listen(TerminalProgress())
         if args.prompt is not None:
             _send(session, args.prompt, list(args.image or []))
             return 0

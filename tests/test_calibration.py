@@ -164,3 +164,19 @@ def test_bad_prompt_files_name_the_line(tmp_path, tiny_models):
     text, _ = tiny_models
     assert cli.main(["calibrate", "--model", str(text), "--prompts", str(f), "--out", str(tmp_path / "o.json")]) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_a_policy_without_rho_round_trips_and_leaves_rho_to_each_prompt(tiny_models, tmp_path):
+    """Self-distillation writes rho null when its conversations had one modality: the file loads,
+    says so, and the method it configures estimates rho from each prompt (registry gives none)."""
+    from flowmm_edge.methods import policy as policy_mod, registry
+
+    pol = policy_mod.Policy(model=policy_mod.fingerprint(tiny_models[0]), theta=0.25, rho=None,
+                            method={"importance": "reconstruction"}, calibration={"source": "test"})
+    pol.save(tmp_path / "p.json")
+    import json
+
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["rho"] is None and data["modes"] is None
+    back = policy_mod.load(tmp_path / "p.json")
+    assert back.rho is None and registry.resolve("flowmm", back)[1] is None

@@ -82,7 +82,7 @@ def test_chat_with_no_arguments_runs_the_default_model():
     proc = subprocess.run([sys.executable, "-m", "flowmm_edge", "chat", "--max-tokens", "8"], input="What is 2+2?\n/quit\n",
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Qwen2.5 Coder 0.5B Instruct" in proc.stderr and "flowmm, budget 1024 cells of 4096" in proc.stderr
+    assert "Qwen2.5 Coder 0.5B Instruct" in proc.stderr and "flowmm (importance: predicted), budget 1024 cells of 4096" in proc.stderr
     assert "4" in proc.stdout
 
 

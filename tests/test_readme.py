@@ -84,5 +84,5 @@ def test_the_own_llava_recipe_learns_and_answers(tiny_models, tmp_path):
     r = run(kind, code.replace("llava-v1.5-7b.Q4_K_M.gguf", str(tiny_models[0]))
             .replace("mmproj-model-f16.gguf", str(tiny_models[1])).replace("cat.png", str(image)))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "learning an importance predictor" in r.stderr  # what the README says such a model does
+    assert "no importance predictor" in r.stderr and "learning one" in r.stderr  # what the README says
     assert r.stdout.strip()

@@ -67,6 +67,8 @@ def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_t
         info = learned.calibration
         assert info["source"] == "self-distillation" and info["n_tokens"] >= 200 and info["n_documents"] >= 4
         assert learned.predictor.weights.shape[:2] == (4, 2) and learned.model == policy_mod.fingerprint(model)
+        assert learned.rho is None  # text alone: no cross-modal flow seen, so rho stays estimated per prompt
+        assert s.compression._fresh().rho is None
         # the same session goes on with the predictor: its next merge runs no repeat pass
         n = len(passes)
         s.add_user_turn(text)

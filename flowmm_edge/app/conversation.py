@@ -19,20 +19,18 @@ left after a merge, or the buffer is held by conversations that are replying.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
-from . import chat_api, session_file
 from .engine import Engine, NoRoomError, SessionError
-from .reply_stream import ReplyStream
+from .conversation_merging import Merging
+from .conversation_persistence import Persistence
+from .conversation_replies import Replying
+from .prefix_reuse import PrefixReuse
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
-from ..errors import FlowMMError
-from ..methods import policy as policy_mod, reconstruction
-from ..methods.sequence_compressor import MergeInterrupted
+from ..methods import reconstruction
 
 MEDIA = "<__media__>"
 
@@ -70,10 +68,37 @@ class _Snapshot:
     compression: tuple  # SequenceCompressor.snapshot()
 
 
-class Conversation:
+def turn_segments(delta: str, content: list[Segment]) -> list[Segment]:
+    """The turn's rendered text as segments: the template's text around the user's content,
+    which keeps its own segments (images, and text spans with their modality labels).
+    Neighbouring text of one modality is joined, so a plain text turn is one segment."""
+    rendered = "".join(MEDIA if c.kind == "image" else c.text for c in content)
+    at = delta.find(rendered)
+    if at >= 0:
+        segs = [Segment("text", delta[:at]), *content, Segment("text", delta[at + len(rendered):])]
+    else:  # the template rewrote the content (trimmed it, say): labels other than text are lost
+        images = [c for c in content if c.kind == "image"]
+        parts = delta.split(MEDIA)
+        if len(parts) - 1 != len(images):
+            raise SessionError("the chat template dropped or duplicated an image marker")
+        segs = [x for k, text in enumerate(parts) for x in [Segment("text", text)] + images[k:k + 1]]
+    out: list[Segment] = []
+    for seg in segs:
+        if seg.kind == "text" and not seg.text:
+            continue
+        if out and seg.kind == out[-1].kind == "text" and seg.modality == out[-1].modality:
+            out[-1] = Segment("text", out[-1].text + seg.text, modality=seg.modality)
+        else:
+            out.append(seg)
+    return out
+
+
+class Conversation(Merging, Replying, PrefixReuse, Persistence):
     """A slot of `engine`: sequence `seq_id` (the first free one by default)."""
 
-    def __init__(self, engine: Engine, seq_id: int | None = None):
+    def __init__(self, engine: Engine, seq_id: int | None = None, prefill_step: int | None = None):
+        """`prefill_step`: tokens per prefill batch while a progress listener follows (None:
+        n_batch; serve's slots yield to the others between such batches)."""
         taken = {c.seq_id for c in engine.conversations}
         if seq_id is None:
             free = [s for s in range(engine.n_slots) if s not in taken]
@@ -89,11 +114,11 @@ class Conversation:
         self.on_progress = None  # on_progress(what, done, total, note): "prefill", "merge" (waited for), "note";
         # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
         # exception raised from it stops the turn there with the conversation as before (serve's cancel)
-        self.prefill_step: int | None = None  # tokens per prefill batch while a listener follows (None: n_batch)
+        self.prefill_step = prefill_step
         # the context's attention statistics are on for this sequence's decode (one request per
         # context): a listener must not decode other sequences until they are off again
         self.statistics_on = False
-        self._bg: _BackgroundMerge | None = None
+        self._bg = None  # conversation_merging._BackgroundMerge while one runs
         self._bg_cells = 0
         engine.conversations.append(self)
         self._reset_state()
@@ -137,6 +162,20 @@ class Conversation:
         self.finish_reason = None
         self.last_reply_tokens = 0
         self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
+
+    def listen(self, on_progress) -> None:
+        """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
+        self.on_progress = on_progress
+
+    def begin_request(self, on_progress) -> None:
+        """A server's request starts on this slot: busy (never evicted) until end_request, used
+        now (the engine's clock), and `on_progress` called at every chunk boundary."""
+        self.busy, self.last_used, self.on_progress = True, self.engine.tick(), on_progress
+
+    def end_request(self) -> None:
+        """The request is over: the slot is idle, and its claim on the shared buffer released."""
+        self.busy, self.on_progress = False, None
+        self.engine.release(self)
 
     def cells(self) -> int:
         return len(kv_cache.seq_cells(self.ctx, self.seq_id)[0])
@@ -197,31 +236,6 @@ class Conversation:
 
     # -- turns ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _segments(delta: str, content: list[Segment]) -> list[Segment]:
-        """The turn's rendered text as segments: the template's text around the user's content,
-        which keeps its own segments (images, and text spans with their modality labels).
-        Neighbouring text of one modality is joined, so a plain text turn is one segment."""
-        rendered = "".join(MEDIA if c.kind == "image" else c.text for c in content)
-        at = delta.find(rendered)
-        if at >= 0:
-            segs = [Segment("text", delta[:at]), *content, Segment("text", delta[at + len(rendered):])]
-        else:  # the template rewrote the content (trimmed it, say): labels other than text are lost
-            images = [c for c in content if c.kind == "image"]
-            parts = delta.split(MEDIA)
-            if len(parts) - 1 != len(images):
-                raise SessionError("the chat template dropped or duplicated an image marker")
-            segs = [x for k, text in enumerate(parts) for x in [Segment("text", text)] + images[k:k + 1]]
-        out: list[Segment] = []
-        for seg in segs:
-            if seg.kind == "text" and not seg.text:
-                continue
-            if out and seg.kind == out[-1].kind == "text" and seg.modality == out[-1].modality:
-                out[-1] = Segment("text", out[-1].text + seg.text, modality=seg.modality)
-            else:
-                out.append(seg)
-        return out
-
     def add_user_turn(self, text: str = "", images: list | tuple = (), segments: list[Segment] | None = None) -> int:
         """Decode a user turn (images first, then the text; or `segments`, in their order and with
         their modality labels), merging as the budget requires. Returns its positions. On any
@@ -240,7 +254,7 @@ class Conversation:
         if not formatted.startswith(self.cached_text):
             raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes
-        prepared = prepare(self.model, self._segments(formatted[len(self.cached_text):], segments), self.labels,
+        prepared = prepare(self.model, turn_segments(formatted[len(self.cached_text):], segments), self.labels,
                            self.projector, add_bos=self.pos == 0)
         try:
             room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
@@ -325,81 +339,6 @@ class Conversation:
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
 
-    # -- merging ---------------------------------------------------------------------------------
-
-    def merge_due(self) -> bool:
-        """Whether the sequence is over its budget and can merge now (the reply-first schedule
-        leaves this for after the reply: `merge`, `merge_in_background`, or the next turn)."""
-        return self._bg is None and self.pos > 0 and self.compression.due(self.cells())
-
-    def merge(self, stop=None, teacher: bool = False) -> bool:
-        """Merge the sequence down to the budget now, if due; True if it merged. `stop()`, asked
-        between chunks of the repeat pass, ends it early (False): the cache is as it was, and
-        what was scored is kept for the next try. On any error too the cache is unchanged.
-        `teacher`: nobody waits for this merge (idle time), so it scores by the repeat pass even
-        where a predictor would do (SequenceCompressor.merge)."""
-        self.stop_background_merge()
-        if not self.merge_due():
-            return False
-        try:
-            self._merge(foreground=False, stop=stop, teacher=teacher)
-        except MergeInterrupted:
-            return False
-        return True
-
-    def _merge(self, foreground: bool, stop=None, teacher: bool = False) -> None:
-        t0 = time.perf_counter()
-        if teacher and self.engine.room(self, reserved=False) < self.compression.room(self.model, teacher):
-            teacher = False  # no free room for the teacher's pass: the predictor, rather than evict anyone
-        need = self.compression.room(self.model, teacher)
-        if need and self.engine.room(self, reserved=False) < need and \
-                not self.engine.make_room(need, keep=self, reserved=False):
-            raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
-                              f"held by conversations that are replying")
-        progress = (lambda d, t: self._progress("merge", d, t)) if foreground else None
-        self.compression.merge(self.ctx, self.tokens_by_pos, self.labels_by_pos, self.seq_id, stop=stop,
-                               progress=progress, teacher=teacher)
-        self.engine.learned()  # the merge may have taught the engine's learner enough
-        if foreground:
-            self.stats.merges += 1
-            self.stats.merge_seconds += time.perf_counter() - t0
-        else:
-            self.stats.background_merges += 1
-            self.stats.background_merge_seconds += time.perf_counter() - t0
-
-    def merge_in_background(self, delay: float = 0.0) -> bool:
-        """Start the due merge, after `delay` seconds, on a thread that owns the context while it
-        runs (the chat's idle time while the user reads and types); True if one started. Any
-        other call on this conversation first stops it at the next chunk boundary (the cache
-        stays consistent, and it resumes from its progress at the next idle time)."""
-        if not self.merge_due():
-            return False
-        self._bg_cells = self.cells()
-        self._bg = _BackgroundMerge(self, delay)
-        self._bg.start()
-        return True
-
-    def merging_in_background(self) -> bool:
-        return self._bg is not None and not self._bg.done.is_set()
-
-    def stop_background_merge(self) -> None:
-        """Stop a background merge at its next chunk boundary and wait for it (Ctrl-C cannot cut it
-        short: the context must be the caller's again before anything else touches it)."""
-        bg, self._bg = self._bg, None
-        if bg is None:
-            return
-        bg.stop.set()
-        interrupted = False
-        while not bg.done.is_set():  # not Thread.join: a Ctrl-C inside it can leave is_alive() False too early
-            try:
-                bg.done.wait(0.2)
-            except KeyboardInterrupt:
-                interrupted = True
-        if bg.error is not None:
-            self.merge_error = bg.error
-        if interrupted:
-            raise KeyboardInterrupt
-
     def _progress(self, what: str, done: int, total: int, note: str = "") -> None:
         if self.on_progress is not None:
             self.on_progress(what, done, total, note)
@@ -418,119 +357,6 @@ class Conversation:
             logits = self.ctx.decode(unit[a:a + step], self.pos + a, self.seq_id)
             self._progress("prefill", done + min(a + step, len(unit)), total)
         return logits
-
-    def _sample(self, logits: np.ndarray) -> int:
-        return (self._reply_sampler or self.sampler).sample(logits)
-
-    def reply(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
-              stop: list[str] | tuple[str, ...] = ()):
-        """Generate the assistant's reply, yielding text pieces as they come: at most `max_tokens`
-        (default the session's max_reply), drawn with `params` for this reply only (default the
-        session's sampler), ended before the first of the `stop` strings (which it leaves out).
-        `finish_reason` then says "stop" (end of generation or a stop string) or "length".
-
-        Stopping early -- closing the generator, Ctrl-C, an exception anywhere, or starting the
-        next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
-        positions, labels and messages consistent: the next turn continues as if the reply had
-        ended there. (After a stop string the cache keeps the tokens that spelled it.)"""
-        gen = self._generate(self.reply_stream(max_tokens, params, stop))
-        self._active_reply = gen
-        return gen
-
-    def reply_stream(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
-                     stop: list[str] | tuple[str, ...] = ()) -> ReplyStream:
-        """The reply as a ReplyStream (see `reply` for the arguments): its owner decodes each
-        token, alone or in a batch with other sequences' (serve's worker)."""
-        self._finish_reply()
-        if self.last_logits is None:
-            raise SessionError("no user turn to reply to")
-        if params is not None:
-            try:
-                params.check()
-            except sampling.SamplingError as e:
-                raise SessionError(str(e)) from None
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise SessionError(f"max_tokens {max_tokens!r} must be an integer >= 1")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise SessionError("each stop string must be a non-empty string")
-        self._reply_sampler = None if params is None else sampling.Sampler(
-            self.model.n_vocab, params, banned=self.model.end_of_generation_tokens() if params.ignore_eos else None)
-        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop))
-        self.last_logits, self.finish_reason = None, "length"
-        self._active_stream = stream
-        return stream
-
-    def _finish_reply(self) -> None:
-        """Make the context this call's: close a reply generator that was left suspended (its
-        `finally` records the reply) and stop a background merge at its next chunk boundary."""
-        gen, self._active_reply = self._active_reply, None
-        stream, self._active_stream = self._active_stream, None
-        if gen is not None:
-            gen.close()
-        if stream is not None:
-            stream.close()
-        self.stop_background_merge()
-
-    def _generate(self, stream: ReplyStream):
-        """Conversation.reply's generator: the stream's tokens decoded one at a time."""
-        try:
-            while True:
-                tok = stream.next_token()
-                if tok is None:
-                    break
-                piece = stream.accept(tok, self.ctx.decode([tok], self.pos, self.seq_id))
-                if piece:
-                    yield piece
-                if stream.done:
-                    break
-            rest = stream.tail()
-            if rest:
-                yield rest
-        finally:
-            stream.close()
-
-    def _release_reply(self, stream: ReplyStream) -> None:
-        if self._active_stream is stream:
-            self._active_stream = self._active_reply = None
-        if self._reply_sampler is not None:
-            self._reply_sampler.close()
-            self._reply_sampler = None
-
-    def _reply_abandoned(self, stream: ReplyStream) -> None:
-        """A reply closed before its first token: the turn can still be replied to."""
-        self._release_reply(stream)
-        self.last_logits, self.finish_reason = stream.logits, None
-
-    def _took_token(self) -> None:
-        """The reply's token was decoded at self.pos."""
-        self.pos += 1
-
-    def _reply_ended(self, stream: ReplyStream, text: str, generated: list[int], seconds: float) -> None:
-        """The reply `stream` ended with `text` (its tokens `generated`): it becomes the conversation's."""
-        # A stop that lands between a token's decode and its bookkeeping leaves that token in the
-        # cache at self.pos: drop it, so the cache ends exactly where positions and text do.
-        self.ctx.truncate(self.pos, self.seq_id)
-        self._release_reply(stream)
-        self.finish_reason = stream.finish_reason
-        self.stats.decode_seconds += seconds
-        self.stats.generated_tokens += len(generated)
-        self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
-        self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
-        self.messages = self.messages + [("assistant", text)]
-        self.cached_text += text
-        self.last_reply_tokens = len(generated)
-        if self._keys is not None:  # as chat_api keys the reply when a client sends it back
-            self._keys = self._keys + [("assistant", text, ())]
-        self.idle_since = time.monotonic()
-        self._after_reply()
-
-    def _after_reply(self) -> None:
-        """The hook for the owner of the context once a reply has ended: a Session merges in the
-        background here; the server's worker merges idle slots in its own idle steps."""
-
-    def chat(self, text: str, images: list | tuple = ()) -> str:
-        self.add_user_turn(text, images)
-        return "".join(self.reply())
 
     def add_assistant_turn(self, text: str) -> int:
         """Decode an assistant message the caller supplies (a history resent by an API client) as
@@ -552,52 +378,7 @@ class Conversation:
         self._keys = None
         return prepared.n_pos
 
-    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
-                               temperature: float | None = None, top_p: float | None = None,
-                               top_k: int | None = None, min_p: float | None = None,
-                               repeat_penalty: float | None = None, seed: int | None = None,
-                               stop: str | list[str] | None = None, stream: bool = False):
-        """llama-cpp-python's `Llama.create_chat_completion` on this session: `messages` is the
-        whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
-        with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
-        the one in the cache decodes only its new messages (llama-server's cache_prompt); any
-        other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
-        positions the cache held already (OpenAI's field). Sampling settings left None are the
-        session's. The caller names local image files freely (it is this process)."""
-        return chat_api.create_chat_completion(
-            self, messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes), max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-            seed=seed, stop=stop, stream=stream)
-
-    def held_prefix(self, keys: list) -> int:
-        """How many of a request's turn keys (chat_api.Turn.key) the cache holds as its beginning,
-        when the request extends them (0: it would start afresh)."""
-        own = self._keys
-        return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
-
-    def feed(self, turns: list) -> tuple[int, int]:
-        """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
-        cached turns if they are its beginning, else start afresh; decode the rest. Returns
-        (positions the cache held already, positions decoded now)."""
-        keys = [t.key for t in turns]
-        self._finish_reply()
-        cached = self._keys
-        if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
-            self.reset()
-            self.messages, self._keys = [], []
-        held, decoded = self.pos, 0
-        for turn in turns[len(self._keys):]:
-            keys = self._keys
-            if turn.role == "system":
-                self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
-            elif turn.role == "assistant":
-                decoded += self.add_assistant_turn(turn.text)
-            else:
-                decoded += self.add_user_turn(segments=list(turn.segments))
-            self._keys = keys + [turn.key]
-        return held, decoded
-
-    # -- statistics and persistence ------------------------------------------------------------
+    # -- statistics ------------------------------------------------------------------------------
 
     def report(self) -> dict:
         merging = self.merging_in_background()
@@ -612,81 +393,3 @@ class Conversation:
                 "merge_seconds": s.merge_seconds, "background_merges": s.background_merges,
                 "background_merge_seconds": s.background_merge_seconds, "merging_in_background": merging,
                 "schedule": self.engine.schedule, "method": self.method_name}
-
-    def save(self, path: str | Path) -> None:
-        self._finish_reply()
-        header = {"model": policy_mod.fingerprint(self.model_path), "kv_type": self.kv_type,
-                  "messages": [list(m) for m in self.messages], "cached_text": self.cached_text, "pos": self.pos,
-                  "labels": self.labels_by_pos.tolist(), "tokens": self.tokens_by_pos.tolist(),
-                  "label_names": self.labels.names,
-                  "stats": dataclasses.asdict(self.stats)}
-        state = self.ctx.state(self.seq_id) if self.pos else b""
-        logits = self.last_logits.astype(np.float32).tobytes() if self.last_logits is not None else b""
-        bias = self._bias()
-        session_file.write(path, header, state, logits, b"" if bias is None else bias.astype(np.float32).tobytes())
-
-    def load(self, path: str | Path) -> None:
-        """Resume a saved session; on any problem the current one is left as it was."""
-        self._finish_reply()
-        try:
-            h, state, logits, bias = session_file.read(path, tuple(f.name for f in dataclasses.fields(SessionStats)),
-                                                       optional_stats=("background_merges", "background_merge_seconds"))
-        except session_file.SessionFileError as e:
-            raise SessionError(str(e)) from None
-        if h["model"] != policy_mod.fingerprint(self.model_path):
-            raise SessionError(f"{path}: saved with another model ({h['model']['name']!r})")
-        if h["kv_type"] != self.kv_type:
-            raise SessionError(f"{path}: saved with a {h['kv_type']} cache, this session uses {self.kv_type}")
-        if logits and len(logits) != 4 * self.model.n_vocab:
-            raise SessionError(f"{path}: invalid session file: logits for {len(logits) // 4} tokens, the model has "
-                               f"{self.model.n_vocab}")
-        if bool(state) != bool(h["pos"]):
-            raise SessionError(f"{path}: invalid session file: 'pos' {h['pos']} and the cache disagree")
-        snap = self._snapshot()
-        try:
-            if state:
-                self.ctx.set_state(state, self.seq_id)
-            else:
-                self.ctx.clear(self.seq_id)
-            if state and self.ctx.next_pos(self.seq_id) != h["pos"]:
-                raise SessionError(f"{path}: invalid session file: the cache ends at position "
-                                   f"{self.ctx.next_pos(self.seq_id) - 1}, the header says {h['pos'] - 1}")
-            lay = kv_cache.layout(self.ctx)
-            want = lay.n_layer * lay.n_head_kv * self.cells()
-            if bias and len(bias) != 4 * want:
-                raise SessionError(f"{path}: invalid session file: a slot bias of {len(bias) // 4} values, the cache "
-                                   f"needs {want}")
-            self._set_bias(np.frombuffer(bias, np.float32).reshape(lay.n_layer, lay.n_head_kv, -1) if bias else None)
-        except FlowMMError as e:
-            self._restore(snap)
-            if isinstance(e, SessionError):
-                raise
-            raise SessionError(f"{path}: llama.cpp refused the saved cache (is --ctx smaller than when it was saved?)") from None
-        self.messages = [tuple(m) for m in h["messages"]]
-        self.cached_text, self.pos = h["cached_text"], h["pos"]
-        self.labels_by_pos = np.asarray(h["labels"], np.int32)
-        self.tokens_by_pos = np.asarray(h.get("tokens") or [-1] * h["pos"], np.int32)
-        self.compression.reset()  # the next merge repeats the loaded text once
-        self.labels.names = list(h["label_names"])
-        self.stats = SessionStats(**h["stats"])
-        self.last_logits = np.frombuffer(logits, np.float32).copy() if logits else None
-
-
-class _BackgroundMerge(threading.Thread):
-    """A conversation's due merge on a thread of its own; `stop` ends it at a chunk boundary."""
-
-    def __init__(self, conv: Conversation, delay: float = 0.0):
-        super().__init__(name=f"flowmm-merge-{conv.seq_id}", daemon=True)
-        self.conv, self.stop, self.done, self.error = conv, threading.Event(), threading.Event(), None
-        self.delay = delay
-
-    def run(self) -> None:
-        try:
-            if not self.stop.wait(self.delay):
-                self.conv._merge(foreground=False, stop=self.stop.is_set, teacher=True)  # idle time: the teacher
-        except MergeInterrupted:
-            pass
-        except Exception as e:  # the cache is as it was; the next turn merges in the foreground if it must
-            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, FlowMMError) else str(e)
-        finally:
-            self.done.set()  # the context is the conversation's again

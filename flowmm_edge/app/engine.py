@@ -203,9 +203,10 @@ class Engine:
                 self.learner = self_distillation.ImportanceLearner.for_context(
                     policy_mod.fingerprint(self.model_path), self.ctx,
                     rope_pairing(runtime.llama_cpp.llama_model_rope_type(self.model.ptr)))
-                say_once(f"flowmm: learning an importance predictor for {self.model_label} from the repeat passes "
-                         f"of its merges after the replies (about {self_distillation.MIN_TOKENS} tokens); until "
-                         f"then each merge scores by the repeat pass. `calibrate --distill 16` makes one ahead of time")
+                say_once(f"flowmm: no importance predictor for {self.model_label}: each merge scores by the repeat "
+                         f"pass after the reply (about 2-3x a prefill), and learning one from those passes "
+                         f"(used once it ranks as well as the shipped one); `calibrate --distill 16 --out P` "
+                         f"makes one ahead of time")
         except BaseException:
             self.close()
             raise
@@ -272,6 +273,28 @@ class Engine:
     # ends (its turn and reply): the cells it has not taken yet are held back from the others, so a
     # prefill interleaved with another's never takes the room the other was admitted with. The
     # owner itself may grow past its claim into unclaimed cells (an estimate that fell short).
+
+    def claim_turn(self, conv, keeps: bool, new: int, replies_active: bool, step: int) -> bool:
+        """Whether a turn of `new` positions (an estimate) can start on `conv` now, which keeps
+        its cells (`keeps`) or starts afresh; if so, `conv` claims its room: the new positions
+        and the reply's reserve, or, for a method that merges, at least room to merge down to
+        the budget and go on by `step` positions (the turn then merges as it goes). Room is made
+        by merging idle conversations whose merge is due; an idle one is evicted only when
+        waiting for the replying ones could not help (none is replying, or the method never
+        merges). False: the turn waits."""
+        kept = conv.cells() if keeps else 0  # a conversation that starts afresh gives its cells back first
+        freed = conv.cells() - kept
+        want = new + self.reserve
+        merging = conv.compression.enabled
+        least = min(want, max(0, self.budget_cells - kept) + min(new, step) + self.reserve) if merging else want
+        room = self.room(conv, reserved=False) + freed
+        if room < least:
+            self.make_room(least - freed, keep=conv, reserved=False, evict=not replies_active or not merging)
+            room = self.room(conv, reserved=False) + freed
+        if room < least and replies_active:
+            return False  # the replies will end, and their conversations can be merged or evicted then
+        self.claim(conv, kept + max(min(want, room), 0))
+        return True
 
     def claim(self, conv, cells: int) -> None:
         self._claims[conv.seq_id] = (conv, cells)

@@ -183,9 +183,7 @@ class Worker(threading.Thread):
     def __init__(self, engine: Engine, prefill_step: int = PREFILL_STEP):
         super().__init__(name="flowmm-worker", daemon=True)
         self.engine = engine
-        self.slots = [Conversation(engine) for _ in range(engine.n_slots)]
-        for conv in self.slots:
-            conv.prefill_step = prefill_step
+        self.slots = [Conversation(engine, prefill_step=prefill_step) for _ in range(engine.n_slots)]
         self._yielding = False  # inside a chunk boundary's round of the other slots' work
         self.pending: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
@@ -303,28 +301,10 @@ class Worker(threading.Thread):
         return None, None
 
     def _admit(self, job: Job, slot: Conversation) -> bool:
-        """Whether `job` can start on `slot` now, and if so the slot's claim on the shared buffer
-        (Engine.claim): room for its new tokens and the reply, or, for a method that merges, at
-        least room to merge down to its budget and go on by a chunk (the turn then merges as it
-        goes). Room is made by merging idle conversations whose merge is due; an idle one is
-        evicted only when waiting for the replying ones could not help (nothing is replying, or
-        the method never merges). A job that finds no room stays queued."""
-        e = self.engine
+        """Whether `job` can start on `slot` now (Engine.claim_turn: the slot then holds its claim)."""
         held = slot.held_prefix(job.keys)
-        kept = slot.cells() if held else 0  # a slot that starts afresh gives its cells back first
-        freed = slot.cells() - kept
-        new = self._new_tokens(job, held)
-        want = new + e.reserve
-        merging = slot.compression.enabled
-        least = min(want, max(0, e.budget_cells - kept) + min(new, ADMIT_STEP) + e.reserve) if merging else want
-        room = e.room(slot, reserved=False) + freed
-        if room < least:
-            e.make_room(least - freed, keep=slot, reserved=False, evict=not self.active or not merging)
-            room = e.room(slot, reserved=False) + freed
-        if room < least and self.active:
-            return False  # the replies will end, and their conversations can be merged or evicted then
-        e.claim(slot, kept + max(min(want, room), 0))
-        return True
+        return self.engine.claim_turn(slot, keeps=bool(held), new=self._new_tokens(job, held),
+                                      replies_active=bool(self.active), step=ADMIT_STEP)
 
     def _new_tokens(self, job: Job, held: int) -> int:
         """The positions the job's turns beyond the `held` ones add, estimated: their text tokens
@@ -366,19 +346,16 @@ class Worker(threading.Thread):
             if conv is not None:
                 self.engine.release(conv)
             return
-        conv.busy, conv.last_used = True, self.engine.tick()
+        conv.begin_request(self._chunk_boundary(job))
         self._merge_failed.discard(conv.seq_id)
         job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
-        conv.on_progress = self._chunk_boundary(job)
         try:
             held, decoded = conv.feed(job.turns)
             job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop)
         except Exception as e:
-            conv.busy = False
-            conv.on_progress = None
-            self.engine.release(conv)
+            conv.end_request()
             if isinstance(e, Stopped):  # stopped at a chunk boundary; the slot is as before the turn
                 self.counters.cancelled += 1
                 job.send("error", e.status, str(e))
@@ -469,8 +446,7 @@ class Worker(threading.Thread):
         conv = job.conv
         job.stream.close()  # the reply so far becomes the conversation's
         self.active.remove(job)
-        conv.busy, conv.on_progress = False, None
-        self.engine.release(conv)
+        conv.end_request()
         self.counters.generated_tokens += getattr(conv, "last_reply_tokens", 0) or 0
         self.counters.generation_seconds += job.t_decode
         self.counters.merges += max(0, conv.stats.merges - job.merges0)

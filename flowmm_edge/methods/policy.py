@@ -2,12 +2,14 @@
 
     {"schema": "flowmm-edge/policy", "schema_version": 2,
      "model": {"name", "architecture", "n_layer", "n_head", "n_head_kv", "gguf_header_sha256"},
-     "theta": 0.25, "rho": [per layer], "modes": ["cross" | "intra", per layer],
+     "theta": 0.25, "rho": [per layer] | null, "modes": ["cross" | "intra", per layer] | null,
      "method": {FlowMM's parameters}, "calibration": {what it was computed from},
      "predictor": null | {an ImportancePredictor: features, rope_pairing, weights, bias, info}}
 
 Version 2 added the predictor (importance_predictor.py, distilled by `calibrate --distill`);
-version 1 files, which have none, still load.
+version 1 files, which have none, still load. A null rho (a policy self-distillation learned from
+conversations without images: no evidence of the cross-modal flow) means FlowMM estimates rho^l
+from each prompt, as without a policy.
 
 The model fingerprint includes a hash of the GGUF's header and tensor table (everything before
 the tensor data), so a policy never silently applies to another model or another quantization.
@@ -56,18 +58,19 @@ def fingerprint(model_path: str | Path) -> dict:
 class Policy:
     model: dict
     theta: float
-    rho: list[float]
+    rho: list[float] | None  # None: estimated from each prompt
     method: dict
     calibration: dict
     predictor: ImportancePredictor | None = None
 
     @property
-    def modes(self) -> list[str]:
-        return ["cross" if r >= self.theta else "intra" for r in self.rho]
+    def modes(self) -> list[str] | None:
+        return None if self.rho is None else ["cross" if r >= self.theta else "intra" for r in self.rho]
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": self.model, "theta": self.theta,
-                "rho": [float(r) for r in self.rho], "modes": self.modes, "method": self.method,
+                "rho": None if self.rho is None else [float(r) for r in self.rho], "modes": self.modes,
+                "method": self.method,
                 "calibration": self.calibration,
                 "predictor": None if self.predictor is None else self.predictor.to_json()}
 
@@ -107,7 +110,8 @@ def load(path: str | Path) -> Policy:
     if data.get("schema_version") not in READABLE_VERSIONS:
         raise PolicyError(f"{p}: policy schema version {data.get('schema_version')!r} is not one of "
                           f"{', '.join(map(str, READABLE_VERSIONS))}")
-    for key, kind in (("model", dict), ("theta", (int, float)), ("rho", list), ("method", dict), ("calibration", dict)):
+    for key, kind in (("model", dict), ("theta", (int, float)), ("rho", (list, type(None))), ("method", dict),
+                      ("calibration", dict)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
             raise PolicyError(f"{p}: '{key}' is missing or of the wrong type")
     model = data["model"]
@@ -115,9 +119,9 @@ def load(path: str | Path) -> Policy:
         if key not in model:
             raise PolicyError(f"{p}: the model fingerprint lacks '{key}'")
     rho, theta = data["rho"], data["theta"]
-    if len(rho) != model["n_layer"]:
+    if rho is not None and len(rho) != model["n_layer"]:
         raise PolicyError(f"{p}: rho has {len(rho)} values for a model of {model['n_layer']} layers")
-    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 <= r <= 1 for r in rho):
+    if rho is not None and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 <= r <= 1 for r in rho):
         raise PolicyError(f"{p}: rho values must be finite numbers in [0, 1]")
     if not (math.isfinite(theta) and 0 <= theta <= 1):
         raise PolicyError(f"{p}: theta {theta} is not in [0, 1]")
@@ -130,7 +134,8 @@ def load(path: str | Path) -> Policy:
         if predictor.weights.shape[:2] != (model["n_layer"], model["n_head_kv"]):
             raise PolicyError(f"{p}: the predictor's weights {tuple(predictor.weights.shape)} do not fit a model of "
                               f"{model['n_layer']} layers and {model['n_head_kv']} KV heads")
-    policy = Policy(model=model, theta=float(theta), rho=[float(r) for r in rho], method=data["method"],
+    policy = Policy(model=model, theta=float(theta), rho=None if rho is None else [float(r) for r in rho],
+                    method=data["method"],
                     calibration=data["calibration"], predictor=predictor)
     if "modes" in data and data["modes"] != policy.modes:
         raise PolicyError(f"{p}: 'modes' disagree with rho and theta")

@@ -40,7 +40,7 @@ def base_name(name: str) -> str:
 def resolve(name: str | Method, policy=None) -> tuple[Method, np.ndarray | None]:
     """(a fresh method object, rho^l from the policy or None) for a name. A Method instance (a
     caller's own configuration) is returned as it is, with the policy's rho if it is FlowMM."""
-    rho = None if policy is None else np.asarray(policy.rho, dtype=np.float64)
+    rho = None if policy is None or policy.rho is None else np.asarray(policy.rho, dtype=np.float64)
     if isinstance(name, Method):
         return name, rho if name.name == "flowmm" else None
     base, _, variant = name.partition(":")

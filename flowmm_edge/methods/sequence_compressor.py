@@ -142,7 +142,7 @@ class SequenceCompressor:
                 self.learner.observe(ctx, seq_id, scored, np.setdiff1d(self.repeats.repeated, before))
         report = comp.compress(ctx, labels, seq_id)
         if self.learner is not None and report.rho_source == "prompt":
-            self.learner.add_rho(report.rho)
+            self.learner.add_rho(report.rho, labels)
         self._observed = None
         return report
 

@@ -1,0 +1,56 @@
+"""llama-cpp-python's and OpenAI's view of a conversation: `create_chat_completion` over the
+whole message list, decoding only what the cache does not hold yet (llama-server's
+cache_prompt), and which slot holds a request's prefix. Mixed into conversation.Conversation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import chat_api
+
+
+class PrefixReuse:
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None,
+                               temperature: float | None = None, top_p: float | None = None,
+                               top_k: int | None = None, min_p: float | None = None,
+                               repeat_penalty: float | None = None, seed: int | None = None,
+                               stop: str | list[str] | None = None, stream: bool = False):
+        """llama-cpp-python's `Llama.create_chat_completion` on this session: `messages` is the
+        whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
+        with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
+        the one in the cache decodes only its new messages (llama-server's cache_prompt); any
+        other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
+        positions the cache held already (OpenAI's field). Sampling settings left None are the
+        session's. The caller names local image files freely (it is this process)."""
+        return chat_api.create_chat_completion(
+            self, messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes), max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+            seed=seed, stop=stop, stream=stream)
+
+    def held_prefix(self, keys: list) -> int:
+        """How many of a request's turn keys (chat_api.Turn.key) the cache holds as its beginning,
+        when the request extends them (0: it would start afresh)."""
+        own = self._keys
+        return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
+
+    def feed(self, turns: list) -> tuple[int, int]:
+        """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
+        cached turns if they are its beginning, else start afresh; decode the rest. Returns
+        (positions the cache held already, positions decoded now)."""
+        keys = [t.key for t in turns]
+        self._finish_reply()
+        cached = self._keys
+        if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
+            self.reset()
+            self.messages, self._keys = [], []
+        held, decoded = self.pos, 0
+        for turn in turns[len(self._keys):]:
+            keys = self._keys
+            if turn.role == "system":
+                self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
+            elif turn.role == "assistant":
+                decoded += self.add_assistant_turn(turn.text)
+            else:
+                decoded += self.add_user_turn(segments=list(turn.segments))
+            self._keys = keys + [turn.key]
+        return held, decoded
