@@ -5,6 +5,12 @@ token, and whether the answers keep each conversation's fact.
 
     .venv/bin/python scripts/bench_serve.py [--conversations 16] [--ctx 2048] [--budget 64]
                                             [--markdown docs/runs/bench-serve.md --json docs/runs/bench-serve.json]
+    .venv/bin/python scripts/bench_serve.py --streams 1,2,4,8 [--stream-tokens 64] [--peer]
+
+With --streams, instead: K concurrent streams of --stream-tokens tokens each (ignore_eos) for each
+K, one server of -np max(K): aggregate and per-stream tokens/s, time to first token p50/p95 and
+peak RSS; --peer runs stock llama-server (scripts/build_llama_server.py, the same pinned source
+built for this CPU) with the same model, -c, -np and -t beside it in the same run.
 
 Each conversation opens with a document of about --doc-tokens tokens holding one planted fact
 (the suite's single-number family, flowmm_edge/evaluation/ruler_tasks.py: "the special magic
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
 import statistics
@@ -138,48 +145,72 @@ def peak_rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def start_server(args, extra: list[str]):
-    """`serve` on a free loopback port; returns (process, url) once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "flowmm_edge", "serve", "--port", str(port), *extra,
-           *(["-m", args.model] if args.model else []), *(["-t", str(args.threads)] if args.threads else [])]
+def launch(cmd: list[str], name: str):
+    """Start a server on the loopback port in `cmd`'s --port; returns (process, url) once /health answers."""
+    port = cmd[cmd.index("--port") + 1]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"{name} exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
-            time.sleep(0.1)
-    raise SystemExit("the server did not come up")
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{name} did not come up")
 
 
-def streams(args) -> list[dict]:
+def start_server(args, extra: list[str]):
+    """`serve` on a free loopback port."""
+    return launch([sys.executable, "-m", "flowmm_edge", "serve", "--port", str(free_port()), *extra,
+                   *(["-m", args.model] if args.model else []), *(["-t", str(args.threads)] if args.threads else [])],
+                  "the server")
+
+
+def start_llama_server(args, n_slots: int):
+    """Stock llama-server (scripts/build_llama_server.py) with the same model, -c, -np and -t."""
+    import build_llama_server
+    from flowmm_edge.models import default_model
+
+    binary = build_llama_server.build(jobs=os.cpu_count() or 2)
+    return launch([str(binary), "-m", str(args.model or default_model.ensure()), "--host", "127.0.0.1",
+                   "--port", str(free_port()), "-c", str(args.stream_ctx), "-np", str(n_slots),
+                   *(["-t", str(args.threads)] if args.threads else [])], "llama-server")
+
+
+def streams(args, server: str = "flowmm-edge") -> list[dict]:
     """K streams at once (K in --streams), each a short prompt and --stream-tokens tokens
     (ignore_eos), in one server of -np max(K) -c --stream-ctx: aggregate and per-stream decode
-    tokens/s (from each stream's first to its last token), time to first token p50/p95, peak RSS."""
+    tokens/s (from each stream's first to its last token), time to first token p50/p95, peak RSS.
+    `server`: flowmm-edge's serve (the full cache: nothing to merge in these short streams) or
+    stock llama-server with the same model and settings."""
     ks = [int(k) for k in args.streams.split(",")]
-    proc, url = start_server(args, ["-c", str(args.stream_ctx), "-np", str(max(ks)), "--method", "full",
-                                    "-n", str(args.stream_tokens)])
+    if server == "llama-server":
+        proc, url = start_llama_server(args, max(ks))
+    else:
+        proc, url = start_server(args, ["-c", str(args.stream_ctx), "-np", str(max(ks)), "--method", "full",
+                                        "-n", str(args.stream_tokens)])
     out = []
     try:
         def one(k: int, res: list):
             body = {"messages": [{"role": "user", "content": f"Count slowly from {k} upwards, one number a line."}],
                     "max_tokens": args.stream_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
-            t0, first, last, n = time.monotonic(), None, None, 0
+            t0, first, last, n, pieces = time.monotonic(), None, None, 0, 0
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=args.time_limit) as r:
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
-                    if not chunk["choices"]:
+                    if chunk.get("usage"):
                         n = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"][0]["delta"].get("content"):
+                    if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
                         first = first or time.monotonic()
                         last = time.monotonic()
+                        pieces += 1
+            n = n or pieces
             res.append({"ttft": first - t0, "tokens": n, "span": last - first, "start": first, "end": last})
 
         one(0, [])  # warm up
@@ -193,10 +224,11 @@ def streams(args) -> list[dict]:
             wall = max(r["end"] for r in res) - min(r["start"] for r in res)
             ttft = sorted(r["ttft"] for r in res)
             q = statistics.quantiles(ttft, n=20)[18] if len(ttft) >= 2 else ttft[0]
-            out.append({"streams": k, "aggregate_tok_s": sum(r["tokens"] - 1 for r in res) / wall,
+            out.append({"server": server, "streams": k, "aggregate_tok_s": sum(r["tokens"] - 1 for r in res) / wall,
                         "per_stream_tok_s": statistics.mean((r["tokens"] - 1) / r["span"] for r in res),
                         "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": q})
-            print(f"[bench_serve] {k} streams: {out[-1]['aggregate_tok_s']:.1f} tok/s in all", file=sys.stderr)
+            print(f"[bench_serve] {server}, {k} streams: {out[-1]['aggregate_tok_s']:.1f} tok/s in all",
+                  file=sys.stderr)
         rss = peak_rss_mib(proc.pid)
         for row in out:
             row["peak_rss_mib"] = rss
@@ -207,14 +239,16 @@ def streams(args) -> list[dict]:
 
 
 def streams_markdown(rows: list[dict]) -> str:
-    one = rows[0]["aggregate_tok_s"] if rows and rows[0]["streams"] == 1 else None
-    lines = ["| concurrent streams | aggregate tok/s | x one stream | per-stream tok/s | TTFT p50 s | TTFT p95 s | "
-             "peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    ones = {r["server"]: r["aggregate_tok_s"] for r in rows if r["streams"] == 1}
+    peer = {r["streams"]: r["aggregate_tok_s"] for r in rows if r["server"] == "llama-server"}
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "—"  # noqa: E731
+    lines = ["| server | concurrent streams | aggregate tok/s | x one stream | x llama-server | per-stream tok/s | "
+             "TTFT p50 s | TTFT p95 s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['streams']} | {r['aggregate_tok_s']:.1f} | "
-                     f"{r['aggregate_tok_s'] / one:.2f}x | " if one else f"| {r['streams']} | {r['aggregate_tok_s']:.1f} | — | ")
-        lines[-1] += (f"{r['per_stream_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | "
-                      f"{r['peak_rss_mib']:.0f} |")
+        agg = r["aggregate_tok_s"]
+        lines.append(f"| {r['server']} | {r['streams']} | {agg:.1f} | {ratio(agg, ones.get(r['server']))} | "
+                     f"{ratio(agg, peer.get(r['streams']))} | {r['per_stream_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | "
+                     f"{r['ttft_p95_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -254,9 +288,14 @@ def main() -> int:
     ap.add_argument("--streams", default="", help="instead: K concurrent streams for each K listed (1,2,4,8)")
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--stream-ctx", type=int, default=4096)
+    ap.add_argument("--peer", action="store_true", help="with --streams: stock llama-server beside it in the same run "
+                                                        "(built once by scripts/build_llama_server.py)")
     args = ap.parse_args()
     if args.streams:
-        table = streams_markdown(streams(args))
+        rows = streams(args)
+        if args.peer:
+            rows += streams(args, "llama-server")
+        table = streams_markdown(rows)
         print(table)
         if args.markdown:
             args.markdown.write_text(table + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..bindings.prompt import Segment, valid_text
 from ..errors import FlowMMError
 
 ROLES = ("system", "user", "assistant")
+ALIASES = {"developer": "system"}  # OpenAI's current name for the system role
+SYSTEM_FINGERPRINT = "flowmm-edge"  # OpenAI's field: which backend configuration answered
 
 
 class RequestError(FlowMMError):
@@ -86,8 +89,10 @@ def parse_messages(messages, media_policy: MediaPolicy = MediaPolicy()) -> list[
         raise RequestError("messages must be a non-empty list")
     turns: list[Turn] = []
     for m in messages:
+        if isinstance(m, dict) and m.get("role") in ALIASES:
+            m = dict(m, role=ALIASES[m["role"]])
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(f"each message needs a role of {', '.join(ROLES)}")
+            raise RequestError(f"each message needs a role of {', '.join(ROLES + tuple(ALIASES))}")
         segs = _segments(m.get("content"), media_policy)
         if m["role"] != "user" and any(s.kind == "image" for s in segs):
             raise RequestError(f"images go in user messages, not {m['role']} ones")
@@ -114,6 +119,7 @@ def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dic
 
 def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                          "finish_reason": finish_reason}],
             "usage": usage_}
@@ -122,12 +128,80 @@ def completion(cid: str, model: str, content: str, finish_reason: str, usage_: d
 def usage_chunk(cid: str, model: str, usage_: dict) -> dict:
     """The last chunk of a stream asked for with stream_options.include_usage (OpenAI's shape)."""
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [], "usage": usage_}
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage_}
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+class FormatError(RequestError):
+    pass
+
+
+# JSON Schema keywords llama-cpp-python's converter (llama_grammar.json_schema_to_gbnf) reads no
+# constraint from: a schema that uses one is refused (its replies could break it), except integer
+# bounds over a range of at most MAX_INT_RANGE values, which become the equivalent enum.
+UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minProperties",
+              "maxProperties", "uniqueItems", "not", "if", "then", "else", "dependentRequired",
+              "dependentSchemas", "patternProperties", "propertyNames", "contains", "minContains", "maxContains")
+MAX_INT_RANGE = 1000
+
+
+def enforceable(schema, where: str = "schema"):
+    """`schema` with bounded integers as enums; a FormatError naming the first keyword the
+    grammar could not enforce."""
+    if isinstance(schema, list):
+        return [enforceable(s, f"{where}[{i}]") for i, s in enumerate(schema)]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    lo, hi = out.get("minimum"), out.get("maximum")
+    if out.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int) and 0 <= hi - lo < MAX_INT_RANGE \
+            and not set(out) & {"exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const"}:
+        out.pop("minimum"), out.pop("maximum")
+        out["enum"] = list(range(lo, hi + 1))
+    for key in UNENFORCED:
+        if key in out:
+            raise FormatError(f"response_format.json_schema: '{key}' at {where} cannot be enforced by the grammar "
+                              f"(integer bounds within {MAX_INT_RANGE} values can)")
+    for key, value in out.items():
+        if key in ("properties", "$defs", "definitions"):
+            out[key] = {k: enforceable(v, f"{where}.{key}.{k}") for k, v in value.items()} \
+                if isinstance(value, dict) else value
+        elif key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf", "prefixItems"):
+            out[key] = enforceable(value, f"{where}.{key}")
+    return out
+
+
+def grammar_for(response_format) -> str | None:
+    """The GBNF grammar an OpenAI `response_format` asks for: None for text, llama.cpp's JSON
+    grammar for json_object, one made from the schema (llama-cpp-python's json_schema_to_gbnf) for
+    json_schema. Anything else is a FormatError naming what is wrong."""
+    from llama_cpp import llama_grammar
+
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise FormatError("response_format must be an object")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return llama_grammar.JSON_GBNF
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise FormatError("response_format.json_schema.schema must be a JSON Schema object")
+        schema = enforceable(schema)
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:  # the converter's own errors name the unsupported construct
+            raise FormatError(f"response_format.json_schema.schema cannot be turned into a grammar: {e}") from None
+    raise FormatError(f"response_format.type {kind!r} is not one of text, json_object, json_schema")
 
 
 def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy = MediaPolicy(),
@@ -154,7 +228,7 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
 
 
 def _chunks(conv, gen, cid: str, name: str):
-    yield chunk(cid, name, {"role": "assistant"})
+    yield chunk(cid, name, {"role": "assistant", "content": ""})
     for piece in gen:
         yield chunk(cid, name, {"content": piece})
     yield chunk(cid, name, {}, conv.finish_reason)

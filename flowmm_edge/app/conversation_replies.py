@@ -47,8 +47,12 @@ class Replying:
             raise SessionError(f"max_tokens {max_tokens!r} must be an integer >= 1")
         if any(not isinstance(s, str) or not s for s in stop):
             raise SessionError("each stop string must be a non-empty string")
-        self._reply_sampler = None if params is None else sampling.Sampler(
-            self.model.n_vocab, params, banned=self.model.end_of_generation_tokens() if params.ignore_eos else None)
+        try:
+            self._reply_sampler = None if params is None else sampling.Sampler(
+                self.model.n_vocab, params, banned=self.model.end_of_generation_tokens() if params.ignore_eos else None,
+                vocab=self.model.vocab)
+        except sampling.SamplingError as e:
+            raise SessionError(str(e)) from None
         stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop))
         self.last_logits, self.finish_reason = None, "length"
         self._active_stream = stream

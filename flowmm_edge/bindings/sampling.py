@@ -5,6 +5,11 @@ can sample from logits it kept while other decodes (a merge's repeat pass) ran i
 
     s = Sampler(n_vocab, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=1)
     tok = s.sample(logits)      # and remembers tok for the repetition penalty
+
+A grammar (GBNF text, `grammar`; llama-cpp-python's llama_grammar makes it from a JSON schema)
+goes first in the chain (llama_sampler_init_grammar), so only tokens it allows are drawn;
+OpenAI's logit_bias, frequency_penalty and presence_penalty go through llama.cpp's logit-bias and
+penalties samplers.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple = ()        # ((token id, bias), ...), added to those tokens' logits
+    grammar: str | None = None    # GBNF text whose root rule is "root"
 
     def override(self, **settings) -> "SamplingParams":
         """These settings with those given and not None in their place (a request's own)."""
@@ -51,22 +60,43 @@ class SamplingParams:
                 (0.0 <= self.top_p <= 1.0, f"--top-p {self.top_p} is out of range"),
                 (0.0 <= self.min_p <= 1.0, f"--min-p {self.min_p} is out of range"),
                 (np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
-                 f"--repeat-penalty {self.repeat_penalty} is out of range")):
+                 f"--repeat-penalty {self.repeat_penalty} is out of range"),
+                (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty {self.frequency_penalty} is outside [-2, 2]"),
+                (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty {self.presence_penalty} is outside [-2, 2]"),
+                (all(np.isfinite(b) and -100 <= b <= 100 for _, b in self.logit_bias),
+                 "logit_bias values must be numbers in [-100, 100]")):
             if not ok:
                 raise SamplingError(message)
 
 
 class Sampler:
-    def __init__(self, n_vocab: int, params: SamplingParams, banned=None):
+    def __init__(self, n_vocab: int, params: SamplingParams, banned=None, vocab=None):
         """`banned`: token ids never drawn (their logits set to -inf first, as llama.cpp's
-        --ignore-eos biases the end-of-generation tokens)."""
+        --ignore-eos biases the end-of-generation tokens). `vocab`: the model's llama_vocab,
+        needed for a grammar."""
         params.check()
         self.n_vocab, self.params = n_vocab, params
         self._banned = None if banned is None or not len(banned) else np.asarray(banned, np.int64)
+        if any(not 0 <= t < n_vocab for t, _ in params.logit_bias):
+            raise SamplingError(f"logit_bias names a token outside the vocabulary of {n_vocab}")
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._chain = chain
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731  the chain owns what it holds
-        if params.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if params.grammar is not None:
+            if vocab is None:
+                raise SamplingError("a grammar needs the model's vocabulary")
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                raise SamplingError("the grammar does not parse (llama.cpp's GBNF)")
+            add(grammar)
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                *[llama_cpp.llama_logit_bias(int(t), float(b)) for t, b in params.logit_bias])
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty,
+                                                       params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -77,7 +107,6 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed >= 0 else int(np.random.SeedSequence().entropy % 2 ** 32)
             add(llama_cpp.llama_sampler_init_dist(seed % 2 ** 32))
-        self._chain = chain
         self._data = (llama_cpp.llama_token_data * n_vocab)()  # filled in place for every draw
         self._rows = np.ctypeslib.as_array(self._data).view(np.dtype([("id", np.int32), ("logit", np.float32),
                                                                        ("p", np.float32)]))

@@ -1,0 +1,173 @@
+"""What an OpenAI client sends that changes the reply is honoured or refused, never ignored:
+response_format (a grammar in llama.cpp's sampler chain; replies validated by `jsonschema`),
+frequency/presence penalties and logit_bias (llama.cpp's samplers, against numpy's formula),
+refused fields (400 naming the field), the developer role, the stream's first chunk,
+system_fingerprint and CORS. Servers run here on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import numpy as np
+import openai
+import pytest
+
+from flowmm_edge.bindings.sampling import Sampler, SamplingParams
+from test_server import client, server
+
+MSG = [{"role": "user", "content": "Describe a small red fox."}]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["age"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]},
+    {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 1, "maxItems": 3},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+     "required": ["tags"]},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {
+        "x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}, "required": ["point"]},
+    {"type": "object", "properties": {"kind": {"const": "fox"}}, "required": ["kind"]},
+    {"type": "string", "enum": ["yes", "no"]},
+    {"type": "integer", "minimum": 10, "maximum": 99},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 8}},
+     "required": ["a", "b"]},
+    {"type": "object", "properties": {"legs": {"type": "integer", "minimum": 0, "maximum": 8},
+                                      "wild": {"type": "boolean"}}, "required": ["legs", "wild"]},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2},
+    {"type": "object", "properties": {"size": {"enum": ["small", "large"]},
+                                      "colour": {"enum": ["red", "grey"]}}, "required": ["size", "colour"]},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}}, "required": ["n"]},
+    {"type": "object", "properties": {"items": {"type": "array", "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["id"]},
+        "minItems": 1, "maxItems": 2}}, "required": ["items"]},
+    {"type": "object", "properties": {"word": {"type": "string", "pattern": "^[a-z]{1,6}$"}}, "required": ["word"]},
+    {"type": "boolean"},
+    {"type": "object", "properties": {"animal": {"enum": ["fox", "cat"]}, "count": {"type": "integer",
+                                      "minimum": 1, "maximum": 3}}, "required": ["animal", "count"],
+     "additionalProperties": False},
+]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_models):
+    with server(tiny_models, "-c", "1024", "-np", "2", "--budget", "96") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def real(default_model_path, tiny_models):
+    with server(tiny_models, "-m", str(default_model_path), "-c", "2048", "-np", "2", "-n", "64") as proc:
+        yield proc
+
+
+def check_schemas(real, schemas):
+    c = client(real)
+    for k, schema in enumerate(schemas):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{k}", "schema": schema, "strict": True}}
+        r = c.chat.completions.create(model="x", messages=MSG, max_tokens=64, temperature=0, response_format=fmt)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        chunks = c.chat.completions.create(model="x", messages=MSG, max_tokens=64, temperature=0, response_format=fmt,
+                                           stream=True)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_schema_replies_validate_in_both_stream_modes(real):
+    """Nested objects, arrays, enums, required fields, bounded integers (as enums), patterns."""
+    check_schemas(real, [SCHEMAS[i] for i in (1, 7, 16)])
+
+
+@pytest.mark.slow
+def test_every_json_schema_reply_validates_in_both_stream_modes(real):
+    assert len(SCHEMAS) >= 20
+    check_schemas(real, SCHEMAS)
+
+
+def test_json_object_is_json_and_unenforceable_schemas_are_refused(real):
+    r = client(real).chat.completions.create(
+        model="x", max_tokens=256, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Give the colour of a red fox as a JSON object."}])
+    assert r.choices[0].finish_reason == "stop" and json.loads(r.choices[0].message.content) is not None
+    for schema, keyword in (({"type": "number", "minimum": 0.5}, "minimum"),
+                            ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+                            ({"type": "integer", "minimum": 0, "maximum": 10 ** 9}, "minimum")):
+        with pytest.raises(openai.BadRequestError, match=keyword):
+            client(real).chat.completions.create(model="x", messages=MSG, max_tokens=4, response_format={
+                "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+
+
+def test_fields_that_change_the_reply_and_are_not_built_are_refused_by_name(srv):
+    for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+                         ("tool_choice", "required"), ("logprobs", True), ("top_logprobs", 2),
+                         ("functions", [{"name": "f"}])):
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, field: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+    for fmt in ({"type": "sound"}, {"type": "json_schema"}, "json"):
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, "response_format": fmt}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, "logit_bias": {"99999999": 1}}, timeout=60)
+    assert r.status_code == 400 and "logit_bias" in r.text
+    # fields that change nothing are accepted
+    r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": MSG, "max_tokens": 2, "user": "u", "metadata": {"a": "b"}, "store": False,
+                         "tool_choice": "none", "logprobs": False})
+    assert r.status_code == 200
+
+
+def test_developer_role_first_chunk_fingerprint_and_cors(srv):
+    c = client(srv)
+    msgs = [{"role": "developer", "content": "Answer briefly."}, *MSG]
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=4, temperature=0)
+    assert r.system_fingerprint and r.choices[0].message.content is not None
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": msgs, "max_tokens": 4, "stream": True}) as s:
+        first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: "))[6:])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["system_fingerprint"]
+    pre = httpx.options(srv.url + "/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://example.test")
+
+
+def test_the_api_key_is_still_required_after_a_preflight(tiny_models):
+    with server(tiny_models, "-c", "512", "-np", "1", "--api-key", "sesame") as s:
+        pre = httpx.options(s.url + "/v1/chat/completions", headers={
+            "Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 200
+        assert httpx.post(s.url + "/v1/chat/completions", json={"messages": MSG}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            client(s, "wrong").chat.completions.create(model="x", messages=MSG, max_tokens=2)
+
+
+def reference_penalised(logits, history, freq, presence):
+    """llama.cpp's penalties (llama-sampling.cpp): logit -= count * freq + (count > 0) * presence."""
+    out = logits.astype(np.float64).copy()
+    for t, n in zip(*np.unique(history, return_counts=True)):
+        out[t] -= n * freq + presence
+    return out
+
+
+def test_penalties_and_logit_bias_draw_as_llama_cpps_formula_says():
+    rng = np.random.default_rng(0)
+    n = 64
+    for trial in range(20):
+        logits = rng.normal(size=n).astype(np.float32)
+        history = rng.integers(0, n, size=6)
+        freq, presence = rng.uniform(0, 2), rng.uniform(0, 2)
+        s = Sampler(n, SamplingParams(frequency_penalty=freq, presence_penalty=presence))
+        for t in history:
+            s.accept(int(t))
+        want = int(np.argmax(reference_penalised(logits, history, freq, presence)))
+        assert s.sample(logits) == want, trial
+        s.close()
+        bias = {int(t): float(b) for t, b in zip(rng.integers(0, n, 3), rng.uniform(-5, 5, 3))}
+        b = Sampler(n, SamplingParams(logit_bias=tuple(bias.items())))
+        shifted = logits.astype(np.float64).copy()
+        for t, v in bias.items():
+            shifted[t] += v
+        assert b.sample(logits) == int(np.argmax(shifted)), trial
+        b.close()
