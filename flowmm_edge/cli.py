@@ -313,6 +313,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grammar(args: argparse.Namespace) -> str | None:
+    """The GBNF text of --grammar-file, or the grammar of --json-schema (JSON text or a file)."""
+    from .app import chat_api
+
+    if args.grammar_file is not None:
+        try:
+            return args.grammar_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FlowMMError(f"--grammar-file {args.grammar_file}: cannot read it ({e})") from None
+    if args.json_schema is None:
+        return None
+    text = args.json_schema
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        text = Path(text).read_text()
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise FlowMMError(f"--json-schema is not JSON ({e})") from None
+    try:
+        return chat_api.grammar_for({"type": "json_schema", "json_schema": {"schema": schema}})
+    except chat_api.FormatError as e:
+        raise FlowMMError(f"--json-schema: {e}") from None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .bindings import runtime
     from .app.session import Session
@@ -322,7 +346,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sys.stdin.reconfigure(errors="surrogateescape")
     sys.stdout.reconfigure(errors="replace")
     model, mmproj = _model_source(args)
-    session = Session(model, mmproj, **_engine_settings(args),
+    session = Session(model, mmproj, grammar=_grammar(args), **_engine_settings(args),
                       **({} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}))
     with session:
         facts = session.model.facts
@@ -675,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the system message (default: a short 'answer briefly' one; '' for none)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--image", action="append", help="an image for --prompt or the first message (repeatable)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("-j", "--json-schema", help="every reply is JSON valid against this schema (JSON text or a "
+                                                  "file), as llama-cli's --json-schema")
+    form.add_argument("--grammar-file", type=Path, help="every reply follows this GBNF grammar (root rule 'root')")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server; its conversations share one merged KV buffer")

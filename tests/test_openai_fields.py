@@ -171,3 +171,29 @@ def test_penalties_and_logit_bias_draw_as_llama_cpps_formula_says():
             shifted[t] += v
         assert b.sample(logits) == int(np.argmax(shifted)), trial
         b.close()
+
+
+def test_session_and_chat_take_a_schema_for_every_reply(default_model_path, tmp_path):
+    """Session.reply(response_format=) for one reply; chat's --json-schema (llama-cli's) for every
+    reply: the grammar starts afresh at each reply, so the second is valid too."""
+    import subprocess
+    import sys
+
+    from flowmm_edge.app.session import Session
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Berlin"]}}, "required": ["city"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    with Session(default_model_path, n_ctx=1024, max_reply=32, n_threads=2) as s:
+        for question in ("Capital of France?", "Capital of Italy?"):
+            s.add_user_turn(question)
+            jsonschema.validate(json.loads("".join(s.reply(response_format=fmt))), schema)
+    script = tmp_path / "in.txt"
+    script.write_text("Capital of France?\nCapital of Germany?\n/quit\n")
+    r = subprocess.run([sys.executable, "-m", "flowmm_edge", "chat", "-m", str(default_model_path), "-n", "32",
+                        "--json-schema", json.dumps(schema)], stdin=script.open(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    replies = [json.loads(line[line.index("{"):]) for line in r.stdout.splitlines() if "{" in line]
+    assert len(replies) == 2 and [x["city"] for x in replies] == ["Paris", "Berlin"], r.stdout
+    for x in replies:
+        jsonschema.validate(x, schema)

@@ -145,7 +145,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
     def _reset_state(self) -> None:
         if getattr(self, "sampler", None) is not None:
             self.sampler.close()
-        self.sampler = sampling.Sampler(self.model.n_vocab, self.engine.sampling)  # a new conversation draws afresh
+        self.sampler = sampling.Sampler(self.model.n_vocab, self.engine.sampling, vocab=self.model.vocab)  # a new conversation draws afresh
         self.messages: list[tuple[str, str]] = [("system", self.system_prompt)] if self.system_prompt else []
         self.cached_text = ""   # the formatted conversation whose tokens are in the cache
         self.pos = 0            # next position (tokens and image positions seen so far)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from . import chat_api
 from .engine import SessionError
 from .reply_stream import ReplyStream
 from ..bindings import sampling
@@ -17,7 +18,7 @@ class Replying:
         return (self._reply_sampler or self.sampler).sample(logits)
 
     def reply(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
-              stop: list[str] | tuple[str, ...] = ()):
+              stop: list[str] | tuple[str, ...] = (), response_format: dict | None = None):
         """Generate the assistant's reply, yielding text pieces as they come: at most `max_tokens`
         (default the session's max_reply), drawn with `params` for this reply only (default the
         session's sampler), ended before the first of the `stop` strings (which it leaves out).
@@ -27,6 +28,12 @@ class Replying:
         next turn while it is suspended -- keeps what was generated as the reply, and leaves cache,
         positions, labels and messages consistent: the next turn continues as if the reply had
         ended there. (After a stop string the cache keeps the tokens that spelled it.)"""
+        if response_format is not None:  # OpenAI's: a grammar for this reply (chat_api.grammar_for)
+            try:
+                grammar = chat_api.grammar_for(response_format)
+            except chat_api.FormatError as e:
+                raise SessionError(str(e)) from None
+            params = (params or self.engine.sampling).override(grammar=grammar)
         gen = self._generate(self.reply_stream(max_tokens, params, stop))
         self._active_reply = gen
         return gen
@@ -53,6 +60,8 @@ class Replying:
                 vocab=self.model.vocab)
         except sampling.SamplingError as e:
             raise SessionError(str(e)) from None
+        if self._reply_sampler is None and self.engine.sampling.grammar is not None:
+            self.sampler.reset()  # the session's grammar starts at its root for every reply
         stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop))
         self.last_logits, self.finish_reason = None, "length"
         self._active_stream = stream

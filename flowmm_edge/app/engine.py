@@ -118,10 +118,12 @@ class Engine:
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1,
                  schedule: str = REPLY_FIRST, max_image_bytes: int = media.MAX_IMAGE_BYTES,
-                 rpc_servers: str | list[str] | None = None, tensor_split: list[float] | str | None = None):
+                 rpc_servers: str | list[str] | None = None, tensor_split: list[float] | str | None = None,
+                 grammar: str | None = None):
         """`rpc_servers` ("HOST:PORT,..." as llama.cpp's --rpc) are registered before the model
         loads, so `n_gpu_layers` can place layers and their KV cache on them; `tensor_split`
-        shares the offloaded layers between devices (llama.cpp's --tensor-split)."""
+        shares the offloaded layers between devices (llama.cpp's --tensor-split). `grammar`: GBNF
+        text every reply follows (llama-cli's --grammar-file, --json-schema)."""
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name or variant, or an instance configured by the caller (an ablation, say)
@@ -143,7 +145,7 @@ class Engine:
         check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply)
         if not isinstance(n_slots, int) or n_slots < 1:
             raise SessionError(f"--parallel {n_slots} must be >= 1")
-        self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, grammar=grammar)
         try:
             self.sampling.check()
         except sampling.SamplingError as e:

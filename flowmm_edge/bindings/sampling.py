@@ -125,6 +125,10 @@ class Sampler:
         llama_cpp.llama_sampler_accept(self._chain, tok)
         return tok
 
+    def reset(self) -> None:
+        """Start afresh: a grammar at its root rule, an empty penalty history."""
+        llama_cpp.llama_sampler_reset(self._chain)
+
     def accept(self, token: int) -> None:
         """Put a token that was not sampled (the prompt's) into the penalty's history."""
         llama_cpp.llama_sampler_accept(self._chain, int(token))
