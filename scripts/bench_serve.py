@@ -194,9 +194,9 @@ def streams(args, server: str = "flowmm-edge") -> list[dict]:
                                         "-n", str(args.stream_tokens)])
     out = []
     try:
-        def one(k: int, res: list):
+        def one(k: int, res: list, tokens: int | None = None):
             body = {"messages": [{"role": "user", "content": f"Count slowly from {k} upwards, one number a line."}],
-                    "max_tokens": args.stream_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+                    "max_tokens": tokens or args.stream_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             t0, first, last, n, pieces = time.monotonic(), None, None, 0, 0
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=args.time_limit) as r:
@@ -229,9 +229,23 @@ def streams(args, server: str = "flowmm-edge") -> list[dict]:
                         "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": q})
             print(f"[bench_serve] {server}, {k} streams: {out[-1]['aggregate_tok_s']:.1f} tok/s in all",
                   file=sys.stderr)
+        # latency under load: a short request (8 tokens) alone, then while 3 long streams run
+        alone, loaded = [], []
+        for i in range(3):
+            one(100 + i, alone, 8)
+            background: list = []
+            threads = [threading.Thread(target=one, args=(200 + j, background, 4 * args.stream_tokens)) for j in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)  # the three are streaming
+            one(300 + i, loaded, 8)
+            for t in threads:
+                t.join()
         rss = peak_rss_mib(proc.pid)
         for row in out:
             row["peak_rss_mib"] = rss
+            row["short_ttft_alone_s"] = statistics.median(r["ttft"] for r in alone)
+            row["short_ttft_under_3_s"] = statistics.median(r["ttft"] for r in loaded)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -249,6 +263,11 @@ def streams_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['server']} | {r['streams']} | {agg:.1f} | {ratio(agg, ones.get(r['server']))} | "
                      f"{ratio(agg, peer.get(r['streams']))} | {r['per_stream_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | "
                      f"{r['ttft_p95_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+    for server in dict.fromkeys(r["server"] for r in rows):
+        r = next(x for x in rows if x["server"] == server)
+        lines.append(f"\n{server}: a short request's first token {r['short_ttft_alone_s']:.2f} s alone, "
+                     f"{r['short_ttft_under_3_s']:.2f} s while 3 streams run "
+                     f"({r['short_ttft_under_3_s'] / r['short_ttft_alone_s']:.2f}x; median of 3)")
     return "\n".join(lines)
 
 
