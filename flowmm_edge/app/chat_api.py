@@ -117,24 +117,28 @@ def usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
+def _fingerprinted(d: dict, server: bool) -> dict:
+    """OpenAI's system_fingerprint on what the server sends (llama-cpp-python's dicts have none)."""
+    return {**d, "system_fingerprint": SYSTEM_FINGERPRINT} if server else d
+
+
+def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict, server: bool = False) -> dict:
+    return _fingerprinted({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                          "finish_reason": finish_reason}],
-            "usage": usage_}
+            "usage": usage_}, server)
 
 
-def usage_chunk(cid: str, model: str, usage_: dict) -> dict:
+def usage_chunk(cid: str, model: str, usage_: dict, server: bool = False) -> dict:
     """The last chunk of a stream asked for with stream_options.include_usage (OpenAI's shape)."""
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [], "usage": usage_}
+    return _fingerprinted({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                           "choices": [], "usage": usage_}, server)
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, server: bool = False) -> dict:
+    return _fingerprinted({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                        "finish_reason": finish_reason}]}, server)
 
 
 class FormatError(RequestError):
@@ -228,7 +232,7 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
 
 
 def _chunks(conv, gen, cid: str, name: str):
-    yield chunk(cid, name, {"role": "assistant", "content": ""})
+    yield chunk(cid, name, {"role": "assistant"})  # llama-cpp-python's first delta (the server adds content "")
     for piece in gen:
         yield chunk(cid, name, {"content": piece})
     yield chunk(cid, name, {}, conv.finish_reason)

@@ -615,7 +615,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     job.taken += 1
                 else:
                     return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
-                                               chat_api.usage(prompt[0], prompt[1], rest[1]))
+                                               chat_api.usage(prompt[0], prompt[1], rest[1]), server=True)
         finally:
             job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
 
@@ -632,17 +632,17 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
 
         async def events():
             try:
-                yield json.dumps(chat_api.chunk(cid, model_name, {"role": "assistant", "content": ""}))
+                yield json.dumps(chat_api.chunk(cid, model_name, {"role": "assistant", "content": ""}, server=True))
                 while True:
                     kind, *rest = await job.events.get()
                     if kind == "piece":
                         job.taken += 1
-                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}))
+                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}, server=True))
                     elif kind == "done":
-                        yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0]))
+                        yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0], server=True))
                         if include_usage:
                             yield json.dumps(chat_api.usage_chunk(cid, model_name,
-                                                                  chat_api.usage(prompt[0], prompt[1], rest[1])))
+                                                                  chat_api.usage(prompt[0], prompt[1], rest[1]), server=True))
                         yield "[DONE]"
                         return
                     else:
