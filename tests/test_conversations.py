@@ -77,3 +77,21 @@ def test_a_merge_repeat_pass_uses_only_the_cells_other_conversations_leave(tiny_
         b.chat(long_turn)  # decodes in what a leaves, then repeats it there before merging
         assert a.cells() <= 48 + 6 and b.cells() <= 48 + 6 and b.stats.merges == 1
         assert a.stats.evictions == 0
+
+
+def test_a_method_name_is_resolved_once_per_sequence_not_per_merge(tiny_models, monkeypatch):
+    """The registry turns --method into a method object when the sequence's compression is made;
+    observing, merging and merging again reuse it (counted at the registry)."""
+    from flowmm_edge.methods import registry, sequence_compressor
+
+    calls = []
+    real = registry.resolve
+    monkeypatch.setattr(sequence_compressor.registry, "resolve", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "snapkv")) as engine:
+        conv = Conversation(engine)
+        before = len(calls)
+        for _ in range(3):
+            conv.add_user_turn("the cat sat on the mat and " * 12)
+            list(conv.reply())
+            conv.merge()
+        assert conv.stats.merges + conv.stats.background_merges >= 2 and len(calls) == before

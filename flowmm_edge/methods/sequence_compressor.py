@@ -55,8 +55,8 @@ class SequenceCompressor:
     def use_policy(self, policy) -> None:
         """Merge by `policy` from now on (a predictor learned meanwhile, say); the repeat pass's
         scores so far are kept."""
-        probe, rho = registry.resolve(self._spec, policy)
-        self.policy, self.method, self.name, self.needs = policy, probe, probe.name, probe.needs
+        probe, rho = registry.resolve(self._spec, policy)  # once per policy: a method holds settings, no state
+        self.policy, self.method, self.name, self.needs, self._rho = policy, probe, probe.name, probe.needs, rho
         self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
 
     @property
@@ -78,8 +78,7 @@ class SequenceCompressor:
         return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if repeats else 0
 
     def _fresh(self) -> Compressor:
-        method, rho = registry.resolve(self._spec, self.policy)
-        return Compressor(method, self.budget, rho=rho)
+        return Compressor(self.method, self.budget, rho=self._rho)
 
     @contextlib.contextmanager
     def observing(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
