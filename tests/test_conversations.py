@@ -95,3 +95,15 @@ def test_a_method_name_is_resolved_once_per_sequence_not_per_merge(tiny_models, 
             list(conv.reply())
             conv.merge()
         assert conv.stats.merges + conv.stats.background_merges >= 2 and len(calls) == before
+
+
+def test_a_ratio_budget_is_due_when_the_ratio_would_keep_fewer_cells():
+    """One meaning for a float budget in a sequence's compression: a ratio of the cells it finds
+    (base.resolve_budget's), so a merge is due exactly when that ratio keeps fewer than it holds."""
+    from flowmm_edge.methods.sequence_compressor import SequenceCompressor
+
+    seq = SequenceCompressor("streaming", 0.5)  # needs no observation window
+    assert seq.due(10) and seq.due(3) and not seq.due(1) and not seq.due(0)
+    whole = SequenceCompressor("streaming", 1.0)
+    assert not whole.due(100)
+    assert SequenceCompressor("streaming", 64).due(65) and not SequenceCompressor("streaming", 64).due(64)

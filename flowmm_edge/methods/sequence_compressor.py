@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import numpy as np
 
@@ -111,7 +112,8 @@ class SequenceCompressor:
     def due(self, cells: int) -> bool:
         """Whether the sequence's `cells` are over the budget and a merge can plan now (a method
         that needs an observation window has one)."""
-        if not self.enabled or isinstance(self.budget, float) or cells <= self.budget:
+        keep = math.ceil(self.budget * cells) if isinstance(self.budget, float) else self.budget  # a ratio of what it finds
+        if not self.enabled or cells <= keep:
             return False
         return self._observed is not None or not self._needs_observation
 
