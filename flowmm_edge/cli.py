@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .models import default_model, gguf_file, tiny
+from .models import default_model, gguf_file, glyph, tiny
 from .bindings import native
 from .app import merge_schedule
 from .methods import registry
@@ -506,16 +506,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_families = [f for f in families if f in image_tasks.FAMILIES]
         ruler_tasks.check_families(text_families)  # before the model is loaded
         if image_families and not args.mmproj:
-            from .models import glyph
-
             args.mmproj = str(glyph.ensure(model))  # the constructed projector that reads its pages
         with runtime.Model(model) as m:  # lengths in the model's own tokens
             count = lambda text: len(m.tokenize(text, add_special=False))  # noqa: E731
             task_list = ruler_tasks.generate(text_families, _csv(args.lengths, int), args.per_kind, args.seed,
                                              count_tokens=count) if text_families else []
             if image_families:
-                from .models import glyph
-
                 task_list += image_tasks.generate(image_families, _csv(args.lengths, int), args.per_kind, args.seed,
                                                   glyph.Codebook.load(args.mmproj), m, count_tokens=count)
     task_list = task_list[: args.limit] if args.limit else task_list
@@ -801,6 +797,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("glyph", help="the glyph projector for a text model, and pages it reads (docs/GLYPH.md)")
+    p.add_argument("--text-model", type=Path, default=None, help="text model GGUF (default: the embedded default model)")
+    p.add_argument("--out", type=Path, default=None, help="mmproj file to write (default: the cache, written once)")
+    p.add_argument("--bits", type=int, default=glyph.BITS, help=f"bits per code: 2**bits tokens (default {glyph.BITS})")
+    p.add_argument("--grid", type=int, default=glyph.GRID,
+                   help=f"patches per side: grid**2 tokens a page (default {glyph.GRID})")
+    p.add_argument("--mmproj", type=Path, default=None, help="render with this glyph mmproj (default: the one above)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--render", metavar="TEXT", help="render TEXT as page PNGs")
+    src.add_argument("--render-file", type=Path, metavar="FILE", help="render a file's text as page PNGs")
+    p.add_argument("--png", type=Path, default=Path("glyph.png"), help="first page (later ones: NAME-2.png, ...)")
+    p.set_defaults(func=cmd_glyph)
+
     p = sub.add_parser("info", help="native library, backend and model facts")
     p.add_argument("-m", "--model", help="a text model GGUF to describe (default: the embedded model, if assembled)")
     p.add_argument("--mmproj", help="a vision projector GGUF to describe")
@@ -827,6 +836,36 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
     print(f"rpc-server: this machine's CPU backend at {endpoint} ({args.threads or os.cpu_count()} threads); "
           f"clients: --rpc {endpoint}", file=sys.stderr)
     rpc.serve(endpoint, args.threads)
+    return 0
+
+
+def cmd_glyph(args: argparse.Namespace) -> int:
+    """The glyph projector for a text model (written once into the cache, or to --out); with
+    --render, a text as page PNGs it reads exactly (docs/GLYPH.md)."""
+    from .bindings import runtime
+
+    text_model = args.text_model or default_model.ensure()
+    try:
+        if args.mmproj is not None:
+            mmproj = args.mmproj
+        elif args.out is not None:
+            mmproj = glyph.write_mmproj(text_model, args.out, bits=args.bits, grid=args.grid)
+            print(mmproj)
+        else:
+            mmproj = glyph.ensure(text_model, bits=args.bits, grid=args.grid)
+            print(mmproj)
+        if args.render is not None or args.render_file is not None:
+            runtime.quiet_native_logs()
+            text = args.render if args.render is not None else args.render_file.read_text(encoding="utf-8")
+            book = glyph.Codebook.load(mmproj)
+            with runtime.Model(text_model) as model:
+                tokens = book.tokenize(text, model)
+            for k, page in enumerate(book.pages(tokens)):
+                out = args.png if k == 0 else args.png.with_name(f"{args.png.stem}-{k + 1}{args.png.suffix}")
+                out.write_bytes(book.render(page))
+                print(f"{out}: {len(page)} tokens")
+    except (glyph.GlyphError, OSError) as e:
+        raise FlowMMError(str(e)) from None
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 import gguf
 from PIL import Image
 
+from flowmm_edge import cli
 from flowmm_edge.models import glyph, gguf_file
 from flowmm_edge.bindings import multimodal, runtime
 from flowmm_edge.bindings.multimodal import mtmd_cpp
@@ -137,8 +138,9 @@ def test_pages_and_errors(mmproj, text_model):
         book.render(tokens)
     with pytest.raises(glyph.GlyphError, match="outside the glyph vocabulary: \\[151645\\]"):
         book.render([15, 151645])
-    with pytest.raises(glyph.GlyphError, match="needs its text model"):
-        glyph.render("hello", mmproj)
+    for missing in (None, "model.gguf"):  # the opened model, never a path: models/ does not load llama.cpp
+        with pytest.raises(glyph.GlyphError, match="needs its opened text model"):
+            glyph.render("hello", mmproj, missing)
 
 
 @pytest.mark.parametrize("digits,prompt", [
@@ -184,12 +186,12 @@ def test_a_photo_goes_through_the_glyph_projector(projector, text_model):
 
 def test_the_mmproj_is_deterministic_and_the_cli_renders(default_model_path, mmproj, text_model, tmp_path):
     out = tmp_path / "glyph.gguf"
-    assert glyph.main(["--text-model", str(default_model_path), "--out", str(out)]) == 0
+    assert cli.main(["glyph", "--text-model", str(default_model_path), "--out", str(out)]) == 0
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert digest(out) == digest(mmproj), "the same bytes every run"
     assert out.stat().st_size < 32 << 20
     page = tmp_path / "page.png"
-    assert glyph.main(["--text-model", str(default_model_path), "--mmproj", str(out),
+    assert cli.main(["glyph", "--text-model", str(default_model_path), "--mmproj", str(out),
                        "--render", CLI_TEXT, "--png", str(page)]) == 0
     ids = text_model.tokenize(CLI_TEXT, add_special=False)
     assert glyph.Codebook.load(out).read(page.read_bytes())[:len(ids)] == ids

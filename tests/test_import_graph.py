@@ -62,3 +62,20 @@ def test_no_module_level_import_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+LAYERS = ["models", "bindings", "methods", "app", "evaluation"]  # each may use those before it (ARCHITECTURE.md)
+
+
+def test_no_import_runs_back_up_the_layers_even_inside_a_function():
+    """models/ reads GGUF files and may not reach up into bindings (llama.cpp), methods or app;
+    checked on every import statement, deferred ones in functions included."""
+    offenders = []
+    for path in (ROOT / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and (node.module or "").split(".")[0] in LAYERS[1:]:
+                offenders.append(f"{path.name}:{node.lineno} imports ..{node.module}")
+            if isinstance(node, ast.Import) and any(a.name.startswith(tuple(f"flowmm_edge.{x}" for x in LAYERS[1:]))
+                                                    for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders

@@ -1,7 +1,7 @@
 """Glyph pages: a CLIP `mmproj` that reads, by construction, the text our own renderer draws.
 
-    python -m flowmm_edge.models.glyph --text-model M.gguf --out mmproj-glyph.gguf
-    python -m flowmm_edge.models.glyph --render "Repeat after me: 12345" --png page.png
+    python -m flowmm_edge glyph --text-model M.gguf --out mmproj-glyph.gguf
+    python -m flowmm_edge glyph --render "Repeat after me: 12345" --png page.png
 
 `write_mmproj` builds, deterministically (numpy and gguf only, no training, no download), a
 LLaVA-layout mmproj (projector_type "mlp": patch embedding, position embeddings, pre-layernorm,
@@ -23,11 +23,9 @@ whose pieces are inside (`Codebook.tokenize`). Other vocabularies refuse such to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,12 +247,10 @@ def pages(tokens_or_text, mmproj: str | Path, model=None) -> list[list[int]]:
 
 
 def _model(model):
-    if model is None:
-        raise GlyphError("rendering a text needs its text model (model=): a runtime.Model or a GGUF path")
-    if isinstance(model, (str, Path)):
-        from ..bindings import runtime
-
-        return runtime.Model(model)
+    """The opened text model (anything with llama.cpp's `tokenize`: bindings.runtime.Model); this
+    layer reads GGUF files with gguf-py and never loads llama.cpp itself."""
+    if model is None or isinstance(model, (str, Path)):
+        raise GlyphError("rendering a text needs its opened text model (model=: a bindings.runtime.Model)")
     return model
 
 
@@ -438,50 +434,3 @@ def ensure(text_model_path: str | Path | None = None, out_dir: str | Path | None
         write_mmproj(text_model_path, tmp, bits=bits, grid=grid, sha256=sha)
         tmp.replace(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flowmm_edge.models.glyph", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--text-model", type=Path, default=None, help="text model GGUF (default: the embedded default model)")
-    ap.add_argument("--out", type=Path, default=None, help="mmproj file to write (default: the cache, written once)")
-    ap.add_argument("--bits", type=int, default=BITS, help=f"bits per code: 2**bits tokens (default {BITS})")
-    ap.add_argument("--grid", type=int, default=GRID, help=f"patches per side: grid**2 tokens a page (default {GRID})")
-    ap.add_argument("--mmproj", type=Path, default=None, help="render with this glyph mmproj (default: the one above)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--render", metavar="TEXT", help="render TEXT as page PNGs")
-    src.add_argument("--render-file", type=Path, metavar="FILE", help="render a file's text as page PNGs")
-    ap.add_argument("--png", type=Path, default=Path("glyph.png"), help="first page (later ones: NAME-2.png, ...)")
-    a = ap.parse_args(argv)
-    try:
-        if a.text_model is None:
-            from . import default_model
-
-            a.text_model = default_model.ensure()
-        if a.mmproj is not None:
-            mmproj = a.mmproj
-        elif a.out is not None:
-            mmproj = write_mmproj(a.text_model, a.out, bits=a.bits, grid=a.grid)
-            print(mmproj)
-        else:
-            mmproj = ensure(a.text_model, bits=a.bits, grid=a.grid)
-            print(mmproj)
-        if a.render is not None or a.render_file is not None:
-            from ..bindings import runtime
-
-            runtime.quiet_native_logs()
-            text = a.render if a.render is not None else a.render_file.read_text(encoding="utf-8")
-            book = Codebook.load(mmproj)
-            with runtime.Model(a.text_model) as model:
-                tokens = book.tokenize(text, model)
-            for k, page in enumerate(book.pages(tokens)):
-                out = a.png if k == 0 else a.png.with_name(f"{a.png.stem}-{k + 1}{a.png.suffix}")
-                out.write_bytes(book.render(page))
-                print(f"{out}: {len(page)} tokens")
-    except (GlyphError, FlowMMError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
