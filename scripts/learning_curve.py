@@ -24,35 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from flowmm_edge.app.session import Session
 from flowmm_edge.methods import distillation, policy as policy_mod, self_distillation
-from flowmm_edge.methods.importance_predictor import features, spearman
 from flowmm_edge.models import default_model, gguf_file
 
 SHIPPED_CORPUS_TOKENS = 16 * 2048  # what calibrate --distill 16 cut from the corpus for the shipped predictor
-
-
-def renamed_copy(src: Path, dst: Path) -> Path:
-    """src with general.name's first letter changed: the same weights, another fingerprint."""
-    data = bytearray(src.read_bytes())
-    name = gguf_file.read_text_model(src).name.encode()
-    at = data.find(b"general.name") + len(b"general.name") + 4 + 8
-    assert data[at:at + len(name)] == name, "general.name is not where expected"
-    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
-    dst.write_bytes(bytes(data))
-    return dst
-
-
-def held_back_spearman(learner, predictor) -> float | None:
-    if not learner.held_k or predictor is None:
-        return None
-    n_layer, n_head = learner.held_teacher[0].shape[:2]
-    return float(np.mean([spearman(features(k[l, h].astype(np.float32), predictor.rope_pairing) @ predictor.weights[l, h]
-                                   + predictor.bias[l, h], t[l, h])
-                          for k, t in zip(learner.held_k, learner.held_teacher)
-                          for l in range(n_layer) for h in range(n_head)]))
 
 
 def main() -> int:
@@ -75,7 +52,7 @@ def main() -> int:
         os.environ["FLOWMM_POLICY_DIR"] = str(Path(tmp) / "policies")  # learn afresh, keep nothing
         good = self_distillation.GOOD_SPEARMAN
         self_distillation.GOOD_SPEARMAN = 2.0  # never switch: the curve goes on past the point the chat would
-        model = renamed_copy(Path(src), Path(tmp) / "copy.gguf")
+        model = gguf_file.renamed_copy(src, Path(tmp) / "copy.gguf")
         with Session(model, method="flowmm", budget=512, n_ctx=args.turn_tokens * 2 + 1024, max_reply=1,
                      n_threads=args.threads) as s:
             s.background = False
@@ -93,8 +70,8 @@ def main() -> int:
                 student = learner.fit()[0] if p.n_tokens and learner.held_k else None
                 row = {"turn": turn, "tokens_seen": p.n_tokens, "spans": p.n_documents,
                        "held_back_tokens": p.held_back_tokens,
-                       "student_spearman": held_back_spearman(learner, student),
-                       "shipped_spearman": held_back_spearman(learner, shipped.predictor if shipped else None),
+                       "student_spearman": learner.held_back_spearman(student) if student else None,
+                       "shipped_spearman": learner.held_back_spearman(shipped.predictor) if shipped else None,
                        "turn_s": time.perf_counter() - t0}
                 rows.append(row)
                 if args.save and student is not None and not (args.save / "learned.json").exists() and \

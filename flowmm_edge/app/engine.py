@@ -169,9 +169,11 @@ class Engine:
         self._learns = method_spec_learns(self.method_spec, policy) and self.policy is None
         probe = self.compressor()  # the compression a sequence of this engine gets
         self.model_label = facts.name or self.model_path.name
-        if probe.repeats_context and (self.policy is None or self.policy.predictor is None) and not self._learns:
+        if probe.repeats_context and (self.policy is None or self.policy.predictor is None):
             say_once(f"flowmm: no importance predictor for {self.model_label}: each merge scores by the repeat pass "
-                     f"(about 2-3x a prefill); `calibrate --distill 16 --out P` makes one")
+                     + ("after the reply (about 2-3x a prefill), and learning one from those passes (used once it "
+                        "ranks as well as the shipped one); `calibrate --distill 16 --out P` makes one ahead of time"
+                        if self._learns else "(about 2-3x a prefill); `calibrate --distill 16 --out P` makes one"))
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
         self.n_ctx, self.kv_type = n_ctx, kv_type
@@ -205,10 +207,6 @@ class Engine:
                 self.learner = self_distillation.ImportanceLearner.for_context(
                     policy_mod.fingerprint(self.model_path), self.ctx,
                     rope_pairing(runtime.llama_cpp.llama_model_rope_type(self.model.ptr)))
-                say_once(f"flowmm: no importance predictor for {self.model_label}: each merge scores by the repeat "
-                         f"pass after the reply (about 2-3x a prefill), and learning one from those passes "
-                         f"(used once it ranks as well as the shipped one); `calibrate --distill 16 --out P` "
-                         f"makes one ahead of time")
         except BaseException:
             self.close()
             raise
@@ -226,7 +224,7 @@ class Engine:
 
     def compressor(self) -> SequenceCompressor:
         """A new sequence's compression: this engine's method, budget and policy (and learner)."""
-        return SequenceCompressor(self.method_spec, self.budget_cells, self.policy, getattr(self, "learner", None))
+        return SequenceCompressor(self.method_spec, self.budget_cells, self.policy, self.learner)
 
     def importance_state(self) -> str:
         """'learning' (self-distillation under way), 'predicted' (a predictor scores) or 'repeat'."""

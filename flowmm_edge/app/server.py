@@ -292,7 +292,7 @@ class Worker(threading.Thread):
 
     def _next_job(self) -> tuple[Job | None, Conversation | None]:
         """The first queued job that can go now, taken off the queue, with its slot (None for a
-        cancelled one) and the cells that slot claims (see _admit). Queued jobs keep their order:
+        cancelled one), which then holds its claim on the buffer (see _admit). Queued jobs keep their order:
         one that waits for room holds back those behind it (llama-server queues a request until
         a slot is free); a job that found no room mid-turn goes once no reply holds any."""
         for job in self.pending:

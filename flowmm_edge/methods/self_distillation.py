@@ -173,19 +173,24 @@ class ImportanceLearner:
             for h in range(n_head):
                 w, b = self.moments.solve(l, h)
                 weights[l, h], bias[l, h] = w, b
-        rank = None
-        if self.held_k:
-            per_layer = [np.mean([spearman(features(k[l, h].astype(np.float32), self.pairing) @ weights[l, h]
-                                           + bias[l, h], t[l, h])
-                                  for k, t in zip(self.held_k, self.held_teacher) for h in range(n_head)])
-                         for l in range(n_layer)]
-            rank = float(np.mean(per_layer))
+        predictor = ImportancePredictor(self.pairing, weights, bias)
+        rank = self.held_back_spearman(predictor)
         p = self.progress
         info = {"teacher": "reconstruction (the repeat pass of this model's own conversations)",
                 "corpus": "self-distillation", "n_documents": p.n_documents, "n_tokens": p.n_tokens,
                 "held_back_tokens": p.held_back_tokens,
                 "held_back_spearman_mean": None if rank is None else round(rank, 4), "ridge": RIDGE}
-        return ImportancePredictor(self.pairing, weights, bias, info), rank
+        return dataclasses.replace(predictor, info=info), rank
+
+    def held_back_spearman(self, predictor: ImportancePredictor) -> float | None:
+        """`predictor`'s mean Spearman rank correlation with the teacher over the held-back spans,
+        every (layer, KV head) alike (None while nothing is held back)."""
+        if not self.held_k:
+            return None
+        n_layer, n_head = self.held_teacher[0].shape[:2]
+        return float(np.mean([spearman(predictor.predict(l, h, k[l, h].astype(np.float32)), t[l, h])
+                              for k, t in zip(self.held_k, self.held_teacher)
+                              for l in range(n_layer) for h in range(n_head)]))
 
     def ready(self):
         """A Policy with the learned predictor once the fit is good (computed every FIT_EVERY

@@ -285,3 +285,18 @@ def read_projector(path: str | Path) -> ProjectorFacts:
         n_embd_out=n_out,
         file_size=p.stat().st_size,
     )
+
+
+def renamed_copy(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the GGUF `src` at `dst` with the first letter of general.name changed: the same
+    weights and header size, another fingerprint (methods/policy.py), so no policy made for `src`
+    applies to it: the model a user brings, for tests and scripts/learning_curve.py."""
+    src, dst = Path(src), Path(dst)
+    data = bytearray(src.read_bytes())
+    name = read_text_model(src).name.encode()
+    at = data.find(b"general.name") + len(b"general.name") + 4 + 8  # the key, its value type, the string's length
+    if not name or data[at:at + len(name)] != name:
+        raise ModelFileError(f"{src}: general.name is not where a GGUF string value would be")
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    dst.write_bytes(bytes(data))
+    return dst
