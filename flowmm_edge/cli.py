@@ -425,7 +425,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .methods import calibration
+    from .calibration import calibration_pass
     from .bindings import runtime
     from .bindings.multimodal import Projector
 
@@ -441,8 +441,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         check_pair(facts, gguf_file.read_projector(args.mmproj))
     if not 0.0 <= args.theta <= 1.0:
         raise FlowMMError(f"--theta {args.theta} is outside [0, 1]")
-    prompts = calibration.load_prompts(args.prompts) if args.prompts else None
-    policy = calibration.calibrate(model, prompts, prompts_name=str(args.prompts or "builtin"),
+    prompts = calibration_pass.load_prompts(args.prompts) if args.prompts else None
+    policy = calibration_pass.calibrate(model, prompts, prompts_name=str(args.prompts or "builtin"),
                                    projector=(lambda m: Projector(args.mmproj, m, n_threads=args.threads or 2))
                                    if args.mmproj else None,
                                    theta=args.theta, n_threads=args.threads, progress=not args.quiet,
@@ -480,7 +480,7 @@ def _model_arg(value: str | None) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, ruler_tasks, tasks
     from .bindings import runtime
-    from .methods import policy as policy_mod
+    from .calibration import policy as policy_mod
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)
@@ -542,7 +542,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .evaluation import benchmark
     from .bindings import runtime
-    from .methods import policy as policy_mod
+    from .calibration import policy as policy_mod
 
     runtime.quiet_native_logs()
     model = _model_arg(args.model)

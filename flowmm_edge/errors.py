@@ -13,5 +13,9 @@ class NativeLibraryError(FlowMMError):
     """libllama/libmtmd are missing or were built without the FlowMM extension."""
 
 
+class MethodError(FlowMMError):
+    """A method's settings, statistics or budget cannot make a plan."""
+
+
 class DownloadError(FlowMMError):
     """A package or file could not be fetched, or its checksum differs."""

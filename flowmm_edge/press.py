@@ -39,7 +39,7 @@ import numpy as np
 from .bindings import kv_cache, runtime
 from .errors import FlowMMError
 from .methods import ExpectedAttention, FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
-from .methods.sequence_compressor import SequenceCompressor
+from .compression.sequence_compressor import SequenceCompressor
 
 
 class PressError(FlowMMError):
@@ -68,7 +68,7 @@ class FlowMMPress(Press, FlowMM):
     """FlowMM (methods/flowmm.py): importance-chosen pivots, mass merge, flow-guided matching.
 
     `policy` ("auto": the one shipped or learned for the Llama's model, if any; a path or
-    methods.policy.Policy; None) gives its per-layer rho and, where the policy has one and
+    calibration.policy.Policy; None) gives its per-layer rho and, where the policy has one and
     `importance` is left at its default, the importance predictor instead of the repeat pass (as
     `chat` and `serve` use it)."""
 
@@ -76,7 +76,7 @@ class FlowMMPress(Press, FlowMM):
 
     def for_model(self, model_path):
         """(the method to run on this model, its policy or None)."""
-        from .methods import policy as policy_mod
+        from .calibration import policy as policy_mod
 
         pol = policy_mod.choose(self.policy, model_path)
         if pol is not None and pol.predictor is not None and self.importance == "reconstruction":

@@ -30,7 +30,7 @@ import numpy as np
 from bench_common import open_model
 from flowmm_edge.evaluation import evaluate, ruler_tasks
 from flowmm_edge.bindings import kv_cache, runtime
-from flowmm_edge.methods import reconstruction
+from flowmm_edge.compression import reconstruction
 from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.methods.base import top_by_score
 from flowmm_edge.methods.snapkv import SnapKV, avg_pool

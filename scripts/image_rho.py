@@ -23,8 +23,9 @@ from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.multimodal import Projector
 from flowmm_edge.bindings.prompt import Segment
 from flowmm_edge.evaluation import image_tasks
-from flowmm_edge.methods import calibration, policy as policy_mod
-from flowmm_edge.methods.compression import rho_from_flow
+from flowmm_edge.calibration import calibration_pass
+from flowmm_edge.calibration import policy as policy_mod
+from flowmm_edge.compression.compressor import rho_from_flow
 from flowmm_edge.models import default_model, glyph
 
 
@@ -48,8 +49,8 @@ def main() -> None:
                             modality="image") if s.kind == "image" else s for s in segments]
 
         with Projector(mmproj, model, n_threads=args.threads) as proj:
-            as_images = calibration.layer_flows(model, [t.segments for t in tasks], proj, args.threads, progress=False)
-        as_text = calibration.layer_flows(model, [twin(t.segments) for t in tasks], None, args.threads, progress=False)
+            as_images = calibration_pass.layer_flows(model, [t.segments for t in tasks], proj, args.threads, progress=False)
+        as_text = calibration_pass.layer_flows(model, [twin(t.segments) for t in tasks], None, args.threads, progress=False)
     n_layer = len(as_images[0])
     rho_img = np.array([rho_from_flow([f[l] for f in as_images]) for l in range(n_layer)])
     rho_txt = np.array([rho_from_flow([f[l] for f in as_text]) for l in range(n_layer)])

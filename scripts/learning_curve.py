@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How fast a model with no predictor learns one from its own chat (self-distillation,
-flowmm_edge/methods/self_distillation.py), in the chat's own code path.
+flowmm_edge/calibration/self_distillation.py), in the chat's own code path.
 
     cd scripts && python learning_curve.py [-m MODEL] [--turns 24] [--turn-tokens 1024] [--threads 2]
                                            [--markdown ../docs/runs/learning-curve.md]
@@ -26,7 +26,9 @@ from pathlib import Path
 
 
 from flowmm_edge.app.session import Session
-from flowmm_edge.methods import distillation, policy as policy_mod, self_distillation
+from flowmm_edge.calibration import distillation
+from flowmm_edge.calibration import policy as policy_mod
+from flowmm_edge.calibration import self_distillation
 from flowmm_edge.models import default_model, gguf_file
 
 SHIPPED_CORPUS_TOKENS = 16 * 2048  # what calibrate --distill 16 cut from the corpus for the shipped predictor

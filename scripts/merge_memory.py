@@ -29,8 +29,8 @@ def peak_mib() -> float:
 
 
 def one(args) -> dict:
-    from flowmm_edge.methods import policy as policy_mod
-    from flowmm_edge.methods.sequence_compressor import SequenceCompressor
+    from flowmm_edge.calibration import policy as policy_mod
+    from flowmm_edge.compression.sequence_compressor import SequenceCompressor
     from flowmm_edge.bindings import runtime
 
     path, model = open_model(args)

@@ -23,7 +23,9 @@ import numpy as np
 from bench_common import open_model
 from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.native import llama_cpp
-from flowmm_edge.methods import calibration, distillation, reconstruction
+from flowmm_edge.calibration import calibration_pass
+from flowmm_edge.calibration import distillation
+from flowmm_edge.compression import reconstruction
 from flowmm_edge.methods.importance_predictor import LOG_FLOOR, fit_ridge, k_pair_lengths, rope_pairing, spearman
 
 
@@ -83,7 +85,7 @@ def main() -> None:
     for name, vals in rows.items():
         m = np.mean(vals, axis=0)
         print(f"| {name} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} |")
-    print(f"(calibrate uses {calibration.DISTILL_TOKENS}-token documents; the per-layer figures of the shipped "
+    print(f"(calibrate uses {calibration_pass.DISTILL_TOKENS}-token documents; the per-layer figures of the shipped "
           "predictor are in its policy file)")
 
 

@@ -132,8 +132,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from flowmm_edge.bindings import kv_cache, rpc, runtime
-    from flowmm_edge.methods import policy as policy_mod
-    from flowmm_edge.methods.sequence_compressor import SequenceCompressor
+    from flowmm_edge.calibration import policy as policy_mod
+    from flowmm_edge.compression.sequence_compressor import SequenceCompressor
     from flowmm_edge.models import default_model, gguf_file
 
     runtime.quiet_native_logs()

@@ -22,7 +22,7 @@ from flowmm_edge.app.engine import Engine
 from flowmm_edge.bindings import images, kv_cache, rpc, runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.methods import METHODS
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor, predicted_scores
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, n_features
 
@@ -72,7 +72,7 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
             cells, _ = kv_cache.seq_cells(ctx)
             out["k_rows"] = kv_cache.read_rows(ctx, 1, 0, cells, "k").tolist()
             out["v_rows"] = kv_cache.read_rows(ctx, 1, 1, cells, "v").tolist()
-            out["predicted"] = pred.scores(ctx).tolist()
+            out["predicted"] = predicted_scores(pred, ctx).tolist()
             best, cos = kv_cache.match_keys(ctx, 1, np.stack([cells[10:40]] * lay.n_head_kv),
                                             np.stack([cells[:10]] * lay.n_head_kv),
                                             np.zeros((lay.n_head_kv, 30), np.int32), np.ones((lay.n_head_kv, 1, 10), bool))

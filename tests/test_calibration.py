@@ -16,7 +16,8 @@ import pytest
 
 from flowmm_edge.models import tiny as tm
 from conftest import write_png
-from flowmm_edge.methods import calibration, policy
+from flowmm_edge.calibration import calibration_pass
+from flowmm_edge.calibration import policy
 from flowmm_edge import cli
 from flowmm_edge.bindings import prompt, runtime
 from flowmm_edge.bindings.multimodal import Projector
@@ -72,8 +73,8 @@ def _flow_reference(model, proj, segments):
 
 def test_rho_equals_numpy_from_captured_attention(tiny_models, prompts_file):
     text, mmproj = tiny_models
-    prompts = calibration.load_prompts(prompts_file)
-    pol = calibration.calibrate(text, prompts, projector=lambda m: Projector(mmproj, m), progress=False)
+    prompts = calibration_pass.load_prompts(prompts_file)
+    pol = calibration_pass.calibrate(text, prompts, projector=lambda m: Projector(mmproj, m), progress=False)
     with runtime.Model(text) as model, Projector(mmproj, model) as proj:
         refs = [_flow_reference(model, proj, segs) for segs in prompts]
     for l in range(L):
@@ -140,7 +141,7 @@ def test_unreadable_policy_files(tmp_path):
 
 def test_policy_for_another_model_is_refused(tiny_models, tmp_path):
     text, _ = tiny_models
-    pol = calibration.calibrate(text, progress=False)
+    pol = calibration_pass.calibrate(text, progress=False)
     # the same weights under another header (one byte of the description changed) is another model
     other = tmp_path / "other.gguf"
     shutil.copy(text, other)
@@ -157,10 +158,10 @@ def test_bad_prompt_files_name_the_line(tmp_path, tiny_models):
     f = tmp_path / "p.jsonl"
     f.write_text('{"segments": [{"type": "text", "text": "ok"}]}\n{"segments": [{"type": "video"}]}\n')
     with pytest.raises(prompt.PromptError, match=r"p.jsonl:2: segment 0 has unknown type 'video'"):
-        calibration.load_prompts(f)
+        calibration_pass.load_prompts(f)
     f.write_text('{"segments": [{"type": "text", "text": "ok"}]}\n{oops\n')
     with pytest.raises(prompt.PromptError, match=r"p.jsonl:2: not valid JSON"):
-        calibration.load_prompts(f)
+        calibration_pass.load_prompts(f)
     text, _ = tiny_models
     assert cli.main(["calibrate", "--model", str(text), "--prompts", str(f), "--out", str(tmp_path / "o.json")]) == 1
     assert not (tmp_path / "o.json").exists()
@@ -169,7 +170,8 @@ def test_bad_prompt_files_name_the_line(tmp_path, tiny_models):
 def test_a_policy_without_rho_round_trips_and_leaves_rho_to_each_prompt(tiny_models, tmp_path):
     """Self-distillation writes rho null when its conversations had one modality: the file loads,
     says so, and the method it configures estimates rho from each prompt (registry gives none)."""
-    from flowmm_edge.methods import policy as policy_mod, registry
+    from flowmm_edge.methods import registry
+    from flowmm_edge.calibration import policy as policy_mod
 
     pol = policy_mod.Policy(model=policy_mod.fingerprint(tiny_models[0]), theta=0.25, rho=None,
                             method={"importance": "reconstruction"}, calibration={"source": "test"})

@@ -82,7 +82,8 @@ def test_a_merge_repeat_pass_uses_only_the_cells_other_conversations_leave(tiny_
 def test_a_method_name_is_resolved_once_per_sequence_not_per_merge(tiny_models, monkeypatch):
     """The registry turns --method into a method object when the sequence's compression is made;
     observing, merging and merging again reuse it (counted at the registry)."""
-    from flowmm_edge.methods import registry, sequence_compressor
+    from flowmm_edge.methods import registry
+    from flowmm_edge.compression import sequence_compressor
 
     calls = []
     real = registry.resolve
@@ -99,8 +100,8 @@ def test_a_method_name_is_resolved_once_per_sequence_not_per_merge(tiny_models, 
 
 def test_a_ratio_budget_is_due_when_the_ratio_would_keep_fewer_cells():
     """One meaning for a float budget in a sequence's compression: a ratio of the cells it finds
-    (base.resolve_budget's), so a merge is due exactly when that ratio keeps fewer than it holds."""
-    from flowmm_edge.methods.sequence_compressor import SequenceCompressor
+    (methods.budget.Budget's), so a merge is due exactly when that ratio keeps fewer than it holds."""
+    from flowmm_edge.compression.sequence_compressor import SequenceCompressor
 
     seq = SequenceCompressor("streaming", 0.5)  # needs no observation window
     assert seq.due(10) and seq.due(3) and not seq.due(1) and not seq.due(0)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from flowmm_edge.evaluation import evaluate, followup, ruler_tasks
-from flowmm_edge.methods import reconstruction, registry
+from flowmm_edge.methods import registry
+from flowmm_edge.compression import reconstruction
 from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.base import PROMPT_SCORES
 from flowmm_edge.bindings.prompt import ModalityLabels, Segment, feed, prepare
 from flowmm_edge.app.session import Session

@@ -12,7 +12,8 @@ import pytest
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.bindings.native import llama_cpp
-from flowmm_edge.methods import compression, registry
+from flowmm_edge.methods import registry
+from flowmm_edge.compression import compressor as compression
 from flowmm_edge.methods.base import Stats
 from flowmm_edge.methods.expected_attention import ExpectedAttention, future_query
 from conftest import TINY_PROMPT, span_labels

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flowmm_edge.bindings import kv_cache, runtime
-from flowmm_edge.methods import reconstruction
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression import reconstruction
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.bindings.prompt import ModalityLabels, Segment, feed, prepare
 

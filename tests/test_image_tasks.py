@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from flowmm_edge.evaluation import evaluate, image_tasks
-from flowmm_edge.methods import policy as policy_mod
+from flowmm_edge.calibration import policy as policy_mod
 from flowmm_edge.evaluation.ruler_tasks import FamilyError
 from flowmm_edge.models import glyph
 

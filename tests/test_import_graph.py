@@ -64,18 +64,63 @@ def test_no_module_level_import_circle():
             visit(m)
 
 
-LAYERS = ["models", "bindings", "methods", "app", "evaluation"]  # each may use those before it (ARCHITECTURE.md)
+LAYERS = ["models", "bindings", "methods", "compression", "calibration", "app", "evaluation"]
+# each may use those before it in this list, never one after it (docs/ARCHITECTURE.md, "Layers")
+CALLS_NO_LLAMA = {"models", "methods"}  # may not call llama.cpp: from bindings, methods take only the plan's type
+BINDINGS_TYPES_METHODS_MAY_USE = {"MergePlan"}
+
+
+def _layer_imports(root: Path, path: Path):
+    """(line, layer imported, names) for every import statement of a module, deferred ones included."""
+    layer_of_file = path.relative_to(root).parts[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level >= 2:
+                target = (node.module or "").split(".")[0]
+            elif node.level == 1:
+                target = layer_of_file
+            else:
+                parts = (node.module or "").split(".")
+                target = parts[1] if parts[0] == "flowmm_edge" and len(parts) > 1 else None
+            yield node.lineno, target, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[0] == "flowmm_edge" and len(parts) > 1:
+                    yield node.lineno, parts[1], []
+
+
+def _upward_imports(root: Path) -> list[str]:
+    offenders = []
+    for layer in LAYERS:
+        for path in (root / layer).rglob("*.py"):
+            for line, target, names in _layer_imports(root, path):
+                if target not in LAYERS:
+                    continue
+                where = f"{layer}/{path.name}:{line} imports {target}"
+                if LAYERS.index(target) > LAYERS.index(layer):
+                    offenders.append(where)
+                elif layer in CALLS_NO_LLAMA and target == "bindings" and (
+                        layer == "models" or not set(names) <= BINDINGS_TYPES_METHODS_MAY_USE):
+                    offenders.append(f"{where} {names}")
+    return offenders
 
 
 def test_no_import_runs_back_up_the_layers_even_inside_a_function():
-    """models/ reads GGUF files and may not reach up into bindings (llama.cpp), methods or app;
-    checked on every import statement, deferred ones in functions included."""
-    offenders = []
-    for path in (ROOT / "models").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level >= 2 and (node.module or "").split(".")[0] in LAYERS[1:]:
-                offenders.append(f"{path.name}:{node.lineno} imports ..{node.module}")
-            if isinstance(node, ast.Import) and any(a.name.startswith(tuple(f"flowmm_edge.{x}" for x in LAYERS[1:]))
-                                                    for a in node.names):
-                offenders.append(f"{path.name}:{node.lineno}")
-    assert not offenders, offenders
+    """A layer reaches only down: models/ reads GGUF files and may not import bindings (llama.cpp),
+    methods/ plans in numpy and takes from bindings only the plan's type, compression/ runs methods
+    and may not import calibration/ or app/; checked on every import statement, deferred ones in
+    functions included."""
+    assert _upward_imports(ROOT) == []
+
+
+def test_the_layer_check_finds_deferred_imports_that_break_the_layers(tmp_path):
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+    (tmp_path / "compression" / "x.py").write_text("def f():\n    from ..calibration import policy\n")
+    (tmp_path / "methods" / "y.py").write_text("from ..bindings.kv_cache import MergePlan\n"
+                                               "def g():\n    from ..bindings import runtime\n")
+    (tmp_path / "models" / "z.py").write_text("import flowmm_edge.app.engine\n")
+    assert sorted(_upward_imports(tmp_path)) == ["compression/x.py:2 imports calibration",
+                                                 "methods/y.py:3 imports bindings ['runtime']",
+                                                 "models/z.py:1 imports app"]

@@ -14,9 +14,10 @@ import pytest
 from conftest import TINY_PROMPT, span_labels
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.kv_cache import NativeError
-from flowmm_edge.methods import METHODS, policy, registry
+from flowmm_edge.methods import METHODS, registry
+from flowmm_edge.calibration import policy
 from flowmm_edge.methods.base import MethodError
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor, predicted_scores
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, fit_ridge, n_features, spearman
 from flowmm_edge.models import tiny as tm
@@ -68,7 +69,7 @@ def test_scores_equal_numpy_over_llama_cpps_keys(model, kv_type, fa, pairing):
     pred = _predictor(L, H, HD, pairing)
     with runtime.Context(model, n_ctx=256, n_batch=64, kv_type=kv_type, flash_attn=fa, n_threads=2) as ctx:
         ctx.decode(model.tokenize(TINY_PROMPT * 2), 0)
-        _close(pred.scores(ctx), _reference(ctx, pred, H, HD))
+        _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD))
 
 
 def test_a_long_sequence_is_scored_in_blocks_like_a_short_one(model):
@@ -77,7 +78,7 @@ def test_a_long_sequence_is_scored_in_blocks_like_a_short_one(model):
     with runtime.Context(model, n_ctx=8192, n_batch=512, n_threads=2) as ctx:
         ctx.decode(model.tokenize(TINY_PROMPT * 200)[:7000], 0)
         assert len(kv_cache.seq_cells(ctx)[0]) == 7000
-        _close(pred.scores(ctx), _reference(ctx, pred, H, HD))
+        _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD))
 
 
 def test_quantized_keys_are_rotated_back_on_the_default_model(default_model_path):
@@ -92,7 +93,7 @@ def test_quantized_keys_are_rotated_back_on_the_default_model(default_model_path
                 lay = kv_cache.layout(ctx)
                 assert lay.rot_k == (kv_type == "q8_0")
                 pred = _predictor(lay.n_layer, lay.n_head_kv, lay.head_dim_k, "halves", seed=3)
-                got[kv_type] = pred.scores(ctx)
+                got[kv_type] = predicted_scores(pred, ctx)
                 _close(got[kv_type], _reference(ctx, pred, lay.n_head_kv, lay.head_dim_k))
         assert np.corrcoef(got["f16"].ravel(), got["q8_0"].ravel())[0, 1] > 0.99
 
@@ -106,12 +107,12 @@ def test_scores_follow_the_cells_through_a_merge_and_a_save_load(model):
             ctx.decode(tokens, 0)
         comp.compress(ctx, span_labels(len(tokens)))
         assert len(kv_cache.seq_cells(ctx)[0]) < len(tokens)
-        merged = pred.scores(ctx)
+        merged = predicted_scores(pred, ctx)
         _close(merged, _reference(ctx, pred, H, HD))
         state = ctx.state()
     with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
         ctx.set_state(state)
-        _close(pred.scores(ctx), merged)
+        _close(predicted_scores(pred, ctx), merged)
 
 
 def test_bad_predictors_are_refused_and_change_nothing(model):
@@ -201,10 +202,10 @@ def test_calibrate_distils_a_predictor_that_ranks_like_the_repeat_pass(tiny_mode
     """On the tiny model: the distilled predictor ranks held-back cells like the teacher (well
     above chance), the policy records its corpus, and a session with that policy merges without
     the repeat pass (no room kept for it) and says nothing about falling back."""
-    from flowmm_edge.methods import calibration
+    from flowmm_edge.calibration import calibration_pass
     from flowmm_edge.app.session import Session
 
-    pol = calibration.calibrate(tiny_models[0], progress=False, distill_docs=4, distill_tokens=256)
+    pol = calibration_pass.calibrate(tiny_models[0], progress=False, distill_docs=4, distill_tokens=256)
     info = pol.predictor.info
     assert info["n_documents"] == 4 and 4 * 250 <= info["n_tokens"] <= 4 * 256 and info["n_sources"] > 0
     assert info["held_back_spearman_mean"] > 0.3 and len(info["held_back_spearman_per_layer"]) == L

@@ -168,7 +168,7 @@ def test_get_slot_bias_reads_back_what_was_set_and_forgets_freed_cells(model):
 
 
 def test_a_merge_through_the_compressor_keeps_each_slots_bias(model):
-    from flowmm_edge.methods.compression import Compressor
+    from flowmm_edge.compression.compressor import Compressor
     from flowmm_edge.methods import METHODS
 
     tokens, nxt = model.tokenize(PROMPT), model.tokenize("the", add_special=False)

@@ -11,7 +11,7 @@ from conftest import TINY_PROMPT
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.kv_cache import NativeError
 from flowmm_edge.methods.base import Stats, TokenLayout
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.lookm import LookM
 from flowmm_edge.models import tiny as tm
@@ -125,7 +125,7 @@ def test_flowmm_plans_the_same_on_the_backend_as_with_numpy(model, method):
         scores = rng.random((L, H, n))
         rho = np.array([0.5, 0.1, 0.6, 0.05])[:L]
         comp = Compressor(method, 0.4, rho=rho)
-        from flowmm_edge.methods.reconstruction import PositionScores
+        from flowmm_edge.compression.reconstruction import PositionScores
 
         cells, pos = kv_cache.seq_cells(ctx)
         order = np.argsort(pos)

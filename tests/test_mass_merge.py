@@ -16,7 +16,7 @@ import pytest
 
 from conftest import span_labels
 from flowmm_edge.bindings import kv_cache, runtime
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.base import TokenLayout, merge_sources
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.mass_merge import MIN_MASS, mass_plan

@@ -9,7 +9,7 @@ import pytest
 from flowmm_edge.models import tiny as tm
 from conftest import TINY_PROMPT, span_labels
 from flowmm_edge.bindings import kv_cache, runtime
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods import METHODS
 from flowmm_edge.methods.flowmm import FlowMM
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmm_edge.methods import METHODS, MethodError, Stats, TokenLayout
-from flowmm_edge.methods.base import resolve_budget
 
 L, H = 3, 2
 
@@ -40,7 +41,7 @@ def test_h2o_and_snapkv_equal_brute_force(n, budget):
     for name, field in (("h2o", "prompt_scores"), ("snapkv", "window_scores")):
         m = METHODS[name](sinks=2, window=4)
         plan = m(lay, Stats(**{field: scores}), L, H, budget)
-        slots = resolve_budget(budget, n, 6)
+        slots = budget if isinstance(budget, int) else math.ceil(budget * n)
         protected = [0, 1] + list(range(n - 4, n))
         for l in range(L):
             for h in range(H):
@@ -78,7 +79,7 @@ def test_streaming_and_full_and_random():
 
 
 @pytest.mark.parametrize("budget,message", [
-    (0.0, "outside \\(0, 1\\]"), (1.5, "outside \\(0, 1\\]"), (float("nan"), "outside"), (0, "outside \\[1, 30\\]"),
+    (0.0, "outside \\(0, 1\\]"), (1.5, "outside \\(0, 1\\]"), (float("nan"), "outside"), (0, "at least 1"),
     (31, "outside \\[1, 30\\]"), (5, "smaller than the 6 always kept"), ("half", "neither a ratio"),
 ])
 def test_bad_budgets_are_refused(budget, message):

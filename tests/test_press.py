@@ -128,7 +128,7 @@ def _kv_widths(llm):
 def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(default_model_path, monkeypatch):
     """As chat and serve do: on the default model (whose policy ships with a predictor) the press
     merges without ever running the repeat pass; `policy=None` keeps the repeat pass."""
-    from flowmm_edge.methods import reconstruction
+    from flowmm_edge.compression import reconstruction
 
     calls = []
     real = reconstruction.reconstruction_scores

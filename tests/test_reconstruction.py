@@ -12,8 +12,8 @@ import pytest
 from flowmm_edge.models import tiny as tm
 from conftest import TINY_PROMPT
 from flowmm_edge.bindings import kv_cache, runtime
-from flowmm_edge.methods import reconstruction
-from flowmm_edge.methods.compression import Compressor
+from flowmm_edge.compression import reconstruction
+from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.base import MethodError
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.bindings.native import llama_cpp
@@ -55,7 +55,8 @@ def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) 
                          ids=["one-group", "groups-of-5", "chunks-of-7", "on-device-groups-of-8", "on-device-chunks-of-7"])
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, rows, flash_attn):
-    """The score: the max over chunks and over groups of `rows` repeat rows of the group's summed mass.
+    """The score: the max over chunks and over groups of `rows` repeated rows (after the prefix,
+    whose rows are not counted) of the group's summed mass.
     Groups of 8 and 4 fit the context's batches of 64 and ubatches of 16, so the maximum over groups
     is taken in the statistics' graph; 5, 3 and 1000 do not, and each group is decoded alone."""
     context = model.tokenize(TINY_PROMPT)
@@ -66,7 +67,7 @@ def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, rows, fla
     text = [t for t in tokens.tolist() if t >= 0]
     groups = []
     for a in range(0, len(text), chunk):
-        per_row = _numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn)
+        per_row = _numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn)[len(prefix):]  # the chunk's rows
         groups += [per_row[g:g + rows].sum(axis=0) for g in range(0, len(per_row), rows)]
     want = np.max(groups, axis=0)
     with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2) as ctx:

@@ -17,7 +17,7 @@ import pytest
 
 from flowmm_edge.app.session import Session
 from flowmm_edge.bindings import kv_cache
-from flowmm_edge.methods import reconstruction
+from flowmm_edge.compression import reconstruction
 
 DOC = " ".join(f"item{i} is worth {i * 7 % 13}" for i in range(7))  # about 100 tokens: several repeat chunks
 

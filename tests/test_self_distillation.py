@@ -1,4 +1,4 @@
-"""Self-distillation (methods/self_distillation.py): a model with no predictor learns one from its
+"""Self-distillation (calibration/self_distillation.py): a model with no predictor learns one from its
 own merges' repeat passes. References: the closed-form ridge of importance_predictor.fit_ridge on
 the concatenated data (numpy), and the repeat pass itself (the learning merges must run it; the
 merges after the switch must not)."""
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from flowmm_edge.app.session import Session
-from flowmm_edge.methods import policy as policy_mod, reconstruction, self_distillation
+from flowmm_edge.calibration import policy as policy_mod
+from flowmm_edge.compression import reconstruction
+from flowmm_edge.calibration import self_distillation
 from flowmm_edge.methods.importance_predictor import fit_ridge
 from flowmm_edge.models import gguf_file
 

@@ -12,10 +12,10 @@ import pytest
 
 from flowmm_edge.models import tiny as tm
 from conftest import REPO, write_png
-from flowmm_edge.methods import calibration
+from flowmm_edge.calibration import calibration_pass
 from flowmm_edge.bindings import kv_cache
 from flowmm_edge.errors import FlowMMError
-from flowmm_edge.app.session import Session, SessionError, parse_budget
+from flowmm_edge.app.session import Session, SessionError
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,16 @@ def test_bad_configurations_are_refused(tiny_models, tmp_path):
         Session(text, budget=250, n_ctx=256)
     with pytest.raises(SessionError, match="unknown method"):
         Session(text, method="zip")
-    pol = calibration.calibrate(text, progress=False)
+    pol = calibration_pass.calibrate(text, progress=False)
     pol.model["gguf_header_sha256"] = "1" * 64
     with pytest.raises(FlowMMError, match="calibrated for"):
         Session(text, policy=pol)
-    assert parse_budget("0.25", 4096, 12288) == 1024 and parse_budget("512", 4096, 1) == 512
-    assert parse_budget("12MiB", 4096, 12288) == 1024
-    with pytest.raises(SessionError):
-        parse_budget("lots", 4096, 1)
+    with Session(text, budget="64KiB", n_ctx=256) as s:  # 64 KiB of this model's KV cells
+        assert s.budget_cells == 64 * 1024 // s.engine.bytes_per_cell
+    with Session(text, budget="0.25", n_ctx=256) as s:
+        assert s.budget_cells == 64
+    with pytest.raises(SessionError, match="is not a ratio"):
+        Session(text, budget="lots", n_ctx=256)
 
 
 CONTINUE = """

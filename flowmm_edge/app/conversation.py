@@ -30,7 +30,7 @@ from .conversation_replies import Replying
 from .prefix_reuse import PrefixReuse
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
-from ..methods import reconstruction
+from ..compression import reconstruction
 
 MEDIA = "<__media__>"
 

@@ -9,7 +9,7 @@ import time
 
 from .engine import NoRoomError
 from ..errors import FlowMMError
-from ..methods.sequence_compressor import MergeInterrupted
+from ..compression.sequence_compressor import MergeInterrupted
 
 
 class Merging:

@@ -13,7 +13,7 @@ from . import session_file
 from .engine import SessionError
 from ..bindings import kv_cache
 from ..errors import FlowMMError
-from ..methods import policy as policy_mod
+from ..calibration import policy as policy_mod
 
 
 class Persistence:

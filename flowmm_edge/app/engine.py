@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -20,9 +19,11 @@ from . import chat_template as chat_template_mod
 from ..bindings import kv_cache, media, runtime, sampling
 from ..bindings.prompt import valid_text
 from ..errors import FlowMMError
-from ..methods import policy as policy_mod, registry
+from ..methods import registry
+from ..calibration import policy as policy_mod
 from ..methods.base import Method, MethodError
-from ..methods.sequence_compressor import SequenceCompressor
+from ..methods.budget import Budget, BudgetError
+from ..compression.sequence_compressor import SequenceCompressor
 from .merge_schedule import REPLY_FIRST, MergeSchedule, ScheduleError
 from ..models import default_model, gguf_file
 
@@ -43,27 +44,6 @@ class SessionError(FlowMMError):
 
 class NoRoomError(SessionError):
     """The shared buffer is held by conversations that are replying: the turn can wait for them."""
-
-
-def parse_budget(value, n_ctx: int, bytes_per_cell: float) -> int:
-    """Cells the cache is merged down to: a ratio of n_ctx ("0.25"), a cell count ("512") or memory ("24MiB")."""
-    if isinstance(value, str):
-        text = value.strip()
-        m = re.fullmatch(r"([0-9.]+)\s*(KiB|MiB|GiB|KB|MB|GB)", text, re.IGNORECASE)
-        if m:
-            scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2)[0].lower()]
-            return max(1, int(float(m.group(1)) * scale // bytes_per_cell))
-        try:
-            value = int(text) if re.fullmatch(r"[0-9]+", text) else float(text)
-        except ValueError:
-            raise SessionError(f"budget {value!r} is not a ratio (0.25), a cell count (512) or a size (24MiB)") from None
-    if isinstance(value, float):
-        if not 0 < value <= 1:
-            raise SessionError(f"budget ratio {value} is outside (0, 1]")
-        return max(1, int(value * n_ctx))
-    if isinstance(value, int) and value > 0:
-        return value
-    raise SessionError(f"budget {value!r} must be positive")
 
 
 MIN_CTX = 64  # the smallest KV buffer a chat can work in
@@ -151,8 +131,10 @@ class Engine:
         except sampling.SamplingError as e:
             raise SessionError(str(e)) from None
         # a ratio is of a slot's share of the buffer (all of it for one slot), as llama-server's n_ctx / np
-        self.budget_cells = parse_budget(budget, n_ctx // n_slots,
-                                         max(1, self.bytes_per_cell))
+        try:
+            self.budget_cells = Budget.parse(budget, self.bytes_per_cell).keep(n_ctx // n_slots)
+        except BudgetError as e:
+            raise SessionError(str(e)) from None
         self.reserve = min(max_reply, n_ctx // 4)
         if method != "full":
             kept = len(probe.protected(10 ** 6))
@@ -201,7 +183,7 @@ class Engine:
             self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
                                        n_threads=n_threads, n_seq_max=n_slots, kv_unified=n_slots > 1)
             if self._learns:
-                from ..methods import self_distillation
+                from ..calibration import self_distillation
                 from ..methods.importance_predictor import rope_pairing
 
                 self.learner = self_distillation.ImportanceLearner.for_context(
@@ -240,7 +222,7 @@ class Engine:
         pol = self.learner.ready()
         if pol is None:
             return False
-        from ..methods import self_distillation
+        from ..calibration import self_distillation
 
         path = self_distillation.learned_path(pol.model)
         try:

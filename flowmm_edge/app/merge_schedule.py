@@ -1,5 +1,5 @@
 """When a sequence merges: the one home of that decision (how it merges is
-methods/sequence_compressor.py's).
+compression/sequence_compressor.py's).
 
     schedule = MergeSchedule("reply_first")
     schedule.at_turn_end(over_budget)          # a turn's last unit is decoded: merge before the reply?

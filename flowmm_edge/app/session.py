@@ -13,11 +13,10 @@ closes the engine.
 from __future__ import annotations
 
 from .conversation import MEDIA, Conversation, SessionStats
-from .engine import (DEFAULT_SYSTEM, MIN_CTX, Engine, SessionError, available_memory, check_settings,
-                     parse_budget)
+from .engine import DEFAULT_SYSTEM, MIN_CTX, Engine, SessionError, available_memory, check_settings
 
 __all__ = ["DEFAULT_SYSTEM", "MEDIA", "MIN_CTX", "Session", "SessionError", "SessionStats", "available_memory",
-           "check_settings", "parse_budget"]
+           "check_settings"]
 
 
 class Session(Conversation):

@@ -38,10 +38,10 @@ from .. import paths
 from ..errors import FlowMMError
 from ..models import gguf_file
 from ..bindings import kv_cache, native, runtime
-from ..methods import reconstruction
+from ..compression import reconstruction
 from ..bindings.attention_stats import AttentionStats
 from ..methods.base import PROMPT_SCORES
-from ..methods.sequence_compressor import SequenceCompressor
+from ..compression.sequence_compressor import SequenceCompressor
 
 
 @dataclasses.dataclass

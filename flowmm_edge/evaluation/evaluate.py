@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..methods import reconstruction
+from ..compression import reconstruction
 from ..bindings import runtime
 from ..bindings.attention_stats import AttentionStats
 from ..methods.base import PROMPT_SCORES
-from ..methods.sequence_compressor import SequenceCompressor
+from ..compression.sequence_compressor import SequenceCompressor
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
 from . import scoring
@@ -111,7 +111,7 @@ class Prefill:
         self.tokens = reconstruction.tokens_by_position(p.pieces)
         self.repeats = reconstruction.RepeatedScores()  # one repeat pass, shared by every method that needs it
         if any(seq.repeats_context for _, _, seq in comps):
-            self.repeats.update(ctx, self.tokens)
+            self.repeats.update(ctx, self.tokens, images=reconstruction.images_by_position(p.pieces))
         self.state = ctx.state()
         self.tail = _trailing_text_tokens(p.pieces)
 

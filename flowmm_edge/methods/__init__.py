@@ -1,6 +1,6 @@
-"""KV-compression methods behind one interface (base.Method), name -> class in METHODS; running
-one on a live context (compression.Compressor) with the statistics it needs (reconstruction);
-FlowMM's per-layer policies (policy) and the calibration pass that writes them (calibration)."""
+"""KV-compression methods behind one interface (base.Method), name -> class in METHODS: pure numpy
+planning over the statistics a method declares it needs. Nothing here calls llama.cpp; running a
+method on a live context is compression/, writing per-layer policies is calibration/."""
 
 from .base import KEYS, PROMPT_SCORES, RHO, WINDOW_SCORES, Method, MethodError, Plan, Stats, TokenLayout
 from .expected_attention import ExpectedAttention

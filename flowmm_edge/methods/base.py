@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 
 import numpy as np
 
-from ..errors import FlowMMError
+from ..errors import MethodError
 from ..bindings.kv_cache import MergePlan
+from .budget import Budget
 from .token_folding import key_matcher
 
 WINDOW_SCORES = "window_scores"  # [n_layer, n_head_kv, n] mass from the observation window, per KV-head group
@@ -34,10 +34,6 @@ KEY_SCORER = "key_scorer"        # callable(layer, weights [n_head_kv, n_feat], 
 ROPE = "rope"                    # the model's RoPE: RopeGeometry
 STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, PREDICTED_SCORES, RHO, KEYS, MATCHER,
               QUERY_MEANS, KEY_SCORER, ROPE)
-
-
-class MethodError(FlowMMError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,23 +135,6 @@ class Plan:
                          v_weight=None if self.v_weight is None else self.v_weight.astype(np.float32, copy=False))
 
 
-def resolve_budget(budget: float | int, n: int, protected: int) -> int:
-    """Slots to keep: a ratio in (0, 1] of the context, or an absolute count in [1, n]."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
-        raise MethodError(f"budget {budget!r} is neither a ratio nor a slot count")
-    if isinstance(budget, (float, np.floating)):
-        if not (0.0 < budget <= 1.0) or math.isnan(budget):
-            raise MethodError(f"budget ratio {budget} is outside (0, 1]")
-        slots = max(1, math.ceil(budget * n))
-    else:
-        if not (1 <= budget <= n):
-            raise MethodError(f"budget of {budget} slots is outside [1, {n}] (the context holds {n} cells)")
-        slots = int(budget)
-    if slots < min(protected, n):
-        raise MethodError(f"budget of {slots} slots is smaller than the {protected} always kept (sinks + recent window)")
-    return slots
-
-
 @dataclasses.dataclass
 class Method(abc.ABC):
     """A KV-compression method (kvpress's shape: a small dataclass of its settings): declare
@@ -176,8 +155,9 @@ class Method(abc.ABC):
         """Cell indices always kept: the attention sinks, the recent window (which holds the last token)."""
         return np.unique(np.r_[np.arange(min(self.sinks, n)), np.arange(max(0, n - self.window), n)])
 
-    def __call__(self, layout: TokenLayout, stats: Stats, n_layer: int, n_head_kv: int, budget: float | int) -> Plan:
-        slots = resolve_budget(budget, layout.n, len(self.protected(layout.n)))
+    def __call__(self, layout: TokenLayout, stats: Stats, n_layer: int, n_head_kv: int,
+                 budget: Budget | float | int) -> Plan:
+        slots = Budget.of(budget).slots(layout.n, len(self.protected(layout.n)))
         return self.plan(layout, stats, n_layer, n_head_kv, slots)
 
     @abc.abstractmethod

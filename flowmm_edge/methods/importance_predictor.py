@@ -17,7 +17,7 @@ Measured against the alternatives (pair lengths alone, raw K alone, with V) in d
 'Learned importance' (scripts/predictor_features.py).
 
 After KVzap (NVIDIA kvpress, kvzap/, arXiv 2601.07891), which maps a layer's hidden state to the
-log KVzip score per KV head with one linear layer. Distillation: methods/distillation.py.
+log KVzip score per KV head with one linear layer. Distillation: calibration/distillation.py.
 """
 
 from __future__ import annotations
@@ -110,15 +110,6 @@ class ImportancePredictor:
         """numpy reference: the predicted log score of cells with keys k [n, d] (as the model
         computed them: no storage rotation)."""
         return features(k, self.rope_pairing) @ self.weights[layer, head] + self.bias[layer, head]
-
-    def scores(self, ctx, seq_id: int = 0) -> np.ndarray:
-        """The predicted log score of every cell of the sequence, [n_layer, n_head_kv, n_cells] in
-        kv_cache.seq_cells order, from the cache's own keys, on the cache's backend."""
-        from ..bindings import kv_cache
-
-        self.check_layout(kv_cache.layout(ctx))
-        return np.stack([kv_cache.predict_scores(ctx, l, self.weights[l], self.bias[l], self.rope_pairing, seq_id)
-                         for l in range(self.n_layer)])
 
     def to_json(self) -> dict:
         return {"features": FEATURES, "rope_pairing": self.rope_pairing,

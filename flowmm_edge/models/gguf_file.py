@@ -289,7 +289,7 @@ def read_projector(path: str | Path) -> ProjectorFacts:
 
 def renamed_copy(src: str | Path, dst: str | Path) -> Path:
     """A copy of the GGUF `src` at `dst` with the first letter of general.name changed: the same
-    weights and header size, another fingerprint (methods/policy.py), so no policy made for `src`
+    weights and header size, another fingerprint (calibration/policy.py), so no policy made for `src`
     applies to it: the model a user brings, for tests and scripts/learning_curve.py."""
     src, dst = Path(src), Path(dst)
     data = bytearray(src.read_bytes())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..models import gguf_file
 from ..errors import FlowMMError
-from .importance_predictor import ImportancePredictor, PredictorError
+from ..methods.importance_predictor import ImportancePredictor, PredictorError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"  # policies the package ships (the default model's)
 AUTO, NONE = "auto", "none"  # --policy values: the shipped policy for the model, if any; no policy
@@ -79,7 +79,7 @@ class Policy:
 
     def flowmm(self, **overrides):
         """The FlowMM method this policy describes (its parameters, overridden where given)."""
-        from .flowmm import FlowMM
+        from ..methods.flowmm import FlowMM
 
         params = {**self.method, "theta": self.theta, **overrides}
         if params.get("importance") == "predicted":

@@ -11,10 +11,14 @@ context instead touches every token a later question could need. On the default 
 
 For each chunk of the sequence's text cells (in position order, each cell's token: a merged slot
 repeats the token at its own position) the prefix and the chunk are decoded after the sequence's
-end, ROWS rows at a time with attention statistics on, and removed again. A cell's score is the
-largest attention mass any group of ROWS repeat rows sent it (each group's mass summed over its
-rows and over the KV head's query heads). Cells holding image
-positions are not repeated (there is no token to feed), but they are scored as keys like any other.
+end, the chunk's ROWS rows at a time with attention statistics on, and removed again. A cell's
+score is the largest attention mass any group of ROWS repeated rows sent it (each group's mass
+summed over its rows and over the KV head's query heads); the prefix's own rows, which read the
+instruction, are not counted (KVzip scores the repeated context's queries). An image the caller still holds (`images`: its first
+position -> the mtmd chunks it was decoded from, multimodal.PreparedImage) is repeated too, in
+its place among the text: the prefix, then the image through mtmd's own image path, so image
+cells are scored as text cells are, by the rows that re-read them. An image nobody holds any
+more (a restored session) is not repeated; its cells are still scored as keys by every repeat row.
 The cache holds exactly what it held before, on success and on error.
 
 Decisions [I]: KVzip scores a cell by the max over repeat rows; the native statistics sum rows,
@@ -54,6 +58,7 @@ class PositionScores:
 
     positions: np.ndarray
     scores: np.ndarray
+    repeated: np.ndarray | None = None  # the positions whose content the pass fed (text and images)
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The scores of the given positions, [n_layer, n_head_kv, len(positions)]."""
@@ -73,6 +78,16 @@ def repeat_prefix(model) -> list[int]:
     return model.tokenize(REPEAT_PROMPT, add_special=False)
 
 
+def images_by_position(pieces, pos0: int = 0) -> dict:
+    """The images among prepared prompt pieces, by the first position each takes (from pos0)."""
+    images, pos = {}, pos0
+    for p in pieces:
+        if not isinstance(p, list):
+            images[pos] = p
+        pos += len(p) if isinstance(p, list) else p.n_pos
+    return images
+
+
 def tokens_by_position(pieces) -> np.ndarray:
     """The token at each position of prepared prompt pieces, -1 where an image sits."""
     return np.concatenate([np.asarray(p, np.int32) if isinstance(p, list) else np.full(p.n_pos, -1, np.int32)
@@ -89,11 +104,14 @@ class Interrupted(ReconstructionError):
 
 
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
-                          chunk: int = CHUNK, rows: int = ROWS, stop=None, progress=None) -> PositionScores:
+                          chunk: int = CHUNK, rows: int = ROWS, stop=None, progress=None,
+                          images: dict | None = None) -> PositionScores:
     """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
-    decodes in the cells no sequence holds (other sequences may share the cache). `stop`, a
-    callable, is asked before each chunk: True raises Interrupted with what was done so far;
-    `progress(done, total)` is told the text positions repeated after each chunk."""
+    decodes in the cells no sequence holds (other sequences may share the cache). `images`: the
+    images to repeat, by first position (each with n_pos and eval(ctx, pos, seq_id)); one that
+    does not fit the free cells now is left for a later pass. `stop`, a callable, is asked before
+    each chunk: True raises Interrupted with what was done so far; `progress(done, total)` is told
+    the positions repeated after each chunk."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
@@ -101,41 +119,77 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
     text = positions[tokens_by_pos[positions] >= 0]
+    pending = sorted((p, img) for p, img in (images or {}).items() if p < end)
+    total_work = len(text) + sum(img.n_pos for _, img in pending)
     lay = kv_cache.layout(ctx)
     total = np.zeros((lay.n_layer, lay.n_head_kv, len(positions)), np.float64)
     # the row groups' maximum is taken on the cache's backend (AttentionStats row_groups) when the
     # batches llama.cpp decodes start at group boundaries; else each group is decoded on its own
     whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
-    a = 0
+    fed: list[np.ndarray] = []
+
+    def gather(st) -> None:
+        by_pos = np.argsort(st.positions, kind="stable")
+        cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
+        for layer in range(lay.n_layer):
+            np.maximum(total[layer], st.column_scores(layer, per_kv_head=True)[:, cols], out=total[layer])
+
+    def free_now() -> int:
+        # counted before each chunk: between two, the caller's progress listener may have let
+        # other sequences of a shared cache decode into them
+        free = kv_cache.free_cells(ctx, seq_id)
+        if free < room_needed(prefix):
+            raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the "
+                                      f"context has {free}: raise --ctx")
+        return free
+
+    def repeat_image(img, at: int) -> None:
+        # as a text chunk: the prefix, then the image through mtmd (which decodes it in n_batch
+        # pieces from its first position, so row groups line up as a text chunk's do; where they
+        # cannot, the image's rows count as one group)
+        ctx.decode(list(prefix), end, seq_id)
+        start = end + len(prefix)
+        with AttentionStats(ctx, prompt_end=start + img.n_pos, window=img.n_pos, seq_id=seq_id,
+                            row_groups=rows if whole else None) as st:
+            img.eval(ctx, start, seq_id)
+        gather(st)
+        fed.append(np.arange(at, at + img.n_pos))
+
+    a, done = 0, 0
     try:
-        while a < len(text):
+        while a < len(text) or pending:
             if stop is not None and stop():
-                raise Interrupted(PositionScores(positions, total), text[:a])
-            # the free cells are counted before each chunk: between two, the caller's progress
-            # listener may have let other sequences of a shared cache decode into them
-            free = kv_cache.free_cells(ctx, seq_id)
-            if free < room_needed(prefix):
-                raise ReconstructionError(f"the reconstruction pass needs {room_needed(prefix)} free cells, the "
-                                          f"context has {free}: raise --ctx")
-            step = min(chunk, free - len(prefix))
-            seq = list(prefix) + tokens_by_pos[text[a:a + step]].tolist()
-            per_decode = len(seq) if whole else rows
-            for g in range(0, len(seq), per_decode):
-                part = seq[g:g + per_decode]
-                with AttentionStats(ctx, prompt_end=end + g + len(part), window=len(part), seq_id=seq_id,
-                                    row_groups=rows if whole else None) as st:
-                    ctx.decode(part, end + g, seq_id)
-                by_pos = np.argsort(st.positions, kind="stable")
-                cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
-                for layer in range(lay.n_layer):
-                    np.maximum(total[layer], st.column_scores(layer, per_kv_head=True)[:, cols], out=total[layer])
-            ctx.truncate(end, seq_id)
-            a += step
+                raised = np.concatenate(fed) if fed else np.zeros(0, np.int64)
+                raise Interrupted(PositionScores(positions, total, raised), raised)
+            if pending and (a >= len(text) or pending[0][0] < text[a]):
+                at, img = pending.pop(0)  # an image comes next, in its place among the text
+                if free_now() >= len(prefix) + img.n_pos:
+                    repeat_image(img, at)
+                ctx.truncate(end, seq_id)
+                done += img.n_pos
+            else:
+                step = min(chunk, free_now() - len(prefix))
+                if pending:  # stop the chunk where the next image sits
+                    step = min(step, int(np.searchsorted(text, pending[0][0])) - a)
+                chunk_tokens = tokens_by_pos[text[a:a + step]].tolist()
+                ctx.decode(list(prefix), end, seq_id)  # the instruction's rows are not counted
+                start = end + len(prefix)
+                per_decode = len(chunk_tokens) if whole else rows
+                for g in range(0, len(chunk_tokens), per_decode):
+                    part = chunk_tokens[g:g + per_decode]
+                    with AttentionStats(ctx, prompt_end=start + g + len(part), window=len(part), seq_id=seq_id,
+                                        row_groups=rows if whole else None) as st:
+                        ctx.decode(part, start + g, seq_id)
+                    gather(st)
+                ctx.truncate(end, seq_id)
+                fed.append(text[a:a + step])
+                a += step
+                done += step
             if progress is not None:
-                progress(min(a, len(text)), len(text))
+                progress(min(done, total_work), total_work)
     finally:
         ctx.truncate(end, seq_id)
-    return PositionScores(positions, total)
+    return PositionScores(positions, total, np.concatenate(fed) if fed else np.zeros(0, np.int64))
 
 
 class RepeatedScores:
@@ -173,12 +227,17 @@ class RepeatedScores:
         self.repeated = np.union1d(self.repeated, repeated)
         return self.scored
 
-    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, stop=None, progress=None) -> PositionScores:
+    def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, stop=None, progress=None,
+               images: dict | None = None) -> PositionScores:
+        """Repeat what no pass has fed yet: text positions, and `images` (by first position) not
+        repeated before."""
         tokens = np.array(tokens_by_pos, np.int32)
         tokens[self.repeated[self.repeated < len(tokens)]] = -1  # repeated already: not fed again
+        images = {p: img for p, img in (images or {}).items() if p not in self.repeated}
         try:
-            fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, stop=stop, progress=progress)
+            fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, stop=stop, progress=progress,
+                                          images=images)
         except Interrupted as e:
             self._combine(e.partial, e.repeated)
             raise
-        return self._combine(fresh, fresh.positions[tokens[fresh.positions] >= 0])
+        return self._combine(fresh, fresh.repeated)

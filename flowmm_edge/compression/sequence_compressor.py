@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 
 import numpy as np
 
-from . import reconstruction, registry
-from .base import RECONSTRUCTION_SCORES, Method
-from .compression import Compressor, Report
+from . import reconstruction
+
+from ..methods import registry
+from ..methods.base import RECONSTRUCTION_SCORES, Method
+from ..methods.budget import Budget
+from .compressor import Compressor, Report
 from ..errors import FlowMMError
 
 
@@ -44,7 +46,7 @@ class MergeInterrupted(FlowMMError):
 
 class SequenceCompressor:
     def __init__(self, method: str | Method, budget: int | float, policy=None, learner=None):
-        """`budget`: the cells a merge keeps, or a ratio of the cells it finds (methods.base.resolve_budget).
+        """`budget`: the cells a merge keeps, or a ratio of the cells it finds (methods.budget.Budget).
         `learner` (self_distillation.ImportanceLearner): fed the repeat pass's scores and keys of
         every merge that runs it, before the merge changes the cache."""
         self._spec, self.budget = method, budget if isinstance(budget, float) else int(budget)
@@ -112,7 +114,7 @@ class SequenceCompressor:
     def due(self, cells: int) -> bool:
         """Whether the sequence's `cells` are over the budget and a merge can plan now (a method
         that needs an observation window has one)."""
-        keep = math.ceil(self.budget * cells) if isinstance(self.budget, float) else self.budget  # a ratio of what it finds
+        keep = Budget.of(self.budget).keep(cells)
         if not self.enabled or cells <= keep:
             return False
         return self._observed is not None or not self._needs_observation
@@ -123,10 +125,13 @@ class SequenceCompressor:
         return getattr(self.method, "importance", None) == "predicted"
 
     def merge(self, ctx, tokens_by_pos: np.ndarray, labels: np.ndarray, seq_id: int = 0, stop=None,
-              progress=None, budget: int | float | None = None, teacher: bool = False) -> Report:
+              progress=None, budget: int | float | None = None, teacher: bool = False,
+              images: dict | None = None) -> Report:
         """Merge the sequence down to the budget, or to this call's `budget` (see the module
         docstring); `progress(done, total)` follows the repeat pass. `teacher`: a merge nobody
-        waits for (idle time) scores by the repeat pass even where the method has a predictor."""
+        waits for (idle time) scores by the repeat pass even where the method has a predictor.
+        `images`: the sequence's images the caller still holds, by first position, for the repeat
+        pass to re-feed (reconstruction.images_by_position)."""
         comp = self._observed or self._fresh()
         if budget is not None:
             comp.budget = budget
@@ -135,7 +140,7 @@ class SequenceCompressor:
         if RECONSTRUCTION_SCORES in comp.method.needs:
             before = self.repeats.repeated
             try:
-                scored = self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop, progress=progress)
+                scored = self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop, progress=progress, images=images)
             except reconstruction.Interrupted as e:
                 raise MergeInterrupted(str(e)) from None
             comp.use_reconstruction(scored)

@@ -30,10 +30,19 @@ from ..bindings import kv_cache
 from . import reconstruction
 from ..bindings.attention_stats import AttentionStats
 from ..bindings.native import llama_cpp
-from .importance_predictor import rope_pairing
-from .base import (KEY_SCORER, KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, QUERY_MEANS, RECONSTRUCTION_SCORES, RHO, ROPE,
+from ..methods.importance_predictor import rope_pairing
+from ..methods.base import (KEY_SCORER, KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, QUERY_MEANS, RECONSTRUCTION_SCORES, RHO, ROPE,
                    WINDOW_SCORES, Method, MethodError, RopeGeometry,
                    Stats, TokenLayout)
+
+
+def predicted_scores(predictor, ctx, seq_id: int = 0) -> np.ndarray:
+    """An ImportancePredictor's log score of every cell of the sequence, [n_layer, n_head_kv,
+    n_cells] in kv_cache.seq_cells order, from the cache's own keys on the cache's backend (one
+    small graph per layer; predictor.predict is its numpy reference)."""
+    predictor.check_layout(kv_cache.layout(ctx))
+    return np.stack([kv_cache.predict_scores(ctx, l, predictor.weights[l], predictor.bias[l], predictor.rope_pairing,
+                                             seq_id) for l in range(predictor.n_layer)])
 
 
 @dataclasses.dataclass
@@ -154,15 +163,17 @@ class Compressor:
         with self.observe(ctx, prompt_end=prompt_end, labels=labels, seq_id=seq_id):
             return ctx.decode(tail_tokens[-w:], prompt_end - w, seq_id)
 
-    def compress(self, ctx, labels: np.ndarray, seq_id: int = 0, tokens: np.ndarray | None = None) -> Report:
+    def compress(self, ctx, labels: np.ndarray, seq_id: int = 0, tokens: np.ndarray | None = None,
+                 images: dict | None = None) -> Report:
         """Plan for the sequence's current cells and apply it; the cache is unchanged on error.
-        `tokens` (the token at each position, -1 for image positions) feeds the reconstruction
-        pass of a method that needs one."""
+        `tokens` (the token at each position, -1 for image positions) and `images` (the images
+        still held, by first position) feed the reconstruction pass of a method that needs one."""
         recon, self._recon = self._recon, None
         if RECONSTRUCTION_SCORES in self.method.needs and recon is None:
             if tokens is None:
                 raise MethodError(f"{self.method.name} needs reconstruction scores: pass the tokens by position")
-            recon = reconstruction.reconstruction_scores(ctx, tokens, reconstruction.repeat_prefix(ctx.model), seq_id)
+            recon = reconstruction.reconstruction_scores(ctx, tokens, reconstruction.repeat_prefix(ctx.model), seq_id,
+                                                         images=images)
         t0 = time.perf_counter()
         cells, positions = kv_cache.seq_cells(ctx, seq_id)
         order = np.argsort(positions, kind="stable")  # cell order need not follow positions once a merge freed cells
@@ -189,7 +200,7 @@ class Compressor:
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
         if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
-            predicted = self.method.predictor.scores(ctx, seq_id)[..., order].astype(np.float64)
+            predicted = predicted_scores(self.method.predictor, ctx, seq_id)[..., order].astype(np.float64)
             stats.predicted_scores = np.exp(predicted, out=predicted)
         rho_source = "unused"
         if RHO in needs:

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from ..bindings import images, runtime
 from ..bindings.native import llama_cpp
 from ..bindings.attention_stats import AttentionStats
-from . import distillation, reconstruction
-from .compression import rho_from_flow
-from .importance_predictor import rope_pairing
-from .flowmm import FlowMM
+from . import distillation
+from ..compression import reconstruction
+from ..compression.compressor import rho_from_flow
+from ..methods.importance_predictor import rope_pairing
+from ..methods.flowmm import FlowMM
 from .policy import Policy, fingerprint
 from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
@@ -114,7 +115,7 @@ def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS,
     predictor, info = distillation.fit(samples, pairing, held_back=DISTILL_HELD_BACK)
     record = {"teacher": "reconstruction_scores (repeat pass), log(mass + 1e-4)",
               "corpus": "dist-info METADATA and LICENSE texts of the installed Python packages, every second "
-                        "document with planted records (methods/distillation.py)",
+                        "document with planted records (calibration/distillation.py)",
               "n_sources": len(texts), "n_documents": n_docs, "tokens_per_document": doc_tokens,
               "n_tokens": samples.n_tokens, "held_back_documents": DISTILL_HELD_BACK, **info}
     return dataclasses.replace(predictor, info=record), record

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bindings import kv_cache
-from .importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
-from . import reconstruction
+from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
+from ..compression import reconstruction
 
 RIDGE = 1e-3  # of the standardised features' scale, per sample
 _THINGS = ["archive room", "north gate", "blue locker", "server rack", "night shift", "west wing", "supply van",

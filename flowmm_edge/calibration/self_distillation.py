@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import paths
 from ..bindings import kv_cache
-from .importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman
+from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman
 from .distillation import RIDGE
 
 MIN_TOKENS = 4096        # tokens observed before a fit may count as good
@@ -210,7 +210,7 @@ class ImportanceLearner:
     def policy(self, predictor: ImportancePredictor, rank: float):
         """The policy of a fitted predictor: FlowMM's defaults scoring with it, rho averaged over
         the learning merges' windows, and what it was learned from."""
-        from .calibration import METHOD_DEFAULTS, THETA
+        from .calibration_pass import METHOD_DEFAULTS, THETA
         from .policy import Policy
 
         p = self.progress

@@ -1,0 +1,92 @@
+"""The repeat pass re-feeds images (compression/reconstruction.py, `images`): an image cell is
+scored by the rows that re-read the image, as a text cell is by the rows that re-read its token.
+
+The reference is the same context with the page's tokens decoded as text: a glyph page reaches
+the model as exactly those tokens' embeddings through mtmd's image path (docs/GLYPH.md), so a pass
+that repeats the page where it sits must score every cell as the all-text pass does, chunked the
+same way. Without `images` the page's cells get only what the repeated text sends them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flowmm_edge.bindings import kv_cache, runtime
+from flowmm_edge.bindings.multimodal import Projector
+from flowmm_edge.compression import reconstruction
+from flowmm_edge.models import glyph
+
+RUN = 256  # tokens before the page, in it (one page: 16 x 16 patches) and after it
+
+
+@pytest.fixture(scope="module")
+def page_context(mmproj, text_model):
+    book = glyph.Codebook.load(mmproj)
+    assert book.n_patches == RUN
+    words = ("The ledger lists record {i}: the courier from harbour {j} carries crate {k} to the mill. "
+             .format(i=i, j=i * 7 % 13, k=i * 31 % 97) for i in range(200))
+    ids = book.tokenize("".join(words), text_model)
+    before = ids[:RUN]
+    page, after = ids[RUN:2 * RUN], ids[2 * RUN:3 * RUN]
+    return book, before, page, after
+
+
+def _scores(model, pieces, tokens_by_pos, images, rows):
+    with runtime.Context(model, n_ctx=3 * RUN + reconstruction.ROOM, n_batch=512, n_ubatch=512, n_threads=2) as ctx:
+        pos = 0
+        for p in pieces:
+            if isinstance(p, list):
+                ctx.decode(p, pos)
+                pos += len(p)
+            else:
+                pos = p.eval(ctx, pos)
+        before = ctx.state()
+        got = reconstruction.reconstruction_scores(ctx, tokens_by_pos, reconstruction.repeat_prefix(model), chunk=RUN,
+                                                   rows=rows, images=images)
+        assert ctx.state() == before  # the pass leaves the cache as it was
+        return got
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_a_repeated_page_scores_its_cells_as_the_same_text_repeated(page_context, mmproj, text_model, rows):
+    book, before, page, after = page_context
+    as_text = np.asarray(before + page + after, np.int32)
+    ref = _scores(text_model, [before + page + after], as_text, None, rows)
+    with Projector(mmproj, text_model) as proj, proj.prepare(book.render(page)) as image:
+        assert image.spans == [(RUN, True)]
+        tokens = np.r_[np.asarray(before, np.int32), np.full(RUN, -1, np.int32), np.asarray(after, np.int32)]
+        got = _scores(text_model, [before, image, after], tokens, {RUN: image}, rows)
+        blind = _scores(text_model, [before, image, after], tokens, None, rows)
+    page_cells = slice(RUN, 2 * RUN)
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=2e-2, atol=1e-3)
+    assert np.array_equal(np.sort(got.repeated), np.arange(3 * RUN))  # text and the page, each once
+    assert np.array_equal(np.sort(blind.repeated), np.r_[0:RUN, 2 * RUN:3 * RUN])
+    # blind to the page, the pass gives its cells a fraction of what re-reading it sends them
+    def share_top(s):  # the page's share of the cells in each (layer, head)'s top fifth
+        top = np.argsort(-s, axis=-1)[..., : 3 * RUN // 5]
+        return np.mean((top >= RUN) & (top < 2 * RUN))
+    print("share", rows, share_top(ref.scores), share_top(blind.scores))
+    assert share_top(blind.scores) < 0.8 * share_top(ref.scores)
+
+
+def test_repeated_scores_feed_each_image_once_and_keep_it_when_stopped(page_context, mmproj, text_model):
+    book, before, page, after = page_context
+    tokens = np.r_[np.asarray(before, np.int32), np.full(RUN, -1, np.int32), np.asarray(after, np.int32)]
+    with Projector(mmproj, text_model) as proj, proj.prepare(book.render(page)) as image, \
+            runtime.Context(text_model, n_ctx=3 * RUN + reconstruction.ROOM, n_threads=2) as ctx:
+        pos = ctx.decode(before, 0) is not None and len(before)
+        pos = image.eval(ctx, pos)
+        ctx.decode(after, pos)
+        rep = reconstruction.RepeatedScores()
+        calls = []
+        with pytest.raises(reconstruction.Interrupted):  # stopped after the first text chunk
+            rep.update(ctx, tokens, stop=lambda: len(calls) > 0, progress=lambda d, t: calls.append((d, t)),
+                       images={RUN: image})
+        assert calls == [(RUN, 3 * RUN)] and np.array_equal(rep.repeated, np.arange(RUN))
+        rep.update(ctx, tokens, images={RUN: image})
+        assert np.array_equal(rep.repeated, np.arange(3 * RUN))
+        fed = []
+        image_eval = image.eval
+        image.eval = lambda *a: fed.append(a) or image_eval(*a)
+        rep.update(ctx, tokens, images={RUN: image})  # nothing new: the page is not fed again
+        assert fed == [] and kv_cache.used_bound(ctx) >= 3 * RUN
