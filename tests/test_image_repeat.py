@@ -90,3 +90,23 @@ def test_repeated_scores_feed_each_image_once_and_keep_it_when_stopped(page_cont
         image.eval = lambda *a: fed.append(a) or image_eval(*a)
         rep.update(ctx, tokens, images={RUN: image})  # nothing new: the page is not fed again
         assert fed == [] and kv_cache.used_bound(ctx) >= 3 * RUN
+
+
+def test_a_chat_repeats_its_images_once_then_lets_them_go(page_context, default_model_path, mmproj):
+    """Session (chat's code path): a turn's image is held only while a merge of the conversation
+    may repeat it; the merge's repeat pass re-reads it, then it is closed."""
+    from flowmm_edge.app.session import Session
+
+    book, before, page, after = page_context
+    png = book.render(page)
+    with Session(default_model_path, mmproj, method="flowmm:repeat", budget=128, n_ctx=2048, n_threads=2) as s:
+        s.add_user_turn("What does the page say?", images=[png])
+        (start,) = s.images
+        image = s.images[start]
+        assert s.tokens_by_pos[start] == -1 and image.n_pos == RUN
+        assert s.merge()
+        assert s.images == {} and image.ptr is None  # closed once re-read
+        assert set(range(start, start + RUN)) <= set(s.compression.repeats.repeated.tolist())
+    with Session(default_model_path, mmproj, method="snapkv", budget=128, n_ctx=2048, n_threads=2) as s:
+        s.add_user_turn("What does the page say?", images=[png])
+        assert s.images == {}  # nothing would repeat it: not held

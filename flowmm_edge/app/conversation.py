@@ -145,6 +145,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
     def _reset_state(self) -> None:
         if getattr(self, "sampler", None) is not None:
             self.sampler.close()
+        self._close_images()
+        self.images = {}  # first position -> PreparedImage, held until a repeat pass has re-read it
         self.sampler = sampling.Sampler(self.model.n_vocab, self.engine.sampling, vocab=self.model.vocab)  # a new conversation draws afresh
         self.messages: list[tuple[str, str]] = [("system", self.system_prompt)] if self.system_prompt else []
         self.cached_text = ""   # the formatted conversation whose tokens are in the cache
@@ -231,6 +233,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         if getattr(self, "sampler", None) is not None:
             self.sampler.close()
             self.sampler = None
+        self._close_images()
         if self in self.engine.conversations:
             self.engine.conversations.remove(self)
 
@@ -256,6 +259,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # prepare first: an unreadable image or a bad segment fails here, before anything changes
         prepared = prepare(self.model, turn_segments(formatted[len(self.cached_text):], segments), self.labels,
                            self.projector, add_bos=self.pos == 0)
+        pos0 = self.pos
         try:
             room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
             for p in prepared.pieces:
@@ -266,6 +270,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
                                    f"method 'full' never merges (use another --method or /reset)")
             self._decode_or_restore(prepared)
+            self._keep_images(prepared, pos0)
         finally:
             prepared.close()
         self.messages, self.cached_text = messages, formatted

@@ -7,8 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
+
 from .engine import NoRoomError
 from ..errors import FlowMMError
+from ..compression import reconstruction
 from ..compression.sequence_compressor import MergeInterrupted
 
 
@@ -44,8 +47,11 @@ class Merging:
             raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
                               f"held by conversations that are replying")
         progress = (lambda d, t: self._progress("merge", d, t)) if foreground else None
-        self.compression.merge(self.ctx, self.tokens_by_pos, self.labels_by_pos, self.seq_id, stop=stop,
-                               progress=progress, teacher=teacher)
+        try:
+            self.compression.merge(self.ctx, self.tokens_by_pos, self.labels_by_pos, self.seq_id, stop=stop,
+                                   progress=progress, teacher=teacher, images=self.images)
+        finally:
+            self._release_repeated_images()
         self.engine.learned()  # the merge may have taught the engine's learner enough
         if foreground:
             self.stats.merges += 1
@@ -53,6 +59,29 @@ class Merging:
         else:
             self.stats.background_merges += 1
             self.stats.background_merge_seconds += time.perf_counter() - t0
+
+    # -- images the repeat pass re-reads ----------------------------------------------------------
+
+    def _keep_images(self, prepared, pos0: int) -> None:
+        """Take a decoded turn's images from `prepared` (which then does not close them) when a
+        merge of this conversation may repeat the context: the repeat pass re-feeds each image once
+        (reconstruction.images_by_position), then it is closed."""
+        if not (self.compression.repeats_context or
+                (self.engine.merge_schedule.idle_teacher and self.compression.teaches())):
+            return
+        kept = reconstruction.images_by_position(prepared.pieces, pos0)
+        prepared.pieces = [p for p in prepared.pieces if isinstance(p, list) or all(p is not k for k in kept.values())]
+        self.images.update(kept)
+
+    def _release_repeated_images(self) -> None:
+        repeated = self.compression.repeats.repeated
+        for pos in [p for p in self.images if np.isin(p, repeated)]:
+            self.images.pop(pos).close()
+
+    def _close_images(self) -> None:
+        for image in getattr(self, "images", {}).values():
+            image.close()
+        self.images = {}
 
     def merge_in_background(self, delay: float = 0.0) -> bool:
         """Start the due merge, after `delay` seconds, on a thread that owns the context while it
@@ -99,7 +128,8 @@ class _BackgroundMerge(threading.Thread):
     def run(self) -> None:
         try:
             if not self.stop.wait(self.delay):
-                self.conv._merge(foreground=False, stop=self.stop.is_set, teacher=True)  # idle time: the teacher
+                self.conv._merge(foreground=False, stop=self.stop.is_set,
+                                 teacher=self.conv.engine.merge_schedule.idle_teacher)
         except MergeInterrupted:
             pass
         except Exception as e:  # the cache is as it was; the next turn merges in the foreground if it must

@@ -114,7 +114,7 @@ class Engine:
             raise SessionError(str(e)) from None
         method = probe.name
         try:
-            self.merge_schedule = MergeSchedule(schedule)  # when a conversation of this engine merges
+            self.merge_schedule = MergeSchedule(schedule, pooled=isinstance(n_slots, int) and n_slots > 1)
         except ScheduleError as e:
             raise SessionError(str(e)) from None
         self.schedule = schedule

@@ -18,6 +18,12 @@ Two schedules (`--schedule` in `chat` and `serve`, `Engine(schedule=)`):
   merge runs once the reply has ended and the conversation has been idle IDLE_AFTER_S seconds.
 - `blocking`: the turn's end is merged before the reply (eval's `inside` mode measures it).
 Under both, a turn that does not fit the free room merges between its chunks.
+
+Which importance an idle merge takes is decided here too (`idle_teacher`): one conversation's idle
+time (a chat: the user reads and types) pays for the teacher, the repeat pass, where a predictor
+exists; a pool's (serve) is short and shared, so its idle merges predict. Measured: with the
+teacher, bench_serve's 8 conversations kept 7/8 facts, first token p50 20 s; without, 8/8, 2.5 s.
+A merge a turn waits for always takes the predictor where there is one.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ class ScheduleError(FlowMMError):
 
 
 class MergeSchedule:
-    def __init__(self, kind: str = REPLY_FIRST, idle_after_s: float = IDLE_AFTER_S):
+    def __init__(self, kind: str = REPLY_FIRST, idle_after_s: float = IDLE_AFTER_S, pooled: bool = False):
         if kind not in SCHEDULES:
             raise ScheduleError(f"schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
         self.kind, self.idle_after_s = kind, idle_after_s
+        self.idle_teacher = not pooled  # an idle merge scores by the repeat pass (see the module docstring)
 
     @property
     def blocking(self) -> bool:

@@ -332,9 +332,8 @@ class Worker(threading.Thread):
         goes on from there at the next idle time)."""
         t0 = time.perf_counter()
         try:
-            # the predictor, not the teacher: a pool's idle time is short and shared (measured: with the
-            # teacher, bench_serve's 8 conversations kept 7/8 facts, first token p50 20 s; without, 8/8, 2.5 s)
-            merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping)
+            merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping,
+                                teacher=self.engine.merge_schedule.idle_teacher)  # a pool's: the predictor
         except FlowMMError as e:  # the cache is as it was; its next request merges in the foreground if it must
             conv.merge_error = str(e)
             self._merge_failed.add(conv.seq_id)
