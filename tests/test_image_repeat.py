@@ -110,3 +110,42 @@ def test_a_chat_repeats_its_images_once_then_lets_them_go(page_context, default_
     with Session(default_model_path, mmproj, method="snapkv", budget=128, n_ctx=2048, n_threads=2) as s:
         s.add_user_turn("What does the page say?", images=[png])
         assert s.images == {}  # nothing would repeat it: not held
+
+
+def test_distillation_documents_hold_pages_and_pictures_the_teacher_re_reads(mmproj, text_model):
+    """calibrate --distill with a projector: every third document holds a page of its own text and a
+    generated picture; the samples cover their cells, and the page's cells hold its text's keys."""
+    from flowmm_edge.calibration import distillation
+
+    book = glyph.Codebook.load(mmproj)
+    texts = [("a", " ".join(f"Record {i} of the harbour ledger lists crate {i * 7 % 31}." for i in range(400)))]
+    with Projector(mmproj, text_model) as proj:
+        docs = distillation.documents(text_model, 3, 700, texts=texts, projector=proj)
+        assert [len(d.images) for d in docs] == [0, 0, 2]
+        doc = docs[2]
+        # the page: the image whose PNG header (width, height at bytes 16-24) is a page's
+        (page_at, page_png), = [(i, png) for i, png in doc.images if png[16:24] == book.render([])[16:24]]
+        page = book.read(page_png)
+        picture_before = sum(RUN for i, png in doc.images if png is not page_png and i <= page_at)
+        with runtime.Context(text_model, n_ctx=700 + 2 * RUN + reconstruction.ROOM, n_threads=2) as ctx:
+            samples = distillation.collect(ctx, [doc], projector=proj)
+            # the reference: the same pieces with the page's tokens decoded as text in its place
+            as_text = distillation.Document("ref", doc.tokens[:page_at] + page + doc.tokens[page_at:],
+                                            tuple((i if i <= page_at else i + len(page), png)
+                                                  for i, png in doc.images if png is not page_png))
+            ctx.clear()
+            pos = 0
+            for piece in as_text.pieces(proj):
+                if isinstance(piece, list):
+                    ctx.decode(piece, pos)
+                    pos += len(piece)
+                else:
+                    with piece:
+                        pos = piece.eval(ctx, pos)
+            _, k_text, _ = distillation.cache_rows(ctx)
+    assert samples.teacher[0].shape[-1] == len(doc.tokens) + 2 * RUN  # the glyph projector: 256 positions an image
+    cells = slice(page_at + picture_before, page_at + picture_before + len(page))
+    got, want = samples.k[0][..., cells, :].astype(np.float32), k_text[..., cells, :]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-2, atol=2e-2)  # layer 0: the tokens' own keys
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999  # deeper: the same context, other batches
+    assert np.all(samples.teacher[0] >= 0) and np.all(samples.teacher[0][..., cells].max(axis=-1) > 0)

@@ -99,26 +99,40 @@ def layer_flows(model: runtime.Model, prompts: list[list[Segment]], projector=No
 
 
 def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS, n_threads: int | None = None,
-            progress: bool = True):
+            progress: bool = True, projector=None):
     """(the predictor, what the policy records about it): n_docs documents of the distillation
     corpus, each prefilled and repeated (the teacher), the last DISTILL_HELD_BACK kept out of the
-    fit to measure its rank correlation, then all of them fitted."""
+    fit to measure its rank correlation, then all of them fitted. With a `projector`, every third
+    document holds images too (distillation.documents)."""
     if n_docs <= DISTILL_HELD_BACK:
         raise reconstruction.ReconstructionError(f"distillation needs more than {DISTILL_HELD_BACK} documents")
     texts = distillation.natural_texts()
-    docs = distillation.documents(model, n_docs, doc_tokens, texts=texts)
+    docs = distillation.documents(model, n_docs, doc_tokens, texts=texts, projector=projector)
+    image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
     bar = tqdm(total=n_docs, desc="distilling", unit="doc", disable=not progress)
-    with runtime.Context(model, n_ctx=doc_tokens + reconstruction.ROOM, n_batch=512, n_threads=n_threads) as ctx:
-        samples = distillation.collect(ctx, docs, progress=lambda done, total: bar.update(1))
+    with runtime.Context(model, n_ctx=doc_tokens + image_pos + reconstruction.ROOM, n_batch=512,
+                         n_threads=n_threads) as ctx:
+        samples = distillation.collect(ctx, docs, progress=lambda done, total: bar.update(1), projector=projector)
     bar.close()
     pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
     predictor, info = distillation.fit(samples, pairing, held_back=DISTILL_HELD_BACK)
     record = {"teacher": "reconstruction_scores (repeat pass), log(mass + 1e-4)",
               "corpus": "dist-info METADATA and LICENSE texts of the installed Python packages, every second "
-                        "document with planted records (calibration/distillation.py)",
+                        "document with planted records" + (", every third with images" if projector else "")
+                        + " (calibration/distillation.py)",
+              "n_documents_with_images": sum(1 for d in docs if d.images),
               "n_sources": len(texts), "n_documents": n_docs, "tokens_per_document": doc_tokens,
               "n_tokens": samples.n_tokens, "held_back_documents": DISTILL_HELD_BACK, **info}
     return dataclasses.replace(predictor, info=record), record
+
+
+def _image_positions(projector, doc) -> int:
+    """The positions a document's images take beyond the tokens they replace (at most: a page's)."""
+    total = 0
+    for _, png in doc.images:
+        with projector.prepare(png) as image:
+            total += image.n_pos
+    return total
 
 
 def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",
@@ -133,11 +147,11 @@ def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None
         proj = projector(model) if callable(projector) else None
         try:
             flows = layer_flows(model, prompts, proj, n_threads, flash_attn, progress)
+            if distill_docs:
+                predictor, _ = distill(model, distill_docs, distill_tokens, n_threads, progress, proj)
         finally:
             if proj is not None:
                 proj.close()
-        if distill_docs:
-            predictor, _ = distill(model, distill_docs, distill_tokens, n_threads, progress)
     n_layer = len(flows[0])
     rho = [rho_from_flow([f[l] for f in flows]) for l in range(n_layer)]
     method = dict(METHOD_DEFAULTS, **({"importance": "predicted"} if predictor is not None else {}))

@@ -13,6 +13,10 @@ The corpus is not the evaluation suite and not its generators' haystacks:
 - documents of this module's own design with planted facts: the same natural text with records
   ("The badge number of the archive room is 7316-K.") set into it at random places, so the
   teacher sees the spans a later question would need among prose that no question asks about.
+- with a projector, every third document also holds images, so the student sees keys that are
+  not text's: with a glyph projector (docs/GLYPH.md) a span of the document's own text becomes a
+  page image in its place, and with any projector a generated picture (bindings/images.pattern)
+  is set in at a random place. The teacher re-reads them (reconstruction's `images`).
 The policy records which sources and how many tokens.
 """
 
@@ -64,11 +68,42 @@ def _record(rng: np.random.Generator) -> str:
 class Document:
     name: str
     tokens: list[int]
+    images: tuple = ()  # (token index it comes before, PNG bytes), by index
+
+    def pieces(self, projector) -> list:
+        """The document as prompt pieces: token lists and prepared images, in order."""
+        out, at = [], 0
+        for index, png in self.images:
+            if index > at:
+                out.append(self.tokens[at:index])
+            out.append(projector.prepare(png))
+            at = index
+        if at < len(self.tokens):
+            out.append(self.tokens[at:])
+        return out
 
 
-def documents(model, n_docs: int, n_tokens: int, seed: int = 0, texts=None) -> list[Document]:
+def _with_images(doc: Document, model, rng: np.random.Generator, book, seed: int) -> Document:
+    """`doc` with a generated picture set in and, given a glyph codebook, a span of its text as a
+    page in its place (the span's text spelled in the page's vocabulary, at most one page)."""
+    from ..bindings import images
+
+    tokens, placed = list(doc.tokens), []
+    if book is not None:
+        at = int(rng.integers(1, max(2, len(tokens) - book.n_patches)))
+        span = tokens[at:at + book.n_patches]
+        page = book.tokenize(model.detokenize(span), model)[:book.n_patches]
+        tokens = tokens[:at] + tokens[at + len(span):]
+        placed.append((at, book.render(page)))
+    at = int(rng.integers(1, len(tokens)))
+    placed.append((at, images.pattern(seed, size=96)))
+    return Document(doc.name + ", with images", tokens, tuple(sorted(placed, key=lambda p: p[0])))
+
+
+def documents(model, n_docs: int, n_tokens: int, seed: int = 0, texts=None, projector=None) -> list[Document]:
     """n_docs documents of n_tokens each (BOS first): natural text cut in order from the corpus,
-    every second one with planted records (one per ~150 tokens)."""
+    every second one with planted records (one per ~150 tokens); with a `projector`, every third
+    also holds images (see the module docstring)."""
     texts = natural_texts() if texts is None else texts
     if not texts:
         raise reconstruction.ReconstructionError("no natural text found for the distillation corpus")
@@ -86,9 +121,22 @@ def documents(model, n_docs: int, n_tokens: int, seed: int = 0, texts=None) -> l
             cuts = sorted(rng.integers(0, len(text), size=max(1, n_tokens // 150)))
             text = "".join(text[a:b] + _record(rng) for a, b in zip([0, *cuts], [*cuts, len(text)]))
             body = model.tokenize(text, add_special=False)
-        docs.append(Document(f"{'planted' if d % 2 else 'natural'}: corpus tokens {start}-{start + n_tokens}",
-                             bos + body[:n_tokens - 1]))
+        doc = Document(f"{'planted' if d % 2 else 'natural'}: corpus tokens {start}-{start + n_tokens}",
+                       bos + body[:n_tokens - 1])
+        if projector is not None and d % 3 == 2:
+            doc = _with_images(doc, model, rng, _codebook(projector), seed * 1000 + d)
+        docs.append(doc)
     return docs
+
+
+def _codebook(projector):
+    """The glyph codebook of a glyph projector, None for any other."""
+    from ..models import glyph
+
+    try:
+        return glyph.Codebook.load(projector.facts.path)
+    except glyph.GlyphError:
+        return None
 
 
 @dataclasses.dataclass
@@ -118,14 +166,28 @@ def cache_rows(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pos[order], k, v
 
 
-def collect(ctx, docs: list[Document], progress=None) -> Samples:
-    """Prefill each document alone in sequence 0, run the repeat pass, keep its scores and rows."""
+def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples:
+    """Prefill each document alone in sequence 0, run the repeat pass (re-reading its images),
+    keep its scores and rows. A document with images needs the `projector`."""
     out = Samples([], [], [], [])
     prefix = reconstruction.repeat_prefix(ctx.model)
     for i, doc in enumerate(docs):
         ctx.clear()
-        ctx.decode(doc.tokens, 0)
-        scored = reconstruction.reconstruction_scores(ctx, np.asarray(doc.tokens, np.int32), prefix)
+        pieces = doc.pieces(projector) if doc.images else [doc.tokens]
+        try:
+            pos = 0
+            for p in pieces:
+                if isinstance(p, list):
+                    ctx.decode(p, pos)
+                    pos += len(p)
+                else:
+                    pos = p.eval(ctx, pos)
+            scored = reconstruction.reconstruction_scores(ctx, reconstruction.tokens_by_position(pieces), prefix,
+                                                          images=reconstruction.images_by_position(pieces))
+        finally:
+            for p in pieces:
+                if not isinstance(p, list):
+                    p.close()
         pos, k, v = cache_rows(ctx)
         assert np.array_equal(pos, scored.positions)
         out.k.append(k.astype(np.float16))
