@@ -102,8 +102,7 @@ def test_json_object_is_json_and_unenforceable_schemas_are_refused(real):
 
 def test_fields_that_change_the_reply_and_are_not_built_are_refused_by_name(srv):
     for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-                         ("tool_choice", "required"), ("logprobs", True), ("top_logprobs", 2),
-                         ("functions", [{"name": "f"}])):
+                         ("tool_choice", "required"), ("functions", [{"name": "f"}])):
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
     for fmt in ({"type": "sound"}, {"type": "json_schema"}, "json"):
@@ -149,6 +148,55 @@ def reference_penalised(logits, history, freq, presence):
     for t, n in zip(*np.unique(history, return_counts=True)):
         out[t] -= n * freq + presence
     return out
+
+
+def _log_softmax(z):
+    z = np.asarray(z, np.float64)
+    return z - z.max() - np.log(np.exp(z - z.max()).sum())
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits_read_separately(default_model_path):
+    """A reply's logprobs (ReplyStream, the path serve takes) against log_softmax of the logits a
+    fresh context computes for the same tokens, in numpy."""
+    from flowmm_edge.app.session import Session
+    from flowmm_edge.bindings import runtime
+
+    with Session(default_model_path, n_ctx=1024, max_reply=12, n_threads=2, temperature=0.7, seed=3) as s:
+        s.add_user_turn("Name three colours.")
+        start = s.pos
+        stream = s.reply_stream(12, s.engine.sampling, logprobs=4)
+        while (tok := stream.next_token()) is not None:
+            stream.accept(tok, s.ctx.decode([tok], s.pos, s.seq_id))
+        entries = stream.take_logprobs()
+        stream.close()
+        tokens = s.tokens_by_pos.tolist()
+    assert len(entries) == len(tokens) - start > 3
+    with runtime.Model(default_model_path) as model, runtime.Context(model, n_ctx=1024, n_threads=2) as ctx:
+        rows = [ctx.decode(tokens[:start], 0)]  # the prompt, then each reply token: the batches a reply decodes
+        rows += [ctx.decode([tok], pos) for pos, tok in enumerate(tokens[start:-1], start)]
+    for (tok, lp, top), row, want_tok in zip(entries, rows, tokens[start:]):
+        ref = _log_softmax(row)
+        assert tok == want_tok and abs(lp - ref[tok]) < 2e-3
+        assert [t for t, _ in top] == list(np.argsort(-ref, kind="stable")[:4])
+        np.testing.assert_allclose([v for _, v in top], np.sort(ref)[::-1][:4], atol=2e-3)
+
+
+def test_the_server_sends_logprobs_in_openais_shape_streamed_or_not(real):
+    c = client(real)
+    r = c.chat.completions.create(model="x", messages=MSG, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content and len(content) == 8
+    for e in content:  # greedy: the chosen token is the most probable one
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+        assert e.logprob == e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and bytes(e.bytes).decode() == e.token
+    chunks = list(c.chat.completions.create(model="x", messages=MSG, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = c.chat.completions.create(model="x", messages=MSG, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        c.chat.completions.create(model="x", messages=MSG, max_tokens=4, top_logprobs=2)
 
 
 def test_penalties_and_logit_bias_draw_as_llama_cpps_formula_says():

@@ -122,9 +122,20 @@ def _fingerprinted(d: dict, server: bool) -> dict:
     return {**d, "system_fingerprint": SYSTEM_FINGERPRINT} if server else d
 
 
-def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict, server: bool = False) -> dict:
+def logprobs_content(model, entries) -> dict:
+    """OpenAI's choice.logprobs from ReplyStream entries (token, logprob, [(token, logprob)])."""
+    def one(tok: int, lp: float) -> dict:
+        piece = model.token_to_piece(tok)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece)}
+
+    return {"content": [{**one(tok, lp), "top_logprobs": [one(t, l) for t, l in top]} for tok, lp, top in entries],
+            "refusal": None}
+
+
+def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict, server: bool = False,
+               logprobs: dict | None = None) -> dict:
     return _fingerprinted({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage_}, server)
 
@@ -135,9 +146,10 @@ def usage_chunk(cid: str, model: str, usage_: dict, server: bool = False) -> dic
                            "choices": [], "usage": usage_}, server)
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, server: bool = False) -> dict:
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, server: bool = False,
+          logprobs: dict | None = None) -> dict:
     return _fingerprinted({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                           "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                           "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                         "finish_reason": finish_reason}]}, server)
 
 

@@ -39,9 +39,10 @@ class Replying:
         return gen
 
     def reply_stream(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
-                     stop: list[str] | tuple[str, ...] = ()) -> ReplyStream:
+                     stop: list[str] | tuple[str, ...] = (), logprobs: int | None = None) -> ReplyStream:
         """The reply as a ReplyStream (see `reply` for the arguments): its owner decodes each
-        token, alone or in a batch with other sequences' (serve's worker)."""
+        token, alone or in a batch with other sequences' (serve's worker). `logprobs`: record each
+        token's log probability and that many most probable alternatives (ReplyStream)."""
         self._finish_reply()
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
@@ -62,7 +63,7 @@ class Replying:
             raise SessionError(str(e)) from None
         if self._reply_sampler is None and self.engine.sampling.grammar is not None:
             self.sampler.reset()  # the session's grammar starts at its root for every reply
-        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop))
+        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop), logprobs)
         self.last_logits, self.finish_reason = None, "length"
         self._active_stream = stream
         return stream

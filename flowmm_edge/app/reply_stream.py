@@ -22,10 +22,14 @@ import time
 
 import numpy as np
 
+from ..bindings import sampling
+
 
 class ReplyStream:
-    def __init__(self, conv, max_tokens: int, stop: tuple[str, ...]):
+    def __init__(self, conv, max_tokens: int, stop: tuple[str, ...], logprobs: int | None = None):
         self.conv, self.max_tokens, self.stop = conv, max_tokens, stop
+        self.logprobs = logprobs  # None: off; k: each token's log probability and the k most probable
+        self.token_logprobs, self.logprobs_taken = [], 0  # (token, logprob, [(token, logprob)]) per token
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.full, self.shown, self.cut, self.generated = "", 0, False, []
         self.hold = max((len(s) for s in stop), default=1) - 1  # text that may still become a stop string
@@ -48,7 +52,15 @@ class ReplyStream:
         if conv.model.is_end_of_generation(tok):
             self.finish_reason = "stop"
             return self._end()
+        if self.logprobs is not None:
+            self.token_logprobs.append((tok, *sampling.logprobs(self.logits, tok, self.logprobs)))
         return tok
+
+    def take_logprobs(self) -> list:
+        """The entries of the tokens accepted since the last call (what a piece just shown holds)."""
+        got = self.token_logprobs[self.logprobs_taken:len(self.generated)]
+        self.logprobs_taken += len(got)
+        return got
 
     def accept(self, tok: int, logits: np.ndarray) -> str:
         """`tok` was decoded at the conversation's position, giving `logits`: the text to show now."""

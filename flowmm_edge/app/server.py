@@ -80,8 +80,8 @@ class Stopped(FlowMMError):
 
 # Fields of OpenAI's request that change what the reply must be and that this server does not
 # build: a request that sets one is refused with a 400 naming it, never answered as if it had not.
-REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio",
-                  "prediction", "parallel_tool_calls", "web_search_options")
+REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "parallel_tool_calls",
+                  "web_search_options")
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -109,6 +109,8 @@ class ChatRequest(pydantic.BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = pydantic.Field(1, ge=1, le=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() past which the request is stopped (--timeout)
     conv: Conversation | None = None
     stream: object = None  # its reply (reply_stream.ReplyStream), once its prompt is decoded
+    logprobs: int | None = None  # each token's log probability and this many alternatives; None: off
     merges0: int = 0
     merge_s0: float = 0.0
     t_decode: float = 0.0
@@ -366,7 +369,7 @@ class Worker(threading.Thread):
         t0 = time.perf_counter()
         try:
             held, decoded = conv.feed(job.turns)
-            job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop)
+            job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop, job.logprobs)
         except Exception as e:
             conv.end_request()
             if isinstance(e, Stopped):  # stopped at a chunk boundary; the slot is as before the turn
@@ -437,7 +440,7 @@ class Worker(threading.Thread):
             job.t_decode += share
             piece = job.stream.accept(tok, row)
             if piece:
-                job.send("piece", piece)
+                job.send("piece", piece, job.stream.take_logprobs())
             if job.stream.done:
                 self._done(job)
         return moved + len(batch)
@@ -445,7 +448,7 @@ class Worker(threading.Thread):
     def _done(self, job: Job) -> None:
         rest = job.stream.tail()
         if rest:
-            job.send("piece", rest)
+            job.send("piece", rest, job.stream.take_logprobs())  # (a stop string's own tokens are not shown)
         conv = job.conv
         self._finish(job)
         job.send("done", conv.finish_reason, conv.last_reply_tokens)
@@ -587,15 +590,18 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stop) or len(stop) > 8:
             raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise HTTPError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         job = Job(turns, req.max_completion_tokens or req.max_tokens or max_tokens, params, stop,
                   asyncio.get_running_loop(), asyncio.Queue(),
-                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout)
+                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout,
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         worker.submit(job)
         cid = chat_api.completion_id()
         if req.stream:
             return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")))
         try:
-            prompt, pieces = (0, 0), []
+            prompt, pieces, entries = (0, 0), [], []
             while True:
                 try:  # wait for the worker, and notice a client that hangs up meanwhile
                     kind, *rest = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
@@ -611,10 +617,13 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     prompt = rest
                 elif kind == "piece":
                     pieces.append(rest[0])
+                    entries += rest[1]
                     job.taken += 1
                 else:
+                    logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
                     return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
-                                               chat_api.usage(prompt[0], prompt[1], rest[1]), server=True)
+                                               chat_api.usage(prompt[0], prompt[1], rest[1]), server=True,
+                                               logprobs=logprobs)
         finally:
             job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
 
@@ -636,7 +645,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     kind, *rest = await job.events.get()
                     if kind == "piece":
                         job.taken += 1
-                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}, server=True))
+                        logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, rest[1])
+                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}, server=True,
+                                                        logprobs=logprobs))
                     elif kind == "done":
                         yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0], server=True))
                         if include_usage:

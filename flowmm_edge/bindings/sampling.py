@@ -140,3 +140,14 @@ class Sampler:
 
     def __del__(self):
         self.close()
+
+
+def logprobs(logits: np.ndarray, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """(the log probability of `token`, the `top` most probable tokens with theirs) under the
+    model's own distribution: log_softmax of the logits the sampler was given (as llama-server's
+    n_probs and OpenAI's logprobs report, before any sampler or grammar reshapes it)."""
+    z = np.asarray(logits, np.float64)
+    lse = z.max() + np.log(np.exp(z - z.max()).sum())
+    best = np.argpartition(-z, top)[:top] if 0 < top < len(z) else np.arange(len(z) if top else 0)
+    best = best[np.lexsort((best, -z[best]))]  # most probable first, ties by id
+    return float(z[token] - lse), [(int(i), float(z[i] - lse)) for i in best]
