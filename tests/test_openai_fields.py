@@ -18,6 +18,12 @@ from flowmm_edge.bindings.sampling import Sampler, SamplingParams
 from test_server import client, server
 
 MSG = [{"role": "user", "content": "Describe a small red fox."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "description": "The local time in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
@@ -101,10 +107,16 @@ def test_json_object_is_json_and_unenforceable_schemas_are_refused(real):
 
 
 def test_fields_that_change_the_reply_and_are_not_built_are_refused_by_name(srv):
-    for field, value in (("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-                         ("tool_choice", "required"), ("functions", [{"name": "f"}])):
+    for field, value in (("functions", [{"name": "f"}]), ("function_call", "auto"), ("audio", {"voice": "x"})):
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+    for body, param in (({"tool_choice": "required"}, "tool_choice"), ({"tools": [{"type": "function"}]}, "tools"),
+                        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                         "tool_choice"),
+                        ({"messages": MSG + [{"role": "assistant", "content": "x"}, {"role": "tool", "content": "1"}]},
+                         "messages")):
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, **body}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     for fmt in ({"type": "sound"}, {"type": "json_schema"}, "json"):
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": MSG, "response_format": fmt}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
@@ -197,6 +209,75 @@ def test_the_server_sends_logprobs_in_openais_shape_streamed_or_not(real):
     assert plain.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         c.chat.completions.create(model="x", messages=MSG, max_tokens=4, top_logprobs=2)
+
+
+def _assembled(chunks):
+    """(content, tool calls, finish_reason) of a stream, as an OpenAI client assembles it."""
+    content, calls, finish = "", {}, None
+    for ch in chunks:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            calls[tc.index]["name"] += tc.function.name or ""
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_round_trip_with_the_openai_client(real, stream):
+    """tools -> tool_calls -> a tool message -> the final answer, the official client, streamed and
+    not; the second request reuses the cache the first left (the resent call matches the reply)."""
+    c = client(real)
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    kw = dict(model="x", tools=TOOLS, temperature=0, max_tokens=64)
+    r = c.chat.completions.create(messages=msgs, tool_choice="required", stream=stream, **kw)
+    if stream:
+        content, calls, finish = _assembled(r)
+    else:
+        m = r.choices[0].message
+        content, finish = m.content, r.choices[0].finish_reason
+        calls = [{"id": x.id, "name": x.function.name, "arguments": x.function.arguments} for x in m.tool_calls]
+    assert finish == "tool_calls" and not content and len(calls) >= 1, (content, calls)
+    call = calls[0]
+    assert call["name"] in ("get_weather", "get_time") and call["id"].startswith("call_")
+    assert isinstance(json.loads(call["arguments"])["city"], str)
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [
+                 {"id": x["id"], "type": "function", "function": {"name": x["name"], "arguments": x["arguments"]}}
+                 for x in calls]}] + [{"role": "tool", "tool_call_id": x["id"], "content": "18 degrees, sunny"}
+                                      for x in calls]
+    r2 = c.chat.completions.create(messages=msgs, **kw)
+    assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls
+    assert "18" in r2.choices[0].message.content, r2.choices[0].message.content
+    assert r2.usage.prompt_tokens_details.cached_tokens > 0  # the slot kept the call's turn
+
+
+def test_a_named_tool_choice_calls_that_tool_and_auto_parses_what_the_model_writes(real):
+    c = client(real)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=TOOLS,
+                                  tool_choice=named, temperature=0, max_tokens=64)
+    assert [x.function.name for x in r.choices[0].message.tool_calls] == ["get_time"]
+    r = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=TOOLS,
+                                  temperature=0, max_tokens=64)  # auto: whatever the model writes, parsed
+    m = r.choices[0].message
+    assert (r.choices[0].finish_reason == "tool_calls") == bool(m.tool_calls)
+    assert "<tool_call>" not in (m.content or "")
+
+
+def test_hermes_calls_parse_and_render_back_as_the_template_writes_them():
+    from flowmm_edge.app import tool_calls
+
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n' \
+           '<tool_call>\n{"name": "get_time", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = tool_calls.Hermes.parse(text)
+    assert content == "Let me check." and [n for n, _ in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0][1]) == {"city": "Paris"}
+    assert tool_calls.Hermes.render(content, calls) == text.replace("</tool_call>\n<tool", "</tool_call>\n<tool")
+    assert tool_calls.Hermes.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
 
 
 def test_penalties_and_logit_bias_draw_as_llama_cpps_formula_says():

@@ -23,7 +23,7 @@ from ..bindings import media
 from ..bindings.prompt import Segment, valid_text
 from ..errors import FlowMMError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ALIASES = {"developer": "system"}  # OpenAI's current name for the system role
 SYSTEM_FINGERPRINT = "flowmm-edge"  # OpenAI's field: which backend configuration answered
 
@@ -37,6 +37,7 @@ class Turn:
     role: str
     segments: tuple[Segment, ...]
     key: tuple  # (role, text with image markers, sha256 of each image): equal keys, equal turns
+    calls: tuple = ()  # an assistant message's tool calls: (name, arguments as JSON text)
 
     @property
     def text(self) -> str:
@@ -82,9 +83,37 @@ def _segments(content, policy: MediaPolicy) -> list[Segment]:
     return out
 
 
+def assistant_key(content: str, calls) -> tuple:
+    """The key of an assistant message with tool calls, however its arguments were spaced: a
+    client's resent message and the conversation's own reply (tool_calls.py parses it) match."""
+    norm = []
+    for name, args in calls:
+        try:
+            args = json.dumps(json.loads(args), sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):
+            pass
+        norm.append((name, args))
+    return ("assistant", (content or "").strip(), tuple(norm))
+
+
+def _calls(m: dict) -> tuple:
+    """An assistant message's OpenAI tool_calls as (name, arguments as JSON text)."""
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise RequestError("an assistant message's tool_calls must be a list")
+    out = []
+    for c in calls:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise RequestError("each tool call needs function.name and function.arguments (a JSON string)")
+        out.append((f["name"], f["arguments"]))
+    return tuple(out)
+
+
 def parse_messages(messages, media_policy: MediaPolicy = MediaPolicy()) -> list[Turn]:
-    """The request's messages as turns; consecutive messages of one role are joined (by a newline).
-    Image URLs are read as `media_policy` allows (default: data URLs only)."""
+    """The request's messages as turns; consecutive messages of one role are joined (by a newline),
+    but tool results and assistant messages with tool calls stay one turn each. Image URLs are
+    read as `media_policy` allows (default: data URLs only)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list")
     turns: list[Turn] = []
@@ -96,13 +125,15 @@ def parse_messages(messages, media_policy: MediaPolicy = MediaPolicy()) -> list[
         segs = _segments(m.get("content"), media_policy)
         if m["role"] != "user" and any(s.kind == "image" for s in segs):
             raise RequestError(f"images go in user messages, not {m['role']} ones")
-        if turns and turns[-1].role == m["role"]:
+        calls = _calls(m) if m["role"] == "assistant" else ()
+        if turns and turns[-1].role == m["role"] and m["role"] != "tool" and not calls and not turns[-1].calls:
             segs = list(turns.pop().segments) + [Segment("text", "\n")] + segs
         text = "".join(s.text if s.kind == "text" else "\0image\0" for s in segs)
         digests = tuple(hashlib.sha256(s.image).hexdigest() for s in segs if s.kind == "image")
-        turns.append(Turn(m["role"], tuple(segs), (m["role"], text, digests)))
-    if turns[-1].role != "user":
-        raise RequestError("the last message must be the user's")
+        key = assistant_key(text, calls) if calls else (m["role"], text, digests)
+        turns.append(Turn(m["role"], tuple(segs), key, calls))
+    if turns[-1].role not in ("user", "tool"):
+        raise RequestError("the last message must be the user's (or a tool's result)")
     return turns
 
 
@@ -132,11 +163,20 @@ def logprobs_content(model, entries) -> dict:
             "refusal": None}
 
 
+def tool_calls_field(calls, ids, streamed: bool = False) -> list[dict]:
+    """OpenAI's tool_calls from [(name, arguments as JSON text)] and their ids (a stream's delta
+    numbers them with `index`)."""
+    return [{**({"index": i} if streamed else {}), "id": ids[i], "type": "function",
+             "function": {"name": name, "arguments": args}} for i, (name, args) in enumerate(calls)]
+
+
 def completion(cid: str, model: str, content: str, finish_reason: str, usage_: dict, server: bool = False,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": content}
+    if tool_calls:
+        message = {"role": "assistant", "content": content or None, "tool_calls": tool_calls}
     return _fingerprinted({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage_}, server)
 
 

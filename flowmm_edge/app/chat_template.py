@@ -51,13 +51,26 @@ class ChatTemplate:
     jinja: str | None  # the template text for a file, else None (llama.cpp applies `name` or the GGUF's)
     why: str
 
-    def render(self, model, messages: list[tuple[str, str]], add_assistant: bool) -> str:
-        if self.jinja is None:
+    def jinja_text(self, model) -> str | None:
+        """The Jinja text this template renders with: a file's, or the GGUF's own."""
+        if self.jinja is not None:
+            return self.jinja
+        return model.chat_template() if self.name == "gguf" else None
+
+    def render(self, model, messages: list[tuple[str, str]], add_assistant: bool, tools: list | None = None) -> str:
+        """The conversation as the model reads it. With `tools` (OpenAI's, app/tool_calls.py) the
+        Jinja template (a file's, else the GGUF's own) renders them through its `tools` variable,
+        and every message of that conversation with them, as llama-server renders with --jinja."""
+        if self.jinja is None and tools is None:
             return model.format_chat(messages, add_assistant, None if self.name == "gguf" else self.name)
+        text = self.jinja_text(model)
+        if text is None:
+            raise ChatTemplateError(f"chat template {self.name} is not a Jinja template, so it cannot render tools")
         try:
-            return _jinja().from_string(self.jinja).render(
+            return _jinja().from_string(text).render(
                 messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=add_assistant,
-                bos_token=model.special_text("bos"), eos_token=model.special_text("eos"))
+                bos_token=model.special_text("bos"), eos_token=model.special_text("eos"),
+                **({"tools": tools} if tools is not None else {}))
         except Exception as e:  # a template error of any kind is the file's problem, named as such
             raise ChatTemplateError(f"chat template {self.name}: {type(e).__name__}: {e}") from None
 

@@ -30,6 +30,7 @@ from .conversation_replies import Replying
 from .prefix_reuse import PrefixReuse
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
+from . import tool_calls
 from ..compression import reconstruction
 
 MEDIA = "<__media__>"
@@ -120,6 +121,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.statistics_on = False
         self._bg = None  # conversation_merging._BackgroundMerge while one runs
         self._bg_cells = 0
+        self.tools = None  # OpenAI tools the template renders for the whole conversation (use_tools)
+        self.tool_family = None  # their call syntax (tool_calls.family_for the template)
         engine.conversations.append(self)
         self._reset_state()
 
@@ -252,8 +255,34 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         if any(s.kind == "image" for s in segments) and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
         content = "".join(MEDIA if s.kind == "image" else s.text for s in segments)
-        messages = self.messages + [("user", content)]
-        formatted = self.template.render(self.model, messages, add_assistant=True)
+        return self._add_turn([("user", content)], segments)
+
+    def add_tool_results(self, results: list[str]) -> int:
+        """Decode the results of the reply's tool calls (OpenAI's role "tool" messages, in order)
+        as the next turn, rendered by the template; returns its positions. On any error the
+        conversation and the cache are as before."""
+        self._finish_reply()
+        if self.tools is None:
+            raise SessionError("tool results need the conversation's tools (use_tools)")
+        return self._add_turn([("tool", valid_text(r)) for r in results], [])
+
+    def use_tools(self, tools: list | None) -> None:
+        """Render `tools` (OpenAI's, checked by tool_calls.check_tools) for this conversation, from
+        its first turn: a conversation with other tools, or none, starts afresh."""
+        if tools == self.tools:
+            return
+        family = None
+        if tools is not None:
+            family = tool_calls.family_for(self.template.jinja_text(self.model))
+            if family is None:
+                raise SessionError(f"chat template {self.template.name} writes no tool-call syntax this program "
+                                   f"reads ({', '.join(f.name for f in tool_calls.FAMILIES)})")
+        self.reset()  # (a reset keeps the tools: they are the conversation's, as its system prompt is)
+        self.tools, self.tool_family = tools, family
+
+    def _add_turn(self, new_messages: list[tuple[str, str]], segments: list[Segment]) -> int:
+        messages = self.messages + new_messages
+        formatted = self.template.render(self.model, messages, add_assistant=True, tools=self.tools)
         if not formatted.startswith(self.cached_text):
             raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes
@@ -368,7 +397,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         if it had been generated after the last user turn; returns its positions. On any error the
         conversation and the cache are as before."""
         self._finish_reply()
-        if not self.messages or self.messages[-1][0] != "user":
+        if not self.messages or self.messages[-1][0] not in ("user", "tool"):
             raise SessionError("an assistant message must follow a user message")
         text = valid_text(text)
         prepared = prepare(self.model, [Segment("text", text)], self.labels, self.projector, add_bos=False)

@@ -39,10 +39,12 @@ class Replying:
         return gen
 
     def reply_stream(self, max_tokens: int | None = None, params: sampling.SamplingParams | None = None,
-                     stop: list[str] | tuple[str, ...] = (), logprobs: int | None = None) -> ReplyStream:
+                     stop: list[str] | tuple[str, ...] = (), logprobs: int | None = None,
+                     hide_from: str | None = None) -> ReplyStream:
         """The reply as a ReplyStream (see `reply` for the arguments): its owner decodes each
         token, alone or in a batch with other sequences' (serve's worker). `logprobs`: record each
-        token's log probability and that many most probable alternatives (ReplyStream)."""
+        token's log probability and that many most probable alternatives; `hide_from`: text
+        from this string on is not shown (a tool call's opening; ReplyStream)."""
         self._finish_reply()
         if self.last_logits is None:
             raise SessionError("no user turn to reply to")
@@ -63,7 +65,7 @@ class Replying:
             raise SessionError(str(e)) from None
         if self._reply_sampler is None and self.engine.sampling.grammar is not None:
             self.sampler.reset()  # the session's grammar starts at its root for every reply
-        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop), logprobs)
+        stream = ReplyStream(self, max_tokens or self.max_reply, tuple(stop), logprobs, hide_from)
         self.last_logits, self.finish_reason = None, "length"
         self._active_stream = stream
         return stream
@@ -128,7 +130,8 @@ class Replying:
         self.cached_text += text
         self.last_reply_tokens = len(generated)
         if self._keys is not None:  # as chat_api keys the reply when a client sends it back
-            self._keys = self._keys + [("assistant", text, ())]
+            content, calls = self.tool_family.parse(text) if self.tool_family else (text, [])
+            self._keys = self._keys + [chat_api.assistant_key(content, calls) if calls else ("assistant", text, ())]
         self.idle_since = time.monotonic()
         self._after_reply()
 

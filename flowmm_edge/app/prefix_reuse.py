@@ -33,24 +33,38 @@ class PrefixReuse:
         own = self._keys
         return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
 
-    def feed(self, turns: list) -> tuple[int, int]:
-        """Bring the cache to the conversation `turns` less its last user turn's reply: keep the
-        cached turns if they are its beginning, else start afresh; decode the rest. Returns
+    def feed(self, turns: list, tools: list | None = None) -> tuple[int, int]:
+        """Bring the cache to the conversation `turns` less its last turn's reply: keep the cached
+        turns if they are its beginning, else start afresh; decode the rest. `tools` are rendered
+        for the whole conversation (other tools than the cache's: afresh). Tool results that
+        follow one another are one turn (the template renders them together). Returns
         (positions the cache held already, positions decoded now)."""
         keys = [t.key for t in turns]
         self._finish_reply()
+        if tools is None and any(t.role == "tool" or t.calls for t in turns):
+            raise chat_api.RequestError("tool calls and tool results in the messages need the request's tools")
+        if tools != self.tools:
+            self.use_tools(tools)
         cached = self._keys
         if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
             self.reset()
             self.messages, self._keys = [], []
         held, decoded = self.pos, 0
-        for turn in turns[len(self._keys):]:
-            keys = self._keys
+        rest = turns[len(self._keys):]
+        while rest:
+            turn, keys = rest[0], self._keys
+            done = [turn]
             if turn.role == "system":
                 self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
             elif turn.role == "assistant":
-                decoded += self.add_assistant_turn(turn.text)
+                text = self.tool_family.render(turn.text, turn.calls) if turn.calls else turn.text
+                decoded += self.add_assistant_turn(text)
+            elif turn.role == "tool":
+                while len(done) < len(rest) and rest[len(done)].role == "tool":
+                    done.append(rest[len(done)])
+                decoded += self.add_tool_results([t.text for t in done])
             else:
                 decoded += self.add_user_turn(segments=list(turn.segments))
-            self._keys = keys + [turn.key]
+            self._keys = keys + [t.key for t in done]
+            rest = rest[len(done):]
         return held, decoded

@@ -26,8 +26,10 @@ from ..bindings import sampling
 
 
 class ReplyStream:
-    def __init__(self, conv, max_tokens: int, stop: tuple[str, ...], logprobs: int | None = None):
+    def __init__(self, conv, max_tokens: int, stop: tuple[str, ...], logprobs: int | None = None,
+                 hide_from: str | None = None):
         self.conv, self.max_tokens, self.stop = conv, max_tokens, stop
+        self.hide_from = hide_from  # text from here on is not shown: a tool call, parsed once the reply ends
         self.logprobs = logprobs  # None: off; k: each token's log probability and the k most probable
         self.token_logprobs, self.logprobs_taken = [], 0  # (token, logprob, [(token, logprob)]) per token
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -73,11 +75,19 @@ class ReplyStream:
             self.full, self.finish_reason, self.cut = self.full[:min(hits)], "stop", True
             self._end()
             return ""
-        if len(self.full) - self.hold > self.shown:
-            piece = self.full[self.shown:len(self.full) - self.hold]
-            self.shown = len(self.full) - self.hold
+        end = min(len(self.full) - self.hold, self._visible_end())
+        if end > self.shown:
+            piece = self.full[self.shown:end]
+            self.shown = end
             return piece
         return ""
+
+    def _visible_end(self) -> int:
+        """Where the text that may be shown ends: before `hide_from`, or before what may still become it."""
+        if self.hide_from is None:
+            return len(self.full)
+        at = self.full.find(self.hide_from)
+        return at if at >= 0 else len(self.full) - (len(self.hide_from) - 1)
 
     def _end(self) -> None:
         if not self.done:
@@ -88,7 +98,10 @@ class ReplyStream:
 
     def tail(self) -> str:
         """Once done: the text not shown yet."""
-        rest = self.full[self.shown:] if self.done else ""
+        if not self.done:
+            return ""
+        at = self.full.find(self.hide_from) if self.hide_from else -1
+        rest = self.full[self.shown:at if at >= 0 else len(self.full)]
         self.shown += len(rest)
         return rest
 

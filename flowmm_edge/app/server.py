@@ -50,7 +50,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
-from . import chat_api
+from . import chat_api, tool_calls
 from .conversation import Conversation
 from .engine import Engine, NoRoomError
 from ..bindings import sampling
@@ -80,8 +80,7 @@ class Stopped(FlowMMError):
 
 # Fields of OpenAI's request that change what the reply must be and that this server does not
 # build: a request that sets one is refused with a 400 naming it, never answered as if it had not.
-REFUSED_FIELDS = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "parallel_tool_calls",
-                  "web_search_options")
+REFUSED_FIELDS = ("functions", "function_call", "audio", "prediction", "web_search_options")
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -111,6 +110,9 @@ class ChatRequest(pydantic.BaseModel):
     n: int = pydantic.Field(1, ge=1, le=1)
     logprobs: bool | None = None
     top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +149,8 @@ class Job:
     conv: Conversation | None = None
     stream: object = None  # its reply (reply_stream.ReplyStream), once its prompt is decoded
     logprobs: int | None = None  # each token's log probability and this many alternatives; None: off
+    tools: list | None = None  # rendered for the conversation (tool_calls.check_tools)
+    parse_calls: object = None  # the tool-call family whose calls the reply is parsed for; None: none
     merges0: int = 0
     merge_s0: float = 0.0
     t_decode: float = 0.0
@@ -368,8 +372,9 @@ class Worker(threading.Thread):
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
         try:
-            held, decoded = conv.feed(job.turns)
-            job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop, job.logprobs)
+            held, decoded = conv.feed(job.turns, job.tools)
+            job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop, job.logprobs,
+                                           job.parse_calls.opening if job.parse_calls else None)
         except Exception as e:
             conv.end_request()
             if isinstance(e, Stopped):  # stopped at a chunk boundary; the slot is as before the turn
@@ -451,7 +456,8 @@ class Worker(threading.Thread):
             job.send("piece", rest, job.stream.take_logprobs())  # (a stop string's own tokens are not shown)
         conv = job.conv
         self._finish(job)
-        job.send("done", conv.finish_reason, conv.last_reply_tokens)
+        calls = job.parse_calls.parse(job.stream.full)[1] if job.parse_calls else []
+        job.send("done", "tool_calls" if calls else conv.finish_reason, conv.last_reply_tokens, calls)
 
     def _fail(self, job: Job, e: Exception) -> None:
         self.counters.errors += 1
@@ -523,6 +529,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     app = FastAPI(title="flowmm-edge", docs_url=None, redoc_url=None, openapi_url=None)
     engine = worker.engine
     max_prompt = limits.max_prompt_tokens or MAX_PROMPT_SHARES * (engine.n_ctx // engine.n_slots)
+    tool_family = tool_calls.family_for(engine.template.jinja_text(engine.model))  # None: tools get a 400
     if api_key:
         app.add_middleware(_RequireKey, key=api_key)
     # outermost: a browser's preflight is answered as llama-server answers it; the requests
@@ -578,6 +585,30 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         if any(not 0 <= t < engine.model.n_vocab for t, _ in bias):
             raise HTTPError(400, f"logit_bias names a token outside the vocabulary of {engine.model.n_vocab}",
                             param="logit_bias")
+        tools, parse_calls = None, None
+        if req.tools is not None:
+            try:
+                tools = tool_calls.check_tools(req.tools)
+                mode, allowed = tool_calls.chosen(tools, req.tool_choice)
+            except chat_api.RequestError as e:
+                raise HTTPError(400, str(e), param="tools" if "tool_choice" not in str(e) else "tool_choice") from None
+            if tool_family is None:
+                raise HTTPError(400, f"this model's chat template ({engine.template.name}) writes no tool-call syntax "
+                                     f"this server reads", param="tools")
+            if mode == "required":
+                if grammar is not None:
+                    raise HTTPError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                         "response_format", param="tool_choice")
+                try:
+                    grammar = tool_family.grammar(allowed, parallel=req.parallel_tool_calls is not False)
+                except chat_api.RequestError as e:
+                    raise HTTPError(400, str(e), param="tools") from None
+            parse_calls = tool_family if mode != "none" else None
+        elif req.tool_choice not in (None, "none"):
+            raise HTTPError(400, "tool_choice needs tools", param="tool_choice")
+        elif any(t.role == "tool" or t.calls for t in turns):
+            raise HTTPError(400, "tool calls and tool results in the messages need the request's tools",
+                            param="messages")
         params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                                  min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed,
                                                  ignore_eos=req.ignore_eos, frequency_penalty=req.frequency_penalty,
@@ -595,7 +626,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         job = Job(turns, req.max_completion_tokens or req.max_tokens or max_tokens, params, stop,
                   asyncio.get_running_loop(), asyncio.Queue(),
                   deadline=None if limits.timeout is None else time.monotonic() + limits.timeout,
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
         worker.submit(job)
         cid = chat_api.completion_id()
         if req.stream:
@@ -621,9 +652,10 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     job.taken += 1
                 else:
                     logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
+                    calls = chat_api.tool_calls_field(rest[2], [tool_calls.call_id() for _ in rest[2]])
                     return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
                                                chat_api.usage(prompt[0], prompt[1], rest[1]), server=True,
-                                               logprobs=logprobs)
+                                               logprobs=logprobs, tool_calls=calls)
         finally:
             job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
 
@@ -649,6 +681,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                         yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}, server=True,
                                                         logprobs=logprobs))
                     elif kind == "done":
+                        if rest[2]:  # the calls, whole, in one delta (OpenAI's shape, numbered by index)
+                            calls = chat_api.tool_calls_field(rest[2], [tool_calls.call_id() for _ in rest[2]], True)
+                            yield json.dumps(chat_api.chunk(cid, model_name, {"tool_calls": calls}, server=True))
                         yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0], server=True))
                         if include_usage:
                             yield json.dumps(chat_api.usage_chunk(cid, model_name,
