@@ -326,3 +326,31 @@ def test_session_and_chat_take_a_schema_for_every_reply(default_model_path, tmp_
     assert len(replies) == 2 and [x["city"] for x in replies] == ["Paris", "Berlin"], r.stdout
     for x in replies:
         jsonschema.validate(x, schema)
+
+
+def test_completions_continue_a_prompt_as_llama_cpp_does_greedily(real, default_model_path):
+    """/v1/completions: the prompt continued without the chat template; greedy text equals a fresh
+    context's greedy continuation (llama.cpp directly); streamed equals not; a prompt extending
+    the last one (prompt + reply) reuses the slot's cache; logprobs in the legacy shape."""
+    from flowmm_edge.bindings import runtime
+
+    c = client(real)
+    prompt = "The three primary colours are"
+    r = c.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    with runtime.Model(default_model_path) as model, runtime.Context(model, n_ctx=256, n_threads=2) as ctx:
+        tokens = model.tokenize(prompt, add_special=True)
+        want, _ = ctx.greedy(ctx.decode(tokens, 0), len(tokens), 12)
+        want_text = model.detokenize([t for t in want if not model.is_end_of_generation(t)])
+    text = r.choices[0].text
+    assert r.object == "text_completion" and text == want_text and r.usage.completion_tokens == len(want)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == text and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
+    assert all(max(top.values()) == pytest.approx(v, abs=1e-6) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model="x", prompt=prompt, max_tokens=12,
+                                                                          temperature=0, stream=True) if ch.choices)
+    assert streamed == text
+    again = c.completions.create(model="x", prompt=prompt + text + " and", max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(tokens)
+    for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 2}):
+        resp = httpx.post(real.url + "/v1/completions", json={"prompt": prompt, **body}, timeout=60)
+        assert resp.status_code == 400, (body, resp.text)

@@ -167,6 +167,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.finish_reason = None
         self.last_reply_tokens = 0
         self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
+        self.raw = False  # the cache holds a completions prompt (and its replies), not a chat
 
     def listen(self, on_progress) -> None:
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
@@ -280,9 +281,17 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.reset()  # (a reset keeps the tools: they are the conversation's, as its system prompt is)
         self.tools, self.tool_family = tools, family
 
-    def _add_turn(self, new_messages: list[tuple[str, str]], segments: list[Segment]) -> int:
+    def add_raw_text(self, text: str) -> int:
+        """Decode `text` as it is, after what the cache holds, without the chat template (a
+        completions prompt); returns its positions."""
+        self._finish_reply()
+        text = valid_text(text)
+        return self._add_turn([], [Segment("text", text)], formatted=self.cached_text + text)
+
+    def _add_turn(self, new_messages: list[tuple[str, str]], segments: list[Segment], formatted: str | None = None) -> int:
         messages = self.messages + new_messages
-        formatted = self.template.render(self.model, messages, add_assistant=True, tools=self.tools)
+        if formatted is None:
+            formatted = self.template.render(self.model, messages, add_assistant=True, tools=self.tools)
         if not formatted.startswith(self.cached_text):
             raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes

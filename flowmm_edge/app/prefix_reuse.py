@@ -27,6 +27,23 @@ class PrefixReuse:
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
             seed=seed, stop=stop, stream=stream)
 
+    def feed_raw(self, prompt: str) -> tuple[int, int]:
+        """Bring the cache to a completions prompt (no chat template): keep what it holds when the
+        prompt extends its text (an earlier prompt and its reply), else start afresh; decode the
+        rest. Returns (positions the cache held already, positions decoded now)."""
+        self._finish_reply()
+        if self.tools is not None:
+            self.use_tools(None)
+        if not self.holds_raw_prefix(prompt):
+            self.reset()
+            self.raw = True
+        held = self.pos
+        return held, self.add_raw_text(prompt[len(self.cached_text):])
+
+    def holds_raw_prefix(self, prompt: str) -> bool:
+        """Whether the cache holds a completions prompt's beginning (and it goes on from there)."""
+        return self.raw and 0 < len(self.cached_text) < len(prompt) and prompt.startswith(self.cached_text)
+
     def held_prefix(self, keys: list) -> int:
         """How many of a request's turn keys (chat_api.Turn.key) the cache holds as its beginning,
         when the request extends them (0: it would start afresh)."""

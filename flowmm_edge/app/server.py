@@ -50,7 +50,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
-from . import chat_api, tool_calls
+from . import chat_api, text_api, tool_calls
 from .conversation import Conversation
 from .engine import Engine, NoRoomError
 from ..bindings import sampling
@@ -151,6 +151,7 @@ class Job:
     logprobs: int | None = None  # each token's log probability and this many alternatives; None: off
     tools: list | None = None  # rendered for the conversation (tool_calls.check_tools)
     parse_calls: object = None  # the tool-call family whose calls the reply is parsed for; None: none
+    raw: str | None = None  # a completions prompt, continued without the chat template (turns empty)
     merges0: int = 0
     merge_s0: float = 0.0
     t_decode: float = 0.0
@@ -329,9 +330,13 @@ class Worker(threading.Thread):
         """The positions the job's turns beyond the `held` ones add, estimated: their text tokens
         and TURN_OVERHEAD each for the template's markup (an image counts only by its marker:
         a claim that falls short is topped up from unclaimed cells, or the turn merges as it goes)."""
+        if job.raw is not None:  # a completions prompt: all of it (an upper bound where a slot holds its start)
+            texts = [job.raw]
+        else:
+            texts = [t.text for t in job.turns[held:]]
         if job.estimate is None or job.estimate[0] != held:
-            job.estimate = (held, sum(len(self.engine.model.tokenize(t.text, add_special=False, parse_special=False))
-                                      + TURN_OVERHEAD for t in job.turns[held:]))
+            job.estimate = (held, sum(len(self.engine.model.tokenize(t, add_special=False, parse_special=False))
+                                      + TURN_OVERHEAD for t in texts))
         return job.estimate[1]
 
     def _merge(self, conv: Conversation) -> None:
@@ -355,9 +360,9 @@ class Worker(threading.Thread):
         used least recently (it starts afresh), else None: the job waits."""
         free = [c for c in self.slots if not c.busy]
         keys = job.keys
-        holding = [c for c in free if c.held_prefix(keys)]
+        holding = [c for c in free if (c.held_prefix(keys) if job.raw is None else c.holds_raw_prefix(job.raw))]
         if holding:
-            return max(holding, key=lambda c: c.held_prefix(keys))
+            return max(holding, key=lambda c: c.held_prefix(keys) if job.raw is None else c.pos)
         return min(free, key=lambda c: c.last_used) if free else None
 
     def _start(self, job: Job, conv: Conversation | None) -> None:
@@ -372,7 +377,7 @@ class Worker(threading.Thread):
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
         t0 = time.perf_counter()
         try:
-            held, decoded = conv.feed(job.turns, job.tools)
+            held, decoded = conv.feed(job.turns, job.tools) if job.raw is None else conv.feed_raw(job.raw)
             job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop, job.logprobs,
                                            job.parse_calls.opening if job.parse_calls else None)
         except Exception as e:
@@ -563,6 +568,38 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     async def metrics():
         return PlainTextResponse(_prometheus(worker.metrics()), media_type="text/plain; version=0.0.4")
 
+    def _params(req, grammar: str | None) -> sampling.SamplingParams:
+        """The request's sampling settings over the server's, checked (400s name the field)."""
+        try:
+            bias = tuple((int(t), float(b)) for t, b in (req.logit_bias or {}).items())
+        except ValueError:
+            raise HTTPError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        if any(not 0 <= t < engine.model.n_vocab for t, _ in bias):
+            raise HTTPError(400, f"logit_bias names a token outside the vocabulary of {engine.model.n_vocab}",
+                            param="logit_bias")
+        params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed,
+                                                 ignore_eos=req.ignore_eos, frequency_penalty=req.frequency_penalty,
+                                                 presence_penalty=req.presence_penalty, logit_bias=bias or None,
+                                                 grammar=grammar)
+        try:
+            params.check()
+        except sampling.SamplingError as e:
+            raise HTTPError(400, str(e)) from None
+        return params
+
+    def _stops(req) -> list[str]:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stop) or len(stop) > 8:
+            raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
+        return stop
+
+    def _job(turns, max_reply, params, stop, **kw) -> Job:
+        job = Job(turns, max_reply or max_tokens, params, stop, asyncio.get_running_loop(), asyncio.Queue(),
+                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout, **kw)
+        worker.submit(job)
+        return job
+
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -577,14 +614,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="messages")
         try:
             grammar = chat_api.grammar_for(req.response_format)
-            bias = tuple((int(t), float(b)) for t, b in (req.logit_bias or {}).items())
         except chat_api.FormatError as e:
             raise HTTPError(400, str(e), param="response_format") from None
-        except ValueError:
-            raise HTTPError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-        if any(not 0 <= t < engine.model.n_vocab for t, _ in bias):
-            raise HTTPError(400, f"logit_bias names a token outside the vocabulary of {engine.model.n_vocab}",
-                            param="logit_bias")
         tools, parse_calls = None, None
         if req.tools is not None:
             try:
@@ -609,28 +640,51 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         elif any(t.role == "tool" or t.calls for t in turns):
             raise HTTPError(400, "tool calls and tool results in the messages need the request's tools",
                             param="messages")
-        params = worker.engine.sampling.override(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed,
-                                                 ignore_eos=req.ignore_eos, frequency_penalty=req.frequency_penalty,
-                                                 presence_penalty=req.presence_penalty, logit_bias=bias or None,
-                                                 grammar=grammar)
-        try:
-            params.check()
-        except sampling.SamplingError as e:
-            raise HTTPError(400, str(e)) from None
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stop) or len(stop) > 8:
-            raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
+        params, stop = _params(req, grammar), _stops(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        job = Job(turns, req.max_completion_tokens or req.max_tokens or max_tokens, params, stop,
-                  asyncio.get_running_loop(), asyncio.Queue(),
-                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout,
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
-        worker.submit(job)
+        job = _job(turns, req.max_completion_tokens or req.max_tokens, params, stop,
+                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
         cid = chat_api.completion_id()
         if req.stream:
-            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")))
+            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), chat_shape(cid))
+        done = await _collect(job, request)
+        if isinstance(done, JSONResponse):
+            return done
+        (n_prompt, n_held), text, entries, finish, n_reply, calls = done
+        logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
+        return chat_api.completion(cid, model_name, text, finish, chat_api.usage(n_prompt, n_held, n_reply), server=True,
+                                   logprobs=logprobs,
+                                   tool_calls=chat_api.tool_calls_field(calls, [tool_calls.call_id() for _ in calls]))
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(request: Request):
+        """OpenAI's legacy completions: a prompt string continued as it is, no chat template."""
+        req = await _parse(request, text_api.CompletionRequest, text_api.REFUSED_FIELDS)
+        try:
+            prompt = text_api.prompt_text(req.prompt)
+        except chat_api.RequestError as e:
+            raise HTTPError(400, str(e), param="prompt") from None
+        n_prompt = len(engine.model.tokenize(prompt[:8 * max_prompt + 8], add_special=True, parse_special=False))
+        if n_prompt > max_prompt:
+            raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
+                                 f"(--max-prompt-tokens)", code="context_length_exceeded", param="prompt")
+        job = _job([], req.max_tokens or text_api.DEFAULT_MAX_TOKENS, _params(req, None), _stops(req),
+                   logprobs=req.logprobs, raw=prompt)
+        cid = text_api.completion_id()
+        if req.stream:
+            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), text_shape(cid))
+        done = await _collect(job, request)
+        if isinstance(done, JSONResponse):
+            return done
+        (n_prompt, n_held), text, entries, finish, n_reply, _ = done
+        logprobs = None if job.logprobs is None else text_api.logprobs_field(engine.model, entries)
+        return text_api.completion(cid, model_name, text, finish, chat_api.usage(n_prompt, n_held, n_reply), logprobs)
+
+    async def _collect(job: Job, request: Request):
+        """Wait for the worker's reply: ((prompt positions, held), text, logprob entries,
+        finish_reason, reply tokens, tool calls), or a 499 response for a client that hung up."""
         try:
             prompt, pieces, entries = (0, 0), [], []
             while True:
@@ -651,15 +705,40 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     entries += rest[1]
                     job.taken += 1
                 else:
-                    logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
-                    calls = chat_api.tool_calls_field(rest[2], [tool_calls.call_id() for _ in rest[2]])
-                    return chat_api.completion(cid, model_name, "".join(pieces), rest[0],
-                                               chat_api.usage(prompt[0], prompt[1], rest[1]), server=True,
-                                               logprobs=logprobs, tool_calls=calls)
+                    return tuple(prompt), "".join(pieces), entries, rest[0], rest[1], rest[2]
         finally:
             job.cancelled.set()  # a no-op once done; frees the slot if the handler was cancelled
 
-    async def _stream(job: Job, cid: str, include_usage: bool):
+    def chat_shape(cid: str):
+        """How a chat stream's events become chunks (OpenAI's chat.completion.chunk)."""
+        def first():
+            return chat_api.chunk(cid, model_name, {"role": "assistant", "content": ""}, server=True)
+
+        def piece(text, entries):
+            logprobs = None if entries is None else chat_api.logprobs_content(engine.model, entries)
+            return chat_api.chunk(cid, model_name, {"content": text}, server=True, logprobs=logprobs)
+
+        def calls(found):
+            return chat_api.chunk(cid, model_name, {"tool_calls": chat_api.tool_calls_field(
+                found, [tool_calls.call_id() for _ in found], True)}, server=True)
+
+        def last(finish):
+            return chat_api.chunk(cid, model_name, {}, finish, server=True)
+
+        def usage(u):
+            return chat_api.usage_chunk(cid, model_name, u, server=True)
+        return first, piece, calls, last, usage
+
+    def text_shape(cid: str):
+        """How a completions stream's events become chunks (OpenAI's text_completion)."""
+        def piece(text, entries):
+            logprobs = None if entries is None else text_api.logprobs_field(engine.model, entries)
+            return text_api.chunk(cid, model_name, text, None, logprobs)
+        return (None, piece, None, lambda finish: text_api.chunk(cid, model_name, "", finish),
+                lambda u: text_api.usage_chunk(cid, model_name, u))
+
+    async def _stream(job: Job, cid: str, include_usage: bool, shape):
+        first, piece, calls, last, usage_chunk = shape
         try:
             kind, *rest = await job.events.get()  # errors before the first byte are plain HTTP errors
         except BaseException:  # the client left while the request waited or prefilled
@@ -672,22 +751,19 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
 
         async def events():
             try:
-                yield json.dumps(chat_api.chunk(cid, model_name, {"role": "assistant", "content": ""}, server=True))
+                if first is not None:
+                    yield json.dumps(first())
                 while True:
                     kind, *rest = await job.events.get()
                     if kind == "piece":
                         job.taken += 1
-                        logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, rest[1])
-                        yield json.dumps(chat_api.chunk(cid, model_name, {"content": rest[0]}, server=True,
-                                                        logprobs=logprobs))
+                        yield json.dumps(piece(rest[0], rest[1] if job.logprobs is not None else None))
                     elif kind == "done":
-                        if rest[2]:  # the calls, whole, in one delta (OpenAI's shape, numbered by index)
-                            calls = chat_api.tool_calls_field(rest[2], [tool_calls.call_id() for _ in rest[2]], True)
-                            yield json.dumps(chat_api.chunk(cid, model_name, {"tool_calls": calls}, server=True))
-                        yield json.dumps(chat_api.chunk(cid, model_name, {}, rest[0], server=True))
+                        if rest[2] and calls is not None:  # the calls, whole, in one delta (numbered by index)
+                            yield json.dumps(calls(rest[2]))
+                        yield json.dumps(last(rest[0]))
                         if include_usage:
-                            yield json.dumps(chat_api.usage_chunk(cid, model_name,
-                                                                  chat_api.usage(prompt[0], prompt[1], rest[1]), server=True))
+                            yield json.dumps(usage_chunk(chat_api.usage(prompt[0], prompt[1], rest[1])))
                         yield "[DONE]"
                         return
                     else:
@@ -752,7 +828,7 @@ def _error_code(status: int) -> str | None:
     return {408: "timeout", 499: "cancelled", 503: "unavailable"}.get(status)
 
 
-async def _parse(request: Request) -> ChatRequest:
+async def _parse(request: Request, model=ChatRequest, refused=REFUSED_FIELDS):
     body = await request.body()
     if len(body) > MAX_BODY:
         raise HTTPError(413, f"request body over {MAX_BODY // 2 ** 20} MiB")
@@ -762,12 +838,12 @@ async def _parse(request: Request) -> ChatRequest:
         raise HTTPError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise HTTPError(400, "the body must be a JSON object")
-    for field in REFUSED_FIELDS:
+    for field in refused:
         if data.get(field) not in (None, False, [], "none"):
             raise HTTPError(400, f"'{field}' is not supported by this server (it would change what the reply must "
                                  f"be)", param=field)
     try:
-        return ChatRequest.model_validate(data)
+        return model.model_validate(data)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "body"
