@@ -127,7 +127,8 @@ def test_stop_strings_cut_the_reply_in_both_modes_and_the_same_seed_draws_the_sa
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([{"role": "assistant", "content": "hi"}], "last message"),
+    ([{"role": "assistant", "content": "hi"}], "must follow a user message"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}], "last message"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
      "base64"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "https://example.com/a.png"}]}], "network"),
@@ -158,3 +159,45 @@ def test_an_unreadable_image_changes_nothing(tiny_models):
             s.create_chat_completion(msgs + [r1["choices"][0]["message"],
                                              {"role": "user", "content": [{"type": "image_url", "image_url": junk}]}])
         assert s.report() == before and s.ctx.state() == state
+
+
+def test_a_final_assistant_message_is_continued_as_llama_cpp_continues_it(default_model_path):
+    """The reply goes on from the partial assistant message (llama-server's and vLLM's reading):
+    greedy tokens equal a fresh context's greedy continuation of the same two decodes (the
+    template's turn, then the partial text), and the next request sees one assistant message."""
+    from flowmm_edge.bindings import runtime
+
+    user = {"role": "user", "content": "Name the colour of a clear daytime sky."}
+    partial = "The colour of a clear daytime sky is"
+    with Session(default_model_path, n_ctx=1024, max_reply=8, n_threads=2) as s:
+        r = s.create_chat_completion([user, {"role": "assistant", "content": partial}], max_tokens=8)
+        got = r["choices"][0]["message"]["content"]
+        rendered = s.template.render(s.model, [("user", user["content"])], add_assistant=True)
+        again = s.create_chat_completion([user, {"role": "assistant", "content": partial + got},
+                                          {"role": "user", "content": "And at night?"}], max_tokens=4)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # one message: the cache kept it
+        model = s.model
+        with runtime.Context(model, n_ctx=512, n_threads=2) as ctx:
+            a = model.tokenize(rendered, add_special=True)
+            b = model.tokenize(partial, add_special=False)
+            ctx.decode(a, 0)
+            want, _ = ctx.greedy(ctx.decode(b, len(a)), len(a) + len(b), 8)
+    assert got == model.detokenize(want) and got.strip()
+
+
+def test_a_system_message_mid_history_is_rendered_where_the_template_puts_it(tiny_models, tmp_path):
+    """A template that renders every system message first re-renders earlier turns: the request is
+    decoded afresh (not refused), and answers as a fresh session does."""
+    tmpl = tmp_path / "systems-first.jinja"
+    tmpl.write_text("{% for m in messages if m.role == 'system' %}SYSTEM: {{ m.content }}\n{% endfor %}"
+                    "{% for m in messages if m.role != 'system' %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant:{% endif %}")
+    first = [{"role": "user", "content": "hello there"}]
+    with session(tiny_models, chat_template=str(tmpl), temperature=0) as s:
+        r1 = s.create_chat_completion(first)
+        later = first + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                         {"role": "system", "content": "answer in one word"}, {"role": "user", "content": "and now"}]
+        r2 = s.create_chat_completion(later)
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # afresh
+    with session(tiny_models, chat_template=str(tmpl), temperature=0) as fresh:
+        assert fresh.create_chat_completion(later)["choices"][0]["message"] == r2["choices"][0]["message"]

@@ -132,8 +132,11 @@ def parse_messages(messages, media_policy: MediaPolicy = MediaPolicy()) -> list[
         digests = tuple(hashlib.sha256(s.image).hexdigest() for s in segs if s.kind == "image")
         key = assistant_key(text, calls) if calls else (m["role"], text, digests)
         turns.append(Turn(m["role"], tuple(segs), key, calls))
-    if turns[-1].role not in ("user", "tool"):
-        raise RequestError("the last message must be the user's (or a tool's result)")
+    if turns[-1].role == "system" or turns[-1].calls:
+        raise RequestError("the last message must be the user's, a tool's result, or an assistant message to "
+                           "continue")
+    if turns[-1].role == "assistant" and len(turns) == 1:
+        raise RequestError("an assistant message to continue must follow a user message")
     return turns
 
 

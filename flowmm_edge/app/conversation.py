@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .engine import Engine, NoRoomError, SessionError
+from .engine import Engine, NoRoomError, SessionError, TemplateRerenders
 from .conversation_merging import Merging
 from .conversation_persistence import Persistence
 from .conversation_replies import Replying
@@ -97,6 +97,8 @@ def turn_segments(delta: str, content: list[Segment]) -> list[Segment]:
 class Conversation(Merging, Replying, PrefixReuse, Persistence):
     """A slot of `engine`: sequence `seq_id` (the first free one by default)."""
 
+    MEDIA = MEDIA  # the marker an image's place takes in a message's text
+
     def __init__(self, engine: Engine, seq_id: int | None = None, prefill_step: int | None = None):
         """`prefill_step`: tokens per prefill batch while a progress listener follows (None:
         n_batch; serve's slots yield to the others between such batches)."""
@@ -168,6 +170,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.last_reply_tokens = 0
         self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
         self.raw = False  # the cache holds a completions prompt (and its replies), not a chat
+        self.continues = False  # the next reply continues the last assistant message (add_assistant_turn)
 
     def listen(self, on_progress) -> None:
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
@@ -293,7 +296,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         if formatted is None:
             formatted = self.template.render(self.model, messages, add_assistant=True, tools=self.tools)
         if not formatted.startswith(self.cached_text):
-            raise SessionError("the model's chat template re-renders earlier turns; cannot continue incrementally")
+            raise TemplateRerenders("the model's chat template re-renders earlier turns; cannot continue incrementally")
         # prepare first: an unreadable image or a bad segment fails here, before anything changes
         prepared = prepare(self.model, turn_segments(formatted[len(self.cached_text):], segments), self.labels,
                            self.projector, add_bos=self.pos == 0)
@@ -401,10 +404,12 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             self._progress("prefill", done + min(a + step, len(unit)), total)
         return logits
 
-    def add_assistant_turn(self, text: str) -> int:
+    def add_assistant_turn(self, text: str, continued: bool = False) -> int:
         """Decode an assistant message the caller supplies (a history resent by an API client) as
-        if it had been generated after the last user turn; returns its positions. On any error the
-        conversation and the cache are as before."""
+        if it had been generated after the last user turn; returns its positions. `continued`:
+        the next reply continues this message (llama-server's and vLLM's reading of a final
+        assistant message), and the conversation holds them as one. On any error the conversation
+        and the cache are as before."""
         self._finish_reply()
         if not self.messages or self.messages[-1][0] not in ("user", "tool"):
             raise SessionError("an assistant message must follow a user message")
@@ -417,7 +422,9 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             prepared.close()
         self.messages = self.messages + [("assistant", text)]
         self.cached_text += text
-        self.last_logits = None
+        if not continued:
+            self.last_logits = None
+        self.continues = continued
         self._keys = None
         return prepared.n_pos
 

@@ -126,12 +126,19 @@ class Replying:
         self.stats.generated_tokens += len(generated)
         self.labels_by_pos = np.concatenate([self.labels_by_pos, np.full(len(generated), self.labels("text"), np.int32)])
         self.tokens_by_pos = np.concatenate([self.tokens_by_pos, np.asarray(generated, np.int32)])
-        self.messages = self.messages + [("assistant", text)]
+        keys = self._keys
+        if self.continues:  # the reply continues the last assistant message: they are one message
+            self.continues = False
+            text_so_far = self.messages[-1][1] + text
+            self.messages, keys = self.messages[:-1], keys[:-1] if keys else keys
+        else:
+            text_so_far = text
+        self.messages = self.messages + [("assistant", text_so_far)]
         self.cached_text += text
         self.last_reply_tokens = len(generated)
-        if self._keys is not None:  # as chat_api keys the reply when a client sends it back
-            content, calls = self.tool_family.parse(text) if self.tool_family else (text, [])
-            self._keys = self._keys + [chat_api.assistant_key(content, calls) if calls else ("assistant", text, ())]
+        if keys is not None:  # as chat_api keys the reply when a client sends it back
+            content, calls = self.tool_family.parse(text_so_far) if self.tool_family else (text_so_far, [])
+            self._keys = keys + [chat_api.assistant_key(content, calls) if calls else ("assistant", text_so_far, ())]
         self.idle_since = time.monotonic()
         self._after_reply()
 

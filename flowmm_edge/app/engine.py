@@ -42,6 +42,11 @@ class SessionError(FlowMMError):
     pass
 
 
+class TemplateRerenders(SessionError):
+    """The chat template renders a new turn into earlier ones (a system message mid-history, say):
+    the cache's text is not the new text's beginning."""
+
+
 class NoRoomError(SessionError):
     """The shared buffer is held by conversations that are replying: the turn can wait for them."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import chat_api
+from .engine import TemplateRerenders
 
 
 class PrefixReuse:
@@ -66,8 +67,37 @@ class PrefixReuse:
         if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
             self.reset()
             self.messages, self._keys = [], []
-        held, decoded = self.pos, 0
-        rest = turns[len(self._keys):]
+        held = self.pos
+        try:
+            return held, self._feed_turns(turns, turns[len(self._keys):])
+        except TemplateRerenders:
+            pass
+        # the template renders the new turns into the earlier ones (a system message mid-history,
+        # say): decode the conversation afresh, rendered whole, rather than refuse it
+        self.reset()
+        self.messages, self._keys = [], []
+        return 0, self._feed_whole(turns)
+
+    def _feed_whole(self, turns: list) -> int:
+        """Render every turn at once and decode it as one (a final assistant message is then
+        continued as feed continues it)."""
+        last = turns[-1] if turns[-1].role == "assistant" else None
+        body = turns[:-1] if last else turns
+        messages, segments = [], []
+        for t in body:
+            text = self.tool_family.render(t.text, t.calls) if t.calls else t.text
+            if t.role == "user":
+                segments += list(t.segments)
+                text = "".join(self.MEDIA if s.kind == "image" else s.text for s in t.segments)
+            messages.append((t.role, text))
+        decoded = self._add_turn(messages, segments)
+        if last is not None:
+            decoded += self.add_assistant_turn(last.text, continued=True)
+        self._keys = [t.key for t in turns]
+        return decoded
+
+    def _feed_turns(self, turns: list, rest: list) -> int:
+        decoded = 0
         while rest:
             turn, keys = rest[0], self._keys
             done = [turn]
@@ -75,7 +105,7 @@ class PrefixReuse:
                 self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
             elif turn.role == "assistant":
                 text = self.tool_family.render(turn.text, turn.calls) if turn.calls else turn.text
-                decoded += self.add_assistant_turn(text)
+                decoded += self.add_assistant_turn(text, continued=turn is turns[-1])
             elif turn.role == "tool":
                 while len(done) < len(rest) and rest[len(done)].role == "tool":
                     done.append(rest[len(done)])
@@ -84,4 +114,4 @@ class PrefixReuse:
                 decoded += self.add_user_turn(segments=list(turn.segments))
             self._keys = keys + [t.key for t in done]
             rest = rest[len(done):]
-        return held, decoded
+        return decoded
