@@ -766,9 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--milebench", help="MileBench DATA folder (<Task>/<Task>.json + images)")
     src.add_argument("--suite", choices=["ruler", "builtin"], default="ruler",
                      help="a generated suite: the RULER-style families (default) or the original planted facts")
-    p.add_argument("--question", choices=["after", "inside", "followup"], default="after",
+    p.add_argument("--question", choices=["after", "inside", "followup", "followup-idle"], default="after",
                    help="when the question meets the compressed cache: decoded after the context was compressed "
-                        "(default), inside the compressed prompt, or in later chat turns through the real session")
+                        "(default), inside the compressed prompt, or in later chat turns through the real session "
+                        "(followup: each merged before the answer; followup-idle: chat's reply-first schedule with a "
+                        "pause after each reply for the idle merge, which takes the teacher)")
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),

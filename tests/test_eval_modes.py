@@ -110,6 +110,33 @@ def test_followup_asks_each_question_in_a_later_turn_over_the_merged_cache(tiny_
             assert got == [s.chat(q.text) for q in task.questions], method
 
 
+def test_followup_idle_asks_each_question_after_the_idle_merge_has_run(tiny_models, model):
+    """followup-idle: chat's reply-first schedule; after each reply the session merges on its own
+    thread while the 'user' pauses, so the question meets the merged cache (not the whole one),
+    and the answers are those of a session typed by hand with the same pauses."""
+    text, _ = tiny_models
+    task = _multi_key(model)
+    rows = followup.evaluate_task(text, task, ["snapkv"], [0.3], n_threads=2, idle=True)
+    n_doc, keep = rows[0].n_prompt, math.ceil(0.3 * rows[0].n_prompt)
+    for r in rows:
+        assert r.mode == "followup-idle"
+        # the question's turn is decoded over the merged cache (it fits: no merge before the answer)
+        assert r.cells > n_doc if r.method == "full" else keep < r.cells < keep + followup.TURN_ROOM
+    got = [r.answer for r in rows if r.method == "snapkv"]
+    with Session(text, method="snapkv", budget=str(keep), n_ctx=rows[0].cells + 512, n_threads=2,
+                 max_reply=task.questions[0].max_tokens + followup.REPLY_SLACK) as s:
+        s.add_user_turn(segments=task.segments)
+        first = s.reply()
+        list(itertools.islice(first, followup.FIRST_REPLY))
+        first.close()
+        answers = []
+        for q in task.questions:
+            followup._pause(s)
+            assert s.cells() <= keep and s.stats.background_merges >= 1
+            answers.append(s.chat(q.text))
+    assert got == answers
+
+
 def test_session_turn_keeps_the_modality_of_its_spans(model, tiny_models):
     text, _ = tiny_models
     span = "Picture: a red kite over the bay"

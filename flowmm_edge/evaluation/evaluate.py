@@ -39,7 +39,7 @@ from . import scoring
 from .rows import Row
 from .tasks import Task
 
-MODES = ("after", "inside", "followup")
+MODES = ("after", "inside", "followup", "followup-idle")
 PLACEHOLDER = "\x01FLOWMM\x01"
 
 
@@ -283,12 +283,12 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
     `placement`: runtime.Model's n_gpu_layers / tensor_split."""
     placement = placement or {}
     rows: list[Row] = []
-    if mode == "followup":
+    if mode in ("followup", "followup-idle"):
         from . import followup
 
         def one(task):
             return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj,
-                                          flash_attn, placement)
+                                          flash_attn, placement, idle=mode == "followup-idle")
         model = projector = None
     else:
         model = runtime.Model(model_path, **placement)

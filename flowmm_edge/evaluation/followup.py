@@ -6,6 +6,13 @@ acknowledge the document); then each question is a later user turn and its reply
 session merges after every turn exactly as `chat` does, so a question meets a cache compressed
 before it was asked, and the later questions a cache merged again after the earlier turns.
 
+`followup-idle` is the same conversation under chat's own reply-first schedule, with a pause
+after each reply long enough for the idle merge to finish: that merge takes the teacher (the
+repeat pass) where a predictor would score a merge someone waits for (app/merge_schedule.py), so
+each question meets a cache merged as the teacher would merge it. (Asked back to back instead, a
+question that fits the free room is answered from the whole cache, and the merge after it
+predicts: `followup` measures merges that must happen before the answer.)
+
 The budget is a share of the context's positions (the first turn), as a cell count for the
 session. The KV buffer holds the context and the turns after it without merging between
 prefill chunks, so each method merges once per turn. No KL here: the replies before a question
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 from ..bindings import runtime
 from .rows import Row
@@ -27,6 +35,7 @@ from .tasks import Task
 FIRST_REPLY = 16      # pieces (about tokens) the model may say to the document before the first question
 REPLY_SLACK = 32      # a chat reply may restate the question before answering: room beyond max_tokens
 TURN_ROOM = 128       # cells per later turn for the question and its template
+IDLE_WAIT_S = 600     # the longest pause followup-idle waits for an idle merge to finish
 
 
 def _context_positions(model_path, task: Task, mmproj) -> int:
@@ -46,8 +55,17 @@ def _context_positions(model_path, task: Task, mmproj) -> int:
     return p.n_pos
 
 
+def _pause(s: Session) -> None:
+    """The user reads and types: until the idle merge the reply started has finished."""
+    t0 = time.monotonic()
+    while s.merging_in_background() and time.monotonic() - t0 < IDLE_WAIT_S:
+        time.sleep(0.05)
+
+
 def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
-                  n_threads=None, mmproj=None, flash_attn="auto", placement: dict | None = None) -> list[Row]:
+                  n_threads=None, mmproj=None, flash_attn="auto", placement: dict | None = None,
+                  idle: bool = False) -> list[Row]:
+    """`idle`: followup-idle (see the module docstring)."""
     compressors = {m: registry.resolve(m, policy) for m in methods if m != "full"}  # unknown names fail here
     max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
     after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
@@ -58,7 +76,7 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
         # blocking: every turn is merged before its answer, so each later question is asked over the
         # merged cache (the reply-first schedule would answer the current one from the whole cache)
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
-                     schedule="blocking",
+                     schedule="reply_first" if idle else "blocking",
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
                      **(placement or {}),
                      policy=policy if rho is not None else None) as s:
@@ -69,11 +87,13 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
             reply.close()  # the reply stops there, as a user's Ctrl-C would stop it
             rows = []
             for k, q in enumerate(task.questions):
+                if idle:
+                    _pause(s)
                 s.add_user_turn(q.text)
                 cells = s.cells()
                 answer = "".join(s.reply())
-                rows.append(Row("followup", task.id, task.kind, k, name, budget, n_doc, cells, answer,
-                                q.score(answer), math.nan, math.nan))
+                rows.append(Row("followup-idle" if idle else "followup", task.id, task.kind, k, name, budget, n_doc,
+                                cells, answer, q.score(answer), math.nan, math.nan))
             return rows
 
     rows = converse("full", 1.0, None)
