@@ -4,6 +4,7 @@ the same KV memory (the same --ctx): how many conversations stay live, throughpu
 token, and whether the answers keep each conversation's fact.
 
     .venv/bin/python scripts/bench_serve.py [--conversations 16] [--ctx 2048] [--budget 64]
+                                            [--methods flowmm,full,llama-server]
                                             [--markdown docs/runs/bench-serve.md --json docs/runs/bench-serve.json]
     .venv/bin/python scripts/bench_serve.py --streams 1,2,4,8 [--stream-tokens 64] [--peer]
 
@@ -21,6 +22,9 @@ is prefilled again from the history it resends. The K conversations go in rounds
 chatting at once: every conversation sends its turn k (all at the same time, each in its own
 slot, -np K) before any sends turn k + 1. The server runs one worker thread, so prefills queue
 and replies stream side by side. "resident at the end" counts the slots that still hold cells.
+`llama-server` among --methods runs stock llama-server (scripts/build_llama_server.py) at the same
+--ctx, with as many slots as can each hold a whole conversation (a slot holds at most -c / -np
+cells; its requests wait for a free slot): the memory comparison at equal KV.
 """
 
 from __future__ import annotations
@@ -53,16 +57,25 @@ def metric(text: str, name: str) -> float:
 
 
 def run_config(args, method: str) -> dict:
-    proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
-                                    "--budget", str(args.budget), "-n", str(args.max_tokens)])
+    if method == "llama-server":  # the peer at the same KV memory: as many slots as can hold a conversation
+        proc, url = start_llama_server(args, peer_slots(args), args.ctx)
+    else:
+        proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
+                                        "--budget", str(args.budget), "-n", str(args.max_tokens)])
     try:
-        return converse(args, url, method)
+        return converse(args, url, method, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def converse(args, url: str, method: str) -> dict:
+def peer_slots(args) -> int:
+    """llama-server's slots in --ctx cells: as many as can each hold a whole conversation (its
+    document, the turns and replies), since a slot cannot hold more than its share."""
+    return max(1, args.ctx // (args.doc_tokens + 64 * args.turns + args.max_tokens * args.turns))
+
+
+def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
     tasks = ruler_tasks.generate(families=("single-number",), lengths=(args.doc_tokens,),
                                  per_family=args.conversations, seed=args.seed)
     convs = [{"name": t.id, "doc": "".join(s.text for s in t.segments), "question": t.questions[0].text,
@@ -109,7 +122,8 @@ def converse(args, url: str, method: str) -> dict:
                     ttft.append(t_first)
                     if k == len(questions) - 1:
                         # live: the slot still held the history, so only the new turn was decoded
-                        live.append(usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] / 2)
+                        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                        live.append(cached > usage.get("prompt_tokens", 0) / 2)
                         answered.append(any(a in answer for a in c["answers"]))
         except Exception as e:
             with lock:
@@ -129,7 +143,9 @@ def converse(args, url: str, method: str) -> dict:
     prompt = metric(metrics1, "flowmm_prompt_tokens_total") - metric(metrics0, "flowmm_prompt_tokens_total")
     reused = metric(metrics1, "flowmm_prompt_tokens_reused_total") - metric(metrics0, "flowmm_prompt_tokens_reused_total")
     q = statistics.quantiles(ttft, n=20) if len(ttft) >= 2 else [ttft[0]] * 19 if ttft else [0.0] * 19
-    return {"method": method, "conversations": args.conversations, "ctx": args.ctx,
+    rss = peak_rss_mib(proc_pid) if proc_pid else 0.0
+    return {"method": method, "conversations": args.conversations, "ctx": args.ctx, "peak_rss_mib": rss,
+            "slots": peer_slots(args) if method == "llama-server" else args.conversations,
             "budget_cells": args.budget if method != "full" else None, "wall_s": wall,
             "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
             "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
@@ -169,14 +185,14 @@ def start_server(args, extra: list[str]):
                   "the server")
 
 
-def start_llama_server(args, n_slots: int):
+def start_llama_server(args, n_slots: int, ctx: int | None = None):
     """Stock llama-server (scripts/build_llama_server.py) with the same model, -c, -np and -t."""
     import build_llama_server
     from flowmm_edge.models import default_model
 
     binary = build_llama_server.build(jobs=os.cpu_count() or 2)
     return launch([str(binary), "-m", str(args.model or default_model.ensure()), "--host", "127.0.0.1",
-                   "--port", str(free_port()), "-c", str(args.stream_ctx), "-np", str(n_slots),
+                   "--port", str(free_port()), "-c", str(ctx or args.stream_ctx), "-np", str(n_slots),
                    *(["-t", str(args.threads)] if args.threads else [])], "llama-server")
 
 
@@ -272,20 +288,24 @@ def streams_markdown(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | conversations | KV cells (--ctx) | budget cells | live at the last turn | resident at the end | "
-            "facts kept | tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | evictions | wall s |")
-    lines = [head, "|" + "---|" * 14]
+    head = ("| server / method | conversations | slots | KV cells (--ctx) | budget cells | live at the last turn | "
+            "resident at the end | facts kept | tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | "
+            "evictions | peak RSS MiB | errors | wall s |")
+    lines = [head, "|" + "---|" * 17]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['conversations']} | {r['ctx']} | {r['budget_cells'] or '—'} | "
+        lines.append(f"| {r['method']} | {r['conversations']} | {r.get('slots', r['conversations'])} | {r['ctx']} | "
+                     f"{r['budget_cells'] or '—'} | "
                      f"{r['live_at_last_turn']} | {r['resident_at_end']} | {r['facts_kept']}/{r['answered']} | "
                      f"{r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['prompt_tokens']:.0f} | "
-                     f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r['wall_s']:.0f} |")
-    if len(rows) == 2:
-        a, b = rows
-        ratio = lambda key: f"{a[key] / b[key]:.1f}x" if b[key] else "—"  # noqa: E731
+                     f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r.get('peak_rss_mib', 0):.0f} | "
+                     f"{len(r['errors'])} | {r['wall_s']:.0f} |")
+    a = rows[0]
+    for b in rows[1:]:
+        def ratio(key):
+            return f"{a[key] / b[key]:.1f}x" if b[key] else ("∞ (it kept none)" if a[key] else "—")
         lines.append(f"\n{a['method']} / {b['method']} at the same KV memory: live at the last turn "
-                     f"{ratio('live_at_last_turn')}, resident at the end {ratio('resident_at_end')}")
+                     f"{ratio('live_at_last_turn')}, facts kept {ratio('facts_kept')}")
     return "\n".join(lines)
 
 
@@ -298,7 +318,9 @@ def main() -> int:
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=12)
-    ap.add_argument("--methods", default="flowmm,full")
+    ap.add_argument("--methods", default="flowmm,full",
+                    help="serve's --method for each run; 'llama-server' runs stock llama-server at the same --ctx "
+                         "with as many slots as can each hold a whole conversation")
     ap.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
