@@ -13,6 +13,7 @@ import pytest
 
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.multimodal import Projector
+from flowmm_edge.bindings.prompt import feed_pieces
 from flowmm_edge.compression import reconstruction
 from flowmm_edge.models import glyph
 
@@ -33,13 +34,7 @@ def page_context(mmproj, text_model):
 
 def _scores(model, pieces, tokens_by_pos, images, rows):
     with runtime.Context(model, n_ctx=3 * RUN + reconstruction.ROOM, n_batch=512, n_ubatch=512, n_threads=2) as ctx:
-        pos = 0
-        for p in pieces:
-            if isinstance(p, list):
-                ctx.decode(p, pos)
-                pos += len(p)
-            else:
-                pos = p.eval(ctx, pos)
+        feed_pieces(ctx, pieces, 0)
         before = ctx.state()
         got = reconstruction.reconstruction_scores(ctx, tokens_by_pos, reconstruction.repeat_prefix(model), chunk=RUN,
                                                    rows=rows, images=images)
@@ -57,7 +52,6 @@ def test_a_repeated_page_scores_its_cells_as_the_same_text_repeated(page_context
         tokens = np.r_[np.asarray(before, np.int32), np.full(RUN, -1, np.int32), np.asarray(after, np.int32)]
         got = _scores(text_model, [before, image, after], tokens, {RUN: image}, rows)
         blind = _scores(text_model, [before, image, after], tokens, None, rows)
-    page_cells = slice(RUN, 2 * RUN)
     np.testing.assert_allclose(got.scores, ref.scores, rtol=2e-2, atol=1e-3)
     assert np.array_equal(np.sort(got.repeated), np.arange(3 * RUN))  # text and the page, each once
     assert np.array_equal(np.sort(blind.repeated), np.r_[0:RUN, 2 * RUN:3 * RUN])
@@ -65,7 +59,6 @@ def test_a_repeated_page_scores_its_cells_as_the_same_text_repeated(page_context
     def share_top(s):  # the page's share of the cells in each (layer, head)'s top fifth
         top = np.argsort(-s, axis=-1)[..., : 3 * RUN // 5]
         return np.mean((top >= RUN) & (top < 2 * RUN))
-    print("share", rows, share_top(ref.scores), share_top(blind.scores))
     assert share_top(blind.scores) < 0.8 * share_top(ref.scores)
 
 
@@ -74,9 +67,7 @@ def test_repeated_scores_feed_each_image_once_and_keep_it_when_stopped(page_cont
     tokens = np.r_[np.asarray(before, np.int32), np.full(RUN, -1, np.int32), np.asarray(after, np.int32)]
     with Projector(mmproj, text_model) as proj, proj.prepare(book.render(page)) as image, \
             runtime.Context(text_model, n_ctx=3 * RUN + reconstruction.ROOM, n_threads=2) as ctx:
-        pos = ctx.decode(before, 0) is not None and len(before)
-        pos = image.eval(ctx, pos)
-        ctx.decode(after, pos)
+        feed_pieces(ctx, [before, image, after], 0)
         rep = reconstruction.RepeatedScores()
         calls = []
         with pytest.raises(reconstruction.Interrupted):  # stopped after the first text chunk
@@ -134,14 +125,11 @@ def test_distillation_documents_hold_pages_and_pictures_the_teacher_re_reads(mmp
                                             tuple((i if i <= page_at else i + len(page), png)
                                                   for i, png in doc.images if png is not page_png))
             ctx.clear()
-            pos = 0
-            for piece in as_text.pieces(proj):
-                if isinstance(piece, list):
-                    ctx.decode(piece, pos)
-                    pos += len(piece)
-                else:
-                    with piece:
-                        pos = piece.eval(ctx, pos)
+            pieces = as_text.pieces(proj)
+            feed_pieces(ctx, pieces, 0)
+            for piece in pieces:
+                if not isinstance(piece, list):
+                    piece.close()
             _, k_text, _ = distillation.cache_rows(ctx)
     assert samples.teacher[0].shape[-1] == len(doc.tokens) + 2 * RUN  # the glyph projector: 256 positions an image
     cells = slice(page_at + picture_before, page_at + picture_before + len(page))

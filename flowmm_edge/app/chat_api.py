@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pydantic
+
 from ..bindings import media
 from ..bindings.prompt import Segment, valid_text
 from ..errors import FlowMMError
@@ -30,6 +32,30 @@ SYSTEM_FINGERPRINT = "flowmm-edge"  # OpenAI's field: which backend configuratio
 
 class RequestError(FlowMMError):
     """A request the caller must fix (HTTP 400)."""
+
+
+class SamplingFields(pydantic.BaseModel):
+    """The sampling fields both endpoints take (OpenAI's and llama-server's), checked by range;
+    fields not named here change nothing and are accepted (user, metadata, store, ...)."""
+
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = pydantic.Field(None, ge=1)
+    temperature: float | None = pydantic.Field(None, ge=0.0, le=100.0)
+    top_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
+    top_k: int | None = None
+    min_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
+    seed: int | None = None
+    ignore_eos: bool | None = None  # llama-server's extension: the reply runs to max_tokens
+    frequency_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = pydantic.Field(1, ge=1, le=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,31 +83,13 @@ class Stopped(FlowMMError):
 REFUSED_FIELDS = ("functions", "function_call", "audio", "prediction", "web_search_options")
 
 
-class ChatRequest(pydantic.BaseModel):
+class ChatRequest(chat_api.SamplingFields):
     """The fields of OpenAI's chat completion request this server honours; REFUSED_FIELDS are
     refused; others (user, metadata, store, ...) change nothing and are accepted."""
 
-    model_config = pydantic.ConfigDict(extra="ignore")
-
     messages: list
-    model: str | None = None
-    max_tokens: int | None = pydantic.Field(None, ge=1)
     max_completion_tokens: int | None = pydantic.Field(None, ge=1)
-    temperature: float | None = pydantic.Field(None, ge=0.0, le=100.0)
-    top_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
-    top_k: int | None = None
-    min_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
-    seed: int | None = None
-    ignore_eos: bool | None = None  # llama-server's extension: the reply runs to max_tokens
-    frequency_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = pydantic.Field(1, ge=1, le=1)
     logprobs: bool | None = None
     top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
     tools: list | None = None

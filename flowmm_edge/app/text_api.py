@@ -15,33 +15,15 @@ import uuid
 
 import pydantic
 
-from .chat_api import RequestError
+from .chat_api import RequestError, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 REFUSED_FIELDS = ("echo", "suffix", "functions", "tools")
 
 
-class CompletionRequest(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore")
-
+class CompletionRequest(SamplingFields):
     prompt: str | list
-    model: str | None = None
-    max_tokens: int | None = pydantic.Field(None, ge=1)
-    temperature: float | None = pydantic.Field(None, ge=0.0, le=100.0)
-    top_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
-    top_k: int | None = None
-    min_p: float | None = pydantic.Field(None, ge=0.0, le=1.0)
-    repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
-    seed: int | None = None
-    ignore_eos: bool | None = None
-    frequency_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = pydantic.Field(None, ge=0, le=20)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = pydantic.Field(1, ge=1, le=1)
     best_of: int = pydantic.Field(1, ge=1, le=1)
 
 

@@ -138,8 +138,13 @@ def prepare(model, segments: list[Segment], labels: ModalityLabels, projector=No
 def feed(ctx, prepared: Prepared, pos0: int, seq_id: int = 0) -> np.ndarray | None:
     """Decode a prepared prompt from position pos0; the logits after its last text token, or None
     if it ended on an image."""
+    return feed_pieces(ctx, prepared.pieces, pos0, seq_id)
+
+
+def feed_pieces(ctx, pieces: list, pos0: int, seq_id: int = 0) -> np.ndarray | None:
+    """Decode prompt pieces (token lists, prepared images) from position pos0, as `feed` does."""
     pos, logits = pos0, None
-    for p in prepared.pieces:
+    for p in pieces:
         if isinstance(p, list):
             logits = ctx.decode(p, pos, seq_id)
             pos += len(p)

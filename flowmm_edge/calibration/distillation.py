@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bindings import kv_cache
+from ..bindings.prompt import feed_pieces
 from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
 from ..compression import reconstruction
 
@@ -175,13 +176,7 @@ def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples
         ctx.clear()
         pieces = doc.pieces(projector) if doc.images else [doc.tokens]
         try:
-            pos = 0
-            for p in pieces:
-                if isinstance(p, list):
-                    ctx.decode(p, pos)
-                    pos += len(p)
-                else:
-                    pos = p.eval(ctx, pos)
+            feed_pieces(ctx, pieces, 0)
             scored = reconstruction.reconstruction_scores(ctx, reconstruction.tokens_by_position(pieces), prefix,
                                                           images=reconstruction.images_by_position(pieces))
         finally:
