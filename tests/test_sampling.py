@@ -84,3 +84,30 @@ def test_the_same_seed_gives_the_same_reply(tiny_models):
     assert replies[0] == replies[1]
     with pytest.raises(SessionError, match="--min-p"):
         Session(text, budget=48, n_ctx=256, min_p=-0.1)
+
+
+def test_a_lazy_grammar_holds_only_from_its_trigger_on(text_model):
+    """llama.cpp's trigger patterns (a tool call under tool_choice auto): free text first; once the
+    text matches the trigger, only what the grammar allows after the opening tag is drawn."""
+    from flowmm_edge.app.tool_calls import Hermes
+
+    m = text_model
+    grammar = 'root ::= "<tool_call>\\n{\\"a\\": 1}\\n</tool_call>"'
+    free = m.tokenize("Hello", add_special=False)[0]
+
+    def onehot(t):
+        z = np.zeros(m.n_vocab, np.float32)
+        z[t] = 10.0
+        return z
+
+    lazy = Sampler(m.n_vocab, SamplingParams(grammar=grammar, grammar_triggers=(Hermes.trigger,)), vocab=m.vocab)
+    assert lazy.sample(onehot(free)) == free  # before the trigger: the model writes freely
+    for t in m.tokenize(Hermes.opening, add_special=False, parse_special=True):
+        assert lazy.sample(onehot(t)) == t
+    after = lazy.sample(onehot(free))  # "Hello" is not what the grammar allows after the tag
+    assert after != free and m.token_to_piece(after).startswith(b"\n")
+    lazy.close()
+    strict = Sampler(m.n_vocab, SamplingParams(grammar=grammar), vocab=m.vocab)
+    first = strict.sample(onehot(free))  # without a trigger the grammar holds from the first token
+    assert first != free and Hermes.opening.encode().startswith(m.token_to_piece(first, special=True))
+    strict.close()

@@ -550,7 +550,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     async def metrics():
         return PlainTextResponse(_prometheus(worker.metrics()), media_type="text/plain; version=0.0.4")
 
-    def _params(req, grammar: str | None) -> sampling.SamplingParams:
+    def _params(req, grammar: str | None, triggers: tuple = ()) -> sampling.SamplingParams:
         """The request's sampling settings over the server's, checked (400s name the field)."""
         try:
             bias = tuple((int(t), float(b)) for t, b in (req.logit_bias or {}).items())
@@ -563,7 +563,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                                                  min_p=req.min_p, repeat_penalty=req.repeat_penalty, seed=req.seed,
                                                  ignore_eos=req.ignore_eos, frequency_penalty=req.frequency_penalty,
                                                  presence_penalty=req.presence_penalty, logit_bias=bias or None,
-                                                 grammar=grammar)
+                                                 grammar=grammar, grammar_triggers=triggers)
         try:
             params.check()
         except sampling.SamplingError as e:
@@ -598,7 +598,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             grammar = chat_api.grammar_for(req.response_format)
         except chat_api.FormatError as e:
             raise HTTPError(400, str(e), param="response_format") from None
-        tools, parse_calls = None, None
+        tools, parse_calls, triggers = None, None, ()
         if req.tools is not None:
             try:
                 tools = tool_calls.check_tools(req.tools)
@@ -616,13 +616,19 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
                     grammar = tool_family.grammar(allowed, parallel=req.parallel_tool_calls is not False)
                 except chat_api.RequestError as e:
                     raise HTTPError(400, str(e), param="tools") from None
+            elif mode == "auto" and grammar is None:  # free text until a call opens, then the call's grammar
+                try:
+                    grammar = tool_family.grammar(allowed, parallel=req.parallel_tool_calls is not False)
+                    triggers = (tool_family.trigger,)
+                except chat_api.RequestError:
+                    pass  # parameters no grammar can hold: the calls are parsed as written
             parse_calls = tool_family if mode != "none" else None
         elif req.tool_choice not in (None, "none"):
             raise HTTPError(400, "tool_choice needs tools", param="tool_choice")
         elif any(t.role == "tool" or t.calls for t in turns):
             raise HTTPError(400, "tool calls and tool results in the messages need the request's tools",
                             param="messages")
-        params, stop = _params(req, grammar), _stops(req)
+        params, stop = _params(req, grammar, triggers), _stops(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         job = _job(turns, req.max_completion_tokens or req.max_tokens, params, stop,

@@ -16,8 +16,10 @@ Hermes, which Qwen2.5 and many others follow, writes each call as
 
 A reply's calls become OpenAI's `message.tool_calls` (arguments as a JSON string) and its
 finish_reason "tool_calls". tool_choice "required" or a named function is enforced by a grammar
-from the first token (the reply is one or more calls and nothing else); "auto" leaves the model
-free and parses what it writes; "none" renders the tools and parses nothing.
+from the first token (the reply is one or more calls and nothing else); under "auto" the model
+writes freely until it opens a call, and from the opening tag on the same grammar holds (a lazy
+grammar, llama.cpp's trigger patterns, as llama-server does); "none" renders the tools and parses
+nothing.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Hermes:
 
     name = "hermes"
     opening, closing = "<tool_call>", "</tool_call>"
+    trigger = r"[\s\S]*?(<tool_call>)[\s\S]*"  # the reply opens a call: the grammar takes it from the tag
     _block = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     @classmethod

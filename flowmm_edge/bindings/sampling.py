@@ -47,6 +47,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: tuple = ()        # ((token id, bias), ...), added to those tokens' logits
     grammar: str | None = None    # GBNF text whose root rule is "root"
+    # a lazy grammar: free text until the reply matches one of these regexes (llama.cpp's trigger
+    # patterns, matched against the whole text so far; the grammar takes it from the first group on)
+    grammar_triggers: tuple = ()
 
     def override(self, **settings) -> "SamplingParams":
         """These settings with those given and not None in their place (a request's own)."""
@@ -85,7 +88,13 @@ class Sampler:
         if params.grammar is not None:
             if vocab is None:
                 raise SamplingError("a grammar needs the model's vocabulary")
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if params.grammar_triggers:
+                patterns = (ctypes.c_char_p * len(params.grammar_triggers))(
+                    *[p.encode() for p in params.grammar_triggers])
+                grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                    vocab, params.grammar.encode(), b"root", patterns, len(params.grammar_triggers), None, 0)
+            else:
+                grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
             if not grammar:
                 self.close()
                 raise SamplingError("the grammar does not parse (llama.cpp's GBNF)")
