@@ -521,7 +521,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("flowmm: no --policy, so rho per layer is estimated from each prompt's observation window", file=sys.stderr)
     rows = evaluate.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
                           progress=not args.quiet, mmproj=args.mmproj, mode=args.question, flash_attn=args.flash_attn,
-                          placement=_placement(args))
+                          placement=_placement(args),
+                          idle_teacher=args.idle_teacher)
     summary = evaluate.summarize(rows)
     tables = [evaluate.score_grid(summary, args.question), evaluate.markdown(summary)]
     if args.by_family:
@@ -771,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default), inside the compressed prompt, or in later chat turns through the real session "
                         "(followup: each merged before the answer; followup-idle: chat's reply-first schedule with a "
                         "pause after each reply for the idle merge, which takes the teacher)")
+    p.add_argument("--idle-teacher", action="store_true",
+                   help="followup-idle: the idle merges take the teacher (the repeat pass) where a predictor exists "
+                        "(chat's default is the predictor)")
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),

@@ -24,7 +24,9 @@ slot, -np K) before any sends turn k + 1. The server runs one worker thread, so 
 and replies stream side by side. "resident at the end" counts the slots that still hold cells.
 `llama-server` among --methods runs stock llama-server (scripts/build_llama_server.py) at the same
 --ctx, with as many slots as can each hold a whole conversation (a slot holds at most -c / -np
-cells; its requests wait for a free slot): the memory comparison at equal KV.
+cells; its requests wait for a free slot): the memory comparison at equal KV. By default
+llama-server also keeps idle slots' prompts in host memory (--cache-ram, 8 GiB) and restores them;
+`--peer-args "--cache-ram 0"` compares the KV buffers alone.
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ def start_llama_server(args, n_slots: int, ctx: int | None = None):
     binary = build_llama_server.build(jobs=os.cpu_count() or 2)
     return launch([str(binary), "-m", str(args.model or default_model.ensure()), "--host", "127.0.0.1",
                    "--port", str(free_port()), "-c", str(ctx or args.stream_ctx), "-np", str(n_slots),
+                   *args.peer_args.split(),
                    *(["-t", str(args.threads)] if args.threads else [])], "llama-server")
 
 
@@ -331,6 +334,8 @@ def main() -> int:
     ap.add_argument("--stream-ctx", type=int, default=4096)
     ap.add_argument("--peer", action="store_true", help="with --streams: stock llama-server beside it in the same run "
                                                         "(built once by scripts/build_llama_server.py)")
+    ap.add_argument("--peer-args", default="", help="more llama-server flags, e.g. '--cache-ram 0' (its host-memory "
+                                                    "prompt cache off: the KV buffer alone)")
     args = ap.parse_args()
     if args.streams:
         rows = streams(args)

@@ -102,7 +102,8 @@ class Engine:
                  system_prompt: str | None = DEFAULT_SYSTEM, max_reply: int = 256, flash_attn: str | bool = "auto",
                  temperature: float = 0.0, seed: int = 0, chat_template: str | None = None, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, n_slots: int = 1,
-                 schedule: str = REPLY_FIRST, max_image_bytes: int = media.MAX_IMAGE_BYTES,
+                 schedule: str = REPLY_FIRST, idle_teacher: bool = False,
+                 max_image_bytes: int = media.MAX_IMAGE_BYTES,
                  rpc_servers: str | list[str] | None = None, tensor_split: list[float] | str | None = None,
                  grammar: str | None = None):
         """`rpc_servers` ("HOST:PORT,..." as llama.cpp's --rpc) are registered before the model
@@ -119,7 +120,7 @@ class Engine:
             raise SessionError(str(e)) from None
         method = probe.name
         try:
-            self.merge_schedule = MergeSchedule(schedule, pooled=isinstance(n_slots, int) and n_slots > 1)
+            self.merge_schedule = MergeSchedule(schedule, idle_teacher=idle_teacher)
         except ScheduleError as e:
             raise SessionError(str(e)) from None
         self.schedule = schedule

@@ -19,11 +19,13 @@ Two schedules (`--schedule` in `chat` and `serve`, `Engine(schedule=)`):
 - `blocking`: the turn's end is merged before the reply (eval's `inside` mode measures it).
 Under both, a turn that does not fit the free room merges between its chunks.
 
-Which importance an idle merge takes is decided here too (`idle_teacher`): one conversation's idle
-time (a chat: the user reads and types) pays for the teacher, the repeat pass, where a predictor
-exists; a pool's (serve) is short and shared, so its idle merges predict. Measured: with the
-teacher, bench_serve's 8 conversations kept 7/8 facts, first token p50 20 s; without, 8/8, 2.5 s.
-A merge a turn waits for always takes the predictor where there is one.
+Which importance an idle merge takes is decided here too (`idle_teacher`, False by default): where
+a predictor exists, idle merges use it, in a chat as in a pool; where none exists the merge scores
+by the repeat pass anyway (and teaches the learner). The teacher in idle time was measured worse,
+not better: `eval --question followup-idle` (chat's own Session, 8 contexts of 2k tokens, the
+question a later turn) answered 0.19 / 0.34 at 10 / 20% with the teacher in the idle merges and
+0.62 / 0.72 with the predictor (docs/RESULTS.md); in a pool, bench_serve's 8 conversations kept
+7/8 facts with a first token p50 of 20 s with the teacher, 8/8 and 2.5 s without.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ class ScheduleError(FlowMMError):
 
 
 class MergeSchedule:
-    def __init__(self, kind: str = REPLY_FIRST, idle_after_s: float = IDLE_AFTER_S, pooled: bool = False):
+    def __init__(self, kind: str = REPLY_FIRST, idle_after_s: float = IDLE_AFTER_S, idle_teacher: bool = False):
+        """`idle_teacher`: whether an idle merge scores by the repeat pass where a predictor exists
+        (see the module docstring)."""
         if kind not in SCHEDULES:
             raise ScheduleError(f"schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
-        self.kind, self.idle_after_s = kind, idle_after_s
-        self.idle_teacher = not pooled  # an idle merge scores by the repeat pass (see the module docstring)
+        self.kind, self.idle_after_s, self.idle_teacher = kind, idle_after_s, bool(idle_teacher)
 
     @property
     def blocking(self) -> bool:

@@ -327,7 +327,7 @@ class Worker(threading.Thread):
         t0 = time.perf_counter()
         try:
             merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping,
-                                teacher=self.engine.merge_schedule.idle_teacher)  # a pool's: the predictor
+                                teacher=self.engine.merge_schedule.idle_teacher)
         except FlowMMError as e:  # the cache is as it was; its next request merges in the foreground if it must
             conv.merge_error = str(e)
             self._merge_failed.add(conv.seq_id)

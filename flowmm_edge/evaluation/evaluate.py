@@ -278,7 +278,8 @@ def family_grid(summary: list[dict], mode: str, budget: float) -> str:
 
 def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float], policy=None, kv_type="f16",
         n_threads=None, json_out: str | Path | None = None, progress: bool = True, mmproj=None,
-        mode: str = "after", flash_attn="auto", placement: dict | None = None) -> list[Row]:
+        mode: str = "after", flash_attn="auto", placement: dict | None = None,
+        idle_teacher: bool = False) -> list[Row]:
     """All tasks in one mode; results so far are written to json_out after every task, so Ctrl-C keeps them.
     `placement`: runtime.Model's n_gpu_layers / tensor_split."""
     placement = placement or {}
@@ -288,7 +289,8 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
 
         def one(task):
             return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj,
-                                          flash_attn, placement, idle=mode == "followup-idle")
+                                          flash_attn, placement, idle=mode == "followup-idle",
+                                          idle_teacher=idle_teacher)
         model = projector = None
     else:
         model = runtime.Model(model_path, **placement)

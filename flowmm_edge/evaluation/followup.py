@@ -7,9 +7,9 @@ session merges after every turn exactly as `chat` does, so a question meets a ca
 before it was asked, and the later questions a cache merged again after the earlier turns.
 
 `followup-idle` is the same conversation under chat's own reply-first schedule, with a pause
-after each reply long enough for the idle merge to finish: that merge takes the teacher (the
-repeat pass) where a predictor would score a merge someone waits for (app/merge_schedule.py), so
-each question meets a cache merged as the teacher would merge it. (Asked back to back instead, a
+after each reply long enough for the idle merge to finish (with `idle_teacher`, that merge takes
+the teacher, the repeat pass, where a predictor exists: app/merge_schedule.py), so each question
+meets the cache the idle merge left. (Asked back to back instead, a
 question that fits the free room is answered from the whole cache, and the merge after it
 predicts: `followup` measures merges that must happen before the answer.)
 
@@ -64,8 +64,9 @@ def _pause(s: Session) -> None:
 
 def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
                   n_threads=None, mmproj=None, flash_attn="auto", placement: dict | None = None,
-                  idle: bool = False) -> list[Row]:
-    """`idle`: followup-idle (see the module docstring)."""
+                  idle: bool = False, idle_teacher: bool = False) -> list[Row]:
+    """`idle`: followup-idle (see the module docstring); `idle_teacher`: whether its idle merges
+    take the teacher where a predictor exists (app/merge_schedule.py)."""
     compressors = {m: registry.resolve(m, policy) for m in methods if m != "full"}  # unknown names fail here
     max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
     after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
@@ -76,7 +77,7 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
         # blocking: every turn is merged before its answer, so each later question is asked over the
         # merged cache (the reply-first schedule would answer the current one from the whole cache)
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
-                     schedule="reply_first" if idle else "blocking",
+                     schedule="reply_first" if idle else "blocking", idle_teacher=idle_teacher,
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
                      **(placement or {}),
                      policy=policy if rho is not None else None) as s:
