@@ -201,3 +201,26 @@ def test_a_system_message_mid_history_is_rendered_where_the_template_puts_it(tin
     assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # afresh
     with session(tiny_models, chat_template=str(tmpl), temperature=0) as fresh:
         assert fresh.create_chat_completion(later)["choices"][0]["message"] == r2["choices"][0]["message"]
+
+
+def test_the_python_api_takes_tools_and_logprobs_as_the_server_does(default_model_path):
+    """Session.create_chat_completion(tools=, tool_choice=, logprobs=): llama-cpp-python's
+    fields, in the shapes the server returns."""
+    import json
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    with Session(default_model_path, n_ctx=1024, max_reply=48, n_threads=2) as s:
+        msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+        r = s.create_chat_completion(msgs, tools=tools, tool_choice="required", logprobs=True, top_logprobs=1)
+        choice = r["choices"][0]
+        (call,) = choice["message"]["tool_calls"]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        assert call["function"]["name"] == "get_weather" and isinstance(json.loads(call["function"]["arguments"]), dict)
+        assert len(choice["logprobs"]["content"]) == r["usage"]["completion_tokens"]
+        chunks = list(s.create_chat_completion(msgs, tools=tools, tool_choice="required", stream=True))
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert any("tool_calls" in d for d in deltas) and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        assert not "".join(d.get("content") or "" for d in deltas)
+        with pytest.raises(RequestError, match="tool_choice needs tools"):
+            s.create_chat_completion(msgs, tool_choice="required")

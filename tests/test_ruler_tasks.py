@@ -105,3 +105,18 @@ def test_a_share_of_each_context_is_labelled_as_another_modality():
         assert image and all(s.text.startswith("Picture: ") for s in image) and len(image) < len(t.segments)
     # some needles land in "image" spans
     assert any(s.modality == "image" and "special magic" in s.text for t in tasks for s in t.segments)
+
+
+def test_near_records_differ_in_one_key_character_and_ask_for_one_of_them():
+    (task,) = ruler_tasks.generate(["near-records"], [2048], 1, seed=3)
+    text = "".join(s.text for s in task.segments)
+    records = re.findall(r"Locker (\d[A-D]) in the north hall holds crate (\d+)\.", text)
+    keys = [k for k, _ in records]
+    assert len(records) == ruler_tasks.NR_RECORDS == len(set(keys))
+    assert all(sum(a != b for a, b in zip(k, keys[0])) <= 2 for k in keys)  # neighbours: one or two characters
+    (q,) = task.questions
+    asked = re.search(r"locker (\d[A-D])", q.text).group(1)
+    (gold,) = q.answers
+    assert dict(records)[asked] == gold and text.count(gold) == 1
+    assert sorted(q.distractors) == sorted(v for k, v in records if k != asked)
+    assert q.score(f"crate {gold}.") == 1 and q.score(f"crate {q.distractors[0]}.") == 0

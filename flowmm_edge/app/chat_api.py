@@ -293,27 +293,50 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
                            max_tokens: int | None = None, temperature: float | None = None,
                            top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
                            repeat_penalty: float | None = None, seed: int | None = None,
-                           stop: str | list[str] | None = None, stream: bool = False):
+                           stop: str | list[str] | None = None, stream: bool = False,
+                           response_format: dict | None = None, tools: list | None = None, tool_choice=None,
+                           logprobs: bool | None = None, top_logprobs: int | None = None):
     """llama-cpp-python's `Llama.create_chat_completion` over a conversation (app/conversation.py):
     the messages parsed (images as `media_policy` allows), the conversation brought to them
     (`feed`: only new messages are decoded), the reply sampled with the conversation's settings
-    overridden where given, and shaped as a `chat.completion` dict or, with stream=True, an
-    iterator of `chat.completion.chunk` dicts."""
+    overridden where given (`response_format`, `tools` and `tool_choice`, `logprobs` and
+    `top_logprobs` as the server takes them), and shaped as a `chat.completion` dict or, with
+    stream=True, an iterator of `chat.completion.chunk` dicts."""
+    from . import tool_calls
+
     turns = parse_messages(messages, media_policy)
+    grammar = grammar_for(response_format)
+    family = tool_calls.family_for(conv.template.jinja_text(conv.model)) if tools is not None else None
+    tools, parse_calls, grammar, triggers = tool_calls.plan(tools, tool_choice, None, family, grammar)
     params = conv.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                           repeat_penalty=repeat_penalty, seed=seed)
+                                           repeat_penalty=repeat_penalty, seed=seed, grammar=grammar,
+                                           grammar_triggers=triggers)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    held, decoded = conv.feed(turns)
-    gen = conv.reply(max_tokens, params, stops)
+    held, decoded = conv.feed(turns, tools)
+    reply = conv.reply_stream(max_tokens, params, stops, logprobs=(top_logprobs or 0) if logprobs else None,
+                              hide_from=parse_calls.opening if parse_calls else None)
+    gen = conv._generate(reply)
+    conv._active_reply = gen
     cid, name = completion_id(), conv.model_path.name
     if stream:
-        return _chunks(conv, gen, cid, name)
+        return _chunks(conv, gen, reply, parse_calls, cid, name)
     content = "".join(gen)
-    return completion(cid, name, content, conv.finish_reason, usage(held + decoded, held, conv.last_reply_tokens))
+    calls = parse_calls.parse(reply.full)[1] if parse_calls else []
+    lp = logprobs_content(conv.model, reply.token_logprobs) if logprobs else None
+    return completion(cid, name, content, "tool_calls" if calls else conv.finish_reason,
+                      usage(held + decoded, held, conv.last_reply_tokens), logprobs=lp,
+                      tool_calls=tool_calls_field(calls, [tool_calls.call_id() for _ in calls]))
 
 
-def _chunks(conv, gen, cid: str, name: str):
+def _chunks(conv, gen, reply, parse_calls, cid: str, name: str):
+    from . import tool_calls
+
     yield chunk(cid, name, {"role": "assistant"})  # llama-cpp-python's first delta (the server adds content "")
     for piece in gen:
-        yield chunk(cid, name, {"content": piece})
-    yield chunk(cid, name, {}, conv.finish_reason)
+        entries = reply.take_logprobs()
+        yield chunk(cid, name, {"content": piece},
+                    logprobs=logprobs_content(conv.model, entries) if reply.logprobs is not None else None)
+    calls = parse_calls.parse(reply.full)[1] if parse_calls else []
+    if calls:
+        yield chunk(cid, name, {"tool_calls": tool_calls_field(calls, [tool_calls.call_id() for _ in calls], True)})
+    yield chunk(cid, name, {}, "tool_calls" if calls else conv.finish_reason)

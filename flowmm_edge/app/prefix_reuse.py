@@ -15,18 +15,23 @@ class PrefixReuse:
                                temperature: float | None = None, top_p: float | None = None,
                                top_k: int | None = None, min_p: float | None = None,
                                repeat_penalty: float | None = None, seed: int | None = None,
-                               stop: str | list[str] | None = None, stream: bool = False):
+                               stop: str | list[str] | None = None, stream: bool = False,
+                               response_format: dict | None = None, tools: list | None = None, tool_choice=None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None):
         """llama-cpp-python's `Llama.create_chat_completion` on this session: `messages` is the
         whole conversation (OpenAI's shape, chat_api), and the reply a `chat.completion` dict, or
         with stream=True an iterator of `chat.completion.chunk` dicts. A conversation that extends
         the one in the cache decodes only its new messages (llama-server's cache_prompt); any
         other starts afresh; `usage.prompt_tokens_details.cached_tokens` says how many prompt
         positions the cache held already (OpenAI's field). Sampling settings left None are the
-        session's. The caller names local image files freely (it is this process)."""
+        session's; `response_format`, `tools`/`tool_choice` and `logprobs`/`top_logprobs` as
+        `serve` takes them (docs/USAGE.md). The caller names local image files freely (it is this
+        process)."""
         return chat_api.create_chat_completion(
             self, messages, chat_api.MediaPolicy(Path("/"), self.engine.max_image_bytes), max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-            seed=seed, stop=stop, stream=stream)
+            seed=seed, stop=stop, stream=stream, response_format=response_format, tools=tools,
+            tool_choice=tool_choice, logprobs=logprobs, top_logprobs=top_logprobs)
 
     def feed_raw(self, prompt: str) -> tuple[int, int]:
         """Bring the cache to a completions prompt (no chat template): keep what it holds when the

@@ -598,36 +598,14 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             grammar = chat_api.grammar_for(req.response_format)
         except chat_api.FormatError as e:
             raise HTTPError(400, str(e), param="response_format") from None
-        tools, parse_calls, triggers = None, None, ()
-        if req.tools is not None:
-            try:
-                tools = tool_calls.check_tools(req.tools)
-                mode, allowed = tool_calls.chosen(tools, req.tool_choice)
-            except chat_api.RequestError as e:
-                raise HTTPError(400, str(e), param="tools" if "tool_choice" not in str(e) else "tool_choice") from None
-            if tool_family is None:
-                raise HTTPError(400, f"this model's chat template ({engine.template.name}) writes no tool-call syntax "
-                                     f"this server reads", param="tools")
-            if mode == "required":
-                if grammar is not None:
-                    raise HTTPError(400, "tool_choice 'required' or a named function cannot be combined with "
-                                         "response_format", param="tool_choice")
-                try:
-                    grammar = tool_family.grammar(allowed, parallel=req.parallel_tool_calls is not False)
-                except chat_api.RequestError as e:
-                    raise HTTPError(400, str(e), param="tools") from None
-            elif mode == "auto" and grammar is None:  # free text until a call opens, then the call's grammar
-                try:
-                    grammar = tool_family.grammar(allowed, parallel=req.parallel_tool_calls is not False)
-                    triggers = (tool_family.trigger,)
-                except chat_api.RequestError:
-                    pass  # parameters no grammar can hold: the calls are parsed as written
-            parse_calls = tool_family if mode != "none" else None
-        elif req.tool_choice not in (None, "none"):
-            raise HTTPError(400, "tool_choice needs tools", param="tool_choice")
-        elif any(t.role == "tool" or t.calls for t in turns):
+        if req.tools is None and any(t.role == "tool" or t.calls for t in turns):
             raise HTTPError(400, "tool calls and tool results in the messages need the request's tools",
                             param="messages")
+        try:
+            tools, parse_calls, grammar, triggers = tool_calls.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                                                    tool_family, grammar)
+        except tool_calls.ToolsError as e:
+            raise HTTPError(400, str(e), param=e.param) from None
         params, stop = _params(req, grammar, triggers), _stops(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")

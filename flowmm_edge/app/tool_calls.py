@@ -142,6 +142,46 @@ class Hermes:
 FAMILIES = (Hermes,)
 
 
+class ToolsError(RequestError):
+    """A request's tools or tool_choice the caller must fix; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def plan(tools, tool_choice, parallel, family, grammar: str | None):
+    """What a request's tools ask of its reply: (the checked tools or None, the family whose calls
+    the reply is parsed for or None, the grammar, its trigger patterns). `family` is the
+    template's (family_for); `grammar` the response_format's, if any."""
+    if tools is None:
+        if tool_choice not in (None, "none"):
+            raise ToolsError("tool_choice needs tools", "tool_choice")
+        return None, None, grammar, ()
+    try:
+        tools = check_tools(tools)
+        mode, allowed = chosen(tools, tool_choice)
+    except RequestError as e:
+        raise ToolsError(str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
+    if family is None:
+        raise ToolsError("this model's chat template writes no tool-call syntax this program reads", "tools")
+    triggers = ()
+    if mode == "required":
+        if grammar is not None:
+            raise ToolsError("tool_choice 'required' or a named function cannot be combined with response_format",
+                             "tool_choice")
+        try:
+            grammar = family.grammar(allowed, parallel=parallel is not False)
+        except RequestError as e:
+            raise ToolsError(str(e), "tools") from None
+    elif mode == "auto" and grammar is None:  # free text until a call opens, then the call's grammar
+        try:
+            grammar, triggers = family.grammar(allowed, parallel=parallel is not False), (family.trigger,)
+        except RequestError:
+            pass  # parameters no grammar can hold: the calls are parsed as written
+    return tools, (family if mode != "none" else None), grammar, triggers
+
+
 def family_for(template: str | None):
     """The tool-call family whose syntax `template` (Jinja text) writes, or None."""
     return next((f for f in FAMILIES if template and f.detect(template)), None)

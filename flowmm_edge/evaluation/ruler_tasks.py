@@ -36,7 +36,7 @@ from ..bindings.prompt import Segment
 from .tasks import Question, Task
 
 FAMILIES = ("single-number", "single-code", "multi-key", "multi-value", "multi-query", "variable-tracking",
-            "common-words")
+            "common-words", "near-records")
 # the families eval runs by default: those the default model (Qwen2.5 0.5B) answers at >= 90%
 # with the full cache at 2k tokens. Dropped: multi-key 0.70 (it names the distractor keys' values
 # too), variable-tracking 0.60, common-words 0.71 (docs/RESULTS.md, "Which families").
@@ -55,6 +55,14 @@ CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appe
                    "Memorize the ones that appear most often.\n")
 CWE_QUESTION = "Question: What are the 10 most common words in the above list?"
 CWE_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
+# near-records (this project's): records that differ only in one character of their key and in
+# their value, so a score that cannot tell them apart keeps the wrong one; one is asked, the
+# others' values are distractors
+NR_INSTRUCTION = "The following text lists lockers and the crate each holds. Memorize the list.\n"
+NR_RECORD = "Locker {key} in the north hall holds crate {value}."
+NR_QUESTION = "Which crate does locker {key} in the north hall hold?"
+NR_PREFIX = " Locker {key} in the north hall holds crate"
+NR_RECORDS = 8  # two neighbouring numbers, four letters each: 4A 4B 4C 4D 5A 5B 5C 5D
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 # tokens to generate, as RULER's synthetic.yaml sets them (needles 128, vt 30, cwe 120), lowered for
@@ -181,6 +189,21 @@ def _niah(family: str, w: _Writer, n_tokens: int, count) -> tuple[list[Segment],
     return segs, [ask(keys, "contains", "needle")]
 
 
+def _near_records(w: _Writer, n_tokens: int, count) -> tuple[list[Segment], list[Question]]:
+    base = int(w.rng.integers(2, 9))
+    keys = [f"{n}{letter}" for n in (base, base + 1) for letter in "ABCD"][:NR_RECORDS]
+    values = {k: w.number() for k in keys}
+    records = [NR_RECORD.format(key=k, value=values[k]) for k in keys]
+    w.rng.shuffle(records)
+    units = _insert(_haystack(w, n_tokens - count(NR_INSTRUCTION) - sum(count(r) for r in records), count),
+                    records, w)
+    segs = _units_to_segments(units, w, per_paragraph=6, head=NR_INSTRUCTION)
+    asked = w.pick(keys)
+    return segs, [Question(NR_QUESTION.format(key=asked), [values[asked]], "contains",
+                           answer_prefix=NR_PREFIX.format(key=asked), max_tokens=MAX_TOKENS["needle"],
+                           distractors=[values[k] for k in keys if k != asked])]
+
+
 def _variable_tracking(w: _Writer, n_tokens: int, count) -> tuple[list[Segment], list[Question]]:
     names: list[str] = []
     while len(names) < 5:
@@ -240,6 +263,8 @@ def generate(families=FAMILIES, lengths=(2048,), per_family: int = 2, seed: int 
                     segs, questions = _variable_tracking(w, length, count)
                 elif family == "common-words":
                     segs, questions = _common_words(w, length, count)
+                elif family == "near-records":
+                    segs, questions = _near_records(w, length, count)
                 else:
                     segs, questions = _niah(family, w, length, count)
                 tasks.append(Task(f"{family}-{length}-{k}", segs, questions, family))
