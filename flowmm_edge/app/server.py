@@ -54,6 +54,7 @@ from . import chat_api, text_api, tool_calls
 from .conversation import Conversation
 from .engine import Engine, NoRoomError
 from ..bindings import sampling
+from ..bindings.prompt import Segment
 from ..bindings.runtime import DecodeError
 from ..errors import FlowMMError
 
@@ -632,7 +633,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             prompt = text_api.prompt_text(req.prompt)
         except chat_api.RequestError as e:
             raise HTTPError(400, str(e), param="prompt") from None
-        n_prompt = len(engine.model.tokenize(prompt[:8 * max_prompt + 8], add_special=True, parse_special=False))
+        n_prompt = _prompt_tokens(engine.model, [chat_api.Turn("user", (Segment("text", prompt),), ())],
+                                  max_prompt)
         if n_prompt > max_prompt:
             raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="prompt")
