@@ -129,7 +129,7 @@ def test_scores_and_kept_cells_equal_numpy(model, kv_type):
                                            method.n_future_positions, group) for l in range(lay.n_layer)])
         native = Stats(query_means=np.stack([stats.query_mean(l) for l in range(lay.n_layer)]), rope=rope,
                        key_scorer=lambda l, w, b: kv_cache.predict_scores(ctx, l, w, b, rope.pairing))
-        got = method.scores(native, lay.n_layer, lay.n_head_kv, n)
+        got = method.score(native, lay.n_layer, lay.n_head_kv, n)
         assert np.abs(got - want).max() <= 2e-3 * want.max()
         np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=1e-5)  # a distribution over the cells per KV head
 

@@ -315,8 +315,7 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
     held, decoded = conv.feed(turns, tools)
     reply = conv.reply_stream(max_tokens, params, stops, logprobs=(top_logprobs or 0) if logprobs else None,
                               hide_from=parse_calls.opening if parse_calls else None)
-    gen = conv._generate(reply)
-    conv._active_reply = gen
+    gen = conv.generate(reply)
     cid, name = completion_id(), conv.model_path.name
     if stream:
         return _chunks(conv, gen, reply, parse_calls, cid, name)

@@ -70,7 +70,7 @@ class Merging:
                 (self.engine.merge_schedule.idle_teacher and self.compression.teaches())):
             return
         kept = reconstruction.images_by_position(prepared.pieces, pos0)
-        prepared.pieces = [p for p in prepared.pieces if isinstance(p, list) or all(p is not k for k in kept.values())]
+        prepared.give_up(kept.values())
         self.images.update(kept)
 
     def _release_repeated_images(self) -> None:

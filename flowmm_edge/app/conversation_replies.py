@@ -34,7 +34,12 @@ class Replying:
             except chat_api.FormatError as e:
                 raise SessionError(str(e)) from None
             params = (params or self.engine.sampling).override(grammar=grammar)
-        gen = self._generate(self.reply_stream(max_tokens, params, stop))
+        return self.generate(self.reply_stream(max_tokens, params, stop))
+
+    def generate(self, stream: ReplyStream):
+        """A ReplyStream's text pieces as a generator, each token decoded alone; the conversation
+        owns it (the next turn closes it, as `reply`'s)."""
+        gen = self._generate(stream)
         self._active_reply = gen
         return gen
 

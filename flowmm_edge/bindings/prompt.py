@@ -111,6 +111,10 @@ class Prepared:
             if not isinstance(p, list):
                 p.close()
 
+    def give_up(self, pieces) -> None:
+        """Stop owning these prepared images: whoever took them closes them (close() skips them)."""
+        self.pieces = [p for p in self.pieces if isinstance(p, list) or all(p is not q for q in pieces)]
+
 
 def prepare(model, segments: list[Segment], labels: ModalityLabels, projector=None, add_bos: bool = False) -> Prepared:
     pieces, out = [], []

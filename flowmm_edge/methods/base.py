@@ -165,6 +165,20 @@ class Method(abc.ABC):
         ...
 
 
+@dataclasses.dataclass
+class ScorerMethod(Method):
+    """A method that keeps, per layer and KV head, the protected cells and the highest-scoring
+    others (kvpress's ScorerPress): a subclass writes only `score`."""
+
+    @abc.abstractmethod
+    def score(self, stats: Stats, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
+        """Each cell's score, [n_layer, n_head_kv, n]: higher is kept first."""
+
+    def plan(self, layout: TokenLayout, stats: Stats, n_layer: int, n_head_kv: int, slots: int) -> Plan:
+        scores = self.score(stats, n_layer, n_head_kv, layout.n)
+        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))
+
+
 def top_by_score(scores: np.ndarray, protected: np.ndarray, slots: int) -> np.ndarray:
     """Per row of scores [..., n]: the protected indices plus the highest-scoring others, sorted.
 

@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import KEY_SCORER, QUERY_MEANS, ROPE, Method, RopeGeometry, keep_plan, top_by_score
+from .base import KEY_SCORER, QUERY_MEANS, ROPE, RopeGeometry, ScorerMethod
 
 
 def future_query(mean: np.ndarray, rope: RopeGeometry, offset: float, n_future: int) -> np.ndarray:
@@ -47,13 +47,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class ExpectedAttention(Method):
+class ExpectedAttention(ScorerMethod):
     n_future_positions: int = 512  # kvpress's default
 
     name = "expected_attention"
     needs = frozenset({QUERY_MEANS, KEY_SCORER, ROPE})
 
-    def scores(self, stats, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
+    def score(self, stats, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
         """[n_layer, n_head_kv, n]: each cell's expected attention, averaged over its KV head's query heads."""
         means = stats.require(QUERY_MEANS, n_layer, n_head_kv, n)
         rope = stats.require(ROPE, n_layer, n_head_kv, n)
@@ -71,6 +71,3 @@ class ExpectedAttention(Method):
                 out[layer] += softmax(np.asarray(logits, np.float64))
         return out / group
 
-    def plan(self, layout, stats, n_layer, n_head_kv, slots):
-        scores = self.scores(stats, n_layer, n_head_kv, layout.n)
-        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))

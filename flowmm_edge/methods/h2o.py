@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import PROMPT_SCORES, Method, keep_plan, top_by_score
+from .base import PROMPT_SCORES, ScorerMethod
 
 
 @dataclasses.dataclass
-class H2O(Method):
+class H2O(ScorerMethod):
     name = "h2o"
     needs = frozenset({PROMPT_SCORES})
 
-    def plan(self, layout, stats, n_layer, n_head_kv, slots):
-        scores = stats.require(PROMPT_SCORES, n_layer, n_head_kv, layout.n)
-        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))
+    def score(self, stats, n_layer, n_head_kv, n):
+        return stats.require(PROMPT_SCORES, n_layer, n_head_kv, n)

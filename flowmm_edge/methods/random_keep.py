@@ -6,15 +6,14 @@ import dataclasses
 
 import numpy as np
 
-from .base import Method, keep_plan, top_by_score
+from .base import ScorerMethod
 
 
 @dataclasses.dataclass
-class RandomKeep(Method):
+class RandomKeep(ScorerMethod):
     seed: int = 0
 
     name = "random"
 
-    def plan(self, layout, stats, n_layer, n_head_kv, slots):
-        scores = np.random.default_rng(self.seed).random((n_layer, n_head_kv, layout.n))
-        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))
+    def score(self, stats, n_layer, n_head_kv, n):
+        return np.random.default_rng(self.seed).random((n_layer, n_head_kv, n))

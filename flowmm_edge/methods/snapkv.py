@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import WINDOW_SCORES, Method, keep_plan, top_by_score
+from .base import WINDOW_SCORES, ScorerMethod
 
 
 def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
@@ -26,12 +26,11 @@ def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class SnapKV(Method):
+class SnapKV(ScorerMethod):
     kernel: int = 7  # average pooling of the scores (SnapKV's clustering)
 
     name = "snapkv"
     needs = frozenset({WINDOW_SCORES})
 
-    def plan(self, layout, stats, n_layer, n_head_kv, slots):
-        scores = avg_pool(stats.require(WINDOW_SCORES, n_layer, n_head_kv, layout.n), self.kernel)
-        return keep_plan(layout, top_by_score(scores, self.protected(layout.n), slots))
+    def score(self, stats, n_layer, n_head_kv, n):
+        return avg_pool(stats.require(WINDOW_SCORES, n_layer, n_head_kv, n), self.kernel)
