@@ -27,8 +27,16 @@ from ..errors import FlowMMError
 from ..bindings.native import llama_cpp
 
 
+MEDIA = "<__media__>"  # the marker an image's place takes in a message's text (mtmd's default)
+
+
 class ChatTemplateError(FlowMMError):
     pass
+
+
+def message_text(segments) -> str:
+    """A message's text as the template renders it: its text segments, and MEDIA for each image."""
+    return "".join(MEDIA if s.kind == "image" else s.text for s in segments)
 
 
 def _jinja():

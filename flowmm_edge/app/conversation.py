@@ -31,9 +31,9 @@ from .prefix_reuse import PrefixReuse
 from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 from . import tool_calls
+from .chat_template import MEDIA, message_text
 from ..compression import reconstruction
 
-MEDIA = "<__media__>"
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ def turn_segments(delta: str, content: list[Segment]) -> list[Segment]:
     """The turn's rendered text as segments: the template's text around the user's content,
     which keeps its own segments (images, and text spans with their modality labels).
     Neighbouring text of one modality is joined, so a plain text turn is one segment."""
-    rendered = "".join(MEDIA if c.kind == "image" else c.text for c in content)
+    rendered = message_text(content)
     at = delta.find(rendered)
     if at >= 0:
         segs = [Segment("text", delta[:at]), *content, Segment("text", delta[at + len(rendered):])]
@@ -96,8 +96,6 @@ def turn_segments(delta: str, content: list[Segment]) -> list[Segment]:
 
 class Conversation(Merging, Replying, PrefixReuse, Persistence):
     """A slot of `engine`: sequence `seq_id` (the first free one by default)."""
-
-    MEDIA = MEDIA  # the marker an image's place takes in a message's text
 
     def __init__(self, engine: Engine, seq_id: int | None = None, prefill_step: int | None = None):
         """`prefill_step`: tokens per prefill batch while a progress listener follows (None:
@@ -258,7 +256,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             segments = [dataclasses.replace(s, text=valid_text(s.text)) for s in segments]
         if any(s.kind == "image" for s in segments) and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
-        content = "".join(MEDIA if s.kind == "image" else s.text for s in segments)
+        content = message_text(segments)
         return self._add_turn([("user", content)], segments)
 
     def add_tool_results(self, results: list[str]) -> int:

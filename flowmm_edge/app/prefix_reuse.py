@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import chat_api
+from .chat_template import message_text
 from .engine import TemplateRerenders
 
 
@@ -90,16 +91,18 @@ class PrefixReuse:
         body = turns[:-1] if last else turns
         messages, segments = [], []
         for t in body:
-            text = self.tool_family.render(t.text, t.calls) if t.calls else t.text
             if t.role == "user":
                 segments += list(t.segments)
-                text = "".join(self.MEDIA if s.kind == "image" else s.text for s in t.segments)
-            messages.append((t.role, text))
+            messages.append((t.role, message_text(t.segments) if t.role == "user" else self._message_text(t)))
         decoded = self._add_turn(messages, segments)
         if last is not None:
             decoded += self.add_assistant_turn(last.text, continued=True)
         self._keys = [t.key for t in turns]
         return decoded
+
+    def _message_text(self, turn) -> str:
+        """A turn's text as the conversation holds it: an assistant's calls in the model's own syntax."""
+        return self.tool_family.render(turn.text, turn.calls) if turn.calls else turn.text
 
     def _feed_turns(self, turns: list, rest: list) -> int:
         decoded = 0
@@ -109,8 +112,7 @@ class PrefixReuse:
             if turn.role == "system":
                 self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
             elif turn.role == "assistant":
-                text = self.tool_family.render(turn.text, turn.calls) if turn.calls else turn.text
-                decoded += self.add_assistant_turn(text, continued=turn is turns[-1])
+                decoded += self.add_assistant_turn(self._message_text(turn), continued=turn is turns[-1])
             elif turn.role == "tool":
                 while len(done) < len(rest) and rest[len(done)].role == "tool":
                     done.append(rest[len(done)])
