@@ -192,10 +192,10 @@ def logprobs_content(model, entries) -> dict:
             "refusal": None}
 
 
-def tool_calls_field(calls, ids, streamed: bool = False) -> list[dict]:
-    """OpenAI's tool_calls from [(name, arguments as JSON text)] and their ids (a stream's delta
-    numbers them with `index`)."""
-    return [{**({"index": i} if streamed else {}), "id": ids[i], "type": "function",
+def tool_calls_field(calls, streamed: bool = False) -> list[dict]:
+    """OpenAI's tool_calls from [(name, arguments as JSON text)], each with a new id (a stream's
+    delta numbers them with `index`)."""
+    return [{**({"index": i} if streamed else {}), "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
              "function": {"name": name, "arguments": args}} for i, (name, args) in enumerate(calls)]
 
 
@@ -307,7 +307,7 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
     turns = parse_messages(messages, media_policy)
     grammar = grammar_for(response_format)
     family = tool_calls.family_for(conv.template.jinja_text(conv.model)) if tools is not None else None
-    tools, parse_calls, grammar, triggers = tool_calls.plan(tools, tool_choice, None, family, grammar)
+    tools, parse_calls, grammar, triggers = tool_calls.plan(turns, tools, tool_choice, None, family, grammar)
     params = conv.engine.sampling.override(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                            repeat_penalty=repeat_penalty, seed=seed, grammar=grammar,
                                            grammar_triggers=triggers)
@@ -324,12 +324,10 @@ def create_chat_completion(conv, messages: list[dict], media_policy: MediaPolicy
     lp = logprobs_content(conv.model, reply.token_logprobs) if logprobs else None
     return completion(cid, name, content, "tool_calls" if calls else conv.finish_reason,
                       usage(held + decoded, held, conv.last_reply_tokens), logprobs=lp,
-                      tool_calls=tool_calls_field(calls, [tool_calls.call_id() for _ in calls]))
+                      tool_calls=tool_calls_field(calls))
 
 
 def _chunks(conv, gen, reply, parse_calls, cid: str, name: str):
-    from . import tool_calls
-
     yield chunk(cid, name, {"role": "assistant"})  # llama-cpp-python's first delta (the server adds content "")
     for piece in gen:
         entries = reply.take_logprobs()
@@ -337,5 +335,5 @@ def _chunks(conv, gen, reply, parse_calls, cid: str, name: str):
                     logprobs=logprobs_content(conv.model, entries) if reply.logprobs is not None else None)
     calls = parse_calls.parse(reply.full)[1] if parse_calls else []
     if calls:
-        yield chunk(cid, name, {"tool_calls": tool_calls_field(calls, [tool_calls.call_id() for _ in calls], True)})
+        yield chunk(cid, name, {"tool_calls": tool_calls_field(calls, streamed=True)})
     yield chunk(cid, name, {}, "tool_calls" if calls else conv.finish_reason)

@@ -60,13 +60,12 @@ class PrefixReuse:
     def feed(self, turns: list, tools: list | None = None) -> tuple[int, int]:
         """Bring the cache to the conversation `turns` less its last turn's reply: keep the cached
         turns if they are its beginning, else start afresh; decode the rest. `tools` are rendered
-        for the whole conversation (other tools than the cache's: afresh). Tool results that
+        for the whole conversation (other tools than the cache's: afresh; tool_calls.plan checks
+        that turns with calls or results come with tools). Tool results that
         follow one another are one turn (the template renders them together). Returns
         (positions the cache held already, positions decoded now)."""
         keys = [t.key for t in turns]
         self._finish_reply()
-        if tools is None and any(t.role == "tool" or t.calls for t in turns):
-            raise chat_api.RequestError("tool calls and tool results in the messages need the request's tools")
         if tools != self.tools:
             self.use_tools(tools)
         cached = self._keys

@@ -599,12 +599,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             grammar = chat_api.grammar_for(req.response_format)
         except chat_api.FormatError as e:
             raise HTTPError(400, str(e), param="response_format") from None
-        if req.tools is None and any(t.role == "tool" or t.calls for t in turns):
-            raise HTTPError(400, "tool calls and tool results in the messages need the request's tools",
-                            param="messages")
         try:
-            tools, parse_calls, grammar, triggers = tool_calls.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
-                                                                    tool_family, grammar)
+            tools, parse_calls, grammar, triggers = tool_calls.plan(turns, req.tools, req.tool_choice,
+                                                                    req.parallel_tool_calls, tool_family, grammar)
         except tool_calls.ToolsError as e:
             raise HTTPError(400, str(e), param=e.param) from None
         params, stop = _params(req, grammar, triggers), _stops(req)
@@ -613,16 +610,12 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         job = _job(turns, req.max_completion_tokens or req.max_tokens, params, stop,
                    logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
         cid = chat_api.completion_id()
-        if req.stream:
-            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), chat_shape(cid))
-        done = await _collect(job, request)
-        if isinstance(done, JSONResponse):
-            return done
-        (n_prompt, n_held), text, entries, finish, n_reply, calls = done
-        logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
-        return chat_api.completion(cid, model_name, text, finish, chat_api.usage(n_prompt, n_held, n_reply), server=True,
-                                   logprobs=logprobs,
-                                   tool_calls=chat_api.tool_calls_field(calls, [tool_calls.call_id() for _ in calls]))
+
+        def whole(prompt, text, entries, finish, n_reply, calls):
+            logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
+            return chat_api.completion(cid, model_name, text, finish, chat_api.usage(*prompt, n_reply), server=True,
+                                       logprobs=logprobs, tool_calls=chat_api.tool_calls_field(calls))
+        return await _answer(job, request, req, cid, chat_shape(cid), whole)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -641,14 +634,19 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         job = _job([], req.max_tokens or text_api.DEFAULT_MAX_TOKENS, _params(req, None), _stops(req),
                    logprobs=req.logprobs, raw=prompt)
         cid = text_api.completion_id()
+
+        def whole(prompt, text, entries, finish, n_reply, _calls):
+            logprobs = None if job.logprobs is None else text_api.logprobs_field(engine.model, entries)
+            return text_api.completion(cid, model_name, text, finish, chat_api.usage(*prompt, n_reply), logprobs)
+        return await _answer(job, request, req, cid, text_shape(cid), whole)
+
+    async def _answer(job: Job, request: Request, req, cid: str, shape, whole):
+        """The reply streamed (its chunks made by `shape`) or, when it is done, `whole((prompt
+        positions, held), text, logprob entries, finish_reason, reply tokens, tool calls)`."""
         if req.stream:
-            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), text_shape(cid))
+            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), shape)
         done = await _collect(job, request)
-        if isinstance(done, JSONResponse):
-            return done
-        (n_prompt, n_held), text, entries, finish, n_reply, _ = done
-        logprobs = None if job.logprobs is None else text_api.logprobs_field(engine.model, entries)
-        return text_api.completion(cid, model_name, text, finish, chat_api.usage(n_prompt, n_held, n_reply), logprobs)
+        return done if isinstance(done, JSONResponse) else whole(*done)
 
     async def _collect(job: Job, request: Request):
         """Wait for the worker's reply: ((prompt positions, held), text, logprob entries,
@@ -687,8 +685,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             return chat_api.chunk(cid, model_name, {"content": text}, server=True, logprobs=logprobs)
 
         def calls(found):
-            return chat_api.chunk(cid, model_name, {"tool_calls": chat_api.tool_calls_field(
-                found, [tool_calls.call_id() for _ in found], True)}, server=True)
+            return chat_api.chunk(cid, model_name, {"tool_calls": chat_api.tool_calls_field(found, streamed=True)},
+                                  server=True)
 
         def last(finish):
             return chat_api.chunk(cid, model_name, {}, finish, server=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 from .chat_api import FormatError, RequestError, enforceable
 
@@ -68,10 +67,6 @@ def chosen(tools: list[dict], choice) -> tuple[str, list[dict]]:
     if not named:
         raise RequestError(f"tool_choice names {name!r}, which is not among the tools")
     return "required", named
-
-
-def call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
 
 
 class Hermes:
@@ -150,11 +145,14 @@ class ToolsError(RequestError):
         self.param = param
 
 
-def plan(tools, tool_choice, parallel, family, grammar: str | None):
+def plan(turns, tools, tool_choice, parallel, family, grammar: str | None):
     """What a request's tools ask of its reply: (the checked tools or None, the family whose calls
-    the reply is parsed for or None, the grammar, its trigger patterns). `family` is the
-    template's (family_for); `grammar` the response_format's, if any."""
+    the reply is parsed for or None, the grammar, its trigger patterns). `turns` are its messages
+    (chat_api.parse_messages), `family` the template's (family_for), `grammar` the
+    response_format's, if any."""
     if tools is None:
+        if any(t.role == "tool" or t.calls for t in turns):
+            raise ToolsError("tool calls and tool results in the messages need the request's tools", "messages")
         if tool_choice not in (None, "none"):
             raise ToolsError("tool_choice needs tools", "tool_choice")
         return None, None, grammar, ()
