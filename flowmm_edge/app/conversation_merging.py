@@ -39,9 +39,10 @@ class Merging:
 
     def _merge(self, foreground: bool, stop=None, teacher: bool = False) -> None:
         t0 = time.perf_counter()
-        if teacher and self.engine.room(self, reserved=False) < self.compression.room(self.model, teacher):
-            teacher = False  # no free room for the teacher's pass: the predictor, rather than evict anyone
         need = self.compression.room(self.model, teacher)
+        if teacher and self.engine.room(self, reserved=False) < need:
+            teacher = False  # no free room for the teacher's pass: the predictor, rather than evict anyone
+            need = self.compression.room(self.model, teacher)
         if need and self.engine.room(self, reserved=False) < need and \
                 not self.engine.make_room(need, keep=self, reserved=False):
             raise NoRoomError(f"no room for the merge's repeat pass ({need} cells): the shared cache is "
@@ -66,8 +67,7 @@ class Merging:
         """Take a decoded turn's images from `prepared` (which then does not close them) when a
         merge of this conversation may repeat the context: the repeat pass re-feeds each image once
         (reconstruction.images_by_position), then it is closed."""
-        if not (self.compression.repeats_context or
-                (self.engine.merge_schedule.idle_teacher and self.compression.teaches())):
+        if not self.compression.runs_repeat_pass(self.engine.merge_schedule.idle_teacher):
             return
         kept = reconstruction.images_by_position(prepared.pieces, pos0)
         prepared.give_up(kept.values())

@@ -128,6 +128,9 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
     fed: list[np.ndarray] = []
 
+    def fed_positions() -> np.ndarray:
+        return np.concatenate(fed) if fed else np.zeros(0, np.int64)
+
     def gather(st) -> None:
         by_pos = np.argsort(st.positions, kind="stable")
         cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
@@ -159,8 +162,8 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     try:
         while a < len(text) or pending:
             if stop is not None and stop():
-                raised = np.concatenate(fed) if fed else np.zeros(0, np.int64)
-                raise Interrupted(PositionScores(positions, total, raised), raised)
+                so_far = fed_positions()
+                raise Interrupted(PositionScores(positions, total, so_far), so_far)
             if pending and (a >= len(text) or pending[0][0] < text[a]):
                 at, img = pending.pop(0)  # an image comes next, in its place among the text
                 if free_now() >= len(prefix) + img.n_pos:
@@ -189,7 +192,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 progress(min(done, total_work), total_work)
     finally:
         ctx.truncate(end, seq_id)
-    return PositionScores(positions, total, np.concatenate(fed) if fed else np.zeros(0, np.int64))
+    return PositionScores(positions, total, fed_positions())
 
 
 class RepeatedScores:

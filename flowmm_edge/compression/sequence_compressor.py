@@ -75,10 +75,14 @@ class SequenceCompressor:
     def repeats_context(self) -> bool:
         return RECONSTRUCTION_SCORES in self.needs
 
+    def runs_repeat_pass(self, teacher: bool = False) -> bool:
+        """Whether a merge runs the repeat pass: the method scores by it, or `teacher` asks for it
+        where the method predicts."""
+        return self.repeats_context or (teacher and self.teaches())
+
     def room(self, model, teacher: bool = False) -> int:
         """Free cells a merge needs beyond the sequence's own (the repeat pass decodes there)."""
-        repeats = self.repeats_context or (teacher and self.teaches())
-        return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if repeats else 0
+        return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if self.runs_repeat_pass(teacher) else 0
 
     def _fresh(self) -> Compressor:
         return Compressor(self.method, self.budget, rho=self._rho)
