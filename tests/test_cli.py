@@ -120,3 +120,21 @@ def test_the_help_lists_every_registered_method():
                              text=True, timeout=120, env={**os.environ, "COLUMNS": "1000"}).stdout
         for name in list(METHODS) + [f"flowmm:{v}" for v in registry.VARIANTS]:
             assert name in out, (command, name)
+
+
+def test_a_methods_fields_are_settings_of_its_name():
+    """`name:field=value` sets the method dataclass's field, read as its default's type; what the
+    method refuses, and fields it lacks, are refused by name."""
+    import dataclasses
+
+    from flowmm_edge.methods import METHODS, MethodError, registry
+
+    got = registry.resolve("flowmm:repeat+pool=15+window=8+sensitivity=false+tau_quantile=0.5")[0]
+    assert got == dataclasses.replace(METHODS["flowmm"](), importance="reconstruction", pool=15, window=8,
+                                      sensitivity=False, tau_quantile=0.5)
+    assert registry.resolve("snapkv:window=16")[0] == METHODS["snapkv"](window=16)
+    for name, message in (("flowmm:pool=4", "odd kernel"), ("flowmm:pool=x", "not an int"),
+                          ("snapkv:pool=3", "no setting 'pool'"), ("flowmm:flow_guidance=2", "true or false"),
+                          ("snapkv:repeat", "unknown method")):
+        with pytest.raises(MethodError, match=message):
+            registry.resolve(name)

@@ -98,6 +98,14 @@ def test_json_object_is_json_and_unenforceable_schemas_are_refused(real):
         model="x", max_tokens=256, temperature=0, response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Give the colour of a red fox as a JSON object."}])
     assert r.choices[0].finish_reason == "stop" and json.loads(r.choices[0].message.content) is not None
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"]}
+    r = client(real).chat.completions.create(  # llama-server's json_object with a schema: that schema enforced
+        model="x", max_tokens=64, temperature=0, response_format={"type": "json_object", "schema": schema},
+        messages=[{"role": "user", "content": "Give the colour of a red fox as a JSON object."}])
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    with pytest.raises(openai.BadRequestError, match="response_format.schema"):
+        client(real).chat.completions.create(model="x", messages=MSG, max_tokens=4,
+                                             response_format={"type": "json_object", "schema": 123})
     for schema, keyword in (({"type": "number", "minimum": 0.5}, "minimum"),
                             ({"type": "array", "uniqueItems": True}, "uniqueItems"),
                             ({"type": "integer", "minimum": 0, "maximum": 10 ** 9}, "minimum")):
@@ -357,3 +365,22 @@ def test_completions_continue_a_prompt_as_llama_cpp_does_greedily(real, default_
     for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 2}):
         resp = httpx.post(real.url + "/v1/completions", json={"prompt": prompt, **body}, timeout=60)
         assert resp.status_code == 400, (body, resp.text)
+
+
+def test_text_parts_are_joined_by_newlines_but_not_next_to_an_image():
+    """llama.cpp's common/chat joins a message's text parts with a newline, none beside a media marker."""
+    import io
+
+    from PIL import Image
+
+    from flowmm_edge.app import chat_api
+    from flowmm_edge.app.chat_template import MEDIA, message_text
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG")
+    url = "data:image/png;base64," + __import__("base64").b64encode(buf.getvalue()).decode()
+    turns = chat_api.parse_messages([{"role": "user", "content": [
+        {"type": "text", "text": "What is"}, {"type": "text", "text": "the best book"},
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "in it?"},
+        {"type": "text", "text": "Say."}]}])
+    assert message_text(turns[0].segments) == f"What is\nthe best book{MEDIA}in it?\nSay."

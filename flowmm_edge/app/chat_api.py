@@ -93,17 +93,21 @@ def _segments(content, policy: MediaPolicy) -> list[Segment]:
         return [Segment("text", "")]
     if not isinstance(content, list):
         raise RequestError("a message's content must be a string or a list of parts")
-    out = []
+    out, after_media = [], False
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            out.append(Segment("text", valid_text(part["text"])))
+            # text parts are joined by a newline, none next to an image (llama.cpp's common/chat)
+            sep = "\n" if not after_media and any(s.kind == "text" and s.text for s in out) else ""
+            out.append(Segment("text", sep + valid_text(part["text"])))
+            after_media = False
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise RequestError("an image_url part needs a url string")
             out.append(Segment("image", image=_image_bytes(url, policy), modality="image"))
+            after_media = True
         else:
             raise RequestError(f"unsupported content part {str(part)[:60]!r} (text and image_url are)")
     return out
@@ -261,10 +265,22 @@ def enforceable(schema, where: str = "schema"):
     return out
 
 
+def _schema_grammar(schema, where: str) -> str:
+    from llama_cpp import llama_grammar
+
+    if not isinstance(schema, dict):
+        raise FormatError(f"{where} must be a JSON Schema object")
+    schema = enforceable(schema)
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter's own errors name the unsupported construct
+        raise FormatError(f"{where} cannot be turned into a grammar: {e}") from None
+
+
 def grammar_for(response_format) -> str | None:
     """The GBNF grammar an OpenAI `response_format` asks for: None for text, llama.cpp's JSON
-    grammar for json_object, one made from the schema (llama-cpp-python's json_schema_to_gbnf) for
-    json_schema. Anything else is a FormatError naming what is wrong."""
+    grammar for json_object (or its `schema`'s, as llama-server reads one there), one made from the
+    schema (llama-cpp-python's json_schema_to_gbnf) for json_schema. Anything else is a FormatError naming what is wrong."""
     from llama_cpp import llama_grammar
 
     if response_format is None:
@@ -274,18 +290,13 @@ def grammar_for(response_format) -> str | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
-    if kind == "json_object":
-        return llama_grammar.JSON_GBNF
+    if kind == "json_object":  # with a "schema", llama-server's extension: that schema's grammar
+        if "schema" not in response_format:
+            return llama_grammar.JSON_GBNF
+        return _schema_grammar(response_format["schema"], "response_format.schema")
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise FormatError("response_format.json_schema.schema must be a JSON Schema object")
-        schema = enforceable(schema)
-        try:
-            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-        except Exception as e:  # the converter's own errors name the unsupported construct
-            raise FormatError(f"response_format.json_schema.schema cannot be turned into a grammar: {e}") from None
+        return _schema_grammar(spec.get("schema") if isinstance(spec, dict) else None, "response_format.json_schema.schema")
     raise FormatError(f"response_format.type {kind!r} is not one of text, json_object, json_schema")
 
 

@@ -15,7 +15,7 @@ import uuid
 
 import pydantic
 
-from .chat_api import RequestError, SamplingFields
+from .chat_api import SYSTEM_FINGERPRINT, RequestError, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 REFUSED_FIELDS = ("echo", "suffix", "functions", "tools")
@@ -58,7 +58,7 @@ def logprobs_field(model, entries) -> dict:
 
 def _body(cid: str, model: str, choices: list, **extra) -> dict:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, **extra}
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
 
 
 def completion(cid: str, model: str, text: str, finish_reason: str, usage: dict, logprobs: dict | None) -> dict:

@@ -195,10 +195,15 @@ def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples
     return out
 
 
-def _xy(samples: Samples, docs: list[int], layer: int, head: int, pairing: str):
-    x = np.concatenate([features(samples.k[d][layer, head].astype(np.float32), pairing) for d in docs])
-    y = np.concatenate([np.log(samples.teacher[d][layer, head] + LOG_FLOOR) for d in docs])
-    return x, y
+def fit_head(keys: list[np.ndarray], teachers: list[np.ndarray], docs: list[int], layer: int, head: int,
+             pairing: str, ridge: float = RIDGE, weight=None) -> tuple[np.ndarray, float]:
+    """(w, b) of one (layer, KV head) fitted on the given documents' keys [n_layer, n_head_kv, n, d]
+    and teacher scores [n_layer, n_head_kv, n]; `weight(teacher [n]) -> [n]` weighs each document's
+    cells (None: alike)."""
+    x = np.concatenate([features(keys[d][layer, head].astype(np.float32), pairing) for d in docs])
+    y = np.concatenate([np.log(teachers[d][layer, head] + LOG_FLOOR) for d in docs])
+    wt = None if weight is None else np.concatenate([weight(teachers[d][layer, head]) for d in docs])
+    return fit_ridge(x, y, ridge, wt)
 
 
 def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE):
@@ -213,12 +218,10 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     for l in range(n_layer):
         wl, bl = [], []
         for h in range(n_head):
-            x, y = _xy(samples, train, l, h, pairing)
-            w, b = fit_ridge(x, y, ridge)
-            rank[l, h] = np.mean([spearman(_xy(samples, [d], l, h, pairing)[0] @ w + b,
+            w, b = fit_head(samples.k, samples.teacher, train, l, h, pairing, ridge)
+            rank[l, h] = np.mean([spearman(features(samples.k[d][l, h].astype(np.float32), pairing) @ w + b,
                                            samples.teacher[d][l, h]) for d in test])
-            x, y = _xy(samples, list(range(n_doc)), l, h, pairing)
-            w, b = fit_ridge(x, y, ridge)
+            w, b = fit_head(samples.k, samples.teacher, list(range(n_doc)), l, h, pairing, ridge)
             wl.append(w)
             bl.append(b)
         weights.append(wl)

@@ -60,13 +60,18 @@ def n_features(head_dim_k: int) -> int:
     return head_dim_k + head_dim_k // 2
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, float]:
-    """Closed-form ridge regression of y [n] on x [n, f], with the features standardised for the
-    penalty and the standardisation folded back into the weights: returns (w [f], b)."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
+def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float, weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Closed-form ridge regression of y [n] on x [n, f], each sample weighted by `weight` [n]
+    (None: all 1), with the features standardised for the penalty and the standardisation folded
+    back into the weights: returns (w [f], b)."""
+    wt = np.ones(len(y)) if weight is None else np.asarray(weight, np.float64)
+    wt = wt / wt.mean()
+    mu = wt @ x / len(x)
+    sd = np.sqrt(wt @ (x - mu) ** 2 / len(x)) + 1e-6
     z = (x - mu) / sd
-    ym = y.mean()
-    w = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(z.shape[1]), z.T @ (y - ym))
+    ym = wt @ y / len(y)
+    zw = z * wt[:, None]
+    w = np.linalg.solve(zw.T @ z + ridge * len(z) * np.eye(z.shape[1]), zw.T @ (y - ym))
     w = w / sd
     return w, float(ym - mu @ w)
 
