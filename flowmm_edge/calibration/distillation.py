@@ -23,6 +23,7 @@ The policy records which sources and how many tokens.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def _record(rng: np.random.Generator) -> str:
     value = rng.choice([f"{rng.integers(1000, 9999)}-{chr(65 + rng.integers(26))}",
                         f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}-{rng.integers(10, 99)}"])
     return f" The {what} of the {thing} is {value}. "
+
+
+def record_spans(model, doc) -> list[tuple[int, int]]:
+    """The token ranges [a, b) of the records planted in a document's text (`_record`)."""
+    record = re.compile(r" The (%s) of the (%s) is (\S+)\. " % ("|".join(_WHATS), "|".join(_THINGS)))
+    pieces = [model.token_to_piece(t).decode("utf-8", "replace") for t in doc.tokens]
+    ends, text = np.cumsum([len(p) for p in pieces]), "".join(pieces)
+    return [(int(np.searchsorted(ends, m.start(), side="right")), int(np.searchsorted(ends, m.end(3))) + 1)
+            for m in record.finditer(text)]
 
 
 @dataclasses.dataclass(frozen=True)

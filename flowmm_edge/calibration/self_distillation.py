@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import paths
 from ..bindings import kv_cache
+from ..methods.flowmm import PREDICTED
 from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman
 from .distillation import RIDGE
 
@@ -218,7 +219,7 @@ class ImportanceLearner:
         # rho^l only from merges whose windows held more than one modality; none: estimated per prompt
         rho = [float(np.clip(r, 0, 1)) for r in np.mean(self.rho, 0)] if self.rho else None
         return Policy(model=self.fingerprint, theta=THETA, rho=rho,
-                      method=dict(METHOD_DEFAULTS, importance="predicted"),
+                      method=dict(METHOD_DEFAULTS, **PREDICTED),
                       calibration={"source": "self-distillation", "n_tokens": p.n_tokens,
                                    "n_documents": p.n_documents, "held_back_spearman": round(rank, 4),
                                    "rho_from_merges": len(self.rho),

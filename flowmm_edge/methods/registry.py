@@ -22,12 +22,13 @@ import numpy as np
 
 from . import METHODS
 from .base import Method, MethodError
+from .flowmm import PREDICTED
 
 # flowmm:<variant>: the paper's ablations, the importance source, the merge rule, and eviction in place of merging
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
             "no-both": dict(flow_guidance=False, sensitivity=False),
             "window": dict(importance="window"), "both": dict(importance="both"),  # the importance source
-            "repeat": dict(importance="reconstruction"), "predicted": dict(importance="predicted"),
+            "repeat": dict(importance="reconstruction"), "predicted": PREDICTED,
             "pivotal": dict(merge="pivotal"),  # LOOK-M's merge (flowmm:window+pivotal: FlowMM as first built)
             "select": dict(merge="mass", floor=2.0)}  # no key clears a floor above 1: eviction, same pivots
 
