@@ -8,7 +8,9 @@ Collects the distillation corpus's first `--docs` documents (prefill + repeat pa
 `calibrate --distill` does; cached in `--samples` so a second run only fits), fits every variant
 on the first `--train` of them and scores it on the rest: mean Spearman rank correlation with
 the teacher, and the share of the teacher's top 5% / 10% of cells that the prediction's top 5% /
-10% recovers, both after SnapKV's pooling (`FlowMM.pool`), as the merge selects. All variants use the
+10% recovers, both after SnapKV's pooling (`FlowMM.pool`), as the merge selects; and how much
+of the records planted in the held-back documents each keeps in its top 10% (the teacher's own
+figure beside it; with `--surprisal`, token surprisal's too). All variants use the
 features the native graph computes, so each can ship without a change to `native/`. With
 `--out-dir`, each variant's predictor (refitted on every document) is written as a policy beside
 the shipped one's rho, for `eval --policy`.
@@ -74,6 +76,19 @@ def sample_weights(loss: str):
     return lambda teacher: TOP_WEIGHT ** (((np.argsort(np.argsort(teacher, kind="stable")) + 0.5) / len(teacher)) ** int(n))
 
 
+def surprisal(model, tokens: list[int], threads) -> np.ndarray:
+    """-log p(token | the tokens before it) of every token (0 for the first), from the prefill's logits."""
+    out = np.zeros(len(tokens))
+    with runtime.Context(model, n_ctx=len(tokens) + 256, n_batch=256, n_threads=threads) as ctx:
+        for a in range(0, len(tokens), 256):
+            lg = ctx.decode(tokens[a:a + 256], a, 0, all_logits=True).astype(np.float64)
+            nxt = np.asarray(tokens[a + 1:a + 257])
+            top = lg.max(1)
+            lse = np.log(np.exp(lg - top[:, None]).sum(1)) + top
+            out[a + 1:a + 1 + len(nxt)] = lse[:len(nxt)] - lg[np.arange(len(nxt)), nxt]
+    return out
+
+
 def top_recall(pred: np.ndarray, teacher: np.ndarray, share: float) -> float:
     n = max(1, int(len(teacher) * share))
     return len(np.intersect1d(np.argsort(-pred)[:n], np.argsort(-teacher)[:n])) / n
@@ -88,6 +103,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--samples", help="an .npz that caches the collected keys and teacher scores")
     ap.add_argument("--out-dir", type=Path, help="write each variant's policy here")
+    ap.add_argument("--surprisal", action="store_true", help="also score the records kept by token surprisal (no fit)")
     args = ap.parse_args()
     path, model = open_model(args)
     ks, teachers = load_or_collect(args, model)
@@ -114,6 +130,10 @@ def main() -> None:
     kept = [k for l in range(n_layer) for h in range(n_head) for d in test
             for k in records_kept(d, teachers[d][l, h].astype(np.float64), 0.1)]
     print(f"| the teacher itself | 1 | 1 | 1 | 1 | {np.mean(kept):.3f} |")
+    if args.surprisal:
+        kept = [k for d in test if spans[d]
+                for k in records_kept(d, surprisal(model, docs[d].tokens, args.threads)[:n], 0.1)]
+        print(f"| token surprisal, no fit | — | — | — | — | {np.mean(kept):.3f} |", flush=True)
     base = policy_mod.shipped_for(path)
     for name in LOSSES:
         rows, kept = [], []
