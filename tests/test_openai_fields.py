@@ -362,7 +362,7 @@ def test_completions_continue_a_prompt_as_llama_cpp_does_greedily(real, default_
     assert streamed == text
     again = c.completions.create(model="x", prompt=prompt + text + " and", max_tokens=4, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens >= len(tokens)
-    for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 2}):
+    for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 2, "stream": True}, {"n": 5}):
         resp = httpx.post(real.url + "/v1/completions", json={"prompt": prompt, **body}, timeout=60)
         assert resp.status_code == 400, (body, resp.text)
 
@@ -384,3 +384,20 @@ def test_text_parts_are_joined_by_newlines_but_not_next_to_an_image():
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "in it?"},
         {"type": "text", "text": "Say."}]}])
     assert message_text(turns[0].segments) == f"What is\nthe best book{MEDIA}in it?\nSay."
+
+
+def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):
+    """`n`: choice i is what a request of its own with seed + i answers (and greedy choices are
+    the greedy reply), decoded together; usage counts the prompt once and every reply."""
+    c = client(real)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    alone = [c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7 + i)
+             for i in range(3)]
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    greedy = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0)
+    both = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0, n=2)
+    assert [ch.text for ch in both.choices] == [greedy.choices[0].text] * 2

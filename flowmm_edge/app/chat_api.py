@@ -27,6 +27,7 @@ from ..errors import FlowMMError
 
 ROLES = ("system", "user", "assistant", "tool")
 ALIASES = {"developer": "system"}  # OpenAI's current name for the system role
+MAX_CHOICES = 4  # `n`: choices per request, each its own job (and slot), decoded in the worker's one batch
 SYSTEM_FINGERPRINT = "flowmm-edge"  # OpenAI's field: which backend configuration answered
 
 
@@ -55,7 +56,7 @@ class SamplingFields(pydantic.BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
-    n: int = pydantic.Field(1, ge=1, le=1)
+    n: int = pydantic.Field(1, ge=1, le=MAX_CHOICES)
 
 
 @dataclasses.dataclass(frozen=True)

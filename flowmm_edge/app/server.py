@@ -577,11 +577,22 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
             raise HTTPError(400, "stop takes at most 8 non-empty strings", param="stop")
         return stop
 
-    def _job(turns, max_reply, params, stop, **kw) -> Job:
-        job = Job(turns, max_reply or max_tokens, params, stop, asyncio.get_running_loop(), asyncio.Queue(),
-                  deadline=None if limits.timeout is None else time.monotonic() + limits.timeout, **kw)
-        worker.submit(job)
-        return job
+    def _jobs(req, turns, max_reply, params, stop, **kw) -> list[Job]:
+        """The request's `n` choices as jobs, choice i drawn with seed + i (a random seed stays
+        random). Each runs on its own slot as any request does, so the worker decodes them in one
+        batch; a slot holding the conversation serves the first, the others prefill it afresh (the
+        cells a sequence copy would share could not be merged while shared) and each keeps its
+        choice, so a client that goes on with any of them finds its prefix held."""
+        if req.n > 1 and req.stream:
+            raise HTTPError(400, "n > 1 is served without stream", param="n")
+        jobs = []
+        for i in range(req.n):
+            seeded = params if i == 0 or params.seed < 0 else dataclasses.replace(params, seed=params.seed + i)
+            jobs.append(Job(turns, max_reply or max_tokens, seeded, stop, asyncio.get_running_loop(), asyncio.Queue(),
+                            deadline=None if limits.timeout is None else time.monotonic() + limits.timeout, **kw))
+        for job in jobs:
+            worker.submit(job)
+        return jobs
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
@@ -607,15 +618,15 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         params, stop = _params(req, grammar, triggers), _stops(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        job = _job(turns, req.max_completion_tokens or req.max_tokens, params, stop,
-                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
+        jobs = _jobs(req, turns, req.max_completion_tokens or req.max_tokens, params, stop,
+                     logprobs=(req.top_logprobs or 0) if req.logprobs else None, tools=tools, parse_calls=parse_calls)
         cid = chat_api.completion_id()
 
         def whole(prompt, text, entries, finish, n_reply, calls):
-            logprobs = None if job.logprobs is None else chat_api.logprobs_content(engine.model, entries)
+            logprobs = None if jobs[0].logprobs is None else chat_api.logprobs_content(engine.model, entries)
             return chat_api.completion(cid, model_name, text, finish, chat_api.usage(*prompt, n_reply), server=True,
                                        logprobs=logprobs, tool_calls=chat_api.tool_calls_field(calls))
-        return await _answer(job, request, req, cid, chat_shape(cid), whole)
+        return await _answer(jobs, request, req, cid, chat_shape(cid), whole)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -631,22 +642,34 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         if n_prompt > max_prompt:
             raise HTTPError(400, f"the prompt's {n_prompt} tokens are over this server's limit of {max_prompt} "
                                  f"(--max-prompt-tokens)", code="context_length_exceeded", param="prompt")
-        job = _job([], req.max_tokens or text_api.DEFAULT_MAX_TOKENS, _params(req, None), _stops(req),
-                   logprobs=req.logprobs, raw=prompt)
+        jobs = _jobs(req, [], req.max_tokens or text_api.DEFAULT_MAX_TOKENS, _params(req, None), _stops(req),
+                     logprobs=req.logprobs, raw=prompt)
         cid = text_api.completion_id()
 
         def whole(prompt, text, entries, finish, n_reply, _calls):
-            logprobs = None if job.logprobs is None else text_api.logprobs_field(engine.model, entries)
+            logprobs = None if jobs[0].logprobs is None else text_api.logprobs_field(engine.model, entries)
             return text_api.completion(cid, model_name, text, finish, chat_api.usage(*prompt, n_reply), logprobs)
-        return await _answer(job, request, req, cid, text_shape(cid), whole)
+        return await _answer(jobs, request, req, cid, text_shape(cid), whole)
 
-    async def _answer(job: Job, request: Request, req, cid: str, shape, whole):
-        """The reply streamed (its chunks made by `shape`) or, when it is done, `whole((prompt
-        positions, held), text, logprob entries, finish_reason, reply tokens, tool calls)`."""
+    async def _answer(jobs: list[Job], request: Request, req, cid: str, shape, whole):
+        """The reply streamed (its chunks made by `shape`) or, when every choice is done, `whole((prompt
+        positions, held), text, logprob entries, finish_reason, reply tokens, tool calls)` per
+        choice, the choices numbered in one body (the prompt counted once, the replies summed)."""
         if req.stream:
-            return await _stream(job, cid, bool((req.stream_options or {}).get("include_usage")), shape)
-        done = await _collect(job, request)
-        return done if isinstance(done, JSONResponse) else whole(*done)
+            return await _stream(jobs[0], cid, bool((req.stream_options or {}).get("include_usage")), shape)
+        try:
+            done = await asyncio.gather(*(_collect(job, request) for job in jobs))
+        finally:
+            for job in jobs:  # a no-op for those done; frees the others' slots when one failed
+                job.cancelled.set()
+        hung_up = [d for d in done if isinstance(d, JSONResponse)]
+        if hung_up:
+            return hung_up[0]
+        bodies = [whole(*d) for d in done]
+        if len(bodies) > 1:
+            bodies[0]["choices"] = [dict(b["choices"][0], index=i) for i, b in enumerate(bodies)]
+            bodies[0]["usage"] = chat_api.usage(*done[0][0], sum(d[4] for d in done))
+        return bodies[0]
 
     async def _collect(job: Job, request: Request):
         """Wait for the worker's reply: ((prompt positions, held), text, logprob entries,
