@@ -107,7 +107,8 @@ def departed(args) -> None:
         t0 = time.monotonic()
         r = chat(s.url, [{"role": "user", "content": "What is 2 + 2? Answer with a number."}])
         took = time.monotonic() - t0
-        print(f"departed: the fourth client's answer {r.json()['choices'][0]['message']['content']!r} in {took:.1f} s "
+        answer = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else f"HTTP {r.status_code}: {r.text}"
+        print(f"departed: the fourth client's answer {answer!r} in {took:.1f} s "
               f"after three 20k-token clients left (target <= 10 s); cancelled "
               f"{metric(s.url, 'flowmm_requests_cancelled_total'):.0f}, prompt tokens decoded "
               f"{metric(s.url, 'flowmm_prompt_tokens_total'):.0f}")
