@@ -362,7 +362,7 @@ def test_completions_continue_a_prompt_as_llama_cpp_does_greedily(real, default_
     assert streamed == text
     again = c.completions.create(model="x", prompt=prompt + text + " and", max_tokens=4, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens >= len(tokens)
-    for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 2, "stream": True}, {"n": 5}):
+    for body in ({"echo": True}, {"suffix": "x"}, {"prompt": [1, 2, 3]}, {"n": 5}):
         resp = httpx.post(real.url + "/v1/completions", json={"prompt": prompt, **body}, timeout=60)
         assert resp.status_code == 400, (body, resp.text)
 
@@ -401,3 +401,11 @@ def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):
     greedy = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0)
     both = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0, n=2)
     assert [ch.text for ch in both.choices] == [greedy.choices[0].text] * 2
+    streamed = ["", "", ""]  # streamed, each chunk names its choice; the usage chunk counts every reply
+    chunks = list(c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3,
+                                            stream=True, stream_options={"include_usage": True}))
+    for ch in chunks:
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [ch.message.content for ch in r.choices]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens

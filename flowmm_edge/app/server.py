@@ -583,8 +583,6 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         batch; a slot holding the conversation serves the first, the others prefill it afresh (the
         cells a sequence copy would share could not be merged while shared) and each keeps its
         choice, so a client that goes on with any of them finds its prefix held."""
-        if req.n > 1 and req.stream:
-            raise HTTPError(400, "n > 1 is served without stream", param="n")
         jobs = []
         for i in range(req.n):
             seeded = params if i == 0 or params.seed < 0 else dataclasses.replace(params, seed=params.seed + i)
@@ -656,7 +654,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         positions, held), text, logprob entries, finish_reason, reply tokens, tool calls)` per
         choice, the choices numbered in one body (the prompt counted once, the replies summed)."""
         if req.stream:
-            return await _stream(jobs[0], cid, bool((req.stream_options or {}).get("include_usage")), shape)
+            return await _stream(jobs, cid, bool((req.stream_options or {}).get("include_usage")), shape)
         try:
             done = await asyncio.gather(*(_collect(job, request) for job in jobs))
         finally:
@@ -726,40 +724,65 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         return (None, piece, None, lambda finish: text_api.chunk(cid, model_name, "", finish),
                 lambda u: text_api.usage_chunk(cid, model_name, u))
 
-    async def _stream(job: Job, cid: str, include_usage: bool, shape):
+    async def _stream(jobs: list[Job], cid: str, include_usage: bool, shape):
+        """The choices' events as one stream of chunks, each numbered by its choice. The first
+        choice's start is awaited before the first byte (its errors are plain HTTP errors); the
+        others' come as they come (a choice waiting for a slot must not hold back the stream
+        whose unread pieces would pause the choices holding the slots)."""
         first, piece, calls, last, usage_chunk = shape
         try:
-            kind, *rest = await job.events.get()  # errors before the first byte are plain HTTP errors
+            kind, *rest = await jobs[0].events.get()
         except BaseException:  # the client left while the request waited or prefilled
-            job.cancelled.set()
+            for job in jobs:
+                job.cancelled.set()
             raise
         if kind == "error":
-            job.cancelled.set()
+            for job in jobs:
+                job.cancelled.set()
             raise HTTPError(rest[0], rest[1], _error_kind(rest[0]), code=_error_code(rest[0]))
         prompt = rest
 
+        def numbered(chunk: dict, i: int) -> str:
+            if len(jobs) > 1:
+                chunk = dict(chunk, choices=[dict(c, index=i) for c in chunk["choices"]])
+            return json.dumps(chunk)
+
         async def events():
+            waiting = {}
             try:
                 if first is not None:
-                    yield json.dumps(first())
-                while True:
-                    kind, *rest = await job.events.get()
-                    if kind == "piece":
-                        job.taken += 1
-                        yield json.dumps(piece(rest[0], rest[1] if job.logprobs is not None else None))
-                    elif kind == "done":
-                        if rest[2] and calls is not None:  # the calls, whole, in one delta (numbered by index)
-                            yield json.dumps(calls(rest[2]))
-                        yield json.dumps(last(rest[0]))
-                        if include_usage:
-                            yield json.dumps(usage_chunk(chat_api.usage(prompt[0], prompt[1], rest[1])))
-                        yield "[DONE]"
-                        return
-                    else:
-                        yield json.dumps(error_body(rest[1], "server_error"))
-                        return
+                    for i in range(len(jobs)):
+                        yield numbered(first(), i)
+                waiting = {asyncio.ensure_future(job.events.get()): i for i, job in enumerate(jobs)}
+                replied = 0
+                while waiting:
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    for task in sorted(done, key=waiting.get):
+                        i = waiting.pop(task)
+                        job = jobs[i]
+                        kind, *rest = task.result()
+                        if kind == "start":
+                            waiting[asyncio.ensure_future(job.events.get())] = i
+                        elif kind == "piece":
+                            job.taken += 1
+                            yield numbered(piece(rest[0], rest[1] if job.logprobs is not None else None), i)
+                            waiting[asyncio.ensure_future(job.events.get())] = i
+                        elif kind == "done":
+                            if rest[2] and calls is not None:  # the calls, whole, in one delta (numbered by index)
+                                yield numbered(calls(rest[2]), i)
+                            yield numbered(last(rest[0]), i)
+                            replied += rest[1]
+                        else:
+                            yield json.dumps(error_body(rest[1], "server_error"))
+                            return
+                if include_usage:
+                    yield json.dumps(usage_chunk(chat_api.usage(prompt[0], prompt[1], replied)))
+                yield "[DONE]"
             finally:
-                job.cancelled.set()  # the client went away (or the stream ended): free the slot
+                for task in waiting:
+                    task.cancel()
+                for job in jobs:
+                    job.cancelled.set()  # the client went away (or the stream ended): free the slots
 
         return EventSourceResponse(events(), sep="\n")
 
