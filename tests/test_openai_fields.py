@@ -384,6 +384,9 @@ def test_text_parts_are_joined_by_newlines_but_not_next_to_an_image():
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "in it?"},
         {"type": "text", "text": "Say."}]}])
     assert message_text(turns[0].segments) == f"What is\nthe best book{MEDIA}in it?\nSay."
+    turns = chat_api.parse_messages([{"role": "user", "content": [  # an image counts as text before a part
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": ""}, {"type": "text", "text": "a"}]}])
+    assert message_text(turns[0].segments) == f"{MEDIA}\na"
 
 
 def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):

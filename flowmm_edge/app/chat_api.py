@@ -94,21 +94,22 @@ def _segments(content, policy: MediaPolicy) -> list[Segment]:
         return [Segment("text", "")]
     if not isinstance(content, list):
         raise RequestError("a message's content must be a string or a list of parts")
-    out, after_media = [], False
+    # text parts are joined by a newline, none right after an image (llama.cpp's common/chat:
+    # a newline once the message's text, images' markers included, is not empty)
+    out, after_media, started = [], False, False
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            # text parts are joined by a newline, none next to an image (llama.cpp's common/chat)
-            sep = "\n" if not after_media and any(s.kind == "text" and s.text for s in out) else ""
-            out.append(Segment("text", sep + valid_text(part["text"])))
-            after_media = False
+            text = ("\n" if started and not after_media else "") + valid_text(part["text"])
+            out.append(Segment("text", text))
+            started, after_media = started or bool(text), False
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise RequestError("an image_url part needs a url string")
             out.append(Segment("image", image=_image_bytes(url, policy), modality="image"))
-            after_media = True
+            started = after_media = True
         else:
             raise RequestError(f"unsupported content part {str(part)[:60]!r} (text and image_url are)")
     return out
