@@ -21,11 +21,9 @@ import argparse
 import numpy as np
 
 from bench_common import open_model
-from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.native import llama_cpp
 from flowmm_edge.calibration import calibration_pass
 from flowmm_edge.calibration import distillation
-from flowmm_edge.compression import reconstruction
 from flowmm_edge.methods.importance_predictor import LOG_FLOOR, fit_ridge, k_pair_lengths, rope_pairing, spearman
 
 
@@ -50,8 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     _, model = open_model(args)
     docs = distillation.documents(model, args.docs, args.tokens)
-    with runtime.Context(model, n_ctx=args.tokens + reconstruction.ROOM, n_batch=512, n_threads=args.threads) as ctx:
-        s = distillation.collect(ctx, docs, progress=lambda a, b: print(f"  collected {a}/{b}", flush=True))
+    s = distillation.collect_documents(model, docs, args.tokens, args.threads,
+                                       progress=lambda a, b: print(f"  collected {a}/{b}", flush=True))
     pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
     n_layer, n_head = s.teacher[0].shape[:2]
     train = range(args.docs - args.held_back)

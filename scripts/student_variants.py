@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import open_model
+from predictor_features import top_recall
 from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.native import llama_cpp
 from flowmm_edge.calibration import distillation, policy as policy_mod
-from flowmm_edge.compression import reconstruction
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, features, rope_pairing, spearman
 from flowmm_edge.methods.snapkv import avg_pool
@@ -42,9 +42,8 @@ def load_or_collect(args, model) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [z[f"k{i}"] for i in range(n)], [z[f"t{i}"] for i in range(n)]
     docs = distillation.documents(model, args.docs, args.tokens)
     t0 = time.perf_counter()
-    with runtime.Context(model, n_ctx=args.tokens + reconstruction.ROOM, n_batch=512, n_threads=args.threads) as ctx:
-        s = distillation.collect(ctx, docs, progress=lambda a, b: print(f"  collected {a}/{b} "
-                                                                        f"({time.perf_counter() - t0:.0f} s)", flush=True))
+    s = distillation.collect_documents(model, docs, args.tokens, args.threads, progress=lambda a, b: print(
+        f"  collected {a}/{b} ({time.perf_counter() - t0:.0f} s)", flush=True))
     if args.samples:
         np.savez(args.samples, n=len(s.k), **{f"k{i}": k for i, k in enumerate(s.k)},
                  **{f"t{i}": t for i, t in enumerate(s.teacher)})
@@ -87,11 +86,6 @@ def surprisal(model, tokens: list[int], threads) -> np.ndarray:
             lse = np.log(np.exp(lg - top[:, None]).sum(1)) + top
             out[a + 1:a + 1 + len(nxt)] = lse[:len(nxt)] - lg[np.arange(len(nxt)), nxt]
     return out
-
-
-def top_recall(pred: np.ndarray, teacher: np.ndarray, share: float) -> float:
-    n = max(1, int(len(teacher) * share))
-    return len(np.intersect1d(np.argsort(-pred)[:n], np.argsort(-teacher)[:n])) / n
 
 
 def main() -> None:
@@ -141,11 +135,11 @@ def main() -> None:
             for h in range(n_head):
                 w, b = distillation.fit_head(ks, teachers, train, l, h, pairing, weight=sample_weights(name))
                 for d in test:
-                    x = features(ks[d][l, h].astype(np.float32), pairing)
-                    pred, t = avg_pool(x @ w + b, pool), avg_pool(teachers[d][l, h].astype(np.float64), pool)
+                    log_score = features(ks[d][l, h].astype(np.float32), pairing) @ w + b
+                    pred, t = avg_pool(log_score, pool), avg_pool(teachers[d][l, h].astype(np.float64), pool)
                     rows.append((spearman(pred, t), top_recall(pred, t, 0.05), top_recall(pred, t, 0.1),
                                  top_recall(pred, t, 0.2)))
-                    kept += records_kept(d, np.exp(x @ w + b), 0.1)
+                    kept += records_kept(d, np.exp(log_score), 0.1)
         r = np.mean(rows, axis=0)
         print(f"| {name} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {np.mean(kept):.3f} |", flush=True)
         if args.out_dir and base is not None:

@@ -583,11 +583,10 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         batch; a slot holding the conversation serves the first, the others prefill it afresh (the
         cells a sequence copy would share could not be merged while shared) and each keeps its
         choice, so a client that goes on with any of them finds its prefix held."""
-        jobs = []
-        for i in range(req.n):
-            seeded = params if i == 0 or params.seed < 0 else dataclasses.replace(params, seed=params.seed + i)
-            jobs.append(Job(turns, max_reply or max_tokens, seeded, stop, asyncio.get_running_loop(), asyncio.Queue(),
-                            deadline=None if limits.timeout is None else time.monotonic() + limits.timeout, **kw))
+        deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
+        jobs = [Job(turns, max_reply or max_tokens,
+                    params if i == 0 or params.seed < 0 else dataclasses.replace(params, seed=params.seed + i),
+                    stop, asyncio.get_running_loop(), asyncio.Queue(), deadline=deadline, **kw) for i in range(req.n)]
         for job in jobs:
             worker.submit(job)
         return jobs

@@ -108,11 +108,9 @@ def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS,
         raise reconstruction.ReconstructionError(f"distillation needs more than {DISTILL_HELD_BACK} documents")
     texts = distillation.natural_texts()
     docs = distillation.documents(model, n_docs, doc_tokens, texts=texts, projector=projector)
-    image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
     bar = tqdm(total=n_docs, desc="distilling", unit="doc", disable=not progress)
-    with runtime.Context(model, n_ctx=doc_tokens + image_pos + reconstruction.ROOM, n_batch=512,
-                         n_threads=n_threads) as ctx:
-        samples = distillation.collect(ctx, docs, progress=lambda done, total: bar.update(1), projector=projector)
+    samples = distillation.collect_documents(model, docs, doc_tokens, n_threads,
+                                             progress=lambda done, total: bar.update(1), projector=projector)
     bar.close()
     pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
     predictor, info = distillation.fit(samples, pairing, held_back=DISTILL_HELD_BACK)
@@ -124,15 +122,6 @@ def distill(model: runtime.Model, n_docs: int, doc_tokens: int = DISTILL_TOKENS,
               "n_sources": len(texts), "n_documents": n_docs, "tokens_per_document": doc_tokens,
               "n_tokens": samples.n_tokens, "held_back_documents": DISTILL_HELD_BACK, **info}
     return dataclasses.replace(predictor, info=record), record
-
-
-def _image_positions(projector, doc) -> int:
-    """The positions a document's images take beyond the tokens they replace (at most: a page's)."""
-    total = 0
-    for _, png in doc.images:
-        with projector.prepare(png) as image:
-            total += image.n_pos
-    return total
 
 
 def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None, prompts_name: str = "builtin",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bindings import kv_cache
+from ..bindings import kv_cache, runtime
 from ..bindings.prompt import feed_pieces
 from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
 from ..compression import reconstruction
@@ -203,6 +203,25 @@ def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples
         if progress is not None:
             progress(i + 1, len(docs))
     return out
+
+
+def collect_documents(model, docs: list[Document], n_tokens: int, n_threads=None, progress=None,
+                      projector=None) -> Samples:
+    """`collect` in a context of its own, sized for documents of n_tokens (and their images' extra
+    positions) with the repeat pass's room beside them."""
+    image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
+    with runtime.Context(model, n_ctx=n_tokens + image_pos + reconstruction.ROOM, n_batch=512,
+                         n_threads=n_threads) as ctx:
+        return collect(ctx, docs, progress=progress, projector=projector)
+
+
+def _image_positions(projector, doc: Document) -> int:
+    """The positions a document's images take beyond the tokens they replace (at most: a page's)."""
+    total = 0
+    for _, png in doc.images:
+        with projector.prepare(png) as image:
+            total += image.n_pos
+    return total
 
 
 def fit_head(keys: list[np.ndarray], teachers: list[np.ndarray], docs: list[int], layer: int, head: int,
