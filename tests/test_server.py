@@ -5,6 +5,7 @@ conversation alone (the answers must match: no cross-talk between slots)."""
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import random
@@ -396,50 +397,85 @@ def test_an_oversubscribed_pool_answers_every_turn(tiny_models, method):
                 assert second == reply or not held, k
 
 
+def _run_jobs(engine, prompts: list[str], n: int, prefill_step: int | None = None) -> list[tuple[str, int]]:
+    """Queue one greedy request per prompt on a Worker of `engine` before it starts; each reply's
+    (text, tokens)."""
+    import asyncio
+
+    from flowmm_edge.app import chat_api
+    from flowmm_edge.app.server import PREFILL_STEP, Job, Worker
+    from flowmm_edge.bindings.sampling import SamplingParams
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    worker = Worker(engine, prefill_step=prefill_step or PREFILL_STEP)
+    jobs = [Job(chat_api.parse_messages([{"role": "user", "content": p}]), n, SamplingParams(ignore_eos=True), [],
+                loop, asyncio.Queue()) for p in prompts]
+    with worker.cond:  # all queued before the worker takes any
+        worker.pending.extend(jobs)
+    worker.start()
+    try:
+        async def collect(job):
+            out = []
+            while True:
+                kind, *rest = await asyncio.wait_for(job.events.get(), 60)
+                if kind == "piece":
+                    out.append(rest[0])
+                    job.taken += 1
+                elif kind == "done":
+                    return "".join(out), rest[1]
+                elif kind == "error":
+                    raise AssertionError(rest)
+        return [asyncio.run_coroutine_threadsafe(collect(j), loop).result(120) for j in jobs]
+    finally:
+        worker.stop()
+        worker.join(30)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _alone(tiny_models, prompt: str, n: int) -> str:
+    """The greedy reply of a Session of its own on a fresh context (the reference)."""
+    with Session(tiny_models[0], method="full", n_ctx=1024, max_reply=n, n_threads=2) as alone:
+        r = alone.create_chat_completion([{"role": "user", "content": prompt}], temperature=0, max_tokens=n)
+    return r["choices"][0]["message"]["content"]
+
+
 def test_replying_slots_decode_in_one_batch_and_answer_as_each_alone(tiny_models):
     """Continuous batching: four requests queued at once are decoded one llama_decode per step,
     a row per slot (the batch sizes are counted at the context), and each greedy reply equals the
     same request decoded by itself on a fresh context (a Session of its own)."""
-    import asyncio
-
-    from flowmm_edge.app import chat_api
     from flowmm_edge.app.engine import Engine
-    from flowmm_edge.app.server import Job, Worker
-    from flowmm_edge.bindings.sampling import SamplingParams
 
     prompts = ["the secret key is red", "dogs are in the city", "what color is the cat", "the code is 1234"]
     n = 24
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
     with Engine(tiny_models[0], method="full", n_ctx=1024, n_slots=4, max_reply=n, n_threads=2) as engine:
         sizes = []
         real = engine.ctx.decode_rows
-        engine.ctx.decode_rows = lambda rows: sizes.append(len(rows)) or real(rows)
-        worker = Worker(engine)
-        jobs = [Job(chat_api.parse_messages([{"role": "user", "content": p}]), n, SamplingParams(ignore_eos=True), [],
-                    loop, asyncio.Queue()) for p in prompts]
-        with worker.cond:  # all four queued before the worker takes any
-            worker.pending.extend(jobs)
-        worker.start()
-        try:
-            async def collect(job):
-                out = []
-                while True:
-                    kind, *rest = await asyncio.wait_for(job.events.get(), 60)
-                    if kind == "piece":
-                        out.append(rest[0])
-                        job.taken += 1
-                    elif kind == "done":
-                        return "".join(out), rest[1]
-                    elif kind == "error":
-                        raise AssertionError(rest)
-            got = [asyncio.run_coroutine_threadsafe(collect(j), loop).result(120) for j in jobs]
-        finally:
-            worker.stop()
-            worker.join(30)
-            loop.call_soon_threadsafe(loop.stop)
+        engine.ctx.decode_rows = lambda rows, chunk=None: sizes.append(len(rows)) or real(rows, chunk)
+        got = _run_jobs(engine, prompts, n)
     assert max(sizes) == 4 and sizes.count(4) >= n - 4, sizes  # the four streams shared their steps
     for p, (text, tokens) in zip(prompts, got):
-        with Session(tiny_models[0], method="full", n_ctx=1024, max_reply=n, n_threads=2) as alone:
-            r = alone.create_chat_completion([{"role": "user", "content": p}], temperature=0, max_tokens=n)
-        assert tokens == n and text == r["choices"][0]["message"]["content"], p
+        assert tokens == n and text == _alone(tiny_models, p, n), p
+
+
+def test_a_prompt_prefills_in_the_batch_of_the_replying_slots_and_each_answers_as_alone(tiny_models):
+    """llama-server's update_slots: a starting prompt's chunks go into the same llama_decode as the
+    replying slots' tokens. Two replies stream while a long prompt prefills in chunks of 64: every
+    chunk of it carries both rows (counted at the context), and all three greedy replies equal
+    each request decoded alone on a fresh context."""
+    from flowmm_edge.app.engine import Engine
+
+    prompts = ["the secret key is red", "dogs are in the city",
+               " ".join(["the code is 1234 and the cat is red"] * 60)]  # ~600 tokens: 9 chunks or more
+    n = 40
+    with Engine(tiny_models[0], method="full", n_ctx=1024, n_slots=3, max_reply=n, n_threads=2) as engine:
+        chunks = []  # (sequence, rows) of every decode that carried a prompt chunk
+        real = engine.ctx.decode_rows
+        engine.ctx.decode_rows = lambda rows, chunk=None: (chunk and chunks.append((chunk[2], len(rows)))) \
+            or real(rows, chunk)
+        got = _run_jobs(engine, prompts, n, prefill_step=64)
+    long_seq = collections.Counter(seq for seq, _ in chunks).most_common(1)[0][0]
+    rows = [r for seq, r in chunks if seq == long_seq]
+    assert len(rows) >= 9 and set(rows) == {2}, chunks
+    for p, (text, tokens) in zip(prompts, got):
+        assert tokens == n and text == _alone(tiny_models, p, n), p

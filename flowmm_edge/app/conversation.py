@@ -116,6 +116,9 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
         # exception raised from it stops the turn there with the conversation as before (serve's cancel)
         self.prefill_step = prefill_step
+        # riders(room) -> (rows, deliver(logits or exception, seconds)): other sequences' tokens to
+        # decode in the same batch as each prefill chunk (serve's replying slots); at most `room`
+        self.riders = None
         # the context's attention statistics are on for this sequence's decode (one request per
         # context): a listener must not decode other sequences until they are off again
         self.statistics_on = False
@@ -174,14 +177,15 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
         self.on_progress = on_progress
 
-    def begin_request(self, on_progress) -> None:
+    def begin_request(self, on_progress, riders=None) -> None:
         """A server's request starts on this slot: busy (never evicted) until end_request, used
-        now (the engine's clock), and `on_progress` called at every chunk boundary."""
-        self.busy, self.last_used, self.on_progress = True, self.engine.tick(), on_progress
+        now (the engine's clock), `on_progress` called at every chunk boundary, and `riders`'
+        rows decoded with each prefill chunk (see __init__)."""
+        self.busy, self.last_used, self.on_progress, self.riders = True, self.engine.tick(), on_progress, riders
 
     def end_request(self) -> None:
         """The request is over: the slot is idle, and its claim on the shared buffer released."""
-        self.busy, self.on_progress = False, None
+        self.busy, self.on_progress, self.riders = False, None, None
         self.engine.release(self)
 
     def cells(self) -> int:
@@ -398,8 +402,26 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             return self.ctx.decode(unit, self.pos, self.seq_id)
         step = min(self.prefill_step or self.ctx.n_batch, self.ctx.n_batch)
         for a in range(0, len(unit), step):
-            logits = self.ctx.decode(unit[a:a + step], self.pos + a, self.seq_id)
+            chunk = unit[a:a + step]
+            if self.riders is None or self.statistics_on:  # observed: the statistics are one sequence's
+                logits = self.ctx.decode(chunk, self.pos + a, self.seq_id)
+            else:
+                logits = self._decode_with_riders(chunk, self.pos + a)
             self._progress("prefill", done + min(a + step, len(unit)), total)
+        return logits
+
+    def _decode_with_riders(self, chunk: list[int], pos0: int) -> np.ndarray:
+        """Decode a prefill chunk in one batch with the riders' rows (each gets its logits, or the
+        decode's exception, which this chunk raises too)."""
+        room = min(self.ctx.n_batch, self.engine.free_cells(reserved=False)) - len(chunk)
+        rows, deliver = self.riders(max(0, room))
+        t0 = time.perf_counter()
+        try:
+            logits, row_logits = self.ctx.decode_rows(rows, chunk=(chunk, pos0, self.seq_id))
+        except Exception as e:
+            deliver(e, time.perf_counter() - t0)
+            raise
+        deliver(row_logits, time.perf_counter() - t0)
         return logits
 
     def add_assistant_turn(self, text: str, continued: bool = False) -> int:

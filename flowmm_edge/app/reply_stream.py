@@ -5,8 +5,8 @@ llama-server's update_slots does).
 
     stream = conv.reply_stream(max_tokens, params, stop)
     while (tok := stream.next_token()) is not None:
-        logits = ctx.decode([tok], conv.pos, conv.seq_id)      # or one row of a batch
-        piece = stream.accept(tok, logits)                      # text to show now ('' while held)
+        piece = stream.show(tok)                                # text to show now ('' while held)
+        stream.decoded(ctx.decode([tok], conv.pos, conv.seq_id))  # or one row of a batch
         if stream.done: break
     rest = stream.tail()                                        # what is left to show
     stream.close()                                              # the reply becomes the conversation's
@@ -66,9 +66,19 @@ class ReplyStream:
 
     def accept(self, tok: int, logits: np.ndarray) -> str:
         """`tok` was decoded at the conversation's position, giving `logits`: the text to show now."""
+        self.decoded(logits)
+        return self.show(tok)
+
+    def decoded(self, logits: np.ndarray) -> None:
+        """The token `show` took was decoded at the conversation's position, giving `logits`."""
         self.conv._took_token()
-        self.generated.append(tok)
         self.logits = logits
+
+    def show(self, tok: int) -> str:
+        """Take the sampled `tok` into the reply: the text to show now ('' while held). The caller
+        then decodes it and calls `decoded` (the server shows a token once it is sampled, as
+        llama-server does, and decodes it in the next step's batch)."""
+        self.generated.append(tok)
         self.full += self.decoder.decode(self.conv.model.token_to_piece(tok)).replace("\x00", "")  # NUL ends C strings
         hits = [i for i in (self.full.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
         if hits:

@@ -188,6 +188,7 @@ class Worker(threading.Thread):
         self.engine = engine
         self.slots = [Conversation(engine, prefill_step=prefill_step) for _ in range(engine.n_slots)]
         self._yielding = False  # inside a chunk boundary's round of the other slots' work
+        self._carried = False  # the last prefill chunk carried the replying slots' rows (_riders)
         self.pending: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.cond = threading.Condition()
@@ -253,8 +254,8 @@ class Worker(threading.Thread):
 
     def _chunk_boundary(self, job: Job):
         """The slot's progress listener while `job` runs: stop it here if it must stop; else give
-        the other slots a round (one piece each, and a queued request started), unless this is
-        already inside such a round."""
+        the other slots a round (a queued request started, and one piece each unless the chunk
+        just decoded carried their rows), unless this is already inside such a round."""
         def on_progress(what, done, total, note=""):
             if what == "note":
                 return
@@ -263,13 +264,17 @@ class Worker(threading.Thread):
                 raise why
             if self._yielding or job.conv.statistics_on:  # the statistics are one request per context
                 return
+            carried, self._carried = self._carried, False
             self._yielding = True
             try:
                 with self.cond:
                     started, slot = self._next_job()
-                self._round(started, slot)
+                if started is not None:
+                    self._start(started, slot)
+                if not carried:  # (a chunk that carried the replies' rows has stepped them already)
+                    self._step_all()
             finally:
-                self._yielding = False
+                self._yielding, self._carried = False, False
         return on_progress
 
     def _must_stop(self, job: Job) -> Stopped | None:
@@ -354,7 +359,7 @@ class Worker(threading.Thread):
             if conv is not None:
                 self.engine.release(conv)
             return
-        conv.begin_request(self._chunk_boundary(job))
+        conv.begin_request(self._chunk_boundary(job), self._riders)
         self._merge_failed.discard(conv.seq_id)
         job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
@@ -395,6 +400,32 @@ class Worker(threading.Thread):
         its own logits with its own sampler, the tokens are decoded in one llama_decode (one row
         per slot, llama-server's update_slots), and each takes its row's logits. Returns how many
         jobs moved."""
+        moved, batch = self._gather(max(1, self.engine.free_cells(reserved=False)))  # (one row may make room)
+        if batch:
+            t0 = time.perf_counter()
+            try:
+                _, logits = self.engine.ctx.decode_rows(self._rows(batch))
+            except Exception as e:
+                logits = e
+            self._deliver(batch, logits, time.perf_counter() - t0)
+        return moved + len(batch)
+
+    def _riders(self, room: int):
+        """A starting prompt's chunk takes the replying slots' next tokens into its own batch
+        (llama-server's update_slots puts prompt chunks and the slots' tokens in one batch): at
+        most `room` rows. Returns (rows, deliver(logits or the decode's exception, seconds))."""
+        _, batch = self._gather(room)
+        self._carried = bool(batch)
+        return self._rows(batch), lambda logits, seconds: self._deliver(batch, logits, seconds)
+
+    @staticmethod
+    def _rows(batch) -> list[tuple[int, int, int]]:
+        return [(tok, job.conv.pos, job.conv.seq_id) for job, tok in batch]
+
+    def _gather(self, room: int) -> tuple[int, list]:
+        """Each replying job that may go on samples its next token, and shows it (llama-server sends
+        a token once it is sampled): (jobs that ended or failed, [(job, token)] to decode), at most
+        `room` of them (no free cell left for a row: its job goes at the next step)."""
         moved, batch = 0, []
         for job in list(self.active):
             if job not in self.active:  # finished inside a chunk boundary's round
@@ -406,8 +437,8 @@ class Worker(threading.Thread):
                 job.send("error", why.status, str(why))
                 moved += 1
                 continue
-            if job.paused or (batch and len(batch) >= self.engine.free_cells(reserved=False)):
-                continue  # (no free cell left for this step's batch: it goes at the next)
+            if job.paused or len(batch) >= room:
+                continue
             try:
                 tok = job.stream.next_token()
             except Exception as e:
@@ -417,26 +448,24 @@ class Worker(threading.Thread):
             if tok is None:
                 self._done(job)
                 moved += 1
-            else:
-                batch.append((job, tok))
-        if not batch:
-            return moved
-        t0 = time.perf_counter()
-        try:
-            logits = self.engine.ctx.decode_rows([(tok, job.conv.pos, job.conv.seq_id) for job, tok in batch])
-        except Exception as e:
-            for job, _ in batch:
-                self._fail(job, e)
-            return moved + len(batch)
-        share = (time.perf_counter() - t0) / len(batch)
-        for (job, tok), row in zip(batch, logits):
-            job.t_decode += share
-            piece = job.stream.accept(tok, row)
+                continue
+            piece = job.stream.show(tok)
             if piece:
                 job.send("piece", piece, job.stream.take_logprobs())
+            batch.append((job, tok))
+        return moved, batch
+
+    def _deliver(self, batch: list, logits, seconds: float) -> None:
+        """Each row's logits to its job (or the decode's exception: the jobs fail, the others go on)."""
+        if isinstance(logits, BaseException):
+            for job, _ in batch:
+                self._fail(job, logits)
+            return
+        for (job, _), row in zip(batch, logits):
+            job.t_decode += seconds / len(batch)
+            job.stream.decoded(row)
             if job.stream.done:
                 self._done(job)
-        return moved + len(batch)
 
     def _done(self, job: Job) -> None:
         rest = job.stream.tail()

@@ -271,25 +271,32 @@ class Context(_Handle):
             llama_cpp.llama_batch_free(batch)
         return np.stack(rows) if all_logits else self.logits(-1)
 
-    def decode_rows(self, rows: list[tuple[int, int, int]]) -> np.ndarray:
+    def decode_rows(self, rows: list[tuple[int, int, int]], chunk: tuple[list[int], int, int] | None = None
+                    ) -> tuple[np.ndarray | None, np.ndarray]:
         """Decode one token for each of several sequences in one batch (llama-server's
-        update_slots): rows of (token, position, seq_id), at most n_batch; returns each row's
-        logits, [len(rows), n_vocab]. The weights are read once for all of them."""
-        if not rows:
+        update_slots): rows of (token, position, seq_id); with `chunk` (tokens, pos0, seq_id), a
+        prompt chunk of another sequence first, in the same batch. At most n_batch entries.
+        Returns (the chunk's last logits or None, each row's logits [len(rows), n_vocab]). The
+        weights are read once for all of them."""
+        head = [] if chunk is None else [(tok, chunk[1] + i, chunk[2], i == len(chunk[0]) - 1)
+                                         for i, tok in enumerate(chunk[0])]
+        entries = head + [(tok, pos, seq_id, True) for tok, pos, seq_id in rows]
+        if not entries:
             raise DecodeError("nothing to decode")
-        if len(rows) > self.n_batch:
-            raise DecodeError(f"{len(rows)} rows are more than the batch of {self.n_batch}")
-        batch = llama_cpp.llama_batch_init(len(rows), 0, 1)
+        if len(entries) > self.n_batch:
+            raise DecodeError(f"{len(entries)} tokens are more than the batch of {self.n_batch}")
+        batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
         try:
-            batch.n_tokens = len(rows)
-            for i, (tok, pos, seq_id) in enumerate(rows):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.n_tokens = len(entries)
+            for i, (tok, pos, seq_id, out) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, out
                 batch.seq_id[i][0] = seq_id
-                batch.logits[i] = True
             rc = llama_cpp.llama_decode(self.ptr, batch)
             if rc != 0:
                 raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
-            return np.stack([self.logits(i) for i in range(len(rows))])
+            rows_out = [self.logits(len(head) + j) for j in range(len(rows))]  # by index in the batch
+            return (self.logits(len(head) - 1) if head else None,
+                    np.stack(rows_out) if rows_out else np.zeros((0, self.model.n_vocab), np.float32))
         finally:
             llama_cpp.llama_batch_free(batch)
 
