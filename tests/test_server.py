@@ -225,6 +225,10 @@ def test_the_api_key_is_required_where_set(tiny_models):
         with pytest.raises(openai.AuthenticationError):
             client(s, "wrong").chat.completions.create(model="x", messages=MSG1, max_tokens=2)
         assert client(s, "sesame").chat.completions.create(model="x", messages=MSG1, max_tokens=2).choices
+        # llama-server also reads Anthropic's X-Api-Key header
+        body = {"messages": MSG1, "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, headers={"X-Api-Key": "sesame"}).status_code == 200
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, headers={"X-Api-Key": "sesam"}).status_code == 401
 
 
 def fuzz_bodies(n: int, seed: int = 0) -> list[bytes]:

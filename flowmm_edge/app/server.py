@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hmac
 import json
 import os
 import sys
@@ -551,7 +552,9 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         app.add_middleware(_RequireKey, key=api_key)
     # outermost: a browser's preflight is answered as llama-server answers it; the requests
     # themselves still need the key
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    # llama-server's default: any origin, echoed, with credentials (a preflight passes without the key)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
+                       allow_headers=["*"])
 
     @app.exception_handler(HTTPError)
     async def http_error(_request: Request, e: HTTPError):
@@ -818,21 +821,25 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
 
 
 class _RequireKey:
-    """401 without 'Authorization: Bearer KEY' on every path but /health. Plain ASGI, not
-    Starlette's BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (and so
-    from the worker's cancellation)."""
+    """401 without the key on every path but /health: 'Authorization: Bearer KEY', or 'X-Api-Key:
+    KEY' (Anthropic's header), as llama-server reads them. Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which hides a client's disconnect from the endpoint (and so from the
+    worker's cancellation)."""
 
     PUBLIC = ("/health", "/v1/health")
 
     def __init__(self, app, key: str):
-        self.app, self.want = app, f"Bearer {key}".encode("latin-1")
+        self.app, self.want = app, key.encode("latin-1")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
-                dict(scope.get("headers") or []).get(b"authorization", b"") != self.want:
-            await JSONResponse(error_body("invalid or missing API key", "authentication_error", "invalid_api_key"),
-                               status_code=401)(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["path"] not in self.PUBLIC:
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization") or headers.get(b"x-api-key") or b""
+            given = given[len(b"Bearer "):] if given.startswith(b"Bearer ") else given
+            if not hmac.compare_digest(given, self.want):
+                await JSONResponse(error_body("invalid or missing API key", "authentication_error", "invalid_api_key"),
+                                   status_code=401)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
