@@ -147,29 +147,3 @@ def test_flowmm_importance_both_alternates_the_window_and_reconstruction_picks(n
                 if len(chosen) == slots:
                     break
             assert selections(plan)[l, h].tolist() == sorted(chosen)
-
-
-@pytest.mark.parametrize("n,slots,span", [(96, 40, 2), (128, 45, 5)])
-def test_flowmm_span_keeps_the_neighbours_of_each_pick(n, slots, span):
-    """span=r with nothing merged: the pivots are the protected cells, then the cells ranked by the
-    best score within r of them (a brute-force loop here), ties to the earlier position; with a
-    few peaks in flat noise, every kept peak comes with its neighbours."""
-    from flowmm_edge.methods.flowmm import FlowMM
-
-    rng = np.random.default_rng(n)
-    rec = rng.random((L, H, n)) * 0.01
-    peaks = rng.choice(np.arange(10, n - 40), size=3, replace=False)
-    rec[..., peaks] = 1.0 + np.arange(3)
-    keys = rng.normal(size=(L, H, n, 8))
-    m = FlowMM(importance="reconstruction", merge="mass", floor=2.0, pool=1, span=span, window=8, flow_guidance=False)
-    plan = m(layout(n), Stats(reconstruction_scores=rec, keys=keys), L, H, slots)
-    protected = set(m.protected(n).tolist())
-    for l in range(L):
-        for h in range(H):
-            spread = [max(rec[l, h, max(0, i - span):i + span + 1]) for i in range(n)]
-            rest = sorted((i for i in range(n) if i not in protected), key=lambda i: (-spread[i], i))
-            want = sorted(protected | set(rest[:slots - len(protected)]))
-            got = selections(plan)[l, h].tolist()
-            assert got == want
-            for p in peaks:
-                assert set(range(p - span, p + span + 1)) <= set(got)

@@ -56,7 +56,7 @@ import dataclasses
 import numpy as np
 
 from .base import MATCHER, PREDICTED_SCORES, RECONSTRUCTION_SCORES, RHO, WINDOW_SCORES, Method, MethodError, merge_sources, top_by_score
-from .snapkv import avg_pool, max_spread
+from .snapkv import avg_pool
 from .mass_merge import floor_for
 from .mass_merge import mass_plan
 from .pivotal_merge import MERGE_RULES, build_plan
@@ -83,8 +83,6 @@ class FlowMM(Method):
     flow_guidance: bool = True
     sensitivity: bool = True
     pool: int = 7
-    span: int = 0  # > 0: pivots chosen by the best pooled score within `span` cells (max_spread), so a kept
-                   # cell keeps its neighbours; the tau gate still reads each cell's own
     floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
     importance: str = "reconstruction"
     # importance="predicted": the ImportancePredictor that scores the cells (a policy's, see policy.py)
@@ -111,8 +109,6 @@ class FlowMM(Method):
             raise MethodError(f"orphan rule {orphans!r} is not one of {', '.join(ORPHAN_RULES)}")
         if pool < 1 or pool % 2 == 0:
             raise MethodError(f"pool must be an odd kernel size >= 1 (got {pool})")
-        if self.span < 0:
-            raise MethodError(f"span must be >= 0 (got {self.span})")
         if max_absorb < 0:
             raise MethodError(f"max_absorb must be >= 0 (got {max_absorb})")
 
@@ -142,7 +138,7 @@ class FlowMM(Method):
         mass, importance = self.scores(stats, n_layer, n_head_kv, n)
         match = stats.require(MATCHER, n_layer, n_head_kv, n)
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
-        pivots = top_by_score(max_spread(importance, self.span) if self.span else importance, self.protected(n), slots)
+        pivots = top_by_score(importance, self.protected(n), slots)
         cand = candidates(pivots, n)
         target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
                            for l in range(n_layer)])

@@ -25,16 +25,6 @@ def avg_pool(scores: np.ndarray, kernel: int) -> np.ndarray:
     return out
 
 
-def max_spread(scores: np.ndarray, radius: int) -> np.ndarray:
-    """Each cell's score becomes the highest within `radius` cells of it: a selection by these
-    keeps the neighbours of every cell it would keep, a span whole (a record's key with its value)."""
-    out = np.array(scores, copy=True)
-    for d in range(1, radius + 1):
-        np.maximum(out[..., d:], scores[..., :-d], out=out[..., d:])
-        np.maximum(out[..., :-d], scores[..., d:], out=out[..., :-d])
-    return out
-
-
 @dataclasses.dataclass
 class SnapKV(ScorerMethod):
     kernel: int = 7  # average pooling of the scores (SnapKV's clustering)
