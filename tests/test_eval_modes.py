@@ -171,7 +171,11 @@ def test_default_model_answers_with_the_full_cache_in_every_mode(default_model_p
     assert [r.score for r in full] == [1.0] * len(task.questions), [r.answer for r in full]
     for r in rows:
         if r.budget == 1.0 and r.method != "full":
-            assert r.answer == full[r.question].answer and r.kl < 1e-4
+            # keeping every cell answers as the full cache; the KL is not 0 because the method's
+            # observation window was decoded again in a batch of its own, whose K/V round apart from
+            # the prefill's in the last bits by CPU kernel (2e-4 nats on an EPYC without AVX-512,
+            # under 1e-4 elsewhere); a cell lost or misplaced costs orders of magnitude more
+            assert r.answer == full[r.question].answer and r.kl < 1e-3
 
 
 def test_answer_positions_spell_the_answer(model):

@@ -138,7 +138,7 @@ def test_scores_follow_positions_not_cells_after_a_merge(model):
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ref.ptr), 0, 4, 12)
             assert kv_cache.seq_cells(ref)[0].tolist() == keep.tolist()
             want = reconstruction.reconstruction_scores(ref, tokens, prefix)
-        np.testing.assert_allclose(got.scores, want.scores, rtol=3e-3, atol=3e-4)  # f16 sums in another order
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-2, atol=3e-4)  # f16 sums in another order (0.5% on an EPYC without AVX-512)
 
 
 def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models, monkeypatch):
