@@ -550,9 +550,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
     tool_family = tool_calls.family_for(engine.template.jinja_text(engine.model))  # None: tools get a 400
     if api_key:
         app.add_middleware(_RequireKey, key=api_key)
-    # outermost: a browser's preflight is answered as llama-server answers it; the requests
-    # themselves still need the key
-    # llama-server's default: any origin, echoed, with credentials (a preflight passes without the key)
+    # outermost: a browser's preflight is answered as llama-server's default answers it (any origin,
+    # echoed, with credentials) without the key; the requests themselves still need it
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
                        allow_headers=["*"])
 
