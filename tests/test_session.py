@@ -167,3 +167,16 @@ def test_bad_session_files_change_nothing(tiny_models, tmp_path):
             with pytest.raises(SessionError, match=message):
                 s.load(tmp_path / f"{name}.session")
             assert _state(s) == before
+
+
+def test_a_closed_sessions_model_refuses_instead_of_reading_freed_memory(tiny_models):
+    """After the session ends its model is freed: tokenizing or detokenizing with it raises a
+    clear error (it crashed the process when the freed vocab pointer was still read)."""
+    with _session(tiny_models) as s:
+        model = s.model
+        toks = model.tokenize("hello there")
+        assert model.detokenize(toks).strip() == "hello there"
+    with pytest.raises(FlowMMError, match="closed"):
+        model.detokenize(toks)
+    with pytest.raises(FlowMMError, match="closed"):
+        model.tokenize("hello")

@@ -105,8 +105,15 @@ class Model(_Handle):
                              f"reloading {Path(path).name} without extra buffer types (slower)\n")
             llama_cpp.llama_model_free(self.ptr)
             self.ptr, self.buffers = self._load(path, n_gpu_layers, repack=False)
-        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+    @property
+    def vocab(self):
+        """The model's llama_vocab; a closed model raises instead of handing out a freed pointer."""
+        if not self.ptr:
+            raise FlowMMError("this model is closed (its session or press has ended)")
+        return self._vocab
 
     @classmethod
     def borrow(cls, ptr, path: str | Path) -> "Model":
@@ -114,8 +121,8 @@ class Model(_Handle):
         self = cls.__new__(cls)
         self.facts = gguf_file.read_text_model(path)
         self.ptr, self.owned, self.buffers = ptr, False, {}
-        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         return self
 
     def _load(self, path, n_gpu_layers: int, repack: bool):
