@@ -4,6 +4,10 @@ line). Run by tests/test_rpc_backend.py in a process of its own: a registered RP
 llama.cpp's registry for the process's life.
 
     python tests/rpc_client.py HOST:PORT TEXT_GGUF MMPROJ_GGUF
+    python tests/rpc_client.py gpu TEXT_GGUF MMPROJ_GGUF     # the build's own GPU (CUDA, Metal)
+
+With `gpu` no RPC server is added: -ngl 99 puts the layers on the device the build has
+(scripts/gpu_equality.py compares that run with the host's).
 
 Beyond the native entry points: a press on a llama_cpp.Llama of one's own, and two conversations
 of one engine (two slots of one context, images included) whose turns merge (FlowMM, blocking
@@ -108,7 +112,8 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
 def main() -> None:
     endpoint, model_path, mmproj = sys.argv[1], sys.argv[2], sys.argv[3]
     host = {**run(model_path, 0), **press_run(model_path, 0), **engine_run(model_path, mmproj, 0)}
-    rpc.add_server(endpoint)
+    if endpoint != "gpu":
+        rpc.add_server(endpoint)
     remote = {**run(model_path, 99), **press_run(model_path, 99), **engine_run(model_path, mmproj, 99)}
     print(json.dumps({"host": host, "rpc": remote}))
 
