@@ -4,8 +4,11 @@
 // its own cached key: score = w . [k, |pairs of k|] + b. The keys are gathered from the cache
 // (get_rows, in f32), rotated back where llama.cpp stores them Hadamard-rotated (quantized K), and
 // the length of each RoPE-rotated pair of dimensions is appended (sqr, add of the two halves or
-// of adjacent dimensions, sqrt: a length does not change with the position). One mul_mat per KV
-// head against the caller's weights gives the scores; only those come back to the host.
+// of adjacent dimensions, sqrt: a length does not change with the position). Where the caller asks,
+// the keys are first turned back by RoPE at each cell's own position (ggml_rope_ext at -pos, as
+// llama.cpp's K-shift turns cached keys by a position delta), so that k itself, not only the
+// lengths, means the same at every position. One mul_mat per KV head against the caller's
+// weights gives the scores; only those come back to the host.
 
 #include "flowmm.h"
 #include "flowmm-graph.h"
@@ -82,6 +85,13 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     if (pred->pairing != FLOWMM_PAIRS_HALVES && pred->pairing != FLOWMM_PAIRS_ADJACENT) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(pred->pairing));
     }
+    if (pred->rope_n_rot < 0 || pred->rope_n_rot > hd || pred->rope_n_rot % 2 != 0 ||
+        (pred->rope_n_rot > 0 && !(std::isfinite(pred->rope_freq_base) && pred->rope_freq_base > 0.0f &&
+                                   std::isfinite(pred->rope_freq_scale) && pred->rope_freq_scale > 0.0f))) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the predictor's RoPE (" + std::to_string(pred->rope_n_rot) +
+                           " dimensions, base " + std::to_string(pred->rope_freq_base) + ", scale " +
+                           std::to_string(pred->rope_freq_scale) + ") does not fit a head of " + std::to_string(hd));
+    }
     for (int64_t i = 0; i < H * nf + H; ++i) {
         if (!std::isfinite(i < H * nf ? pred->weights[i] : pred->bias[i - H * nf])) {
             return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "a predictor weight is not finite");
@@ -112,6 +122,7 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
         ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
         ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
         ggml_tensor * hmat = nullptr;
+        ggml_tensor * back = nullptr; // -pos of each row's cell, for the RoPE undone
         for (ggml_tensor * t : {idx, w, b}) {
             ggml_set_input(t);
         }
@@ -120,6 +131,14 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
             ggml_set_input(hmat);
             k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * nb)), hd, H * nb);
+        }
+        if (pred->rope_n_rot > 0) {
+            back = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb);
+            ggml_set_input(back);
+            const int mode = pred->pairing == FLOWMM_PAIRS_HALVES ? GGML_ROPE_TYPE_NEOX : 0;
+            k = ggml_rope_ext(gctx, ggml_reshape_3d(gctx, k, hd, 1, H * nb), back, nullptr, pred->rope_n_rot, mode, 0,
+                              pred->rope_freq_base, pred->rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+            k = ggml_reshape_2d(gctx, k, hd, H * nb);
         }
         ggml_tensor * sq = ggml_sqr(gctx, k);
         ggml_tensor * pairs;
@@ -152,6 +171,15 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
             if (hmat != nullptr) {
                 ggml_backend_tensor_set(hmat, hv.data(), 0, hv.size() * sizeof(float));
+            }
+            if (back != nullptr) {
+                const llama_kv_cells & cells = acc::cells(*kv, strm);
+                for (int64_t h = 0; h < H; ++h) {
+                    for (int64_t c = 0; c < nb; ++c) {
+                        r[h * nb + c] = -(int32_t) cells.pos_get(own[c0 + c]);
+                    }
+                }
+                ggml_backend_tensor_set(back, r.data(), 0, r.size() * sizeof(int32_t));
             }
         }
         if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {

@@ -6,6 +6,7 @@ save/load. Then the policy that carries a predictor, and FlowMM planning from it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +18,7 @@ from flowmm_edge.bindings.kv_cache import NativeError
 from flowmm_edge.methods import METHODS, registry
 from flowmm_edge.calibration import policy
 from flowmm_edge.methods.base import MethodError
-from flowmm_edge.compression.compressor import Compressor, predicted_scores
+from flowmm_edge.compression.compressor import Compressor, predicted_scores, rope_geometry
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, fit_ridge, n_features, spearman
 from flowmm_edge.models import tiny as tm
@@ -42,8 +43,22 @@ def _hadamard(n: int) -> np.ndarray:
     return h / np.sqrt(n)
 
 
-def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int) -> np.ndarray:
-    """[n_layer, n_head, n_cells] from llama.cpp's serialised keys (cell order), numpy only."""
+def _turned_back(k: np.ndarray, pos: np.ndarray, pairing: str, base: float) -> np.ndarray:
+    """Keys [n, n_head, hd] cached at `pos`, each pair turned by -pos * base^(-2i/hd) (RoPE's
+    rotation, written out here from its definition)."""
+    hd = k.shape[-1]
+    i = np.arange(hd // 2)
+    a, b = (i, i + hd // 2) if pairing == "halves" else (2 * i, 2 * i + 1)
+    t = -pos[:, None, None].astype(np.float64) * base ** (-2.0 * i / hd)[None, None, :]
+    out = k.copy()
+    out[..., a] = k[..., a] * np.cos(t) - k[..., b] * np.sin(t)
+    out[..., b] = k[..., a] * np.sin(t) + k[..., b] * np.cos(t)
+    return out
+
+
+def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int, base: float | None = None) -> np.ndarray:
+    """[n_layer, n_head, n_cells] from llama.cpp's serialised keys (cell order), numpy only; with
+    `base`, the keys turned back by RoPE of that base at their positions first."""
     lay = kv_cache.layout(ctx)
     st = parse_seq_state(seq_state_bytes(ctx.ptr, 0), n_head * hd, n_head * lay.head_dim_v)
     out = []
@@ -52,6 +67,8 @@ def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int) -> np.ndarr
         if lay.rot_k:  # stored as H k in blocks of the largest power of two dividing head_dim
             block = max(b for b in (64, 128, 256) if hd % b == 0)
             k = (k.reshape(-1, n_head, hd // block, block) @ _hadamard(block)).reshape(-1, n_head, hd)
+        if base is not None:
+            k = _turned_back(k, st.pos, pred.rope_pairing, base)
         half = hd // 2
         a, b = (k[..., :half], k[..., half:]) if pred.rope_pairing == "halves" else (k[..., 0::2], k[..., 1::2])
         feat = np.concatenate([k, np.sqrt(a * a + b * b)], axis=-1)  # [n, H, 3hd/2]
@@ -70,6 +87,58 @@ def test_scores_equal_numpy_over_llama_cpps_keys(model, kv_type, fa, pairing):
     with runtime.Context(model, n_ctx=256, n_batch=64, kv_type=kv_type, flash_attn=fa, n_threads=2) as ctx:
         ctx.decode(model.tokenize(TINY_PROMPT * 2), 0)
         _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD))
+
+
+def _unroped(pred: ImportancePredictor) -> ImportancePredictor:
+    return ImportancePredictor(pred.rope_pairing, pred.weights, pred.bias, unroped=True)
+
+
+def _rope_base(model) -> float:
+    return float(model.meta("llama.rope.freq_base") or 10000.0)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("pairing", ["halves", "adjacent"])
+def test_unroped_scores_equal_numpy_over_llama_cpps_keys_turned_back(model, kv_type, pairing):
+    """A predictor of keys turned back by RoPE: the graph's scores (ggml_rope_ext at -pos) equal
+    numpy turning llama.cpp's serialised keys back by RoPE's own formula, after a merge too (the
+    kept cells sit at scattered positions)."""
+    pred = _unroped(_predictor(L, H, HD, pairing, seed=5))
+    tokens = model.tokenize(TINY_PROMPT * 3)
+    with runtime.Context(model, n_ctx=256, n_batch=64, kv_type=kv_type, n_threads=2) as ctx:
+        comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
+        with comp.observe(ctx, prompt_end=len(tokens), labels=span_labels(len(tokens))):
+            ctx.decode(tokens, 0)
+        _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD, base=_rope_base(model)))
+        comp.compress(ctx, span_labels(len(tokens)))
+        _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD, base=_rope_base(model)))
+
+
+def test_turned_back_keys_score_alike_at_any_position_and_cached_keys_do_not(model):
+    """Layer 0's keys depend only on the token and, through RoPE, its position: the same tokens
+    decoded at positions 0.. and 3000.. score equally with the keys turned back (up to f16
+    storage), and far apart with the keys as cached (what predictors before 0.8 saw)."""
+    from flowmm_edge.compression.compressor import rope_geometry
+    from flowmm_edge.methods.importance_predictor import rope_pairing
+    from flowmm_edge.bindings.native import llama_cpp
+
+    pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
+    assert rope_geometry(model).pairing == pairing
+    cached = _predictor(L, H, HD, pairing, seed=6)
+    turned = _unroped(cached)
+    tokens = model.tokenize(TINY_PROMPT * 2)
+    filler = model.tokenize("the city " * 2000)[:3000]
+    got = {}
+    for name, prefix in (("start", []), ("later", filler)):
+        with runtime.Context(model, n_ctx=4096, n_batch=512, n_threads=2) as ctx:
+            if prefix:
+                ctx.decode(prefix, 0)
+            ctx.decode(tokens, len(prefix))
+            n = len(tokens)
+            got[name] = (predicted_scores(turned, ctx)[0, :, -n:], predicted_scores(cached, ctx)[0, :, -n:])
+    scale = np.abs(got["start"][0]).max()
+    np.testing.assert_allclose(got["later"][0], got["start"][0], atol=5e-3 * scale)
+    assert np.abs(got["later"][1] - got["start"][1]).max() > 0.1 * np.abs(got["start"][1]).max()
 
 
 def test_a_long_sequence_is_scored_in_blocks_like_a_short_one(model):
@@ -129,6 +198,12 @@ def test_bad_predictors_are_refused_and_change_nothing(model):
             kv_cache.predict_scores(ctx, 0, w, b, "halves")
         with pytest.raises(NativeError, match="pairing"):
             kv_cache.predict_scores(ctx, 0, w, b, "diagonal")
+        w[0, 0] = 0.0
+        bad_rope = dataclasses.replace(rope_geometry(model), n_rot=HD + 2)
+        with pytest.raises(NativeError, match="RoPE"):
+            kv_cache.predict_scores(ctx, 0, w, b, "halves", unrope=bad_rope)
+        with pytest.raises(NativeError, match="RoPE"):
+            kv_cache.predict_scores(ctx, 0, w, b, "halves", unrope=dataclasses.replace(rope_geometry(model), freq_base=0.0))
         assert seq_state_bytes(ctx.ptr, 0) == before
 
 

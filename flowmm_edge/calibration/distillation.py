@@ -5,7 +5,8 @@
 
 The teacher is reconstruction.reconstruction_scores: for every (layer, KV head, cell), the largest
 attention mass a group of the repeat pass's rows sent the cell. The student sees only that cell's
-cached key (after RoPE, as the cache holds it) and regresses log(teacher + LOG_FLOOR).
+cached key, turned back by RoPE at its position (importance_predictor.unrope), and regresses
+log(teacher + LOG_FLOOR).
 
 The corpus is not the evaluation suite and not its generators' haystacks:
 - natural text the machine has: the descriptions and licences of the Python packages installed
@@ -31,8 +32,9 @@ import numpy as np
 
 from ..bindings import kv_cache, runtime
 from ..bindings.prompt import feed_pieces
-from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman
+from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman, unrope
 from ..compression import reconstruction
+from ..compression.compressor import rope_geometry
 
 RIDGE = 1e-3  # of the standardised features' scale, per sample
 _THINGS = ["archive room", "north gate", "blue locker", "server rack", "night shift", "west wing", "supply van",
@@ -152,12 +154,14 @@ def _codebook(projector):
 
 @dataclasses.dataclass
 class Samples:
-    """Per document: k, v [n_layer, n_head_kv, n, d] (float16) and the teacher [n_layer, n_head_kv, n]."""
+    """Per document: k, v [n_layer, n_head_kv, n, d] (float16) and the teacher [n_layer, n_head_kv, n];
+    k turned back by RoPE at each cell's position where `unroped`."""
 
     k: list[np.ndarray]
     v: list[np.ndarray]
     teacher: list[np.ndarray]
     names: list[str]
+    unroped: bool = True
 
     @property
     def n_tokens(self) -> int:
@@ -177,10 +181,12 @@ def cache_rows(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pos[order], k, v
 
 
-def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples:
+def collect(ctx, docs: list[Document], progress=None, projector=None, unroped: bool = True) -> Samples:
     """Prefill each document alone in sequence 0, run the repeat pass (re-reading its images),
-    keep its scores and rows. A document with images needs the `projector`."""
-    out = Samples([], [], [], [])
+    keep its scores and rows (the keys turned back by RoPE where `unroped`). A document with images
+    needs the `projector`."""
+    out = Samples([], [], [], [], unroped)
+    rope = rope_geometry(ctx.model)
     prefix = reconstruction.repeat_prefix(ctx.model)
     for i, doc in enumerate(docs):
         ctx.clear()
@@ -195,6 +201,8 @@ def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples
                     p.close()
         pos, k, v = cache_rows(ctx)
         assert np.array_equal(pos, scored.positions)
+        if unroped:
+            k = unrope(k, pos, rope)
         out.k.append(k.astype(np.float16))
         out.v.append(v.astype(np.float16))
         out.teacher.append(scored.scores.astype(np.float32))
@@ -206,13 +214,13 @@ def collect(ctx, docs: list[Document], progress=None, projector=None) -> Samples
 
 
 def collect_documents(model, docs: list[Document], n_tokens: int, n_threads=None, progress=None,
-                      projector=None) -> Samples:
+                      projector=None, unroped: bool = True) -> Samples:
     """`collect` in a context of its own, sized for documents of n_tokens (and their images' extra
     positions) with the repeat pass's room beside them."""
     image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
     with runtime.Context(model, n_ctx=n_tokens + image_pos + reconstruction.ROOM, n_batch=512,
                          n_threads=n_threads) as ctx:
-        return collect(ctx, docs, progress=progress, projector=projector)
+        return collect(ctx, docs, progress=progress, projector=projector, unroped=unroped)
 
 
 def _image_positions(projector, doc: Document) -> int:
@@ -259,4 +267,4 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     info = {"held_back_spearman_per_layer": [round(float(r), 4) for r in per_layer],
             "held_back_spearman_mean": round(float(per_layer.mean()), 4), "ridge": ridge}
     return ImportancePredictor(pairing, np.asarray(weights, np.float32), np.asarray(bias, np.float32),
-                               info), info
+                               info, unroped=samples.unroped), info

@@ -40,7 +40,8 @@ import numpy as np
 from .. import paths
 from ..bindings import kv_cache
 from ..methods.flowmm import PREDICTED
-from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman
+from ..compression.compressor import rope_geometry
+from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman, unrope
 from .distillation import RIDGE
 
 MIN_TOKENS = 4096        # tokens observed before a fit may count as good
@@ -102,8 +103,10 @@ class Progress:
 
 
 class ImportanceLearner:
-    def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int):
-        self.fingerprint, self.pairing = fingerprint, pairing
+    def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int, rope=None):
+        """`rope` (methods.base.RopeGeometry): the keys are turned back by it at their positions
+        before they are learned from, and the predictor is `unroped`; None: keys as cached."""
+        self.fingerprint, self.pairing, self.rope = fingerprint, pairing, rope
         self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k))
         self.held_k: list[np.ndarray] = []        # [n_layer, n_head_kv, n, d] float16 per held-back span
         self.held_teacher: list[np.ndarray] = []  # [n_layer, n_head_kv, n]
@@ -115,7 +118,7 @@ class ImportanceLearner:
     @classmethod
     def for_context(cls, fingerprint: dict, ctx, pairing: str) -> "ImportanceLearner":
         lay = kv_cache.layout(ctx)
-        return cls(fingerprint, pairing, lay.n_layer, lay.n_head_kv, lay.head_dim_k)
+        return cls(fingerprint, pairing, lay.n_layer, lay.n_head_kv, lay.head_dim_k, rope_geometry(ctx.model))
 
     # -- what the merges feed ----------------------------------------------------------------------
 
@@ -136,10 +139,13 @@ class ImportanceLearner:
         n_layer, n_head = teacher.shape[:2]
         k = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, at, "k", seq_id) for h in range(n_head)])
                       for l in range(n_layer)])
+        if self.rope is not None:
+            k = unrope(k, positions, self.rope)
         self.add(k, teacher)
 
     def add(self, k: np.ndarray, teacher: np.ndarray) -> None:
-        """One span: keys k [n_layer, n_head_kv, n, d] and the teacher's scores [n_layer, n_head_kv, n]."""
+        """One span: keys k [n_layer, n_head_kv, n, d] (turned back by RoPE where the learner has a
+        `rope`) and the teacher's scores [n_layer, n_head_kv, n]."""
         p = self.progress
         held = p.n_documents % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 and p.held_back_tokens < HELD_BACK_TOKENS
         n_layer, n_head = teacher.shape[:2]
@@ -174,7 +180,7 @@ class ImportanceLearner:
             for h in range(n_head):
                 w, b = self.moments.solve(l, h)
                 weights[l, h], bias[l, h] = w, b
-        predictor = ImportancePredictor(self.pairing, weights, bias)
+        predictor = ImportancePredictor(self.pairing, weights, bias, unroped=self.rope is not None)
         rank = self.held_back_spearman(predictor)
         p = self.progress
         info = {"teacher": "reconstruction (the repeat pass of this model's own conversations)",

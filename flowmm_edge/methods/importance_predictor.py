@@ -11,10 +11,15 @@ plans (kv_cache.predict_scores, the native graph) and reproduced here in numpy (
 K is cached after RoPE, which rotates each pair of dimensions (i, i + d/2 for NEOX-style models
 such as Qwen2, 2i and 2i + 1 for the original style) by an angle that grows with the position.
 A linear map of raw K therefore means something different at every position. The length of
-each rotated pair does not change with the position; the slowest-turning pairs barely turn over
-a document, so raw K carries signal too. The features are both: k and the d/2 pair lengths.
-Measured against the alternatives (pair lengths alone, raw K alone, with V) in docs/METHOD.md,
-'Learned importance' (scripts/predictor_features.py).
+each rotated pair does not change with the position. The features are both: k and the d/2 pair
+lengths. A predictor fitted with `unroped` (every fit since 2026-12-06) first turns each key back
+by the plain RoPE of its own position (`unrope`; the native graph does the same with ggml_rope_ext
+at -pos), so k means the same at every position: fitted on documents at positions 0-2k, it ranks a
+chat's later turns at 16k as it ranks them there. One fitted on cached K as it is (FEATURES, the
+predictors before) ranked the same document 0.67-0.77 apart, by Spearman, once it sat a turn or two
+later (docs/RESULTS.md, "Importance at every position"). Measured against the alternatives (pair
+lengths alone, raw K alone, with V) in docs/METHOD.md, 'Learned importance'
+(scripts/predictor_features.py).
 
 After KVzap (NVIDIA kvpress, kvzap/, arXiv 2601.07891), which maps a layer's hidden state to the
 log KVzip score per KV head with one linear layer. Distillation: calibration/distillation.py.
@@ -28,7 +33,8 @@ import numpy as np
 
 from ..errors import FlowMMError
 
-FEATURES = "k+pair_lengths"  # the one input the native graph computes: [k, |rotated pairs of k|]
+FEATURES = "k+pair_lengths"  # [k, |rotated pairs of k|], k as cached (after RoPE)
+UNROPED_FEATURES = "unroped_k+pair_lengths"  # the same of k turned back by RoPE at its position
 PAIRINGS = ("halves", "adjacent")  # RoPE's pairs: (i, i + d/2) NEOX-style, (2i, 2i + 1) the original
 LOG_FLOOR = 1e-4  # added to the teacher's attention mass before the log (a cell nobody looked at)
 
@@ -54,6 +60,19 @@ def features(k: np.ndarray, pairing: str) -> np.ndarray:
     """The predictor's input rows for cells with keys k [n, d]: [k, k_pair_lengths(k)], [n, 3d/2]."""
     k = np.asarray(k, np.float64)
     return np.concatenate([k, k_pair_lengths(k, pairing)], axis=-1)
+
+
+def unrope(k: np.ndarray, positions: np.ndarray, rope) -> np.ndarray:
+    """Keys k [..., n, d] cached at `positions` [n], turned back by the plain RoPE of `rope`
+    (methods.base.RopeGeometry): pair i of the first n_rot dimensions rotated by -pos * angle_i."""
+    k = np.array(k, np.float64)
+    theta = -np.asarray(positions, np.float64)[:, None] * rope.angles()[None, :]  # [n, n_rot / 2]
+    a, b = rope.pairs()
+    cos, sin = np.cos(theta), np.sin(theta)
+    x, y = k[..., a].copy(), k[..., b].copy()
+    k[..., a] = x * cos - y * sin
+    k[..., b] = x * sin + y * cos
+    return k
 
 
 def n_features(head_dim_k: int) -> int:
@@ -90,6 +109,7 @@ class ImportancePredictor:
     weights: np.ndarray
     bias: np.ndarray
     info: dict = dataclasses.field(default_factory=dict)  # what it was fitted on, how well it ranks
+    unroped: bool = False  # its features are of keys turned back by RoPE (UNROPED_FEATURES)
 
     def __post_init__(self):
         if self.rope_pairing not in PAIRINGS:
@@ -113,11 +133,11 @@ class ImportancePredictor:
 
     def predict(self, layer: int, head: int, k: np.ndarray) -> np.ndarray:
         """numpy reference: the predicted log score of cells with keys k [n, d] (as the model
-        computed them: no storage rotation)."""
+        computed them: no storage rotation; turned back by `unrope` where `unroped`)."""
         return features(k, self.rope_pairing) @ self.weights[layer, head] + self.bias[layer, head]
 
     def to_json(self) -> dict:
-        return {"features": FEATURES, "rope_pairing": self.rope_pairing,
+        return {"features": UNROPED_FEATURES if self.unroped else FEATURES, "rope_pairing": self.rope_pairing,
                 "weights": np.asarray(self.weights, np.float32).round(6).tolist(),
                 "bias": np.asarray(self.bias, np.float32).round(6).tolist(), "info": self.info}
 
@@ -126,11 +146,12 @@ class ImportancePredictor:
         if not isinstance(data, dict):
             raise PredictorError(f"{where}: 'predictor' must be an object")
         try:
-            if data["features"] != FEATURES:
-                raise PredictorError(f"predictor features {data['features']!r} are not {FEATURES!r}")
+            if data["features"] not in (FEATURES, UNROPED_FEATURES):
+                raise PredictorError(f"predictor features {data['features']!r} are not {FEATURES!r} or "
+                                     f"{UNROPED_FEATURES!r}")
             return cls(rope_pairing=data["rope_pairing"],
                        weights=np.asarray(data["weights"], np.float32), bias=np.asarray(data["bias"], np.float32),
-                       info=dict(data.get("info") or {}))
+                       info=dict(data.get("info") or {}), unroped=data["features"] == UNROPED_FEATURES)
         except (KeyError, TypeError, ValueError) as e:
             raise PredictorError(f"{where}: bad predictor ({e})") from None
         except PredictorError as e:
