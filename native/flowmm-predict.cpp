@@ -4,11 +4,12 @@
 // its own cached key: score = w . [k, |pairs of k|] + b. The keys are gathered from the cache
 // (get_rows, in f32), rotated back where llama.cpp stores them Hadamard-rotated (quantized K), and
 // the length of each RoPE-rotated pair of dimensions is appended (sqr, add of the two halves or
-// of adjacent dimensions, sqrt: a length does not change with the position). Where the caller asks,
-// the keys are first turned back by RoPE at each cell's own position (ggml_rope_ext at -pos, as
-// llama.cpp's K-shift turns cached keys by a position delta), so that k itself, not only the
-// lengths, means the same at every position. One mul_mat per KV head against the caller's
-// weights gives the scores; only those come back to the host.
+// of adjacent dimensions, sqrt: a length does not change with the position). A relative predictor
+// first turns the keys back by RoPE at each cell's own position (ggml_rope_ext at -pos, as
+// llama.cpp's K-shift turns cached keys by a position delta), so that k itself means the same at
+// every position, and adds log(1 + distance to the sequence's last position), computed here from
+// the cells' positions. One mul_mat per KV head against the caller's weights gives the scores;
+// only those come back to the host.
 
 #include "flowmm.h"
 #include "flowmm-graph.h"
@@ -76,7 +77,10 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     const uint32_t mil = acc::layer_il(*kv, il);
     const int64_t H  = hp.n_head_kv(mil);
     const int64_t hd = hp.n_embd_head_k(mil);
-    const int64_t nf = hd + hd / 2;
+    if (pred->relative != 0 && pred->relative != 1) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "relative must be 0 or 1");
+    }
+    const int64_t nf = hd + hd / 2 + pred->relative;
     if (pred->n_head_kv != H || pred->n_feat != nf || hd % 2 != 0) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the predictor has " + std::to_string(pred->n_head_kv) +
                            " KV heads of " + std::to_string(pred->n_feat) + " features, the cache " +
@@ -85,9 +89,9 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     if (pred->pairing != FLOWMM_PAIRS_HALVES && pred->pairing != FLOWMM_PAIRS_ADJACENT) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(pred->pairing));
     }
-    if (pred->rope_n_rot < 0 || pred->rope_n_rot > hd || pred->rope_n_rot % 2 != 0 ||
-        (pred->rope_n_rot > 0 && !(std::isfinite(pred->rope_freq_base) && pred->rope_freq_base > 0.0f &&
-                                   std::isfinite(pred->rope_freq_scale) && pred->rope_freq_scale > 0.0f))) {
+    if (pred->relative && (pred->rope_n_rot <= 0 || pred->rope_n_rot > hd || pred->rope_n_rot % 2 != 0 ||
+                           !(std::isfinite(pred->rope_freq_base) && pred->rope_freq_base > 0.0f &&
+                             std::isfinite(pred->rope_freq_scale) && pred->rope_freq_scale > 0.0f))) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the predictor's RoPE (" + std::to_string(pred->rope_n_rot) +
                            " dimensions, base " + std::to_string(pred->rope_freq_base) + ", scale " +
                            std::to_string(pred->rope_freq_scale) + ") does not fit a head of " + std::to_string(hd));
@@ -122,7 +126,8 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
         ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
         ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
         ggml_tensor * hmat = nullptr;
-        ggml_tensor * back = nullptr; // -pos of each row's cell, for the RoPE undone
+        ggml_tensor * back = nullptr; // relative: -pos of each row's cell, for the RoPE undone
+        ggml_tensor * dist = nullptr; // relative: log(1 + distance to the last position) of each row's cell
         for (ggml_tensor * t : {idx, w, b}) {
             ggml_set_input(t);
         }
@@ -132,9 +137,11 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             ggml_set_input(hmat);
             k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * nb)), hd, H * nb);
         }
-        if (pred->rope_n_rot > 0) {
+        if (pred->relative) {
             back = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb);
+            dist = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, 1, H * nb);
             ggml_set_input(back);
+            ggml_set_input(dist);
             const int mode = pred->pairing == FLOWMM_PAIRS_HALVES ? GGML_ROPE_TYPE_NEOX : 0;
             k = ggml_rope_ext(gctx, ggml_reshape_3d(gctx, k, hd, 1, H * nb), back, nullptr, pred->rope_n_rot, mode, 0,
                               pred->rope_freq_base, pred->rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
@@ -150,6 +157,9 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             pairs = ggml_reshape_2d(gctx, ggml_sum_rows(gctx, ggml_reshape_2d(gctx, sq, 2, hd / 2 * H * nb)), hd / 2, H * nb);
         }
         ggml_tensor * feat = ggml_concat(gctx, k, ggml_sqrt(gctx, pairs), 0);            // [nf, H * nb]
+        if (dist != nullptr) {
+            feat = ggml_concat(gctx, feat, dist, 0);
+        }
         ggml_tensor * out  = ggml_mul_mat(gctx, w, ggml_reshape_3d(gctx, feat, nf, nb, H)); // [1, nb, H]
         ggml_prec_set_acc(out, GGML_PREC_F32);
         out = ggml_add(gctx, out, b);
@@ -174,12 +184,17 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             }
             if (back != nullptr) {
                 const llama_kv_cells & cells = acc::cells(*kv, strm);
+                const llama_pos last = cells.seq_pos_max(seq_id);
+                std::vector<float> d(H * nb);
                 for (int64_t h = 0; h < H; ++h) {
                     for (int64_t c = 0; c < nb; ++c) {
-                        r[h * nb + c] = -(int32_t) cells.pos_get(own[c0 + c]);
+                        const llama_pos p = cells.pos_get(own[c0 + c]);
+                        r[h * nb + c] = -(int32_t) p;
+                        d[h * nb + c] = log1pf((float) (last - p));
                     }
                 }
                 ggml_backend_tensor_set(back, r.data(), 0, r.size() * sizeof(int32_t));
+                ggml_backend_tensor_set(dist, d.data(), 0, d.size() * sizeof(float));
             }
         }
         if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {

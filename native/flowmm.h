@@ -132,11 +132,12 @@ extern "C" {
     // where k is the cell's key as the model computed it (dequantized, Hadamard rotation undone)
     // and len(pair i) = sqrt(k[a]^2 + k[b]^2) for the dimensions RoPE rotates together:
     // (i, i + head_dim/2) with FLOWMM_PAIRS_HALVES (NEOX-style RoPE), (2i, 2i + 1) with
-    // FLOWMM_PAIRS_ADJACENT. n_feat = head_dim_k * 3 / 2. With rope_n_rot > 0, k is first turned
-    // back by the plain RoPE of its cell's position (the first rope_n_rot dimensions, paired as
-    // `pairing` says, angle pos * rope_freq_scale * rope_freq_base^(-2i/rope_n_rot)): the same key
-    // content scores the same at any position. Runs as a ggml graph on the cache's backend;
-    // returns the number of cells scored.
+    // FLOWMM_PAIRS_ADJACENT. n_feat = head_dim_k * 3 / 2. A `relative` predictor sees positions
+    // only relative to the sequence's end: k is first turned back by the plain RoPE of its cell's
+    // position (the first rope_n_rot dimensions, paired as `pairing` says, angle
+    // pos * rope_freq_scale * rope_freq_base^(-2i/rope_n_rot)), and log(1 + p_max - pos), p_max the
+    // sequence's last position, is one more feature: n_feat = head_dim_k * 3 / 2 + 1. Runs as a
+    // ggml graph on the cache's backend; returns the number of cells scored.
     enum flowmm_rope_pairing {
         FLOWMM_PAIRS_HALVES   = 0,
         FLOWMM_PAIRS_ADJACENT = 1,
@@ -148,7 +149,8 @@ extern "C" {
         int32_t       pairing;   // enum flowmm_rope_pairing
         const float * weights;   // [n_head_kv][n_feat]
         const float * bias;      // [n_head_kv]
-        int32_t       rope_n_rot;      // > 0: undo RoPE over this many dimensions first; 0: keys as cached
+        int32_t       relative;        // 1: keys turned back by RoPE, and the distance to the end; 0: as cached
+        int32_t       rope_n_rot;      // with relative: the RoPE undone (dimensions, base, scale)
         float         rope_freq_base;
         float         rope_freq_scale;
     };

@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     _, model = open_model(args)
     docs = distillation.documents(model, args.docs, args.tokens)
-    s = distillation.collect_documents(model, docs, args.tokens, args.threads,
+    s = distillation.collect_documents(model, docs, args.tokens, args.threads, relative=False,
                                        progress=lambda a, b: print(f"  collected {a}/{b}", flush=True))
     pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
     n_layer, n_head = s.teacher[0].shape[:2]

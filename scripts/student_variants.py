@@ -42,7 +42,7 @@ def load_or_collect(args, model) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [z[f"k{i}"] for i in range(n)], [z[f"t{i}"] for i in range(n)]
     docs = distillation.documents(model, args.docs, args.tokens)
     t0 = time.perf_counter()
-    s = distillation.collect_documents(model, docs, args.tokens, args.threads, progress=lambda a, b: print(
+    s = distillation.collect_documents(model, docs, args.tokens, args.threads, relative=False, progress=lambda a, b: print(
         f"  collected {a}/{b} ({time.perf_counter() - t0:.0f} s)", flush=True))
     if args.samples:
         np.savez(args.samples, n=len(s.k), **{f"k{i}": k for i, k in enumerate(s.k)},

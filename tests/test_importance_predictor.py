@@ -58,7 +58,8 @@ def _turned_back(k: np.ndarray, pos: np.ndarray, pairing: str, base: float) -> n
 
 def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int, base: float | None = None) -> np.ndarray:
     """[n_layer, n_head, n_cells] from llama.cpp's serialised keys (cell order), numpy only; with
-    `base`, the keys turned back by RoPE of that base at their positions first."""
+    `base` (a relative predictor), the keys turned back by RoPE of that base at their positions
+    first, and log(1 + distance to the last position) appended."""
     lay = kv_cache.layout(ctx)
     st = parse_seq_state(seq_state_bytes(ctx.ptr, 0), n_head * hd, n_head * lay.head_dim_v)
     out = []
@@ -72,6 +73,9 @@ def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int, base: float
         half = hd // 2
         a, b = (k[..., :half], k[..., half:]) if pred.rope_pairing == "halves" else (k[..., 0::2], k[..., 1::2])
         feat = np.concatenate([k, np.sqrt(a * a + b * b)], axis=-1)  # [n, H, 3hd/2]
+        if base is not None:
+            dist = np.log1p(st.pos.max() - st.pos).astype(np.float64)
+            feat = np.concatenate([feat, np.repeat(dist[:, None, None], n_head, axis=1)], axis=-1)
         out.append(np.einsum("nhf,hf->hn", feat, pred.weights[l].astype(np.float64)) + pred.bias[l][:, None])
     return np.stack(out)
 
@@ -89,8 +93,10 @@ def test_scores_equal_numpy_over_llama_cpps_keys(model, kv_type, fa, pairing):
         _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD))
 
 
-def _unroped(pred: ImportancePredictor) -> ImportancePredictor:
-    return ImportancePredictor(pred.rope_pairing, pred.weights, pred.bias, unroped=True)
+def _relative(pred: ImportancePredictor, seed: int = 9) -> ImportancePredictor:
+    """The same weights, and one for the distance feature."""
+    extra = np.random.default_rng(seed).normal(size=pred.weights.shape[:2] + (1,)).astype(np.float32)
+    return ImportancePredictor(pred.rope_pairing, np.concatenate([pred.weights, extra], -1), pred.bias, relative=True)
 
 
 def _rope_base(model) -> float:
@@ -99,11 +105,11 @@ def _rope_base(model) -> float:
 
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
 @pytest.mark.parametrize("pairing", ["halves", "adjacent"])
-def test_unroped_scores_equal_numpy_over_llama_cpps_keys_turned_back(model, kv_type, pairing):
-    """A predictor of keys turned back by RoPE: the graph's scores (ggml_rope_ext at -pos) equal
-    numpy turning llama.cpp's serialised keys back by RoPE's own formula, after a merge too (the
-    kept cells sit at scattered positions)."""
-    pred = _unroped(_predictor(L, H, HD, pairing, seed=5))
+def test_relative_scores_equal_numpy_over_llama_cpps_keys_turned_back(model, kv_type, pairing):
+    """A relative predictor: the graph's scores (ggml_rope_ext at -pos, the distance to the last
+    position) equal numpy turning llama.cpp's serialised keys back by RoPE's own formula, after a
+    merge too (the kept cells sit at scattered positions)."""
+    pred = _relative(_predictor(L, H, HD, pairing, seed=5))
     tokens = model.tokenize(TINY_PROMPT * 3)
     with runtime.Context(model, n_ctx=256, n_batch=64, kv_type=kv_type, n_threads=2) as ctx:
         comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
@@ -114,10 +120,10 @@ def test_unroped_scores_equal_numpy_over_llama_cpps_keys_turned_back(model, kv_t
         _close(predicted_scores(pred, ctx), _reference(ctx, pred, H, HD, base=_rope_base(model)))
 
 
-def test_turned_back_keys_score_alike_at_any_position_and_cached_keys_do_not(model):
-    """Layer 0's keys depend only on the token and, through RoPE, its position: the same tokens
-    decoded at positions 0.. and 3000.. score equally with the keys turned back (up to f16
-    storage), and far apart with the keys as cached (what predictors before 0.8 saw)."""
+def test_a_relative_predictor_scores_alike_at_any_position_and_one_of_cached_keys_does_not(model):
+    """Layer 0's keys depend only on the token and, through RoPE, its position: the same tokens,
+    last in the sequence, decoded at positions 0.. and 3000.. score equally with a relative
+    predictor (up to f16 storage), and far apart with the keys as cached (predictors before 0.8)."""
     from flowmm_edge.compression.compressor import rope_geometry
     from flowmm_edge.methods.importance_predictor import rope_pairing
     from flowmm_edge.bindings.native import llama_cpp
@@ -125,7 +131,7 @@ def test_turned_back_keys_score_alike_at_any_position_and_cached_keys_do_not(mod
     pairing = rope_pairing(llama_cpp.llama_model_rope_type(model.ptr))
     assert rope_geometry(model).pairing == pairing
     cached = _predictor(L, H, HD, pairing, seed=6)
-    turned = _unroped(cached)
+    turned = _relative(cached)
     tokens = model.tokenize(TINY_PROMPT * 2)
     filler = model.tokenize("the city " * 2000)[:3000]
     got = {}
@@ -199,11 +205,13 @@ def test_bad_predictors_are_refused_and_change_nothing(model):
         with pytest.raises(NativeError, match="pairing"):
             kv_cache.predict_scores(ctx, 0, w, b, "diagonal")
         w[0, 0] = 0.0
-        bad_rope = dataclasses.replace(rope_geometry(model), n_rot=HD + 2)
+        wr = np.zeros((H, n_features(HD, relative=True)), np.float32)
+        with pytest.raises(NativeError, match="features"):  # a relative predictor has one more
+            kv_cache.predict_scores(ctx, 0, w, b, "halves", relative=rope_geometry(model))
         with pytest.raises(NativeError, match="RoPE"):
-            kv_cache.predict_scores(ctx, 0, w, b, "halves", unrope=bad_rope)
+            kv_cache.predict_scores(ctx, 0, wr, b, "halves", relative=dataclasses.replace(rope_geometry(model), n_rot=HD + 2))
         with pytest.raises(NativeError, match="RoPE"):
-            kv_cache.predict_scores(ctx, 0, w, b, "halves", unrope=dataclasses.replace(rope_geometry(model), freq_base=0.0))
+            kv_cache.predict_scores(ctx, 0, wr, b, "halves", relative=dataclasses.replace(rope_geometry(model), freq_base=0.0))
         assert seq_state_bytes(ctx.ptr, 0) == before
 
 

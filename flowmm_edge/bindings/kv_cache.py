@@ -190,8 +190,8 @@ def match_keys(ctx, layer: int, cand: np.ndarray, piv: np.ndarray, group: np.nda
 
 class _Predictor(ctypes.Structure):
     _fields_ = [("n_head_kv", ctypes.c_int32), ("n_feat", ctypes.c_int32), ("pairing", ctypes.c_int32),
-                ("weights", _f32p), ("bias", _f32p), ("rope_n_rot", ctypes.c_int32), ("rope_freq_base", ctypes.c_float),
-                ("rope_freq_scale", ctypes.c_float)]
+                ("weights", _f32p), ("bias", _f32p), ("relative", ctypes.c_int32), ("rope_n_rot", ctypes.c_int32),
+                ("rope_freq_base", ctypes.c_float), ("rope_freq_scale", ctypes.c_float)]
 
 
 lib.flowmm_kv_predict_scores.restype = ctypes.c_int32
@@ -201,18 +201,20 @@ ROPE_PAIRINGS = {"halves": 0, "adjacent": 1}  # native/flowmm.h, enum flowmm_rop
 
 
 def predict_scores(ctx, layer: int, weights: np.ndarray, bias: np.ndarray, pairing: str, seq_id: int = 0,
-                   unrope=None) -> np.ndarray:
+                   relative=None) -> np.ndarray:
     """For every KV head h of cache layer `layer`: weights[h] . [k, pair lengths of k] + bias[h]
     for each of the sequence's cells (cell order of seq_cells), computed on the cache's backend
-    (native/flowmm.h, flowmm_kv_predict_scores); with `unrope` (methods.base.RopeGeometry) k is
-    first turned back by that RoPE at its cell's position. Returns [n_head_kv, n_cells] float32."""
+    (native/flowmm.h, flowmm_kv_predict_scores). With `relative` (methods.base.RopeGeometry), k is
+    first turned back by that RoPE at its cell's position and log(1 + the cell's distance to the
+    sequence's last position) is one more feature. Returns [n_head_kv, n_cells] float32."""
     w = np.ascontiguousarray(weights, dtype=np.float32)
     b = np.ascontiguousarray(bias, dtype=np.float32)
     if w.ndim != 2 or b.shape != (w.shape[0],) or pairing not in ROPE_PAIRINGS:
         raise NativeError(-1, f"predictor shapes do not fit: weights {w.shape}, bias {b.shape}, pairing {pairing!r}")
     n = _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, None, None, 0))
     out = np.empty((w.shape[0], n), np.float32)
-    rope = (0, 0.0, 0.0) if unrope is None else (int(unrope.n_rot), float(unrope.freq_base), float(unrope.freq_scale))
+    rope = (0, 0, 0.0, 0.0) if relative is None else \
+        (1, int(relative.n_rot), float(relative.freq_base), float(relative.freq_scale))
     req = _Predictor(w.shape[0], w.shape[1], ROPE_PAIRINGS[pairing], w.ctypes.data_as(_f32p), b.ctypes.data_as(_f32p),
                      *rope)
     _check(lib.flowmm_kv_predict_scores(_ptr(ctx), seq_id, layer, ctypes.byref(req), out.ctypes.data_as(_f32p)))

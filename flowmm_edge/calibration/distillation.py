@@ -5,8 +5,8 @@
 
 The teacher is reconstruction.reconstruction_scores: for every (layer, KV head, cell), the largest
 attention mass a group of the repeat pass's rows sent the cell. The student sees only that cell's
-cached key, turned back by RoPE at its position (importance_predictor.unrope), and regresses
-log(teacher + LOG_FLOOR).
+cached key, turned back by RoPE at its position (importance_predictor.unrope), and the cell's
+distance to the document's end, and regresses log(teacher + LOG_FLOOR): a `relative` predictor.
 
 The corpus is not the evaluation suite and not its generators' haystacks:
 - natural text the machine has: the descriptions and licences of the Python packages installed
@@ -32,7 +32,8 @@ import numpy as np
 
 from ..bindings import kv_cache, runtime
 from ..bindings.prompt import feed_pieces
-from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, fit_ridge, spearman, unrope
+from ..methods.importance_predictor import (LOG_FLOOR, ImportancePredictor, distance_to_end, features, fit_ridge,
+                                            spearman, unrope)
 from ..compression import reconstruction
 from ..compression.compressor import rope_geometry
 
@@ -154,14 +155,21 @@ def _codebook(projector):
 
 @dataclasses.dataclass
 class Samples:
-    """Per document: k, v [n_layer, n_head_kv, n, d] (float16) and the teacher [n_layer, n_head_kv, n];
-    k turned back by RoPE at each cell's position where `unroped`."""
+    """Per document: k, v [n_layer, n_head_kv, n, d] (float16), the teacher [n_layer, n_head_kv, n]
+    and each cell's distance to the document's last position [n]; where `relative`, k is turned
+    back by RoPE at each cell's position."""
 
     k: list[np.ndarray]
     v: list[np.ndarray]
     teacher: list[np.ndarray]
     names: list[str]
-    unroped: bool = True
+    distance: list[np.ndarray] = dataclasses.field(default_factory=list)
+    relative: bool = True
+
+    def features(self, d: int, layer: int, head: int, pairing: str) -> np.ndarray:
+        """The student's input rows of document d's cells for (layer, head)."""
+        return features(self.k[d][layer, head].astype(np.float32), pairing,
+                        self.distance[d] if self.relative else None)
 
     @property
     def n_tokens(self) -> int:
@@ -181,11 +189,11 @@ def cache_rows(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pos[order], k, v
 
 
-def collect(ctx, docs: list[Document], progress=None, projector=None, unroped: bool = True) -> Samples:
+def collect(ctx, docs: list[Document], progress=None, projector=None, relative: bool = True) -> Samples:
     """Prefill each document alone in sequence 0, run the repeat pass (re-reading its images),
-    keep its scores and rows (the keys turned back by RoPE where `unroped`). A document with images
-    needs the `projector`."""
-    out = Samples([], [], [], [], unroped)
+    keep its scores and rows (the keys turned back by RoPE where `relative`). A document with
+    images needs the `projector`."""
+    out = Samples([], [], [], [], relative=relative)
     rope = rope_geometry(ctx.model)
     prefix = reconstruction.repeat_prefix(ctx.model)
     for i, doc in enumerate(docs):
@@ -201,9 +209,10 @@ def collect(ctx, docs: list[Document], progress=None, projector=None, unroped: b
                     p.close()
         pos, k, v = cache_rows(ctx)
         assert np.array_equal(pos, scored.positions)
-        if unroped:
+        if relative:
             k = unrope(k, pos, rope)
         out.k.append(k.astype(np.float16))
+        out.distance.append(distance_to_end(pos, ctx.next_pos(0)))
         out.v.append(v.astype(np.float16))
         out.teacher.append(scored.scores.astype(np.float32))
         out.names.append(doc.name)
@@ -214,13 +223,13 @@ def collect(ctx, docs: list[Document], progress=None, projector=None, unroped: b
 
 
 def collect_documents(model, docs: list[Document], n_tokens: int, n_threads=None, progress=None,
-                      projector=None, unroped: bool = True) -> Samples:
+                      projector=None, relative: bool = True) -> Samples:
     """`collect` in a context of its own, sized for documents of n_tokens (and their images' extra
     positions) with the repeat pass's room beside them."""
     image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
     with runtime.Context(model, n_ctx=n_tokens + image_pos + reconstruction.ROOM, n_batch=512,
                          n_threads=n_threads) as ctx:
-        return collect(ctx, docs, progress=progress, projector=projector, unroped=unroped)
+        return collect(ctx, docs, progress=progress, projector=projector, relative=relative)
 
 
 def _image_positions(projector, doc: Document) -> int:
@@ -233,11 +242,14 @@ def _image_positions(projector, doc: Document) -> int:
 
 
 def fit_head(keys: list[np.ndarray], teachers: list[np.ndarray], docs: list[int], layer: int, head: int,
-             pairing: str, ridge: float = RIDGE, weight=None) -> tuple[np.ndarray, float]:
+             pairing: str, ridge: float = RIDGE, weight=None, distances: list[np.ndarray] | None = None
+             ) -> tuple[np.ndarray, float]:
     """(w, b) of one (layer, KV head) fitted on the given documents' keys [n_layer, n_head_kv, n, d]
-    and teacher scores [n_layer, n_head_kv, n]; `weight(teacher [n]) -> [n]` weighs each document's
-    cells (None: alike)."""
-    x = np.concatenate([features(keys[d][layer, head].astype(np.float32), pairing) for d in docs])
+    and teacher scores [n_layer, n_head_kv, n] (with `distances`, each document's cells' distances
+    to its end: a relative predictor's features); `weight(teacher [n]) -> [n]` weighs each
+    document's cells (None: alike)."""
+    x = np.concatenate([features(keys[d][layer, head].astype(np.float32), pairing,
+                                 None if distances is None else distances[d]) for d in docs])
     y = np.concatenate([np.log(teachers[d][layer, head] + LOG_FLOOR) for d in docs])
     wt = None if weight is None else np.concatenate([weight(teachers[d][layer, head]) for d in docs])
     return fit_ridge(x, y, ridge, wt)
@@ -250,15 +262,16 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     n_doc = len(samples.teacher)
     train, test = list(range(n_doc - held_back)), list(range(n_doc - held_back, n_doc))
     n_layer, n_head = samples.teacher[0].shape[:2]
+    distances = samples.distance if samples.relative else None
     rank = np.zeros((n_layer, n_head))
     weights, bias = [], []
     for l in range(n_layer):
         wl, bl = [], []
         for h in range(n_head):
-            w, b = fit_head(samples.k, samples.teacher, train, l, h, pairing, ridge)
-            rank[l, h] = np.mean([spearman(features(samples.k[d][l, h].astype(np.float32), pairing) @ w + b,
-                                           samples.teacher[d][l, h]) for d in test])
-            w, b = fit_head(samples.k, samples.teacher, list(range(n_doc)), l, h, pairing, ridge)
+            w, b = fit_head(samples.k, samples.teacher, train, l, h, pairing, ridge, distances=distances)
+            rank[l, h] = np.mean([spearman(samples.features(d, l, h, pairing) @ w + b, samples.teacher[d][l, h])
+                                  for d in test])
+            w, b = fit_head(samples.k, samples.teacher, list(range(n_doc)), l, h, pairing, ridge, distances=distances)
             wl.append(w)
             bl.append(b)
         weights.append(wl)
@@ -267,4 +280,4 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     info = {"held_back_spearman_per_layer": [round(float(r), 4) for r in per_layer],
             "held_back_spearman_mean": round(float(per_layer.mean()), 4), "ridge": ridge}
     return ImportancePredictor(pairing, np.asarray(weights, np.float32), np.asarray(bias, np.float32),
-                               info, unroped=samples.unroped), info
+                               info, relative=samples.relative), info

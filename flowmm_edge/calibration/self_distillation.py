@@ -41,7 +41,8 @@ from .. import paths
 from ..bindings import kv_cache
 from ..methods.flowmm import PREDICTED
 from ..compression.compressor import rope_geometry
-from ..methods.importance_predictor import LOG_FLOOR, ImportancePredictor, features, n_features, spearman, unrope
+from ..methods.importance_predictor import (LOG_FLOOR, ImportancePredictor, distance_to_end, features, n_features,
+                                            spearman, unrope)
 from .distillation import RIDGE
 
 MIN_TOKENS = 4096        # tokens observed before a fit may count as good
@@ -105,10 +106,12 @@ class Progress:
 class ImportanceLearner:
     def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int, rope=None):
         """`rope` (methods.base.RopeGeometry): the keys are turned back by it at their positions
-        before they are learned from, and the predictor is `unroped`; None: keys as cached."""
+        and the cells' distances to the sequence's end are a feature, and the predictor is
+        `relative`; None: keys as cached."""
         self.fingerprint, self.pairing, self.rope = fingerprint, pairing, rope
-        self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k))
+        self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k, rope is not None))
         self.held_k: list[np.ndarray] = []        # [n_layer, n_head_kv, n, d] float16 per held-back span
+        self.held_distance: list[np.ndarray | None] = []  # [n] per held-back span (relative)
         self.held_teacher: list[np.ndarray] = []  # [n_layer, n_head_kv, n]
         self.rho: list[np.ndarray] = []           # rho^l the learning merges estimated from their windows
         self.progress = Progress()
@@ -139,24 +142,30 @@ class ImportanceLearner:
         n_layer, n_head = teacher.shape[:2]
         k = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, at, "k", seq_id) for h in range(n_head)])
                       for l in range(n_layer)])
+        distance = None
         if self.rope is not None:
             k = unrope(k, positions, self.rope)
-        self.add(k, teacher)
+            distance = distance_to_end(positions, int(pos.max()) + 1)
+        self.add(k, teacher, distance)
 
-    def add(self, k: np.ndarray, teacher: np.ndarray) -> None:
-        """One span: keys k [n_layer, n_head_kv, n, d] (turned back by RoPE where the learner has a
-        `rope`) and the teacher's scores [n_layer, n_head_kv, n]."""
+    def add(self, k: np.ndarray, teacher: np.ndarray, distance: np.ndarray | None = None) -> None:
+        """One span: keys k [n_layer, n_head_kv, n, d] and the teacher's scores [n_layer, n_head_kv, n];
+        where the learner has a `rope`, the keys turned back by it and each cell's `distance` [n]
+        to the sequence's last position."""
+        if (distance is None) != (self.rope is None):
+            raise ValueError("a relative learner takes each cell's distance to the end, and only it")
         p = self.progress
         held = p.n_documents % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 and p.held_back_tokens < HELD_BACK_TOKENS
         n_layer, n_head = teacher.shape[:2]
         if held:
             self.held_k.append(k.astype(np.float16))
+            self.held_distance.append(distance)
             self.held_teacher.append(teacher)
             p.held_back_tokens += teacher.shape[-1]
         else:
             for l in range(n_layer):
                 for h in range(n_head):
-                    self.moments.add(l, h, features(k[l, h].astype(np.float32), self.pairing),
+                    self.moments.add(l, h, features(k[l, h].astype(np.float32), self.pairing, distance),
                                      np.log(teacher[l, h].astype(np.float64) + LOG_FLOOR))
             p.n_tokens += teacher.shape[-1]
             self._since_fit += teacher.shape[-1]
@@ -180,7 +189,7 @@ class ImportanceLearner:
             for h in range(n_head):
                 w, b = self.moments.solve(l, h)
                 weights[l, h], bias[l, h] = w, b
-        predictor = ImportancePredictor(self.pairing, weights, bias, unroped=self.rope is not None)
+        predictor = ImportancePredictor(self.pairing, weights, bias, relative=self.rope is not None)
         rank = self.held_back_spearman(predictor)
         p = self.progress
         info = {"teacher": "reconstruction (the repeat pass of this model's own conversations)",
@@ -195,8 +204,8 @@ class ImportanceLearner:
         if not self.held_k:
             return None
         n_layer, n_head = self.held_teacher[0].shape[:2]
-        return float(np.mean([spearman(predictor.predict(l, h, k[l, h].astype(np.float32)), t[l, h])
-                              for k, t in zip(self.held_k, self.held_teacher)
+        return float(np.mean([spearman(predictor.predict(l, h, k[l, h].astype(np.float32), dist), t[l, h])
+                              for k, t, dist in zip(self.held_k, self.held_teacher, self.held_distance)
                               for l in range(n_layer) for h in range(n_head)]))
 
     def ready(self):

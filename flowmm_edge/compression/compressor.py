@@ -41,9 +41,9 @@ def predicted_scores(predictor, ctx, seq_id: int = 0) -> np.ndarray:
     n_cells] in kv_cache.seq_cells order, from the cache's own keys on the cache's backend (one
     small graph per layer; predictor.predict is its numpy reference)."""
     predictor.check_layout(kv_cache.layout(ctx))
-    rope = rope_geometry(ctx.model) if predictor.unroped else None
+    rope = rope_geometry(ctx.model) if predictor.relative else None
     return np.stack([kv_cache.predict_scores(ctx, l, predictor.weights[l], predictor.bias[l], predictor.rope_pairing,
-                                             seq_id, unrope=rope) for l in range(predictor.n_layer)])
+                                             seq_id, relative=rope) for l in range(predictor.n_layer)])
 
 
 @dataclasses.dataclass

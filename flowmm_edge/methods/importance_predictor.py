@@ -1,7 +1,8 @@
 """A learned importance: per (layer, KV head), a linear map from what the cache holds at a cell to
 the log of the reconstruction score that the repeat pass (reconstruction.py) would give it.
 
-    score = w . [k, |rotated pairs of k|] + b
+    score = w . [k, |rotated pairs of k|] + b          (as cached)
+    score = w . [k', |rotated pairs of k|, log(1 + distance to the end)] + b   (relative: k' = k turned back)
 
 The features are the cell's own cached key, so nothing runs while decoding: the score is one
 small matrix product per layer over the cache, computed on the cache's backend when a merge
@@ -12,12 +13,14 @@ K is cached after RoPE, which rotates each pair of dimensions (i, i + d/2 for NE
 such as Qwen2, 2i and 2i + 1 for the original style) by an angle that grows with the position.
 A linear map of raw K therefore means something different at every position. The length of
 each rotated pair does not change with the position. The features are both: k and the d/2 pair
-lengths. A predictor fitted with `unroped` (every fit since 2026-12-06) first turns each key back
-by the plain RoPE of its own position (`unrope`; the native graph does the same with ggml_rope_ext
-at -pos), so k means the same at every position: fitted on documents at positions 0-2k, it ranks a
-chat's later turns at 16k as it ranks them there. One fitted on cached K as it is (FEATURES, the
-predictors before) ranked the same document 0.67-0.77 apart, by Spearman, once it sat a turn or two
-later (docs/RESULTS.md, "Importance at every position"). Measured against the alternatives (pair
+lengths. A `relative` predictor (RELATIVE_FEATURES, every fit since 2026-12-06) sees positions only
+relative to the sequence's end: it first turns each key back by the plain RoPE of its own position
+(`unrope`; the native graph does the same with ggml_rope_ext at -pos), so k means the same at every
+position, and takes log(1 + the cell's distance to the sequence's last position) as one more
+feature, the recency that raw K carried within a document. Fitted on documents at positions 0-2k,
+it ranks a chat's later turns as it ranks a document at 0. One fitted on cached K as it is
+(FEATURES, the predictors before) ranked the same document 0.59-0.73 alike, by Spearman, once it
+sat 2-6k positions later (docs/RESULTS.md, "Importance at every position"). Measured against the alternatives (pair
 lengths alone, raw K alone, with V) in docs/METHOD.md, 'Learned importance'
 (scripts/predictor_features.py).
 
@@ -34,7 +37,7 @@ import numpy as np
 from ..errors import FlowMMError
 
 FEATURES = "k+pair_lengths"  # [k, |rotated pairs of k|], k as cached (after RoPE)
-UNROPED_FEATURES = "unroped_k+pair_lengths"  # the same of k turned back by RoPE at its position
+RELATIVE_FEATURES = "unroped_k+pair_lengths+log_distance_to_end"  # k turned back by RoPE, and recency
 PAIRINGS = ("halves", "adjacent")  # RoPE's pairs: (i, i + d/2) NEOX-style, (2i, 2i + 1) the original
 LOG_FLOOR = 1e-4  # added to the teacher's attention mass before the log (a cell nobody looked at)
 
@@ -56,10 +59,20 @@ def k_pair_lengths(k: np.ndarray, pairing: str) -> np.ndarray:
     return np.sqrt(a * a + b * b)
 
 
-def features(k: np.ndarray, pairing: str) -> np.ndarray:
-    """The predictor's input rows for cells with keys k [n, d]: [k, k_pair_lengths(k)], [n, 3d/2]."""
+def features(k: np.ndarray, pairing: str, distance: np.ndarray | None = None) -> np.ndarray:
+    """The predictor's input rows for cells with keys k [n, d]: [k, k_pair_lengths(k)], [n, 3d/2];
+    with `distance` [n] (each cell's distance to the sequence's last position), log(1 + distance)
+    appended, [n, 3d/2 + 1]."""
     k = np.asarray(k, np.float64)
-    return np.concatenate([k, k_pair_lengths(k, pairing)], axis=-1)
+    cols = [k, k_pair_lengths(k, pairing)]
+    if distance is not None:
+        cols.append(np.log1p(np.asarray(distance, np.float64))[:, None])
+    return np.concatenate(cols, axis=-1)
+
+
+def distance_to_end(positions: np.ndarray, end: int) -> np.ndarray:
+    """Each position's distance to the last position of a sequence whose next position is `end`."""
+    return (end - 1 - np.asarray(positions, np.int64)).astype(np.float64)
 
 
 def unrope(k: np.ndarray, positions: np.ndarray, rope) -> np.ndarray:
@@ -75,8 +88,8 @@ def unrope(k: np.ndarray, positions: np.ndarray, rope) -> np.ndarray:
     return k
 
 
-def n_features(head_dim_k: int) -> int:
-    return head_dim_k + head_dim_k // 2
+def n_features(head_dim_k: int, relative: bool = False) -> int:
+    return head_dim_k + head_dim_k // 2 + int(relative)
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float, weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -109,7 +122,7 @@ class ImportancePredictor:
     weights: np.ndarray
     bias: np.ndarray
     info: dict = dataclasses.field(default_factory=dict)  # what it was fitted on, how well it ranks
-    unroped: bool = False  # its features are of keys turned back by RoPE (UNROPED_FEATURES)
+    relative: bool = False  # RELATIVE_FEATURES: keys turned back by RoPE, and the distance to the end
 
     def __post_init__(self):
         if self.rope_pairing not in PAIRINGS:
@@ -126,18 +139,22 @@ class ImportancePredictor:
         return self.weights.shape[0]
 
     def check_layout(self, lay) -> None:
-        want = n_features(lay.head_dim_k)
+        want = n_features(lay.head_dim_k, self.relative)
         if self.weights.shape != (lay.n_layer, lay.n_head_kv, want):
             raise PredictorError(f"the predictor's weights {tuple(self.weights.shape)} do not fit this cache "
                                  f"({lay.n_layer} layers, {lay.n_head_kv} KV heads, {want} features)")
 
-    def predict(self, layer: int, head: int, k: np.ndarray) -> np.ndarray:
+    def predict(self, layer: int, head: int, k: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
         """numpy reference: the predicted log score of cells with keys k [n, d] (as the model
-        computed them: no storage rotation; turned back by `unrope` where `unroped`)."""
-        return features(k, self.rope_pairing) @ self.weights[layer, head] + self.bias[layer, head]
+        computed them: no storage rotation); a `relative` predictor takes them turned back by
+        `unrope`, with each cell's `distance` to the sequence's last position."""
+        if self.relative and distance is None:
+            raise PredictorError("a relative predictor needs each cell's distance to the sequence's end")
+        return features(k, self.rope_pairing, distance if self.relative else None) @ self.weights[layer, head] + \
+            self.bias[layer, head]
 
     def to_json(self) -> dict:
-        return {"features": UNROPED_FEATURES if self.unroped else FEATURES, "rope_pairing": self.rope_pairing,
+        return {"features": RELATIVE_FEATURES if self.relative else FEATURES, "rope_pairing": self.rope_pairing,
                 "weights": np.asarray(self.weights, np.float32).round(6).tolist(),
                 "bias": np.asarray(self.bias, np.float32).round(6).tolist(), "info": self.info}
 
@@ -146,12 +163,12 @@ class ImportancePredictor:
         if not isinstance(data, dict):
             raise PredictorError(f"{where}: 'predictor' must be an object")
         try:
-            if data["features"] not in (FEATURES, UNROPED_FEATURES):
+            if data["features"] not in (FEATURES, RELATIVE_FEATURES):
                 raise PredictorError(f"predictor features {data['features']!r} are not {FEATURES!r} or "
-                                     f"{UNROPED_FEATURES!r}")
+                                     f"{RELATIVE_FEATURES!r}")
             return cls(rope_pairing=data["rope_pairing"],
                        weights=np.asarray(data["weights"], np.float32), bias=np.asarray(data["bias"], np.float32),
-                       info=dict(data.get("info") or {}), unroped=data["features"] == UNROPED_FEATURES)
+                       info=dict(data.get("info") or {}), relative=data["features"] == RELATIVE_FEATURES)
         except (KeyError, TypeError, ValueError) as e:
             raise PredictorError(f"{where}: bad predictor ({e})") from None
         except PredictorError as e:
