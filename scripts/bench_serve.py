@@ -38,6 +38,7 @@ import re
 import socket
 import statistics
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -65,7 +66,7 @@ def run_config(args, method: str) -> dict:
         proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
                                         "--budget", str(args.budget), "-n", str(args.max_tokens)])
     try:
-        return converse(args, url, method, proc.pid)
+        return {**converse(args, url, method, proc.pid), "server_log": proc.log_path}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -166,11 +167,15 @@ def peak_rss_mib(pid: int) -> float:
 def launch(cmd: list[str], name: str):
     """Start a server on the loopback port in `cmd`'s --port; returns (process, url) once /health answers."""
     port = cmd[cmd.index("--port") + 1]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the server's stderr goes to a file: a pipe nobody reads fills at 64 KiB and then blocks the
+    # server mid-run (every later request would seem to hang); the file's tail explains a failure
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-serve-{name.replace(' ', '-')}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
-            raise SystemExit(f"{name} exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"{name} exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -352,6 +357,8 @@ def main() -> int:
         rows.append(run_config(args, method))
         for e in rows[-1]["errors"]:
             print(f"[bench_serve]   error: {e}", file=sys.stderr)
+        if rows[-1]["errors"]:
+            print(f"[bench_serve]   the server's log: {rows[-1]['server_log']}", file=sys.stderr)
     table = markdown(rows)
     print(table)
     if args.json:

@@ -119,7 +119,7 @@ def test_distillation_documents_hold_pages_and_pictures_the_teacher_re_reads(mmp
         page = book.read(page_png)
         picture_before = sum(RUN for i, png in doc.images if png is not page_png and i <= page_at)
         with runtime.Context(text_model, n_ctx=700 + 2 * RUN + reconstruction.ROOM, n_threads=2) as ctx:
-            samples = distillation.collect(ctx, [doc], projector=proj)
+            samples = distillation.collect(ctx, [doc], projector=proj, relative=False)  # keys as cached
             # the reference: the same pieces with the page's tokens decoded as text in its place
             as_text = distillation.Document("ref", doc.tokens[:page_at] + page + doc.tokens[page_at:],
                                             tuple((i if i <= page_at else i + len(page), png)
