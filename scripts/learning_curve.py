@@ -43,10 +43,13 @@ def main() -> int:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--save", type=Path, help="folder to keep the renamed copy (copy.gguf) and the policy the chat "
-                                              "switches to (learned.json), for eval")
+                                              "switches to (learned.json; the last fit if none was good), for eval")
+    ap.add_argument("--compare", type=Path, help="the policy whose predictor is scored beside the student (default: "
+                                                 "the model's shipped one); only one of the student's kind (relative "
+                                                 "or raw k) can be scored on its held-back keys")
     args = ap.parse_args()
     src = args.model or default_model.ensure()
-    shipped = policy_mod.shipped_for(src)
+    shipped = policy_mod.load(args.compare) if args.compare else policy_mod.shipped_for(src)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         import os
@@ -60,6 +63,9 @@ def main() -> int:
             s.background = False
             learner = s.engine.learner
             assert learner is not None, "the copy found a policy: it must be unseen"
+            if shipped is not None and shipped.predictor is not None and \
+                    shipped.predictor.relative != (learner.rope is not None):
+                shipped = None  # its features are of other keys than the held-back ones
             skip = SHIPPED_CORPUS_TOKENS // args.turn_tokens + 1
             docs = distillation.documents(s.model, skip + args.turns, args.turn_tokens)[skip:]
             t_start = time.perf_counter()
@@ -85,6 +91,11 @@ def main() -> int:
                 print(f"turn {turn:3d}: {p.n_tokens:6d} tokens seen, {p.n_documents} spans; held-back Spearman "
                       f"student {fmt(row['student_spearman'])}, shipped {fmt(row['shipped_spearman'])} "
                       f"({row['turn_s']:.1f} s)", flush=True)
+            if args.save and not (args.save / "learned.json").exists() and learner.held_k:
+                student = learner.fit()[0]  # never good enough inside these turns: the last fit, for eval
+                args.save.mkdir(parents=True, exist_ok=True)
+                learner.policy(student, learner.held_back_spearman(student)).save(args.save / "learned.json")
+                shutil.copy(model, args.save / "copy.gguf")
             total = time.perf_counter() - t_start
     first = next((r for r in rows if r["tokens_seen"] >= self_distillation.MIN_TOKENS
                   and (r["student_spearman"] or -1) >= good), None)
