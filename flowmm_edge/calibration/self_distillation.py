@@ -145,7 +145,7 @@ class ImportanceLearner:
         distance = None
         if self.rope is not None:
             k = unrope(k, positions, self.rope)
-            distance = distance_to_end(positions, int(pos.max()) + 1)
+            distance = distance_to_end(positions, ctx.next_pos(seq_id))
         self.add(k, teacher, distance)
 
     def add(self, k: np.ndarray, teacher: np.ndarray, distance: np.ndarray | None = None) -> None:

@@ -55,6 +55,17 @@ class RopeGeometry:
         i = np.arange(self.n_rot // 2)
         return (i, i + self.n_rot // 2) if self.pairing == "halves" else (2 * i, 2 * i + 1)
 
+    def turn(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """[..., head_dim] float64: `x` with each rotated pair (a, b) turned as llama.cpp's RoPE
+        turns it, (a cos - b sin, a sin + b cos); cos and sin [..., n_rot / 2] broadcast against
+        x's pairs. Dimensions past n_rot are kept."""
+        first, second = self.pairs()
+        out = np.array(x, dtype=np.float64, copy=True)
+        a, b = out[..., first].copy(), out[..., second].copy()
+        out[..., first] = a * cos - b * sin
+        out[..., second] = a * sin + b * cos
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:

@@ -33,12 +33,7 @@ def future_query(mean: np.ndarray, rope: RopeGeometry, offset: float, n_future: 
     theta = rope.angles()
     steps = offset + np.arange(n_future, dtype=np.float64)
     cos, sin = np.cos(np.outer(steps, theta)).mean(axis=0), np.sin(np.outer(steps, theta)).mean(axis=0)
-    first, second = rope.pairs()
-    out = np.array(mean, dtype=np.float64, copy=True)
-    a, b = mean[..., first], mean[..., second]
-    out[..., first] = a * cos - b * sin
-    out[..., second] = a * sin + b * cos
-    return out
+    return rope.turn(mean, cos, sin)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

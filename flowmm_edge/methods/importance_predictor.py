@@ -19,9 +19,9 @@ relative to the sequence's end: it first turns each key back by the plain RoPE o
 position, and takes log(1 + the cell's distance to the sequence's last position) as one more
 feature, the recency that raw K carried within a document. Fitted on documents at positions 0-2k,
 it ranks a chat's later turns as it ranks a document at 0. One fitted on cached K as it is
-(FEATURES, the predictors before) ranked the same document 0.59-0.73 alike, by Spearman, once it
-sat 2-6k positions later (docs/RESULTS.md, "Importance at every position"). Measured against the alternatives (pair
-lengths alone, raw K alone, with V) in docs/METHOD.md, 'Learned importance'
+(FEATURES, the shipped one) ranks the same document 0.59-0.73 alike, by Spearman, once it sits
+2-6k positions later (docs/RESULTS.md, "Importance at every position"). Measured against the
+alternatives (pair lengths alone, raw K alone, with V) in docs/METHOD.md, 'Learned importance'
 (scripts/predictor_features.py).
 
 After KVzap (NVIDIA kvpress, kvzap/, arXiv 2601.07891), which maps a layer's hidden state to the
@@ -78,14 +78,8 @@ def distance_to_end(positions: np.ndarray, end: int) -> np.ndarray:
 def unrope(k: np.ndarray, positions: np.ndarray, rope) -> np.ndarray:
     """Keys k [..., n, d] cached at `positions` [n], turned back by the plain RoPE of `rope`
     (methods.base.RopeGeometry): pair i of the first n_rot dimensions rotated by -pos * angle_i."""
-    k = np.array(k, np.float64)
     theta = -np.asarray(positions, np.float64)[:, None] * rope.angles()[None, :]  # [n, n_rot / 2]
-    a, b = rope.pairs()
-    cos, sin = np.cos(theta), np.sin(theta)
-    x, y = k[..., a].copy(), k[..., b].copy()
-    k[..., a] = x * cos - y * sin
-    k[..., b] = x * sin + y * cos
-    return k
+    return rope.turn(k, np.cos(theta), np.sin(theta))
 
 
 def n_features(head_dim_k: int, relative: bool = False) -> int:
