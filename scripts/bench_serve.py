@@ -38,8 +38,8 @@ import re
 import socket
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,11 +65,12 @@ def run_config(args, method: str) -> dict:
     else:
         proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
                                         "--budget", str(args.budget), "-n", str(args.max_tokens)])
+    row = {"errors": ["the run did not finish"]}
     try:
-        return {**converse(args, url, method, proc.pid), "server_log": proc.log_path}
+        row = {**converse(args, url, method, proc.pid), "server_log": proc.log_path}
+        return row
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, keep_log=bool(row["errors"]))
 
 
 def peer_slots(args) -> int:
@@ -162,6 +163,14 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
 def peak_rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def stop(proc, keep_log: bool) -> None:
+    """End a server `launch` started; its stderr file is removed unless `keep_log` (a run with errors)."""
+    proc.terminate()
+    proc.wait(timeout=30)
+    if not keep_log:
+        Path(proc.log_path).unlink(missing_ok=True)
 
 
 def launch(cmd: list[str], name: str):
@@ -271,8 +280,7 @@ def streams(args, server: str = "flowmm-edge") -> list[dict]:
             row["short_ttft_alone_s"] = statistics.median(r["ttft"] for r in alone)
             row["short_ttft_under_3_s"] = statistics.median(r["ttft"] for r in loaded)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc, keep_log=False)
     return out
 
 
