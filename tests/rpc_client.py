@@ -77,6 +77,10 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
             out["k_rows"] = kv_cache.read_rows(ctx, 1, 0, cells, "k").tolist()
             out["v_rows"] = kv_cache.read_rows(ctx, 1, 1, cells, "v").tolist()
             out["predicted"] = predicted_scores(pred, ctx).tolist()
+            relative = ImportancePredictor(  # keys turned back by RoPE at -pos on the device, and the distance
+                "adjacent", rng.normal(size=(lay.n_layer, lay.n_head_kv, n_features(lay.head_dim_k, relative=True))),
+                rng.normal(size=(lay.n_layer, lay.n_head_kv)), relative=True)
+            out["predicted_relative"] = predicted_scores(relative, ctx).tolist()
             best, cos = kv_cache.match_keys(ctx, 1, np.stack([cells[10:40]] * lay.n_head_kv),
                                             np.stack([cells[:10]] * lay.n_head_kv),
                                             np.zeros((lay.n_head_kv, 30), np.int32), np.ones((lay.n_head_kv, 1, 10), bool))
