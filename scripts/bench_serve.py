@@ -129,6 +129,8 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
                         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                         live.append(cached > usage.get("prompt_tokens", 0) / 2)
                         answered.append(any(a in answer for a in c["answers"]))
+        except threading.BrokenBarrierError:  # another conversation failed (its error is listed)
+            return
         except Exception as e:
             with lock:
                 errors.append(f"{c['name']}: {e}")

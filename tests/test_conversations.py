@@ -5,11 +5,13 @@ cells back."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from flowmm_edge.app.conversation import Conversation
 from flowmm_edge.app.engine import Engine, SessionError
 from flowmm_edge.app.session import Session
+from flowmm_edge.bindings import kv_cache
 
 A_TURNS = ["the secret key is red and the code is 1234", "what is the code", "and the key"]
 B_TURNS = ["dogs are here in the picture of the city", "how many dogs", "what city is it"]
@@ -108,3 +110,65 @@ def test_a_ratio_budget_is_due_when_the_ratio_would_keep_fewer_cells():
     whole = SequenceCompressor("streaming", 1.0)
     assert not whole.due(100)
     assert SequenceCompressor("streaming", 64).due(65) and not SequenceCompressor("streaming", 64).due(64)
+
+
+def _yielding_turn(engine, fill):
+    """Conversation a, mid-way through a turn that yields between chunks of 16 tokens (serve's
+    slots) and holds a claim of 8 cells (an estimate that fell short); at its first boundary
+    `fill(b)` lets conversation b take cells as another slot would. Returns (a, b, turn)."""
+    a, b = Conversation(engine, prefill_step=16), Conversation(engine)
+    engine.claim(a, 8)
+    filled = []
+
+    def boundary(what, done, total, note=""):
+        if what == "prefill" and not filled:
+            filled.append(fill(b))
+    a.listen(boundary)
+    return a, b, filled
+
+
+def test_a_prefill_that_yields_keeps_the_cells_it_took_room_for(tiny_models):
+    """A turn decoded in chunks holds the room of the unit it took: another conversation admitted
+    at a chunk boundary gets only the rest of the buffer (not llama_decode's "cache full" for the
+    turn's next chunk), and the turn's logits are those of the turn decoded alone."""
+    turn = "the cat sat on the mat and " * 12
+    with Engine(n_ctx=256, n_slots=2, **settings(tiny_models, "full")) as engine:
+        def take_all_allowed(b):
+            n = engine.room(b, reserved=False)
+            engine.ctx.decode([engine.model.tokenize("the")[-1]] * n, 0, b.seq_id)
+            return n
+        a, b, filled = _yielding_turn(engine, take_all_allowed)
+        a.add_user_turn(turn)
+        assert filled[0] > 0 and engine.ctx.next_pos(b.seq_id) == filled[0]
+        assert a.cells() == a.pos and kv_cache.free_cells(engine.ctx) == 256 - a.pos - filled[0]
+        got = a.last_logits
+    with Engine(n_ctx=256, n_slots=1, **settings(tiny_models, "full")) as engine:
+        alone_ = Conversation(engine)
+        alone_.add_user_turn(turn)
+        want = alone_.last_logits
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(np.abs(want).max()))
+
+
+def test_a_prefill_whose_room_was_taken_stops_as_before_the_turn(tiny_models):
+    """If another conversation took the cells anyway (one that grew past its own claim), the
+    turn's next chunk is not sent to llama_decode to fail: the turn raises NoRoomError (serve
+    queues it until the replies end) and the conversation and its cells are as before it."""
+    from flowmm_edge.app.engine import NoRoomError
+
+    turn = "the cat sat on the mat and " * 12
+    with Engine(n_ctx=256, n_slots=2, **settings(tiny_models, "full")) as engine:
+        def take_every_cell(b):
+            b.busy = True  # replying: it may not be evicted to make room
+            n = kv_cache.free_cells(engine.ctx)
+            engine.ctx.decode([engine.model.tokenize("the")[-1]] * n, 0, b.seq_id)
+            return n
+        a, b, filled = _yielding_turn(engine, take_every_cell)
+        before = (a.cells(), a.pos, list(a.messages), a.cached_text)
+        with pytest.raises(NoRoomError, match="no room for this turn"):
+            a.add_user_turn(turn)
+        assert filled[0] > 0 and (a.cells(), a.pos, a.messages, a.cached_text) == before
+        assert kv_cache.free_cells(engine.ctx) == 256 - filled[0]  # b's cells, and a's first chunk given back
+        engine.ctx.truncate(0, b.seq_id)  # the reply ended: its room is back, and the turn goes
+        a.add_user_turn(turn)
+        assert a.cells() == a.pos > 0

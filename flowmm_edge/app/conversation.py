@@ -358,8 +358,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             else:
                 n = take.n_pos
             if n == 0 or n > free:  # alone in the buffer a merge below always makes room; shared, maybe not
-                raise NoRoomError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
-                                  f"conversations that are replying (try again, or raise --ctx)")
+                raise self._no_room()
+            self.engine.hold(self, used + n)  # the cells this unit takes stay ours across its chunks' yields
             end = self.pos + n
             if not units:  # the end of the turn: merge down to the budget now only on the blocking schedule
                 merge_now = merging and schedule.at_turn_end(used + n > self.budget_cells)
@@ -403,12 +403,26 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         step = min(self.prefill_step or self.ctx.n_batch, self.ctx.n_batch)
         for a in range(0, len(unit), step):
             chunk = unit[a:a + step]
+            if a:
+                self._room_after_yield(len(chunk))
             if self.riders is None or self.statistics_on:  # observed: the statistics are one sequence's
                 logits = self.ctx.decode(chunk, self.pos + a, self.seq_id)
             else:
                 logits = self._decode_with_riders(chunk, self.pos + a)
             self._progress("prefill", done + min(a + step, len(unit)), total)
         return logits
+
+    def _room_after_yield(self, n: int) -> None:
+        """At a chunk boundary the other slots ran (serve): the unit's room is held by this
+        conversation's claim (Engine.hold), but a conversation that grew past its own claim may
+        have taken it. Room is then made from idle conversations, or the turn stops as before it
+        (NoRoomError: it waits for the replies to end) instead of llama_decode failing."""
+        if self.engine.room(self, reserved=False) < n and not self.engine.make_room(n, keep=self, reserved=False):
+            raise self._no_room()
+
+    def _no_room(self) -> NoRoomError:
+        return NoRoomError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
+                           f"conversations that are replying (try again, or raise --ctx)")
 
     def _decode_with_riders(self, chunk: list[int], pos0: int) -> np.ndarray:
         """Decode a prefill chunk in one batch with the riders' rows (each gets its logits, or the

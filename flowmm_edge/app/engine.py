@@ -287,6 +287,13 @@ class Engine:
     def claim(self, conv, cells: int) -> None:
         self._claims[conv.seq_id] = (conv, cells)
 
+    def hold(self, conv, cells: int) -> None:
+        """`conv`, serving a request, is about to grow to `cells`: its claim covers them, so that no
+        other conversation is admitted into them while its prefill yields (a claim from an
+        estimate that fell short, or room freed since it was made)."""
+        if conv.seq_id in self._claims:
+            self.claim(conv, max(self._claims[conv.seq_id][1], cells))
+
     def release(self, conv) -> None:
         self._claims.pop(conv.seq_id, None)
 
