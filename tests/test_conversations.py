@@ -112,17 +112,20 @@ def test_a_ratio_budget_is_due_when_the_ratio_would_keep_fewer_cells():
     assert SequenceCompressor("streaming", 64).due(65) and not SequenceCompressor("streaming", 64).due(64)
 
 
-def _yielding_turn(engine, fill):
+def _yielding_turn(engine, cells_for_b):
     """Conversation a, mid-way through a turn that yields between chunks of 16 tokens (serve's
     slots) and holds a claim of 8 cells (an estimate that fell short); at its first boundary
-    `fill(b)` lets conversation b take cells as another slot would. Returns (a, b, turn)."""
+    conversation b decodes `cells_for_b(b)` tokens, as another slot would. Returns (a, b, [the
+    cells b took])."""
     a, b = Conversation(engine, prefill_step=16), Conversation(engine)
     engine.claim(a, 8)
     filled = []
 
     def boundary(what, done, total, note=""):
         if what == "prefill" and not filled:
-            filled.append(fill(b))
+            n = cells_for_b(b)
+            engine.ctx.decode([engine.model.tokenize("the")[-1]] * n, 0, b.seq_id)
+            filled.append(n)
     a.listen(boundary)
     return a, b, filled
 
@@ -133,11 +136,7 @@ def test_a_prefill_that_yields_keeps_the_cells_it_took_room_for(tiny_models):
     turn's next chunk), and the turn's logits are those of the turn decoded alone."""
     turn = "the cat sat on the mat and " * 12
     with Engine(n_ctx=256, n_slots=2, **settings(tiny_models, "full")) as engine:
-        def take_all_allowed(b):
-            n = engine.room(b, reserved=False)
-            engine.ctx.decode([engine.model.tokenize("the")[-1]] * n, 0, b.seq_id)
-            return n
-        a, b, filled = _yielding_turn(engine, take_all_allowed)
+        a, b, filled = _yielding_turn(engine, lambda b: engine.room(b, reserved=False))  # all b may take
         a.add_user_turn(turn)
         assert filled[0] > 0 and engine.ctx.next_pos(b.seq_id) == filled[0]
         assert a.cells() == a.pos and kv_cache.free_cells(engine.ctx) == 256 - a.pos - filled[0]
@@ -158,12 +157,10 @@ def test_a_prefill_whose_room_was_taken_stops_as_before_the_turn(tiny_models):
 
     turn = "the cat sat on the mat and " * 12
     with Engine(n_ctx=256, n_slots=2, **settings(tiny_models, "full")) as engine:
-        def take_every_cell(b):
+        def every_free_cell(b):
             b.busy = True  # replying: it may not be evicted to make room
-            n = kv_cache.free_cells(engine.ctx)
-            engine.ctx.decode([engine.model.tokenize("the")[-1]] * n, 0, b.seq_id)
-            return n
-        a, b, filled = _yielding_turn(engine, take_every_cell)
+            return kv_cache.free_cells(engine.ctx)
+        a, b, filled = _yielding_turn(engine, every_free_cell)
         before = (a.cells(), a.pos, list(a.messages), a.cached_text)
         with pytest.raises(NoRoomError, match="no room for this turn"):
             a.add_user_turn(turn)

@@ -259,7 +259,7 @@ def fuzz_bodies(n: int, seed: int = 0) -> list[bytes]:
 
 
 def test_a_bounded_fuzz_leaves_the_server_answering_and_its_memory_flat(srv):
-    c = httpx.Client(timeout=120)  # a hang detector: a 3,000-character prompt merges as it goes, ~10 s quiet, 45 s on busy cores
+    c = httpx.Client(timeout=120)  # a hang detector: a 3,000-character prompt merges as it goes (16-44 s on 2 busy cores)
     for _ in range(20):  # warm up every path once before taking the baseline
         c.post(srv.url + "/v1/chat/completions", json={"messages": MSG1, "max_tokens": 2})
         c.post(srv.url + "/v1/chat/completions", content=b"{bad")
