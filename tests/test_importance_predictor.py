@@ -19,7 +19,6 @@ from flowmm_edge.methods import METHODS, registry
 from flowmm_edge.calibration import policy
 from flowmm_edge.methods.base import MethodError
 from flowmm_edge.compression.compressor import Compressor, predicted_scores, rope_geometry
-from flowmm_edge.compression.sequence_compressor import SequenceCompressor
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.methods.importance_predictor import ImportancePredictor, fit_ridge, n_features, spearman
 from flowmm_edge.models import tiny as tm
@@ -280,51 +279,6 @@ def test_flowmm_plans_from_the_predicted_scores(model):
         assert report.cells_after < len(tokens)
     np.testing.assert_allclose(seen["scores"], want, rtol=1e-3)
     assert np.array_equal(seen["positions"], np.sort(pos))
-
-
-def test_a_cell_keeps_its_larger_score_from_an_earlier_merge_and_a_cut_back_forgets_it(model):
-    """A sequence merged twice: the second plan scores each cell the larger of numpy's prediction
-    now and the one it had at the first merge (by position), the rule the repeat pass's scores
-    carry by. The relative predictor's distance weights are negative, so every cell kept from the
-    first merge scores lower now than it did then: a plan from today's scores alone differs."""
-    pred = _relative(_predictor(L, H, HD, "adjacent", seed=3))
-    pred.weights[..., -1] = -2.0  # a steep recency: the distance grows by the second merge's text
-    seen = []
-
-    class Spy(FlowMM):
-        def plan(self, layout, stats, n_layer, n_head_kv, slots):
-            seen.append((layout.positions.copy(), stats.predicted_scores.copy()))
-            return super().plan(layout, stats, n_layer, n_head_kv, slots)
-
-    base = _rope_base(model)
-    first, second = model.tokenize(TINY_PROMPT * 2), model.tokenize(TINY_PROMPT)
-    seq = SequenceCompressor(Spy(sinks=2, window=4, importance="predicted", predictor=pred, flow_guidance=False), 24)
-    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
-        now = []
-
-        def merge(n):
-            _, pos = kv_cache.seq_cells(ctx)
-            now.append((np.sort(pos), np.exp(_reference(ctx, pred, H, HD, base=base))[..., np.argsort(pos)]))
-            seq.merge(ctx, np.zeros(n, np.int32), span_labels(n))
-
-        ctx.decode(first, 0)
-        merge(len(first))
-        ctx.decode(second, ctx.next_pos())
-        merge(len(first) + len(second))
-    (pos1, ref1), (pos2, ref2) = now
-    np.testing.assert_allclose(seen[0][1], ref1, rtol=1e-3)
-    kept = np.isin(pos2, pos1)
-    assert kept.any() and (~kept).any()
-    want = ref2.copy()
-    want[..., kept] = np.maximum(ref2[..., kept], ref1[..., np.searchsorted(pos1, pos2[kept])])
-    assert np.array_equal(seen[1][0], pos2)
-    np.testing.assert_allclose(seen[1][1], want, rtol=1e-3)
-    assert not np.allclose(want, ref2, rtol=1e-2)  # the earlier scores changed the plan's input
-    # a cut-back forgets the scores past it, a reset all of them
-    seq.forget_from(int(pos2[kept][-1]))
-    assert seq.predicted.positions.max() < pos2[kept][-1]
-    seq.reset()
-    assert seq.predicted is None
 
 
 def test_calibrate_distils_a_predictor_that_ranks_like_the_repeat_pass(tiny_models, tmp_path):

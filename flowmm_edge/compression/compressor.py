@@ -107,8 +107,6 @@ class Compressor:
         self.rho = None if rho is None else np.asarray(rho, dtype=np.float64)
         self._stats: AttentionStats | None = None
         self._recon: reconstruction.PositionScores | None = None
-        self._predicted_before: reconstruction.PositionScores | None = None
-        self.predicted: reconstruction.PositionScores | None = None  # log scores the last compress planned from
 
     @property
     def needs_observation(self) -> bool:
@@ -142,21 +140,11 @@ class Compressor:
         importance in place of the predictor's, say): the statistics observed must serve it."""
         other = Compressor(method, self.budget, self.rho)
         other._stats = self._stats
-        other._predicted_before = self._predicted_before
         return other
 
     def use_reconstruction(self, scores: reconstruction.PositionScores) -> None:
         """Plan from reconstruction scores computed elsewhere over the same positions."""
         self._recon = scores
-
-    def carry_predicted(self, before: reconstruction.PositionScores | None) -> None:
-        """The predictor's log scores at the sequence's earlier merges: a cell scored there keeps
-        the larger of that score and today's (reconstruction.larger_of), as the repeat pass's
-        scores do. A relative predictor reads each cell's distance to the sequence's end, which
-        grows at every merge; so each cell keeps the score it had when it was the end's
-        neighbour, and a document merged several times while it arrives is not re-ranked by
-        recency at each merge (docs/METHOD.md, "Scores across merges")."""
-        self._predicted_before = before
 
     def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray,
                whole_prompt: AttentionStats | None = None, seq_id: int = 0):
@@ -213,9 +201,8 @@ class Compressor:
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
         if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
-            fresh = reconstruction.PositionScores(positions, predicted_scores(self.method.predictor, ctx, seq_id)[..., order])
-            self.predicted = reconstruction.larger_of(self._predicted_before, fresh)
-            stats.predicted_scores = np.exp(self.predicted.scores.astype(np.float64))
+            predicted = predicted_scores(self.method.predictor, ctx, seq_id)[..., order].astype(np.float64)
+            stats.predicted_scores = np.exp(predicted, out=predicted)
         rho_source = "unused"
         if RHO in needs:
             if self.rho is not None:

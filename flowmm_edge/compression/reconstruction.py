@@ -68,24 +68,6 @@ class PositionScores:
             raise ReconstructionError("reconstruction scores were computed for other cells than the cache holds now")
         return self.scores[..., idx]
 
-    def before(self, end: int) -> "PositionScores | None":
-        """The scores of the positions < end (a sequence cut back there); None if none is."""
-        keep = self.positions < end
-        return PositionScores(self.positions[keep], self.scores[..., keep]) if np.any(keep) else None
-
-
-def larger_of(old: PositionScores | None, fresh: PositionScores) -> PositionScores:
-    """`fresh`'s positions, each scored the larger of its fresh score and the one `old` gave it
-    (a cell scored at an earlier merge). The one rule by which a sequence's scores carry across
-    its merges: the repeat pass's (RepeatedScores) and the predictor's (predicted_scores)."""
-    scores = fresh.scores
-    if old is not None and len(old.positions):
-        seen = np.isin(fresh.positions, old.positions)
-        if np.any(seen):
-            scores = scores.copy()
-            scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
-    return PositionScores(fresh.positions, scores)
-
 
 def room_needed(prefix: list[int]) -> int:
     """Free cells the pass needs: the prefix and MIN_ROWS tokens of a chunk."""
@@ -234,11 +216,17 @@ class RepeatedScores:
         """Drop the scores of positions >= end (the sequence was cut back there)."""
         s = self.scored
         if s is not None:
-            self.scored = s.before(end)
+            keep = s.positions < end
+            self.scored = PositionScores(s.positions[keep], s.scores[..., keep]) if np.any(keep) else None
         self.repeated = self.repeated[self.repeated < end]
 
     def _combine(self, fresh: PositionScores, repeated: np.ndarray) -> PositionScores:
-        self.scored = larger_of(self.scored, fresh)
+        old, scores = self.scored, fresh.scores
+        if old is not None:
+            seen = np.isin(fresh.positions, old.positions)
+            scores = scores.copy()
+            scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
+        self.scored = PositionScores(fresh.positions, scores)
         self.repeated = np.union1d(self.repeated, repeated)
         return self.scored
 

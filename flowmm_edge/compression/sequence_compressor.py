@@ -60,7 +60,6 @@ class SequenceCompressor:
         scores so far are kept."""
         probe, rho = registry.resolve(self._spec, policy)  # once per policy: a method holds settings, no state
         self.policy, self.method, self.name, self.needs, self._rho = policy, probe, probe.name, probe.needs, rho
-        self.predicted = None  # another predictor's scores do not compare with the new one's
         self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
 
     @property
@@ -151,10 +150,7 @@ class SequenceCompressor:
             comp.use_reconstruction(scored)
             if self.learner is not None:
                 self.learner.observe(ctx, seq_id, scored, np.setdiff1d(self.repeats.repeated, before))
-        comp.carry_predicted(self.predicted)
         report = comp.compress(ctx, labels, seq_id)
-        if comp.predicted is not None:
-            self.predicted = comp.predicted
         if self.learner is not None and report.rho_source == "prompt":
             self.learner.add_rho(report.rho, labels)
         self._observed = None
@@ -164,17 +160,14 @@ class SequenceCompressor:
 
     def forget_from(self, end: int) -> None:
         self.repeats.forget_from(end)
-        if self.predicted is not None:
-            self.predicted = self.predicted.before(end)
 
     def reset(self) -> None:
         self.repeats = reconstruction.RepeatedScores()
         self._observed = None
-        self.predicted = None
 
     def snapshot(self) -> tuple:
-        return self.repeats.snapshot(), self._observed, self.predicted
+        return self.repeats.snapshot(), self._observed
 
     def restore(self, snap: tuple) -> None:
-        repeats, self._observed, self.predicted = snap
+        repeats, self._observed = snap
         self.repeats.restore(repeats)
