@@ -7,12 +7,13 @@ flowmm_edge/calibration/self_distillation.py), in the chat's own code path.
 
 The model is a copy of -m (default: the embedded model) with one header string changed, so no
 shipped or learned policy matches it: it learns like any model a user brings. A Session chats
-with it: each turn is a document of --turn-tokens tokens from the distillation corpus, past the
-part `calibrate --distill 16` fitted the shipped predictor on; the reply is one token and the
-merge after it runs the repeat pass, which feeds the learner. After each turn the script fits the
-student (as the learner does) and prints the held-back rank correlation with the teacher, and
-beside it the same measure for the shipped predictor of the original model on the same held-back
-spans (same weights, same keys), when there is one.
+with it: each turn begins a new conversation (the learner takes a conversation's text up to its
+first merge, self_distillation.py) with a document of --turn-tokens tokens from the distillation
+corpus, past the part `calibrate --distill 16` fitted the shipped predictor on; the reply is one
+token and the merge after it runs the repeat pass, which feeds the learner. After each turn the
+script fits the student (as the learner does) and prints the held-back rank correlation with the
+teacher, and beside it the same measure for the shipped predictor of the original model on the
+same held-back spans (same weights, same keys), when there is one.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> int:
             t_start = time.perf_counter()
             for turn, doc in enumerate(docs, 1):
                 t0 = time.perf_counter()
+                s.reset()  # a new conversation: the learner takes its text up to its first merge
                 s.add_user_turn(s.model.detokenize(doc.tokens[1:]))
                 list(s.reply())
                 s.merge()

@@ -51,6 +51,7 @@ def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_t
         s.background = False
         turns = 0
         while s.engine.importance_state() == "learning" and turns < 12:
+            s.reset()  # each turn begins a conversation: the learner takes text merged for the first time
             s.add_user_turn(text)
             list(s.reply())
             assert s.merge()
@@ -74,3 +75,34 @@ def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_t
     assert policy_mod.choose("auto", tiny_models[0]) is None
     with Session(model, policy="none", **settings) as s3:  # --policy none: no predictor, no learning
         assert s3.engine.importance_state() == "repeat"
+
+
+def test_the_learner_takes_a_conversations_text_up_to_its_first_merge_and_not_after(tiny_models, tmp_path, monkeypatch):
+    """A span repeated on a sequence merged before feeds the merge (the repeat pass still scores
+    it) but not the learner; the next conversation's first merge does."""
+    monkeypatch.setenv("FLOWMM_POLICY_DIR", str(tmp_path / "policies"))
+    model = gguf_file.renamed_copy(tiny_models[0], tmp_path / "copy.gguf")
+    passes = []
+    real = reconstruction.reconstruction_scores
+    monkeypatch.setattr(reconstruction, "reconstruction_scores", lambda *a, **kw: passes.append(1) or real(*a, **kw))
+    text = " ".join(f"record {i} has the value {1000 + 7 * i}." for i in range(40))
+    with Session(model, method="flowmm", budget=48, n_ctx=512, max_reply=4, n_threads=2) as s:
+        s.background = False
+        learner = s.engine.learner
+
+        def turn():
+            s.add_user_turn(text)
+            list(s.reply())
+            assert s.merge()
+
+        turn()  # (its prompt is longer than the free room: merged once while it prefills, then after the reply)
+        first, skipped = learner.moments.n.copy(), learner.progress.skipped_tokens
+        assert learner.progress.n_documents == 1 and first.min() >= self_distillation.MIN_SPAN
+        n = len(passes)
+        turn()  # the same conversation, merged before
+        assert len(passes) > n  # the teacher scored this merge
+        assert learner.progress.n_documents == 1 and np.array_equal(learner.moments.n, first)
+        assert learner.progress.skipped_tokens >= skipped + self_distillation.MIN_SPAN
+        s.reset()
+        turn()  # a new conversation
+        assert learner.progress.n_documents == 2 and np.all(learner.moments.n > first)

@@ -159,8 +159,9 @@ class Engine:
         self.model_label = facts.name or self.model_path.name
         if probe.repeats_context and (self.policy is None or self.policy.predictor is None):
             say_once(f"flowmm: no importance predictor for {self.model_label}: each merge scores by the repeat pass "
-                     + ("after the reply (about 2-3x a prefill), and learning one from those passes (used once it "
-                        "ranks as well as the shipped one); `calibrate --distill 16 --out P` makes one ahead of time"
+                     + ("after the reply (about 2-3x a prefill), and learning one from the passes over each conversation's "
+                        "text before its first merge (used once it ranks well, after about 6k tokens); "
+                        "`calibrate --distill 16 --out P` makes one ahead of time"
                         if self._learns else "(about 2-3x a prefill); `calibrate --distill 16 --out P` makes one"))
         self.method_name, self.max_reply = method, max_reply
         self.system_prompt = valid_text(system_prompt) if system_prompt else None
