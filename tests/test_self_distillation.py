@@ -77,7 +77,8 @@ def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_t
         assert s3.engine.importance_state() == "repeat"
 
 
-def test_the_learner_takes_a_conversations_text_up_to_its_first_merge_and_not_after(tiny_models, tmp_path, monkeypatch):
+def test_the_learner_takes_a_conversations_text_up_to_its_first_merge_and_not_after(tiny_models, tmp_path, monkeypatch,
+                                                                                   capsys):
     """A span repeated on a sequence merged before feeds the merge (the repeat pass still scores
     it) but not the learner; the next conversation's first merge does."""
     monkeypatch.setenv("FLOWMM_POLICY_DIR", str(tmp_path / "policies"))
@@ -98,11 +99,14 @@ def test_the_learner_takes_a_conversations_text_up_to_its_first_merge_and_not_af
         turn()  # (its prompt is longer than the free room: merged once while it prefills, then after the reply)
         first, skipped = learner.moments.n.copy(), learner.progress.skipped_tokens
         assert learner.progress.n_documents == 1 and first.min() >= self_distillation.MIN_SPAN
+        said = capsys.readouterr().err  # the progress, said once per conversation start learned from
+        assert f"learning importance from {learner.progress.n_tokens:,} of at least" in said and "(1 conversation" in said
         n = len(passes)
         turn()  # the same conversation, merged before
         assert len(passes) > n  # the teacher scored this merge
         assert learner.progress.n_documents == 1 and np.array_equal(learner.moments.n, first)
         assert learner.progress.skipped_tokens >= skipped + self_distillation.MIN_SPAN
+        assert "learning importance" not in capsys.readouterr().err  # nothing new learned, nothing said
         s.reset()
         turn()  # a new conversation
         assert learner.progress.n_documents == 2 and np.all(learner.moments.n > first)

@@ -85,6 +85,9 @@ def test_health_models_and_metrics(srv, tiny_models):
     assert [m.id for m in models.data] == [tiny_models[0].name]
     text = httpx.get(srv.url + "/metrics").text
     assert "flowmm_kv_cells_total 1024" in text and 'flowmm_kv_slot_cells{slot="1"}' in text
+    # the tiny model has no policy: its merges teach a predictor (self-distillation)
+    assert 'flowmm_importance_state{state="learning"} 1' in text and 'flowmm_importance_state{state="repeat"} 0' in text
+    assert "flowmm_importance_learned_tokens " in text
 
 
 def test_the_openai_client_chats_and_streams(srv, tiny_models):

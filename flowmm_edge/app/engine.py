@@ -154,6 +154,7 @@ class Engine:
         if self.policy is not None and method != "flowmm":
             raise SessionError(f"a policy configures flowmm, not {method}")
         self.learner = None  # self_distillation.ImportanceLearner while FlowMM learns this model's predictor
+        self._learning_reported = 0  # spans learned from when the progress was last said
         self._learns = method_spec_learns(self.method_spec, policy) and self.policy is None
         probe = self.compressor()  # the compression a sequence of this engine gets
         self.model_label = facts.name or self.model_path.name
@@ -221,6 +222,10 @@ class Engine:
             return "learning"
         return "predicted" if self.policy is not None and self.policy.predictor is not None else "repeat"
 
+    def learned_tokens(self) -> int:
+        """Tokens the learner has fitted on so far (0 when not learning)."""
+        return self.learner.progress.n_tokens if self.learner is not None else 0
+
     def learned(self) -> bool:
         """Called after each merge: once the learner's fit is good, write its policy where
         `--policy auto` finds it next time and switch every conversation to its predictor. True then."""
@@ -228,6 +233,10 @@ class Engine:
             return False
         pol = self.learner.ready()
         if pol is None:
+            p = self.learner.progress
+            if p.n_documents != self._learning_reported:  # a conversation's start was learned from
+                self._learning_reported = p.n_documents
+                print(f"flowmm: {self.model_label}: {p.describe()}", file=sys.stderr)
             return False
         from ..calibration import self_distillation
 

@@ -500,7 +500,7 @@ class Worker(threading.Thread):
         used = sum(s["cells"] for s in slots)
         figures = {"cells_total": e.n_ctx, "cells_used": used, "bytes_per_cell": e.bytes_per_cell,
                    "bytes_saved": sum(max(0, s["positions"] - s["cells"]) for s in slots) * e.bytes_per_cell,
-                   "slots": slots}
+                   "slots": slots, "importance": e.importance_state(), "learned_tokens": e.learned_tokens()}
         with self.cond:
             self.figures = figures
 
@@ -539,6 +539,10 @@ def _prometheus(m: dict) -> str:
            [("", c.prompt_tokens / c.prompt_seconds if c.prompt_seconds else 0.0)])
     metric("predicted_tokens_seconds", "gauge", "tokens generated per second",
            [("", c.generated_tokens / c.generation_seconds if c.generation_seconds else 0.0)])
+    metric("importance_state", "gauge", "how merges score the cells: 1 for the state in force",
+           [(f'{{state="{st}"}}', float(m["importance"] == st)) for st in ("learning", "predicted", "repeat")])
+    metric("importance_learned_tokens", "gauge", "tokens self-distillation has fitted on while learning",
+           [("", m["learned_tokens"])])
     return "\n".join(lines) + "\n"
 
 

@@ -111,6 +111,13 @@ class Progress:
     spearman: float | None = None  # the latest fit's held-back rank correlation
     skipped_tokens: int = 0        # repeated on a sequence merged before: not learned from
 
+    def describe(self) -> str:
+        """One line for a user: how far the learning has come."""
+        rank = "" if self.spearman is None else f", held-back rank correlation {self.spearman:.2f} of {GOOD_SPEARMAN:.2f}"
+        starts = "conversation start" + ("" if self.n_documents == 1 else "s")
+        return (f"learning importance from {self.n_tokens:,} of at least {MIN_TOKENS:,} tokens "
+                f"({self.n_documents} {starts}{rank})")
+
 
 class ImportanceLearner:
     def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int, rope=None):
