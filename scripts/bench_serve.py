@@ -6,12 +6,13 @@ token, and whether the answers keep each conversation's fact.
     .venv/bin/python scripts/bench_serve.py [--conversations 16] [--ctx 2048] [--budget 64]
                                             [--methods flowmm,full,llama-server]
                                             [--markdown docs/runs/bench-serve.md --json docs/runs/bench-serve.json]
-    .venv/bin/python scripts/bench_serve.py --streams 1,2,4,8 [--stream-tokens 64] [--peer]
+    .venv/bin/python scripts/bench_serve.py --streams 1,2,4,8 [--stream-tokens 64] [--peer] [--rounds 5]
 
 With --streams, instead: K concurrent streams of --stream-tokens tokens each (ignore_eos) for each
 K, one server of -np max(K): aggregate and per-stream tokens/s, time to first token p50/p95 and
 peak RSS; --peer runs stock llama-server (scripts/build_llama_server.py, the same pinned source
-built for this CPU) with the same model, -c, -np and -t beside it in the same run.
+built for this CPU) with the same model, -c, -np and -t beside it in the same run; --rounds N
+measures each K N times with the servers alternating, and reports medians and each round's ratio.
 
 Each conversation opens with a document of about --doc-tokens tokens holding one planted fact
 (the suite's single-number family, flowmm_edge/evaluation/ruler_tasks.py: "the special magic
@@ -215,21 +216,25 @@ def start_llama_server(args, n_slots: int, ctx: int | None = None):
                    *(["-t", str(args.threads)] if args.threads else [])], "llama-server")
 
 
-def streams(args, server: str = "flowmm-edge") -> list[dict]:
+def streams(args, servers: tuple[str, ...] = ("flowmm-edge",)) -> list[dict]:
     """K streams at once (K in --streams), each a short prompt and --stream-tokens tokens
     (ignore_eos), in one server of -np max(K) -c --stream-ctx: aggregate and per-stream decode
     tokens/s (from each stream's first to its last token), time to first token p50/p95, peak RSS.
-    `server`: flowmm-edge's serve (the full cache: nothing to merge in these short streams) or
-    stock llama-server with the same model and settings."""
+    `servers`: flowmm-edge's serve (the full cache: nothing to merge in these short streams) and/or
+    stock llama-server with the same model and settings, all started first and measured in turn,
+    --rounds times for each K (alternating, so that a busy moment of the machine falls on both);
+    each figure is the median over the rounds, and `rounds_tok_s` keeps every round's aggregate."""
     ks = [int(k) for k in args.streams.split(",")]
-    if server == "llama-server":
-        proc, url = start_llama_server(args, max(ks))
-    else:
-        proc, url = start_server(args, ["-c", str(args.stream_ctx), "-np", str(max(ks)), "--method", "full",
-                                        "-n", str(args.stream_tokens)])
-    out = []
+    procs = {}
     try:
-        def one(k: int, res: list, tokens: int | None = None):
+        for server in servers:
+            if server == "llama-server":
+                procs[server] = start_llama_server(args, max(ks))
+            else:
+                procs[server] = start_server(args, ["-c", str(args.stream_ctx), "-np", str(max(ks)), "--method", "full",
+                                                    "-n", str(args.stream_tokens)])
+
+        def one(url: str, k: int, res: list, tokens: int | None = None):
             body = {"messages": [{"role": "user", "content": f"Count slowly from {k} upwards, one number a line."}],
                     "max_tokens": tokens or args.stream_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
@@ -248,41 +253,56 @@ def streams(args, server: str = "flowmm-edge") -> list[dict]:
             n = n or pieces
             res.append({"ttft": first - t0, "tokens": n, "span": last - first, "start": first, "end": last})
 
-        one(0, [])  # warm up
-        for k in ks:
+        def concurrent(url: str, k: int) -> dict:
             res: list = []
-            threads = [threading.Thread(target=one, args=(i, res)) for i in range(k)]
+            threads = [threading.Thread(target=one, args=(url, i, res)) for i in range(k)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = max(r["end"] for r in res) - min(r["start"] for r in res)
             ttft = sorted(r["ttft"] for r in res)
-            q = statistics.quantiles(ttft, n=20)[18] if len(ttft) >= 2 else ttft[0]
-            out.append({"server": server, "streams": k, "aggregate_tok_s": sum(r["tokens"] - 1 for r in res) / wall,
-                        "per_stream_tok_s": statistics.mean((r["tokens"] - 1) / r["span"] for r in res),
-                        "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": q})
-            print(f"[bench_serve] {server}, {k} streams: {out[-1]['aggregate_tok_s']:.1f} tok/s in all",
-                  file=sys.stderr)
-        # latency under load: a short request (8 tokens) alone, then while 3 long streams run
-        alone, loaded = [], []
-        for i in range(3):
-            one(100 + i, alone, 8)
-            background: list = []
-            threads = [threading.Thread(target=one, args=(200 + j, background, 4 * args.stream_tokens)) for j in range(3)]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)  # the three are streaming
-            one(300 + i, loaded, 8)
-            for t in threads:
-                t.join()
-        rss = peak_rss_mib(proc.pid)
-        for row in out:
-            row["peak_rss_mib"] = rss
-            row["short_ttft_alone_s"] = statistics.median(r["ttft"] for r in alone)
-            row["short_ttft_under_3_s"] = statistics.median(r["ttft"] for r in loaded)
+            return {"aggregate_tok_s": sum(r["tokens"] - 1 for r in res) / wall,
+                    "per_stream_tok_s": statistics.mean((r["tokens"] - 1) / r["span"] for r in res),
+                    "ttft_p50_s": statistics.median(ttft),
+                    "ttft_p95_s": statistics.quantiles(ttft, n=20)[18] if len(ttft) >= 2 else ttft[0]}
+
+        for server in servers:
+            one(procs[server][1], 0, [])  # warm up
+        runs: dict = {}
+        for k in ks:
+            for _ in range(args.rounds):
+                for server in servers:
+                    runs.setdefault((server, k), []).append(concurrent(procs[server][1], k))
+                    print(f"[bench_serve] {server}, {k} streams: {runs[server, k][-1]['aggregate_tok_s']:.1f} tok/s "
+                          "in all", file=sys.stderr)
+        out = []
+        for server in servers:
+            url = procs[server][1]
+            # latency under load: a short request (8 tokens) alone, then while 3 long streams run
+            alone, loaded = [], []
+            for i in range(3):
+                one(url, 100 + i, alone, 8)
+                background: list = []
+                threads = [threading.Thread(target=one, args=(url, 200 + j, background, 4 * args.stream_tokens))
+                           for j in range(3)]
+                for t in threads:
+                    t.start()
+                time.sleep(1.0)  # the three are streaming
+                one(url, 300 + i, loaded, 8)
+                for t in threads:
+                    t.join()
+            rss = peak_rss_mib(procs[server][0].pid)
+            for k in ks:
+                got = runs[server, k]
+                row = {key: statistics.median(g[key] for g in got) for key in got[0]}
+                out.append({"server": server, "streams": k, **row,
+                            "rounds_tok_s": [g["aggregate_tok_s"] for g in got], "peak_rss_mib": rss,
+                            "short_ttft_alone_s": statistics.median(r["ttft"] for r in alone),
+                            "short_ttft_under_3_s": statistics.median(r["ttft"] for r in loaded)})
     finally:
-        stop(proc, keep_log=False)
+        for proc, _ in procs.values():
+            stop(proc, keep_log=False)
     return out
 
 
@@ -297,6 +317,15 @@ def streams_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['server']} | {r['streams']} | {agg:.1f} | {ratio(agg, ones.get(r['server']))} | "
                      f"{ratio(agg, peer.get(r['streams']))} | {r['per_stream_tok_s']:.1f} | {r['ttft_p50_s']:.2f} | "
                      f"{r['ttft_p95_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+    rounds = {(r["server"], r["streams"]): r["rounds_tok_s"] for r in rows}
+    if len(next(iter(rounds.values()), [])) > 1 and any(r["server"] == "llama-server" for r in rows):
+        lines.append("\nx llama-server, round by round (each round measures both, one after the other):")
+        for k in dict.fromkeys(r["streams"] for r in rows):
+            ours, theirs = rounds.get(("flowmm-edge", k)), rounds.get(("llama-server", k))
+            if ours and theirs:
+                each = sorted(a / b for a, b in zip(ours, theirs))
+                lines.append(f"- {k} streams: median {statistics.median(each):.2f}x, range {each[0]:.2f}-{each[-1]:.2f}x "
+                             f"over {len(each)} rounds")
     for server in dict.fromkeys(r["server"] for r in rows):
         r = next(x for x in rows if x["server"] == server)
         lines.append(f"\n{server}: a short request's first token {r['short_ttft_alone_s']:.2f} s alone, "
@@ -349,13 +378,13 @@ def main() -> int:
     ap.add_argument("--stream-ctx", type=int, default=4096)
     ap.add_argument("--peer", action="store_true", help="with --streams: stock llama-server beside it in the same run "
                                                         "(built once by scripts/build_llama_server.py)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --streams: measure each K this many times, the "
+                                                          "servers alternating; figures are medians")
     ap.add_argument("--peer-args", default="", help="more llama-server flags, e.g. '--cache-ram 0' (its host-memory "
                                                     "prompt cache off: the KV buffer alone)")
     args = ap.parse_args()
     if args.streams:
-        rows = streams(args)
-        if args.peer:
-            rows += streams(args, "llama-server")
+        rows = streams(args, ("flowmm-edge", "llama-server") if args.peer else ("flowmm-edge",))
         table = streams_markdown(rows)
         print(table)
         if args.markdown:
