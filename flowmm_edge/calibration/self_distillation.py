@@ -17,19 +17,17 @@ policy is written, once at least MIN_TOKENS have been seen in MIN_DOCUMENTS span
 correlation reaches GOOD_SPEARMAN.
 
 Only spans the repeat pass scored on a sequence that was never merged are learned from: a
-conversation's text up to its first merge. That is the teacher
-`calibrate --distill` fits: a document repeated against its own whole cache. Measured on a renamed
-copy of the default model (scripts/learning_curve.py, docs/RESULTS.md, "Self-distillation: what the
-student learns from"): a student fitted on 6,269 tokens of one long chat's later turns, each
-repeated against the turns merged before it, answered 0.21 / 0.68 after compression at 10 / 20%;
-one fitted on the same number of tokens from turns that each began a conversation answered
-0.70 / 0.91 (the shipped predictor: 0.71 / 0.78; full 0.94). The later spans rank their own teacher
-as well (0.78-0.81 against 0.80-0.82), so the rank correlation alone did not show it. The bar
-(GOOD_SPEARMAN, MIN_TOKENS) is where that good student stood: 0.80 held back, 6,144 tokens (at
-4,179 tokens it answered 0.44 at 10%). A long
-chat therefore learns from its first turn only and keeps its teacher (the repeat pass, after the
-replies) until more conversations have taught the student; `serve` learns from every
-conversation's start.
+conversation's text up to its first merge. That is the teacher `calibrate --distill` fits, a
+document repeated against its own whole cache. Measured on a renamed copy of the default model
+(scripts/learning_curve.py; docs/RESULTS.md, "Self-distillation: what the student learns from"):
+a student fitted on 6,209 tokens of one long chat, its later turns each repeated against the turns
+merged before them, answered 0.21 / 0.68 after compression at 10 / 20%; one fitted on 6,269 tokens
+of turns that each began a conversation answered 0.70 / 0.91 (the shipped predictor 0.71 / 0.78,
+full 0.94). Both ranked their held-back spans alike (0.81 / 0.80), so the rank correlation alone
+did not show it. The bar (GOOD_SPEARMAN, MIN_TOKENS) is where the good student stood: 0.80 held
+back over 6,144 tokens (at 4,179 tokens it answered 0.44 at 10%). A long chat therefore learns
+from its first turn only, and keeps its teacher (the repeat pass, after the replies) until more
+conversations have taught the student; `serve` learns from every conversation's start.
 
 The policy goes to `policy_dir()` (FLOWMM_POLICY_DIR, default the user cache's `policies/`),
 named by the model's fingerprint, so `policy.choose("auto", model)` finds it the next time, and
