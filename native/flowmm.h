@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 8
+#define FLOWMM_VERSION_MINOR 9
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -38,6 +38,12 @@ extern "C" {
 
     // MAJOR * 10000 + MINOR * 100 + PATCH
     FLOWMM_API int32_t flowmm_version_number(void);
+
+    // A ggml_abort_callback: true once the int32 at `flag` is non-zero. Installed with
+    // llama_set_abort_callback(ctx, flowmm_abort_when_set, flag), it lets another thread stop the
+    // context's decode before its next graph node on the CPU backend (llama_decode returns 2 and
+    // drops the positions of the ubatch it stopped in); other backends do not ask. (0.9)
+    FLOWMM_API bool flowmm_abort_when_set(void * flag);
 
     //
     // reading the KV cache

@@ -18,6 +18,7 @@ from flowmm_edge.methods.base import MethodError
 from flowmm_edge.methods.flowmm import FlowMM
 from flowmm_edge.bindings.native import llama_cpp
 from tensor_capture import Capture
+from state_reference import seq_state_bytes
 
 SPEC = tm.TINY.text
 HD = SPEC.n_embd // SPEC.n_head
@@ -92,6 +93,54 @@ def test_the_pass_leaves_cache_and_bias_as_they_were(model):
         assert ctx.state() == state
         np.testing.assert_array_equal(kv_cache.get_slot_bias(ctx), bias)
         np.testing.assert_array_equal(ctx.decode([7], len(context)), logits)
+
+
+def test_an_interrupted_decode_stops_and_leaves_the_sequence_as_llama_cpp_serialised_it(model):
+    """Context.interrupt() stops a decode inside interruptible() (the native abort callback, read
+    on the compute thread); llama.cpp drops the stopped ubatch's positions, so the sequence
+    serialises as before. Outside interruptible() the flag changes nothing."""
+    context = model.tokenize(TINY_PROMPT)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        before = seq_state_bytes(ctx.ptr, 0)
+        ctx.interrupt()
+        with ctx.interruptible(), pytest.raises(runtime.DecodeInterrupted):
+            ctx.decode(context, len(context))
+        assert seq_state_bytes(ctx.ptr, 0) == before
+        logits = ctx.decode([7], len(context))  # interrupt() still set, no longer armed: runs
+        ctx.truncate(len(context))
+        ctx.clear_interrupt()
+        with ctx.interruptible():
+            np.testing.assert_array_equal(ctx.decode([7], len(context)), logits)
+
+
+def test_a_repeat_pass_interrupted_mid_chunk_keeps_the_chunks_before_it(model):
+    """The caller interrupts while the second chunk decodes (here: from the progress listener after
+    the first, as the chat's main thread would from its own): the pass raises Interrupted with the
+    first chunk's positions as repeated, the cache as it was, and a pass that goes on from there
+    scores as one that was never stopped."""
+    context = model.tokenize(TINY_PROMPT)
+    prefix = reconstruction.repeat_prefix(model)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        state = ctx.state()
+        whole = reconstruction.reconstruction_scores(ctx, np.asarray(context), prefix, chunk=9)
+        calls = []
+
+        def progress(done, total):
+            calls.append(done)
+            ctx.interrupt()
+
+        with pytest.raises(reconstruction.Interrupted) as e:
+            reconstruction.reconstruction_scores(ctx, np.asarray(context), prefix, chunk=9, progress=progress)
+        ctx.clear_interrupt()
+        assert calls == [9] and np.array_equal(e.value.repeated, np.arange(9))
+        assert ctx.state() == state
+        rest = np.asarray(context).copy()
+        rest[:9] = -1  # repeated already
+        again = reconstruction.reconstruction_scores(ctx, rest, prefix, chunk=9)
+        np.testing.assert_allclose(np.maximum(e.value.partial.scores, again.scores), whole.scores, rtol=1e-5,
+                                   atol=1e-7)
 
 
 def test_no_room_or_missing_tokens_is_a_clear_error_and_changes_nothing(model):

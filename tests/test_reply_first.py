@@ -73,10 +73,11 @@ def test_a_turn_that_does_not_fit_still_merges_in_chunks_and_says_so(tiny_models
 
 
 class Gate:
-    """Holds a background merge inside its repeat pass: the first stop check waits until the
-    merge was asked to stop (so a chunk is in flight when it is), then lets that chunk run."""
+    """Holds a background merge inside its repeat pass: the `at_check`-th stop check (before that
+    chunk) waits until the merge was asked to stop, then lets the chunk start, in flight when the
+    stop is asked (Context.interrupt then stops it inside its decode)."""
 
-    def __init__(self, monkeypatch, on_stop_requested=None):
+    def __init__(self, monkeypatch, on_stop_requested=None, at_check: int = 1):
         self.inside = threading.Event()
         self.checks = 0
         real = reconstruction.reconstruction_scores
@@ -85,7 +86,7 @@ class Gate:
         def gated(ctx, tokens, prefix, seq_id=0, stop=None, progress=None, **kw):
             def check():
                 gate.checks += 1
-                if gate.checks == 1 and stop is not None:
+                if gate.checks == at_check and stop is not None:
                     gate.inside.set()
                     stop.__self__.wait(20)  # stop is the merge's Event.is_set: wait for the request
                     if on_stop_requested is not None:
@@ -114,7 +115,7 @@ def test_a_new_turn_stops_the_merge_keeps_its_progress_and_the_resumed_scores_eq
         ref.add_user_turn(DOC)
         list(ref.reply())
         want = reconstruction.RepeatedScores().update(ref.ctx, ref.tokens_by_pos)
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, at_check=2)  # the first chunk finishes, the second is in flight at the stop
     with _replied(tiny_models) as s:
         state = s.ctx.state()
         s.merge_in_background()
@@ -122,7 +123,7 @@ def test_a_new_turn_stops_the_merge_keeps_its_progress_and_the_resumed_scores_eq
         s.stop_background_merge()
         assert s.ctx.state() == state, "a stopped merge leaves llama.cpp's state as it was"
         done = s.compression.repeats.repeated
-        assert 0 < len(done) < len(want.positions), "one chunk's progress is kept, not all"
+        assert 0 < len(done) < len(want.positions), "the finished chunk's progress is kept, not all"
         monkeypatch.undo()
         assert s.merge()  # goes on from there, in the foreground
         got = s.compression.repeats.scored

@@ -91,6 +91,7 @@ class Merging:
         if not self.merge_due():
             return False
         self._bg_cells = self.cells()
+        self.ctx.clear_interrupt()
         self._bg = _BackgroundMerge(self, delay)
         self._bg.start()
         return True
@@ -99,18 +100,22 @@ class Merging:
         return self._bg is not None and not self._bg.done.is_set()
 
     def stop_background_merge(self) -> None:
-        """Stop a background merge at its next chunk boundary and wait for it (Ctrl-C cannot cut it
-        short: the context must be the caller's again before anything else touches it)."""
+        """Stop a background merge and wait for it: its repeat pass stops inside the decode it is
+        running (Context.interrupt, on the CPU backend), anything else at its next chunk boundary,
+        and it resumes from its progress at the next idle time. Ctrl-C cannot cut the wait short:
+        the context must be the caller's again before anything else touches it."""
         bg, self._bg = self._bg, None
         if bg is None:
             return
         bg.stop.set()
+        self.ctx.interrupt()
         interrupted = False
         while not bg.done.is_set():  # not Thread.join: a Ctrl-C inside it can leave is_alive() False too early
             try:
                 bg.done.wait(0.2)
             except KeyboardInterrupt:
                 interrupted = True
+        self.ctx.clear_interrupt()
         if bg.error is not None:
             self.merge_error = bg.error
         if interrupted:

@@ -197,6 +197,7 @@ class Worker(threading.Thread):
         self.counters = Counters()
         self.figures: dict = {}
         self._merge_failed: set[int] = set()  # slots whose idle merge failed: not tried again before their next request
+        self._idle_merging = False  # _merge runs: a request that arrives interrupts its repeat pass
         self._refresh()
 
     # -- the HTTP side's calls (any thread) --------------------------------------------------------
@@ -204,11 +205,15 @@ class Worker(threading.Thread):
     def submit(self, job: Job) -> None:
         with self.cond:
             self.pending.append(job)
+            if self._idle_merging:  # the request goes first: an idle merge's repeat pass stops mid-decode
+                self.engine.ctx.interrupt()
             self.cond.notify()
 
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
+            if self._idle_merging:
+                self.engine.ctx.interrupt()
             self.cond.notify()
 
     def metrics(self) -> dict:
@@ -329,9 +334,13 @@ class Worker(threading.Thread):
         return job.estimate[1]
 
     def _merge(self, conv: Conversation) -> None:
-        """Merge an idle slot, stopping at the next chunk boundary once a request is queued (it
-        goes on from there at the next idle time)."""
+        """Merge an idle slot, stopping once a request is queued (its repeat pass inside the decode
+        it is running, see submit; the rest at the next chunk boundary): it goes on from there at
+        the next idle time."""
         t0 = time.perf_counter()
+        with self.cond:
+            self.engine.ctx.clear_interrupt()
+            self._idle_merging = True
         try:
             merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping,
                                 teacher=self.engine.merge_schedule.idle_teacher)
@@ -340,6 +349,9 @@ class Worker(threading.Thread):
             self._merge_failed.add(conv.seq_id)
             return
         finally:
+            with self.cond:
+                self._idle_merging = False
+                self.engine.ctx.clear_interrupt()
             self.counters.background_merge_seconds += time.perf_counter() - t0
         self.counters.background_merges += int(merged)
         self._refresh()

@@ -8,6 +8,7 @@ Every handle frees its native object in `close()` (and as a last resort when gar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -40,6 +41,16 @@ def quiet_native_logs() -> None:
 
 class DecodeError(FlowMMError):
     pass
+
+
+class DecodeInterrupted(DecodeError):
+    """A decode inside Context.interruptible() stopped because Context.interrupt() was called; the
+    positions of the ubatch it stopped in are gone from the cache (llama.cpp drops them)."""
+
+
+# the native abort callback (native/flowmm.h, flowmm_abort_when_set): it reads an int32 flag, so
+# no Python runs on the compute thread
+_ABORT_WHEN_SET = llama_cpp.ggml_abort_callback(ctypes.cast(native.lib.flowmm_abort_when_set, ctypes.c_void_p).value)
 
 
 class _Handle:
@@ -242,6 +253,7 @@ class Context(_Handle):
             raise FlowMMError(f"llama.cpp could not create a context (n_ctx={n_ctx}, kv_type={kv_type}, flash_attn={flash_attn})")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)  # llama.cpp caps it at n_ctx: a larger batch would abort
+        self._interrupt = ctypes.c_int32(0)
 
     @classmethod
     def borrow(cls, ptr, model: Model) -> "Context":
@@ -250,7 +262,33 @@ class Context(_Handle):
         self.model, self.ptr, self.owned, self.params = model, ptr, False, None
         self.n_ctx = llama_cpp.llama_n_ctx(ptr)
         self.n_batch = llama_cpp.llama_n_batch(ptr)
+        self._interrupt = ctypes.c_int32(0)
         return self
+
+    def interrupt(self) -> None:
+        """Stop a decode running inside interruptible() before its next graph node (any thread
+        may call this); decodes outside interruptible() are not affected. Stays set until
+        clear_interrupt()."""
+        self._interrupt.value = 1
+
+    def clear_interrupt(self) -> None:
+        self._interrupt.value = 0
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Decodes inside may be stopped by interrupt() (DecodeInterrupted) on the CPU backend,
+        between two graph nodes; on other backends, and on a borrowed context (whose owner may
+        have its own abort callback), they run to the end. Nothing else is interruptible: a merge
+        applying its plan must finish."""
+        if not self.owned:
+            yield
+            return
+        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_WHEN_SET, ctypes.cast(ctypes.byref(self._interrupt),
+                                                                                 ctypes.c_void_p))
+        try:
+            yield
+        finally:
+            llama_cpp.llama_set_abort_callback(self.ptr, llama_cpp.ggml_abort_callback(), None)
 
     def decode(self, tokens: list[int], pos0: int, seq_id: int = 0, all_logits: bool = False) -> np.ndarray:
         """Decode `tokens` at positions pos0… of `seq_id`; returns the last token's logits (a copy),
@@ -270,6 +308,8 @@ class Context(_Handle):
                     batch.seq_id[i][0] = seq_id
                     batch.logits[i] = all_logits or start + i == len(tokens) - 1
                 rc = llama_cpp.llama_decode(self.ptr, batch)
+                if rc == 2 and self._interrupt.value:
+                    raise DecodeInterrupted("the decode was interrupted")
                 if rc != 0:
                     raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
                 if all_logits:

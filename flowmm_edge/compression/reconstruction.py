@@ -39,6 +39,7 @@ import numpy as np
 from ..bindings import kv_cache
 from ..bindings.attention_stats import AttentionStats
 from ..bindings.native import llama_cpp
+from ..bindings.runtime import DecodeInterrupted
 from ..errors import FlowMMError
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
@@ -175,15 +176,22 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 if pending:  # stop the chunk where the next image sits
                     step = min(step, int(np.searchsorted(text, pending[0][0])) - a)
                 chunk_tokens = tokens_by_pos[text[a:a + step]].tolist()
-                ctx.decode(list(prefix), end, seq_id)  # the instruction's rows are not counted
-                start = end + len(prefix)
-                per_decode = len(chunk_tokens) if whole else rows
-                for g in range(0, len(chunk_tokens), per_decode):
-                    part = chunk_tokens[g:g + per_decode]
-                    with AttentionStats(ctx, prompt_end=start + g + len(part), window=len(part), seq_id=seq_id,
-                                        row_groups=rows if whole else None) as st:
-                        ctx.decode(part, start + g, seq_id)
-                    gather(st)
+                try:
+                    with ctx.interruptible():  # Context.interrupt() stops the chunk mid-decode
+                        ctx.decode(list(prefix), end, seq_id)  # the instruction's rows are not counted
+                        start = end + len(prefix)
+                        per_decode = len(chunk_tokens) if whole else rows
+                        for g in range(0, len(chunk_tokens), per_decode):
+                            part = chunk_tokens[g:g + per_decode]
+                            with AttentionStats(ctx, prompt_end=start + g + len(part), window=len(part),
+                                                seq_id=seq_id, row_groups=rows if whole else None) as st:
+                                ctx.decode(part, start + g, seq_id)
+                            gather(st)
+                except DecodeInterrupted:
+                    # the chunk's finished parts raised some scores (a maximum over fewer rows); its
+                    # tokens count as not repeated, so the next pass feeds them again
+                    so_far = fed_positions()
+                    raise Interrupted(PositionScores(positions, total, so_far), so_far) from None
                 ctx.truncate(end, seq_id)
                 fed.append(text[a:a + step])
                 a += step
