@@ -7,10 +7,12 @@ the libllama it loaded carries the FlowMM extension.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 import sys
+import threading
 
 from .. import paths
 from ..errors import NativeLibraryError
@@ -84,6 +86,9 @@ LOG_ERROR, _LOG_CONT = 4, 5
 _log = {"last": 0, "threshold": 0 if os.environ.get("FLOWMM_VERBOSE") else LOG_ERROR, "captures": []}
 
 
+_thread = threading.local()  # .interrupt: the flag of a Context.interruptible() block this thread is in
+
+
 @llama_cpp.llama_log_callback
 def _log_router(level, text, _user_data):
     if level == _LOG_CONT:
@@ -92,8 +97,22 @@ def _log_router(level, text, _user_data):
     line = text.decode("utf-8", "replace")
     for capture in _log["captures"]:
         capture.append(line)
+    flag = getattr(_thread, "interrupt", None)
+    if flag is not None and flag.value:  # a decode stopped on purpose: llama.cpp's report of it is no error
+        return
     if level >= _log["threshold"]:
         sys.stderr.write(line)
+
+
+@contextlib.contextmanager
+def quiet_when_interrupted(flag: ctypes.c_int32):
+    """On this thread, inside the block: no log line once `flag` is set (llama.cpp reports an
+    interrupted decode as failed graph computes)."""
+    before, _thread.interrupt = getattr(_thread, "interrupt", None), flag
+    try:
+        yield
+    finally:
+        _thread.interrupt = before
 
 
 class captured_log:

@@ -286,7 +286,8 @@ class Context(_Handle):
         llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_WHEN_SET, ctypes.cast(ctypes.byref(self._interrupt),
                                                                                  ctypes.c_void_p))
         try:
-            yield
+            with native.quiet_when_interrupted(self._interrupt):
+                yield
         finally:
             llama_cpp.llama_set_abort_callback(self.ptr, llama_cpp.ggml_abort_callback(), None)
 
