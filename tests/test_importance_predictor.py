@@ -312,7 +312,7 @@ def test_flowmm_without_a_predictor_says_once_that_it_learns_or_repeats_the_cont
         with Session(tiny_models[0], budget="48", n_ctx=512) as s:  # no policy ships for the tiny model
             assert s.policy is None and s.compression.repeats_context and s.engine.importance_state() == "learning"
     err = capsys.readouterr().err
-    assert err.count("and learning one from those passes") == 1 and "calibrate --distill" in err
+    assert err.count("and learning one from the passes over each conversation") == 1 and "calibrate --distill" in err
     for _ in range(2):
         with Session(tiny_models[0], budget="48", n_ctx=512, policy="none") as s:  # no predictor, no learning
             assert s.policy is None and s.compression.repeats_context and s.engine.importance_state() == "repeat"
