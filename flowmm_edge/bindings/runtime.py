@@ -283,8 +283,7 @@ class Context(_Handle):
         if not self.owned:
             yield
             return
-        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_WHEN_SET, ctypes.cast(ctypes.byref(self._interrupt),
-                                                                                 ctypes.c_void_p))
+        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_WHEN_SET, ctypes.c_void_p(ctypes.addressof(self._interrupt)))
         try:
             with native.quiet_when_interrupted(self._interrupt):
                 yield
