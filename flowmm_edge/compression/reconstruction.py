@@ -132,6 +132,12 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     def fed_positions() -> np.ndarray:
         return np.concatenate(fed) if fed else np.zeros(0, np.int64)
 
+    def stopped() -> Interrupted:
+        """The pass stops here: what the chunks fed so far scored (scores raised by a chunk cut
+        short stay; its tokens count as not repeated, so the next pass feeds them again)."""
+        so_far = fed_positions()
+        return Interrupted(PositionScores(positions, total, so_far), so_far)
+
     def gather(st) -> None:
         by_pos = np.argsort(st.positions, kind="stable")
         cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
@@ -163,8 +169,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     try:
         while a < len(text) or pending:
             if stop is not None and stop():
-                so_far = fed_positions()
-                raise Interrupted(PositionScores(positions, total, so_far), so_far)
+                raise stopped()
             if pending and (a >= len(text) or pending[0][0] < text[a]):
                 at, img = pending.pop(0)  # an image comes next, in its place among the text
                 if free_now() >= len(prefix) + img.n_pos:
@@ -188,10 +193,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                                 ctx.decode(part, start + g, seq_id)
                             gather(st)
                 except DecodeInterrupted:
-                    # the chunk's finished parts raised some scores (a maximum over fewer rows); its
-                    # tokens count as not repeated, so the next pass feeds them again
-                    so_far = fed_positions()
-                    raise Interrupted(PositionScores(positions, total, so_far), so_far) from None
+                    raise stopped() from None
                 ctx.truncate(end, seq_id)
                 fed.append(text[a:a + step])
                 a += step
