@@ -91,7 +91,6 @@ class Merging:
         if not self.merge_due():
             return False
         self._bg_cells = self.cells()
-        self.ctx.clear_interrupt()
         self._bg = _BackgroundMerge(self, delay)
         self._bg.start()
         return True
@@ -115,7 +114,7 @@ class Merging:
                 bg.done.wait(0.2)
             except KeyboardInterrupt:
                 interrupted = True
-        self.ctx.clear_interrupt()
+        self.ctx.clear_interrupt()  # the one who sets it clears it: a later foreground pass runs to its end
         if bg.error is not None:
             self.merge_error = bg.error
         if interrupted:

@@ -339,8 +339,7 @@ class Worker(threading.Thread):
         the next idle time."""
         t0 = time.perf_counter()
         with self.cond:
-            self.engine.ctx.clear_interrupt()
-            self._idle_merging = True
+            self._idle_merging = True  # from here submit() and stop() interrupt; the finally clears it
         try:
             merged = conv.merge(stop=lambda: bool(self.pending) or self.stopping,
                                 teacher=self.engine.merge_schedule.idle_teacher)
