@@ -30,7 +30,9 @@ from flowmm_edge.app.session import Session
 from flowmm_edge.calibration import distillation
 from flowmm_edge.calibration import policy as policy_mod
 from flowmm_edge.calibration import self_distillation
-from flowmm_edge.models import default_model, gguf_file
+from flowmm_edge.models import default_model
+
+from bench_common import unseen_copy
 
 SHIPPED_CORPUS_TOKENS = 16 * 2048  # what calibrate --distill 16 cut from the corpus for the shipped predictor
 
@@ -53,12 +55,9 @@ def main() -> int:
     shipped = policy_mod.load(args.compare) if args.compare else policy_mod.shipped_for(src)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        import os
-
-        os.environ["FLOWMM_POLICY_DIR"] = str(Path(tmp) / "policies")  # learn afresh, keep nothing
+        model = unseen_copy(src, Path(tmp))
         good = self_distillation.GOOD_SPEARMAN
         self_distillation.GOOD_SPEARMAN = 2.0  # never switch: the curve goes on past the point the chat would
-        model = gguf_file.renamed_copy(src, Path(tmp) / "copy.gguf")
         with Session(model, method="flowmm", budget=512, n_ctx=args.turn_tokens * 2 + 1024, max_reply=1,
                      n_threads=args.threads) as s:
             s.background = False

@@ -13,14 +13,15 @@ the short turn is sent and answered. The repeat pass stops inside the decode it 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from flowmm_edge.app.session import Session
-from flowmm_edge.models import default_model, gguf_file
+from flowmm_edge.models import default_model
+
+from bench_common import unseen_copy
 
 
 def main() -> int:
@@ -31,8 +32,7 @@ def main() -> int:
     args = ap.parse_args()
     doc = " ".join(f"Item {i} is stored in box {i * 37 % 101} of room {i % 7}." for i in range(150))
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["FLOWMM_POLICY_DIR"] = str(Path(tmp) / "policies")  # learn afresh, keep nothing
-        model = gguf_file.renamed_copy(args.model or default_model.ensure(), Path(tmp) / "copy.gguf")
+        model = unseen_copy(args.model or default_model.ensure(), Path(tmp))
         waits = []
         with Session(model, method="flowmm", budget=1024, n_ctx=4096, n_threads=args.threads, max_reply=8) as s:
             s.add_user_turn(doc)
