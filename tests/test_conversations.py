@@ -169,3 +169,33 @@ def test_a_prefill_whose_room_was_taken_stops_as_before_the_turn(tiny_models):
         engine.ctx.truncate(0, b.seq_id)  # the reply ended: its room is back, and the turn goes
         a.add_user_turn(turn)
         assert a.cells() == a.pos > 0
+
+
+@pytest.mark.parametrize("method", ["snapkv", "flowmm"])
+def test_an_observed_turn_end_shares_the_batch_up_to_its_window(tiny_models, method):
+    """serve's slots decode their prompt chunks through a batcher (the worker's shared batch);
+    a turn whose end is observed for the merge's statistics sends the rows before the window
+    through it, and decodes only the window alone with statistics on. The merge then keeps the
+    same positions, and the cache answers as the turn decoded whole by a conversation of its own."""
+    turn = "the cat sat on the mat and the dog is red " * 8
+    got = {}
+    for batched in (False, True):
+        with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, method)) as engine:
+            conv, sent = Conversation(engine, prefill_step=16), []
+            if batched:
+                def batcher(tokens, pos0, seq_id):
+                    sent.append((pos0, len(tokens)))
+                    return engine.ctx.decode(tokens, pos0, seq_id)
+                conv.begin_request(lambda *a: None, batcher)
+            conv.add_user_turn(turn)
+            assert conv.stats.merges == 1 and conv.cells() < conv.pos
+            probe = engine.ctx.decode(engine.model.tokenize(" cat", add_special=False), conv.pos, conv.seq_id)
+            got[batched] = (np.sort(kv_cache.seq_cells(engine.ctx, conv.seq_id)[1]), probe, sent, conv.pos,
+                            conv.compression.method.window)
+    kept, probe, _, n, window = got[False]
+    kept_b, probe_b, sent, n_b, _ = got[True]
+    assert n == n_b and sent and sent[0][0] == 0 and all(len_ <= 16 for _, len_ in sent)
+    assert sum(len_ for _, len_ in sent) == n - window  # all rows but the window's went through the batcher
+    np.testing.assert_array_equal(kept, kept_b)
+    assert int(np.argmax(probe)) == int(np.argmax(probe_b))
+    np.testing.assert_allclose(probe, probe_b, atol=1e-2 * float(np.abs(probe).max()))

@@ -116,9 +116,9 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # it is called at every chunk boundary of a turn's prefill and of a merge it waits for, and an
         # exception raised from it stops the turn there with the conversation as before (serve's cancel)
         self.prefill_step = prefill_step
-        # riders(room) -> (rows, deliver(logits or exception, seconds)): other sequences' tokens to
-        # decode in the same batch as each prefill chunk (serve's replying slots); at most `room`
-        self.riders = None
+        # batcher(tokens, pos0, seq_id) -> the chunk's last logits: decodes a prefill chunk in a
+        # batch other sequences share (serve's worker: its step's batch); None: the chunk alone
+        self.batcher = None
         # the context's attention statistics are on for this sequence's decode (one request per
         # context): a listener must not decode other sequences until they are off again
         self.statistics_on = False
@@ -177,15 +177,15 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
         self.on_progress = on_progress
 
-    def begin_request(self, on_progress, riders=None) -> None:
+    def begin_request(self, on_progress, batcher=None) -> None:
         """A server's request starts on this slot: busy (never evicted) until end_request, used
-        now (the engine's clock), `on_progress` called at every chunk boundary, and `riders`'
-        rows decoded with each prefill chunk (see __init__)."""
-        self.busy, self.last_used, self.on_progress, self.riders = True, self.engine.tick(), on_progress, riders
+        now (the engine's clock), `on_progress` called at every chunk boundary, and its prefill
+        chunks decoded by `batcher` (see __init__)."""
+        self.busy, self.last_used, self.on_progress, self.batcher = True, self.engine.tick(), on_progress, batcher
 
     def end_request(self) -> None:
         """The request is over: the slot is idle, and its claim on the shared buffer released."""
-        self.busy, self.on_progress, self.riders = False, None, None
+        self.busy, self.on_progress, self.batcher = False, None, None
         self.engine.release(self)
 
     def cells(self) -> int:
@@ -370,6 +370,12 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 if merge_now:
                     self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
                                                  f"merging before it goes on")
+            if observe and self.batcher is not None and isinstance(take, list) and self.compression.needs_observation:
+                # the rows before the observed window need no statistics: they share the batch
+                head = take[:max(0, self.compression.observed_from(end) - self.pos)]
+                if head:
+                    self._decode_unit(head, done, total)
+                    self.pos, done, take, n = self.pos + len(head), done + len(head), take[len(head):], n - len(head)
             if observe:
                 with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id) as st:
                     self.statistics_on = st is not None
@@ -405,10 +411,10 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             chunk = unit[a:a + step]
             if a:
                 self._room_after_yield(len(chunk))
-            if self.riders is None or self.statistics_on:  # observed: the statistics are one sequence's
+            if self.batcher is None or self.statistics_on:  # observed: the statistics are one sequence's
                 logits = self.ctx.decode(chunk, self.pos + a, self.seq_id)
             else:
-                logits = self._decode_with_riders(chunk, self.pos + a)
+                logits = self.batcher(chunk, self.pos + a, self.seq_id)
             self._progress("prefill", done + min(a + step, len(unit)), total)
         return logits
 
@@ -423,20 +429,6 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
     def _no_room(self) -> NoRoomError:
         return NoRoomError(f"no room for this turn: the shared cache's {self.n_ctx} cells are held by "
                            f"conversations that are replying (try again, or raise --ctx)")
-
-    def _decode_with_riders(self, chunk: list[int], pos0: int) -> np.ndarray:
-        """Decode a prefill chunk in one batch with the riders' rows (each gets its logits, or the
-        decode's exception, which this chunk raises too)."""
-        room = min(self.ctx.n_batch, self.engine.free_cells(reserved=False)) - len(chunk)
-        rows, deliver = self.riders(max(0, room))
-        t0 = time.perf_counter()
-        try:
-            logits, row_logits = self.ctx.decode_rows(rows, chunk=(chunk, pos0, self.seq_id))
-        except Exception as e:
-            deliver(e, time.perf_counter() - t0)
-            raise
-        deliver(row_logits, time.perf_counter() - t0)
-        return logits
 
     def add_assistant_turn(self, text: str, continued: bool = False) -> int:
         """Decode an assistant message the caller supplies (a history resent by an API client) as

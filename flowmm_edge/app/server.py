@@ -8,18 +8,21 @@ llama-cpp-python's server) parses and checks requests, queues them, and streams 
 sends back. The worker starts a queued request when a slot is free, prefilling only what the
 slot does not hold already (a client resends the whole history; the slot whose conversation is
 its longest prefix takes it, else the one used least recently, which starts afresh), then
-advances every replying slot by one token in **one batch** (continuous batching, llama-server's
-update_slots): each slot samples its next token from its own logits with its own sampler, the
-tokens go into one llama_decode, a row per slot, and each slot takes its row's logits. On a
-memory-bound machine a step of N rows costs little more than a step of one.
+advances every started request in **one batch** per step (continuous batching, llama-server's
+update_slots): each prefilling slot's next prompt chunk (PREFILL_STEP tokens), and each replying
+slot's next token, sampled from its own logits with its own sampler; one llama_decode, and each
+slot takes its own rows' logits. On a memory-bound machine a step of N rows costs little more than
+a step of one, and requests that arrive together are prefilled together.
 
-A long prompt does not hold the others up: its prefill goes in PREFILL_STEP-token chunks, and
-between two chunks the worker advances every replying slot by one piece and starts the queued
-requests (their prefills and first tokens), as llama-server's continuous batching and vLLM's
-chunked prefill do. A request whose client has gone (a closed stream, or a non-streamed request
-whose connection closed), whose --timeout has passed, or that is still running at shutdown, is
-dropped from the queue or stopped at the next chunk boundary (prefill chunk, repeat-pass chunk
-or decode step); its slot keeps what it had before the turn (or the reply so far) and is reused.
+A prompt is decoded by the turn's own code (Conversation.feed: merges, images, restore on error),
+run on a greenlet per request (Prefill): where it would decode a chunk, it hands the chunk to the
+worker and is resumed with its logits after the step. So a long prompt does not hold the others
+up (vLLM's chunked prefill), and a chunk that must go alone (an image, a window whose attention
+statistics are gathered, a merge's) lets the others step before the turn goes on. A request whose
+client has gone (a closed stream, or a non-streamed request whose connection closed), whose
+--timeout has passed, or that is still running at shutdown, is dropped from the queue or stopped
+at the next chunk boundary (prefill chunk, repeat-pass chunk or decode step); its slot keeps what
+it had before the turn (or the reply so far) and is reused.
 
 Clients send images as data URLs; local paths are read only under --allowed-local-media, every
 image read is bounded by --max-image-bytes (bindings/media.py), and a prompt over
@@ -44,6 +47,8 @@ import sys
 import threading
 import time
 
+import greenlet
+import numpy as np
 import pydantic
 import uvicorn
 from fastapi import FastAPI, Request
@@ -179,19 +184,34 @@ class Counters:
     reused_tokens: int = 0  # prompt positions a slot already held
 
 
+@dataclasses.dataclass
+class Prefill:
+    """A job's prompt being decoded, on a greenlet of its own (the worker thread's coroutine):
+    it runs until its next prompt chunk is to be decoded (`chunk`: tokens, pos0, seq_id), which
+    the worker puts into its next step's batch, or until it yields at a chunk boundary it
+    decoded alone (`chunk` None); the worker resumes it with the chunk's logits (or the
+    exception that stops it). A greenlet keeps the turn's own code (Conversation.feed: merges,
+    images, restore on error) one straight call, as chat runs it."""
+
+    job: Job
+    run: greenlet.greenlet
+    chunk: tuple | None = None
+    batched: bool = False  # its last chunk went through the step's batch (no yield owed at its boundary)
+
+
 class Worker(threading.Thread):
-    """The only thread that calls llama.cpp: starts queued jobs when a slot is free, steps the
-    replying ones in turn, merges idle slots down to their budget when nothing else is waiting
-    (reply first, merge after), keeps the /metrics figures."""
+    """The only thread that calls llama.cpp: starts queued jobs when a slot is free, and steps
+    them all, one batch per step: every prefilling job's next prompt chunk and every replying
+    job's next token (llama-server's update_slots); merges idle slots down to their budget when
+    nothing else is waiting (reply first, merge after), keeps the /metrics figures."""
 
     def __init__(self, engine: Engine, prefill_step: int = PREFILL_STEP):
         super().__init__(name="flowmm-worker", daemon=True)
         self.engine = engine
         self.slots = [Conversation(engine, prefill_step=prefill_step) for _ in range(engine.n_slots)]
-        self._yielding = False  # inside a chunk boundary's round of the other slots' work
-        self._carried = False  # the last prefill chunk carried the replying slots' rows (_riders)
         self.pending: collections.deque[Job] = collections.deque()
-        self.active: list[Job] = []
+        self.prefills: list[Prefill] = []  # jobs whose prompt is being decoded, in the order they started
+        self.active: list[Job] = []  # jobs replying
         self.cond = threading.Condition()
         self.stopping = False
         self.counters = Counters()
@@ -227,61 +247,86 @@ class Worker(threading.Thread):
         while True:
             with self.cond:
                 idle = None
-                while not self.stopping and not self.pending and not self.active:
+                while not self.stopping and not self.pending and not self.active and not self.prefills:
                     idle, wait = self.engine.merge_schedule.idle_pick(self.slots, skip=self._merge_failed)
                     if idle is not None:
                         break
                     self.cond.wait(wait)
                 if self.stopping:
                     break
-                started, slot = self._next_job()
-            stepped = self._round(started, slot)
-            if idle is not None and started is None and not self.active:
+            started = self._start_queued()
+            stepped = self._step()
+            if idle is not None and not started and not self.active and not self.prefills:
                 self._merge(idle)
-            elif started is None and self.active and not stepped:  # every stream waits for its client
+            elif not started and self.active and not stepped:  # every stream waits for its client
                 with self.cond:
                     self.cond.wait(PAUSED_WAIT_S)
             steps += 1
-            if started is not None or steps % METRICS_EVERY == 0:
+            if started or steps % METRICS_EVERY == 0:
                 self._refresh()
+        for p in list(self.prefills):  # each stops where it is, its slot as before its turn
+            self._resume(p, Stopped(503, "the server is shutting down"))
         for job in list(self.active):
             self._finish(job)
             job.send("error", 503, "the server is shutting down")
         for job in list(self.pending):
             job.send("error", 503, "the server is shutting down")
 
-    def _round(self, started: Job | None, slot: Conversation | None) -> int:
-        """Start one job (its prefill yields to the others at every chunk, see _chunk_boundary),
-        then advance every replying job by one token, all in one batch; returns how many moved (a
-        paused stream does not)."""
-        if started is not None:
-            self._start(started, slot)
-        return self._step_all()
+    def _start_queued(self) -> int:
+        """Start every queued job that can start now (see _next_job), each on its slot before the
+        next is given one; returns how many."""
+        n = 0
+        while True:
+            with self.cond:
+                job, slot = self._next_job()
+            if job is None:
+                return n
+            self._start(job, slot)
+            n += 1
 
-    def _chunk_boundary(self, job: Job):
-        """The slot's progress listener while `job` runs: stop it here if it must stop; else give
-        the other slots a round (a queued request started, and one piece each unless the chunk
-        just decoded carried their rows), unless this is already inside such a round."""
+    def _progress(self, job: Job):
+        """The slot's progress listener while `job` runs: stop it here if it must stop; else, where
+        the chunk just decoded went alone (an image, an observed chunk, a merge's chunk), let the
+        others have a step before it goes on, unless its statistics are on (one sequence's)."""
         def on_progress(what, done, total, note=""):
             if what == "note":
                 return
             why = self._must_stop(job)
             if why is not None:
                 raise why
-            if self._yielding or job.conv.statistics_on:  # the statistics are one request per context
+            me = greenlet.getcurrent()
+            p = next((p for p in self.prefills if p.run is me), None)
+            if p is None or job.conv.statistics_on:
                 return
-            carried, self._carried = self._carried, False
-            self._yielding = True
-            try:
-                with self.cond:
-                    started, slot = self._next_job()
-                if started is not None:
-                    self._start(started, slot)
-                if not carried:  # (a chunk that carried the replies' rows has stepped them already)
-                    self._step_all()
-            finally:
-                self._yielding, self._carried = False, False
+            if p.batched:
+                p.batched = False
+                return
+            self._suspend(None)
         return on_progress
+
+    def _batch_chunk(self, tokens: list[int], pos0: int, seq_id: int) -> np.ndarray:
+        """Conversation.batcher of a prefilling job (on its greenlet): hand the chunk to the worker,
+        which decodes it in its next step's batch; returns the chunk's last logits."""
+        me = greenlet.getcurrent()
+        p = next(p for p in self.prefills if p.run is me)
+        logits = self._suspend((tokens, pos0, seq_id))
+        p.batched = True
+        return logits
+
+    @staticmethod
+    def _suspend(chunk):
+        got = greenlet.getcurrent().parent.switch(chunk)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def _resume(self, p: Prefill, value=None) -> None:
+        """Run a prefill on until it wants its next chunk decoded (or yields), or its turn is over."""
+        chunk = p.run.switch(value)
+        if p.run.dead:
+            self.prefills.remove(p)
+        else:
+            p.chunk = chunk
 
     def _must_stop(self, job: Job) -> Stopped | None:
         if self.stopping:
@@ -296,14 +341,14 @@ class Worker(threading.Thread):
         """The first queued job that can go now, taken off the queue, with its slot (None for a
         cancelled one), which then holds its claim on the buffer (see _admit). Queued jobs keep their order:
         one that waits for room holds back those behind it (llama-server queues a request until
-        a slot is free); a job that found no room mid-turn goes once no reply holds any."""
+        a slot is free); a job that found no room mid-turn goes once no other request holds any."""
         for job in self.pending:
             slot = None
             if job.deadline is not None and time.monotonic() > job.deadline:
                 job.send("error", 408, "the request waited longer than the server's --timeout")
                 job.cancelled.set()
             if not job.cancelled.is_set():
-                if job.waits_for_room and self.active:
+                if job.waits_for_room and (self.active or self.prefills):
                     continue
                 slot = self._slot_for(job)
                 if slot is None:
@@ -318,7 +363,7 @@ class Worker(threading.Thread):
         """Whether `job` can start on `slot` now (Engine.claim_turn: the slot then holds its claim)."""
         held = slot.held_prefix(job.keys)
         return self.engine.claim_turn(slot, keeps=bool(held), new=self._new_tokens(job, held),
-                                      replies_active=bool(self.active), step=ADMIT_STEP)
+                                      replies_active=bool(self.active or self.prefills), step=ADMIT_STEP)
 
     def _new_tokens(self, job: Job, held: int) -> int:
         """The positions the job's turns beyond the `held` ones add, estimated: their text tokens
@@ -366,15 +411,24 @@ class Worker(threading.Thread):
         return min(free, key=lambda c: c.last_used) if free else None
 
     def _start(self, job: Job, conv: Conversation | None) -> None:
+        """Start a job on its slot: its prompt is decoded on a greenlet of its own (Prefill), run
+        here up to its first chunk; the steps decode the rest."""
         if job.cancelled.is_set():
             self.counters.cancelled += 1
             if conv is not None:
                 self.engine.release(conv)
             return
-        conv.begin_request(self._chunk_boundary(job), self._riders)
+        conv.begin_request(self._progress(job), self._batch_chunk)
         self._merge_failed.discard(conv.seq_id)
         job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
+        p = Prefill(job, greenlet.greenlet(lambda _: self._prefill(job)))
+        self.prefills.append(p)
+        self._resume(p)
+
+    def _prefill(self, job: Job) -> None:
+        """A job's turn, on its Prefill's greenlet: decode what its slot does not hold; then it replies."""
+        conv = job.conv
         t0 = time.perf_counter()
         try:
             held, decoded = conv.feed(job.turns, job.tools) if job.raw is None else conv.feed_raw(job.raw)
@@ -386,8 +440,8 @@ class Worker(threading.Thread):
                 self.counters.cancelled += 1
                 job.send("error", e.status, str(e))
                 return
-            if isinstance(e, NoRoomError) and self.active:  # replies will give their room back: wait, first in line
-                job.waits_for_room = True
+            if isinstance(e, NoRoomError) and (self.active or len(self.prefills) > 1):
+                job.waits_for_room = True  # the others will give their room back: wait, first in line
                 with self.cond:
                     self.pending.appendleft(job)
                 return
@@ -407,28 +461,33 @@ class Worker(threading.Thread):
         job.send("start", held + decoded, held)
         self.active.append(job)
 
-    def _step_all(self) -> int:
-        """One decode step for every replying job that may go on: each samples its next token from
-        its own logits with its own sampler, the tokens are decoded in one llama_decode (one row
-        per slot, llama-server's update_slots), and each takes its row's logits. Returns how many
-        jobs moved."""
-        moved, batch = self._gather(max(1, self.engine.free_cells(reserved=False)))  # (one row may make room)
-        if batch:
+    def _step(self) -> int:
+        """One llama_decode for everything that can go on (llama-server's update_slots): the
+        prefilling jobs' next prompt chunks, as many as n_batch holds beside a row for each
+        replying job, and each replying job's next token, sampled from its own logits with its own
+        sampler; each takes its own logits back. Then the prefills run on to their next chunk (a
+        yielded one too). Returns how many jobs moved."""
+        n_batch, chunks, used = self.engine.ctx.n_batch, [], 0
+        for p in self.prefills:
+            if p.chunk is not None and used + len(p.chunk[0]) <= n_batch - len(self.active):
+                chunks.append(p)
+                used += len(p.chunk[0])
+        free = self.engine.free_cells(reserved=False)
+        room = min(n_batch, free) - used if chunks else max(1, free)  # (one row alone may make room)
+        moved, batch = self._gather(max(0, room))
+        resumed = chunks + [p for p in self.prefills if p.chunk is None]  # (the yielded ones go on too)
+        lasts = None
+        if chunks or batch:
             t0 = time.perf_counter()
             try:
-                _, logits = self.engine.ctx.decode_rows(self._rows(batch))
+                lasts, logits = self.engine.ctx.decode_rows(self._rows(batch), [p.chunk for p in chunks])
             except Exception as e:
-                logits = e
+                lasts = logits = e
             self._deliver(batch, logits, time.perf_counter() - t0)
-        return moved + len(batch)
-
-    def _riders(self, room: int):
-        """A starting prompt's chunk takes the replying slots' next tokens into its own batch
-        (llama-server's update_slots puts prompt chunks and the slots' tokens in one batch): at
-        most `room` rows. Returns (rows, deliver(logits or the decode's exception, seconds))."""
-        _, batch = self._gather(room)
-        self._carried = bool(batch)
-        return self._rows(batch), lambda logits, seconds: self._deliver(batch, logits, seconds)
+        for i, p in enumerate(resumed):
+            p.chunk = None
+            self._resume(p, (lasts if isinstance(lasts, BaseException) else lasts[i]) if i < len(chunks) else None)
+        return moved + len(batch) + len(resumed)
 
     @staticmethod
     def _rows(batch) -> list[tuple[int, int, int]]:
@@ -440,8 +499,6 @@ class Worker(threading.Thread):
         `room` of them (no free cell left for a row: its job goes at the next step)."""
         moved, batch = 0, []
         for job in list(self.active):
-            if job not in self.active:  # finished inside a chunk boundary's round
-                continue
             why = self._must_stop(job)
             if why is not None:  # the reply so far is kept as the conversation's (see Conversation.reply)
                 self.counters.cancelled += 1

@@ -318,17 +318,19 @@ class Context(_Handle):
             llama_cpp.llama_batch_free(batch)
         return np.stack(rows) if all_logits else self.logits(-1)
 
-    def decode_rows(self, rows: list[tuple[int, int, int]], chunk: tuple[list[int], int, int] | None = None
-                    ) -> tuple[np.ndarray | None, np.ndarray]:
+    def decode_rows(self, rows: list[tuple[int, int, int]], chunks: list[tuple[list[int], int, int]] = ()
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
         """Decode one token for each of several sequences in one batch (llama-server's
-        update_slots): rows of (token, position, seq_id); with `chunk` (tokens, pos0, seq_id), a
-        prompt chunk of another sequence first, in the same batch. At most n_batch entries.
-        Returns (the chunk's last logits or None, each row's logits [len(rows), n_vocab]). The
-        weights are read once for all of them."""
-        head = [] if chunk is None else [(tok, chunk[1] + i, chunk[2], i == len(chunk[0]) - 1)
-                                         for i, tok in enumerate(chunk[0])]
+        update_slots): rows of (token, position, seq_id); `chunks` (tokens, pos0, seq_id) are
+        prompt chunks of other sequences, first in the same batch. At most n_batch entries.
+        Returns (each chunk's last logits, each row's logits [len(rows), n_vocab]). The weights
+        are read once for all of them."""
+        head, lasts = [], []
+        for tokens, pos0, seq_id in chunks:
+            head += [(tok, pos0 + i, seq_id, i == len(tokens) - 1) for i, tok in enumerate(tokens)]
+            lasts.append(len(head) - 1)
         entries = head + [(tok, pos, seq_id, True) for tok, pos, seq_id in rows]
-        if not entries:
+        if not entries or any(not c[0] for c in chunks):
             raise DecodeError("nothing to decode")
         if len(entries) > self.n_batch:
             raise DecodeError(f"{len(entries)} tokens are more than the batch of {self.n_batch}")
@@ -342,7 +344,7 @@ class Context(_Handle):
             if rc != 0:
                 raise DecodeError(f"llama_decode failed with code {rc} (cache full or invalid batch)")
             rows_out = [self.logits(len(head) + j) for j in range(len(rows))]  # by index in the batch
-            return (self.logits(len(head) - 1) if head else None,
+            return ([self.logits(i) for i in lasts],
                     np.stack(rows_out) if rows_out else np.zeros((0, self.model.n_vocab), np.float32))
         finally:
             llama_cpp.llama_batch_free(batch)

@@ -113,6 +113,15 @@ class Compressor:
         return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS}) or \
             (RHO in self.method.needs and self.rho is None)
 
+    def observed_from(self, prompt_end: int) -> int:
+        """The first position whose query rows `observe` reads, for a prompt ending at `prompt_end`:
+        the window's start, 0 for whole-prompt scores, prompt_end if it reads none."""
+        if not self.needs_observation:
+            return prompt_end
+        if PROMPT_SCORES in self.method.needs:
+            return 0
+        return prompt_end - min(self.method.window, prompt_end)
+
     @contextlib.contextmanager
     def observe(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
         """Collect the method's statistics over the decode run inside the with-block."""
@@ -120,7 +129,7 @@ class Compressor:
             self._stats = None
             yield None
             return
-        window = None if PROMPT_SCORES in self.method.needs else min(self.method.window, prompt_end)
+        window = None if PROMPT_SCORES in self.method.needs else prompt_end - self.observed_from(prompt_end)
         want_flow = RHO in self.method.needs and self.rho is None
         stats = AttentionStats(ctx, prompt_end=prompt_end, window=window, seq_id=seq_id,
                                labels=labels if want_flow else None,

@@ -87,6 +87,11 @@ class SequenceCompressor:
     def _fresh(self) -> Compressor:
         return Compressor(self.method, self.budget, rho=self._rho)
 
+    def observed_from(self, prompt_end: int) -> int:
+        """The first position whose rows `observing` reads for a turn ending at `prompt_end`: the
+        rows before it may be decoded before the block (in a batch other sequences share)."""
+        return self._fresh().observed_from(prompt_end)
+
     @contextlib.contextmanager
     def observing(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
         """Decode the end of a turn inside this block: the method's statistics are gathered over it
