@@ -14,6 +14,8 @@ from flowmm_edge.app.chat_api import RequestError
 from flowmm_edge.app.session import Session
 from flowmm_edge.bindings import images
 
+from greedy_reference import GreedyReference
+
 PNG = "data:image/png;base64," + base64.b64encode(images.pattern(3)).decode()
 
 
@@ -96,17 +98,25 @@ def test_on_the_default_model_a_reused_history_answers_as_a_fresh_prefill(defaul
     assert r2["choices"][0]["message"]["content"] == r2_fresh["choices"][0]["message"]["content"]
 
 
-def test_a_changed_history_starts_afresh(tiny_models):
+def test_a_changed_history_starts_afresh_from_its_first_different_token(tiny_models):
+    """A history that does not extend the cached one starts afresh, keeping the cells of the
+    tokens both begin with (the system message), as llama-server's cache_prompt does: fewer
+    positions decoded than a fresh session's, and the reply is the edited conversation's decoded
+    alone (greedy_reference: a kept prefix was decoded in another batch)."""
     msgs = first_turns()
-    with session(tiny_models) as s:
+    with session(tiny_models, method="full") as s:
         r1 = s.create_chat_completion(msgs, max_tokens=6, temperature=0)
         edited = [msgs[0], {"role": "user", "content": "a different first question"}, r1["choices"][0]["message"],
                   {"role": "user", "content": "and then"}]
-        r2 = s.create_chat_completion(edited, max_tokens=6, temperature=0)
-    with session(tiny_models) as fresh:
+        r2 = s.create_chat_completion(edited, max_tokens=6, temperature=0, logprobs=True)
+    with session(tiny_models, method="full") as fresh:
         r2_fresh = fresh.create_chat_completion(edited, max_tokens=6, temperature=0)
-    assert r2["usage"] == r2_fresh["usage"] and r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert r2["choices"][0]["message"] == r2_fresh["choices"][0]["message"]
+    u, uf = r2["usage"], r2_fresh["usage"]
+    assert u["prompt_tokens"] == uf["prompt_tokens"] and uf["prompt_tokens_details"]["cached_tokens"] == 0
+    assert 0 < u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"]
+    with GreedyReference(tiny_models[0], 6) as ref:
+        ref.feed(edited)
+        ref.check(pieces=[bytes(e["bytes"]) for e in r2["choices"][0]["logprobs"]["content"]])
 
 
 def test_stop_strings_cut_the_reply_in_both_modes_and_the_same_seed_draws_the_same(tiny_models):

@@ -199,3 +199,58 @@ def test_an_observed_turn_end_shares_the_batch_up_to_its_window(tiny_models, met
     np.testing.assert_array_equal(kept, kept_b)
     assert int(np.argmax(probe)) == int(np.argmax(probe_b))
     np.testing.assert_allclose(probe, probe_b, atol=1e-2 * float(np.abs(probe).max()))
+
+
+def _fresh_logits(tiny_models, method, messages):
+    from flowmm_edge.app import chat_api
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, method)) as engine:
+        conv = Conversation(engine)
+        conv.feed(chat_api.parse_messages(messages))
+        return conv.last_logits, conv.pos
+
+
+def test_a_new_conversation_reuses_the_cells_of_the_same_first_tokens(tiny_models):
+    """llama-server's cache_prompt: a slot whose next request is another conversation keeps the
+    cells of their common first tokens (the template's opening, a shared system prompt) and
+    decodes the rest; the cache then answers as the conversation decoded on a fresh context.
+    A sequence that was merged keeps nothing (its cells are not the tokens' own)."""
+    from flowmm_edge.app import chat_api
+
+    system = {"role": "system", "content": "you answer about cats and the city " * 3}
+    first = [system, {"role": "user", "content": "the secret key is red"}]
+    second = [system, {"role": "user", "content": "dogs are in the city"}]
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "full")) as engine:
+        conv = Conversation(engine)
+        conv.feed(chat_api.parse_messages(first))
+        held, decoded = conv.feed(chat_api.parse_messages(second))
+        common = len(engine.model.tokenize(engine.template.render(engine.model, [("system", system["content"])],
+                                                                  add_assistant=False)))
+        assert common - 4 <= held < conv.pos and held + decoded == conv.pos  # (the rendering's own seam)
+        cells, positions = kv_cache.seq_cells(engine.ctx, conv.seq_id)
+        np.testing.assert_array_equal(np.sort(positions), np.arange(conv.pos))
+        got = conv.last_logits
+    want, n = _fresh_logits(tiny_models, "full", second)
+    assert n == conv.pos and int(np.argmax(got)) == int(np.argmax(want))
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(np.abs(want).max()))
+
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "snapkv")) as engine:  # budget 48: merged
+        conv = Conversation(engine)
+        conv.feed(chat_api.parse_messages([system, {"role": "user", "content": "the cat sat on the mat " * 12}]))
+        assert conv.cells() < conv.pos
+        held, decoded = conv.feed(chat_api.parse_messages(second))
+        assert held == 0 and decoded == conv.pos
+
+
+def test_cells_kept_for_reuse_are_given_back_when_the_request_fails(tiny_models):
+    """A request that fails before its first turn decodes (an assistant message first) leaves the
+    slot empty, not holding the cells kept for reuse."""
+    from flowmm_edge.app import chat_api
+
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "full")) as engine:
+        conv = Conversation(engine)
+        conv.feed(chat_api.parse_messages([{"role": "user", "content": "the secret key is red"}]))
+        assert conv.cells() > 0
+        with pytest.raises(SessionError):
+            conv.feed(chat_api.parse_messages([{"role": "assistant", "content": "hello"},
+                                               {"role": "user", "content": "the secret key is red"}]))
+        assert conv.cells() == conv.pos == 0

@@ -396,9 +396,11 @@ def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):
     the greedy reply), decoded together; usage counts the prompt once and every reply."""
     c = client(real)
     msgs = [{"role": "user", "content": "Name a colour."}]
-    alone = [c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7 + i)
-             for i in range(3)]
-    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3)
+    afresh = {"cache_prompt": False}  # (a kept prefix, decoded in another batch, may move a sampled token)
+    alone = [c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7 + i,
+                                       extra_body=afresh) for i in range(3)]
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3,
+                                  extra_body=afresh)
     assert [ch.index for ch in r.choices] == [0, 1, 2]
     assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
     assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
@@ -408,7 +410,7 @@ def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):
     assert [ch.text for ch in both.choices] == [greedy.choices[0].text] * 2
     streamed = ["", "", ""]  # streamed, each chunk names its choice; the usage chunk counts every reply
     chunks = list(c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3,
-                                            stream=True, stream_options={"include_usage": True}))
+                                            stream=True, stream_options={"include_usage": True}, extra_body=afresh))
     for ch in chunks:
         for choice in ch.choices:
             streamed[choice.index] += choice.delta.content or ""

@@ -116,7 +116,7 @@ def test_concurrent_conversations_keep_their_own_answers_and_reuse_their_slots(s
                 msgs.append({"role": "user", "content": text})
                 r = c.chat.completions.create(model="x", messages=list(msgs), max_tokens=8, temperature=0)
                 answers.append(r.choices[0].message.content)
-                prompts.append(r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens)
+                prompts.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
                 msgs.append({"role": "assistant", "content": answers[-1]})
             got[name], usage[name] = answers, prompts
         except Exception as e:  # pragma: no cover - reported below
@@ -135,7 +135,31 @@ def test_concurrent_conversations_keep_their_own_answers_and_reuse_their_slots(s
             requests.append(list(history))
             history = history + [{"role": "assistant", "content": got[name][k]}]
         assert got[name] == reference(tiny_models, requests)
-        assert all(p < usage[name][0] for p in usage[name][1:])  # later turns decoded only their new messages
+        turns = usage[name]  # later turns decoded only their new messages: the turns before were held
+        assert all(cached >= before for (_, cached), (before, _) in zip(turns[1:], turns)), turns
+
+
+def test_a_new_conversation_keeps_the_slots_same_first_tokens_unless_cache_prompt_is_false(tiny_models):
+    """One slot: a second conversation with the same system message decodes only what follows
+    the tokens both begin with (usage's cached_tokens, llama-server's cache_prompt), and with
+    "cache_prompt": false the whole prompt; the replies are the conversations' decoded alone."""
+    system = {"role": "system", "content": "you answer about cats and the city " * 3}
+    convs = [[system, {"role": "user", "content": text}]
+             for text in ("the secret key is red", "dogs are in the city", "what color is the cat")]
+    with server(tiny_models, "-c", "512", "-np", "1", "--method", "full") as s:
+        got = []
+        for msgs, keep in zip(convs, (True, True, False)):
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                           json={"messages": msgs, "max_tokens": 6, "temperature": 0, "logprobs": True,
+                                 "cache_prompt": keep}).json()
+            got.append((r["usage"]["prompt_tokens"], r["usage"]["prompt_tokens_details"]["cached_tokens"],
+                        [bytes(e["bytes"]) for e in r["choices"][0]["logprobs"]["content"]]))
+    (_, first, _), (n, kept, _), (_, afresh, _) = got
+    assert first == 0 and afresh == 0 and 30 < kept < n, got
+    for msgs, (_, _, pieces) in zip(convs, got):
+        with GreedyReference(tiny_models[0], 6) as ref:
+            ref.feed(msgs)
+            ref.check(pieces=pieces)
 
 
 def test_a_resent_history_goes_to_the_slot_that_holds_it(tiny_models):

@@ -50,6 +50,9 @@ class SamplingFields(pydantic.BaseModel):
     repeat_penalty: float | None = pydantic.Field(None, gt=0.0)
     seed: int | None = None
     ignore_eos: bool | None = None  # llama-server's extension: the reply runs to max_tokens
+    # llama-server's extension: False decodes the whole prompt afresh on its slot, nothing kept (llama.cpp's
+    # logits are not bit-identical across batch sizes, so a kept prefix may change a sampled reply)
+    cache_prompt: bool = True
     frequency_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = pydantic.Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None

@@ -172,6 +172,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self._keys = None  # the turns' keys (chat_api.Turn.key) while create_chat_completion drives it
         self.raw = False  # the cache holds a completions prompt (and its replies), not a chat
         self.continues = False  # the next reply continues the last assistant message (add_assistant_turn)
+        self._reusable = None  # the tokens of cells a reset kept for the next turn (reset(reuse=True))
+        self.reused = 0  # positions a turn took from them (feed and feed_raw count them as held)
 
     def listen(self, on_progress) -> None:
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
@@ -225,10 +227,55 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         in_cells[..., np.argsort(kv_cache.seq_cells(self.ctx, self.seq_id)[1], kind="stable")] = bias
         kv_cache.set_slot_bias(self.ctx, in_cells, self.seq_id)
 
-    def reset(self) -> None:
+    def reset(self, reuse: bool = False) -> None:
+        """Forget the conversation. `reuse`: keep its cells for the next turn's first tokens, as
+        far as they are the same (llama-server's cache_prompt: a conversation that begins as the
+        one before it did, with the same system prompt say, decodes only the rest); the next turn
+        drops the cells it does not reuse (_take_reusable). Only a sequence never merged, up to
+        its first image, is reused."""
         self._finish_reply()
-        self.ctx.clear(self.seq_id)
+        keep = self._reusable_tokens() if reuse else None
+        if keep is None:
+            self.ctx.clear(self.seq_id)
         self._reset_state()
+        self._reusable = keep
+
+    def _reusable_tokens(self) -> list[int] | None:
+        """The tokens the cache holds at positions 0, 1, ... one cell each (never merged), up to the
+        first image; None if there are none."""
+        positions = kv_cache.seq_cells(self.ctx, self.seq_id)[1] if self.pos else ()
+        if len(positions) != self.pos or not np.array_equal(np.sort(positions), np.arange(self.pos)):
+            return None
+        images = np.flatnonzero(self.tokens_by_pos < 0)
+        n = int(images[0]) if len(images) else len(self.tokens_by_pos)
+        return self.tokens_by_pos[:n].tolist() or None
+
+    def _take_reusable(self, prepared) -> int:
+        """How many of a turn's first positions the cache holds already from the conversation
+        before a reset(reuse=True), the cells past them dropped: its tokens as far as they equal
+        the turn's, short of the turn's last token (its logits start the reply) and of a window
+        the merge will observe (decoded, so that its statistics are gathered)."""
+        old, self._reusable = self._reusable, None
+        if old is None:
+            return 0
+        lead = []
+        for piece in prepared.pieces:
+            if not isinstance(piece, list):
+                break
+            lead += piece
+        n = min(len(old), len(lead), prepared.n_pos - 1)
+        if self.compression.enabled and self.compression.needs_observation:
+            n = min(n, self.compression.observed_from(prepared.n_pos))
+        same = np.asarray(old[:n]) != np.asarray(lead[:n])
+        self.reused = int(np.argmax(same)) if same.any() else max(n, 0)
+        self.ctx.truncate(self.reused, self.seq_id)
+        return self.reused
+
+    def _drop_reusable(self) -> None:
+        """Cells kept by reset(reuse=True) that no turn took (the request failed first): give them back."""
+        if self._reusable is not None:
+            self._reusable = None
+            self.ctx.clear(self.seq_id)
 
     def evict(self) -> None:
         """Give the cells back to the shared buffer (the engine makes room): the conversation is
@@ -304,15 +351,16 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                            self.projector, add_bos=self.pos == 0)
         pos0 = self.pos
         try:
+            reused = self._take_reusable(prepared)
             room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
             for p in prepared.pieces:
                 if not isinstance(p, list) and p.n_pos > room:
                     raise SessionError(f"an image of {p.n_pos} positions cannot fit: {room} cells are free after a "
                                        f"merge (raise --ctx or lower --budget)")
-            if self.method_name == "full" and prepared.n_pos > room:
+            if self.method_name == "full" and prepared.n_pos - reused > room:
                 raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
                                    f"method 'full' never merges (use another --method or /reset)")
-            self._decode_or_restore(prepared)
+            self._decode_or_restore(prepared, reused)
             self._keep_images(prepared, pos0)
         finally:
             prepared.close()
@@ -321,16 +369,17 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self._keys = None  # a turn not from create_chat_completion: its next request starts afresh
         return prepared.n_pos
 
-    def _decode_or_restore(self, prepared) -> None:
-        """Decode a turn whole, or on any error (Ctrl-C included) put cache and bookkeeping back."""
+    def _decode_or_restore(self, prepared, reused: int = 0) -> None:
+        """Decode a turn whole (less its first `reused` positions, which the cache holds already),
+        or on any error (Ctrl-C included) put cache and bookkeeping back."""
         snap = self._snapshot()
         try:
-            self._decode_turn(prepared)
+            self._decode_turn(prepared, reused)
         except BaseException:
             self._restore(snap)
             raise
 
-    def _decode_turn(self, prepared) -> None:
+    def _decode_turn(self, prepared, reused: int = 0) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
         self.labels_by_pos = labels
         self.tokens_by_pos = np.concatenate([self.tokens_by_pos, reconstruction.tokens_by_position(prepared.pieces)])
@@ -342,6 +391,11 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 units.append(piece)
         merging, schedule = self.compression.enabled, self.engine.merge_schedule
         t0, total, done = time.perf_counter(), sum(u.n_pos if not isinstance(u, list) else len(u) for u in units), 0
+        if reused:  # (_take_reusable: text tokens before any image, short of the last)
+            units[0] = units[0][reused:]
+            if not units[0]:
+                units.pop(0)
+            self.pos, done = self.pos + reused, reused
         while units:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
             if self.engine.room(self) < need and merging and self.merge_due():  # fold down to the budget first

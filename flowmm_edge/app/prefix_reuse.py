@@ -34,18 +34,24 @@ class PrefixReuse:
             seed=seed, stop=stop, stream=stream, response_format=response_format, tools=tools,
             tool_choice=tool_choice, logprobs=logprobs, top_logprobs=top_logprobs)
 
-    def feed_raw(self, prompt: str) -> tuple[int, int]:
+    def feed_raw(self, prompt: str, reuse: bool = True) -> tuple[int, int]:
         """Bring the cache to a completions prompt (no chat template): keep what it holds when the
-        prompt extends its text (an earlier prompt and its reply), else start afresh; decode the
-        rest. Returns (positions the cache held already, positions decoded now)."""
+        prompt extends its text (an earlier prompt and its reply), else start afresh, keeping the
+        cells of its same first tokens; decode the rest. `reuse` False: keep nothing (serve's
+        cache_prompt). Returns (positions the cache held already, positions decoded now)."""
         self._finish_reply()
+        self.reused = 0
         if self.tools is not None:
             self.use_tools(None)
-        if not self.holds_raw_prefix(prompt):
-            self.reset()
+        if not reuse or not self.holds_raw_prefix(prompt):
+            self.reset(reuse=reuse)
             self.raw = True
         held = self.pos
-        return held, self.add_raw_text(prompt[len(self.cached_text):])
+        try:
+            decoded = self.add_raw_text(prompt[len(self.cached_text):])
+        finally:
+            self._drop_reusable()
+        return held + self.reused, decoded - self.reused
 
     def holds_raw_prefix(self, prompt: str) -> bool:
         """Whether the cache holds a completions prompt's beginning (and it goes on from there)."""
@@ -57,26 +63,32 @@ class PrefixReuse:
         own = self._keys
         return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
 
-    def feed(self, turns: list, tools: list | None = None) -> tuple[int, int]:
+    def feed(self, turns: list, tools: list | None = None, reuse: bool = True) -> tuple[int, int]:
         """Bring the cache to the conversation `turns` less its last turn's reply: keep the cached
-        turns if they are its beginning, else start afresh; decode the rest. `tools` are rendered
+        turns if they are its beginning, else start afresh, keeping the cells of as many of its
+        first tokens as are the same (Conversation.reset(reuse=True)); decode the rest. `tools` are rendered
         for the whole conversation (other tools than the cache's: afresh; tool_calls.plan checks
         that turns with calls or results come with tools). Tool results that
-        follow one another are one turn (the template renders them together). Returns
+        follow one another are one turn (the template renders them together). `reuse` False:
+        keep nothing, decode it all (serve's cache_prompt). Returns
         (positions the cache held already, positions decoded now)."""
         keys = [t.key for t in turns]
         self._finish_reply()
+        self.reused = 0
         if tools != self.tools:
             self.use_tools(tools)
         cached = self._keys
-        if cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
-            self.reset()
+        if not reuse or cached is None or keys[:len(cached)] != cached or len(cached) >= len(keys):
+            self.reset(reuse=reuse)  # (the cells of the same first tokens are kept: llama-server's cache_prompt)
             self.messages, self._keys = [], []
         held = self.pos
         try:
-            return held, self._feed_turns(turns, turns[len(self._keys):])
+            decoded = self._feed_turns(turns, turns[len(self._keys):])
+            return held + self.reused, decoded - self.reused
         except TemplateRerenders:
             pass
+        finally:
+            self._drop_reusable()
         # the template renders the new turns into the earlier ones (a system message mid-history,
         # say): decode the conversation afresh, rendered whole, rather than refuse it
         self.reset()

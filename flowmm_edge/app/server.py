@@ -145,6 +145,7 @@ class Job:
     merge_s0: float = 0.0
     t_decode: float = 0.0
     waits_for_room: bool = False  # its turn found the buffer held by replies: start again once none is active
+    cache_prompt: bool = True  # llama-server's field: False, its slot keeps nothing of what it held
     estimate: tuple | None = None  # (turns its slot held, positions the rest add): Worker._new_tokens
     sent: int = 0    # pieces the worker sent (worker thread)
     taken: int = 0   # pieces the HTTP side took off the queue (its event loop)
@@ -361,7 +362,7 @@ class Worker(threading.Thread):
 
     def _admit(self, job: Job, slot: Conversation) -> bool:
         """Whether `job` can start on `slot` now (Engine.claim_turn: the slot then holds its claim)."""
-        held = slot.held_prefix(job.keys)
+        held = slot.held_prefix(job.keys) if job.cache_prompt else 0
         return self.engine.claim_turn(slot, keeps=bool(held), new=self._new_tokens(job, held),
                                       replies_active=bool(self.active or self.prefills), step=ADMIT_STEP)
 
@@ -405,7 +406,8 @@ class Worker(threading.Thread):
         used least recently (it starts afresh), else None: the job waits."""
         free = [c for c in self.slots if not c.busy]
         keys = job.keys
-        holding = [c for c in free if (c.held_prefix(keys) if job.raw is None else c.holds_raw_prefix(job.raw))]
+        holding = [c for c in free if job.cache_prompt and (
+            c.held_prefix(keys) if job.raw is None else c.holds_raw_prefix(job.raw))]
         if holding:
             return max(holding, key=lambda c: c.held_prefix(keys) if job.raw is None else c.pos)
         return min(free, key=lambda c: c.last_used) if free else None
@@ -431,7 +433,8 @@ class Worker(threading.Thread):
         conv = job.conv
         t0 = time.perf_counter()
         try:
-            held, decoded = conv.feed(job.turns, job.tools) if job.raw is None else conv.feed_raw(job.raw)
+            held, decoded = (conv.feed(job.turns, job.tools, reuse=job.cache_prompt) if job.raw is None
+                             else conv.feed_raw(job.raw, reuse=job.cache_prompt))
             job.stream = conv.reply_stream(job.max_tokens, job.params, job.stop, job.logprobs,
                                            job.parse_calls.opening if job.parse_calls else None)
         except Exception as e:
@@ -689,7 +692,8 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None, max_
         deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
         jobs = [Job(turns, max_reply or max_tokens,
                     params if i == 0 or params.seed < 0 else dataclasses.replace(params, seed=params.seed + i),
-                    stop, asyncio.get_running_loop(), asyncio.Queue(), deadline=deadline, **kw) for i in range(req.n)]
+                    stop, asyncio.get_running_loop(), asyncio.Queue(), deadline=deadline, cache_prompt=req.cache_prompt,
+                    **kw) for i in range(req.n)]
         for job in jobs:
             worker.submit(job)
         return jobs
