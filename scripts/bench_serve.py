@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
 
@@ -157,6 +157,8 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
             "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
             "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
             "evictions": metric(metrics1, "flowmm_evictions_total"),
+            "merges": sum(metric(metrics1, f'flowmm_merges_total{{schedule="{w}"}}')
+                          - metric(metrics0, f'flowmm_merges_total{{schedule="{w}"}}') for w in ("foreground", "background")),
             "resident_at_end": len([m for m in re.findall(r'^flowmm_kv_slot_cells\{slot="\d+"\} ([0-9.]+)$', metrics1,
                                                           re.MULTILINE) if float(m) > 0]),
             "cells_used_at_end": metric(metrics1, "flowmm_kv_cells_used"), "ttft_p50_s": statistics.median(ttft) if ttft else 0.0,
@@ -337,15 +339,16 @@ def streams_markdown(rows: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     head = ("| server / method | conversations | slots | KV cells (--ctx) | budget cells | live at the last turn | "
             "resident at the end | facts kept | tokens/s | TTFT p50 s | TTFT p95 s | prompt tokens decoded | reused | "
-            "evictions | peak RSS MiB | errors | wall s |")
-    lines = [head, "|" + "---|" * 17]
+            "evictions | merges | peak RSS MiB | errors | wall s |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         lines.append(f"| {r['method']} | {r['conversations']} | {r.get('slots', r['conversations'])} | {r['ctx']} | "
                      f"{r['budget_cells'] or '—'} | "
                      f"{r['live_at_last_turn']} | {r['resident_at_end']} | {r['facts_kept']}/{r['answered']} | "
                      f"{r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['prompt_tokens']:.0f} | "
-                     f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r.get('peak_rss_mib', 0):.0f} | "
+                     f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r.get('merges', 0):.0f} | "
+                     f"{r.get('peak_rss_mib', 0):.0f} | "
                      f"{len(r['errors'])} | {r['wall_s']:.0f} |")
     a = rows[0]
     for b in rows[1:]:
