@@ -242,8 +242,8 @@ def test_a_new_conversation_reuses_the_cells_of_the_same_first_tokens(tiny_model
 
 
 def test_cells_kept_for_reuse_are_given_back_when_the_request_fails(tiny_models):
-    """A request that fails before its first turn decodes (an assistant message first) leaves the
-    slot empty, not holding the cells kept for reuse."""
+    """A request that fails before its first turn decodes (an assistant message first, a turn
+    too long for the full cache) leaves the slot empty, not holding the cells kept for reuse."""
     from flowmm_edge.app import chat_api
 
     with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "full")) as engine:
@@ -254,3 +254,31 @@ def test_cells_kept_for_reuse_are_given_back_when_the_request_fails(tiny_models)
             conv.feed(chat_api.parse_messages([{"role": "assistant", "content": "hello"},
                                                {"role": "user", "content": "the secret key is red"}]))
         assert conv.cells() == conv.pos == 0
+        conv.feed(chat_api.parse_messages([{"role": "user", "content": "the secret key is red"}]))
+        with pytest.raises(SessionError, match="does not fit"):  # its first tokens are held, the rest is too long
+            conv.feed(chat_api.parse_messages([{"role": "user", "content": "the secret key is red " * 120}]))
+        assert conv.cells() == conv.pos == 0
+
+
+@pytest.mark.parametrize("method", ["snapkv", "flowmm"])
+def test_a_turn_that_fails_after_a_merge_inside_it_puts_the_cache_back(tiny_models, method):
+    """A turn keeps no copy of the cache until a merge inside it changes the cells before it
+    (Conversation._merge_in_turn); stopped after such a merge (Ctrl-C at a chunk boundary), the
+    sequence is again what llama.cpp serialised before the turn, with its slot bias."""
+    with Engine(n_ctx=256, n_slots=1, **settings(tiny_models, method)) as engine:
+        conv = Conversation(engine, prefill_step=16)
+        conv.chat("the secret code is 4821 and the cat sat on the mat " * 6)
+        assert conv.cells() < conv.pos  # merged
+        state, bias, pos, messages, merges = (engine.ctx.state(conv.seq_id), conv._bias(), conv.pos,
+                                              list(conv.messages), conv.stats.merges)
+
+        def stop_after_a_merge(what, done, total, note=""):
+            if what == "prefill" and conv.stats.merges > merges:
+                raise KeyboardInterrupt
+        conv.listen(stop_after_a_merge)
+        with pytest.raises(KeyboardInterrupt):
+            conv.add_user_turn("the dog is red and the city is big " * 30)  # more than the free cells
+        assert engine.ctx.state(conv.seq_id) == state
+        got = conv._bias()
+        assert (got is None) == (bias is None) and (bias is None or np.array_equal(got, bias))
+        assert (conv.pos, conv.messages, conv.stats.merges) == (pos, messages, merges)

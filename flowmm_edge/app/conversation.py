@@ -54,9 +54,11 @@ class SessionStats:
 @dataclasses.dataclass
 class _Snapshot:
     """What a failed turn puts back: llama.cpp's state of the sequence, the slot bias (not part of
-    that state; cells in position order) and the conversation's own bookkeeping."""
+    that state; cells in position order) and the conversation's own bookkeeping. `state` None:
+    the cache was left out, as a turn takes it (its decode only adds cells at `pos` and after, so
+    cutting them off puts the cache back) until a merge inside it (Conversation._merge_in_turn)."""
 
-    state: bytes
+    state: bytes | None
     bias: np.ndarray | None
     messages: list
     cached_text: str
@@ -123,6 +125,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # context): a listener must not decode other sequences until they are off again
         self.statistics_on = False
         self._bg = None  # conversation_merging._BackgroundMerge while one runs
+        self._turn_snapshot = None  # what the turn being decoded puts back if it fails (_decode_or_restore)
         self._bg_cells = 0
         self.tools = None  # OpenAI tools the template renders for the whole conversation (use_tools)
         self.tool_family = None  # their call syntax (tool_calls.family_for the template)
@@ -193,8 +196,10 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
     def cells(self) -> int:
         return len(kv_cache.seq_cells(self.ctx, self.seq_id)[0])
 
-    def _snapshot(self) -> "_Snapshot":
-        return _Snapshot(state=self.ctx.state(self.seq_id) if self.pos else b"", bias=self._bias(),
+    def _snapshot(self, cache: bool = True) -> "_Snapshot":
+        """`cache` False: without the cache (see _Snapshot), which is the size of the sequence's cells."""
+        return _Snapshot(state=(self.ctx.state(self.seq_id) if self.pos else b"") if cache else None,
+                         bias=self._bias() if cache else None,
                          messages=list(self.messages), cached_text=self.cached_text, pos=self.pos,
                          labels_by_pos=self.labels_by_pos.copy(), tokens_by_pos=self.tokens_by_pos.copy(),
                          label_names=list(self.labels.names), stats=dataclasses.replace(self.stats),
@@ -205,11 +210,15 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.labels_by_pos, self.tokens_by_pos, self.labels.names = snap.labels_by_pos, snap.tokens_by_pos, snap.label_names
         self.stats, self.last_logits = snap.stats, snap.last_logits
         self.compression.restore(snap.compression)
+        if snap.state is None:  # only cells at pos and after were added since
+            self.ctx.truncate(snap.pos, self.seq_id)
+            return
         if snap.state:
             self.ctx.set_state(snap.state, self.seq_id)
         else:
             self.ctx.clear(self.seq_id)
-        self._set_bias(snap.bias)
+        self.ctx.truncate(snap.pos, self.seq_id)  # (a state taken inside a turn holds its first cells too)
+        self._set_bias(None if snap.bias is None else snap.bias[..., :self.cells()])
 
     def _bias(self) -> np.ndarray | None:
         """The slot bias the cache carries (not part of llama.cpp's state), cells in position order; None if none."""
@@ -352,14 +361,11 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         pos0 = self.pos
         try:
             reused = self._take_reusable(prepared)
-            room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
-            for p in prepared.pieces:
-                if not isinstance(p, list) and p.n_pos > room:
-                    raise SessionError(f"an image of {p.n_pos} positions cannot fit: {room} cells are free after a "
-                                       f"merge (raise --ctx or lower --budget)")
-            if self.method_name == "full" and prepared.n_pos - reused > room:
-                raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
-                                   f"method 'full' never merges (use another --method or /reset)")
+            try:
+                self._check_room(prepared, reused)
+            except SessionError:
+                self.ctx.truncate(self.pos, self.seq_id)  # (cells kept for reuse go with the turn)
+                raise
             self._decode_or_restore(prepared, reused)
             self._keep_images(prepared, pos0)
         finally:
@@ -369,15 +375,37 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self._keys = None  # a turn not from create_chat_completion: its next request starts afresh
         return prepared.n_pos
 
+    def _check_room(self, prepared, reused: int) -> None:
+        """Refuse a turn that cannot fit even once merged (an image), or at all (the full cache)."""
+        room = self.n_ctx - self.reserve - (self.budget_cells if self.method_name != "full" else self.cells())
+        for p in prepared.pieces:
+            if not isinstance(p, list) and p.n_pos > room:
+                raise SessionError(f"an image of {p.n_pos} positions cannot fit: {room} cells are free after a "
+                                   f"merge (raise --ctx or lower --budget)")
+        if self.method_name == "full" and prepared.n_pos - reused > room:
+            raise SessionError(f"the turn of {prepared.n_pos} tokens does not fit: {room} cells left and the "
+                               f"method 'full' never merges (use another --method or /reset)")
+
     def _decode_or_restore(self, prepared, reused: int = 0) -> None:
         """Decode a turn whole (less its first `reused` positions, which the cache holds already),
         or on any error (Ctrl-C included) put cache and bookkeeping back."""
-        snap = self._snapshot()
+        self._turn_snapshot = self._snapshot(cache=False)
         try:
             self._decode_turn(prepared, reused)
         except BaseException:
-            self._restore(snap)
+            self._restore(self._turn_snapshot)
             raise
+        finally:
+            self._turn_snapshot = None
+
+    def _merge_in_turn(self) -> None:
+        """Merge inside a turn: the merge changes cells before the turn, so the turn's snapshot
+        takes the cache first (with the turn's cells so far, which a restore cuts off)."""
+        snap = self._turn_snapshot
+        if snap is not None and snap.state is None:
+            self._turn_snapshot = dataclasses.replace(snap, state=self.ctx.state(self.seq_id) if self.pos else b"",
+                                                      bias=self._bias())
+        self._merge(foreground=True)
 
     def _decode_turn(self, prepared, reused: int = 0) -> None:
         labels = np.concatenate([self.labels_by_pos, prepared.labels])
@@ -399,7 +427,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         while units:
             need = 1 if isinstance(units[0], list) else units[0].n_pos
             if self.engine.room(self) < need and merging and self.merge_due():  # fold down to the budget first
-                self._merge(foreground=True)
+                self._merge_in_turn()
             if self.engine.room(self) < need:  # other conversations fill the buffer: merge or evict idle ones
                 self.engine.make_room(need, keep=self)
             used, free = self.cells(), self.engine.room(self)
@@ -443,7 +471,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             if logits is not None:
                 self.last_logits = logits
             if merge_now and self.merge_due():  # a sequence within its budget has nothing to merge
-                self._merge(foreground=True)
+                self._merge_in_turn()
         self.stats.prompt_tokens += prepared.n_pos
         self.stats.prefill_seconds += time.perf_counter() - t0
 
