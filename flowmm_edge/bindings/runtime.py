@@ -367,7 +367,7 @@ class Context(_Handle):
         size = llama_cpp.llama_state_seq_get_size(self.ptr, seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
-        return bytes(buf[:n])
+        return ctypes.string_at(buf, n)  # (slicing a c_uint8 array makes a list of ints: 8 bytes a byte)
 
     def set_state(self, data: bytes, seq_id: int = 0) -> None:
         """Replace the sequence by a serialised one; raises (sequence empty) if llama.cpp refuses it."""
