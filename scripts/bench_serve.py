@@ -157,6 +157,9 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
             "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
             "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
             "evictions": metric(metrics1, "flowmm_evictions_total"),
+            "importance": next((st for st in ("learning", "predicted", "repeat")
+                                if metric(metrics1, f'flowmm_importance_state{{state="{st}"}}') == 1), None),
+            "learned_tokens": metric(metrics1, "flowmm_importance_learned_tokens"),
             "merges": sum(metric(metrics1, f'flowmm_merges_total{{schedule="{w}"}}')
                           - metric(metrics0, f'flowmm_merges_total{{schedule="{w}"}}') for w in ("foreground", "background")),
             "resident_at_end": len([m for m in re.findall(r'^flowmm_kv_slot_cells\{slot="\d+"\} ([0-9.]+)$', metrics1,
@@ -350,6 +353,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['prompt_tokens_reused']:.0f} | {r['evictions']:.0f} | {r.get('merges', 0):.0f} | "
                      f"{r.get('peak_rss_mib', 0):.0f} | "
                      f"{len(r['errors'])} | {r['wall_s']:.0f} |")
+    for r in rows:
+        if r.get("importance"):
+            lines.append(f"\n{r['method']}: importance scored at the end by {r['importance']}"
+                         + (f", {r['learned_tokens']:.0f} tokens learned from" if r["importance"] == "learning" else ""))
     a = rows[0]
     for b in rows[1:]:
         def ratio(key):
