@@ -285,19 +285,18 @@ class Worker(threading.Thread):
             self._start(job, slot)
             n += 1
 
-    def _progress(self, job: Job):
-        """The slot's progress listener while `job` runs: stop it here if it must stop; else, where
-        the chunk just decoded went alone (an image, an observed chunk, a merge's chunk), let the
-        others have a step before it goes on, unless its statistics are on (one sequence's)."""
+    def _progress(self, p: Prefill):
+        """The slot's progress listener while `p`'s job runs: stop it here if it must stop; else,
+        on its prefill's greenlet, where the chunk just decoded went alone (an image, an observed
+        chunk, a merge's chunk), let the others have a step before it goes on, unless its
+        statistics are on (one sequence's)."""
         def on_progress(what, done, total, note=""):
             if what == "note":
                 return
-            why = self._must_stop(job)
+            why = self._must_stop(p.job)
             if why is not None:
                 raise why
-            me = greenlet.getcurrent()
-            p = next((p for p in self.prefills if p.run is me), None)
-            if p is None or job.conv.statistics_on:
+            if p.run is not greenlet.getcurrent() or p.job.conv.statistics_on:
                 return
             if p.batched:
                 p.batched = False
@@ -305,14 +304,14 @@ class Worker(threading.Thread):
             self._suspend(None)
         return on_progress
 
-    def _batch_chunk(self, tokens: list[int], pos0: int, seq_id: int) -> np.ndarray:
-        """Conversation.batcher of a prefilling job (on its greenlet): hand the chunk to the worker,
+    def _batcher(self, p: Prefill):
+        """Conversation.batcher of `p`'s job (called on its greenlet): hand each chunk to the worker,
         which decodes it in its next step's batch; returns the chunk's last logits."""
-        me = greenlet.getcurrent()
-        p = next(p for p in self.prefills if p.run is me)
-        logits = self._suspend((tokens, pos0, seq_id))
-        p.batched = True
-        return logits
+        def batch_chunk(tokens: list[int], pos0: int, seq_id: int) -> np.ndarray:
+            logits = self._suspend((tokens, pos0, seq_id))
+            p.batched = True
+            return logits
+        return batch_chunk
 
     @staticmethod
     def _suspend(chunk):
@@ -420,11 +419,11 @@ class Worker(threading.Thread):
             if conv is not None:
                 self.engine.release(conv)
             return
-        conv.begin_request(self._progress(job), self._batch_chunk)
+        p = Prefill(job, greenlet.greenlet(lambda _: self._prefill(job)))
+        conv.begin_request(self._progress(p), self._batcher(p))
         self._merge_failed.discard(conv.seq_id)
         job.conv, job.merges0, job.merge_s0 = conv, conv.stats.merges, conv.stats.merge_seconds
         self.counters.requests += 0 if job.waits_for_room else 1  # a retry is the same request
-        p = Prefill(job, greenlet.greenlet(lambda _: self._prefill(job)))
         self.prefills.append(p)
         self._resume(p)
 
@@ -478,19 +477,19 @@ class Worker(threading.Thread):
         free = self.engine.free_cells(reserved=False)
         room = min(n_batch, free) - used if chunks else max(1, free)  # (one row alone may make room)
         moved, batch = self._gather(max(0, room))
-        resumed = chunks + [p for p in self.prefills if p.chunk is None]  # (the yielded ones go on too)
-        lasts = None
+        yielded = [p for p in self.prefills if p.chunk is None]  # (they go on after the step too)
+        lasts = []
         if chunks or batch:
             t0 = time.perf_counter()
             try:
                 lasts, logits = self.engine.ctx.decode_rows(self._rows(batch), [p.chunk for p in chunks])
             except Exception as e:
-                lasts = logits = e
+                lasts, logits = [e] * len(chunks), e  # each chunk's turn raises it (and is undone)
             self._deliver(batch, logits, time.perf_counter() - t0)
-        for i, p in enumerate(resumed):
+        for p, got in [*zip(chunks, lasts), *((p, None) for p in yielded)]:
             p.chunk = None
-            self._resume(p, (lasts if isinstance(lasts, BaseException) else lasts[i]) if i < len(chunks) else None)
-        return moved + len(batch) + len(resumed)
+            self._resume(p, got)
+        return moved + len(batch) + len(chunks) + len(yielded)
 
     @staticmethod
     def _rows(batch) -> list[tuple[int, int, int]]:
