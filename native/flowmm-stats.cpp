@@ -9,6 +9,9 @@
 // host across ubatches. A third output sums the counted rows' queries (as the layer attends with
 // them, RoPE applied): their mean is what Expected Attention scores the keys against. With no
 // request, neither hook adds or does anything.
+//
+// Requests are per sequence: in a unified cache a ubatch may hold several sequences' rows (a
+// server's batch), and each requested sequence gets its own nodes over its own rows.
 
 #include "flowmm.h"
 #include "flowmm-graph.h"
@@ -25,6 +28,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -62,14 +67,32 @@ struct stats_state {
     }
 };
 
-stats_state * state_of(llama_kv_cache & kv) {
-    flowmm_ext * ext = flowmm_ext_of(kv, false);
-    return ext ? static_cast<stats_state *>(ext->stats.get()) : nullptr;
+// the open requests of a cache, one per sequence (kept in flowmm_ext::stats)
+using stats_requests = std::map<llama_seq_id, std::shared_ptr<stats_state>>;
+
+stats_requests * requests_of(llama_kv_cache & kv, bool create) {
+    flowmm_ext * ext = flowmm_ext_of(kv, create);
+    if (ext == nullptr) {
+        return nullptr;
+    }
+    if (!ext->stats && create) {
+        ext->stats = std::make_shared<stats_requests>();
+    }
+    return static_cast<stats_requests *>(ext->stats.get());
+}
+
+std::shared_ptr<stats_state> state_of(llama_kv_cache & kv, llama_seq_id seq_id) {
+    stats_requests * reqs = requests_of(kv, false);
+    if (reqs == nullptr) {
+        return nullptr;
+    }
+    auto it = reqs->find(seq_id);
+    return it == reqs->end() ? nullptr : it->second;
 }
 
 class stats_input : public llm_graph_input_i {
 public:
-    stats_input(std::shared_ptr<void> keep, const llama_kv_cache_context * mctx, int32_t layer, int32_t r0, int32_t n_sel)
+    stats_input(std::shared_ptr<stats_state> keep, const llama_kv_cache_context * mctx, int32_t layer, int32_t r0, int32_t n_sel)
         : keep(std::move(keep)), mctx(mctx), layer(layer), r0(r0), n_sel(n_sel) {}
 
     // one-hot labels of the cells the layer attends: [n_kv, n_labels]
@@ -174,9 +197,9 @@ public:
     ggml_tensor * onehot = nullptr; // [n_kv, n_labels]
 
 private:
-    stats_state & st() { return *static_cast<stats_state *>(keep.get()); }
+    stats_state & st() { return *keep; }
 
-    std::shared_ptr<void> keep;
+    std::shared_ptr<stats_state> keep;
     const llama_kv_cache_context * mctx;
     const int32_t layer;
     const int32_t r0;
@@ -185,15 +208,42 @@ private:
 
 } // namespace
 
-void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_result * res,
-                            const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
-                            ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, int il) {
-    if (mctx == nullptr || q == nullptr || k == nullptr || kq_mask == nullptr) {
-        return;
+// the rows of `ubatch` that `st` counts: its sequence's at or after pos_min, which must be
+// consecutive in the ubatch (a batch lays each sequence's chunk out in one run). Sets n_sel = 0
+// if there are none; false (with st->error set) if they cannot be counted.
+static bool counted_rows(stats_state & st, const llama_ubatch & ubatch, int32_t & r0, int32_t & n_sel) {
+    r0 = -1;
+    n_sel = 0;
+    for (int32_t i = 0; i < (int32_t) ubatch.n_tokens; ++i) {
+        bool own = false;
+        for (int32_t s = 0; s < ubatch.n_seq_id[i]; ++s) {
+            own = own || ubatch.seq_id[i][s] == st.seq_id;
+        }
+        if (!own || ubatch.pos[i] < st.pos_min) {
+            continue;
+        }
+        if (ubatch.n_seq_id[i] != 1) {
+            st.error = "a row shared by several sequences cannot be counted for one of them";
+            return false;
+        }
+        if (r0 >= 0 && i != r0 + n_sel) {
+            st.error = "the requested sequence's rows are not consecutive in the batch";
+            return false;
+        }
+        r0 = r0 < 0 ? i : r0;
+        ++n_sel;
     }
-    llama_kv_cache * kv = acc::kv_of(*mctx);
-    stats_state * st = kv ? state_of(*kv) : nullptr;
-    if (st == nullptr) {
+    r0 = std::max(r0, 0);
+    return true;
+}
+
+// the statistics nodes of one request over its rows of this ubatch
+static void add_stats_nodes(ggml_context * ctx, ggml_cgraph * gf, llm_graph_result * res,
+                            const llama_kv_cache_context * mctx, llama_kv_cache * kv, const llama_ubatch & ubatch,
+                            ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, int il,
+                            const std::shared_ptr<stats_state> & sp) {
+    stats_state * st = sp.get();
+    if (!st->error.empty()) {
         return;
     }
     bool has_seq = false;
@@ -201,25 +251,23 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         has_seq = has_seq || ubatch.seq_id_unq[s] == st->seq_id;
     }
     if (!has_seq) {
-        return; // another sequence's decode
+        return; // other sequences' rows
     }
-    if (ubatch.n_seqs_unq != 1) {
-        if (st->error.empty()) {
-            st->error = "statistics need ubatches that hold only the requested sequence";
-        }
+    if (ubatch.n_seqs_unq != 1 && k->ne[3] != 1) {
+        // one stream per sequence: k and the mask are laid out per stream
+        st->error = "statistics of a ubatch of several sequences need a unified cache (kv_unified)";
         return;
     }
-    // rows are one sequence's consecutive positions: count those at or after pos_min
     int32_t r0 = 0;
-    while (r0 < (int32_t) ubatch.n_tokens && ubatch.pos[r0] < st->pos_min) {
-        ++r0;
+    int32_t n_sel = 0;
+    if (!counted_rows(*st, ubatch, r0, n_sel)) {
+        return;
     }
-    const int32_t n_sel = (int32_t) ubatch.n_tokens - r0;
     const int32_t layer = acc::cache_layer(*kv, il);
     if (n_sel <= 0) {
         if (layer == 0) {
             // nothing to count here, but this graph must not be reused for a ubatch that has rows
-            res->add_input(std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, 0));
+            res->add_input(std::make_unique<stats_input>(sp, mctx, layer, r0, 0));
         }
         return;
     }
@@ -268,7 +316,7 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         return ggml_reshape_3d(ctx, s, n_kv, rows->ne[2], nh);
     };
 
-    auto inp = std::make_unique<stats_input>(flowmm_ext_of(*kv, false)->stats, mctx, layer, r0, n_sel);
+    auto inp = std::make_unique<stats_input>(sp, mctx, layer, r0, n_sel);
     if (st->group == 0) {
         inp->colsum = group_sums(ggml_view_4d(ctx, p, n_kv, n_sel, 1, nh, p->nb[1], p->nb[2], p->nb[2], 0));
     } else {
@@ -299,6 +347,22 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         ggml_build_forward_expand(gf, inp->flow);
     }
     res->add_input(std::move(inp));
+}
+
+void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_result * res,
+                            const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                            ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, int il) {
+    if (mctx == nullptr || q == nullptr || k == nullptr || kq_mask == nullptr) {
+        return;
+    }
+    llama_kv_cache * kv = acc::kv_of(*mctx);
+    stats_requests * reqs = kv ? requests_of(*kv, false) : nullptr;
+    if (reqs == nullptr) {
+        return;
+    }
+    for (const auto & [seq_id, sp] : *reqs) {
+        add_stats_nodes(ctx, gf, res, mctx, kv, ubatch, q, k, kq_mask, kq_scale, il, sp);
+    }
 }
 
 void flowmm_hook_graph_computed(llama_context * lctx, llm_graph_result * res, const llama_ubatch & ubatch) {
@@ -357,17 +421,17 @@ int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos p
     st->flow.assign((size_t) st->n_layer * st->n_head * n_labels * n_labels, 0.0);
     st->head_dim = (int32_t) hp.n_embd_head_k(acc::layer_il(*kv, 0));
     st->qsum.assign((size_t) st->n_layer * st->n_head * st->head_dim, 0.0);
-    flowmm_ext_of(*kv, true)->stats = st;
+    (*requests_of(*kv, true))[seq_id] = st; // replaces this sequence's request, not the others'
     flowmm_drop_cached_graphs(ctx); // graphs built without the statistics nodes
     return FLOWMM_OK;
 }
 
-int32_t flowmm_stats_set_row_groups(llama_context * ctx, int32_t rows) {
+int32_t flowmm_stats_set_row_groups(llama_context * ctx, llama_seq_id seq_id, int32_t rows) {
     llama_kv_cache * kv = flowmm_resolve_kv(ctx);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
-    stats_state * st = state_of(*kv);
+    std::shared_ptr<stats_state> st = state_of(*kv, seq_id);
     if (st == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested (flowmm_stats_begin)");
     }
@@ -382,27 +446,32 @@ int32_t flowmm_stats_set_row_groups(llama_context * ctx, int32_t rows) {
     return FLOWMM_OK;
 }
 
-int32_t flowmm_stats_end(llama_context * ctx) {
+int32_t flowmm_stats_end(llama_context * ctx, llama_seq_id seq_id) {
     llama_kv_cache * kv = flowmm_resolve_kv(ctx);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
-    if (flowmm_ext * ext = flowmm_ext_of(*kv, false); ext && ext->stats) {
-        ext->stats.reset();
+    stats_requests * reqs = requests_of(*kv, false);
+    if (reqs != nullptr && (seq_id < 0 ? !reqs->empty() : reqs->erase(seq_id) > 0)) {
+        if (seq_id < 0) {
+            reqs->clear();
+        }
         flowmm_drop_cached_graphs(ctx);
     }
     return FLOWMM_OK;
 }
 
-static stats_state * checked_state(llama_context * ctx, int32_t il, int32_t n_head, llama_kv_cache ** kv_out) {
+static std::shared_ptr<stats_state> checked_state(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t n_head,
+                                                  llama_kv_cache ** kv_out) {
     llama_kv_cache * kv = flowmm_resolve_kv(ctx);
     if (kv == nullptr) {
         return nullptr;
     }
     llama_synchronize(ctx);
-    stats_state * st = state_of(*kv);
+    std::shared_ptr<stats_state> st = state_of(*kv, seq_id);
     if (st == nullptr) {
-        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested (flowmm_stats_begin)");
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested for sequence " + std::to_string(seq_id) +
+            " (flowmm_stats_begin)");
         return nullptr;
     }
     if (!st->error.empty()) {
@@ -421,9 +490,10 @@ static stats_state * checked_state(llama_context * ctx, int32_t il, int32_t n_he
     return st;
 }
 
-int32_t flowmm_stats_column_scores(llama_context * ctx, int32_t il, float * out, int32_t n_head, int32_t n_cells) {
+int32_t flowmm_stats_column_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out, int32_t n_head,
+                                   int32_t n_cells) {
     llama_kv_cache * kv = nullptr;
-    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    std::shared_ptr<stats_state> st = checked_state(ctx, seq_id, il, n_head, &kv);
     if (st == nullptr) {
         return flowmm_last_status();
     }
@@ -441,9 +511,10 @@ int32_t flowmm_stats_column_scores(llama_context * ctx, int32_t il, float * out,
     return (int32_t) st->n_rows;
 }
 
-int32_t flowmm_stats_flow(llama_context * ctx, int32_t il, double * out, int32_t n_head, int32_t n_labels) {
+int32_t flowmm_stats_flow(llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out, int32_t n_head,
+                          int32_t n_labels) {
     llama_kv_cache * kv = nullptr;
-    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    std::shared_ptr<stats_state> st = checked_state(ctx, seq_id, il, n_head, &kv);
     if (st == nullptr) {
         return flowmm_last_status();
     }
@@ -456,9 +527,10 @@ int32_t flowmm_stats_flow(llama_context * ctx, int32_t il, double * out, int32_t
     return (int32_t) st->n_rows;
 }
 
-int32_t flowmm_stats_query_sums(llama_context * ctx, int32_t il, double * out, int32_t n_head, int32_t head_dim) {
+int32_t flowmm_stats_query_sums(llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out, int32_t n_head,
+                                int32_t head_dim) {
     llama_kv_cache * kv = nullptr;
-    stats_state * st = checked_state(ctx, il, n_head, &kv);
+    std::shared_ptr<stats_state> st = checked_state(ctx, seq_id, il, n_head, &kv);
     if (st == nullptr) {
         return flowmm_last_status();
     }

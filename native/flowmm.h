@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 9
+#define FLOWMM_VERSION_MINOR 10
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -189,13 +189,18 @@ extern "C" {
     //
     // attention statistics
     //
+    // Requests are per sequence (since 0.10): several sequences may be observed at once, and a
+    // ubatch of a unified cache (kv_unified) may hold their rows beside other sequences' rows,
+    // as a server's batch does. A requested sequence's counted rows must be consecutive in the
+    // batch and belong to it alone. With one stream per sequence, a ubatch that holds several
+    // sequences cannot be counted (the getters then fail).
 
     // Ask the following llama_decode calls to also compute, for every layer, the attention
     // probabilities of seq_id's query rows at positions >= pos_min (an observation window: the
     // last W positions of a prompt; everything: 0), under the mask the layer uses, with flash
     // attention on or off, accumulated over ubatches. With n_labels > 0, labels[p] in
     // [0, n_labels) is the modality of position p (n_label_pos must cover every position seen).
-    // Replaces a previous request and zeroes the accumulators.
+    // Replaces seq_id's previous request and zeroes its accumulators.
     FLOWMM_API int32_t flowmm_stats_begin(struct llama_context * ctx, llama_seq_id seq_id, llama_pos pos_min,
                                           const int32_t * labels, int32_t n_label_pos, int32_t n_labels);
 
@@ -205,26 +210,27 @@ extern "C" {
     // head (the others are 0), not the sum over all rows. Call right after flowmm_stats_begin. Groups must not
     // straddle ubatches: decode from pos_min in ubatches of a multiple of `rows` (the last group
     // may be shorter). 0 turns grouping off.
-    FLOWMM_API int32_t flowmm_stats_set_row_groups(struct llama_context * ctx, int32_t rows);
+    FLOWMM_API int32_t flowmm_stats_set_row_groups(struct llama_context * ctx, llama_seq_id seq_id, int32_t rows);
 
-    // Stop computing statistics; the graph is again exactly llama.cpp's.
-    FLOWMM_API int32_t flowmm_stats_end(struct llama_context * ctx);
+    // Stop computing seq_id's statistics (every sequence's: seq_id < 0); with no request left,
+    // the graph is again exactly llama.cpp's.
+    FLOWMM_API int32_t flowmm_stats_end(struct llama_context * ctx, llama_seq_id seq_id);
 
     // Column scores of cache layer il: out[h][i] = attention mass the i-th cell of the sequence (cell
     // order of flowmm_kv_seq_cells) received from the counted rows, per query head h (with row
     // groups: the largest mass from one group). Returns the number of rows counted.
-    FLOWMM_API int32_t flowmm_stats_column_scores(struct llama_context * ctx, int32_t il, float * out,
+    FLOWMM_API int32_t flowmm_stats_column_scores(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out,
                                                   int32_t n_head, int32_t n_cells);
 
     // Modality flow of cache layer il: out[h][a][b] = attention mass that counted rows labelled a
     // sent to cells labelled b, per query head h. Returns the number of rows counted.
-    FLOWMM_API int32_t flowmm_stats_flow(struct llama_context * ctx, int32_t il, double * out,
+    FLOWMM_API int32_t flowmm_stats_flow(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out,
                                          int32_t n_head, int32_t n_labels);
 
     // Query sums of cache layer il: out[h][d] = sum over the counted rows of query head h's query
     // (as the layer attends with it: after RoPE, before kq_scale), head_dim = n_embd_head_k.
     // Returns the number of rows counted (the mean is out / that). Since 0.7.
-    FLOWMM_API int32_t flowmm_stats_query_sums(struct llama_context * ctx, int32_t il, double * out,
+    FLOWMM_API int32_t flowmm_stats_query_sums(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out,
                                                int32_t n_head, int32_t head_dim);
 
     // Nodes of the graph the context computed last (to check that hooks add nothing when off).

@@ -126,8 +126,8 @@ def test_bad_requests_are_refused_and_change_nothing(model):
         ctx.decode(tokens, 0)
         twin.decode(tokens, 0)
         out = (ctypes.c_float * (NQ * n))()
-        assert lib.flowmm_stats_column_scores(ctx.ptr, 0, out, NQ, n) == -1
-        assert b"no statistics were requested" in lib.flowmm_last_error()
+        assert lib.flowmm_stats_column_scores(ctx.ptr, 0, 0, out, NQ, n) == -1
+        assert b"no statistics were requested for sequence 0" in lib.flowmm_last_error()
         with pytest.raises(NativeError, match=f"window {n + 1} is not in"):
             AttentionStats(ctx, prompt_end=n, window=n + 1)
         with pytest.raises(NativeError, match=f"labels cover 5 positions but the sequence already holds position {n - 1}"):
@@ -194,3 +194,100 @@ def test_row_groups_that_straddle_ubatches_are_refused(model):
                 ctx.decode(tokens, 0)
         ctx.decode([5], n)
         assert graph_n_nodes(ctx) == plain_nodes  # the request ended with the error: no statistics nodes
+
+
+def _decode_entries(ctx, entries):
+    """One llama_decode of (token, pos, seq_id) rows in this order (a server's mixed batch)."""
+    from flowmm_edge.bindings.native import llama_cpp
+
+    batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
+    try:
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, i == len(entries) - 1
+            batch.seq_id[i][0] = seq
+        assert llama_cpp.llama_decode(ctx.ptr, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def _reference_by_cells(q, keys, pos, rows_pos, pos_min):
+    """colsum [NQ, n_cells] over one sequence's cells (any cell order): row t attends cells with pos <= t."""
+    q = q.astype(np.float16).astype(np.float64)
+    colsum = np.zeros((NQ, len(pos)))
+    for r, t in enumerate(rows_pos):
+        if t < pos_min:
+            continue
+        seen = pos <= t
+        for qh in range(NQ):
+            logits = keys[qh // (NQ // H)][seen].astype(np.float64) @ q[r, qh] / np.sqrt(HD)
+            p = np.exp(logits - logits.max())
+            colsum[qh, seen] += p / p.sum()
+    return colsum
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_two_sequences_observed_in_one_batch_equal_numpy(model, flash_attn):
+    """serve's step: one ubatch holds two sequences' prompt chunks and a third's reply row. Each
+    observed sequence gets the statistics of its own rows (a window of one, every row of the
+    other), as numpy computes them from the captured queries and each sequence's keys; the
+    unobserved row is counted by nobody."""
+    cap = Capture([f"Qcur-{l}" for l in range(L)])
+    a = model.tokenize(PROMPT)
+    b = model.tokenize("dogs and cats are in the city and the code is 9876 " * 2)
+    c = model.tokenize("a third one")
+    na0, nb0 = len(a) - 12, len(b) - 9
+    ctx = runtime.Context(model, n_ctx=512, n_batch=128, flash_attn=flash_attn, n_threads=2, n_seq_max=3,
+                          kv_unified=True, cb_eval=cap.callback)
+    ctx.decode(a[:na0], 0, 0)
+    ctx.decode(b[:nb0], 0, 1)
+    ctx.decode(c, 0, 2)
+    window_a = 8
+    with AttentionStats(ctx, prompt_end=len(a), window=window_a, seq_id=0) as sa, \
+            AttentionStats(ctx, prompt_end=len(b), window=len(b) - nb0, seq_id=1) as sb:
+        entries = [(t, na0 + i, 0) for i, t in enumerate(a[na0:])] + [(5, len(c), 2)] + \
+                  [(t, nb0 + i, 1) for i, t in enumerate(b[nb0:])]
+        _decode_entries(ctx, entries)
+    q_all = {l: cap.calls[f"Qcur-{l}"][-1].reshape(-1, NQ, HD) for l in range(L)}
+    assert len(q_all[0]) == len(entries)
+    rows_a, rows_b = slice(0, len(a) - na0), slice(len(a) - na0 + 1, len(entries))
+    assert (sa.n_rows, sb.n_rows) == (window_a, len(b) - nb0)
+    for seq, stats, rows, pos_min in ((0, sa, rows_a, len(a) - window_a), (1, sb, rows_b, nb0)):
+        cells, pos = kv_cache.seq_cells(ctx, seq)
+        rows_pos = np.array([e[1] for e in entries[rows]])
+        for l in (0, L - 1):
+            keys = [kv_cache.read_rows(ctx, l, h, cells, "k", seq_id=seq) for h in range(H)]
+            want = _reference_by_cells(q_all[l][rows], keys, pos, rows_pos, pos_min)
+            got = stats.column_scores(l)
+            assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4, (seq, l)
+    ctx.close()
+
+
+def test_rows_a_batch_cannot_count_fail_that_request_alone(model):
+    """A sequence whose observed rows are interleaved with another's cannot be counted: its
+    getters name why, while the other sequence's request in the same batch stays exact. With one
+    stream per sequence, a ubatch of two sequences cannot be counted either."""
+    a, b = model.tokenize(PROMPT), model.tokenize("dogs and cats are in the city " * 3)
+    with runtime.Context(model, n_ctx=512, n_batch=128, n_threads=2, n_seq_max=2, kv_unified=True) as ctx, \
+            runtime.Context(model, n_ctx=512, n_batch=128, n_threads=2) as alone:
+        ctx.decode(a[:-4], 0, 0)
+        ctx.decode(b[:-4], 0, 1)
+        alone.decode(b[:-4], 0, 0)
+        with pytest.raises(NativeError, match="rows are not consecutive in the batch"):  # (read as sa stops)
+            with AttentionStats(ctx, prompt_end=len(a), window=4, seq_id=0), \
+                    AttentionStats(ctx, prompt_end=len(b), window=4, seq_id=1) as sb:
+                ia = [(t, len(a) - 4 + i, 0) for i, t in enumerate(a[-4:])]
+                ib = [(t, len(b) - 4 + i, 1) for i, t in enumerate(b[-4:])]
+                _decode_entries(ctx, ia[:2] + ib + ia[2:])
+        with AttentionStats(alone, prompt_end=len(b), window=4) as sb_alone:
+            alone.decode(b[-4:], len(b) - 4)
+        assert sb.n_rows == 4
+        for l in range(L):
+            want = sb_alone.column_scores(l)
+            assert np.abs(sb.column_scores(l) - want).max() / np.abs(want).max() <= 1e-3, l
+    with runtime.Context(model, n_ctx=512, n_batch=128, n_threads=2, n_seq_max=2, kv_unified=False) as ctx:
+        ctx.decode(a[:-4], 0, 0)
+        ctx.decode(a[:-4], 0, 1)
+        with pytest.raises(NativeError, match="need a unified cache"):
+            with AttentionStats(ctx, prompt_end=len(a), window=4, seq_id=0):
+                _decode_entries(ctx, [(t, len(a) - 4 + i, s) for s in (0, 1) for i, t in enumerate(a[-4:])])

@@ -172,11 +172,11 @@ def test_a_prefill_whose_room_was_taken_stops_as_before_the_turn(tiny_models):
 
 
 @pytest.mark.parametrize("method", ["snapkv", "flowmm"])
-def test_an_observed_turn_end_shares_the_batch_up_to_its_window(tiny_models, method):
+def test_an_observed_turn_end_goes_through_the_batcher(tiny_models, method):
     """serve's slots decode their prompt chunks through a batcher (the worker's shared batch);
-    a turn whose end is observed for the merge's statistics sends the rows before the window
-    through it, and decodes only the window alone with statistics on. The merge then keeps the
-    same positions, and the cache answers as the turn decoded whole by a conversation of its own."""
+    a turn whose end is observed for the merge's statistics sends every row through it, the
+    window's too (statistics are per sequence). The merge then keeps the same positions, and the
+    cache answers as the turn decoded whole by a conversation of its own."""
     turn = "the cat sat on the mat and the dog is red " * 8
     got = {}
     for batched in (False, True):
@@ -190,12 +190,11 @@ def test_an_observed_turn_end_shares_the_batch_up_to_its_window(tiny_models, met
             conv.add_user_turn(turn)
             assert conv.stats.merges == 1 and conv.cells() < conv.pos
             probe = engine.ctx.decode(engine.model.tokenize(" cat", add_special=False), conv.pos, conv.seq_id)
-            got[batched] = (np.sort(kv_cache.seq_cells(engine.ctx, conv.seq_id)[1]), probe, sent, conv.pos,
-                            conv.compression.method.window)
-    kept, probe, _, n, window = got[False]
-    kept_b, probe_b, sent, n_b, _ = got[True]
+            got[batched] = (np.sort(kv_cache.seq_cells(engine.ctx, conv.seq_id)[1]), probe, sent, conv.pos)
+    kept, probe, _, n = got[False]
+    kept_b, probe_b, sent, n_b = got[True]
     assert n == n_b and sent and sent[0][0] == 0 and all(len_ <= 16 for _, len_ in sent)
-    assert sum(len_ for _, len_ in sent) == n - window  # all rows but the window's went through the batcher
+    assert sum(len_ for _, len_ in sent) == n  # every row went through the batcher, the window's too
     np.testing.assert_array_equal(kept, kept_b)
     assert int(np.argmax(probe)) == int(np.argmax(probe_b))
     np.testing.assert_allclose(probe, probe_b, atol=1e-2 * float(np.abs(probe).max()))

@@ -521,3 +521,37 @@ def test_a_prompt_prefills_in_the_batch_of_the_replying_slots_and_each_answers_a
     rest = batches[1:]
     assert len(rest) >= 8 and all(seqs == [2] and rows == 2 for seqs, rows in rest), batches
     _answers_as_alone(tiny_models, prompts, got, n)
+
+
+def test_observed_turn_ends_share_the_batch_and_merge_as_each_alone(tiny_models):
+    """Window statistics are per sequence: three prompts queued at once, each ending in the
+    32-row window SnapKV observes, prefill together, so the windows are decoded in batches that
+    hold the other sequences' chunks (counted at the context). Each slot's merge then keeps the
+    positions the same conversation keeps decoded alone on a fresh context (up to near ties:
+    llama.cpp's kernels sum in another order in a shared batch)."""
+    from flowmm_edge.app import chat_api
+    from flowmm_edge.app.conversation import Conversation
+    from flowmm_edge.app.engine import Engine
+    from flowmm_edge.bindings import kv_cache
+
+    prompts = [f"document {k}: the secret code is {1000 + 37 * k} and " + "the cat sat on the mat and " * (6 + 3 * k)
+               for k in range(3)]
+    kw = dict(method="snapkv", budget=48, max_reply=4, n_threads=2, schedule="blocking")
+    alone = []  # (prompt positions, positions its merge keeps) of each conversation decoded alone
+    for p in prompts:
+        with Engine(tiny_models[0], n_ctx=1024, n_slots=1, **kw) as engine:
+            conv = Conversation(engine)
+            conv.feed(chat_api.parse_messages([{"role": "user", "content": p}]))
+            alone.append((conv.pos, set(kv_cache.seq_cells(engine.ctx, conv.seq_id)[1].tolist())))
+    with Engine(tiny_models[0], n_ctx=1024, n_slots=3, **kw) as engine:
+        batches = []  # (seq_id, first pos, last pos) of the prompt chunks of every decode
+        real = engine.ctx.decode_rows
+        engine.ctx.decode_rows = lambda rows, chunks=(): batches.append(
+            [(c[2], c[1], c[1] + len(c[0]) - 1) for c in chunks]) or real(rows, chunks)
+        _run_jobs(engine, prompts, 4, prefill_step=64)
+        kept = [kv_cache.seq_cells(engine.ctx, seq)[1] for seq in range(len(prompts))]
+    shared = {seq for chunks in batches if len(chunks) > 1 for seq, _, last in chunks if last == alone[seq][0] - 1}
+    assert shared == {0, 1, 2}, batches  # each turn's end, observed, decoded beside another sequence's chunk
+    for (n, want), pos in zip(alone, kept):
+        got = set(pos[pos < n].tolist())
+        assert len(got) == len(want) < n and len(got & want) >= 0.9 * len(want), (sorted(got ^ want), n)

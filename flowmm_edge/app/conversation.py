@@ -121,9 +121,6 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # batcher(tokens, pos0, seq_id) -> the chunk's last logits: decodes a prefill chunk in a
         # batch other sequences share (serve's worker: its step's batch); None: the chunk alone
         self.batcher = None
-        # the context's attention statistics are on for this sequence's decode (one request per
-        # context): a listener must not decode other sequences until they are off again
-        self.statistics_on = False
         self._bg = None  # conversation_merging._BackgroundMerge while one runs
         self._turn_snapshot = None  # what the turn being decoded puts back if it fails (_decode_or_restore)
         self._bg_cells = 0
@@ -452,19 +449,9 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 if merge_now:
                     self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
                                                  f"merging before it goes on")
-            if observe and self.batcher is not None and isinstance(take, list) and self.compression.needs_observation:
-                # the rows before the observed window need no statistics: they share the batch
-                head = take[:max(0, self.compression.observed_from(end) - self.pos)]
-                if head:
-                    self._decode_unit(head, done, total)
-                    self.pos, done, take, n = self.pos + len(head), done + len(head), take[len(head):], n - len(head)
-            if observe:
-                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id) as st:
-                    self.statistics_on = st is not None
-                    try:
-                        logits = self._decode_unit(take, done, total)
-                    finally:
-                        self.statistics_on = False
+            if observe:  # (statistics are per sequence: the observed rows share serve's batch too)
+                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
+                    logits = self._decode_unit(take, done, total)
             else:
                 logits = self._decode_unit(take, done, total)
             self.pos, done = end, done + n
@@ -493,7 +480,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             chunk = unit[a:a + step]
             if a:
                 self._room_after_yield(len(chunk))
-            if self.batcher is None or self.statistics_on:  # observed: the statistics are one sequence's
+            if self.batcher is None:
                 logits = self.ctx.decode(chunk, self.pos + a, self.seq_id)
             else:
                 logits = self.batcher(chunk, self.pos + a, self.seq_id)

@@ -17,8 +17,9 @@ a step of one, and requests that arrive together are prefilled together.
 A prompt is decoded by the turn's own code (Conversation.feed: merges, images, restore on error),
 run on a greenlet per request (Prefill): where it would decode a chunk, it hands the chunk to the
 worker and is resumed with its logits after the step. So a long prompt does not hold the others
-up (vLLM's chunked prefill), and a chunk that must go alone (an image, a window whose attention
-statistics are gathered, a merge's) lets the others step before the turn goes on. A request whose
+up (vLLM's chunked prefill), and a chunk that must go alone (an image, a merge's repeat-pass
+chunk) lets the others step before the turn goes on; rows whose attention statistics are
+gathered share the batch (the hook counts each sequence's own rows). A request whose
 client has gone (a closed stream, or a non-streamed request whose connection closed), whose
 --timeout has passed, or that is still running at shutdown, is dropped from the queue or stopped
 at the next chunk boundary (prefill chunk, repeat-pass chunk or decode step); its slot keeps what
@@ -287,16 +288,16 @@ class Worker(threading.Thread):
 
     def _progress(self, p: Prefill):
         """The slot's progress listener while `p`'s job runs: stop it here if it must stop; else,
-        on its prefill's greenlet, where the chunk just decoded went alone (an image, an observed
-        chunk, a merge's chunk), let the others have a step before it goes on, unless its
-        statistics are on (one sequence's)."""
+        on its prefill's greenlet, where the chunk just decoded went alone (an image, a merge's
+        chunk), let the others have a step before it goes on (statistics are per sequence: the
+        others' rows leave a request open here untouched)."""
         def on_progress(what, done, total, note=""):
             if what == "note":
                 return
             why = self._must_stop(p.job)
             if why is not None:
                 raise why
-            if p.run is not greenlet.getcurrent() or p.job.conv.statistics_on:
+            if p.run is not greenlet.getcurrent():
                 return
             if p.batched:
                 p.batched = False

@@ -29,17 +29,18 @@ lib.flowmm_stats_begin.restype = ctypes.c_int32
 lib.flowmm_stats_begin.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _i32p,
                                    ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_stats_set_row_groups.restype = ctypes.c_int32
-lib.flowmm_stats_set_row_groups.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
+lib.flowmm_stats_set_row_groups.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_stats_end.restype = ctypes.c_int32
-lib.flowmm_stats_end.argtypes = [llama_cpp.llama_context_p_ctypes]
+lib.flowmm_stats_end.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32]
 lib.flowmm_stats_column_scores.restype = ctypes.c_int32
-lib.flowmm_stats_column_scores.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f32p, ctypes.c_int32,
-                                           ctypes.c_int32]
+lib.flowmm_stats_column_scores.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f32p,
+                                           ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_stats_flow.restype = ctypes.c_int32
-lib.flowmm_stats_flow.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f64p, ctypes.c_int32, ctypes.c_int32]
+lib.flowmm_stats_flow.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f64p, ctypes.c_int32,
+                                  ctypes.c_int32]
 lib.flowmm_stats_query_sums.restype = ctypes.c_int32
-lib.flowmm_stats_query_sums.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, _f64p, ctypes.c_int32,
-                                        ctypes.c_int32]
+lib.flowmm_stats_query_sums.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f64p,
+                                        ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_graph_n_nodes.restype = ctypes.c_int32
 lib.flowmm_graph_n_nodes.argtypes = [llama_cpp.llama_context_p_ctypes]
 
@@ -80,9 +81,9 @@ class AttentionStats:
         self.row_groups = row_groups or 0
         if row_groups:
             try:
-                _check(lib.flowmm_stats_set_row_groups(_ptr(ctx), int(row_groups)))
+                _check(lib.flowmm_stats_set_row_groups(_ptr(ctx), seq_id, int(row_groups)))
             except NativeError:
-                _check(lib.flowmm_stats_end(_ptr(ctx)))
+                _check(lib.flowmm_stats_end(_ptr(ctx), seq_id))
                 raise
         self._running = True
 
@@ -100,7 +101,7 @@ class AttentionStats:
                                             self._query_sums(layer))
                 self.n_rows = self._n_rows
             finally:  # the graph is llama.cpp's own again even when the results could not be read
-                _check(lib.flowmm_stats_end(_ptr(self.ctx)))
+                _check(lib.flowmm_stats_end(_ptr(self.ctx), self.seq_id))
 
     def __enter__(self):
         return self
@@ -112,19 +113,19 @@ class AttentionStats:
         if n_cells is None:
             n_cells = len(seq_cells(self.ctx, self.seq_id)[0])
         out = np.zeros((self.n_head, n_cells), dtype=np.float32)
-        self._n_rows = _check(lib.flowmm_stats_column_scores(_ptr(self.ctx), layer, out.ctypes.data_as(_f32p),
+        self._n_rows = _check(lib.flowmm_stats_column_scores(_ptr(self.ctx), self.seq_id, layer, out.ctypes.data_as(_f32p),
                                                              self.n_head, n_cells))
         return out
 
     def _flow(self, layer: int) -> np.ndarray:
         out = np.zeros((self.n_head, self.n_labels, self.n_labels), dtype=np.float64)
-        _check(lib.flowmm_stats_flow(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head, self.n_labels))
+        _check(lib.flowmm_stats_flow(_ptr(self.ctx), self.seq_id, layer, out.ctypes.data_as(_f64p), self.n_head, self.n_labels))
         return out
 
     def _query_sums(self, layer: int) -> np.ndarray:
         """[n_head, head_dim] sums over the counted rows, divided by their count: the mean query."""
         out = np.zeros((self.n_head, self.head_dim), dtype=np.float64)
-        rows = _check(lib.flowmm_stats_query_sums(_ptr(self.ctx), layer, out.ctypes.data_as(_f64p), self.n_head,
+        rows = _check(lib.flowmm_stats_query_sums(_ptr(self.ctx), self.seq_id, layer, out.ctypes.data_as(_f64p), self.n_head,
                                                   self.head_dim))
         return out / max(rows, 1)
 
