@@ -11,7 +11,8 @@
 // request, neither hook adds or does anything.
 //
 // Requests are per sequence: in a unified cache a ubatch may hold several sequences' rows (a
-// server's batch), and each requested sequence gets its own nodes over its own rows.
+// server's batch); the requested sequence whose rows it holds gets nodes over its own rows,
+// one such sequence per ubatch (a second one's request fails, naming the first).
 
 #include "flowmm.h"
 #include "flowmm-graph.h"
@@ -237,11 +238,13 @@ static bool counted_rows(stats_state & st, const llama_ubatch & ubatch, int32_t 
     return true;
 }
 
-// the statistics nodes of one request over its rows of this ubatch
+// the statistics nodes of one request over its rows of this ubatch. One request counts rows per
+// ubatch (`taken`): each adds about 17 nodes a layer, and llama.cpp sizes the graph's node
+// budget for its own graph (graph_max_nodes), which one request's nodes fit and several may not.
 static void add_stats_nodes(ggml_context * ctx, ggml_cgraph * gf, llm_graph_result * res,
                             const llama_kv_cache_context * mctx, llama_kv_cache * kv, const llama_ubatch & ubatch,
                             ggml_tensor * q, ggml_tensor * k, ggml_tensor * kq_mask, float kq_scale, int il,
-                            const std::shared_ptr<stats_state> & sp) {
+                            const std::shared_ptr<stats_state> & sp, llama_seq_id & taken) {
     stats_state * st = sp.get();
     if (!st->error.empty()) {
         return;
@@ -271,6 +274,12 @@ static void add_stats_nodes(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         }
         return;
     }
+    if (taken >= 0 && taken != st->seq_id) {
+        st->error = "sequence " + std::to_string(taken) + "'s statistics were counted in the same ubatch: "
+                    "decode one observed sequence's rows per ubatch";
+        return;
+    }
+    taken = st->seq_id;
 
     if (st->group > 0 && (ubatch.pos[r0] - st->pos_min) % st->group != 0) {
         if (st->error.empty()) {
@@ -360,8 +369,9 @@ void flowmm_hook_attn_stats(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
     if (reqs == nullptr) {
         return;
     }
+    llama_seq_id taken = -1;
     for (const auto & [seq_id, sp] : *reqs) {
-        add_stats_nodes(ctx, gf, res, mctx, kv, ubatch, q, k, kq_mask, kq_scale, il, sp);
+        add_stats_nodes(ctx, gf, res, mctx, kv, ubatch, q, k, kq_mask, kq_scale, il, sp, taken);
     }
 }
 

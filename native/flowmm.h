@@ -190,10 +190,12 @@ extern "C" {
     // attention statistics
     //
     // Requests are per sequence (since 0.10): several sequences may be observed at once, and a
-    // ubatch of a unified cache (kv_unified) may hold their rows beside other sequences' rows,
-    // as a server's batch does. A requested sequence's counted rows must be consecutive in the
-    // batch and belong to it alone. With one stream per sequence, a ubatch that holds several
-    // sequences cannot be counted (the getters then fail).
+    // ubatch of a unified cache (kv_unified) may hold an observed sequence's rows beside other
+    // sequences' rows, as a server's batch does. A requested sequence's counted rows must be
+    // consecutive in the batch and belong to it alone, and one requested sequence's rows are
+    // counted per ubatch (each adds nodes to every layer; llama.cpp's node budget is sized for
+    // its own graph). With one stream per sequence, a ubatch that holds several sequences
+    // cannot be counted. Where rows cannot be counted, that request's getters fail, naming why.
 
     // Ask the following llama_decode calls to also compute, for every layer, the attention
     // probabilities of seq_id's query rows at positions >= pos_min (an observation window: the

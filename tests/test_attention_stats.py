@@ -227,11 +227,11 @@ def _reference_by_cells(q, keys, pos, rows_pos, pos_min):
 
 
 @pytest.mark.parametrize("flash_attn", [True, False])
-def test_two_sequences_observed_in_one_batch_equal_numpy(model, flash_attn):
-    """serve's step: one ubatch holds two sequences' prompt chunks and a third's reply row. Each
-    observed sequence gets the statistics of its own rows (a window of one, every row of the
-    other), as numpy computes them from the captured queries and each sequence's keys; the
-    unobserved row is counted by nobody."""
+def test_a_sequence_observed_in_a_shared_batch_equals_numpy(model, flash_attn):
+    """serve's step: one ubatch holds two sequences' prompt chunks and a third's reply row. The
+    observed sequence gets the statistics of its own rows (a window of 8), as numpy computes them
+    from the captured queries and its keys; a second sequence observed in the same ubatch is not
+    counted (its request fails, naming the first), and is counted alone in the next batch."""
     cap = Capture([f"Qcur-{l}" for l in range(L)])
     a = model.tokenize(PROMPT)
     b = model.tokenize("dogs and cats are in the city and the code is 9876 " * 2)
@@ -243,22 +243,27 @@ def test_two_sequences_observed_in_one_batch_equal_numpy(model, flash_attn):
     ctx.decode(b[:nb0], 0, 1)
     ctx.decode(c, 0, 2)
     window_a = 8
-    with AttentionStats(ctx, prompt_end=len(a), window=window_a, seq_id=0) as sa, \
-            AttentionStats(ctx, prompt_end=len(b), window=len(b) - nb0, seq_id=1) as sb:
-        entries = [(t, na0 + i, 0) for i, t in enumerate(a[na0:])] + [(5, len(c), 2)] + \
-                  [(t, nb0 + i, 1) for i, t in enumerate(b[nb0:])]
-        _decode_entries(ctx, entries)
-    q_all = {l: cap.calls[f"Qcur-{l}"][-1].reshape(-1, NQ, HD) for l in range(L)}
-    assert len(q_all[0]) == len(entries)
-    rows_a, rows_b = slice(0, len(a) - na0), slice(len(a) - na0 + 1, len(entries))
-    assert (sa.n_rows, sb.n_rows) == (window_a, len(b) - nb0)
-    for seq, stats, rows, pos_min in ((0, sa, rows_a, len(a) - window_a), (1, sb, rows_b, nb0)):
+    entries = [(t, na0 + i, 0) for i, t in enumerate(a[na0:])] + [(5, len(c), 2)] + \
+              [(t, nb0 + i, 1) for i, t in enumerate(b[nb0:-3])]
+    with pytest.raises(NativeError, match="sequence 0's statistics were counted in the same ubatch"):
+        with AttentionStats(ctx, prompt_end=len(a), window=window_a, seq_id=0) as sa, \
+                AttentionStats(ctx, prompt_end=len(b), window=len(b) - nb0, seq_id=1):
+            _decode_entries(ctx, entries)
+    q = {l: cap.calls[f"Qcur-{l}"][-1].reshape(-1, NQ, HD) for l in range(L)}
+    assert len(q[0]) == len(entries) and sa.n_rows == window_a
+    tail = [(t, len(b) - 3 + i, 1) for i, t in enumerate(b[-3:])] + [(7, len(c) + 1, 2)]
+    with AttentionStats(ctx, prompt_end=len(b), window=3, seq_id=1) as sb:
+        _decode_entries(ctx, tail)
+    q_tail = {l: cap.calls[f"Qcur-{l}"][-1].reshape(-1, NQ, HD) for l in range(L)}
+    assert sb.n_rows == 3
+    for seq, stats, rows_q, rows_pos, pos_min in (
+            (0, sa, q, [e[1] for e in entries[:len(a) - na0]], len(a) - window_a),
+            (1, sb, q_tail, [e[1] for e in tail[:3]], len(b) - 3)):
         cells, pos = kv_cache.seq_cells(ctx, seq)
-        rows_pos = np.array([e[1] for e in entries[rows]])
         for l in (0, L - 1):
             keys = [kv_cache.read_rows(ctx, l, h, cells, "k", seq_id=seq) for h in range(H)]
-            want = _reference_by_cells(q_all[l][rows], keys, pos, rows_pos, pos_min)
-            got = stats.column_scores(l)
+            got = stats.column_scores(l)  # (read when each request stopped; its cells have not changed since)
+            want = _reference_by_cells(rows_q[l][:len(rows_pos)], keys, pos, np.array(rows_pos), pos_min)
             assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4, (seq, l)
     ctx.close()
 

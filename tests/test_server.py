@@ -525,8 +525,9 @@ def test_a_prompt_prefills_in_the_batch_of_the_replying_slots_and_each_answers_a
 
 def test_observed_turn_ends_share_the_batch_and_merge_as_each_alone(tiny_models):
     """Window statistics are per sequence: three prompts queued at once, each ending in the
-    32-row window SnapKV observes, prefill together, so the windows are decoded in batches that
-    hold the other sequences' chunks (counted at the context). Each slot's merge then keeps the
+    32-row window SnapKV observes, prefill together, so each window is decoded in a batch that
+    holds other sequences' prompt chunks or reply rows (counted at the context), one window a
+    batch (a ubatch counts one observed sequence's rows). Each slot's merge then keeps the
     positions the same conversation keeps decoded alone on a fresh context (up to near ties:
     llama.cpp's kernels sum in another order in a shared batch)."""
     from flowmm_edge.app import chat_api
@@ -544,14 +545,15 @@ def test_observed_turn_ends_share_the_batch_and_merge_as_each_alone(tiny_models)
             conv.feed(chat_api.parse_messages([{"role": "user", "content": p}]))
             alone.append((conv.pos, set(kv_cache.seq_cells(engine.ctx, conv.seq_id)[1].tolist())))
     with Engine(tiny_models[0], n_ctx=1024, n_slots=3, **kw) as engine:
-        batches = []  # (seq_id, first pos, last pos) of the prompt chunks of every decode
+        batches = []  # ([(seq_id, first pos, last pos) of each prompt chunk], reply rows) of every decode
         real = engine.ctx.decode_rows
         engine.ctx.decode_rows = lambda rows, chunks=(): batches.append(
-            [(c[2], c[1], c[1] + len(c[0]) - 1) for c in chunks]) or real(rows, chunks)
+            ([(c[2], c[1], c[1] + len(c[0]) - 1) for c in chunks], len(rows))) or real(rows, chunks)
         _run_jobs(engine, prompts, 4, prefill_step=64)
         kept = [kv_cache.seq_cells(engine.ctx, seq)[1] for seq in range(len(prompts))]
-    shared = {seq for chunks in batches if len(chunks) > 1 for seq, _, last in chunks if last == alone[seq][0] - 1}
-    assert shared == {0, 1, 2}, batches  # each turn's end, observed, decoded beside another sequence's chunk
+    ends = [[seq for seq, _, last in chunks if last == alone[seq][0] - 1] for chunks, _ in batches]
+    assert sorted(sum(ends, [])) == [0, 1, 2] and max(map(len, ends)) == 1, batches  # one window a batch
+    assert all(len(chunks) + rows > 1 for (chunks, rows), end in zip(batches, ends) if end), batches  # shared
     for (n, want), pos in zip(alone, kept):
         got = set(pos[pos < n].tolist())
         assert len(got) == len(want) < n and len(got & want) >= 0.9 * len(want), (sorted(got ^ want), n)

@@ -121,6 +121,10 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         # batcher(tokens, pos0, seq_id) -> the chunk's last logits: decodes a prefill chunk in a
         # batch other sequences share (serve's worker: its step's batch); None: the chunk alone
         self.batcher = None
+        # this sequence's attention statistics are being gathered over the chunks it decodes now:
+        # a batch may count one observed sequence's rows (native/flowmm-stats.cpp), so serve's
+        # worker puts at most one such chunk in a step
+        self.observed = False
         self._bg = None  # conversation_merging._BackgroundMerge while one runs
         self._turn_snapshot = None  # what the turn being decoded puts back if it fails (_decode_or_restore)
         self._bg_cells = 0
@@ -449,9 +453,20 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 if merge_now:
                     self._progress("note", 0, 0, f"the turn of {total} positions does not fit the {free} free cells: "
                                                  f"merging before it goes on")
+            if observe and self.batcher is not None and isinstance(take, list) and self.compression.needs_observation:
+                # the rows before the observed window need no statistics, and a batch counts one
+                # observed sequence's rows: they go first, and the window is observed on its own
+                head = take[:max(0, self.compression.observed_from(end) - self.pos)]
+                if head:
+                    self._decode_unit(head, done, total)
+                    self.pos, done, take, n = self.pos + len(head), done + len(head), take[len(head):], n - len(head)
             if observe:  # (statistics are per sequence: the observed rows share serve's batch too)
-                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id):
-                    logits = self._decode_unit(take, done, total)
+                with self.compression.observing(self.ctx, prompt_end=end, labels=labels, seq_id=self.seq_id) as st:
+                    self.observed = st is not None
+                    try:
+                        logits = self._decode_unit(take, done, total)
+                    finally:
+                        self.observed = False
             else:
                 logits = self._decode_unit(take, done, total)
             self.pos, done = end, done + n

@@ -470,11 +470,16 @@ class Worker(threading.Thread):
         replying job, and each replying job's next token, sampled from its own logits with its own
         sampler; each takes its own logits back. Then the prefills run on to their next chunk (a
         yielded one too). Returns how many jobs moved."""
-        n_batch, chunks, used = self.engine.ctx.n_batch, [], 0
+        n_batch, chunks, used, observed = self.engine.ctx.n_batch, [], 0, False
         for p in self.prefills:
-            if p.chunk is not None and used + len(p.chunk[0]) <= n_batch - len(self.active):
-                chunks.append(p)
-                used += len(p.chunk[0])
+            if p.chunk is None or used + len(p.chunk[0]) > n_batch - len(self.active):
+                continue
+            if p.job.conv.observed:  # a batch counts one observed sequence's rows: the next waits a step
+                if observed:
+                    continue
+                observed = True
+            chunks.append(p)
+            used += len(p.chunk[0])
         free = self.engine.free_cells(reserved=False)
         room = min(n_batch, free) - used if chunks else max(1, free)  # (one row alone may make room)
         moved, batch = self._gather(max(0, room))
