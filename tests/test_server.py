@@ -162,6 +162,36 @@ def test_a_new_conversation_keeps_the_slots_same_first_tokens_unless_cache_promp
             ref.check(pieces=pieces)
 
 
+def test_a_new_conversation_goes_to_the_free_slot_that_shares_its_system_prompt(tiny_models):
+    """llama-server's slot prompt similarity: two slots hold conversations under two system
+    prompts; a new conversation under the second goes to that slot, though the other is the one
+    used least recently, and keeps the cells of the system prompt (usage's cached_tokens at
+    least its rendering, less the template's seam); the reply is the conversation's decoded alone."""
+    from flowmm_edge.bindings import runtime
+
+    systems = [{"role": "system", "content": text * 3} for text in ("you answer about cats and the city ",
+                                                                   "you are a terse assistant for dogs ")]
+    convs = [[systems[0], {"role": "user", "content": "the secret key is red"}],
+             [systems[1], {"role": "user", "content": "dogs are in the city"}],
+             [systems[1], {"role": "user", "content": "what color is the cat"}]]
+    with server(tiny_models, "-c", "512", "-np", "2", "--method", "full") as s:
+        got = []
+        for msgs in convs:
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                           json={"messages": msgs, "max_tokens": 6, "temperature": 0, "logprobs": True}).json()
+            got.append((r["usage"]["prompt_tokens_details"]["cached_tokens"],
+                        [bytes(e["bytes"]) for e in r["choices"][0]["logprobs"]["content"]]))
+    model = runtime.Model(str(tiny_models[0]))
+    try:
+        system_tokens = len(model.tokenize(model.format_chat([("system", systems[1]["content"])], add_assistant=False)))
+    finally:
+        model.close()
+    assert got[0][0] == got[1][0] == 0 and got[2][0] >= system_tokens - 4, (got, system_tokens)
+    with GreedyReference(tiny_models[0], 6) as ref:
+        ref.feed(convs[2])
+        ref.check(pieces=got[2][1])
+
+
 def test_a_resent_history_goes_to_the_slot_that_holds_it(tiny_models):
     with server(tiny_models, "-c", "1024", "-np", "2", "--budget", "96") as s:
         c = client(s)

@@ -4,6 +4,8 @@ cache_prompt), and which slot holds a request's prefix. Mixed into conversation.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 from . import chat_api
@@ -62,6 +64,22 @@ class PrefixReuse:
         when the request extends them (0: it would start afresh)."""
         own = self._keys
         return len(own) if own and len(own) < len(keys) and keys[:len(own)] == own else 0
+
+    def shared_start(self, keys: list | None, raw: str | None = None) -> int:
+        """For a request that would start afresh here: how much of its beginning it shares with
+        what the cache holds, in first turns (turn keys) or, for a completions prompt, in
+        characters, where those cells can be kept (a sequence never merged, up to its first
+        image; Conversation.reset(reuse=True)). serve picks the free slot that shares the most
+        (llama-server's slot prompt similarity). 0: nothing to keep."""
+        if raw is not None:
+            n = len(os.path.commonprefix([self.cached_text, raw])) if self.raw else 0
+        else:
+            n = 0
+            for own, theirs in zip(self._keys or (), keys or ()):
+                if own != theirs:
+                    break
+                n += 1
+        return n if n and self._reusable_tokens() is not None else 0
 
     def feed(self, turns: list, tools: list | None = None, reuse: bool = True) -> tuple[int, int]:
         """Bring the cache to the conversation `turns` less its last turn's reply: keep the cached

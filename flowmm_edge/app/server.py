@@ -402,15 +402,19 @@ class Worker(threading.Thread):
         self._refresh()
 
     def _slot_for(self, job: Job) -> Conversation | None:
-        """The free slot holding the longest prefix of the job's conversation, else the free one
-        used least recently (it starts afresh), else None: the job waits."""
+        """The free slot holding the longest prefix of the job's conversation; else, for a job
+        that starts afresh, the free slot whose cache shares the most of its beginning (first
+        turns, such as a system prompt, whose cells it keeps: llama-server's slot prompt
+        similarity); else, and among equals, the free one used least recently; else None: the
+        job waits."""
         free = [c for c in self.slots if not c.busy]
         keys = job.keys
         holding = [c for c in free if job.cache_prompt and (
             c.held_prefix(keys) if job.raw is None else c.holds_raw_prefix(job.raw))]
         if holding:
             return max(holding, key=lambda c: c.held_prefix(keys) if job.raw is None else c.pos)
-        return min(free, key=lambda c: c.last_used) if free else None
+        shared = {c.seq_id: c.shared_start(keys, job.raw) if job.cache_prompt else 0 for c in free}
+        return min(free, key=lambda c: (-shared[c.seq_id], c.last_used)) if free else None
 
     def _start(self, job: Job, conv: Conversation | None) -> None:
         """Start a job on its slot: its prompt is decoded on a greenlet of its own (Prefill), run
