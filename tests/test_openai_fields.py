@@ -405,8 +405,10 @@ def test_n_choices_are_the_replies_of_single_requests_seeded_in_turn(real):
     assert [ch.message.content for ch in r.choices] == [a.choices[0].message.content for a in alone]
     assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
     assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
-    greedy = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0)
-    both = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0, n=2)
+    greedy = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  extra_body=afresh)
+    both = c.completions.create(model="x", prompt="The capital of France is", max_tokens=4, temperature=0, n=2,
+                                extra_body=afresh)
     assert [ch.text for ch in both.choices] == [greedy.choices[0].text] * 2
     streamed = ["", "", ""]  # streamed, each chunk names its choice; the usage chunk counts every reply
     chunks = list(c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=1.5, seed=7, n=3,

@@ -339,7 +339,8 @@ def test_a_bounded_fuzz_leaves_the_server_answering_and_its_memory_flat(srv):
 
 def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_model_path, tiny_models):
     """Real replies re-tokenize to what was generated, so the slot that reuses the history must
-    answer as the other slot does from a fresh prefill of the same history."""
+    answer as the other slot does from a fresh prefill of the same history ("cache_prompt":
+    false: else the slot that shares the history's first turns would take it)."""
     with server(tiny_models, "-m", str(default_model_path), "-c", "2048", "-np", "2", "-n", "16") as s:
         c = client(s)
         msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
@@ -349,7 +350,8 @@ def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_m
                  {"role": "user", "content": "And of Italy? One word."}]
         reused = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
         assert reused.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
-        fresh = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)  # the other slot
+        fresh = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0,
+                                          extra_body={"cache_prompt": False})  # the other slot, afresh
         assert fresh.usage.prompt_tokens_details.cached_tokens == 0
         assert fresh.usage.prompt_tokens == reused.usage.prompt_tokens
         assert reused.choices[0].message.content == fresh.choices[0].message.content
