@@ -240,6 +240,32 @@ def test_a_new_conversation_reuses_the_cells_of_the_same_first_tokens(tiny_model
         assert held == 0 and decoded == conv.pos
 
 
+def test_a_resent_history_reuses_every_turn_it_shares(tiny_models):
+    """A history that another conversation held (an OpenAI client resends it to another slot, or
+    edits its last turn): every turn it shares is kept whole, an assistant message's too, and
+    only the turn that differs is decoded from its first difference; the cache then answers as
+    the history decoded on a fresh context (before, only the first turn was kept, short of its
+    last token, and every later turn was decoded again)."""
+    from flowmm_edge.app import chat_api
+
+    system = {"role": "system", "content": "you answer about cats and the city"}
+    head = [system, {"role": "user", "content": "the secret key is red and the code is 1234"},
+            {"role": "assistant", "content": "the key is red"}]
+    first = head + [{"role": "user", "content": "what is the code"}]
+    second = head + [{"role": "user", "content": "what color is the key"}]
+    with Engine(n_ctx=512, n_slots=1, **settings(tiny_models, "full")) as engine:
+        conv = Conversation(engine)
+        conv.feed(chat_api.parse_messages(first))
+        shared = len(engine.model.tokenize(engine.template.render(
+            engine.model, [(m["role"], m["content"]) for m in head], add_assistant=False)))
+        held, decoded = conv.feed(chat_api.parse_messages(second))  # (the last turn differs: afresh, reusing)
+        assert shared - 4 <= held < conv.pos and held + decoded == conv.pos
+        got = conv.last_logits
+    want, n = _fresh_logits(tiny_models, "full", second)
+    assert n == conv.pos and int(np.argmax(got)) == int(np.argmax(want))
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(np.abs(want).max()))
+
+
 def test_cells_kept_for_reuse_are_given_back_when_the_request_fails(tiny_models):
     """A request that fails before its first turn decodes (an assistant message first, a turn
     too long for the full cache) leaves the slot empty, not holding the cells kept for reuse."""

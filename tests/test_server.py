@@ -340,7 +340,8 @@ def test_a_bounded_fuzz_leaves_the_server_answering_and_its_memory_flat(srv):
 def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_model_path, tiny_models):
     """Real replies re-tokenize to what was generated, so the slot that reuses the history must
     answer as the other slot does from a fresh prefill of the same history ("cache_prompt":
-    false: else the slot that shares the history's first turns would take it)."""
+    false); and the same history sent again as a new conversation keeps every turn's cells in
+    the slot that shares them, all but the last token (its logits start the reply)."""
     with server(tiny_models, "-m", str(default_model_path), "-c", "2048", "-np", "2", "-n", "16") as s:
         c = client(s)
         msgs = [{"role": "user", "content": "What is the capital of France? One word."}]
@@ -356,6 +357,9 @@ def test_on_the_default_model_a_reused_slot_answers_as_a_fresh_prefill(default_m
         assert fresh.usage.prompt_tokens == reused.usage.prompt_tokens
         assert reused.choices[0].message.content == fresh.choices[0].message.content
         assert "rome" in fresh.choices[0].message.content.lower()
+        again = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        assert again.choices[0].message.content == fresh.choices[0].message.content
 
 
 def test_a_stream_its_client_does_not_read_pauses_and_goes_on_when_read(tiny_models):

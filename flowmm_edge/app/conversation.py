@@ -177,7 +177,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         self.raw = False  # the cache holds a completions prompt (and its replies), not a chat
         self.continues = False  # the next reply continues the last assistant message (add_assistant_turn)
         self._reusable = None  # the tokens of cells a reset kept for the next turn (reset(reuse=True))
-        self.reused = 0  # positions a turn took from them (feed and feed_raw count them as held)
+        self.reused = 0  # positions the turns took from them (feed and feed_raw count them as held)
+        self.more_turns = False  # feed: turns follow the one being added (its last token's logits are not needed)
 
     def listen(self, on_progress) -> None:
         """Follow the turns' prefill and the merges they wait for: on_progress(what, done, total, note)."""
@@ -262,30 +263,38 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
 
     def _take_reusable(self, prepared) -> int:
         """How many of a turn's first positions the cache holds already from the conversation
-        before a reset(reuse=True), the cells past them dropped: its tokens as far as they equal
-        the turn's, short of the turn's last token (its logits start the reply) and of a window
-        the merge will observe (decoded, so that its statistics are gathered)."""
-        old, self._reusable = self._reusable, None
+        before a reset(reuse=True): its tokens as far as they equal the turn's, short of a window
+        the merge will observe (decoded, so that its statistics are gathered) and, for the last
+        turn a request feeds, of its last token (its logits start the reply). A turn taken whole
+        leaves the cells after it for the next turn of the same feed (`more_turns`, a history
+        resent to another slot); otherwise the cells past the ones taken are dropped."""
+        old = self._reusable
         if old is None:
             return 0
+        start, end = self.pos, self.pos + prepared.n_pos
         lead = []
         for piece in prepared.pieces:
             if not isinstance(piece, list):
                 break
             lead += piece
-        n = min(len(old), len(lead), prepared.n_pos - 1)
+        n = min(len(old) - start, len(lead), prepared.n_pos - (0 if self.more_turns else 1))
         if self.compression.enabled and self.compression.needs_observation:
-            n = min(n, self.compression.observed_from(prepared.n_pos))
-        same = np.asarray(old[:n]) != np.asarray(lead[:n])
-        self.reused = int(np.argmax(same)) if same.any() else max(n, 0)
-        self.ctx.truncate(self.reused, self.seq_id)
-        return self.reused
+            n = min(n, self.compression.observed_from(end) - start)
+        n = max(n, 0)
+        same = np.asarray(old[start:start + n]) != np.asarray(lead[:n])
+        taken = int(np.argmax(same)) if same.any() else n
+        if taken < prepared.n_pos:  # the rest of this turn is decoded: nothing after it can be reused
+            self._reusable = None
+            self.ctx.truncate(start + taken, self.seq_id)
+        self.reused += taken
+        return taken
 
     def _drop_reusable(self) -> None:
-        """Cells kept by reset(reuse=True) that no turn took (the request failed first): give them back."""
+        """Cells kept by reset(reuse=True) that no turn took (the request failed first, or its
+        turns were taken whole up to a failing one): give them back, keeping the turns'."""
         if self._reusable is not None:
             self._reusable = None
-            self.ctx.clear(self.seq_id)
+            self.ctx.truncate(self.pos, self.seq_id)
 
     def evict(self) -> None:
         """Give the cells back to the shared buffer (the engine makes room): the conversation is
@@ -527,7 +536,7 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         prepared = prepare(self.model, [Segment("text", text)], self.labels, self.projector, add_bos=False)
         try:
             if prepared.n_pos:
-                self._decode_or_restore(prepared)
+                self._decode_or_restore(prepared, self._take_reusable(prepared))
         finally:
             prepared.close()
         self.messages = self.messages + [("assistant", text)]

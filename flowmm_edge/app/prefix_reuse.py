@@ -135,19 +135,24 @@ class PrefixReuse:
 
     def _feed_turns(self, turns: list, rest: list) -> int:
         decoded = 0
-        while rest:
-            turn, keys = rest[0], self._keys
-            done = [turn]
-            if turn.role == "system":
-                self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
-            elif turn.role == "assistant":
-                decoded += self.add_assistant_turn(self._message_text(turn), continued=turn is turns[-1])
-            elif turn.role == "tool":
-                while len(done) < len(rest) and rest[len(done)].role == "tool":
-                    done.append(rest[len(done)])
-                decoded += self.add_tool_results([t.text for t in done])
-            else:
-                decoded += self.add_user_turn(segments=list(turn.segments))
-            self._keys = keys + [t.key for t in done]
-            rest = rest[len(done):]
+        try:
+            while rest:
+                turn, keys = rest[0], self._keys
+                done = [turn]
+                if turn.role == "tool":
+                    while len(done) < len(rest) and rest[len(done)].role == "tool":
+                        done.append(rest[len(done)])
+                self.more_turns = len(done) < len(rest)  # (a cache kept from another conversation: reuse goes on)
+                if turn.role == "system":
+                    self.messages = self.messages + [("system", turn.text)]  # rendered with the next turn
+                elif turn.role == "assistant":
+                    decoded += self.add_assistant_turn(self._message_text(turn), continued=turn is turns[-1])
+                elif turn.role == "tool":
+                    decoded += self.add_tool_results([t.text for t in done])
+                else:
+                    decoded += self.add_user_turn(segments=list(turn.segments))
+                self._keys = keys + [t.key for t in done]
+                rest = rest[len(done):]
+        finally:
+            self.more_turns = False
         return decoded
