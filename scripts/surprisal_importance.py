@@ -23,26 +23,13 @@ import sys
 import numpy as np
 
 from flowmm_edge import cli
-from flowmm_edge.bindings import runtime
 from flowmm_edge.evaluation import evaluate
 from flowmm_edge.methods import flowmm
 from flowmm_edge.methods.snapkv import avg_pool
+from student_variants import surprisal
 
 RULES = ("min", "mean")
 _surprisal: dict[str, np.ndarray] = {}
-
-
-def surprisal(model, tokens: np.ndarray, threads: int = 2, step: int = 256) -> np.ndarray:
-    """-log p(tokens[t] | tokens[:t]) for t >= 1 (0 at t = 0), on a context of its own."""
-    n = len(tokens)
-    with runtime.Context(model, n_ctx=n + 8, n_batch=step, n_threads=threads) as ctx:
-        logits = np.concatenate([ctx.decode([int(t) for t in tokens[a:a + step]], a, all_logits=True)
-                                 for a in range(0, n, step)])
-    top = logits.max(axis=1)
-    log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-    out = np.zeros(n)
-    out[1:] = log_z[:-1] - logits[np.arange(n - 1), tokens[1:]]
-    return out
 
 
 def main() -> int:
@@ -53,7 +40,7 @@ def main() -> int:
     prefill_init, flowmm_scores = evaluate.Prefill.__init__, flowmm.FlowMM.scores
 
     def init(self, ctx, p, comps):
-        _surprisal["s"] = surprisal(ctx.model, evaluate.reconstruction.tokens_by_position(p.pieces))
+        _surprisal["s"] = surprisal(ctx.model, evaluate.reconstruction.tokens_by_position(p.pieces).tolist(), 2)
         prefill_init(self, ctx, p, comps)
 
     def scores(self, stats, n_layer, n_head_kv, n):

@@ -200,8 +200,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
 
     def _snapshot(self, cache: bool = True) -> "_Snapshot":
         """`cache` False: without the cache (see _Snapshot), which is the size of the sequence's cells."""
-        return _Snapshot(state=(self.ctx.state(self.seq_id) if self.pos else b"") if cache else None,
-                         bias=self._bias() if cache else None,
+        state, bias = self._cache_state() if cache else (None, None)
+        return _Snapshot(state=state, bias=bias,
                          messages=list(self.messages), cached_text=self.cached_text, pos=self.pos,
                          labels_by_pos=self.labels_by_pos.copy(), tokens_by_pos=self.tokens_by_pos.copy(),
                          label_names=list(self.labels.names), stats=dataclasses.replace(self.stats),
@@ -221,6 +221,10 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             self.ctx.clear(self.seq_id)
         self.ctx.truncate(snap.pos, self.seq_id)  # (a state taken inside a turn holds its first cells too)
         self._set_bias(None if snap.bias is None else snap.bias[..., :self.cells()])
+
+    def _cache_state(self) -> tuple[bytes, np.ndarray | None]:
+        """What a snapshot keeps of the cache: llama.cpp's state of the sequence and its slot bias."""
+        return self.ctx.state(self.seq_id) if self.pos else b"", self._bias()
 
     def _bias(self) -> np.ndarray | None:
         """The slot bias the cache carries (not part of llama.cpp's state), cells in position order; None if none."""
@@ -413,8 +417,8 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         takes the cache first (with the turn's cells so far, which a restore cuts off)."""
         snap = self._turn_snapshot
         if snap is not None and snap.state is None:
-            self._turn_snapshot = dataclasses.replace(snap, state=self.ctx.state(self.seq_id) if self.pos else b"",
-                                                      bias=self._bias())
+            state, bias = self._cache_state()
+            self._turn_snapshot = dataclasses.replace(snap, state=state, bias=bias)
         self._merge(foreground=True)
 
     def _decode_turn(self, prepared, reused: int = 0) -> None:
