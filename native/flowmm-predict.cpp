@@ -208,3 +208,72 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     }
     return (int32_t) n;
 }
+
+// The norm of every cell's value, per KV head (KVzip+'s correction of an attention score: a cell
+// that draws attention but adds a short value changes little). An orthonormal rotation keeps a
+// norm, so rotated V needs no undoing. V is gathered by rows (get_rows) or, stored transposed
+// (flash attention off), turned back first: one copy of the layer's V, a few MiB.
+int32_t flowmm_kv_value_norms(llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out, int32_t n_cells) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
+    }
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
+    const int64_t n = own.size();
+    if (n_cells != n || (n > 0 && out == nullptr)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out holds " + std::to_string(n_cells) + " cells per head, the sequence has " +
+            std::to_string(n));
+    }
+    if (n == 0) {
+        return 0;
+    }
+    const auto & hp = acc::hparams(*kv);
+    const uint32_t mil = acc::layer_il(*kv, il);
+    const int64_t H  = hp.n_head_kv(mil);
+    const int64_t hd = hp.n_embd_head_v(mil);
+    const int64_t kv_size = acc::cells(*kv, strm).size();
+    ggml_tensor * v = acc::v(*kv, il, strm);
+
+    std::vector<float> blk(H * FLOWMM_PREDICT_BLOCK);
+    for (int64_t c0 = 0; c0 < n; c0 += FLOWMM_PREDICT_BLOCK) {
+        const int64_t nb = std::min<int64_t>(FLOWMM_PREDICT_BLOCK, n - c0);
+        const flowmm_graph g = flowmm_begin_graph(ctx);
+        ggml_context * gctx = g.gctx;
+        ggml_tensor * rows;
+        if (acc::v_trans(*kv)) { // [kv_size, H * hd] -> [H * hd, kv_size] -> row (cell * H + h)
+            ggml_tensor * vt = ggml_view_2d(gctx, v, kv_size, H * hd, ggml_row_size(v->type, kv_size), 0);
+            rows = ggml_reshape_2d(gctx, ggml_cont(gctx, ggml_transpose(gctx, vt)), hd, H * kv_size);
+        } else {
+            rows = flowmm_cache_rows(gctx, v, hd, H * kv_size);
+        }
+        ggml_tensor * idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb); // head-major
+        ggml_set_input(idx);
+        ggml_tensor * sel = ggml_get_rows(gctx, rows, idx);                 // [hd, H * nb] f32
+        ggml_tensor * norm = ggml_sqrt(gctx, ggml_sum_rows(gctx, ggml_sqr(gctx, sel)));
+        ggml_set_output(norm);
+        ggml_build_forward_expand(g.gf, norm);
+        if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the value-norm graph");
+        }
+        std::vector<int32_t> r(H * nb);
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t c = 0; c < nb; ++c) {
+                r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
+            }
+        }
+        ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
+        if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "the value-norm graph failed to compute");
+        }
+        llama_synchronize(ctx);
+        ggml_backend_tensor_get(norm, blk.data(), 0, H * nb * sizeof(float));
+        for (int64_t h = 0; h < H; ++h) {
+            std::copy(blk.begin() + h * nb, blk.begin() + (h + 1) * nb, out + h * n + c0);
+        }
+    }
+    return (int32_t) n;
+}

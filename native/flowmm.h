@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 10
+#define FLOWMM_VERSION_MINOR 11
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -165,6 +165,12 @@ extern "C" {
     FLOWMM_API int32_t flowmm_kv_predict_scores(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                                 const struct flowmm_predictor * pred, float * scores);
 
+    // The norm of every cell's value: out[h][c] = |v| of KV head h at the c-th cell of seq_id (cell
+    // order of flowmm_kv_seq_cells; n_cells their count), as the model computed it. Runs as a ggml
+    // graph on the cache's backend; returns the number of cells. Since 0.11.
+    FLOWMM_API int32_t flowmm_kv_value_norms(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out,
+                                             int32_t n_cells);
+
     //
     // per-slot attention bias
     //
@@ -234,6 +240,24 @@ extern "C" {
     // Returns the number of rows counted (the mean is out / that). Since 0.7.
     FLOWMM_API int32_t flowmm_stats_query_sums(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out,
                                                int32_t n_head, int32_t head_dim);
+
+    // Keep the queries of every `stride`-th counted row (position - pos_min a multiple of stride;
+    // 0: none), as the layer attends with them (after RoPE, before kq_scale). Call right after
+    // flowmm_stats_begin. Since 0.11.
+    FLOWMM_API int32_t flowmm_stats_keep_queries(struct llama_context * ctx, llama_seq_id seq_id, int32_t stride);
+
+    // The kept queries of cache layer il: out[r][h][d] for the r-th kept row (in the order decoded)
+    // and query head h, pos[r] its position (pos may be NULL). n_rows must be the number kept;
+    // out = pos = NULL with n_rows = 0 asks for that number. Returns the number kept.
+    FLOWMM_API int32_t flowmm_stats_queries(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out,
+                                            llama_pos * pos, int32_t n_rows, int32_t n_head, int32_t head_dim);
+
+    // Write K or V rows of KV head `head` in layer `il` for `cells` of seq_id from float32
+    // data[i * head_dim + d], converted to the cache's type (a value fitted to a merged slot, say).
+    // The cells must hold seq_id. Since 0.11.
+    FLOWMM_API int32_t flowmm_kv_write_rows(struct llama_context * ctx, llama_seq_id seq_id,
+                                            int32_t il, int32_t head, int32_t is_v,
+                                            const int32_t * cells, int32_t n_cells, const float * data);
 
     // Nodes of the graph the context computed last (to check that hooks add nothing when off).
     FLOWMM_API int32_t flowmm_graph_n_nodes(struct llama_context * ctx);

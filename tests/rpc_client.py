@@ -76,6 +76,7 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
             cells, _ = kv_cache.seq_cells(ctx)
             out["k_rows"] = kv_cache.read_rows(ctx, 1, 0, cells, "k").tolist()
             out["v_rows"] = kv_cache.read_rows(ctx, 1, 1, cells, "v").tolist()
+            out["value_norms"] = kv_cache.value_norms(ctx, 2).tolist()
             out["predicted"] = predicted_scores(pred, ctx).tolist()
             relative = ImportancePredictor(  # keys turned back by RoPE at -pos on the device, and the distance
                 "adjacent", rng.normal(size=(lay.n_layer, lay.n_head_kv, n_features(lay.head_dim_k, relative=True))),

@@ -41,6 +41,9 @@ lib.flowmm_kv_free_cells.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_
 lib.flowmm_kv_read_rows.restype = ctypes.c_int32
 lib.flowmm_kv_read_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                                     ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
+lib.flowmm_kv_write_rows.restype = ctypes.c_int32
+lib.flowmm_kv_write_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                     ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
 
 
 def _check(status: int) -> int:
@@ -101,6 +104,18 @@ def read_rows(ctx, layer: int, head: int, cells, which: str = "k", seq_id: int =
     _check(lib.flowmm_kv_read_rows(_ptr(ctx), seq_id, layer, head, int(which == "v"),
                                    cells.ctypes.data_as(_i32p), len(cells), out.ctypes.data_as(_f32p)))
     return out
+
+
+def write_rows(ctx, layer: int, head: int, cells, rows, which: str = "v", seq_id: int = 0) -> None:
+    """Write K or V rows [len(cells), head_dim] of KV head `head` in `layer` for `cells`, in the cache's type."""
+    if which not in ("k", "v"):
+        raise ValueError("which must be 'k' or 'v'")
+    cells = np.ascontiguousarray(cells, dtype=np.int32)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[0] != len(cells):
+        raise ValueError(f"rows of shape {rows.shape} for {len(cells)} cells")
+    _check(lib.flowmm_kv_write_rows(_ptr(ctx), seq_id, layer, head, int(which == "v"), cells.ctypes.data_as(_i32p),
+                                    len(cells), rows.ctypes.data_as(_f32p)))
 
 
 def _ptr(ctx):
@@ -218,6 +233,20 @@ def predict_scores(ctx, layer: int, weights: np.ndarray, bias: np.ndarray, pairi
     req = _Predictor(w.shape[0], w.shape[1], ROPE_PAIRINGS[pairing], w.ctypes.data_as(_f32p), b.ctypes.data_as(_f32p),
                      *rope)
     _check(lib.flowmm_kv_predict_scores(_ptr(ctx), seq_id, layer, ctypes.byref(req), out.ctypes.data_as(_f32p)))
+    return out
+
+
+lib.flowmm_kv_value_norms.restype = ctypes.c_int32
+lib.flowmm_kv_value_norms.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int32]
+
+
+def value_norms(ctx, layer: int, seq_id: int = 0) -> np.ndarray:
+    """|v| of every cell of the sequence (cell order of seq_cells) per KV head of cache layer
+    `layer`, computed on the cache's backend (native/flowmm.h, flowmm_kv_value_norms):
+    [n_head_kv, n_cells] float32."""
+    n = _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, None, None, 0))
+    out = np.empty((layout(ctx).n_head_kv, n), np.float32)
+    _check(lib.flowmm_kv_value_norms(_ptr(ctx), seq_id, layer, out.ctypes.data_as(_f32p), n))
     return out
 
 

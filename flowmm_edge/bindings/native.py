@@ -23,7 +23,7 @@ SETUP_HINT = "run scripts/setup.sh (or python scripts/build_native.py) to build 
 # version may change the API (0.4 added flowmm_merge_plan.v_weight, 0.5 row groups, key matching and
 # free cells, 0.8 flowmm_predictor's RoPE, 0.9 flowmm_abort_when_set, 0.10 statistics per sequence),
 # so major and minor must match.
-EXPECTED_VERSION = (0, 10)
+EXPECTED_VERSION = (0, 11)
 
 
 def _point_llama_cpp_at_patched_build() -> str:

@@ -32,8 +32,9 @@ KEY_SCORER = "key_scorer"        # callable(layer, weights [n_head_kv, n_feat], 
                                  # weights . [k, pair lengths of k] + bias per cell, on the cache's backend
                                  # (kv_cache.predict_scores), in cell indices
 ROPE = "rope"                    # the model's RoPE: RopeGeometry
+VALUE_NORMS = "value_norms"      # [n_layer, n_head_kv, n] |v| of each cell (kv_cache.value_norms, on the cache's backend)
 STATISTICS = (WINDOW_SCORES, PROMPT_SCORES, RECONSTRUCTION_SCORES, PREDICTED_SCORES, RHO, KEYS, MATCHER,
-              QUERY_MEANS, KEY_SCORER, ROPE)
+              QUERY_MEANS, KEY_SCORER, ROPE, VALUE_NORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Stats:
     query_means: np.ndarray | None = None
     key_scorer: object = None  # callable, see KEY_SCORER
     rope: RopeGeometry | None = None
+    value_norms: np.ndarray | None = None
 
     def require(self, name: str, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
         if name == MATCHER:  # the backend's, or the numpy reference over the keys
@@ -112,7 +114,7 @@ class Stats:
             raise MethodError(f"query means have shape {value.shape}, expected ({n_layer}, n_head, head_dim)")
         scores = (n_layer, n_head_kv, n)
         want = {WINDOW_SCORES: scores, PROMPT_SCORES: scores, RECONSTRUCTION_SCORES: scores, PREDICTED_SCORES: scores,
-                RHO: (n_layer,)}.get(name)
+                VALUE_NORMS: scores, RHO: (n_layer,)}.get(name)
         if want is not None and value.shape != want:
             raise MethodError(f"{name} has shape {value.shape}, expected {want}")
         if name == KEYS and value.shape[:3] != (n_layer, n_head_kv, n):
