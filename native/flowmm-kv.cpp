@@ -181,83 +181,44 @@ static bool to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
     return true;
 }
 
-// quantize `n` float32 values into `dst` of type `type`
-static bool from_f32(ggml_type type, const float * src, void * dst, int64_t n) {
-    if (type == GGML_TYPE_F32) {
-        memcpy(dst, src, n * sizeof(float));
-        return true;
-    }
-    const auto * traits = ggml_get_type_traits(type);
-    if (traits == nullptr || traits->from_float_ref == nullptr) {
-        return false;
-    }
-    traits->from_float_ref(src, dst, n);
-    return true;
-}
-
-// the K or V rows of (il, head) for `cells` of seq_id, checked: the tensor, the head size and
-// whether V is stored transposed; nullptr (with the error set) if anything is out of range
-struct kv_rows {
-    ggml_tensor * t = nullptr;
-    int64_t head_dim = 0;
-    int64_t kv_size  = 0;
-    bool transposed  = false;
-};
-
-static bool checked_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head, int32_t is_v,
-                         const int32_t * cells, int32_t n_cells, const void * data, kv_rows & out) {
+int32_t flowmm_kv_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head, int32_t is_v,
+                            const int32_t * cells, int32_t n_cells, float * out) {
     llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
-        return false;
+        return flowmm_last_status();
     }
     const int32_t n_layer = (int32_t) acc::n_layer(*kv);
     if (il < 0 || il >= n_layer) {
-        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range [0, " + std::to_string(n_layer) + ")");
-        return false;
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range [0, " + std::to_string(n_layer) + ")");
     }
     const auto & hp = acc::hparams(*kv);
     const uint32_t mil = acc::layer_il(*kv, il);
     const int32_t n_head_kv = (int32_t) hp.n_head_kv(mil);
     if (head < 0 || head >= n_head_kv) {
-        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "KV head " + std::to_string(head) + " is out of range [0, " + std::to_string(n_head_kv) + ")");
-        return false;
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "KV head " + std::to_string(head) + " is out of range [0, " + std::to_string(n_head_kv) + ")");
     }
-    if (n_cells < 0 || (n_cells > 0 && (cells == nullptr || data == nullptr))) {
-        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cells/data are NULL or n_cells is negative");
-        return false;
+    if (n_cells < 0 || (n_cells > 0 && (cells == nullptr || out == nullptr))) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cells/out are NULL or n_cells is negative");
     }
     const uint32_t strm = acc::stream_of(*kv, seq_id);
     const auto & cs = acc::cells(*kv, strm);
     for (int32_t i = 0; i < n_cells; ++i) {
         if (cells[i] < 0 || (uint32_t) cells[i] >= cs.size()) {
-            flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cell " + std::to_string(cells[i]) + " is out of range [0, " + std::to_string(cs.size()) + ")");
-            return false;
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cell " + std::to_string(cells[i]) + " is out of range [0, " + std::to_string(cs.size()) + ")");
         }
         if (cs.is_empty(cells[i]) || !cs.seq_has(cells[i], seq_id)) {
-            flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cell " + std::to_string(cells[i]) + " does not hold sequence " + std::to_string(seq_id));
-            return false;
+            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "cell " + std::to_string(cells[i]) + " does not hold sequence " + std::to_string(seq_id));
         }
     }
-    out.t          = is_v ? acc::v(*kv, il, strm) : acc::k(*kv, il, strm);
-    out.head_dim   = is_v ? hp.n_embd_head_v(mil) : hp.n_embd_head_k(mil);
-    out.kv_size    = cs.size();
-    out.transposed = is_v && acc::v_trans(*kv);
-    if (!out.transposed && out.head_dim % ggml_blck_size(out.t->type) != 0) {
-        flowmm_fail(FLOWMM_ERR_UNSUPPORTED, "head size is not a multiple of the cache type's block size");
-        return false;
-    }
-    return true;
-}
 
-int32_t flowmm_kv_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head, int32_t is_v,
-                            const int32_t * cells, int32_t n_cells, float * out) {
-    kv_rows r;
-    if (!checked_rows(ctx, seq_id, il, head, is_v, cells, n_cells, out, r)) {
-        return flowmm_last_status();
-    }
-    ggml_tensor * t = r.t;
-    const int64_t head_dim = r.head_dim;
-    if (!r.transposed) {
+    ggml_tensor * t = is_v ? acc::v(*kv, il, strm) : acc::k(*kv, il, strm);
+    const int64_t head_dim = is_v ? hp.n_embd_head_v(mil) : hp.n_embd_head_k(mil);
+    const bool transposed = is_v && acc::v_trans(*kv);
+
+    if (!transposed) {
+        if (head_dim % ggml_blck_size(t->type) != 0) {
+            return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, "head size is not a multiple of the cache type's block size");
+        }
         const size_t row_bytes = ggml_row_size(t->type, head_dim);
         std::vector<uint8_t> buf(row_bytes);
         for (int32_t i = 0; i < n_cells; ++i) {
@@ -277,55 +238,17 @@ int32_t flowmm_kv_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il
     const auto [mn, mx] = std::minmax_element(cells, cells + n_cells);
     const int64_t span = *mx - *mn + 1;
     const size_t el = ggml_type_size(t->type);
+    const int64_t kv_size = cs.size();
     std::vector<uint8_t> raw(span * el);
     std::vector<float> vals(span);
     for (int64_t d = 0; d < head_dim; ++d) {
         const int64_t dim = head * head_dim + d;
-        ggml_backend_tensor_get(t, raw.data(), (dim * r.kv_size + *mn) * el, span * el);
+        ggml_backend_tensor_get(t, raw.data(), (dim * kv_size + *mn) * el, span * el);
         if (!to_f32(t->type, raw.data(), vals.data(), span)) {
             return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, std::string("cannot dequantize cache type ") + ggml_type_name(t->type));
         }
         for (int32_t i = 0; i < n_cells; ++i) {
             out[(size_t) i * head_dim + d] = vals[cells[i] - *mn];
-        }
-    }
-    return FLOWMM_OK;
-}
-
-int32_t flowmm_kv_write_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head, int32_t is_v,
-                             const int32_t * cells, int32_t n_cells, const float * data) {
-    kv_rows r;
-    if (!checked_rows(ctx, seq_id, il, head, is_v, cells, n_cells, data, r)) {
-        return flowmm_last_status();
-    }
-    for (int64_t i = 0; i < (int64_t) n_cells * r.head_dim; ++i) {
-        if (!std::isfinite(data[i])) {
-            return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "row " + std::to_string(i / r.head_dim) + " is not finite");
-        }
-    }
-    ggml_tensor * t = r.t;
-    const int64_t head_dim = r.head_dim;
-    if (!r.transposed) {
-        const size_t row_bytes = ggml_row_size(t->type, head_dim);
-        std::vector<uint8_t> buf(row_bytes);
-        for (int32_t i = 0; i < n_cells; ++i) {
-            if (!from_f32(t->type, data + (size_t) i * head_dim, buf.data(), head_dim)) {
-                return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, std::string("cannot quantize to cache type ") + ggml_type_name(t->type));
-            }
-            ggml_backend_tensor_set(t, buf.data(), (size_t) cells[i] * t->nb[1] + (size_t) head * row_bytes, row_bytes);
-        }
-        return FLOWMM_OK;
-    }
-
-    // transposed V: one element per (cell, dim); types with blocks cannot be transposed (llama.cpp refuses them)
-    const size_t el = ggml_type_size(t->type);
-    std::vector<uint8_t> one(el);
-    for (int32_t i = 0; i < n_cells; ++i) {
-        for (int64_t d = 0; d < head_dim; ++d) {
-            if (!from_f32(t->type, data + (size_t) i * head_dim + d, one.data(), 1)) {
-                return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, std::string("cannot convert to cache type ") + ggml_type_name(t->type));
-            }
-            ggml_backend_tensor_set(t, one.data(), ((head * head_dim + d) * r.kv_size + cells[i]) * el, el);
         }
     }
     return FLOWMM_OK;

@@ -55,9 +55,6 @@ struct stats_state {
     int32_t head_dim = 0;
     std::vector<double> qsum;   // [n_layer][n_head][head_dim] sum of the counted rows' queries
     int64_t n_rows = 0;         // query rows counted
-    int32_t q_stride = 0;       // keep the query of every q_stride-th counted row (by position from pos_min); 0: none
-    std::vector<std::vector<float>> qrows; // per layer: the kept rows' queries, [row][n_head][head_dim]
-    std::vector<llama_pos> qpos;           // the kept rows' positions
     std::string error;          // set when a ubatch could not be counted; getters then fail
 
     int32_t label_of(llama_pos p) {
@@ -190,25 +187,6 @@ public:
                 dst[i] += qs[i];
             }
         }
-        if (qrows != nullptr) {
-            const int64_t hd = qrows->ne[0];
-            std::vector<float> q(hd * n_sel * nh);
-            ggml_backend_tensor_get(qrows, q.data(), 0, q.size() * sizeof(float));
-            std::vector<float> & dst = st.qrows[layer];
-            for (int64_t i = 0; i < n_sel; ++i) {
-                const llama_pos pos = ubatch.pos[r0 + i];
-                if ((pos - st.pos_min) % st.q_stride != 0) {
-                    continue;
-                }
-                for (int64_t h = 0; h < nh; ++h) {
-                    const float * src = q.data() + (h * n_sel + i) * hd;
-                    dst.insert(dst.end(), src, src + hd);
-                }
-                if (layer == 0) {
-                    st.qpos.push_back(pos);
-                }
-            }
-        }
         if (layer == 0) {
             st.n_rows += n_sel;
         }
@@ -217,7 +195,6 @@ public:
     ggml_tensor * colsum = nullptr; // [1, n_kv, n_head]; with row groups [n_kv, n_groups, n_head] sums
     ggml_tensor * flow   = nullptr; // [n_labels, n_sel * n_head]
     ggml_tensor * qsum   = nullptr; // [1, head_dim, n_head]
-    ggml_tensor * qrows  = nullptr; // [head_dim, n_sel, n_head] the counted rows' queries (with q_stride)
     ggml_tensor * onehot = nullptr; // [n_kv, n_labels]
 
 private:
@@ -370,10 +347,6 @@ static void add_stats_nodes(ggml_context * ctx, ggml_cgraph * gf, llm_graph_resu
         inp->qsum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, qs, 1, 0, 2, 3)));
         ggml_set_output(inp->qsum);
         ggml_build_forward_expand(gf, inp->qsum);
-        if (st->q_stride > 0) {
-            inp->qrows = qs; // already a node of this graph: keeping it adds none
-            ggml_set_output(inp->qrows);
-        }
     }
     if (st->n_labels > 0) {
         inp->onehot = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, st->n_labels);
@@ -458,7 +431,6 @@ int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos p
     st->flow.assign((size_t) st->n_layer * st->n_head * n_labels * n_labels, 0.0);
     st->head_dim = (int32_t) hp.n_embd_head_k(acc::layer_il(*kv, 0));
     st->qsum.assign((size_t) st->n_layer * st->n_head * st->head_dim, 0.0);
-    st->qrows.assign(st->n_layer, {});
     (*requests_of(*kv, true))[seq_id] = st; // replaces this sequence's request, not the others'
     flowmm_drop_cached_graphs(ctx); // graphs built without the statistics nodes
     return FLOWMM_OK;
@@ -481,26 +453,6 @@ int32_t flowmm_stats_set_row_groups(llama_context * ctx, llama_seq_id seq_id, in
     }
     st->group = rows;
     flowmm_drop_cached_graphs(ctx); // graphs built with the other reduction
-    return FLOWMM_OK;
-}
-
-int32_t flowmm_stats_keep_queries(llama_context * ctx, llama_seq_id seq_id, int32_t stride) {
-    llama_kv_cache * kv = flowmm_resolve_kv(ctx);
-    if (kv == nullptr) {
-        return flowmm_last_status();
-    }
-    std::shared_ptr<stats_state> st = state_of(*kv, seq_id);
-    if (st == nullptr) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "no statistics were requested (flowmm_stats_begin)");
-    }
-    if (stride < 0) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "a query stride of " + std::to_string(stride) + " rows");
-    }
-    if (st->n_rows > 0) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "queries must be asked for before any row is counted");
-    }
-    st->q_stride = stride;
-    flowmm_drop_cached_graphs(ctx); // graphs built without the queries as outputs
     return FLOWMM_OK;
 }
 
@@ -599,31 +551,4 @@ int32_t flowmm_stats_query_sums(llama_context * ctx, llama_seq_id seq_id, int32_
     const size_t n = (size_t) n_head * head_dim;
     std::copy(st->qsum.begin() + (size_t) il * n, st->qsum.begin() + (size_t) (il + 1) * n, out);
     return (int32_t) st->n_rows;
-}
-
-int32_t flowmm_stats_queries(llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out, llama_pos * pos,
-                             int32_t n_rows, int32_t n_head, int32_t head_dim) {
-    llama_kv_cache * kv = nullptr;
-    std::shared_ptr<stats_state> st = checked_state(ctx, seq_id, il, n_head, &kv);
-    if (st == nullptr) {
-        return flowmm_last_status();
-    }
-    if (head_dim != st->head_dim) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "head_dim " + std::to_string(head_dim) + " differs from the model's " +
-            std::to_string(st->head_dim));
-    }
-    const int32_t kept = (int32_t) st->qpos.size();
-    if (out == nullptr && pos == nullptr && n_rows == 0) {
-        return kept; // the count alone
-    }
-    if (n_rows != kept || out == nullptr) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out holds " + std::to_string(n_rows) + " rows, " + std::to_string(kept) +
-            " were kept");
-    }
-    const std::vector<float> & q = st->qrows[il];
-    std::copy(q.begin(), q.end(), out);
-    if (pos != nullptr) {
-        std::copy(st->qpos.begin(), st->qpos.end(), pos);
-    }
-    return kept;
 }

@@ -241,24 +241,6 @@ extern "C" {
     FLOWMM_API int32_t flowmm_stats_query_sums(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, double * out,
                                                int32_t n_head, int32_t head_dim);
 
-    // Keep the queries of every `stride`-th counted row (position - pos_min a multiple of stride;
-    // 0: none), as the layer attends with them (after RoPE, before kq_scale). Call right after
-    // flowmm_stats_begin. Since 0.11.
-    FLOWMM_API int32_t flowmm_stats_keep_queries(struct llama_context * ctx, llama_seq_id seq_id, int32_t stride);
-
-    // The kept queries of cache layer il: out[r][h][d] for the r-th kept row (in the order decoded)
-    // and query head h, pos[r] its position (pos may be NULL). n_rows must be the number kept;
-    // out = pos = NULL with n_rows = 0 asks for that number. Returns the number kept.
-    FLOWMM_API int32_t flowmm_stats_queries(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out,
-                                            llama_pos * pos, int32_t n_rows, int32_t n_head, int32_t head_dim);
-
-    // Write K or V rows of KV head `head` in layer `il` for `cells` of seq_id from float32
-    // data[i * head_dim + d], converted to the cache's type (a value fitted to a merged slot, say).
-    // The cells must hold seq_id. Since 0.11.
-    FLOWMM_API int32_t flowmm_kv_write_rows(struct llama_context * ctx, llama_seq_id seq_id,
-                                            int32_t il, int32_t head, int32_t is_v,
-                                            const int32_t * cells, int32_t n_cells, const float * data);
-
     // Nodes of the graph the context computed last (to check that hooks add nothing when off).
     FLOWMM_API int32_t flowmm_graph_n_nodes(struct llama_context * ctx);
 

@@ -296,27 +296,3 @@ def test_rows_a_batch_cannot_count_fail_that_request_alone(model):
         with pytest.raises(NativeError, match="need a unified cache"):
             with AttentionStats(ctx, prompt_end=len(a), window=4, seq_id=0):
                 _decode_entries(ctx, [(t, len(a) - 4 + i, s) for s in (0, 1) for i, t in enumerate(a[-4:])])
-
-
-@pytest.mark.parametrize("flash_attn", [True, False])
-def test_kept_queries_are_the_models_queries(model, flash_attn):
-    """Every third counted row's queries, kept by the statistics, equal Q captured by cb_eval after
-    RoPE (rounded to f16, as the statistics graph multiplies them), across ubatches."""
-    cap = Capture([f"Qcur-{l}" for l in range(L)])
-    tokens = model.tokenize(PROMPT)
-    n = len(tokens)
-    ctx = runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
-                          cb_eval=cap.callback)
-    pos_min = 5
-    with AttentionStats(ctx, prompt_end=n, window=n - pos_min, query_stride=3) as stats:
-        ctx.decode(tokens, 0)
-    ctx.close()
-    for l in range(L):
-        qs = np.concatenate([q.reshape(-1, NQ, HD) for q in cap.calls[f"Qcur-{l}"][2::3]])
-        got, pos = stats.queries(l)
-        np.testing.assert_array_equal(pos, np.arange(pos_min, n, 3))
-        np.testing.assert_allclose(got, qs[pos], rtol=2e-3, atol=2e-3 * np.abs(qs).max())
-    with AttentionStats(runtime.Context(model, n_ctx=64, n_threads=2), prompt_end=4, window=4) as plain:
-        pass
-    with pytest.raises(NativeError, match="no queries were kept"):
-        plain.queries(0)

@@ -41,11 +41,6 @@ lib.flowmm_stats_flow.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int
 lib.flowmm_stats_query_sums.restype = ctypes.c_int32
 lib.flowmm_stats_query_sums.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f64p,
                                         ctypes.c_int32, ctypes.c_int32]
-lib.flowmm_stats_keep_queries.restype = ctypes.c_int32
-lib.flowmm_stats_keep_queries.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32]
-lib.flowmm_stats_queries.restype = ctypes.c_int32
-lib.flowmm_stats_queries.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f32p, _i32p,
-                                     ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
 lib.flowmm_graph_n_nodes.restype = ctypes.c_int32
 lib.flowmm_graph_n_nodes.argtypes = [llama_cpp.llama_context_p_ctypes]
 
@@ -58,12 +53,10 @@ def graph_n_nodes(ctx) -> int:
 class AttentionStats:
     """Statistics of `seq_id`'s query rows at positions >= prompt_end - window (all rows: window=None).
     With `row_groups` G, column scores are each cell's largest mass from one group of G
-    consecutive rows (decode from the window's start in batches of a multiple of G). With
-    `query_stride` S, the queries of every S-th counted row are kept too (`queries`)."""
+    consecutive rows (decode from the window's start in batches of a multiple of G)."""
 
     def __init__(self, ctx, prompt_end: int | None = None, window: int | None = None, labels=None,
-                 n_labels: int | None = None, seq_id: int = 0, row_groups: int | None = None,
-                 query_stride: int | None = None):
+                 n_labels: int | None = None, seq_id: int = 0, row_groups: int | None = None):
         if window is not None:
             if prompt_end is None:
                 raise NativeError(-1, "an observation window needs prompt_end (the position after the prompt's last token)")
@@ -86,15 +79,12 @@ class AttentionStats:
             self._labels, self.n_labels, lab_ptr, n_pos = None, 0, None, 0
         _check(lib.flowmm_stats_begin(_ptr(ctx), seq_id, pos_min, lab_ptr, n_pos, self.n_labels))
         self.row_groups = row_groups or 0
-        self.query_stride = query_stride or 0
-        try:
-            if row_groups:
+        if row_groups:
+            try:
                 _check(lib.flowmm_stats_set_row_groups(_ptr(ctx), seq_id, int(row_groups)))
-            if query_stride:
-                _check(lib.flowmm_stats_keep_queries(_ptr(ctx), seq_id, int(query_stride)))
-        except NativeError:
-            _check(lib.flowmm_stats_end(_ptr(ctx), seq_id))
-            raise
+            except NativeError:
+                _check(lib.flowmm_stats_end(_ptr(ctx), seq_id))
+                raise
         self._running = True
 
     def stop(self) -> None:
@@ -108,8 +98,7 @@ class AttentionStats:
                 for layer in range(self.n_layer):  # read everything before the native state goes
                     self._results[layer] = (self._column_scores(layer, n_cells),
                                             self._flow(layer) if self.n_labels else None,
-                                            self._query_sums(layer),
-                                            self._queries(layer) if self.query_stride else None)
+                                            self._query_sums(layer))
                 self.n_rows = self._n_rows
             finally:  # the graph is llama.cpp's own again even when the results could not be read
                 _check(lib.flowmm_stats_end(_ptr(self.ctx), self.seq_id))
@@ -139,21 +128,6 @@ class AttentionStats:
         rows = _check(lib.flowmm_stats_query_sums(_ptr(self.ctx), self.seq_id, layer, out.ctypes.data_as(_f64p), self.n_head,
                                                   self.head_dim))
         return out / max(rows, 1)
-
-    def _queries(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        n = _check(lib.flowmm_stats_queries(_ptr(self.ctx), self.seq_id, layer, None, None, 0, self.n_head, self.head_dim))
-        out = np.zeros((n, self.n_head, self.head_dim), dtype=np.float32)
-        pos = np.zeros(n, dtype=np.int32)
-        _check(lib.flowmm_stats_queries(_ptr(self.ctx), self.seq_id, layer, out.ctypes.data_as(_f32p),
-                                        pos.ctypes.data_as(_i32p), n, self.n_head, self.head_dim))
-        return out, pos
-
-    def queries(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """The kept rows' queries [n_rows, n_head, head_dim] (as the layer attends with them: RoPE
-        applied, before the 1/sqrt(d) scale) and their positions [n_rows] (needs query_stride)."""
-        if not self.query_stride:
-            raise NativeError(-1, "no queries were kept: pass query_stride")
-        return self._results[layer][3] if not self._running else self._queries(layer)
 
     def query_mean(self, layer: int) -> np.ndarray:
         """[n_head, head_dim]: the mean query of the counted rows, per query head, as the layer

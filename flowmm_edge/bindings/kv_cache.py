@@ -41,9 +41,6 @@ lib.flowmm_kv_free_cells.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_
 lib.flowmm_kv_read_rows.restype = ctypes.c_int32
 lib.flowmm_kv_read_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
                                     ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
-lib.flowmm_kv_write_rows.restype = ctypes.c_int32
-lib.flowmm_kv_write_rows.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                                     ctypes.c_int32, _i32p, ctypes.c_int32, _f32p]
 
 
 def _check(status: int) -> int:
@@ -104,18 +101,6 @@ def read_rows(ctx, layer: int, head: int, cells, which: str = "k", seq_id: int =
     _check(lib.flowmm_kv_read_rows(_ptr(ctx), seq_id, layer, head, int(which == "v"),
                                    cells.ctypes.data_as(_i32p), len(cells), out.ctypes.data_as(_f32p)))
     return out
-
-
-def write_rows(ctx, layer: int, head: int, cells, rows, which: str = "v", seq_id: int = 0) -> None:
-    """Write K or V rows [len(cells), head_dim] of KV head `head` in `layer` for `cells`, in the cache's type."""
-    if which not in ("k", "v"):
-        raise ValueError("which must be 'k' or 'v'")
-    cells = np.ascontiguousarray(cells, dtype=np.int32)
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.ndim != 2 or rows.shape[0] != len(cells):
-        raise ValueError(f"rows of shape {rows.shape} for {len(cells)} cells")
-    _check(lib.flowmm_kv_write_rows(_ptr(ctx), seq_id, layer, head, int(which == "v"), cells.ctypes.data_as(_i32p),
-                                    len(cells), rows.ctypes.data_as(_f32p)))
 
 
 def _ptr(ctx):

@@ -30,7 +30,6 @@ from ..bindings import kv_cache
 from . import reconstruction
 from ..bindings.attention_stats import AttentionStats
 from ..bindings.native import llama_cpp
-from ..methods import value_fit
 from ..methods.importance_predictor import rope_pairing
 from ..methods.base import (KEY_SCORER, KEYS, MATCHER, PREDICTED_SCORES, PROMPT_SCORES, QUERY_MEANS, RECONSTRUCTION_SCORES, RHO, ROPE,
                    VALUE_NORMS, WINDOW_SCORES, Method, MethodError, RopeGeometry,
@@ -97,38 +96,6 @@ def rope_geometry(model) -> RopeGeometry:
     return RopeGeometry(freq_base=float(base) if base else 10000.0, n_rot=int(n_rot) if n_rot else head_dim,
                         pairing=rope_pairing(llama_cpp.llama_model_rope_type(model.ptr)),
                         freq_scale=float(llama_cpp.llama_model_rope_freq_scale_train(model.ptr)))
-
-
-def _rows_by_head(ctx, cells: np.ndarray, seq_id: int) -> list:
-    """K and V of `cells` for every (layer, KV head): [layer][head] -> (k, v), each [n, head_dim]."""
-    lay = kv_cache.layout(ctx)
-    return [[(kv_cache.read_rows(ctx, l, h, cells, "k", seq_id), kv_cache.read_rows(ctx, l, h, cells, "v", seq_id))
-             for h in range(lay.n_head_kv)] for l in range(lay.n_layer)]
-
-
-def _fit_values(ctx, seq_id: int, before: list, queries: list, prior_bias: np.ndarray, ridge: float) -> None:
-    """Refit the merged slots' values to the reference queries (value_fit.py): `before` holds
-    the sequence's K and V before the merge, `prior_bias` their biases then [n_layer, n_head_kv, n]."""
-    lay = kv_cache.layout(ctx)
-    if lay.rot_k or lay.rot_v:
-        raise MethodError("fitting values needs a cache that stores keys and values unrotated")
-    cells, positions = kv_cache.seq_cells(ctx, seq_id)
-    order = np.argsort(positions, kind="stable")
-    cells = cells[order]
-    bias = kv_cache.get_slot_bias(ctx, seq_id)[..., order]
-    for l in range(lay.n_layer):
-        q = queries[l]
-        gqa = q.shape[1] // lay.n_head_kv
-        for h in range(lay.n_head_kv):
-            k, v = before[l][h]
-            qh = q[:, h * gqa:(h + 1) * gqa].reshape(-1, q.shape[2])
-            if len(qh) == 0:
-                continue
-            ks = kv_cache.read_rows(ctx, l, h, cells, "k", seq_id)
-            vs = kv_cache.read_rows(ctx, l, h, cells, "v", seq_id)
-            # the sequence's own output before the merge, under the biases its cells carried then
-            v_new = value_fit.fitted_values(qh, k, v, ks, bias[l, h], vs, ridge=ridge, prior_bias=prior_bias[l, h])
-            kv_cache.write_rows(ctx, l, h, cells, v_new, "v", seq_id)
 
 
 class Compressor:
@@ -274,8 +241,6 @@ class Compressor:
         if plan.n_slots == len(cells) and plan.src.shape[3] == 1:  # keeps every cell as it is: nothing to do
             return Report(self.method.name, len(cells), len(cells), rho_source, stats.rho, plan_s=t1 - t0)
         prior = kv_cache.get_slot_bias(ctx, seq_id)[..., order]  # by position, like the plan's indices
-        fit = getattr(self.method, "fit_values", False) and recon is not None and recon.queries is not None
-        before = _rows_by_head(ctx, cells, seq_id) if fit else None
         kv_cache.apply_plan(ctx, plan.to_cells(cells), seq_id)
         first = plan.src[..., 0]  # the merge dropped the bias: each slot takes its first source's again, plus its gain
         bias = np.where(first >= 0, np.take_along_axis(prior, np.maximum(first, 0), axis=-1), 0)
@@ -283,7 +248,5 @@ class Compressor:
             bias = bias + plan.bias_gain
         if np.any(bias != 0):
             kv_cache.set_slot_bias(ctx, bias, seq_id)
-        if fit:
-            _fit_values(ctx, seq_id, before, recon.queries, np.asarray(prior), self.method.fit_ridge)
         return Report(self.method.name, len(cells), plan.n_slots, rho_source, stats.rho, plan,
                       plan_s=t1 - t0, apply_s=time.perf_counter() - t1)

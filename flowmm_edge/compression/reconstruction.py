@@ -60,7 +60,6 @@ class PositionScores:
     positions: np.ndarray
     scores: np.ndarray
     repeated: np.ndarray | None = None  # the positions whose content the pass fed (text and images)
-    queries: list | None = None  # per layer, the kept repeat rows' queries [m, n_head, head_dim] (query_stride)
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The scores of the given positions, [n_layer, n_head_kv, len(positions)]."""
@@ -107,14 +106,13 @@ class Interrupted(ReconstructionError):
 
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
                           chunk: int = CHUNK, rows: int = ROWS, stop=None, progress=None,
-                          images: dict | None = None, query_stride: int | None = None) -> PositionScores:
+                          images: dict | None = None) -> PositionScores:
     """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
     decodes in the cells no sequence holds (other sequences may share the cache). `images`: the
     images to repeat, by first position (each with n_pos and eval(ctx, pos, seq_id)); one that
     does not fit the free cells now is left for a later pass. `stop`, a callable, is asked before
     each chunk: True raises Interrupted with what was done so far; `progress(done, total)` is told
-    the positions repeated after each chunk. With `query_stride` S, the queries of every S-th
-    repeat row are kept too (PositionScores.queries: reference queries for value_fit)."""
+    the positions repeated after each chunk."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
@@ -130,13 +128,6 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     # batches llama.cpp decodes start at group boundaries; else each group is decoded on its own
     whole = ctx.n_batch % rows == 0 and llama_cpp.llama_n_ubatch(ctx.ptr) % rows == 0
     fed: list[np.ndarray] = []
-    kept_queries: list[list[np.ndarray]] = [[] for _ in range(lay.n_layer)]
-
-    def queries_so_far() -> list | None:
-        if not query_stride:
-            return None
-        n_head = llama_cpp.llama_model_n_head(llama_cpp.llama_get_model(ctx.ptr))
-        return [np.concatenate(q) if q else np.zeros((0, n_head, lay.head_dim_k), np.float32) for q in kept_queries]
 
     def fed_positions() -> np.ndarray:
         return np.concatenate(fed) if fed else np.zeros(0, np.int64)
@@ -145,15 +136,13 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         """The pass stops here: what the chunks fed so far scored (scores raised by a chunk cut
         short stay; its tokens count as not repeated, so the next pass feeds them again)."""
         so_far = fed_positions()
-        return Interrupted(PositionScores(positions, total, so_far, queries_so_far()), so_far)
+        return Interrupted(PositionScores(positions, total, so_far), so_far)
 
     def gather(st) -> None:
         by_pos = np.argsort(st.positions, kind="stable")
         cols = by_pos[np.searchsorted(st.positions, positions, sorter=by_pos)]
         for layer in range(lay.n_layer):
             np.maximum(total[layer], st.column_scores(layer, per_kv_head=True)[:, cols], out=total[layer])
-            if query_stride:
-                kept_queries[layer].append(st.queries(layer)[0])
 
     def free_now() -> int:
         # counted before each chunk: between two, the caller's progress listener may have let
@@ -171,7 +160,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         ctx.decode(list(prefix), end, seq_id)
         start = end + len(prefix)
         with AttentionStats(ctx, prompt_end=start + img.n_pos, window=img.n_pos, seq_id=seq_id,
-                            row_groups=rows if whole else None, query_stride=query_stride) as st:
+                            row_groups=rows if whole else None) as st:
             img.eval(ctx, start, seq_id)
         gather(st)
         fed.append(np.arange(at, at + img.n_pos))
@@ -200,8 +189,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                         for g in range(0, len(chunk_tokens), per_decode):
                             part = chunk_tokens[g:g + per_decode]
                             with AttentionStats(ctx, prompt_end=start + g + len(part), window=len(part),
-                                                seq_id=seq_id, row_groups=rows if whole else None,
-                                                query_stride=query_stride) as st:
+                                                seq_id=seq_id, row_groups=rows if whole else None) as st:
                                 ctx.decode(part, start + g, seq_id)
                             gather(st)
                 except DecodeInterrupted:
@@ -214,7 +202,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 progress(min(done, total_work), total_work)
     finally:
         ctx.truncate(end, seq_id)
-    return PositionScores(positions, total, fed_positions(), queries_so_far())
+    return PositionScores(positions, total, fed_positions())
 
 
 class RepeatedScores:
@@ -223,6 +211,10 @@ class RepeatedScores:
     keeps the larger of its old score and what the new repeat sends it. So each merge's pass
     costs about the text added since the last one, not the whole cache's. An update that is
     stopped (Interrupted) keeps what its finished chunks scored: the next one goes on from there."""
+
+    def __init__(self):
+        self.scored: PositionScores | None = None  # every cell's score so far
+        self.repeated = np.zeros(0, np.int64)      # positions whose tokens a pass has fed
 
     def snapshot(self) -> tuple:
         return self.scored, self.repeated
@@ -235,7 +227,7 @@ class RepeatedScores:
         s = self.scored
         if s is not None:
             keep = s.positions < end
-            self.scored = PositionScores(s.positions[keep], s.scores[..., keep], queries=s.queries) if np.any(keep) else None
+            self.scored = PositionScores(s.positions[keep], s.scores[..., keep]) if np.any(keep) else None
         self.repeated = self.repeated[self.repeated < end]
 
     def _combine(self, fresh: PositionScores, repeated: np.ndarray) -> PositionScores:
@@ -244,17 +236,9 @@ class RepeatedScores:
             seen = np.isin(fresh.positions, old.positions)
             scores = scores.copy()
             scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
-        queries = fresh.queries
-        if old is not None and old.queries is not None and queries is not None:
-            queries = [np.concatenate([a, b]) for a, b in zip(old.queries, queries)]
-        self.scored = PositionScores(fresh.positions, scores, queries=queries)
+        self.scored = PositionScores(fresh.positions, scores)
         self.repeated = np.union1d(self.repeated, repeated)
         return self.scored
-
-    def __init__(self, query_stride: int | None = None):
-        self.scored: PositionScores | None = None  # every cell's score so far
-        self.repeated = np.zeros(0, np.int64)      # positions whose tokens a pass has fed
-        self.query_stride = query_stride           # keep every S-th repeat row's queries (value_fit)
 
     def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, stop=None, progress=None,
                images: dict | None = None) -> PositionScores:
@@ -265,7 +249,7 @@ class RepeatedScores:
         images = {p: img for p, img in (images or {}).items() if p not in self.repeated}
         try:
             fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, stop=stop, progress=progress,
-                                          images=images, query_stride=self.query_stride)
+                                          images=images)
         except Interrupted as e:
             self._combine(e.partial, e.repeated)
             raise

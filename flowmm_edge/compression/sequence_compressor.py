@@ -34,7 +34,6 @@ import numpy as np
 from . import reconstruction
 
 from ..methods import registry
-from ..methods import value_fit
 from ..methods.base import RECONSTRUCTION_SCORES, Method
 from ..methods.budget import Budget
 from .compressor import Compressor, Report
@@ -53,7 +52,7 @@ class SequenceCompressor:
         self._spec, self.budget = method, budget if isinstance(budget, float) else int(budget)
         self.learner = learner
         self.use_policy(policy)  # an unknown name fails here
-        self.repeats = self._fresh_repeats()
+        self.repeats = reconstruction.RepeatedScores()
         self._observed: Compressor | None = None  # observed over the latest turn's end, not merged yet
 
     def use_policy(self, policy) -> None:
@@ -167,12 +166,8 @@ class SequenceCompressor:
     def forget_from(self, end: int) -> None:
         self.repeats.forget_from(end)
 
-    def _fresh_repeats(self) -> reconstruction.RepeatedScores:
-        fit = getattr(self.method, "fit_values", False)
-        return reconstruction.RepeatedScores(query_stride=value_fit.QUERY_STRIDE if fit else None)
-
     def reset(self) -> None:
-        self.repeats = self._fresh_repeats()
+        self.repeats = reconstruction.RepeatedScores()
         self._observed = None
 
     def snapshot(self) -> tuple:

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from ..compression import reconstruction
 from ..bindings import runtime
 from ..bindings.attention_stats import AttentionStats
-from ..methods import value_fit
 from ..methods.base import PROMPT_SCORES
 from ..compression.sequence_compressor import SequenceCompressor
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
@@ -110,9 +109,7 @@ class Prefill:
         else:
             self.logits = feed(ctx, p, 0)
         self.tokens = reconstruction.tokens_by_position(p.pieces)
-        fit = any(getattr(seq.method, "fit_values", False) for _, _, seq in comps)
-        # one repeat pass, shared by every method that needs it
-        self.repeats = reconstruction.RepeatedScores(query_stride=value_fit.QUERY_STRIDE if fit else None)
+        self.repeats = reconstruction.RepeatedScores()  # one repeat pass, shared by every method that needs it
         if any(seq.repeats_context for _, _, seq in comps):
             self.repeats.update(ctx, self.tokens, images=reconstruction.images_by_position(p.pieces))
         self.state = ctx.state()

@@ -86,13 +86,6 @@ class FlowMM(Method):
     pool: int = 7
     floor: float | None = None  # None: mass_merge.floor_for's default for the merge rule
     importance: str = "reconstruction"
-    # [I] refit the merged slots' values to the repeat pass's queries (value_fit.py, after
-    # Attention Matching); the repeat pass then runs whatever the importance
-    fit_values: bool = False
-    fit_ridge: float = 1e-2
-    # [I] fold a candidate only into a pivot within about this many positions (blocks of
-    # fold_span: the same or the next one); 0: any distance
-    fold_span: int = 0
     # [I] KVzip+'s correction (kvpress): a cell's importance times the norm of its value
     value_norm: bool = False
     # importance="predicted": the ImportancePredictor that scores the cells (a policy's, see policy.py)
@@ -125,7 +118,6 @@ class FlowMM(Method):
     @property
     def needs(self):
         return frozenset({MATCHER, *IMPORTANCE[self.importance]} | ({RHO} if self.flow_guidance else set()) |
-                         ({RECONSTRUCTION_SCORES} if self.fit_values else set()) |
                          ({VALUE_NORMS} if self.value_norm else set()))
 
     def scores(self, stats, n_layer: int, n_head_kv: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +147,12 @@ class FlowMM(Method):
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
         cand = candidates(pivots, n)
-        target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l],
-                                            layout.positions) for l in range(n_layer)])
+        target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
+                           for l in range(n_layer)])
         src = merge_sources(pivots, cand, target)
         return mass_plan(layout, src, mass) if self.merge == "mass" else build_plan(layout, src, self.merge)
 
-    def _fold_layer(self, match, l, piv, cand, importance, labels, cross, positions=None) -> np.ndarray:
+    def _fold_layer(self, match, l, piv, cand, importance, labels, cross) -> np.ndarray:
         """Each candidate's slot [H, C] (-1: evicted): its most similar key among
         the pivots open to it (the tau gate; same modality in an intra-modal layer), if its
         cosine reaches the floor; with orphans="ungated", one without such a pivot tries again
@@ -177,12 +169,6 @@ class FlowMM(Method):
             n_labels = int(labels.max(initial=0)) + 1
             group = labels[cand]
             same = labels[piv][:, None, :] == np.arange(n_labels)[None, :, None]  # [H, label, P]
-        if self.fold_span > 0:  # groups become (label, block): a block folds into its own and the neighbours' pivots
-            block = np.asarray(positions) // self.fold_span
-            n_blocks = int(block.max(initial=0)) + 1
-            near = np.abs(block[piv][:, None, :] - np.arange(n_blocks)[None, :, None]) <= 1  # [H, block, P]
-            group = group * n_blocks + block[cand]
-            same = (same[:, :, None, :] & near[:, None, :, :]).reshape(n_head_kv, -1, n_piv)
         floor = floor_for(self.merge, self.floor)
         best, cos = match_above(match, l, cand, piv, group, same & open_[:, None, :], floor)
         if self.orphans == "ungated":
