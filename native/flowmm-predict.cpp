@@ -61,6 +61,17 @@ static int64_t flowmm_k_rot_size(int64_t head_dim) {
     return n / 2;
 }
 
+// the rows of a flowmm_cache_rows view (row cell * H + h) of cells own[c0 .. c0 + nb), head-major
+static std::vector<int32_t> head_major_rows(const std::vector<int32_t> & own, int64_t c0, int64_t nb, int64_t H) {
+    std::vector<int32_t> r(H * nb);
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < nb; ++c) {
+            r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
+        }
+    }
+    return r;
+}
+
 int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                  const flowmm_predictor * pred, float * scores) {
     llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
@@ -170,12 +181,7 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
             return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the importance graph");
         }
         {
-            std::vector<int32_t> r(H * nb);
-            for (int64_t h = 0; h < H; ++h) {
-                for (int64_t c = 0; c < nb; ++c) {
-                    r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
-                }
-            }
+            std::vector<int32_t> r = head_major_rows(own, c0, nb, H);
             ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
             ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
             ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
@@ -259,12 +265,7 @@ int32_t flowmm_kv_value_norms(llama_context * ctx, llama_seq_id seq_id, int32_t 
         if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the value-norm graph");
         }
-        std::vector<int32_t> r(H * nb);
-        for (int64_t h = 0; h < H; ++h) {
-            for (int64_t c = 0; c < nb; ++c) {
-                r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
-            }
-        }
+        const std::vector<int32_t> r = head_major_rows(own, c0, nb, H);
         ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
         if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "the value-norm graph failed to compute");

@@ -149,6 +149,23 @@ def test_flowmm_equals_reference(n, budget, variant, tie):
     check_plan(plan, ref, keys, n)
 
 
+def test_flowmm_with_value_norms_ranks_by_importance_times_the_norms():
+    """KVzip+'s correction: the plan equals the reference planned from importance x |v|; a method
+    that asks for the norms and gets none is refused."""
+    n = 40
+    labels, imp, keys = make(n, 11)
+    norms = np.random.default_rng(3).random((L, H, n)) * 2
+    rho = np.array([0.1, 0.3, 0.25])
+    m = FlowMM(sinks=2, window=4, theta=0.25, tau_quantile=0.8, **PAPER, value_norm=True)
+    plan = m(layout(n, labels), Stats(window_scores=imp, keys=keys, rho=rho, value_norms=norms), L, H, 0.3)
+    check_plan(plan, ref_flowmm(labels, imp * norms, keys, rho, plan.n_slots, 2, 4, 0.25, 0.8), keys, n)
+    plain = FlowMM(sinks=2, window=4, theta=0.25, tau_quantile=0.8, **PAPER)(
+        layout(n, labels), Stats(window_scores=imp, keys=keys, rho=rho), L, H, 0.3)
+    assert not np.array_equal(plain.src, plan.src)  # the norms changed what is kept
+    with pytest.raises(MethodError, match="value_norms"):
+        m(layout(n, labels), Stats(window_scores=imp, keys=keys, rho=rho), L, H, 0.3)
+
+
 @pytest.mark.parametrize("n,budget", [(40, 0.3), (30, 30), (64, 0.25)])
 def test_lookm_equals_reference(n, budget):
     labels, scores, keys = make(n, 3 * n, tie=True)
