@@ -72,6 +72,20 @@ static std::vector<int32_t> head_major_rows(const std::vector<int32_t> & own, in
     return r;
 }
 
+// compute a block's graph and copy its [H, nb] result `node` into dst[h * n + c0 ...], per KV head
+static bool compute_block(llama_context * ctx, const flowmm_graph & g, ggml_tensor * node, std::vector<float> & blk,
+                          int64_t H, int64_t nb, int64_t n, int64_t c0, float * dst) {
+    if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+        return false;
+    }
+    llama_synchronize(ctx);
+    ggml_backend_tensor_get(node, blk.data(), 0, H * nb * sizeof(float));
+    for (int64_t h = 0; h < H; ++h) {
+        std::copy(blk.begin() + h * nb, blk.begin() + (h + 1) * nb, dst + h * n + c0);
+    }
+    return true;
+}
+
 int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                  const flowmm_predictor * pred, float * scores) {
     llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
@@ -203,13 +217,8 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
                 ggml_backend_tensor_set(dist, d.data(), 0, d.size() * sizeof(float));
             }
         }
-        if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+        if (!compute_block(ctx, g, out, blk, H, nb, n, c0, scores)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "the importance graph failed to compute");
-        }
-        llama_synchronize(ctx);
-        ggml_backend_tensor_get(out, blk.data(), 0, H * nb * sizeof(float));
-        for (int64_t h = 0; h < H; ++h) {
-            std::copy(blk.begin() + h * nb, blk.begin() + (h + 1) * nb, scores + h * n + c0);
         }
     }
     return (int32_t) n;
@@ -218,7 +227,8 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
 // The norm of every cell's value, per KV head (KVzip+'s correction of an attention score: a cell
 // that draws attention but adds a short value changes little). An orthonormal rotation keeps a
 // norm, so rotated V needs no undoing. V is gathered by rows (get_rows) or, stored transposed
-// (flash attention off), turned back first: one copy of the layer's V, a few MiB.
+// (flash attention off), turned back first: a copy of the layer's V, a few MiB, per block of
+// FLOWMM_PREDICT_BLOCK cells (each block is its own graph).
 int32_t flowmm_kv_value_norms(llama_context * ctx, llama_seq_id seq_id, int32_t il, float * out, int32_t n_cells) {
     llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
     if (kv == nullptr) {
@@ -267,13 +277,8 @@ int32_t flowmm_kv_value_norms(llama_context * ctx, llama_seq_id seq_id, int32_t 
         }
         const std::vector<int32_t> r = head_major_rows(own, c0, nb, H);
         ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
-        if (ctx->graph_compute(g.gf, false) != GGML_STATUS_SUCCESS) {
+        if (!compute_block(ctx, g, norm, blk, H, nb, n, c0, out)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "the value-norm graph failed to compute");
-        }
-        llama_synchronize(ctx);
-        ggml_backend_tensor_get(norm, blk.data(), 0, H * nb * sizeof(float));
-        for (int64_t h = 0; h < H; ++h) {
-            std::copy(blk.begin() + h * nb, blk.begin() + (h + 1) * nb, out + h * n + c0);
         }
     }
     return (int32_t) n;
