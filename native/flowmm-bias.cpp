@@ -184,7 +184,7 @@ public:
     }
 
     bool can_reuse(const llm_graph_params & params) override {
-        mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
+        mctx = flowmm_kv_context_of(params.mctx);
         const int64_t n_stream = kv_unified ? 1 : params.ubatch.n_seqs_unq;
         return st().generation == generation && tensor->ne[0] == mctx->get_n_kv() && tensor->ne[3] == n_stream;
     }

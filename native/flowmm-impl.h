@@ -38,8 +38,12 @@ int32_t flowmm_fail(int32_t code, std::string msg);
 // the code of the last flowmm_fail() on this thread
 int32_t flowmm_last_status();
 
-// the context's single plain-RoPE KV cache, or NULL with the error recorded
+// the context's plain-RoPE KV cache that merges act on (with iSWA, the full-attention layers'
+// cache), or NULL with the error recorded
 llama_kv_cache * flowmm_resolve_kv(llama_context * ctx);
+
+// the batch context of that cache within a graph's memory context (with iSWA, its base part)
+const llama_kv_cache_context * flowmm_kv_context_of(const llama_memory_context_i * mctx);
 
 // the cells of stream `strm` holding seq_id, in cell order
 std::vector<int32_t> flowmm_seq_cells(const llama_kv_cache & kv, uint32_t strm, llama_seq_id seq_id);

@@ -9,6 +9,7 @@
 #include "llama-context.h"
 #include "llama-hparams.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -43,10 +44,19 @@ llama_kv_cache * flowmm_resolve_kv(llama_context * ctx) {
         flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "context is NULL");
         return nullptr;
     }
-    auto * kv = dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+    llama_memory_t mem = llama_get_memory(ctx);
+    auto * kv = dynamic_cast<llama_kv_cache *>(mem);
+    if (kv == nullptr) {
+        // interleaved sliding-window attention: the full-attention layers' cache is the one that
+        // grows with the conversation; the sliding-window layers' cache is bounded by its window
+        // (llama.cpp reuses the cells that fall out of it), so only the former is merged
+        if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+            kv = iswa->get_base();
+        }
+    }
     if (kv == nullptr) {
         flowmm_fail(FLOWMM_ERR_UNSUPPORTED,
-            "the context's memory is not a single KV cache (iSWA, hybrid and recurrent models are not supported)");
+            "the context's memory is not a KV cache that can be merged (hybrid and recurrent models are not supported)");
         return nullptr;
     }
     if (acc::shares_cells(*kv)) {
@@ -73,6 +83,13 @@ llama_kv_cache * flowmm_resolve_kv(llama_context * ctx) {
         }
     }
     return kv;
+}
+
+const llama_kv_cache_context * flowmm_kv_context_of(const llama_memory_context_i * mctx) {
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
+        return iswa->get_base();
+    }
+    return static_cast<const llama_kv_cache_context *>(mctx);
 }
 
 llama_kv_cache * flowmm_resolve_kv_seq(llama_context * ctx, llama_seq_id seq_id) {

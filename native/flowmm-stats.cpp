@@ -415,6 +415,9 @@ int32_t flowmm_stats_begin(llama_context * ctx, llama_seq_id seq_id, llama_pos p
             " positions but the sequence already holds position " + std::to_string(pos_max));
     }
     const auto & hp = acc::hparams(*kv);
+    if (hp.attn_soft_cap) { // the hook recomputes plain softmax(q·k·scale + mask) rows
+        return flowmm_fail(FLOWMM_ERR_UNSUPPORTED, "attention statistics do not model attention logit soft-capping (Gemma 2)");
+    }
     auto st = std::make_shared<stats_state>();
     st->seq_id   = seq_id;
     st->pos_min  = pos_min;

@@ -63,8 +63,10 @@ extern "C" {
         int32_t rot_v;
     };
 
-    // Layout of the context's KV cache. FLOWMM_ERR_UNSUPPORTED for memory other than a single
-    // plain-RoPE llama_kv_cache (iSWA, hybrid, recurrent, M-RoPE).
+    // Layout of the context's KV cache. With interleaved sliding-window attention (iSWA) it is the
+    // full-attention layers' cache, the one every function here reads and merges; the
+    // sliding-window layers keep llama.cpp's own bounded cache. FLOWMM_ERR_UNSUPPORTED for other
+    // memory (hybrid, recurrent) and for M-RoPE.
     FLOWMM_API int32_t flowmm_kv_get_layout(struct llama_context * ctx, struct flowmm_kv_layout * out);
 
     // Cells holding seq_id, in cell order, with their positions. Returns the count; writes at

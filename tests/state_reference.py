@@ -1,6 +1,6 @@
 """An independent reader of llama.cpp's sequence state (llama_state_seq_get_data).
 
-It parses the bytes llama_kv_cache::state_write produces for a plain single-cache model
+It parses the bytes llama_kv_cache::state_write produces, for each of a context's caches,
 and dequantizes K/V with gguf-py's numpy code, so tests can check the FlowMM C API
 against llama.cpp's own serialisation rather than against itself.
 """
@@ -26,6 +26,7 @@ class SeqState:
     k_types: list[int] = dataclasses.field(default_factory=list)
     v_types: list[int] = dataclasses.field(default_factory=list)
     magic: int = 0
+    span: tuple[int, int] = (0, 0)  # this cache's bytes in `raw`
 
 
 def _dequant(raw: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
@@ -47,6 +48,14 @@ def seq_state_bytes(ctx_ptr, seq_id: int) -> bytes:
 
 
 def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqState:
+    """The sequence's cells in a single-cache context's state."""
+    (state,) = parse_seq_states(data, n_embd_k_gqa, n_embd_v_gqa)
+    return state
+
+
+def parse_seq_states(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> list[SeqState]:
+    """The sequence's cells in each of the context's caches, in the order llama.cpp writes them
+    (llama_kv_cache_iswa::state_write: the full-attention cache, then the sliding-window one)."""
     off = 0
 
     def take(fmt: str, count: int = 1):
@@ -57,40 +66,46 @@ def parse_seq_state(data: bytes, n_embd_k_gqa: int, n_embd_v_gqa: int) -> SeqSta
 
     (magic,) = take("<u4")
     take("<i4")  # seq_id
-    (n_stream,) = take("<u4")
-    found = None
-    for _ in range(n_stream):
-        (cell_count,) = take("<u4")
-        if cell_count == 0:
-            continue
-        assert found is None, "sequence spread over several streams"
-        pos = np.empty(cell_count, dtype=np.int32)
-        for i in range(cell_count):
-            pos[i] = take("<i4")[0]
-            (n_seq,) = take("<u4")
-            take("<i4", n_seq)
-        v_trans, n_layer = (int(x) for x in take("<u4", 2))
-        ks, vs, kts, vts = [], [], [], []
-        for _ in range(n_layer):
-            (k_type,) = take("<i4")
-            kts.append(int(k_type))
-            (row,) = take("<u8")
-            ks.append(_dequant(take("<u1", int(row) * cell_count), int(k_type), n_embd_k_gqa))
-        for _ in range(n_layer):
-            (v_type,) = take("<i4")
-            vts.append(int(v_type))
-            if not v_trans:
+    states = []
+    while off < len(data):  # each cache: its streams, each stream's cells, then K and V
+        start = off
+        (n_stream,) = take("<u4")
+        found = None
+        for _ in range(n_stream):
+            (cell_count,) = take("<u4")
+            if cell_count == 0:
+                continue
+            assert found is None, "sequence spread over several streams"
+            pos = np.empty(cell_count, dtype=np.int32)
+            for i in range(cell_count):
+                pos[i] = take("<i4")[0]
+                (n_seq,) = take("<u4")
+                take("<i4", n_seq)
+            v_trans, n_layer = (int(x) for x in take("<u4", 2))
+            ks, vs, kts, vts = [], [], [], []
+            for _ in range(n_layer):
+                (k_type,) = take("<i4")
+                kts.append(int(k_type))
                 (row,) = take("<u8")
-                vs.append(_dequant(take("<u1", int(row) * cell_count), int(v_type), n_embd_v_gqa))
-            else:
-                (el,) = take("<u4")
-                (n_embd,) = take("<u4")
-                cols = take("<u1", int(el) * cell_count * int(n_embd))
-                vs.append(_dequant(cols, int(v_type), cell_count).reshape(int(n_embd), cell_count).T.copy())
-        found = SeqState(pos=pos, k=ks, v=vs, v_trans=bool(v_trans), raw=data, k_types=kts, v_types=vts, magic=int(magic))
+                ks.append(_dequant(take("<u1", int(row) * cell_count), int(k_type), n_embd_k_gqa))
+            for _ in range(n_layer):
+                (v_type,) = take("<i4")
+                vts.append(int(v_type))
+                if not v_trans:
+                    (row,) = take("<u8")
+                    vs.append(_dequant(take("<u1", int(row) * cell_count), int(v_type), n_embd_v_gqa))
+                else:
+                    (el,) = take("<u4")
+                    (n_embd,) = take("<u4")
+                    cols = take("<u1", int(el) * cell_count * int(n_embd))
+                    vs.append(_dequant(cols, int(v_type), cell_count).reshape(int(n_embd), cell_count).T.copy())
+            found = SeqState(pos=pos, k=ks, v=vs, v_trans=bool(v_trans), raw=data, k_types=kts, v_types=vts,
+                             magic=int(magic))
+        assert found is not None, "sequence has no cells"
+        found.span = (start, off)
+        states.append(found)
     assert off == len(data), f"parsed {off} of {len(data)} bytes"
-    assert found is not None, "sequence has no cells"
-    return found
+    return states
 
 
 def _quant(x: np.ndarray, ggml_type: int) -> bytes:

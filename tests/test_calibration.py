@@ -118,7 +118,8 @@ def _write(path, **changes):
     (dict(schema="other"), "not a flowmm-edge policy"),
     (dict(schema_version=3), "schema version 3"),
     (dict(rho=[0.1, float("nan")]), "finite numbers"),
-    (dict(rho=[0.1]), "1 values for a model of 2 layers"),
+    (dict(rho=[0.1, 0.2, 0.3]), "3 values for a model of 2 layers"),
+    (dict(rho=[]), "0 values for a model of 2 layers"),
     (dict(rho=[0.1, 1.5]), "in \\[0, 1\\]"),
     (dict(theta=2.0), "theta 2.0"),
     (dict(modes=["cross", "cross"]), "disagree"),
@@ -182,3 +183,29 @@ def test_a_policy_without_rho_round_trips_and_leaves_rho_to_each_prompt(tiny_mod
     assert data["rho"] is None and data["modes"] is None
     back = policy_mod.load(tmp_path / "p.json")
     assert back.rho is None and registry.resolve("flowmm", back)[1] is None
+
+
+def test_a_policy_with_too_few_layers_loads_and_is_refused_where_it_meets_the_cache(tiny_models, tmp_path):
+    """A policy's per-layer values count the layers that are merged (with sliding-window
+    attention, fewer than the model's), so the file check admits fewer; the merge that meets the
+    cache refuses them, naming both counts, and leaves the cache as it was."""
+    import numpy as np
+
+    from flowmm_edge.bindings import kv_cache, runtime
+    from flowmm_edge.compression.compressor import Compressor
+    from flowmm_edge.methods.base import MethodError
+    from flowmm_edge.methods.flowmm import FlowMM
+
+    pol = policy.load(_write(tmp_path / "p.json", rho=[0.1]))
+    assert pol.rho == [0.1]
+    with runtime.Model(tiny_models[0]) as m, runtime.Context(m, n_ctx=256, n_threads=2) as ctx:
+        tokens = m.tokenize("the cat sat on the mat and the dog sat on the log " * 3)
+        n_layer = kv_cache.layout(ctx).n_layer
+        comp = Compressor(FlowMM(sinks=2, window=4), 0.5, rho=pol.rho)
+        labels = np.zeros(len(tokens), np.int32)
+        with comp.observe(ctx, prompt_end=len(tokens), labels=labels):
+            ctx.decode(tokens, 0)
+        before = ctx.state()
+        with pytest.raises(MethodError, match=f"rho for 1 layers, the cache merges {n_layer}"):
+            comp.compress(ctx, labels, tokens=np.asarray(tokens, np.int32))
+        assert ctx.state() == before

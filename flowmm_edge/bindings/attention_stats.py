@@ -69,8 +69,8 @@ class AttentionStats:
         model = llama_cpp.llama_get_model(_ptr(ctx))
         self.n_head = llama_cpp.llama_model_n_head(model)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
-        self.n_layer = llama_cpp.llama_model_n_layer(model)
-        self.head_dim = layout(ctx).head_dim_k
+        lay = layout(ctx)  # the cache's layers: with iSWA, only the full-attention ones
+        self.n_layer, self.head_dim = lay.n_layer, lay.head_dim_k
         if labels is not None:
             self._labels = np.ascontiguousarray(labels, dtype=np.int32)
             self.n_labels = int(n_labels if n_labels is not None else self._labels.max(initial=0) + 1)

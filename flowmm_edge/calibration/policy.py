@@ -119,7 +119,10 @@ def load(path: str | Path) -> Policy:
         if key not in model:
             raise PolicyError(f"{p}: the model fingerprint lacks '{key}'")
     rho, theta = data["rho"], data["theta"]
-    if rho is not None and len(rho) != model["n_layer"]:
+    # per-layer values are of the layers that are merged: all of them, or with interleaved
+    # sliding-window attention (Gemma 3) only the full-attention ones; the exact count is checked
+    # against the context's cache when the policy is used (compressor, check_layout)
+    if rho is not None and not 0 < len(rho) <= model["n_layer"]:
         raise PolicyError(f"{p}: rho has {len(rho)} values for a model of {model['n_layer']} layers")
     if rho is not None and not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and 0 <= r <= 1 for r in rho):
         raise PolicyError(f"{p}: rho values must be finite numbers in [0, 1]")
@@ -131,7 +134,7 @@ def load(path: str | Path) -> Policy:
             predictor = ImportancePredictor.from_json(data["predictor"], str(p))
         except PredictorError as e:
             raise PolicyError(str(e)) from None
-        if predictor.weights.shape[:2] != (model["n_layer"], model["n_head_kv"]):
+        if not (0 < predictor.weights.shape[0] <= model["n_layer"] and predictor.weights.shape[1] == model["n_head_kv"]):
             raise PolicyError(f"{p}: the predictor's weights {tuple(predictor.weights.shape)} do not fit a model of "
                               f"{model['n_layer']} layers and {model['n_head_kv']} KV heads")
     policy = Policy(model=model, theta=float(theta), rho=None if rho is None else [float(r) for r in rho],

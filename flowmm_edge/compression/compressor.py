@@ -90,8 +90,10 @@ def rope_geometry(model) -> RopeGeometry:
     """The model's RoPE from its GGUF metadata, with llama.cpp's defaults where a key is absent
     (freq_base 10000, every dimension of a head rotated)."""
     arch = model.meta("general.architecture") or ""
-    head_dim = llama_cpp.llama_model_n_embd(model.ptr) // llama_cpp.llama_model_n_head(model.ptr)
-    base = model.meta(f"{arch}.rope.freq_base")
+    key_length = model.meta(f"{arch}.attention.key_length")  # Gemma 3: 256, not n_embd / n_head = 160
+    head_dim = int(key_length) if key_length else \
+        llama_cpp.llama_model_n_embd(model.ptr) // llama_cpp.llama_model_n_head(model.ptr)
+    base = model.meta(f"{arch}.rope.freq_base")  # with iSWA, the full-attention layers' (the merged ones)
     n_rot = model.meta(f"{arch}.rope.dimension_count")
     return RopeGeometry(freq_base=float(base) if base else 10000.0, n_rot=int(n_rot) if n_rot else head_dim,
                         pairing=rope_pairing(llama_cpp.llama_model_rope_type(model.ptr)),
@@ -216,7 +218,7 @@ class Compressor:
         if RHO in needs:
             if self.rho is not None:
                 if self.rho.shape != (n_layer,):
-                    raise MethodError(f"the policy has rho for {len(self.rho)} layers, the model has {n_layer}")
+                    raise MethodError(f"the policy has rho for {len(self.rho)} layers, the cache merges {n_layer}")
                 stats.rho, rho_source = self.rho, "policy"
             else:
                 stats.rho = np.array([rho_from_flow([s.flow(l)]) for l in range(n_layer)])

