@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 11
+#define FLOWMM_VERSION_MINOR 12
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
