@@ -166,3 +166,24 @@ def test_attention_statistics_of_the_full_attention_layers_equal_numpy(gemma3, f
                 want[h, : t + 1] += p / p.sum()
         got = stats.column_scores(layer)
         assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3, (layer, il)
+
+
+def test_a_pool_too_small_for_every_conversations_window_is_refused_and_a_chat_merges(gemma3):
+    """Each conversation keeps its last n_swa positions in the window layers' cache, which merging
+    does not shrink: a pool whose n_ctx cannot hold them all is refused at start, naming the
+    --ctx it needs. A chat that fits merges its full-attention cache down to the budget and
+    answers the next turn."""
+    from flowmm_edge.app.engine import Engine, SessionError
+    from flowmm_edge.app.session import Session
+
+    model, facts = gemma3
+    with pytest.raises(SessionError, match=f"{N_SWA}-token window.*at least {N_SWA * 4 + 512}, not 2048"):
+        Engine(facts.path, method="flowmm", n_slots=4, n_ctx=2048, n_threads=2)
+    with Session(facts.path, method="flowmm", budget=160, n_ctx=1024, max_reply=4, n_threads=2) as s:
+        s.background = False
+        s.add_user_turn(TEXT * 12)
+        list(s.reply())
+        assert s.merge()
+        assert kv_cache.seq_cells(s.ctx)[0].size <= 160
+        s.add_user_turn("Where is the key?")
+        assert "".join(s.reply()).strip()

@@ -190,6 +190,21 @@ class Engine:
             # sequence draws on (llama.cpp would otherwise split it into n_slots fixed streams)
             self.ctx = runtime.Context(self.model, n_ctx=n_ctx, n_batch=512, kv_type=kv_type, flash_attn=flash_attn,
                                        n_threads=n_threads, n_seq_max=n_slots, kv_unified=n_slots > 1)
+            if method != "full":
+                n_merged, n_layer = kv_cache.layout(self.ctx).n_layer, runtime.llama_cpp.llama_model_n_layer(self.model.ptr)
+                if n_merged < n_layer:  # interleaved sliding-window attention (Gemma 3)
+                    # each conversation holds its last n_swa positions in the window layers' cache,
+                    # which llama.cpp sizes by n_ctx: merging frees the other cache, not that one
+                    n_swa = runtime.llama_cpp.llama_model_n_swa(self.model.ptr)
+                    need = n_swa * n_slots + self.ctx.n_batch
+                    if need > n_ctx:
+                        raise SessionError(
+                            f"{self.model_path.name} keeps a {n_swa}-token window per conversation in its "
+                            f"sliding-window layers, a cache merging does not shrink: {n_slots} conversation(s) "
+                            f"and a {self.ctx.n_batch}-token batch need --ctx of at least {need}, not {n_ctx}")
+                    say_once(f"flowmm: {facts.name or self.model_path.name} attends through a sliding window in "
+                             f"{n_layer - n_merged} of its {n_layer} layers: merging shrinks the cache of the other "
+                             f"{n_merged}, the window layers keep their own (llama.cpp's, {n_ctx} cells)")
             if self._learns:
                 from ..calibration import self_distillation
                 from ..methods.importance_predictor import rope_pairing
