@@ -29,16 +29,11 @@ from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.calibration import distillation, policy as policy_mod
 from flowmm_edge.compression import reconstruction
 from flowmm_edge.compression.compressor import predicted_scores
-from flowmm_edge.methods.importance_predictor import spearman
+from flowmm_edge.methods.importance_predictor import spearman, top_recall
 from flowmm_edge.models import default_model
 
 SHIPPED_CORPUS_TOKENS = 16 * 2048  # what the shipped predictor was fitted on (calibrate --distill 16)
 DOC_TOKENS = 1024
-
-
-def top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
-    k = max(1, int(share * len(a)))
-    return len(set(np.argsort(-a)[:k].tolist()) & set(np.argsort(-b)[:k].tolist())) / k
 
 
 def per_head(fn, a: np.ndarray, b: np.ndarray) -> float:
@@ -92,7 +87,7 @@ def main() -> int:
                         r = rows[(off, name)]
                         r["same"].append(per_head(spearman, got[name], at0[name]))
                         r["sp"].append(per_head(spearman, got[name], got["teacher"]))
-                        r["top"].append(per_head(top_overlap, got[name], got["teacher"]))
+                        r["top"].append(per_head(top_recall, got[name], got["teacher"]))
                     print(f"doc {i + 1}, offset {off}: " + ", ".join(
                         f"{n} {rows[(off, n)]['same'][-1]:.3f}/{rows[(off, n)]['sp'][-1]:.3f}" for n in names), flush=True)
     lines = [f"Importance at every position: `{path.name}`, {args.docs} documents of {DOC_TOKENS} tokens, each after "

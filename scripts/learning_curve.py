@@ -12,8 +12,9 @@ first merge, self_distillation.py) with a document of --turn-tokens tokens from 
 corpus, past the part `calibrate --distill 16` fitted the shipped predictor on; the reply is one
 token and the merge after it runs the repeat pass, which feeds the learner. After each turn the
 script fits the student (as the learner does) and prints the held-back rank correlation with the
-teacher, and beside it the same measure for the shipped predictor of the original model on the
-same held-back spans (same weights, same keys), when there is one.
+teacher and the top-10% recall (the share of the teacher's top 10% the student also ranks in its
+top 10%), and beside them the same measures for the shipped predictor of the original model on
+the same held-back spans (same weights, same keys), when there is one.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> int:
                        "held_back_tokens": p.held_back_tokens,
                        "student_spearman": learner.held_back_spearman(student) if student else None,
                        "shipped_spearman": learner.held_back_spearman(shipped.predictor) if shipped else None,
+                       "student_top10": learner.held_back_top_recall(student) if student else None,
+                       "shipped_top10": learner.held_back_top_recall(shipped.predictor) if shipped else None,
                        "turn_s": time.perf_counter() - t0}
                 rows.append(row)
                 if args.save and student is not None and not (args.save / "learned.json").exists() and \
@@ -90,7 +93,8 @@ def main() -> int:
                     shutil.copy(model, args.save / "copy.gguf")
                 fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
                 print(f"turn {turn:3d}: {p.n_tokens:6d} tokens seen, {p.n_documents} spans; held-back Spearman "
-                      f"student {fmt(row['student_spearman'])}, shipped {fmt(row['shipped_spearman'])} "
+                      f"student {fmt(row['student_spearman'])}, shipped {fmt(row['shipped_spearman'])}; top-10% "
+                      f"recall student {fmt(row['student_top10'])}, shipped {fmt(row['shipped_top10'])} "
                       f"({row['turn_s']:.1f} s)", flush=True)
             if args.save and not (args.save / "learned.json").exists() and learner.held_k:
                 student = learner.fit()[0]  # never good enough inside these turns: the last fit, for eval
@@ -105,12 +109,14 @@ def main() -> int:
              f"{self_distillation.HOLD_OUT_EVERY}th span. The chat switches to the student at the first fit "
              f"with >= {self_distillation.MIN_TOKENS} tokens and Spearman >= {good}: "
              f"{'turn ' + str(first['turn']) if first else 'not within these turns'}.", "",
-             "| turn | tokens seen (fit) | spans | held-back tokens | student Spearman | shipped predictor Spearman |",
-             "|---|---|---|---|---|---|"]
+             "| turn | tokens seen (fit) | spans | held-back tokens | student Spearman | shipped predictor Spearman "
+             "| student top-10% recall | shipped top-10% recall |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {r['turn']} | {r['tokens_seen']} | {r['spans']} | {r['held_back_tokens']} | "
-                     f"{fmt(r['student_spearman'])} | {fmt(r['shipped_spearman'])} |")
+                     f"{fmt(r['student_spearman'])} | {fmt(r['shipped_spearman'])} | {fmt(r['student_top10'])} | "
+                     f"{fmt(r['shipped_top10'])} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:

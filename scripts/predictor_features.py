@@ -24,18 +24,13 @@ from bench_common import open_model
 from flowmm_edge.bindings.native import llama_cpp
 from flowmm_edge.calibration import calibration_pass
 from flowmm_edge.calibration import distillation
-from flowmm_edge.methods.importance_predictor import LOG_FLOOR, fit_ridge, k_pair_lengths, rope_pairing, spearman
+from flowmm_edge.methods.importance_predictor import LOG_FLOOR, fit_ridge, k_pair_lengths, rope_pairing, spearman, top_recall
 
 
 def inputs(k: np.ndarray, v: np.ndarray, pairing: str) -> dict[str, np.ndarray]:
     p = k_pair_lengths(k, pairing)
     return {"K pair lengths": p, "K pair lengths + V": np.c_[p, v], "V": v, "raw K": k, "raw K + V": np.c_[k, v],
             "raw K + K pair lengths (shipped)": np.c_[k, p], "raw K + K pair lengths + V": np.c_[k, p, v]}
-
-
-def top_recall(pred: np.ndarray, teacher: np.ndarray, share: float = 0.2) -> float:
-    n = max(1, int(len(teacher) * share))
-    return len(set(np.argsort(-pred)[:n]) & set(np.argsort(-teacher)[:n])) / n
 
 
 def main() -> None:
@@ -78,7 +73,7 @@ def main() -> None:
                                    np.concatenate([y[d][:half] for d in train]), distillation.RIDGE)
                 rows.setdefault(name, []).append([
                     np.mean([spearman(x[d][name] @ w + b, y[d]) for d in test]),
-                    np.mean([top_recall(x[d][name] @ w + b, y[d]) for d in test]),
+                    np.mean([top_recall(x[d][name] @ w + b, y[d], 0.2) for d in test]),
                     np.mean([spearman(x[d][name][half:] @ w2 + b2, y[d][half:]) for d in test])])
     for name, vals in rows.items():
         m = np.mean(vals, axis=0)

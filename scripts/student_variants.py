@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from bench_common import open_model
-from predictor_features import top_recall
 from flowmm_edge.bindings import runtime
 from flowmm_edge.bindings.native import llama_cpp
 from flowmm_edge.calibration import distillation, policy as policy_mod
 from flowmm_edge.methods.flowmm import FlowMM
-from flowmm_edge.methods.importance_predictor import ImportancePredictor, features, rope_pairing, spearman
+from flowmm_edge.methods.importance_predictor import ImportancePredictor, features, rope_pairing, spearman, top_recall
 from flowmm_edge.methods.snapkv import avg_pool
 
 

@@ -48,7 +48,7 @@ from ..bindings import kv_cache
 from ..methods.flowmm import PREDICTED
 from ..compression.compressor import rope_geometry
 from ..methods.importance_predictor import (LOG_FLOOR, ImportancePredictor, distance_to_end, features, n_features,
-                                            spearman, unrope)
+                                            spearman, top_recall, unrope)
 from .distillation import RIDGE
 
 MIN_TOKENS = 6144        # tokens observed before a fit may count as good (measured: RESULTS.md)
@@ -218,10 +218,19 @@ class ImportanceLearner:
     def held_back_spearman(self, predictor: ImportancePredictor) -> float | None:
         """`predictor`'s mean Spearman rank correlation with the teacher over the held-back spans,
         every (layer, KV head) alike (None while nothing is held back)."""
+        return self._held_back_mean(predictor, spearman)
+
+    def held_back_top_recall(self, predictor: ImportancePredictor, share: float = 0.1) -> float | None:
+        """The mean share of the teacher's top `share` of each held-back span that `predictor`
+        also ranks in its top `share` (importance_predictor.top_recall; None while nothing is held
+        back)."""
+        return self._held_back_mean(predictor, lambda pred, teacher: top_recall(pred, teacher, share))
+
+    def _held_back_mean(self, predictor: ImportancePredictor, measure) -> float | None:
         if not self.held_k:
             return None
         n_layer, n_head = self.held_teacher[0].shape[:2]
-        return float(np.mean([spearman(predictor.predict(l, h, k[l, h].astype(np.float32), dist), t[l, h])
+        return float(np.mean([measure(predictor.predict(l, h, k[l, h].astype(np.float32), dist), t[l, h])
                               for k, t, dist in zip(self.held_k, self.held_teacher, self.held_distance)
                               for l in range(n_layer) for h in range(n_head)]))
 

@@ -108,6 +108,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb) + 1e-12))
 
 
+def top_recall(pred: np.ndarray, teacher: np.ndarray, share: float = 0.1) -> float:
+    """The share of the teacher's top `share` of cells that are also in the prediction's top
+    `share`: what a merge keeping that share would keep of what the teacher keeps."""
+    n = max(1, int(len(teacher) * share))
+    return len(set(np.argsort(-pred)[:n].tolist()) & set(np.argsort(-teacher)[:n].tolist())) / n
+
+
 @dataclasses.dataclass(frozen=True)
 class ImportancePredictor:
     """weights [n_layer, n_head_kv, n_feat], bias [n_layer, n_head_kv]."""
