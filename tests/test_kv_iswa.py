@@ -187,3 +187,30 @@ def test_a_pool_too_small_for_every_conversations_window_is_refused_and_a_chat_m
         assert kv_cache.seq_cells(s.ctx)[0].size <= 160
         s.add_user_turn("Where is the key?")
         assert "".join(s.reply()).strip()
+
+
+def test_the_rope_geometry_turns_the_full_attention_keys_back(gemma3):
+    """The relative predictor's features turn cached keys back by RoPE (rope_geometry): on Gemma
+    3's full-attention layers that is their own base (1e6) over the whole 256-wide head, not
+    n_embd / n_head = 160. Checked against the keys the model computed before RoPE (cb_eval)."""
+    from flowmm_edge.compression.compressor import rope_geometry
+    from flowmm_edge.methods.importance_predictor import unrope
+    from tensor_capture import Capture
+
+    model, facts = gemma3
+    cap = Capture([f"{x}-{il}" for x in ("Kcur", "Kcur_normed") for il in range(facts.n_layer)])
+    tokens = _prompt(model, 64)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2, cb_eval=cap.callback) as ctx:
+        ctx.decode(tokens, 0)
+        cells, pos = kv_cache.seq_cells(ctx)
+        lay = kv_cache.layout(ctx)
+        cached = [kv_cache.read_rows(ctx, layer, 0, cells, "k") for layer in range(lay.n_layer)]
+    rope = rope_geometry(model)
+    assert (rope.n_rot, rope.freq_base, rope.pairing) == (facts.head_dim_k, 1e6, "halves")
+    for layer, k in enumerate(cached):
+        il = [i for i in range(facts.n_layer)
+              if np.abs(cap.calls[f"Kcur-{i}"][-1].reshape(len(tokens), -1) - k).max() <= 2e-3 * np.abs(k).max()]
+        assert len(il) == 1, (layer, il)
+        before = cap.calls[f"Kcur_normed-{il[0]}"][-1].reshape(len(tokens), -1)
+        back = unrope(k[None, None].astype(np.float64), pos, rope)[0, 0]
+        assert np.abs(back - before).max() <= 2e-3 * np.abs(before).max(), layer

@@ -204,7 +204,7 @@ class Engine:
                             f"and a {self.ctx.n_batch}-token batch need --ctx of at least {need}, not {n_ctx}")
                     say_once(f"flowmm: {facts.name or self.model_path.name} attends through a sliding window in "
                              f"{n_layer - n_merged} of its {n_layer} layers: merging shrinks the cache of the other "
-                             f"{n_merged}, the window layers keep their own (llama.cpp's, {n_ctx} cells)")
+                             f"{n_merged}, the window layers keep their own (llama.cpp's, of --ctx cells)")
             if self._learns:
                 from ..calibration import self_distillation
                 from ..methods.importance_predictor import rope_pairing
