@@ -39,6 +39,7 @@ import numpy as np
 from .bindings import kv_cache, runtime
 from .errors import FlowMMError
 from .methods import ExpectedAttention, FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
+from .methods.flowmm import PREDICTED, REPEATED
 from .compression.sequence_compressor import SequenceCompressor
 
 
@@ -70,7 +71,8 @@ class FlowMMPress(Press, FlowMM):
     `policy` ("auto": the one shipped or learned for the Llama's model, if any; a path or
     calibration.policy.Policy; None) gives its per-layer rho and, where the policy has one and
     `importance` is left at its default, the importance predictor instead of the repeat pass (as
-    `chat` and `serve` use it)."""
+    `chat` and `serve` use it). Fields left at FlowMM's defaults take `chat`'s settings for the
+    importance in use (methods/flowmm.py: PREDICTED, REPEATED); a field set is kept."""
 
     policy: object = dataclasses.field(default="auto", repr=False, compare=False)
 
@@ -79,9 +81,12 @@ class FlowMMPress(Press, FlowMM):
         from .calibration import policy as policy_mod
 
         pol = policy_mod.choose(self.policy, model_path)
-        if pol is not None and pol.predictor is not None and self.importance == "reconstruction":
-            return dataclasses.replace(self, importance="predicted", predictor=pol.predictor), pol
-        return self, pol
+        predicted = pol is not None and pol.predictor is not None and self.importance == "reconstruction"
+        plain = {f.name: f.default for f in dataclasses.fields(FlowMM)}
+        settings = {k: v for k, v in (PREDICTED if predicted else REPEATED).items() if getattr(self, k) == plain[k]}
+        if predicted:
+            settings["predictor"] = pol.predictor
+        return dataclasses.replace(self, **settings), pol
 
 
 @dataclasses.dataclass

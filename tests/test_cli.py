@@ -130,8 +130,10 @@ def test_a_methods_fields_are_settings_of_its_name():
     from flowmm_edge.methods import METHODS, MethodError, registry
 
     got = registry.resolve("flowmm:repeat+pool=15+window=8+sensitivity=false+tau_quantile=0.5")[0]
-    assert got == dataclasses.replace(METHODS["flowmm"](), importance="reconstruction", pool=15, window=8,
-                                      sensitivity=False, tau_quantile=0.5)
+    # without a policy FlowMM starts from the product's settings for the repeat pass (REPEATED)
+    assert got == dataclasses.replace(METHODS["flowmm"](value_norm=True), importance="reconstruction", pool=15,
+                                      window=8, sensitivity=False, tau_quantile=0.5)
+    assert not registry.resolve("flowmm:value_norm=false")[0].value_norm  # a setting named wins
     assert registry.resolve("snapkv:window=16")[0] == METHODS["snapkv"](window=16)
     for name, message in (("flowmm:pool=4", "odd kernel"), ("flowmm:pool=x", "not an int"),
                           ("snapkv:pool=3", "no setting 'pool'"), ("flowmm:flow_guidance=2", "true or false"),

@@ -137,10 +137,15 @@ def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(
     try:
         with FlowMMPress(compression_ratio=0.5).attach(m) as ap:
             assert ap.seq.method.importance == "predicted" and ap.seq.policy is not None
+            # chat's settings for the predictor, where the press left FlowMM's defaults
+            assert (ap.seq.method.window, ap.seq.method.pool, ap.seq.method.value_norm) == (8, 3, True)
             complete(m, " ".join(f"item {i} is red." for i in range(60)), 4)
             assert ap.compressions >= 1 and not calls
         m.reset()
         with FlowMMPress(compression_ratio=0.5, policy=None).attach(m) as ap:
             assert ap.seq.method.importance == "reconstruction" and ap.seq.policy is None
+            assert ap.seq.method.value_norm  # chat's setting for the repeat pass
+        with FlowMMPress(compression_ratio=0.5, window=16).attach(m) as ap:
+            assert (ap.seq.method.window, ap.seq.method.pool) == (16, 3)  # what the caller set is kept
     finally:
         m.close()

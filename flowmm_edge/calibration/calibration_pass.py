@@ -31,7 +31,7 @@ from . import distillation
 from ..compression import reconstruction
 from ..compression.compressor import rho_from_flow
 from ..methods.importance_predictor import rope_pairing
-from ..methods.flowmm import PREDICTED, FlowMM
+from ..methods.flowmm import PREDICTED, REPEATED, FlowMM
 from .policy import Policy, fingerprint
 from ..bindings.prompt import ModalityLabels, PromptError, Segment, feed, jsonl_lines, parse_segments, prepare
 
@@ -143,7 +143,7 @@ def calibrate(model_path: str | Path, prompts: list[list[Segment]] | None = None
                 proj.close()
     n_layer = len(flows[0])
     rho = [rho_from_flow([f[l] for f in flows]) for l in range(n_layer)]
-    method = dict(METHOD_DEFAULTS, **(PREDICTED if predictor is not None else {}))
+    method = dict(METHOD_DEFAULTS, **(PREDICTED if predictor is not None else REPEATED))
     return Policy(model=fingerprint(model_path), theta=theta, rho=rho, method=method,
                   calibration={"prompts": prompts_name, "n_prompts": len(prompts), "with_images": projector is not None,
                                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import METHODS
 from .base import Method, MethodError
-from .flowmm import PREDICTED
+from .flowmm import PREDICTED, REPEATED
 
 # flowmm:<variant>: the paper's ablations, the importance source, the merge rule, and eviction in place of merging
 VARIANTS = {"no-flow": dict(flow_guidance=False), "no-sensitivity": dict(sensitivity=False),
@@ -77,4 +77,6 @@ def resolve(name: str | Method, policy=None) -> tuple[Method, np.ndarray | None]
                                                        else VARIANTS[part]).items()}
     if base == "flowmm" and policy is not None:
         return policy.flowmm(**settings), rho
+    if base == "flowmm":  # no policy: the repeat pass, with the product's settings for it
+        settings = {**REPEATED, **settings}
     return METHODS[base](**settings), None
