@@ -28,6 +28,14 @@ def gemma3():
         yield model, facts
 
 
+def _model_layer_of(cached: np.ndarray, captured: dict[int, np.ndarray]) -> int:
+    """The one model layer whose keys, captured after RoPE ({il: [n, d]}), are a cache layer's
+    rows: which layers the full-attention cache holds, found without llama.cpp's pattern rule."""
+    il = [i for i, k in captured.items() if np.abs(k - cached).max() <= 2e-3 * np.abs(cached).max()]
+    assert len(il) == 1, il
+    return il[0]
+
+
 def _prompt(model, n):
     tokens = model.tokenize(TEXT * (n // 20 + 1))[:n]
     assert len(tokens) == n
@@ -155,9 +163,8 @@ def test_attention_statistics_of_the_full_attention_layers_equal_numpy(gemma3, f
     k_by_il = {il: last_per_ubatch(f"Kcur-{il}", facts.n_head_kv)[:, 0] for il in range(facts.n_layer)}
     scale = 1.0 / np.sqrt(hd)  # Gemma 3 scales the query by 1/sqrt(key_length) before attention
     for layer in range(lay.n_layer):
-        il = [i for i, k in k_by_il.items() if np.abs(k - keys[layer]).max() <= 2e-3 * np.abs(k).max()]
-        assert len(il) == 1, (layer, il)
-        q = (last_per_ubatch(f"Qcur-{il[0]}", n_q) * scale).astype(np.float16).astype(np.float64)
+        il = _model_layer_of(keys[layer], k_by_il)
+        q = (last_per_ubatch(f"Qcur-{il}", n_q) * scale).astype(np.float16).astype(np.float64)
         want = np.zeros((n_q, n))
         for t in range(n - window, n):
             for h in range(n_q):
@@ -207,10 +214,8 @@ def test_the_rope_geometry_turns_the_full_attention_keys_back(gemma3):
         cached = [kv_cache.read_rows(ctx, layer, 0, cells, "k") for layer in range(lay.n_layer)]
     rope = rope_geometry(model)
     assert (rope.n_rot, rope.freq_base, rope.pairing) == (facts.head_dim_k, 1e6, "halves")
+    after_rope = {i: cap.calls[f"Kcur-{i}"][-1].reshape(len(tokens), -1) for i in range(facts.n_layer)}
     for layer, k in enumerate(cached):
-        il = [i for i in range(facts.n_layer)
-              if np.abs(cap.calls[f"Kcur-{i}"][-1].reshape(len(tokens), -1) - k).max() <= 2e-3 * np.abs(k).max()]
-        assert len(il) == 1, (layer, il)
-        before = cap.calls[f"Kcur_normed-{il[0]}"][-1].reshape(len(tokens), -1)
+        before = cap.calls[f"Kcur_normed-{_model_layer_of(k, after_rope)}"][-1].reshape(len(tokens), -1)
         back = unrope(k[None, None].astype(np.float64), pos, rope)[0, 0]
         assert np.abs(back - before).max() <= 2e-3 * np.abs(before).max(), layer
