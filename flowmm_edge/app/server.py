@@ -60,6 +60,7 @@ from sse_starlette.sse import EventSourceResponse
 from . import chat_api, text_api, tool_calls
 from .conversation import Conversation
 from .engine import Engine, NoRoomError
+from ..bindings.allocator import return_freed_blocks
 from ..bindings import sampling
 from ..bindings.prompt import Segment
 from ..bindings.runtime import DecodeError
@@ -1000,6 +1001,7 @@ SHUTDOWN_GRACE_S = 2  # seconds uvicorn waits for open connections to finish aft
 
 def serve(engine: Engine, host: str, port: int, model_name: str, api_key: str | None = None,
           max_tokens: int | None = None, log_level: str = "warning", limits: Limits = Limits()) -> None:
+    return_freed_blocks()  # a large body must not leave every later few-MiB block in the heap
     worker = Worker(engine)
     worker.start()
     _deprioritise_this_thread()  # uvicorn's event loop runs here; the worker started at normal priority
