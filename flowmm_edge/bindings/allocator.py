@@ -7,7 +7,8 @@ in the process until the heap's top is trimmed (at twice the threshold). One lar
 (`serve` accepts up to MAX_BODY; a data URL of 28 MiB is legal) therefore makes every later
 body, image and numpy plan of a few MiB heap memory that is not given back: measured with
 `scripts/serve_hostile_load.py --only mixed`, the server's RSS grew by about 5-15 MiB in some
-runs and 45-70 MiB in others (docs/RESULTS.md, "`serve`'s RSS after large bodies").
+runs and 45-96 MiB in others (docs/RESULTS.md, "`serve` gives back the memory of large request
+bodies").
 
     return_freed_blocks()   # once, at the start of a server process
 
