@@ -39,7 +39,7 @@ import numpy as np
 from .bindings import kv_cache, runtime
 from .errors import FlowMMError
 from .methods import ExpectedAttention, FlowMM, H2O, LookM, Method, RandomKeep, SnapKV, Streaming
-from .methods.flowmm import PREDICTED, REPEATED
+from .methods.flowmm import REPEATED
 from .compression.sequence_compressor import SequenceCompressor
 
 
@@ -69,10 +69,10 @@ class FlowMMPress(Press, FlowMM):
     """FlowMM (methods/flowmm.py): importance-chosen pivots, mass merge, flow-guided matching.
 
     `policy` ("auto": the one shipped or learned for the Llama's model, if any; a path or
-    calibration.policy.Policy; None) gives its per-layer rho and, where the policy has one and
-    `importance` is left at its default, the importance predictor instead of the repeat pass (as
-    `chat` and `serve` use it). Fields left at FlowMM's defaults take `chat`'s settings for the
-    importance in use (methods/flowmm.py: PREDICTED, REPEATED); a field set is kept."""
+    calibration.policy.Policy; None) gives the method `chat` and `serve` run with it: the
+    policy's own settings and theta, its per-layer rho and, where it has one, its importance
+    predictor instead of the repeat pass. Without a policy, chat's settings for the repeat pass
+    (methods/flowmm.py: REPEATED). A field set to other than FlowMM's default is kept over both."""
 
     policy: object = dataclasses.field(default="auto", repr=False, compare=False)
 
@@ -81,12 +81,13 @@ class FlowMMPress(Press, FlowMM):
         from .calibration import policy as policy_mod
 
         pol = policy_mod.choose(self.policy, model_path)
-        predicted = pol is not None and pol.predictor is not None and self.importance == "reconstruction"
-        plain = {f.name: f.default for f in dataclasses.fields(FlowMM)}
-        settings = {k: v for k, v in (PREDICTED if predicted else REPEATED).items() if getattr(self, k) == plain[k]}
-        if predicted:
-            settings["predictor"] = pol.predictor
-        return dataclasses.replace(self, **settings), pol
+        fields = [f.name for f in dataclasses.fields(FlowMM) if f.init and f.name != "predictor"]
+        plain = FlowMM()
+        mine = {k: getattr(self, k) for k in fields if getattr(self, k) != getattr(plain, k)}
+        if pol is None:
+            return dataclasses.replace(self, **{**REPEATED, **mine}), None
+        method = pol.flowmm(**mine)  # as methods.registry.resolve builds chat's and serve's
+        return dataclasses.replace(self, predictor=method.predictor, **{k: getattr(method, k) for k in fields}), pol
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from llama_cpp import Llama
 
+from flowmm_edge.calibration import policy as policy_mod
 from flowmm_edge.methods import METHODS
 from flowmm_edge.press import PRESSES, FlowMMPress, PressError, SnapKVPress, StreamingLLMPress
 from state_reference import parse_seq_state, seq_state_bytes
@@ -125,7 +126,7 @@ def _kv_widths(llm):
     return lay.n_head_kv * lay.head_dim_k, lay.n_head_kv * lay.head_dim_v
 
 
-def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(default_model_path, monkeypatch):
+def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(default_model_path, monkeypatch, tmp_path):
     """As chat and serve do: on the default model (whose policy ships with a predictor) the press
     merges without ever running the repeat pass; `policy=None` keeps the repeat pass."""
     from flowmm_edge.compression import reconstruction
@@ -147,5 +148,15 @@ def test_flowmm_press_scores_with_the_policys_predictor_where_the_model_has_one(
             assert ap.seq.method.value_norm  # chat's setting for the repeat pass
         with FlowMMPress(compression_ratio=0.5, window=16).attach(m) as ap:
             assert (ap.seq.method.window, ap.seq.method.pool) == (16, 3)  # what the caller set is kept
+        # a policy's own settings and theta, as chat runs them, not the shipped policy's constants
+        shipped = policy_mod.shipped_for(default_model_path)
+        mine = tmp_path / "mine.json"
+        dataclasses.replace(shipped, theta=0.4, method={**shipped.method, "window": 12, "pool": 5,
+                                                        "max_absorb": 6}).save(mine)
+        with FlowMMPress(compression_ratio=0.5, policy=str(mine), pool=9).attach(m) as ap:
+            got = ap.seq.method
+            assert (got.theta, got.window, got.max_absorb, got.importance) == (0.4, 12, 6, "predicted")
+            assert got.pool == 9 and got.predictor is not None  # the caller's setting over the policy's
+            np.testing.assert_array_equal(ap.seq.policy.rho, shipped.rho)
     finally:
         m.close()
