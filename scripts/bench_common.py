@@ -36,3 +36,39 @@ def unseen_copy(src: Path, folder: Path) -> Path:
     goes to `folder`/policies (FLOWMM_POLICY_DIR), kept nowhere else."""
     os.environ["FLOWMM_POLICY_DIR"] = str(folder / "policies")
     return gguf_file.renamed_copy(src, folder / "copy.gguf")
+
+
+def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, policy, threads: int):
+    """One merge of an eval task's context, as `eval --question after` merges it: (the context's
+    token pieces by position, their text, each piece's first character in it, kept [n_layer,
+    n_head_kv, n_pos]: which cells are among the pivots of each (layer, KV head))."""
+    import numpy as np
+
+    from flowmm_edge.bindings.prompt import ModalityLabels, prepare
+    from flowmm_edge.evaluation import evaluate
+    from flowmm_edge.methods import flowmm
+
+    captured = {}
+    choose = flowmm.top_by_score
+
+    def spy(scores, protected, slots):  # the pivots of the merge's plan, [n_layer, n_head_kv, slots]
+        captured["pivots"] = choose(scores, protected, slots)
+        return captured["pivots"]
+
+    context, _ = evaluate.wrap(model, task)
+    p = prepare(model, context, ModalityLabels(), None, add_bos=True)
+    flowmm.top_by_score = spy
+    try:
+        tokens = evaluate.reconstruction.tokens_by_position(p.pieces)
+        pieces = [model.detokenize([int(t)]) if t >= 0 else "" for t in tokens]
+        comps = evaluate.compressions([method], [budget], policy)
+        room = max(64, evaluate.reconstruction.ROOM) if any(seq.repeats_context for _, _, seq in comps) else 64
+        with runtime.Context(model, n_ctx=p.n_pos + room, n_threads=threads) as ctx:
+            evaluate.Prefill(ctx, p, comps).compress(comps[0][2])
+    finally:
+        flowmm.top_by_score = choose
+        p.close()
+    pivots = captured["pivots"]
+    kept = np.zeros(pivots.shape[:2] + (len(tokens),), bool)
+    np.put_along_axis(kept, pivots, True, axis=-1)
+    return pieces, "".join(pieces), np.cumsum([0] + [len(x) for x in pieces])[:-1], kept

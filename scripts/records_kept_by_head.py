@@ -15,11 +15,11 @@ import argparse
 import numpy as np
 
 from flowmm_edge.bindings import runtime
-from flowmm_edge.bindings.prompt import ModalityLabels, prepare
 from flowmm_edge.calibration import policy as policy_mod
-from flowmm_edge.evaluation import evaluate, ruler_tasks
-from flowmm_edge.methods import flowmm
+from flowmm_edge.evaluation import ruler_tasks
 from flowmm_edge.models import default_model
+
+from bench_common import pivots_after_merge
 
 FIXED = {"in", "the", "north", "hall", "holds", "crate", "Locker", ""}  # ruler_tasks.NR_RECORD's words
 
@@ -33,45 +33,25 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     path = str(default_model.ensure())
-    captured = {}
-    choose = flowmm.top_by_score
-
-    def spy(scores, protected, slots):  # the pivots of the merge's plan, [n_layer, n_head_kv, slots]
-        captured["pivots"] = choose(scores, protected, slots)
-        return captured["pivots"]
-
-    flowmm.top_by_score = spy
     print(f"{args.method} at {args.budget:.0%}: share of (layer, KV head) pairs keeping each part\n"
           "| context | values | key labels | both whole | asked: value | asked: key | asked: both |\n|---|---|---|---|---|---|---|")
     with runtime.Model(path) as model:
         count = lambda text: len(model.tokenize(text, add_special=False))  # noqa: E731
         for task in ruler_tasks.generate(["near-records"], (2048,), args.contexts, args.seed, count_tokens=count):
-            context, _ = evaluate.wrap(model, task)
-            p = prepare(model, context, ModalityLabels(), None, add_bos=True)
-            try:
-                tokens = evaluate.reconstruction.tokens_by_position(p.pieces)
-                pieces = [model.detokenize([int(t)]) if t >= 0 else "" for t in tokens]
-                text, starts = "".join(pieces), np.cumsum([0] + [len(x) for x in pieces])[:-1]
-                comps = evaluate.compressions([args.method], [args.budget], policy_mod.shipped_for(path))
-                with runtime.Context(model, n_ctx=p.n_pos + 64, n_threads=args.threads) as ctx:
-                    evaluate.Prefill(ctx, p, comps).compress(comps[0][2])
-                pivots = captured["pivots"]
-                kept = np.zeros(pivots.shape[:2] + (p.n_pos,), bool)
-                np.put_along_axis(kept, pivots, True, axis=-1)
-                q = task.questions[0]
-                rows = []
-                for value in [*q.answers, *q.distractors]:  # the asked record first
-                    a = text.find(str(value))
-                    val = np.flatnonzero((starts >= a) & (starts < a + len(str(value))))
-                    before = np.arange(max(0, val[0] - 10), val[0])
-                    key = before[[pieces[i].strip() not in FIXED for i in before]][-3:]
-                    both = kept[:, :, val].all(axis=-1) & kept[:, :, key].all(axis=-1)
-                    rows.append((kept[:, :, val].mean(), kept[:, :, key].mean(), both.mean()))
-                r = np.array(rows)
-                print(f"| {task.id} | {r[:, 0].mean():.2f} | {r[:, 1].mean():.2f} | {r[:, 2].mean():.2f} | "
-                      f"{r[0, 0]:.2f} | {r[0, 1]:.2f} | {r[0, 2]:.2f} |", flush=True)
-            finally:
-                p.close()
+            pieces, text, starts, kept = pivots_after_merge(model, task, args.method, args.budget,
+                                                            policy_mod.shipped_for(path), args.threads)
+            q = task.questions[0]
+            rows = []
+            for value in [*q.answers, *q.distractors]:  # the asked record first
+                a = text.find(str(value))
+                val = np.flatnonzero((starts >= a) & (starts < a + len(str(value))))
+                before = np.arange(max(0, val[0] - 10), val[0])
+                key = before[[pieces[i].strip() not in FIXED for i in before]][-3:]
+                both = kept[:, :, val].all(axis=-1) & kept[:, :, key].all(axis=-1)
+                rows.append((kept[:, :, val].mean(), kept[:, :, key].mean(), both.mean()))
+            r = np.array(rows)
+            print(f"| {task.id} | {r[:, 0].mean():.2f} | {r[:, 1].mean():.2f} | {r[:, 2].mean():.2f} | "
+                  f"{r[0, 0]:.2f} | {r[0, 1]:.2f} | {r[0, 2]:.2f} |", flush=True)
     return 0
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from flowmm_edge.bindings import runtime
-from flowmm_edge.bindings.prompt import ModalityLabels, prepare
 from flowmm_edge.calibration import policy as policy_mod
-from flowmm_edge.evaluation import evaluate, ruler_tasks
-from flowmm_edge.methods import flowmm
+from flowmm_edge.evaluation import ruler_tasks
 from flowmm_edge.models import default_model
+
+from bench_common import pivots_after_merge
 
 NEEDLE = re.compile(r"One of the special magic \w+ for [^.]*\.")  # ruler_tasks.NIAH_NEEDLE
 
@@ -42,37 +42,15 @@ def main() -> int:
     args = ap.parse_args()
     path = str(args.model or default_model.ensure())
     pol = policy_mod.load(args.policy) if args.policy else policy_mod.choose(policy_mod.AUTO, path)
-    captured = {}
-    choose = flowmm.top_by_score
-
-    def spy(scores, protected, slots):  # the pivots of the merge's plan, [n_layer, n_head_kv, slots]
-        captured["pivots"] = choose(scores, protected, slots)
-        return captured["pivots"]
-
-    flowmm.top_by_score = spy
     with runtime.Model(path) as model:
         count = lambda text: len(model.tokenize(text, add_special=False))  # noqa: E731
         for task in ruler_tasks.generate([args.family], (2048,), args.contexts, args.seed, count_tokens=count):
-            context, _ = evaluate.wrap(model, task)
-            p = prepare(model, context, ModalityLabels(), None, add_bos=True)
-            try:
-                tokens = evaluate.reconstruction.tokens_by_position(p.pieces)
-                pieces = [model.detokenize([int(t)]) if t >= 0 else "" for t in tokens]
-                text, starts = "".join(pieces), np.cumsum([0] + [len(x) for x in pieces])[:-1]
-                comps = evaluate.compressions([args.method], [args.budget], pol)
-                with runtime.Context(model, n_ctx=p.n_pos + evaluate.reconstruction.ROOM + 64,
-                                     n_threads=args.threads) as ctx:
-                    evaluate.Prefill(ctx, p, comps).compress(comps[0][2])
-            finally:
-                p.close()
-            pivots = captured["pivots"]
-            kept = np.zeros(pivots.shape[:2] + (len(tokens),), bool)
-            np.put_along_axis(kept, pivots, True, axis=-1)
+            pieces, text, starts, kept = pivots_after_merge(model, task, args.method, args.budget, pol, args.threads)
             spans = [np.flatnonzero((starts >= m.start()) & (starts < m.end())) for m in NEEDLE.finditer(text)]
-            needle = np.zeros(len(tokens), bool)
+            needle = np.zeros(len(pieces), bool)
             for idx in spans:
                 needle[idx] = True
-            print(f"{task.id}: {len(tokens)} positions, {pivots.shape[-1]} slots per (layer, KV head); the needles' "
+            print(f"{task.id}: {len(pieces)} positions, {int(kept[0, 0].sum())} slots per (layer, KV head); the needles' "
                   f"{needle.sum()} tokens: {kept[:, :, needle].mean():.2f} of them kept per pair, "
                   f"{kept[:, :, needle].sum() / kept.sum():.3f} of all slots")
             for m, idx in zip(NEEDLE.finditer(text), spans):
