@@ -170,13 +170,27 @@ def test_each_call_during_a_background_merge_leaves_the_cache_consistent(tiny_mo
 
 
 def test_ctrl_c_while_waiting_for_the_merge_drops_the_turn_and_keeps_the_cache(tiny_models, monkeypatch):
-    gate = Gate(monkeypatch, on_stop_requested=lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.3)))
-    with _replied(tiny_models) as s:
-        before, messages = s.ctx.state(), list(s.messages)
-        s.merge_in_background()
-        assert gate.inside.wait(20)
-        with pytest.raises(KeyboardInterrupt):
-            s.add_user_turn("another question")
-        assert s.ctx.state() == before and s.messages == messages
-        monkeypatch.undo()
-        s.chat("another question")  # the conversation goes on
+    """A real SIGINT while the turn waits for the merge to stop. The merge stays in flight until
+    the main thread has taken the signal (not a fixed sleep: under load the main thread may take
+    it only after the merge ended, which is not the case under test)."""
+    taken = threading.Event()
+
+    def default_int_handler(signum, frame):  # Python's own, and a mark that the main thread ran it
+        taken.set()
+        raise KeyboardInterrupt
+
+    gate = Gate(monkeypatch, on_stop_requested=lambda: (os.kill(os.getpid(), signal.SIGINT), taken.wait(20)))
+    previous = signal.signal(signal.SIGINT, default_int_handler)
+    try:
+        with _replied(tiny_models) as s:
+            before, messages = s.ctx.state(), list(s.messages)
+            s.merge_in_background()
+            assert gate.inside.wait(20)
+            with pytest.raises(KeyboardInterrupt):
+                s.add_user_turn("another question")
+            assert taken.is_set()
+            assert s.ctx.state() == before and s.messages == messages
+            monkeypatch.undo()
+            s.chat("another question")  # the conversation goes on
+    finally:
+        signal.signal(signal.SIGINT, previous)
