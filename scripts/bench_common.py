@@ -62,8 +62,7 @@ def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, p
         tokens = evaluate.reconstruction.tokens_by_position(p.pieces)
         pieces = [model.detokenize([int(t)]) if t >= 0 else "" for t in tokens]
         comps = evaluate.compressions([method], [budget], policy)
-        room = max(64, evaluate.reconstruction.ROOM) if any(seq.repeats_context for _, _, seq in comps) else 64
-        with runtime.Context(model, n_ctx=p.n_pos + room, n_threads=threads) as ctx:
+        with runtime.Context(model, n_ctx=p.n_pos + evaluate.room_for(comps, 64), n_threads=threads) as ctx:
             evaluate.Prefill(ctx, p, comps).compress(comps[0][2])
     finally:
         flowmm.top_by_score = choose

@@ -46,14 +46,15 @@ def main() -> int:
         count = lambda text: len(model.tokenize(text, add_special=False))  # noqa: E731
         for task in ruler_tasks.generate([args.family], (2048,), args.contexts, args.seed, count_tokens=count):
             pieces, text, starts, kept = pivots_after_merge(model, task, args.method, args.budget, pol, args.threads)
-            spans = [np.flatnonzero((starts >= m.start()) & (starts < m.end())) for m in NEEDLE.finditer(text)]
+            matches = list(NEEDLE.finditer(text))
+            spans = [np.flatnonzero((starts >= m.start()) & (starts < m.end())) for m in matches]
             needle = np.zeros(len(pieces), bool)
             for idx in spans:
                 needle[idx] = True
             print(f"{task.id}: {len(pieces)} positions, {int(kept[0, 0].sum())} slots per (layer, KV head); the needles' "
                   f"{needle.sum()} tokens: {kept[:, :, needle].mean():.2f} of them kept per pair, "
                   f"{kept[:, :, needle].sum() / kept.sum():.3f} of all slots")
-            for m, idx in zip(NEEDLE.finditer(text), spans):
+            for m, idx in zip(matches, spans):
                 k = kept[:, :, idx]
                 print(f"  {m.group()!r}: whole in {k.all(axis=-1).mean():.2f} of the pairs; kept per token: "
                       + " ".join(f"{x:.2f}" for x in k.mean(axis=(0, 1))))

@@ -124,7 +124,7 @@ class Prefill:
         return (self.logits if replayed is None else replayed), report
 
 
-def _room(comps, room: int) -> int:
+def room_for(comps, room: int) -> int:
     """Free cells a context needs after the prompt: `room`, or a reconstruction chunk if more."""
     if any(seq.repeats_context for _, _, seq in comps):
         return max(room, reconstruction.ROOM)
@@ -141,7 +141,7 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[R
         room = max(len(t) for t in q_tokens) + max(q.max_tokens for q in task.questions) + 8
         rows, refs = [], []
         comps = compressions(methods, budgets, policy)
-        with runtime.Context(model, n_ctx=n + _room(comps, room), **ctx_args) as ctx:
+        with runtime.Context(model, n_ctx=n + room_for(comps, room), **ctx_args) as ctx:
             pre = Prefill(ctx, p, comps)
 
             def ask(k: int, forced=None):
@@ -176,7 +176,7 @@ def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[
         qs = [prepare(model, q, labels) for q in questions]
         room = max(q.n_pos for q in qs) + max(q.max_tokens for q in task.questions) + 8
         rows, comps = [], compressions(methods, budgets, policy)
-        with runtime.Context(model, n_ctx=p.n_pos + _room(comps, room), **ctx_args) as ctx:
+        with runtime.Context(model, n_ctx=p.n_pos + room_for(comps, room), **ctx_args) as ctx:
             for k, (q, qp) in enumerate(zip(task.questions, qs)):
                 ctx.clear()
                 whole = Prepared(p.pieces + qp.pieces, np.concatenate([p.labels, qp.labels]))
