@@ -67,6 +67,8 @@ def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, p
     finally:
         flowmm.top_by_score = choose
         p.close()
+    if "pivots" not in captured:
+        raise SystemExit(f"{method}: not a FlowMM method, so its pivots were not captured")
     pivots = captured["pivots"]
     kept = np.zeros(pivots.shape[:2] + (len(tokens),), bool)
     np.put_along_axis(kept, pivots, True, axis=-1)
