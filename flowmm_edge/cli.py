@@ -11,6 +11,7 @@ from pathlib import Path
 from .models import default_model, gguf_file, glyph, tiny
 from .bindings import native
 from .app import merge_schedule
+from .compression import recall
 from .methods import registry
 from . import paths
 from .errors import FlowMMError
@@ -160,6 +161,8 @@ def _print_stats(r: dict) -> None:
     print(f"KV memory {_human_bytes(r['kv_bytes'])} in use, {_human_bytes(r['buffer_bytes'])} allocated (never grows); "
           f"full cache would hold {_human_bytes(r['full_equivalent_bytes'])}")
     print(f"compression {r['compression']:.1f}x; prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s")
+    if r["recalled_tokens"]:
+        print(f"recall: {r['recalled_tokens']} tokens of merged text re-read before the turns that named them")
 
 
 def _stream_reply(session) -> None:
@@ -279,7 +282,7 @@ def _engine_settings(args: argparse.Namespace) -> dict:
                 n_threads=args.threads, **_placement(args), max_reply=args.max_tokens,
                 temperature=args.temp, seed=args.seed, chat_template=args.chat_template, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, flash_attn=args.flash_attn,
-                schedule=args.schedule.replace("-", "_"))
+                schedule=args.schedule.replace("-", "_"), recall_tokens=args.recall)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -522,7 +525,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = evaluate.run(model, task_list, methods, budgets, policy, args.kv_type, args.threads, args.json,
                           progress=not args.quiet, mmproj=args.mmproj, mode=args.question, flash_attn=args.flash_attn,
                           placement=_placement(args),
-                          idle_teacher=args.idle_teacher)
+                          idle_teacher=args.idle_teacher, recall_tokens=args.recall)
     summary = evaluate.summarize(rows)
     tables = [evaluate.score_grid(summary, args.question), evaluate.markdown(summary)]
     if args.by_family:
@@ -623,7 +626,7 @@ def _add_flash_attn(p: argparse.ArgumentParser) -> None:
                    help="flash attention, as llama.cpp's -fa (auto: where the device supports it; default)")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: int) -> None:
+def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: int, recall_tokens: int) -> None:
     """The flags chat and serve share: the model, the merge, the KV buffer, sampling. llama.cpp's
     names (llama-cli, llama-server, llama-mtmd-cli) first; this project's older long names stay as aliases."""
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded Qwen2.5 Coder 0.5B Instruct)")
@@ -644,6 +647,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, budget: str, share: str, ctx: 
     p.add_argument("--schedule", choices=[k.replace("_", "-") for k in merge_schedule.SCHEDULES], default="reply-first",
                    help="reply-first (default): a turn that fits the free room is answered from the whole cache and "
                         "merged after the reply, while you read; blocking: merged before the reply")
+    p.add_argument("--recall", type=int, default=recall_tokens, metavar="N",
+                   help=f"tokens of earlier text a user turn may re-read: the sentences it names that merges folded "
+                        f"away, quoted in the turn before its text (default {recall_tokens}; 0: off)")
     p.add_argument("-ctk", "--cache-type-k", "--kv-type", dest="kv_type", default="f16", choices=["f16", "q8_0", "q4_0"],
                    help="KV cache type (K and V share it: -ctv must match)")
     p.add_argument("-ctv", "--cache-type-v", dest="kv_type_v", choices=["f16", "q8_0", "q4_0"],
@@ -691,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("chat", help="multi-turn chat with images and a bounded KV cache")
-    _add_engine_flags(p, budget="0.25", share="--ctx", ctx=4096)
+    _add_engine_flags(p, budget="0.25", share="--ctx", ctx=4096, recall_tokens=recall.DEFAULT_TOKENS)
     p.add_argument("-sys", "--system-prompt", dest="system_prompt", default=None,
                    help="the system message (default: a short 'answer briefly' one; '' for none)")
     p.add_argument("--prompt", help="answer this one message and exit")
@@ -703,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server; its conversations share one merged KV buffer")
-    _add_engine_flags(p, budget="0.5", share="a slot's share, --ctx / --parallel", ctx=8192)
+    # off in serve by default: a client's messages reach the model as it sent them
+    _add_engine_flags(p, budget="0.5", share="a slot's share, --ctx / --parallel", ctx=8192, recall_tokens=0)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("-np", "--parallel", type=int, default=4, help="slots: conversations held at once (default 4)")
@@ -775,6 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-teacher", action="store_true",
                    help="followup-idle: the idle merges take the teacher (the repeat pass) where a predictor exists "
                         "(chat's default is the predictor)")
+    p.add_argument("--recall", type=int, default=0, metavar="N",
+                   help="after and followup: each question re-reads up to N tokens of the sentences it names that the "
+                        "merge folded away, as chat's --recall does (default 0: off); each compressed method then "
+                        "merges to its budget less N cells, so the cache that answers holds no more than the budget")
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
     p.add_argument("--mmproj", help="vision projector GGUF for tasks with images")
     p.add_argument("--families", default=",".join(KEPT_FAMILIES),

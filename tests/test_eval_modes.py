@@ -13,7 +13,7 @@ import pytest
 from flowmm_edge.evaluation import evaluate, followup, ruler_tasks
 from flowmm_edge.methods import registry
 from flowmm_edge.compression import reconstruction
-from flowmm_edge.bindings import runtime
+from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.attention_stats import AttentionStats
 from flowmm_edge.compression.compressor import Compressor
 from flowmm_edge.methods.base import PROMPT_SCORES
@@ -216,3 +216,39 @@ def test_importance_scores_cover_the_context_and_rank_a_full_budget_whole(model)
     assert np.all(scores["reconstruction"].sum(axis=-1) > 0)
     rows = answer_retention.compare_scores(model, [task], [1.0], 2)
     assert {r["score"] for r in rows} == {"window", "prompt", "reconstruction"} and all(r["kept"] == 1.0 for r in rows)
+
+
+def test_after_with_recall_merges_to_the_budget_less_the_recall_and_quotes_before_the_question(model):
+    """eval --recall R (after): each method merges to ceil(budget·n) − R cells, and each question is
+    asked with the sentences it names that the merge folded away quoted before it, as chat does;
+    the rows equal that protocol written out on a fresh context."""
+    task, limit, budget = _multi_key(model, 400), 24, 0.4
+    rows = evaluate.evaluate_task(model, task, ["snapkv"], [budget], n_threads=2, recall_tokens=limit)
+    n = rows[0].n_prompt
+    merged = math.ceil(budget * n) - limit
+    labels = ModalityLabels()
+    context, questions = evaluate.wrap(model, task)
+    quoted_any = False
+    for r in (r for r in rows if r.method != "full"):
+        assert r.method == f"snapkv+recall{limit}"
+        q = task.questions[r.question]
+        p = prepare(model, context, labels, add_bos=True)
+        tokens = sum(p.pieces, [])
+        with runtime.Context(model, n_ctx=n + 256, n_threads=2) as ctx:
+            comp = Compressor(registry.resolve("snapkv")[0], merged)
+            w = comp.method.window
+            feed(ctx, p, 0)
+            ctx.truncate(n - w)
+            with comp.observe(ctx, prompt_end=n, labels=p.labels):
+                ctx.decode(tokens[-w:], n - w)
+            comp.compress(ctx, p.labels)
+            assert len(kv_cache.seq_cells(ctx)[0]) == merged
+            quoted = evaluate.recalled(ctx, model, np.asarray(tokens, np.int32), q.text, limit)
+            q_tokens = sum(prepare(model, evaluate.question_segments(model, q, quoted), labels).pieces, [])
+            logits = ctx.decode(q_tokens, n)
+            answer = model.detokenize(ctx.greedy(logits, n + len(q_tokens), q.max_tokens)[0])
+        quoted_any |= bool(quoted)
+        assert r.answer == answer, r
+        assert r.cells == merged + (len(model.tokenize(quoted, add_special=False)) if quoted else 0)
+        assert r.cells <= math.ceil(budget * n) + 4  # the excerpts, plus the newlines between them
+    assert quoted_any, "a question named a sentence the merge folded away"

@@ -32,7 +32,7 @@ from ..bindings import kv_cache, sampling
 from ..bindings.prompt import ModalityLabels, Segment, prepare, valid_text
 from . import tool_calls
 from .chat_template import MEDIA, message_text
-from ..compression import reconstruction
+from ..compression import recall, reconstruction
 
 
 
@@ -48,6 +48,7 @@ class SessionStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     evictions: int = 0  # times the engine took the cells back for another conversation
+    recalled_tokens: int = 0  # earlier text re-read before user turns (compression/recall.py)
 
 
 
@@ -330,8 +331,29 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
             segments = [dataclasses.replace(s, text=valid_text(s.text)) for s in segments]
         if any(s.kind == "image" for s in segments) and self.projector is None:
             raise SessionError("this model has no mmproj, so it cannot take images (start with --mmproj)")
+        segments = self._with_recall(segments)
         content = message_text(segments)
         return self._add_turn([("user", content)], segments)
+
+    def _with_recall(self, segments: list[Segment]) -> list[Segment]:
+        """The turn with the sentences of earlier text it names that merges folded away quoted
+        before it (compression/recall.py), up to the engine's `recall_tokens`; as it was when
+        recall is off or nothing forgotten matches. The quote is part of the user's message, as
+        the model reads it."""
+        limit = self.engine.recall_tokens
+        query = "".join(s.text for s in segments if s.kind == "text")
+        if not limit or not self.compression.enabled or not self.pos or not query.strip():
+            return segments
+        held = kv_cache.seq_cells(self.ctx, self.seq_id)[1]
+        tokens = self.tokens_by_pos[:self.pos]
+        excerpts = recall.choose(tokens, recall.forgotten_positions(len(tokens), held),
+                                 self.model.tokenize(query, add_special=False, parse_special=False), limit,
+                                 self.model.token_to_piece)
+        text = recall.quote(excerpts, tokens, self.model.detokenize)
+        if not text:
+            return segments
+        self.stats.recalled_tokens += sum(e.end - e.start for e in excerpts)
+        return [Segment("text", text)] + segments
 
     def add_tool_results(self, results: list[str]) -> int:
         """Decode the results of the reply's tool calls (OpenAI's role "tool" messages, in order)
@@ -565,4 +587,4 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
                 "decode_tok_s": s.generated_tokens / s.decode_seconds if s.decode_seconds else 0.0,
                 "merge_seconds": s.merge_seconds, "background_merges": s.background_merges,
                 "background_merge_seconds": s.background_merge_seconds, "merging_in_background": merging,
-                "schedule": self.engine.schedule, "method": self.method_name}
+                "schedule": self.engine.schedule, "method": self.method_name, "recalled_tokens": s.recalled_tokens}

@@ -105,11 +105,13 @@ class Engine:
                  schedule: str = REPLY_FIRST, idle_teacher: bool = False,
                  max_image_bytes: int = media.MAX_IMAGE_BYTES,
                  rpc_servers: str | list[str] | None = None, tensor_split: list[float] | str | None = None,
-                 grammar: str | None = None):
+                 grammar: str | None = None, recall_tokens: int = 0):
         """`rpc_servers` ("HOST:PORT,..." as llama.cpp's --rpc) are registered before the model
         loads, so `n_gpu_layers` can place layers and their KV cache on them; `tensor_split`
         shares the offloaded layers between devices (llama.cpp's --tensor-split). `grammar`: GBNF
-        text every reply follows (llama-cli's --grammar-file, --json-schema)."""
+        text every reply follows (llama-cli's --grammar-file, --json-schema). `recall_tokens`: how
+        much earlier text a user turn may re-read where merges folded away what it names
+        (compression/recall.py; 0, the default: off; `chat` turns it on, recall.DEFAULT_TOKENS)."""
         self.model_path = Path(model) if model else default_model.ensure()
         facts = gguf_file.read_text_model(self.model_path)
         # a method is a registered name or variant, or an instance configured by the caller (an ablation, say)
@@ -131,6 +133,9 @@ class Engine:
         check_settings(facts, n_ctx, self.bytes_per_cell, n_threads, n_gpu_layers, max_reply)
         if not isinstance(n_slots, int) or n_slots < 1:
             raise SessionError(f"--parallel {n_slots} must be >= 1")
+        if not isinstance(recall_tokens, int) or recall_tokens < 0:
+            raise SessionError(f"--recall {recall_tokens} must be a count of tokens >= 0 (0: off)")
+        self.recall_tokens = recall_tokens
         self.sampling = sampling.SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed, grammar=grammar)
         try:
             self.sampling.check()

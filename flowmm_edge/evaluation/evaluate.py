@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..compression import reconstruction
-from ..bindings import runtime
+from ..compression import recall, reconstruction
+from ..bindings import kv_cache, runtime
 from ..bindings.attention_stats import AttentionStats
 from ..methods.base import PROMPT_SCORES
 from ..compression.sequence_compressor import SequenceCompressor
 from ..bindings.prompt import ModalityLabels, Prepared, Segment, feed, prepare
 from ..app.session import DEFAULT_SYSTEM
 from . import scoring
+from ..errors import FlowMMError
 from .rows import Row
 from .tasks import Task
 
@@ -51,10 +53,29 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def wrap(model: runtime.Model, task: Task) -> tuple[list[Segment], list[list[Segment]]]:
     """The task in the model's chat template: the context ([head] segments) and, per question,
     what follows it ("\\n" question [tail] answer prefix)."""
+    return [Segment("text", _template(model)[0]), *task.segments], [question_segments(model, q) for q in task.questions]
+
+
+def _template(model: runtime.Model) -> tuple[str, str]:
     text = model.format_chat([("system", DEFAULT_SYSTEM), ("user", PLACEHOLDER)], add_assistant=True)
     head, _, tail = text.partition(PLACEHOLDER)
-    return ([Segment("text", head), *task.segments],
-            [[Segment("text", "\n" + q.text + tail + q.answer_prefix)] for q in task.questions])
+    return head, tail
+
+
+def question_segments(model: runtime.Model, q, quoted: str = "") -> list[Segment]:
+    """What follows the context for question `q`: "\\n", the recalled excerpts (`quoted`, as chat
+    puts them before a turn's text), the question, the template's tail and the answer prefix."""
+    return [Segment("text", "\n" + quoted + q.text + _template(model)[1] + q.answer_prefix)]
+
+
+def recalled(ctx, model: runtime.Model, tokens_by_pos: np.ndarray, question: str, limit: int) -> str:
+    """The excerpts a question re-reads from what the merge folded away (chat's rule,
+    compression/recall.py), as the text put before it; '' if none."""
+    n = len(tokens_by_pos)
+    excerpts = recall.choose(tokens_by_pos, recall.forgotten_positions(n, kv_cache.seq_cells(ctx)[1]),
+                             model.tokenize(question, add_special=False, parse_special=False), limit,
+                             model.token_to_piece)
+    return recall.quote(excerpts, tokens_by_pos, model.detokenize)
 
 
 def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):
@@ -78,10 +99,27 @@ def _fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, floa
     return kl, float(np.mean([a.argmax() == b.argmax() for a, b in zip(ref, got)]))
 
 
-def compressions(methods: list[str], budgets: list[float], policy) -> list[tuple[str, float, SequenceCompressor]]:
-    """(name, budget, SequenceCompressor) for every method but full at every budget."""
-    return [(name, float(budget), SequenceCompressor(name, float(budget), policy))
+def compressions(methods: list[str], budgets: list[float], policy, n_prompt: int | None = None,
+                 recall_tokens: int = 0) -> list[tuple[str, float, SequenceCompressor]]:
+    """(name, budget, SequenceCompressor) for every method but full at every budget; with
+    `recall_tokens`, each merges to budget·n_prompt less them (`merge_cells`)."""
+    return [(name, float(budget), SequenceCompressor(name, merge_cells(float(budget), n_prompt, recall_tokens)
+                                                     if recall_tokens else float(budget), policy))
             for name in methods if name != "full" for budget in budgets]
+
+
+def merge_cells(budget: float, n_prompt: int, recall_tokens: int) -> int:
+    """eval's rule with recall: a merge keeps budget·n_prompt cells less what a question may
+    re-read, so the cache that answers holds no more than the budget, as without recall."""
+    cells = math.ceil(budget * n_prompt) - recall_tokens
+    if cells < 1:
+        raise FlowMMError(f"--recall {recall_tokens} leaves no cells of a {budget:.0%} budget of {n_prompt} positions")
+    return cells
+
+
+def method_label(name: str, recall_tokens: int) -> str:
+    """A compressed method's name in the rows: with recall, '+recallN' after it."""
+    return f"{name}+recall{recall_tokens}" if recall_tokens else name
 
 
 def _trailing_text_tokens(pieces) -> list[int]:
@@ -131,21 +169,23 @@ def room_for(comps, room: int) -> int:
     return room
 
 
-def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[Row]:
+def _after(model, task, methods, budgets, policy, ctx_args, projector, recall_tokens: int = 0) -> list[Row]:
     labels = ModalityLabels()
     context, questions = wrap(model, task)
     p = prepare(model, context, labels, projector, add_bos=True)
     try:
         q_tokens = [sum(prepare(model, q, labels).pieces, []) for q in questions]
         n = p.n_pos
-        room = max(len(t) for t in q_tokens) + max(q.max_tokens for q in task.questions) + 8
+        # (a recalled excerpt may end on a token that the question's "\n" would have joined: + 8)
+        room = max(len(t) for t in q_tokens) + recall_tokens + max(q.max_tokens for q in task.questions) + 16
         rows, refs = [], []
-        comps = compressions(methods, budgets, policy)
+        comps = compressions(methods, budgets, policy, n, recall_tokens)
         with runtime.Context(model, n_ctx=n + room_for(comps, room), **ctx_args) as ctx:
             pre = Prefill(ctx, p, comps)
 
-            def ask(k: int, forced=None):
-                toks = q_tokens[k]
+            def ask(k: int, forced=None, quoted: str = ""):
+                toks = q_tokens[k] if not quoted else sum(
+                    prepare(model, question_segments(model, task.questions[k], quoted), labels).pieces, [])
                 out = _answer(ctx, ctx.decode(toks, n), n + len(toks), task.questions[k].max_tokens, forced)
                 ctx.truncate(n)  # the question goes: the next one sees the same cache
                 return out
@@ -159,10 +199,12 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector) -> list[R
             for name, budget, comp in comps:
                 _, report = pre.compress(comp)
                 for k, q in enumerate(task.questions):
-                    tokens, got = ask(k, forced=refs[k][0])
+                    quoted = recalled(ctx, model, pre.tokens, q.text, recall_tokens) if recall_tokens else ""
+                    tokens, got = ask(k, forced=refs[k][0], quoted=quoted)
                     answer = model.detokenize(tokens)
-                    rows.append(Row("after", task.id, task.kind, k, name, budget, n, report.cells_after, answer,
-                                    q.score(answer), *_fidelity(refs[k][1], got)))
+                    extra = len(model.tokenize(quoted, add_special=False)) if quoted else 0
+                    rows.append(Row("after", task.id, task.kind, k, method_label(name, recall_tokens), budget, n,
+                                    report.cells_after + extra, answer, q.score(answer), *_fidelity(refs[k][1], got)))
     finally:
         p.close()
     return rows
@@ -199,14 +241,18 @@ def _inside(model, task, methods, budgets, policy, ctx_args, projector) -> list[
 
 def evaluate_task(model: runtime.Model, task: Task, methods: list[str], budgets: list[float], policy=None,
                   kv_type: str = "f16", n_threads: int | None = None, projector=None, mode: str = "after",
-                  flash_attn="auto") -> list[Row]:
+                  flash_attn="auto", recall_tokens: int = 0) -> list[Row]:
     """Rows for the full cache and every (method, budget), one per question; mode "after" or "inside"
-    (followup runs through `followup.evaluate_task`, which needs a model path)."""
+    (followup runs through `followup.evaluate_task`, which needs a model path). `recall_tokens`
+    (after only): each question re-reads what it names (`recalled`)."""
     if mode not in ("after", "inside"):
         raise ValueError(f"mode {mode!r}: evaluate_task runs 'after' and 'inside'")
     ctx_args = dict(n_batch=512, kv_type=kv_type, n_threads=n_threads, flash_attn=flash_attn)
-    run_mode = _after if mode == "after" else _inside
-    return run_mode(model, task, methods, budgets, policy, ctx_args, projector)
+    if mode == "after":
+        return _after(model, task, methods, budgets, policy, ctx_args, projector, recall_tokens)
+    if recall_tokens:
+        raise FlowMMError("--recall: with the question inside the compressed prompt there is nothing to re-read")
+    return _inside(model, task, methods, budgets, policy, ctx_args, projector)
 
 
 def summarize(rows: list[Row], by_family: bool = False) -> list[dict]:
@@ -279,7 +325,7 @@ def family_grid(summary: list[dict], mode: str, budget: float) -> str:
 def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float], policy=None, kv_type="f16",
         n_threads=None, json_out: str | Path | None = None, progress: bool = True, mmproj=None,
         mode: str = "after", flash_attn="auto", placement: dict | None = None,
-        idle_teacher: bool = False) -> list[Row]:
+        idle_teacher: bool = False, recall_tokens: int = 0) -> list[Row]:
     """All tasks in one mode; results so far are written to json_out after every task, so Ctrl-C keeps them.
     `placement`: runtime.Model's n_gpu_layers / tensor_split."""
     placement = placement or {}
@@ -290,7 +336,7 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
         def one(task):
             return followup.evaluate_task(model_path, task, methods, budgets, policy, kv_type, n_threads, mmproj,
                                           flash_attn, placement, idle=mode == "followup-idle",
-                                          idle_teacher=idle_teacher)
+                                          idle_teacher=idle_teacher, recall_tokens=recall_tokens)
         model = projector = None
     else:
         model = runtime.Model(model_path, **placement)
@@ -301,7 +347,8 @@ def run(model_path, tasks: list[Task], methods: list[str], budgets: list[float],
             projector = Projector(mmproj, model, n_threads=n_threads or 2)
 
         def one(task):
-            return evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector, mode, flash_attn)
+            return evaluate_task(model, task, methods, budgets, policy, kv_type, n_threads, projector, mode, flash_attn,
+                                 recall_tokens)
     try:
         for task in tqdm(tasks, desc=f"eval ({mode})", unit="task", disable=not progress):
             rows += one(task)

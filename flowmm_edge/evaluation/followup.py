@@ -26,6 +26,7 @@ import math
 import time
 
 from ..bindings import runtime
+from . import evaluate
 from .rows import Row
 from ..methods import registry
 from ..bindings.prompt import ModalityLabels, prepare
@@ -64,12 +65,14 @@ def _pause(s: Session) -> None:
 
 def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[float], policy=None, kv_type="f16",
                   n_threads=None, mmproj=None, flash_attn="auto", placement: dict | None = None,
-                  idle: bool = False, idle_teacher: bool = False) -> list[Row]:
+                  idle: bool = False, idle_teacher: bool = False, recall_tokens: int = 0) -> list[Row]:
     """`idle`: followup-idle (see the module docstring); `idle_teacher`: whether its idle merges
-    take the teacher where a predictor exists (app/merge_schedule.py)."""
+    take the teacher where a predictor exists (app/merge_schedule.py); `recall_tokens`: the
+    session's recall (compression/recall.py), each compressed method's budget less it
+    (evaluate.merge_cells)."""
     compressors = {m: registry.resolve(m, policy) for m in methods if m != "full"}  # unknown names fail here
     max_reply = max(q.max_tokens for q in task.questions) + REPLY_SLACK
-    after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + max_reply)
+    after_doc = FIRST_REPLY + len(task.questions) * (TURN_ROOM + recall_tokens + max_reply)
     n_ctx = _context_positions(model_path, task, mmproj) + 64 + after_doc  # 64: the template around the turn
 
     def converse(name: str, budget: float, budget_cells: int | None) -> list[Row]:
@@ -77,6 +80,7 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
         # blocking: every turn is merged before its answer, so each later question is asked over the
         # merged cache (the reply-first schedule would answer the current one from the whole cache)
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
+                     recall_tokens=recall_tokens if budget_cells else 0,
                      schedule="reply_first" if idle else "blocking", idle_teacher=idle_teacher,
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
                      **(placement or {}),
@@ -93,7 +97,8 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
                 s.add_user_turn(q.text)
                 cells = s.cells()
                 answer = "".join(s.reply())
-                rows.append(Row("followup-idle" if idle else "followup", task.id, task.kind, k, name, budget, n_doc,
+                rows.append(Row("followup-idle" if idle else "followup", task.id, task.kind, k,
+                                evaluate.method_label(name, recall_tokens if budget_cells else 0), budget, n_doc,
                                 cells, answer, q.score(answer), math.nan, math.nan))
             return rows
 
@@ -101,5 +106,6 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
     n_doc = rows[0].n_prompt
     for name in compressors:
         for budget in budgets:
-            rows += converse(name, float(budget), max(1, math.ceil(budget * n_doc)))
+            rows += converse(name, float(budget), evaluate.merge_cells(float(budget), n_doc, recall_tokens)
+                             if recall_tokens else max(1, math.ceil(budget * n_doc)))
     return rows

@@ -1,0 +1,161 @@
+"""Recall: a turn re-reads the sentences of the conversation's earlier text that a merge folded
+away and that the turn names.
+
+A merge keeps 5-20% of a sequence's cells, chosen before anyone knows the next question, and
+whatever importance chooses them, a record that differs from its neighbours only in its value is
+kept whole in few heads (docs/METHOD.md, "Recall"). The conversation keeps the token at every
+position it decoded (4 bytes each, against 12 KiB of f16 KV per token on the default model), so
+what a merge dropped can be read again. Before a user turn is decoded, its text is matched
+against the sentences that hold a position with no cell left:
+
+    excerpts = recall.choose(tokens_by_pos, forgotten, query_tokens, limit, piece)
+
+- tokens are compared by their text, lower-cased and stripped of spaces (" Locker" is "locker");
+  tokens of spaces alone are skipped;
+- every n-gram of the query (n = 2..4 such tokens) found in the earlier text adds n / (its
+  occurrences there) to the sentence it starts in, so a phrase that names one record outweighs
+  one that every record repeats;
+- a sentence runs from after the last token that holds one of . ! ? or a newline (or a control
+  token, such as a turn marker, which no excerpt holds) to the next one, at most SENTENCE tokens
+  either side of its first match;
+- the best sentences scoring MIN_SCORE or more (one 2-gram found once) that hold a forgotten
+  position are taken, up to `limit` tokens, and given back in document order; `quote` writes
+  them as the text the conversation puts before the turn's own (one excerpt a line, then a blank
+  line).
+
+Decision [I]: lexical, not the question's attention. Ranking the cache's slots by the question's
+own attention (one extra decode of the question) recalled the wrong locker of eight in every
+near-records context, as the merge's importance does; the words of the question name the record
+exactly (docs/RESULTS.md, "Recall").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+NGRAMS = (2, 3, 4)  # query phrase lengths matched, in tokens
+SENTENCE = 40       # a sentence's tokens at most, either side of its first match
+MIN_SCORE = 2.0     # a sentence's score to be recalled: at least one 2-gram found once
+DEFAULT_TOKENS = 96  # chat's and serve's --recall: tokens a turn may re-read
+ENDS = (".", "!", "?", "\n")
+SEPARATOR = "\n\n"  # between the quoted excerpts and the turn's text
+
+
+@dataclasses.dataclass(frozen=True)
+class Excerpt:
+    start: int   # first position
+    end: int     # one past the last
+    score: float
+
+
+class _Text:
+    """Tokens' comparable text: lower case, spaces stripped; '' for tokens of spaces alone and for
+    tokens with no text (control tokens, images), which are boundaries."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self.piece, self._norm, self._end, self._boundary = piece, {}, {}, {}
+
+    def _read(self, token: int) -> None:
+        text = self.piece(int(token)).decode("utf-8", "replace") if token >= 0 else ""
+        self._norm[token] = text.strip().lower()
+        self._end[token] = any(c in text for c in ENDS)
+        self._boundary[token] = not text
+
+    def norm(self, token: int) -> str:
+        if token not in self._norm:
+            self._read(token)
+        return self._norm[token]
+
+    def ends_sentence(self, token: int) -> bool:
+        """The token closes a sentence and belongs to it (. ! ? or a newline)."""
+        self.norm(token)
+        return self._end[token]
+
+    def boundary(self, token: int) -> bool:
+        """No excerpt holds the token (a control token or an image position)."""
+        self.norm(token)
+        return self._boundary[token]
+
+
+def _words(tokens: np.ndarray, text: _Text) -> tuple[list[str], np.ndarray]:
+    """The tokens' comparable texts with spaces-only tokens left out, and their positions."""
+    keep = [(text.norm(t), i) for i, t in enumerate(tokens.tolist()) if t >= 0 and text.norm(t)]
+    return [w for w, _ in keep], np.array([i for _, i in keep], np.int64)
+
+
+def _sentence(tokens: np.ndarray, at: int, text: _Text) -> tuple[int, int]:
+    """[start, end) of the sentence holding position `at`, at most SENTENCE tokens either side."""
+    lo = at
+    while lo > 0 and at - lo < SENTENCE and not text.boundary(tokens[lo - 1]) and not text.ends_sentence(tokens[lo - 1]):
+        lo -= 1
+    hi = at
+    while hi < len(tokens) and hi - at < SENTENCE and not text.boundary(tokens[hi]):
+        hi += 1
+        if text.ends_sentence(tokens[hi - 1]):
+            break
+    return lo, hi
+
+
+def choose(tokens_by_pos: np.ndarray, forgotten: np.ndarray, query: list[int], limit: int,
+           piece: Callable[[int], bytes]) -> list[Excerpt]:
+    """The sentences to recall for `query` (token ids), in position order, `limit` tokens at most.
+    `tokens_by_pos`: the token at each earlier position (-1: an image); `forgotten`: bool, same
+    length, True where the sequence holds no cell any more; `piece`: a token's text (bytes)."""
+    tokens = np.asarray(tokens_by_pos)
+    forgotten = np.asarray(forgotten, bool)
+    if limit <= 0 or not forgotten.any() or not query:
+        return []
+    text = _Text(piece)
+    words, where = _words(tokens, text)
+    qwords, _ = _words(np.asarray(query), text)
+    found: list[tuple[int, int, float]] = []  # (sentence start, end, weight) per n-gram found
+    for n in NGRAMS:
+        grams = {tuple(qwords[i:i + n]) for i in range(len(qwords) - n + 1)}
+        if not grams:
+            continue
+        hits: dict[tuple, list[int]] = {}
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i:i + n])
+            if g in grams:
+                hits.setdefault(g, []).append(i)
+        for g, starts in hits.items():
+            weight = n / len(starts)
+            found += [(*_sentence(tokens, int(where[i]), text), weight) for i in starts]
+    chosen, used = [], 0
+    for c in sorted(_joined(found), key=lambda c: (-c.score, c.start)):
+        if c.score < MIN_SCORE:
+            break
+        if forgotten[c.start:c.end].any() and used + (c.end - c.start) <= limit:
+            chosen.append(c)
+            used += c.end - c.start
+    return sorted(chosen, key=lambda c: c.start)
+
+
+def _joined(found: list[tuple[int, int, float]]) -> list[Excerpt]:
+    """Overlapping sentences (one long sentence cut around two matches) joined, scores summed."""
+    out: list[Excerpt] = []
+    for lo, hi, w in sorted(found):
+        if out and lo < out[-1].end:
+            last = out[-1]
+            out[-1] = Excerpt(last.start, max(last.end, hi), last.score + w)
+        else:
+            out.append(Excerpt(lo, hi, w))
+    return out
+
+
+def quote(excerpts: list[Excerpt], tokens_by_pos: np.ndarray, detokenize: Callable[[list[int]], str]) -> str:
+    """The excerpts as the text put before a turn's own: one a line, then SEPARATOR ('' if none)."""
+    lines = [detokenize([int(t) for t in tokens_by_pos[e.start:e.end]]).strip() for e in excerpts]
+    lines = [line for line in lines if line]
+    return "\n".join(lines) + SEPARATOR if lines else ""
+
+
+def forgotten_positions(n_pos: int, cell_positions: np.ndarray) -> np.ndarray:
+    """True at each of positions 0..n_pos-1 that no cell of the sequence holds."""
+    out = np.ones(n_pos, bool)
+    p = np.asarray(cell_positions, np.int64)
+    out[p[(p >= 0) & (p < n_pos)]] = False
+    return out
