@@ -64,8 +64,10 @@ def run_config(args, method: str) -> dict:
     if method == "llama-server":  # the peer at the same KV memory: as many slots as can hold a conversation
         proc, url = start_llama_server(args, peer_slots(args), args.ctx)
     else:
-        proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", method,
-                                        "--budget", str(args.budget), "-n", str(args.max_tokens)])
+        name, _, recall = method.partition("+recall")  # flowmm+recall96: serve --recall 96
+        proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", name,
+                                        "--budget", str(args.budget), "-n", str(args.max_tokens),
+                                        *(["--recall", recall] if recall else [])])
     row = {"errors": ["the run did not finish"]}
     try:
         row = {**converse(args, url, method, proc.pid), "server_log": proc.log_path}
@@ -376,7 +378,8 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--methods", default="flowmm,full",
-                    help="serve's --method for each run; 'llama-server' runs stock llama-server at the same --ctx "
+                    help="serve's --method for each run (METHOD+recallN: with serve --recall N); 'llama-server' runs stock "
+                         "llama-server at the same --ctx "
                          "with as many slots as can each hold a whole conversation")
     ap.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
     ap.add_argument("-t", "--threads", type=int, default=None)

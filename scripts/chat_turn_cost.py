@@ -8,6 +8,10 @@ cache's for the same turn, the merge seconds waited for and those spent after th
 background, while the user reads), the cells after, and whether the greedy reply equals the
 full cache's.
 
+`--recall N` turns on chat's recall (compression/recall.py; the Session API's default is off)
+and adds the document's own question as a last turn, which names the sentence it needs: its
+first token then includes decoding the quoted sentences.
+
 The reader: `--read wait` (default) sends the next turn once the background merge is done (a
 reader slower than the merge); `--read S` sends it S seconds after the reply, stopping a merge
 still running at its next chunk boundary.
@@ -31,7 +35,7 @@ QUESTIONS = ["What is this document about?", "Which numbers does it mention?", "
 def run_turns(path, turns, method: str, schedule: str, args) -> list[dict]:
     out = []
     with Session(path, method=method, budget=args.budget, n_ctx=args.ctx, n_threads=args.threads, max_reply=8,
-                 schedule=schedule) as s:
+                 schedule=schedule, recall_tokens=args.recall) as s:
         for k, turn in enumerate(turns):
             fg0 = s.stats.merge_seconds
             t0 = time.perf_counter()
@@ -47,7 +51,7 @@ def run_turns(path, turns, method: str, schedule: str, args) -> list[dict]:
                 time.sleep(float(args.read))
             cells = s.report()["cells"]  # what the context held before a merge still running
             out.append(dict(turn=k, positions=n, ttft=ttft, waited=s.stats.merge_seconds - fg0, reply=reply,
-                            cells=cells))
+                            cells=cells, recalled=s.stats.recalled_tokens))
         s.stop_background_merge()  # one still running stops at its next chunk boundary; its seconds count then
         out[-1]["background_total"] = s.stats.background_merge_seconds
         out[-1]["background_merges"] = s.stats.background_merges
@@ -64,25 +68,29 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--read", default="wait", help="'wait' for the background merge, or seconds between turns")
+    ap.add_argument("--recall", type=int, default=0, help="chat's --recall (default 0 here: off); N adds the "
+                                                          "document's question as a last turn")
     args = ap.parse_args()
     path, model = open_model(args)
     task = ruler_tasks.generate(["single-number"], [args.length], 1, 0,
                                 count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
     model.close()
     turns = [dict(segments=task.segments)] + [dict(text=q) for q in QUESTIONS]
+    if args.recall:
+        turns.append(dict(text=task.questions[0].text))
     ref = run_turns(path, turns, "full", "reply_first", args)
     print("| method | schedule | turn | positions | first token s | / full | merge waited s | cells after | "
-          "reply = full |\n|---|---|---|---|---|---|---|---|---|")
+          "recalled tokens so far | reply = full |\n|---|---|---|---|---|---|---|---|---|---|")
     runs = [("full", "reply_first", ref)] + [(m, sc, run_turns(path, turns, m, sc, args))
                                                for m in args.methods.split(",") if m != "full"
                                                for sc in args.schedules.split(",")]
     for method, schedule, rows in runs:
         for r, f in zip(rows, ref):
             print(f"| {method} | {schedule} | {r['turn']} | {r['positions']} | {r['ttft']:.2f} | "
-                  f"{r['ttft'] / f['ttft']:.2f}x | {r['waited']:.2f} | {r['cells']} | "
+                  f"{r['ttft'] / f['ttft']:.2f}x | {r['waited']:.2f} | {r['cells']} | {r['recalled']} | "
                   f"{'yes' if r['reply'] == f['reply'] else 'no'} |")
         print(f"| {method} | {schedule} | after the replies | | | | {rows[-1]['background_total']:.2f} s in "
-              f"{rows[-1]['background_merges']} merges | | |", flush=True)
+              f"{rows[-1]['background_merges']} merges | | | |", flush=True)
     return 0
 
 
