@@ -171,3 +171,20 @@ def test_recall_off_and_nothing_to_recall_leave_the_turn_as_typed(tiny_models):
 def test_a_bad_recall_setting_is_one_line(tiny_models):
     with pytest.raises(SessionError, match="--recall -1 must be"):
         _session(tiny_models, recall_tokens=-1)
+
+
+def test_an_api_conversation_with_recall_still_decodes_only_its_new_turn(tiny_models):
+    """The quote is the conversation's copy of the message; the client's resent history still
+    matches the slot's turns, so the next request decodes only what is new (serve --recall)."""
+    with _session(tiny_models, recall_tokens=48) as s:
+        msgs = [{"role": "user", "content": OTHER * 2 + FACT + " " + OTHER * 2}]
+        r1 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        assert s.stats.merges >= 1
+        msgs += [r1["choices"][0]["message"], {"role": "user", "content": "What is the door code of the west wing?"}]
+        r2 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        u1, u2 = r1["usage"], r2["usage"]
+        assert u2["prompt_tokens_details"]["cached_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"]
+        assert _user_messages(s)[-1].startswith(FACT + recall.SEPARATOR), "the model read the quote"
+        msgs += [r2["choices"][0]["message"], {"role": "user", "content": "Thanks."}]
+        r3 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
+        assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] == u2["prompt_tokens"] + u2["completion_tokens"]

@@ -17,16 +17,16 @@ against the sentences that hold a position with no cell left:
   one that every record repeats;
 - a sentence runs from after the last token that holds one of . ! ? or a newline (or a control
   token, such as a turn marker, which no excerpt holds) to the next one, at most SENTENCE tokens
-  either side of its first match;
+  either side of a match (overlapping cuts of one long sentence are joined);
 - the best sentences scoring MIN_SCORE or more (one 2-gram found once) that hold a forgotten
   position are taken, up to `limit` tokens, and given back in document order; `quote` writes
   them as the text the conversation puts before the turn's own (one excerpt a line, then a blank
   line).
 
 Decision [I]: lexical, not the question's attention. Ranking the cache's slots by the question's
-own attention (one extra decode of the question) recalled the wrong locker of eight in every
-near-records context, as the merge's importance does; the words of the question name the record
-exactly (docs/RESULTS.md, "Recall").
+own attention (one extra decode of the question) recalled a neighbouring locker in each of 4
+near-records contexts, as the merge's importance keeps one; the words of the question name the
+record exactly (docs/RESULTS.md, "Recall").
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from collections.abc import Callable
 import numpy as np
 
 NGRAMS = (2, 3, 4)  # query phrase lengths matched, in tokens
-SENTENCE = 40       # a sentence's tokens at most, either side of its first match
+SENTENCE = 40       # a sentence's tokens at most, either side of a match
 MIN_SCORE = 2.0     # a sentence's score to be recalled: at least one 2-gram found once
-DEFAULT_TOKENS = 96  # chat's and serve's --recall: tokens a turn may re-read
+DEFAULT_TOKENS = 96  # chat's --recall: tokens a turn may re-read (serve and the Session API: 0, off)
 ENDS = (".", "!", "?", "\n")
 SEPARATOR = "\n\n"  # between the quoted excerpts and the turn's text
 
