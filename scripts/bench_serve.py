@@ -87,7 +87,7 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
                                  per_family=args.conversations, seed=args.seed)
     convs = [{"name": t.id, "doc": "".join(s.text for s in t.segments), "question": t.questions[0].text,
               "answers": t.questions[0].answers} for t in tasks]
-    ttft, live, answered, errors = [], [], [], []
+    ttft, live, answered, errors, finals = [], [], [], [], []
     lock = threading.Lock()
     rounds = threading.Barrier(len(convs))
     deadline = time.monotonic() + args.time_limit
@@ -132,6 +132,7 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
                         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                         live.append(cached > usage.get("prompt_tokens", 0) / 2)
                         answered.append(any(a in answer for a in c["answers"]))
+                        finals.append((c["name"], answer, usage.get("prompt_tokens", 0), cached))
         except threading.BrokenBarrierError:  # another conversation failed (its error is listed)
             return
         except Exception as e:
@@ -157,6 +158,7 @@ def converse(args, url: str, method: str, proc_pid: int | None = None) -> dict:
             "slots": peer_slots(args) if method == "llama-server" else args.conversations,
             "budget_cells": args.budget if method != "full" else None, "wall_s": wall,
             "live_at_last_turn": sum(live), "facts_kept": sum(answered), "answered": len(answered),
+            "last_turns": sorted(finals),  # (conversation, answer, prompt tokens, cached tokens)
             "tokens_per_s": generated / wall if wall else 0.0, "prompt_tokens": prompt, "prompt_tokens_reused": reused,
             "evictions": metric(metrics1, "flowmm_evictions_total"),
             "importance": next((st for st in ("learning", "predicted", "repeat")
