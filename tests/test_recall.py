@@ -92,7 +92,8 @@ def test_a_query_that_names_nothing_recalls_nothing():
 def test_excerpts_stop_at_control_tokens_and_images():
     # a record cut by a turn marker (control token 0) and by an image position (-1): neither is quoted
     tokens = np.array(FILLER[0] + [0] + record("C", "891")[:-1] + [-1, -1] + FILLER[1], np.int32)
-    got = recall.choose(tokens, np.ones(len(tokens), bool), words(" locker", " 4", "C", " holds"), 64, piece)
+    forgotten = tokens >= 0  # (the image's cells are held: see the next test)
+    got = recall.choose(tokens, forgotten, words(" locker", " 4", "C", " holds"), 64, piece)
     assert len(got) == 1
     e = got[0]
     assert (e.start, e.end) == (len(FILLER[0]) + 1, len(FILLER[0]) + 1 + 8)
@@ -188,3 +189,14 @@ def test_an_api_conversation_with_recall_still_decodes_only_its_new_turn(tiny_mo
         msgs += [r2["choices"][0]["message"], {"role": "user", "content": "Thanks."}]
         r3 = s.create_chat_completion(msgs, max_tokens=4, temperature=0)
         assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] == u2["prompt_tokens"] + u2["completion_tokens"]
+
+
+def test_nothing_is_recalled_once_image_cells_were_folded():
+    tokens, spans = records_doc(["A", "B"], 2)
+    query = words(" locker", " 4", "A", " holds")
+    with_image = np.concatenate([np.full(6, -1, np.int32), tokens])  # an image's positions first
+    forgotten = np.ones(len(with_image), bool)
+    assert recall.choose(with_image, forgotten, query, 64, piece) == []
+    forgotten[:6] = False  # the image's cells are all held: its text neighbours may be quoted
+    got = recall.choose(with_image, forgotten, query, 64, piece)
+    assert [(e.start - 6, e.end - 6) for e in got] == [spans[2]]

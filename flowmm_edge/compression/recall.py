@@ -23,6 +23,11 @@ against the sentences that hold a position with no cell left:
   them as the text the conversation puts before the turn's own (one excerpt a line, then a blank
   line).
 
+Decision [I]: nothing is recalled once a merge has folded image cells. A quote can only be
+text; where part of what a question needs sat in an image, the model answered from the partial
+quote alone (image families, 24 contexts at 10%: 0.96 without recall, 0.75 with quotes and the
+merge at its full budget; docs/RESULTS.md, "Recall").
+
 Decision [I]: lexical, not the question's attention. Ranking the cache's slots by the question's
 own attention (one extra decode of the question) recalled a neighbouring locker in each of 4
 near-records contexts, as the merge's importance keeps one; the words of the question name the
@@ -107,6 +112,8 @@ def choose(tokens_by_pos: np.ndarray, forgotten: np.ndarray, query: list[int], l
     tokens = np.asarray(tokens_by_pos)
     forgotten = np.asarray(forgotten, bool)
     if limit <= 0 or not forgotten.any() or not query:
+        return []
+    if (tokens[forgotten] < 0).any():  # a merge folded image cells: a text quote would be partial
         return []
     text = _Text(piece)
     words, where = _words(tokens, text)
