@@ -344,15 +344,11 @@ class Conversation(Merging, Replying, PrefixReuse, Persistence):
         query = "".join(s.text for s in segments if s.kind == "text")
         if not limit or not self.compression.enabled or not self.pos or not query.strip():
             return segments
-        held = kv_cache.seq_cells(self.ctx, self.seq_id)[1]
-        tokens = self.tokens_by_pos[:self.pos]
-        excerpts = recall.choose(tokens, recall.forgotten_positions(len(tokens), held),
-                                 self.model.tokenize(query, add_special=False, parse_special=False), limit,
-                                 self.model.token_to_piece)
-        text = recall.quote(excerpts, tokens, self.model.detokenize)
+        text, n = recall.for_turn(self.tokens_by_pos[:self.pos], kv_cache.seq_cells(self.ctx, self.seq_id)[1], query,
+                                  limit, self.model)
         if not text:
             return segments
-        self.stats.recalled_tokens += sum(e.end - e.start for e in excerpts)
+        self.stats.recalled_tokens += n
         return [Segment("text", text)] + segments
 
     def add_tool_results(self, results: list[str]) -> int:

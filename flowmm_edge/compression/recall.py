@@ -9,6 +9,7 @@ what a merge dropped can be read again. Before a user turn is decoded, its text 
 against the sentences that hold a position with no cell left:
 
     excerpts = recall.choose(tokens_by_pos, forgotten, query_tokens, limit, piece)
+    text, n = recall.for_turn(tokens_by_pos, held_positions, turn_text, limit, model)  # chat's, eval's
 
 - tokens are compared by their text, lower-cased and stripped of spaces (" Locker" is "locker");
   tokens of spaces alone are skipped;
@@ -158,6 +159,16 @@ def quote(excerpts: list[Excerpt], tokens_by_pos: np.ndarray, detokenize: Callab
     lines = [detokenize([int(t) for t in tokens_by_pos[e.start:e.end]]).strip() for e in excerpts]
     lines = [line for line in lines if line]
     return "\n".join(lines) + SEPARATOR if lines else ""
+
+
+def for_turn(tokens_by_pos: np.ndarray, held_positions: np.ndarray, text: str, limit: int, model) -> tuple[str, int]:
+    """What a turn of `text` quotes before itself: (the quote, '' if none; the tokens it re-reads).
+    `held_positions`: the positions the sequence's cells hold (kv_cache.seq_cells); `model`: a
+    runtime.Model (tokenize, token_to_piece, detokenize). The one rule chat, serve and eval share."""
+    tokens = np.asarray(tokens_by_pos)
+    excerpts = choose(tokens, forgotten_positions(len(tokens), held_positions),
+                      model.tokenize(text, add_special=False, parse_special=False), limit, model.token_to_piece)
+    return quote(excerpts, tokens, model.detokenize), sum(e.end - e.start for e in excerpts)
 
 
 def forgotten_positions(n_pos: int, cell_positions: np.ndarray) -> np.ndarray:

@@ -71,11 +71,7 @@ def question_segments(model: runtime.Model, q, quoted: str = "") -> list[Segment
 def recalled(ctx, model: runtime.Model, tokens_by_pos: np.ndarray, question: str, limit: int) -> str:
     """The excerpts a question re-reads from what the merge folded away (chat's rule,
     compression/recall.py), as the text put before it; '' if none."""
-    n = len(tokens_by_pos)
-    excerpts = recall.choose(tokens_by_pos, recall.forgotten_positions(n, kv_cache.seq_cells(ctx)[1]),
-                             model.tokenize(question, add_special=False, parse_special=False), limit,
-                             model.token_to_piece)
-    return recall.quote(excerpts, tokens_by_pos, model.detokenize)
+    return recall.for_turn(tokens_by_pos, kv_cache.seq_cells(ctx)[1], question, limit, model)[0]
 
 
 def _answer(ctx, logits, pos: int, max_tokens: int, forced: list[int] | None = None):
@@ -176,7 +172,7 @@ def _after(model, task, methods, budgets, policy, ctx_args, projector, recall_to
     try:
         q_tokens = [sum(prepare(model, q, labels).pieces, []) for q in questions]
         n = p.n_pos
-        # (a recalled excerpt may end on a token that the question's "\n" would have joined: + 8)
+        # (with recall: its quote, up to recall_tokens and the newlines between its excerpts)
         room = max(len(t) for t in q_tokens) + recall_tokens + max(q.max_tokens for q in task.questions) + 16
         rows, refs = [], []
         comps = compressions(methods, budgets, policy, n, recall_tokens)
