@@ -60,6 +60,8 @@ def test_the_record_a_question_names_is_recalled_whole_and_first(order, asked, g
     query = words(" locker", " 4", asked, " holds")  # "which crate does locker 4X hold" in this vocabulary
     got = recall.choose(tokens, np.ones(len(tokens), bool), query, limit, piece)
     assert where[asked] in [(e.start, e.end) for e in got], "the record the question names is among the excerpts"
+    # the others share only "locker 4", found in every record: 2 / 4 each, under the floor of 2
+    assert [(e.start, e.end) for e in got] == [where[asked]], "a phrase every record repeats quotes none of them"
     best = max(got, key=lambda e: e.score)
     assert (best.start, best.end) == where[asked], "it outranks the records that differ in one letter"
     assert sum(e.end - e.start for e in got) <= limit
