@@ -77,10 +77,11 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
 
     def converse(name: str, budget: float, budget_cells: int | None) -> list[Row]:
         method, rho = compressors.get(name, ("full", None))
+        recall = recall_tokens if budget_cells else 0  # the full cache forgets nothing to re-read
         # blocking: every turn is merged before its answer, so each later question is asked over the
         # merged cache (the reply-first schedule would answer the current one from the whole cache)
         with Session(model_path, mmproj, method=method, budget=str(budget_cells or 1.0), n_ctx=n_ctx,
-                     recall_tokens=recall_tokens if budget_cells else 0,
+                     recall_tokens=recall,
                      schedule="reply_first" if idle else "blocking", idle_teacher=idle_teacher,
                      n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, max_reply=max_reply, temperature=0.0,
                      **(placement or {}),
@@ -98,7 +99,7 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
                 cells = s.cells()
                 answer = "".join(s.reply())
                 rows.append(Row("followup-idle" if idle else "followup", task.id, task.kind, k,
-                                evaluate.method_label(name, recall_tokens if budget_cells else 0), budget, n_doc,
+                                evaluate.method_label(name, recall), budget, n_doc,
                                 cells, answer, q.score(answer), math.nan, math.nan))
             return rows
 
@@ -106,6 +107,5 @@ def evaluate_task(model_path, task: Task, methods: list[str], budgets: list[floa
     n_doc = rows[0].n_prompt
     for name in compressors:
         for budget in budgets:
-            rows += converse(name, float(budget), evaluate.merge_cells(float(budget), n_doc, recall_tokens)
-                             if recall_tokens else max(1, math.ceil(budget * n_doc)))
+            rows += converse(name, float(budget), evaluate.merge_cells(float(budget), n_doc, recall_tokens))
     return rows
