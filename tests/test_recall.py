@@ -14,7 +14,8 @@ from flowmm_edge.compression import recall
 
 # a toy vocabulary: token id -> its text; 0 is a control token (no text), 1 ends sentences
 VOCAB = ["", ".", "\n", " the", " sky", " is", " blue", " grass", " green", " locker", " 4", "A", "B", "C", "D",
-         " holds", " crate", " 1", " 2", " 3", " 5", " 6", " 7", " 8", " 9", " door", " code", " west", " wing", " "]
+         " holds", " crate", " 1", " 2", " 3", " 5", " 6", " 7", " 8", " 9", " door", " code", " west", " wing", " ",
+         " in", " north", " south", " hall", " and"]
 ID = {t: i for i, t in enumerate(VOCAB)}
 FILLER = [[ID[w] for w in (" the", " sky", " is", " blue", ".")], [ID[w] for w in (" the", " grass", " is", " green", ".")]]
 
@@ -66,6 +67,46 @@ def test_the_record_a_question_names_is_recalled_whole_and_first(order, asked, g
     assert (best.start, best.end) == where[asked], "it outranks the records that differ in one letter"
     assert sum(e.end - e.start for e in got) <= limit
     assert all(a.end <= b.start for a, b in zip(got, got[1:])), "in document order, no overlap"
+
+
+def placed(letter: str, hall: str, digits: str) -> list[int]:
+    return words(" locker", " 4", letter, " in", " " + hall, " hall", " holds", " crate") + \
+        [ID[" " + d] for d in digits] + [ID["."]]
+
+
+GRID = {("A", "north"): "123", ("A", "south"): "567", ("B", "north"): "891", ("B", "south"): "235"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(order=st.permutations(list(GRID)), asked=st.sampled_from(list(GRID)), gap=st.integers(0, 3),
+       asked_held=st.booleans())
+def test_records_that_differ_in_one_word_are_not_quoted_beside_the_asked_one(order, asked, gap, asked_held):
+    """Each other record shares phrases with the question ("locker 4A in", "in north hall holds"),
+    but the asked record holds every one of them: the others add nothing to what it says."""
+    parts = []
+    for key in order:
+        parts += [FILLER[i % 2] for i in range(gap)] + [placed(*key, GRID[key])]
+    tokens, spans = build(parts)
+    where = {key: spans[(gap + 1) * i + gap] for i, key in enumerate(order)}
+    query = words(" locker", " 4", asked[0], " in", " " + asked[1], " hall", " holds")
+    forgotten = np.ones(len(tokens), bool)
+    lo, hi = where[asked]
+    forgotten[lo:hi] = not asked_held
+    got = [(e.start, e.end) for e in recall.choose(tokens, forgotten, query, 200, piece)]
+    # a neighbour alone scores over the floor (e.g. "locker 4A in" found twice: 3 / 2, and more)
+    assert got == ([] if asked_held else [where[asked]])
+
+
+def test_every_statement_of_the_best_match_is_quoted_and_each_named_record():
+    two_values = build([record("A", "123"), FILLER[0], record("B", "567"), FILLER[1], record("A", "891")])
+    tokens, spans = two_values
+    forgotten = np.ones(len(tokens), bool)
+    got = recall.choose(tokens, forgotten, words(" locker", " 4", "A", " holds"), 64, piece)
+    assert [(e.start, e.end) for e in got] == [spans[0], spans[4]], "both values under the one name"
+    tokens, spans = records_doc(["A", "B", "C", "D"], 1)
+    query = words(" locker", " 4", "A", " holds", " and", " locker", " 4", "C", " holds")
+    got = recall.choose(tokens, np.ones(len(tokens), bool), query, 64, piece)
+    assert [(e.start, e.end) for e in got] == [spans[1], spans[5]], "the second record named adds its own phrases"
 
 
 def test_only_sentences_with_a_forgotten_position_are_recalled():

@@ -19,10 +19,18 @@ against the sentences that hold a position with no cell left:
 - a sentence runs from after the last token that holds one of . ! ? or a newline (or a control
   token, such as a turn marker, which no excerpt holds) to the next one, at most SENTENCE tokens
   either side of a match (overlapping cuts of one long sentence are joined);
-- the best sentences scoring MIN_SCORE or more (one 2-gram found once) that hold a forgotten
-  position are taken, up to `limit` tokens, and given back in document order; `quote` writes
-  them as the text the conversation puts before the turn's own (one excerpt a line, then a blank
-  line).
+- sentences are taken best first, up to `limit` tokens, while each adds to what the model can
+  already read: phrases worth MIN_SCORE or more (one 2-gram found once) that no better sentence
+  taken or still held holds, or every phrase the best sentence holds (another statement of the
+  best match, such as a second value under one name). Only sentences that hold a forgotten
+  position are quoted, given back in document order; `quote` writes them as the text the
+  conversation puts before the turn's own (one excerpt a line, then a blank line).
+
+Decision [I]: a sentence that matches only through phrases a better one already holds is not
+quoted. Records that differ in one word share most phrases with the one asked for ("locker 2D in
+the south hall" against "... north hall ..."); scored alone they passed the floor, and a base model
+quoted four of them answered with a neighbour's value (Gemma 3 270M, near-records at 20%: 0.75
+without recall, 0.00 with; docs/RESULTS.md, "Recall").
 
 Decision [I]: nothing is recalled once a merge has folded image cells. A quote can only be
 text; where part of what a question needs sat in an image, the model answered from the partial
@@ -55,6 +63,11 @@ class Excerpt:
     start: int   # first position
     end: int     # one past the last
     score: float
+    phrases: tuple[tuple[tuple[str, ...], float], ...] = ()  # each query phrase found here, with its weight
+
+    def adds(self, said: set) -> float:
+        """The weight of the phrases found here that are not in `said`."""
+        return sum(w for g, w in self.phrases if g not in said)
 
 
 class _Text:
@@ -119,7 +132,7 @@ def choose(tokens_by_pos: np.ndarray, forgotten: np.ndarray, query: list[int], l
     text = _Text(piece)
     words, where = _words(tokens, text)
     qwords, _ = _words(np.asarray(query), text)
-    found: list[tuple[int, int, float]] = []  # (sentence start, end, weight) per n-gram found
+    found: list[tuple[int, int, float, tuple]] = []  # (sentence start, end, weight, n-gram) per n-gram found
     for n in NGRAMS:
         grams = {tuple(qwords[i:i + n]) for i in range(len(qwords) - n + 1)}
         if not grams:
@@ -131,26 +144,34 @@ def choose(tokens_by_pos: np.ndarray, forgotten: np.ndarray, query: list[int], l
                 hits.setdefault(g, []).append(i)
         for g, starts in hits.items():
             weight = n / len(starts)
-            found += [(*_sentence(tokens, int(where[i]), text), weight) for i in starts]
-    chosen, used = [], 0
-    for c in sorted(_joined(found), key=lambda c: (-c.score, c.start)):
+            found += [(*_sentence(tokens, int(where[i]), text), weight, g) for i in starts]
+    ranked = sorted(_joined(found), key=lambda c: (-c.score, c.start))
+    best = {g for g, _ in ranked[0].phrases} if ranked else set()
+    chosen, used, said = [], 0, set()  # said: the phrases of the sentences the model can read
+    for c in ranked:
         if c.score < MIN_SCORE:
             break
-        if forgotten[c.start:c.end].any() and used + (c.end - c.start) <= limit:
+        mine = {g for g, _ in c.phrases}
+        if c.adds(said) < MIN_SCORE and not best <= mine:
+            continue  # matched only through what a better sentence says
+        if not forgotten[c.start:c.end].any():
+            said |= mine  # still held whole: the model reads it in the cache
+        elif used + (c.end - c.start) <= limit:
             chosen.append(c)
             used += c.end - c.start
+            said |= mine
     return sorted(chosen, key=lambda c: c.start)
 
 
-def _joined(found: list[tuple[int, int, float]]) -> list[Excerpt]:
+def _joined(found: list[tuple[int, int, float, tuple]]) -> list[Excerpt]:
     """Overlapping sentences (one long sentence cut around two matches) joined, scores summed."""
     out: list[Excerpt] = []
-    for lo, hi, w in sorted(found):
+    for lo, hi, w, g in sorted(found):
         if out and lo < out[-1].end:
             last = out[-1]
-            out[-1] = Excerpt(last.start, max(last.end, hi), last.score + w)
+            out[-1] = Excerpt(last.start, max(last.end, hi), last.score + w, last.phrases + ((g, w),))
         else:
-            out.append(Excerpt(lo, hi, w))
+            out.append(Excerpt(lo, hi, w, ((g, w),)))
     return out
 
 
