@@ -153,7 +153,7 @@ def test_a_long_sentence_is_cut_around_its_match():
 
 def test_quote_is_the_excerpts_text_one_a_line():
     tokens, spans = records_doc(["A", "B"], 1)
-    ex = [recall.Excerpt(*spans[1], 5.0), recall.Excerpt(*spans[3], 3.0)]
+    ex = [recall.Excerpt(*spans[1]), recall.Excerpt(*spans[3])]
     text = recall.quote(ex, tokens, lambda ts: "".join(VOCAB[t] for t in ts))
     assert text == "locker 4A holds crate 1 2 3.\nlocker 4B holds crate 5 6 7." + recall.SEPARATOR
     assert recall.quote([], tokens, str) == ""

@@ -35,7 +35,7 @@ docs/RESULTS.md, "Recall quotes only what adds").
 
 Decision [I]: nothing is recalled once a merge has folded image cells. A quote can only be
 text; where part of what a question needs sat in an image, the model answered from the partial
-quote alone (image families, 24 contexts at 10%: 0.96 without recall, 0.75 with quotes and the
+quote alone (image families, 24 contexts at 10%: 0.96 without recall, 0.73 with quotes and the
 merge at its full budget; docs/RESULTS.md, "Recall").
 
 Decision [I]: lexical, not the question's attention. Ranking the cache's slots by the question's
@@ -63,8 +63,12 @@ SEPARATOR = "\n\n"  # between the quoted excerpts and the turn's text
 class Excerpt:
     start: int   # first position
     end: int     # one past the last
-    score: float
     phrases: tuple[tuple[tuple[str, ...], float], ...] = ()  # each query phrase found here, with its weight
+
+    @property
+    def score(self) -> float:
+        """The sum of the phrases' weights."""
+        return sum(w for _, w in self.phrases)
 
     def adds(self, said: set) -> float:
         """The weight of the phrases found here that are not in `said`."""
@@ -170,9 +174,9 @@ def _joined(found: list[tuple[int, int, float, tuple]]) -> list[Excerpt]:
     for lo, hi, w, g in sorted(found):
         if out and lo < out[-1].end:
             last = out[-1]
-            out[-1] = Excerpt(last.start, max(last.end, hi), last.score + w, last.phrases + ((g, w),))
+            out[-1] = Excerpt(last.start, max(last.end, hi), last.phrases + ((g, w),))
         else:
-            out.append(Excerpt(lo, hi, w, ((g, w),)))
+            out.append(Excerpt(lo, hi, ((g, w),)))
     return out
 
 
