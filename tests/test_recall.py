@@ -15,7 +15,7 @@ from flowmm_edge.compression import recall
 # a toy vocabulary: token id -> its text; 0 is a control token (no text), 1 ends sentences
 VOCAB = ["", ".", "\n", " the", " sky", " is", " blue", " grass", " green", " locker", " 4", "A", "B", "C", "D",
          " holds", " crate", " 1", " 2", " 3", " 5", " 6", " 7", " 8", " 9", " door", " code", " west", " wing", " ",
-         " in", " north", " south", " hall", " and"]
+         " in", " north", " south", " hall", " and", " VAR", " =", " QX", " KP", " WM", " RT", " LB", "JZ", "TY"]
 ID = {t: i for i, t in enumerate(VOCAB)}
 FILLER = [[ID[w] for w in (" the", " sky", " is", " blue", ".")], [ID[w] for w in (" the", " grass", " is", " green", ".")]]
 
@@ -107,6 +107,56 @@ def test_every_statement_of_the_best_match_is_quoted_and_each_named_record():
     query = words(" locker", " 4", "A", " holds", " and", " locker", " 4", "C", " holds")
     got = recall.choose(tokens, np.ones(len(tokens), bool), query, 64, piece)
     assert [(e.start, e.end) for e in got] == [spans[1], spans[5]], "the second record named adds its own phrases"
+
+
+NAMES = [(" QX", "JZ"), (" KP", "TY"), (" WM", "JZ"), (" RT", "TY"), (" LB", "JZ")]  # five words of two tokens
+
+
+def assigned(name: int, to: list[int]) -> list[int]:
+    """ VAR <name> = <to>. where `to` is a value's digits or another name"""
+    return words(" VAR", *NAMES[name], " =") + to + words(".")
+
+
+@settings(max_examples=60, deadline=None)
+@given(hops=st.integers(1, 4), gaps=st.lists(st.integers(0, 3), min_size=5, max_size=5),
+       held=st.lists(st.booleans(), min_size=5, max_size=5))
+def test_a_quoted_link_of_a_chain_brings_the_rest_of_the_chain(hops, gaps, held):
+    # VAR QXJZ = 7 3 5. ... VAR KPTY = VAR QXJZ. ... VAR WMJZ = VAR KPTY. ...: asked for the value,
+    # the question names only the first link; every later one is found through the name before it
+    value = words(" 7", " 3", " 5")
+    links = [assigned(0, value)] + [assigned(i, words(" VAR", *NAMES[i - 1])) for i in range(1, hops + 1)]
+    parts = []
+    for link, gap in zip(links, gaps):
+        parts += [FILLER[i % 2] for i in range(gap)] + [link]
+    tokens, spans = build(parts + [FILLER[0]])
+    where = [s for s, p in zip(spans, parts) if p in links]
+    forgotten = np.ones(len(tokens), bool)
+    for (lo, hi), h in zip(where[1:], held):
+        forgotten[lo:hi] = not h  # later links held or not: a chain quoted in part reads as whole
+    query = words(" =", " 7", " 3", " 5")
+    got = recall.choose(tokens, forgotten, query, 200, piece)
+    assert [(e.start, e.end) for e in got] == where, "the whole chain, in document order, and nothing else"
+    first_two = where[0][1] - where[0][0] + where[1][1] - where[1][0]
+    got = recall.choose(tokens, forgotten, query, first_two, piece)
+    assert [(e.start, e.end) for e in got] == where[:2], "hop by hop while they fit"
+    forgotten[where[0][0]:where[0][1]] = False
+    assert recall.choose(tokens, forgotten, query, 200, piece) == [], "the asked link held: nothing quoted"
+
+
+def test_only_a_name_found_exactly_twice_and_not_asked_is_followed():
+    value = words(" 7", " 3", " 5")
+    first = assigned(0, value)[:-1] + words(" grass", ".")  # VAR QXJZ = 7 3 5 grass.
+    tokens, spans = build([first, FILLER[1], assigned(1, words(" VAR", *NAMES[0])), FILLER[0]])
+    forgotten = np.ones(len(tokens), bool)
+    got = recall.choose(tokens, forgotten, words(" =", " 7", " 3", " 5"), 200, piece)
+    # " grass" is found in exactly one other sentence too, but a word of one token is a common word
+    assert [(e.start, e.end) for e in got] == [spans[0], spans[2]]
+    got = recall.choose(tokens, forgotten, words(" =", " 7", " 3", " 5", " QX", "JZ"), 200, piece)
+    assert [(e.start, e.end) for e in got] == [spans[0]], "a name the turn says is not a reference to follow"
+    thrice = build([first, assigned(1, words(" VAR", *NAMES[0])), assigned(2, words(" VAR", *NAMES[0]))])
+    tokens, spans = thrice
+    got = recall.choose(tokens, np.ones(len(tokens), bool), words(" =", " 7", " 3", " 5"), 200, piece)
+    assert [(e.start, e.end) for e in got] == [spans[0]], "a name found three times links no one sentence"
 
 
 def test_only_sentences_with_a_forgotten_position_are_recalled():

@@ -23,8 +23,12 @@ against the sentences that hold a position with no cell left:
   already read: phrases worth MIN_SCORE or more (one 2-gram found once) that no better sentence
   taken or still held holds, or every phrase the best sentence holds (another statement of the
   best match, such as a second value under one name). Only sentences that hold a forgotten
-  position are quoted, given back in document order; `quote` writes them as the text the
-  conversation puts before the turn's own (one excerpt a line, then a blank line).
+  position are quoted;
+- then, while they fit, the sentences a quoted one refers to, hop by hop: the other place of a
+  name it holds (a word of NAME_TOKENS tokens or more holding a letter, found exactly twice in the
+  earlier text and not in the turn), forgotten or held. All are given back in document order;
+  `quote` writes them as the text the conversation puts before the turn's own (one excerpt a
+  line, then a blank line).
 
 Decision [I]: a sentence that matches only through phrases a better one already holds is not
 quoted. Records that differ in one word share most phrases with the one asked for ("locker 2D in
@@ -32,6 +36,15 @@ the south hall" against "... north hall ..."); scored alone they passed the floo
 quoted four of them answered with a neighbour's value (Gemma 3 270M, near-records at 20%: 0.75
 without recall, 0.00 with, 0.75 with this rule; 20 contexts in all 0.65 → 0.56 → 0.86;
 docs/RESULTS.md, "Recall quotes only what adds").
+
+Decision [I]: a quoted sentence brings the sentences it refers to. A chain of assignments (VAR
+B = VAR A, A given the value asked for) is named by its first link only; quoted alone, the model
+listed that one variable (variable-tracking in chat's path: 0.80 without recall, 0.20 with).
+A reference is a name: a word the tokenizer splits (a made-up or rare word) found in exactly one
+other place. Words of one token found exactly twice are common words: in prose they would link
+a third of the sentences, names 6-7% (scripts/recall_selection.py on docs/METHOD.md and the GPL-3
+text). It is followed through held sentences too: a chain quoted in part reads as the whole
+answer (docs/RESULTS.md, "Recall follows a chain").
 
 Decision [I]: nothing is recalled once a merge has folded image cells. A quote can only be
 text; where part of what a question needs sat in an image, the model answered from the partial
@@ -47,6 +60,7 @@ record exactly (docs/RESULTS.md, "Recall").
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -56,6 +70,8 @@ SENTENCE = 40       # a sentence's tokens at most, either side of a match
 MIN_SCORE = 2.0     # a sentence's score to be recalled: at least one 2-gram found once
 DEFAULT_TOKENS = 96  # chat's --recall: tokens a turn may re-read (serve and the Session API: 0, off)
 ENDS = (".", "!", "?", "\n")
+NAME = re.compile(r"\w[\w-]*\w|\w")  # a word: letters, digits, inner hyphens
+NAME_TOKENS = 2     # a name is a word the tokenizer splits in at least this many tokens
 SEPARATOR = "\n\n"  # between the quoted excerpts and the turn's text
 
 
@@ -80,10 +96,11 @@ class _Text:
     tokens with no text (control tokens, images), which are boundaries."""
 
     def __init__(self, piece: Callable[[int], bytes]):
-        self.piece, self._norm, self._end, self._boundary = piece, {}, {}, {}
+        self.piece, self._raw, self._norm, self._end, self._boundary = piece, {}, {}, {}, {}
 
     def _read(self, token: int) -> None:
         text = self.piece(int(token)).decode("utf-8", "replace") if token >= 0 else ""
+        self._raw[token] = text
         self._norm[token] = text.strip().lower()
         self._end[token] = any(c in text for c in ENDS)
         self._boundary[token] = not text
@@ -92,6 +109,11 @@ class _Text:
         if token not in self._norm:
             self._read(token)
         return self._norm[token]
+
+    def raw(self, token: int) -> str:
+        """The token's text as the model reads it."""
+        self.norm(token)
+        return self._raw[token]
 
     def ends_sentence(self, token: int) -> bool:
         """The token closes a sentence and belongs to it (. ! ? or a newline)."""
@@ -108,6 +130,23 @@ def _words(tokens: np.ndarray, text: _Text) -> tuple[list[str], np.ndarray]:
     """The tokens' comparable texts with spaces-only tokens left out, and their positions."""
     keep = [(text.norm(t), i) for i, t in enumerate(tokens.tolist()) if t >= 0 and text.norm(t)]
     return [w for w, _ in keep], np.array([i for _, i in keep], np.int64)
+
+
+def _names(tokens: np.ndarray, text: _Text, min_tokens: int = NAME_TOKENS) -> dict[str, list[int]]:
+    """Each name of the text (a word holding a letter that spans `min_tokens` tokens or more: a
+    made-up or rare word, not a common one), lower-cased, with the position of its first token at
+    each place it occurs. Control tokens and images break words."""
+    chars, owner = [], []
+    for i, t in enumerate(tokens.tolist()):
+        piece = "\0" if text.boundary(t) else text.raw(t)
+        chars.append(piece)
+        owner += [i] * len(piece)
+    out: dict[str, list[int]] = {}
+    for m in NAME.finditer("".join(chars)):
+        word = m.group()
+        if owner[m.end() - 1] - owner[m.start()] + 1 >= min_tokens and any(c.isalpha() for c in word):
+            out.setdefault(word.lower(), []).append(owner[m.start()])
+    return out
 
 
 def _sentence(tokens: np.ndarray, at: int, text: _Text) -> tuple[int, int]:
@@ -165,7 +204,36 @@ def choose(tokens_by_pos: np.ndarray, forgotten: np.ndarray, query: list[int], l
             chosen.append(c)
             used += c.end - c.start
             said |= mine
+    if chosen:
+        chosen += _linked(tokens, chosen, query, limit - used, text)
     return sorted(chosen, key=lambda c: c.start)
+
+
+def _linked(tokens: np.ndarray, quoted: list[Excerpt], query: list[int], room: int, text: _Text) -> list[Excerpt]:
+    """The sentences the quoted ones refer to, hop by hop, while they fit in `room` tokens: each
+    holds the other place of a name a quoted sentence holds, found exactly twice in the earlier
+    text and not in the turn (a variable defined here and used there). Held or forgotten alike: a
+    chain quoted in part is read as the whole answer."""
+    names = _names(tokens, text)
+    asked = set(_names(np.asarray(query), text))
+    taken, frontier, out = list(quoted), list(quoted), []
+    while frontier:
+        found = []
+        for c in sorted(frontier, key=lambda c: c.start):
+            for word, at in names.items():
+                if len(at) != 2 or word in asked:
+                    continue
+                inside = [c.start <= p < c.end for p in at]
+                if inside.count(True) != 1:
+                    continue
+                lo, hi = _sentence(tokens, at[inside.index(False)], text)
+                if hi - lo <= room and not any(lo < e.end and e.start < hi for e in taken + found):
+                    found.append(Excerpt(lo, hi))
+                    room -= hi - lo
+        taken += found
+        out += found
+        frontier = found
+    return out
 
 
 def _joined(found: list[tuple[int, int, float, tuple]]) -> list[Excerpt]:
