@@ -176,3 +176,74 @@ def test_lookm_plans_the_same_on_the_backend_as_with_numpy(model, merge):
         assert np.any(got.src[..., 1:] >= 0)  # something was folded
         np.testing.assert_array_equal(got.src, want.src)
         np.testing.assert_allclose(got.weight, want.weight, rtol=1e-6)
+
+
+def test_one_modality_is_not_observed_and_plans_as_either_mode(model):
+    """rho picks cross- or intra-modal matching per layer; over one modality both plan alike, so a
+    sequence of one modality is decoded without attention statistics and merged as numpy plans it
+    in either mode. Two modalities are observed and take rho from the prompt's flow."""
+    from flowmm_edge.compression.reconstruction import PositionScores
+
+    method = FlowMM(orphans="ungated", merge="pivotal", sinks=2, window=4)
+    tokens = model.tokenize(TINY_PROMPT * 2)
+    n = len(tokens)
+    scores = np.random.default_rng(3).random((L, H, n))
+    for two in (False, True):
+        labels = np.zeros(n + 8, np.int32)
+        labels[10:30] = 1 if two else 0
+        with runtime.Context(model, n_ctx=256, n_batch=64, kv_type="f16", n_threads=2) as ctx:
+            comp = Compressor(method, 0.4)  # no policy: rho would come from the prompt
+            with comp.observe(ctx, prompt_end=n, labels=labels) as observed:
+                ctx.decode(tokens, 0)
+            assert (observed is not None) == two
+            cells, pos = kv_cache.seq_cells(ctx)
+            order = np.argsort(pos)
+            keys = _keys_by_cell(ctx)
+            ref_keys = np.stack([np.stack([keys[l][h][cells[order]] for h in range(H)]) for l in range(L)])
+            comp.use_reconstruction(PositionScores(pos[order], scores))
+            report = comp.compress(ctx, labels)
+        assert report.rho_source == ("prompt" if two else "one modality")
+        if not two:
+            for rho in (np.zeros(L), np.ones(L)):  # intra-modal everywhere (one label's flow: 0), cross everywhere
+                stats = Stats(reconstruction_scores=scores, rho=rho, keys=ref_keys)
+                want = method(TokenLayout(pos[order], labels[pos[order]]), stats, L, H, 0.4)
+                np.testing.assert_array_equal(report.plan.src, want.src)
+                np.testing.assert_allclose(report.plan.weight, want.weight, rtol=1e-6)
+
+
+def test_a_conversation_measures_rho_once_on_its_first_turn_of_two_modalities(model):
+    """Without a policy, rho comes from the first turn that holds two modalities and stays for the
+    conversation: later turns decode without statistics, and their merge plans with that rho. A
+    turn of one modality measures nothing; a reset, or a restore from before, forgets it."""
+    from flowmm_edge.compression.compressor import rho_from_flow
+    from flowmm_edge.compression.sequence_compressor import SequenceCompressor
+
+    tokens = model.tokenize(TINY_PROMPT * 2)
+    n, m = len(tokens), 12
+    labels = np.zeros(n + 3 * m, np.int32)
+    with runtime.Context(model, n_ctx=256, n_batch=64, kv_type="f16", n_threads=2) as ctx:
+        seq = SequenceCompressor(FlowMM(sinks=2, window=4), 0.5)
+        with seq.observing(ctx, prompt_end=n, labels=labels) as st:
+            ctx.decode(tokens, 0)
+        assert st is None and seq.needs_observation, "one modality: nothing observed, the next turn is"
+        labels[10:30] = 1
+        snap = seq.snapshot()
+        with seq.observing(ctx, prompt_end=n + m, labels=labels) as st:
+            ctx.decode(tokens[:m], n)
+        assert st is not None
+        want = np.array([rho_from_flow([st.flow(l)]) for l in range(L)])
+        assert not seq.needs_observation
+        with seq.observing(ctx, prompt_end=n + 2 * m, labels=labels) as later:
+            ctx.decode(tokens[m:2 * m], n + m)
+        assert later is None, "rho measured: a later turn needs no statistics"
+        by_pos = np.concatenate([tokens, tokens[:2 * m]])
+        report = seq.merge(ctx, by_pos, labels[:n + 2 * m])
+        assert report.rho_source == "conversation"
+        np.testing.assert_array_equal(report.rho, want)
+        seq.restore(snap)
+        assert seq.needs_observation, "restored to before the measuring turn: measured again"
+        with seq.observing(ctx, prompt_end=n + 3 * m, labels=labels) as st:
+            ctx.decode(tokens[2 * m:3 * m], n + 2 * m)
+        assert st is not None and not seq.needs_observation
+        seq.reset()
+        assert seq.needs_observation, "a new conversation measures its own"

@@ -127,7 +127,7 @@ class ImportanceLearner:
         self.held_k: list[np.ndarray] = []        # [n_layer, n_head_kv, n, d] float16 per held-back span
         self.held_distance: list[np.ndarray | None] = []  # [n] per held-back span (relative)
         self.held_teacher: list[np.ndarray] = []  # [n_layer, n_head_kv, n]
-        self.rho: list[np.ndarray] = []           # rho^l the learning merges estimated from their windows
+        self.rho: list[np.ndarray] = []           # rho^l each learning conversation measured (sequence_compressor)
         self.progress = Progress()
         self._since_fit = 0
         self.predictor: ImportancePredictor | None = None
@@ -189,8 +189,8 @@ class ImportanceLearner:
         p.n_documents += 1
 
     def add_rho(self, rho, labels) -> None:
-        """rho^l a learning merge estimated from its window, kept only if the sequence holds
-        more than one modality (text alone has no cross-modal flow to measure)."""
+        """rho^l a learning conversation measured on its first turn of two modalities, kept only if
+        the sequence holds more than one (text alone has no cross-modal flow to measure)."""
         if rho is not None and len(np.unique(labels)) > 1:
             self.rho.append(np.asarray(rho, np.float64))
 
@@ -257,12 +257,12 @@ class ImportanceLearner:
 
         p = self.progress
 
-        # rho^l only from merges whose windows held more than one modality; none: estimated per prompt
+        # rho^l only from conversations that held more than one modality; none: measured per conversation
         rho = [float(np.clip(r, 0, 1)) for r in np.mean(self.rho, 0)] if self.rho else None
         return Policy(model=self.fingerprint, theta=THETA, rho=rho,
                       method=dict(METHOD_DEFAULTS, **PREDICTED),
                       calibration={"source": "self-distillation", "n_tokens": p.n_tokens,
                                    "n_documents": p.n_documents, "held_back_spearman": round(rank, 4),
-                                   "rho_from_merges": len(self.rho),
+                                   "rho_from_conversations": len(self.rho),
                                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
                       predictor=predictor)

@@ -58,6 +58,11 @@ class Report:
     apply_s: float = 0.0  # seconds to apply it to the cache (the native merge graph) and set the bias
 
 
+def _one_modality(labels: np.ndarray) -> bool:
+    """The positions hold one modality label (or none)."""
+    return np.unique(labels).size <= 1
+
+
 def rho_from_flow(flows: list[np.ndarray], text_label: int = 0) -> float:
     """rho^l (docs/METHOD.md, 'Cross-modal flow (rho)') from per-head flow matrices
     [n_head, n_labels, n_labels], summed over the given prompts first: mean over heads of
@@ -101,12 +106,15 @@ def rope_geometry(model) -> RopeGeometry:
 
 
 class Compressor:
-    def __init__(self, method: Method, budget: float | int, rho: np.ndarray | None = None):
+    def __init__(self, method: Method, budget: float | int, rho: np.ndarray | None = None, rho_source: str = "policy"):
+        """`rho`: per layer, from a policy (or `rho_source`, such as a conversation's measurement);
+        None: measured from the prompt the merge observes."""
         needs = method.needs
         if WINDOW_SCORES in needs and PROMPT_SCORES in needs:
             raise MethodError(f"{method.name} needs both window and whole-prompt scores; one prefill gives one")
         self.method, self.budget = method, budget
         self.rho = None if rho is None else np.asarray(rho, dtype=np.float64)
+        self.rho_source = rho_source
         self._stats: AttentionStats | None = None
         self._recon: reconstruction.PositionScores | None = None
 
@@ -124,10 +132,19 @@ class Compressor:
             return 0
         return prompt_end - min(self.method.window, prompt_end)
 
+    def _observes(self, labels: np.ndarray, prompt_end: int) -> bool:
+        """Whether a decode ending at `prompt_end` must be observed. Not when rho is all the method
+        would read and the positions hold one modality: a merge of one modality plans the same in
+        either mode, so rho changes nothing (and the statistics cost each turn's decode)."""
+        if not self.needs_observation:
+            return False
+        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS}) or \
+            not _one_modality(np.asarray(labels)[:prompt_end])
+
     @contextlib.contextmanager
     def observe(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
         """Collect the method's statistics over the decode run inside the with-block."""
-        if not self.needs_observation:
+        if not self._observes(labels, prompt_end):
             self._stats = None
             yield None
             return
@@ -142,6 +159,13 @@ class Compressor:
             stats.stop()
         self._stats = stats
 
+    def measured_rho(self) -> np.ndarray | None:
+        """rho per layer from the flow observed (None if nothing was, or without labels)."""
+        s = self._stats
+        if s is None or RHO not in self.method.needs or self.rho is not None or not s.n_labels:
+            return None
+        return np.array([rho_from_flow([s.flow(l)]) for l in range(s.n_layer)])
+
     def use_observed(self, stats: AttentionStats) -> None:
         """Plan from statistics gathered elsewhere (a stopped AttentionStats over the same cells)."""
         self._stats = stats
@@ -149,7 +173,7 @@ class Compressor:
     def with_method(self, method: Method) -> "Compressor":
         """The same budget, rho and observation, planned by another method (the teacher's
         importance in place of the predictor's, say): the statistics observed must serve it."""
-        other = Compressor(method, self.budget, self.rho)
+        other = Compressor(method, self.budget, self.rho, self.rho_source)
         other._stats = self._stats
         return other
 
@@ -168,7 +192,7 @@ class Compressor:
         if PROMPT_SCORES in self.method.needs and whole_prompt is not None:
             self.use_observed(whole_prompt)
             return None
-        if not self.needs_observation:
+        if not self._observes(labels, prompt_end):
             return None
         w = min(self.method.window, len(tail_tokens), prompt_end)
         ctx.truncate(prompt_end - w, seq_id)
@@ -219,10 +243,13 @@ class Compressor:
             if self.rho is not None:
                 if self.rho.shape != (n_layer,):
                     raise MethodError(f"the policy has rho for {len(self.rho)} layers, the cache merges {n_layer}")
-                stats.rho, rho_source = self.rho, "policy"
+                stats.rho, rho_source = self.rho, self.rho_source
+            elif s is not None:
+                stats.rho, rho_source = self.measured_rho(), "prompt"
+            elif _one_modality(np.asarray(labels)[positions]):
+                stats.rho, rho_source = np.ones(n_layer), "one modality"  # either mode plans the same
             else:
-                stats.rho = np.array([rho_from_flow([s.flow(l)]) for l in range(n_layer)])
-                rho_source = "prompt"
+                raise MethodError(f"{self.method.name} needs rho: decode the prompt inside observe()")
         if KEYS in needs:
             stats.keys = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, cells, "k", seq_id) for h in range(n_head_kv)])
                                    for l in range(n_layer)])

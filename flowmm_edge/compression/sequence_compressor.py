@@ -18,6 +18,11 @@ rho, and the scores gathered so far: the observation window of the latest turn (
 whole-prompt methods, and FlowMM's rho without a policy) and the repeat pass's scores
 (reconstruction.RepeatedScores, which each merge extends by the text added since the last).
 
+Decision [I]: without a policy, FlowMM's rho is measured on the conversation's first turn that
+holds two modalities and kept for the rest of it, as a policy's rho is kept for every prompt;
+later turns decode without statistics where rho was all they were for (the statistics cost a
+16-token turn at 2k about 35% of its decode; docs/RESULTS.md, "A learning model's turns").
+
 `merge` is all-or-nothing: on any error, or when `stop()` says so between two chunks of the
 repeat pass (MergeInterrupted), the cache is exactly as before; what the finished chunks scored
 is kept, so the next attempt goes on from there. *When* a conversation merges is decided by
@@ -51,6 +56,7 @@ class SequenceCompressor:
         every merge that runs it, before the merge changes the cache."""
         self._spec, self.budget = method, budget if isinstance(budget, float) else int(budget)
         self.learner = learner
+        self._rho_measured: np.ndarray | None = None  # without a policy's: this conversation's, once measured
         self.use_policy(policy)  # an unknown name fails here
         self.repeats = reconstruction.RepeatedScores()
         self._observed: Compressor | None = None  # observed over the latest turn's end, not merged yet
@@ -60,7 +66,7 @@ class SequenceCompressor:
         scores so far are kept."""
         probe, rho = registry.resolve(self._spec, policy)  # once per policy: a method holds settings, no state
         self.policy, self.method, self.name, self.needs, self._rho = policy, probe, probe.name, probe.needs, rho
-        self._needs_observation = Compressor(probe, self.budget, rho=rho).needs_observation
+        self._needs_observation = self._fresh().needs_observation
 
     @property
     def enabled(self) -> bool:
@@ -85,6 +91,8 @@ class SequenceCompressor:
         return reconstruction.room_needed(reconstruction.repeat_prefix(model)) if self.runs_repeat_pass(teacher) else 0
 
     def _fresh(self) -> Compressor:
+        if self._rho is None and self._rho_measured is not None:
+            return Compressor(self.method, self.budget, rho=self._rho_measured, rho_source="conversation")
         return Compressor(self.method, self.budget, rho=self._rho)
 
     def observed_from(self, prompt_end: int) -> int:
@@ -99,8 +107,20 @@ class SequenceCompressor:
         comp = self._fresh()
         with comp.observe(ctx, prompt_end=prompt_end, labels=labels, seq_id=seq_id) as stats:
             yield stats
+        self._observed = comp if comp.needs_observation else None  # the latest turn's, or none
         if comp.needs_observation:
-            self._observed = comp
+            self._keep_rho(comp, labels[:prompt_end])
+
+    def _keep_rho(self, comp: Compressor, labels: np.ndarray) -> None:
+        """Keep the rho a turn of two modalities measured, for the rest of the conversation (and
+        give it to the learner: one per conversation, as a policy holds one)."""
+        if self._rho is None and self._rho_measured is None and len(np.unique(labels)) > 1:
+            rho = comp.measured_rho()
+            if rho is not None:
+                self._rho_measured = rho
+                self._needs_observation = self._fresh().needs_observation
+                if self.learner is not None:
+                    self.learner.add_rho(rho, labels)
 
     def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray, seq_id: int = 0,
                whole_prompt=None):
@@ -110,8 +130,9 @@ class SequenceCompressor:
         logits of that re-decode, or None if nothing was decoded."""
         comp = self._fresh()
         logits = comp.replay(ctx, tail_tokens, prompt_end, labels, whole_prompt=whole_prompt, seq_id=seq_id)
+        self._observed = comp if comp.needs_observation else None
         if comp.needs_observation:
-            self._observed = comp
+            self._keep_rho(comp, labels[:prompt_end])
         return logits
 
     def share_scores(self, repeats: reconstruction.RepeatedScores) -> None:
@@ -156,8 +177,6 @@ class SequenceCompressor:
             if self.learner is not None:
                 self.learner.observe(ctx, seq_id, scored, np.setdiff1d(self.repeats.repeated, before))
         report = comp.compress(ctx, labels, seq_id)
-        if self.learner is not None and report.rho_source == "prompt":
-            self.learner.add_rho(report.rho, labels)
         self._observed = None
         return report
 
@@ -169,10 +188,16 @@ class SequenceCompressor:
     def reset(self) -> None:
         self.repeats = reconstruction.RepeatedScores()
         self._observed = None
+        self._forget_rho(None)
 
     def snapshot(self) -> tuple:
-        return self.repeats.snapshot(), self._observed
+        return self.repeats.snapshot(), self._observed, self._rho_measured
 
     def restore(self, snap: tuple) -> None:
-        repeats, self._observed = snap
+        repeats, self._observed, rho = snap
         self.repeats.restore(repeats)
+        self._forget_rho(rho)
+
+    def _forget_rho(self, rho: np.ndarray | None) -> None:
+        self._rho_measured = rho
+        self._needs_observation = self._fresh().needs_observation
