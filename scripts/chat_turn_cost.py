@@ -16,6 +16,14 @@ The reader: `--read wait` (default) sends the next turn once the background merg
 reader slower than the merge); `--read S` sends it S seconds after the reply, stopping a merge
 still running at its next chunk boundary.
 
+`--unseen` runs FlowMM on a copy of the model with one header string changed, so no policy
+matches it and it learns (the repeat pass after each reply, teaching its student), each round
+from nothing. `--text-only` labels the document's picture spans text, as a plain chat holds one
+modality. `--rounds R` repeats every conversation R times, the full cache first in odd
+rounds and last in even ones, and prints each turn's median first token and the median and
+range of its ratio to the same round's full cache (the machine's speed moves between runs); the
+other columns are the first round's.
+
     cd scripts && python chat_turn_cost.py --length 4096 --ctx 6144 --budget 1024 \\
         --methods full,snapkv,flowmm --schedules reply_first,blocking
 """
@@ -23,9 +31,14 @@ still running at its next chunk boundary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
-from bench_common import open_model
+from bench_common import open_model, unseen_copy
 from flowmm_edge.evaluation import ruler_tasks
 from flowmm_edge.app.session import Session
 
@@ -70,27 +83,48 @@ def main() -> int:
     ap.add_argument("--read", default="wait", help="'wait' for the background merge, or seconds between turns")
     ap.add_argument("--recall", type=int, default=0, help="chat's --recall (default 0 here: off); N adds the "
                                                           "document's question as a last turn")
+    ap.add_argument("--unseen", action="store_true", help="FlowMM on a renamed copy of the model: it learns, "
+                                                           "from nothing each round")
+    ap.add_argument("--rounds", type=int, default=1, help="conversations of each method and schedule, alternated")
+    ap.add_argument("--text-only", action="store_true", help="label the document's picture spans text too: one "
+                                                               "modality, as a plain chat")
     args = ap.parse_args()
     path, model = open_model(args)
     task = ruler_tasks.generate(["single-number"], [args.length], 1, 0,
                                 count_tokens=lambda t: len(model.tokenize(t, add_special=False)))[0]
     model.close()
-    turns = [dict(segments=task.segments)] + [dict(text=q) for q in QUESTIONS]
+    segments = [dataclasses.replace(seg, modality="text") for seg in task.segments] if args.text_only else task.segments
+    turns = [dict(segments=segments)] + [dict(text=q) for q in QUESTIONS]
     if args.recall:
         turns.append(dict(text=task.questions[0].text))
-    ref = run_turns(path, turns, "full", "reply_first", args)
+    tmp = tempfile.TemporaryDirectory()
+    path = unseen_copy(path, Path(tmp.name)) if args.unseen else path  # the full cache reads the same file
+    others = [(m, sc) for m in args.methods.split(",") if m != "full" for sc in args.schedules.split(",")]
+    runs: dict[tuple[str, str], list[list[dict]]] = {("full", "reply_first"): []}
+    for r in range(args.rounds):
+        order = [("full", "reply_first")] + others if r % 2 == 0 else others + [("full", "reply_first")]
+        for method, schedule in order:
+            if args.unseen:  # every round learns from nothing
+                os.environ["FLOWMM_POLICY_DIR"] = str(Path(tmp.name) / f"policies-{r}-{method}-{schedule}")
+            runs.setdefault((method, schedule), []).append(
+                run_turns(path, turns, method, schedule, args))
+    ref = runs[("full", "reply_first")]
     print("| method | schedule | turn | positions | first token s | / full | merge waited s | cells after | "
           "recalled tokens so far | reply = full |\n|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("full", "reply_first", ref)] + [(m, sc, run_turns(path, turns, m, sc, args))
-                                               for m in args.methods.split(",") if m != "full"
-                                               for sc in args.schedules.split(",")]
-    for method, schedule, rows in runs:
-        for r, f in zip(rows, ref):
-            print(f"| {method} | {schedule} | {r['turn']} | {r['positions']} | {r['ttft']:.2f} | "
-                  f"{r['ttft'] / f['ttft']:.2f}x | {r['waited']:.2f} | {r['cells']} | {r['recalled']} | "
-                  f"{'yes' if r['reply'] == f['reply'] else 'no'} |")
-        print(f"| {method} | {schedule} | after the replies | | | | {rows[-1]['background_total']:.2f} s in "
-              f"{rows[-1]['background_merges']} merges | | | |", flush=True)
+    for (method, schedule), rounds in runs.items():
+        for k, row in enumerate(rounds[0]):
+            ttft = [rs[k]["ttft"] for rs in rounds]
+            ratios = sorted(rs[k]["ttft"] / fs[k]["ttft"] for rs, fs in zip(rounds, ref))
+            spread = f" [{ratios[0]:.2f}–{ratios[-1]:.2f}]" if len(ratios) > 1 else ""
+            same = sum(rs[k]["reply"] == fs[k]["reply"] for rs, fs in zip(rounds, ref))
+            print(f"| {method} | {schedule} | {row['turn']} | {row['positions']} | {statistics.median(ttft):.2f} | "
+                  f"{statistics.median(ratios):.2f}x{spread} | {row['waited']:.2f} | {row['cells']} | "
+                  f"{row['recalled']} | {same}/{len(rounds)} |")
+        last = [rs[-1] for rs in rounds]
+        print(f"| {method} | {schedule} | after the replies | | | | "
+              f"{statistics.median(x['background_total'] for x in last):.2f} s in "
+              f"{last[0]['background_merges']} merges | | | |", flush=True)
+    tmp.cleanup()
     return 0
 
 

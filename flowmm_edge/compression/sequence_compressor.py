@@ -20,8 +20,9 @@ whole-prompt methods, and FlowMM's rho without a policy) and the repeat pass's s
 
 Decision [I]: without a policy, FlowMM's rho is measured on the conversation's first turn that
 holds two modalities and kept for the rest of it, as a policy's rho is kept for every prompt;
-later turns decode without statistics where rho was all they were for (the statistics cost a
-16-token turn at 2k about 35% of its decode; docs/RESULTS.md, "A learning model's turns").
+later turns decode without statistics where rho was all they were for (a learning model's short
+turns waited 1.18-1.23x the full cache's first token, now 0.89-0.98x; docs/RESULTS.md, "A
+learning model's turns").
 
 `merge` is all-or-nothing: on any error, or when `stop()` says so between two chunks of the
 repeat pass (MergeInterrupted), the cache is exactly as before; what the finished chunks scored
