@@ -244,8 +244,8 @@ class Compressor:
                 if self.rho.shape != (n_layer,):
                     raise MethodError(f"the policy has rho for {len(self.rho)} layers, the cache merges {n_layer}")
                 stats.rho, rho_source = self.rho, self.rho_source
-            elif s is not None:
-                stats.rho, rho_source = self.measured_rho(), "prompt"
+            elif (measured := self.measured_rho()) is not None:
+                stats.rho, rho_source = measured, "prompt"
             elif _one_modality(np.asarray(labels)[positions]):
                 stats.rho, rho_source = np.ones(n_layer), "one modality"  # either mode plans the same
             else:
