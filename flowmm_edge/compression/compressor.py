@@ -58,8 +58,11 @@ class Report:
     apply_s: float = 0.0  # seconds to apply it to the cache (the native merge graph) and set the bias
 
 
-def _one_modality(labels: np.ndarray) -> bool:
-    """The positions hold one modality label (or none)."""
+OBSERVED_SCORES = frozenset({WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS})  # what only an observed decode gives, rho aside
+
+
+def one_modality(labels: np.ndarray) -> bool:
+    """The positions hold one modality label (or none): rho then plans nothing."""
     return np.unique(labels).size <= 1
 
 
@@ -120,7 +123,7 @@ class Compressor:
 
     @property
     def needs_observation(self) -> bool:
-        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS}) or \
+        return bool(self.method.needs & OBSERVED_SCORES) or \
             (RHO in self.method.needs and self.rho is None)
 
     def observed_from(self, prompt_end: int) -> int:
@@ -138,8 +141,8 @@ class Compressor:
         either mode, so rho changes nothing (and the statistics cost each turn's decode)."""
         if not self.needs_observation:
             return False
-        return bool(self.method.needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS}) or \
-            not _one_modality(np.asarray(labels)[:prompt_end])
+        return bool(self.method.needs & OBSERVED_SCORES) or \
+            not one_modality(np.asarray(labels)[:prompt_end])
 
     @contextlib.contextmanager
     def observe(self, ctx, prompt_end: int, labels: np.ndarray, seq_id: int = 0):
@@ -218,7 +221,7 @@ class Compressor:
         n_layer, n_head_kv = lay.n_layer, lay.n_head_kv
         needs, s = self.method.needs, self._stats
         stats = Stats()
-        if needs & {WINDOW_SCORES, PROMPT_SCORES, QUERY_MEANS} and s is None:
+        if needs & OBSERVED_SCORES and s is None:
             raise MethodError(f"{self.method.name} needs attention statistics: decode the prompt inside observe()")
         if needs & {WINDOW_SCORES, PROMPT_SCORES}:
             scores = observed_at(s, positions, n_layer)
@@ -246,7 +249,7 @@ class Compressor:
                 stats.rho, rho_source = self.rho, self.rho_source
             elif (measured := self.measured_rho()) is not None:
                 stats.rho, rho_source = measured, "prompt"
-            elif _one_modality(np.asarray(labels)[positions]):
+            elif one_modality(np.asarray(labels)[positions]):
                 stats.rho, rho_source = np.ones(n_layer), "one modality"  # either mode plans the same
             else:
                 raise MethodError(f"{self.method.name} needs rho: decode the prompt inside observe()")

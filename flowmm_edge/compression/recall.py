@@ -214,15 +214,13 @@ def _linked(tokens: np.ndarray, quoted: list[Excerpt], query: list[int], room: i
     holds the other place of a name a quoted sentence holds, found exactly twice in the earlier
     text and not in the turn (a variable defined here and used there). Held or forgotten alike: a
     chain quoted in part is read as the whole answer."""
-    names = _names(tokens, text)
     asked = set(_names(np.asarray(query), text))
+    links = [at for word, at in _names(tokens, text).items() if len(at) == 2 and word not in asked]
     taken, frontier, out = list(quoted), list(quoted), []
     while frontier:
         found = []
         for c in sorted(frontier, key=lambda c: c.start):
-            for word, at in names.items():
-                if len(at) != 2 or word in asked:
-                    continue
+            for at in links:
                 inside = [c.start <= p < c.end for p in at]
                 if inside.count(True) != 1:
                     continue

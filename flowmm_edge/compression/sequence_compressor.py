@@ -42,7 +42,7 @@ from . import reconstruction
 from ..methods import registry
 from ..methods.base import RECONSTRUCTION_SCORES, Method
 from ..methods.budget import Budget
-from .compressor import Compressor, Report
+from .compressor import Compressor, Report, one_modality
 from ..errors import FlowMMError
 
 
@@ -115,7 +115,7 @@ class SequenceCompressor:
     def _keep_rho(self, comp: Compressor, labels: np.ndarray) -> None:
         """Keep the rho a turn of two modalities measured, for the rest of the conversation (and
         give it to the learner: one per conversation, as a policy holds one)."""
-        if self._rho is None and self._rho_measured is None and len(np.unique(labels)) > 1:
+        if self._rho is None and self._rho_measured is None and not one_modality(labels):
             rho = comp.measured_rho()
             if rho is not None:
                 self._rho_measured = rho
