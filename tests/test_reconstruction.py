@@ -25,14 +25,21 @@ HD = SPEC.n_embd // SPEC.n_head
 L, H, NQ = SPEC.n_layer, SPEC.n_head_kv, SPEC.n_head
 
 
-def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) -> np.ndarray:
-    """[len(repeat), L, H, n]: mass each row of `repeat` (decoded right after `context`) sends to the context's cells."""
+def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool, hidden=()) -> np.ndarray:
+    """[len(repeat), L, H, n]: mass each row of `repeat` (decoded right after `context`) sends to the
+    context's cells; the softmax leaves out the context's positions in `hidden`, which the decode
+    also hides (a -inf slot bias, itself checked against numpy's attention in test_kv_bias.py), so
+    the rows' queries at later layers are those of a pass that cannot read them."""
     n = len(context)
     cap = Capture([f"Qcur-{l}" for l in range(L)])
     with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2,
                          cb_eval=cap.callback) as ctx:
         cap.enabled = False
         ctx.decode(context, 0)
+        if len(hidden):
+            dead = np.zeros((L, n), np.float32)
+            dead[:, list(hidden)] = -np.inf  # cells are in position order in a fresh context
+            kv_cache.set_slot_bias(ctx, dead)
         cap.enabled = True
         ctx.decode(repeat, n)
         cells, pos = kv_cache.seq_cells(ctx)
@@ -47,6 +54,7 @@ def _numpy_mass(model, context: list[int], repeat: list[int], flash_attn: bool) 
             for qh in range(NQ):
                 k = keys[l][qh // (NQ // H)][: n + t + 1]
                 z = k @ q[t, qh] / np.sqrt(HD)
+                z[list(hidden)] = -np.inf
                 p = np.exp(z - z.max())
                 mass[t, l, qh // (NQ // H)] += (p / p.sum())[:n]
     return mass
@@ -80,6 +88,39 @@ def test_scores_equal_numpy_attention_of_the_repeat_rows(model, chunk, rows, fla
     assert np.all(got.scores[..., 5:9] > 0)  # the unrepeated cells are still scored
 
 
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_the_kept_tail_is_neither_repeated_nor_read(model, flash_attn):
+    """kept_tail=k: the last k cells (a merge's recent window) are hidden from the repeat rows (the
+    softmax runs over the other cells) and their tokens are not repeated, so they score 0; a later
+    pass repeats them once newer cells have taken their place in the tail."""
+    context = model.tokenize(TINY_PROMPT)
+    n, k, chunk, rows = len(context), 6, 7, 4
+    prefix = reconstruction.repeat_prefix(model)
+    text = context[:n - k]
+    groups = []
+    for a in range(0, len(text), chunk):
+        per_row = _numpy_mass(model, context, prefix + text[a:a + chunk], flash_attn, hidden=range(n - k, n))
+        per_row = per_row[len(prefix):]
+        groups += [per_row[g:g + rows].sum(axis=0) for g in range(0, len(per_row), rows)]
+    want = np.max(groups, axis=0)
+    assert np.all(want[..., n - k:] == 0)
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_ubatch=16, flash_attn=flash_attn, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        state = ctx.state()
+        got = reconstruction.reconstruction_scores(ctx, np.asarray(context), prefix, chunk=chunk, rows=rows, kept_tail=k)
+        np.testing.assert_allclose(got.scores, want, rtol=2e-3, atol=2e-4)
+        np.testing.assert_array_equal(got.repeated, np.arange(n - k))
+        assert ctx.state() == state
+        assert not np.any(kv_cache.get_slot_bias(ctx))
+        repeats = reconstruction.RepeatedScores()
+        repeats.update(ctx, np.asarray(context), kept_tail=k)
+        np.testing.assert_array_equal(repeats.repeated, np.arange(n - k))
+        more = model.tokenize(" and then some more", add_special=False)
+        ctx.decode(more, n)
+        repeats.update(ctx, np.asarray(context + more), kept_tail=k)
+        np.testing.assert_array_equal(repeats.repeated, np.arange(n + len(more) - k))
+
+
 def test_the_pass_leaves_cache_and_bias_as_they_were(model):
     context = model.tokenize(TINY_PROMPT)
     with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:
@@ -89,10 +130,13 @@ def test_the_pass_leaves_cache_and_bias_as_they_were(model):
         kv_cache.set_slot_bias(ctx, bias)
         state, logits = ctx.state(), ctx.decode([7], len(context))
         ctx.truncate(len(context))
-        reconstruction.reconstruction_scores(ctx, np.asarray(context), reconstruction.repeat_prefix(model), chunk=9)
-        assert ctx.state() == state
-        np.testing.assert_array_equal(kv_cache.get_slot_bias(ctx), bias)
-        np.testing.assert_array_equal(ctx.decode([7], len(context)), logits)
+        for kept_tail in (0, 5):  # 5: the pass hides the last cells under a bias of its own, then puts this one back
+            reconstruction.reconstruction_scores(ctx, np.asarray(context), reconstruction.repeat_prefix(model), chunk=9,
+                                                 kept_tail=kept_tail)
+            assert ctx.state() == state
+            np.testing.assert_array_equal(kv_cache.get_slot_bias(ctx), bias)
+            np.testing.assert_array_equal(ctx.decode([7], len(context)), logits)
+            ctx.truncate(len(context))
 
 
 def test_an_interrupted_decode_stops_and_leaves_the_sequence_as_llama_cpp_serialised_it(model, capfd):
@@ -193,8 +237,9 @@ def test_scores_follow_positions_not_cells_after_a_merge(model):
 
 
 def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models, monkeypatch):
-    """Session: the first merge repeats every text position; a later merge repeats only the
-    positions added since (the reply, the new turn), and a position scored before is planned
+    """Session: the first merge repeats every text position but the recent window it keeps (the
+    method's `window` last cells); a later merge repeats only the positions no pass has fed (that
+    window, the reply, the new turn) but its own window, and a position scored before is planned
     from max(its old score, what the new pass sends it)."""
     from flowmm_edge.app.session import Session
 
@@ -219,11 +264,16 @@ def test_a_chat_merge_repeats_only_the_text_added_since_the_last_one(tiny_models
         s.add_user_turn("what color is the cat")
     assert len(passes) == len(used) == 2
     (tok1, out1), (tok2, out2) = passes
-    assert np.all(tok1[out1.positions] >= 0)  # a text-only cache: every position repeated
-    new = out2.positions > out1.positions.max()
-    np.testing.assert_array_equal(tok2[out2.positions] >= 0, new)  # only what came after the first merge
-    old = ~new
+    window = FlowMM().window
+    assert np.all(tok1[out1.positions] >= 0)  # a text-only cache
+    np.testing.assert_array_equal(out1.repeated, out1.positions[:-window])
+    not_fed = ~np.isin(out2.positions, out1.repeated)
+    np.testing.assert_array_equal(tok2[out2.positions] >= 0, not_fed)
+    np.testing.assert_array_equal(out2.repeated, out2.positions[:-window][not_fed[:-window]])
+    old = out2.positions <= out1.positions.max()
+    new = ~old
     assert old.sum() == 40  # the slots the first merge kept
+    assert np.any(old & not_fed)  # the first merge's window, repeated now
     np.testing.assert_array_equal(used[1].positions, out2.positions)
     np.testing.assert_array_equal(used[1].scores[..., new], out2.scores[..., new])
     np.testing.assert_array_equal(used[1].scores[..., old],

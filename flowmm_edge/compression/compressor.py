@@ -212,7 +212,7 @@ class Compressor:
             if tokens is None:
                 raise MethodError(f"{self.method.name} needs reconstruction scores: pass the tokens by position")
             recon = reconstruction.reconstruction_scores(ctx, tokens, reconstruction.repeat_prefix(ctx.model), seq_id,
-                                                         images=images)
+                                                         images=images, kept_tail=self.method.window)
         t0 = time.perf_counter()
         cells, positions = kv_cache.seq_cells(ctx, seq_id)
         order = np.argsort(positions, kind="stable")  # cell order need not follow positions once a merge freed cells

@@ -106,21 +106,23 @@ class Interrupted(ReconstructionError):
 
 def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq_id: int = 0,
                           chunk: int = CHUNK, rows: int = ROWS, stop=None, progress=None,
-                          images: dict | None = None) -> PositionScores:
+                          images: dict | None = None, kept_tail: int = 0) -> PositionScores:
     """The reconstruction score of every cell of `seq_id` (see the module docstring). The pass
     decodes in the cells no sequence holds (other sequences may share the cache). `images`: the
     images to repeat, by first position (each with n_pos and eval(ctx, pos, seq_id)); one that
     does not fit the free cells now is left for a later pass. `stop`, a callable, is asked before
     each chunk: True raises Interrupted with what was done so far; `progress(done, total)` is told
-    the positions repeated after each chunk."""
+    the positions repeated after each chunk. `kept_tail`: the sequence's last cells that the merge
+    keeps whatever they score (its recent window); the pass hides them (see hidden_tail)."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     positions = np.sort(positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
     if len(positions) and positions[-1] >= len(tokens_by_pos):
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
     end = ctx.next_pos(seq_id)
-    text = positions[tokens_by_pos[positions] >= 0]
-    pending = sorted((p, img) for p, img in (images or {}).items() if p < end)
+    hidden_from = positions[len(positions) - kept_tail] if 0 < kept_tail <= len(positions) else end
+    text = positions[(tokens_by_pos[positions] >= 0) & (positions < hidden_from)]
+    pending = sorted((p, img) for p, img in (images or {}).items() if p + img.n_pos <= hidden_from)
     total_work = len(text) + sum(img.n_pos for _, img in pending)
     lay = kv_cache.layout(ctx)
     total = np.zeros((lay.n_layer, lay.n_head_kv, len(positions)), np.float64)
@@ -166,6 +168,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         fed.append(np.arange(at, at + img.n_pos))
 
     a, done = 0, 0
+    unhide = hidden_tail(ctx, seq_id, hidden_from)
     try:
         while a < len(text) or pending:
             if stop is not None and stop():
@@ -202,7 +205,38 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
                 progress(min(done, total_work), total_work)
     finally:
         ctx.truncate(end, seq_id)
+        unhide()
     return PositionScores(positions, total, fed_positions())
+
+
+def hidden_tail(ctx, seq_id: int, hidden_from: int):
+    """Hide seq_id's cells at positions >= hidden_from from the rows decoded after them (a -inf
+    slot bias on top of the one they carry); returns the callable that puts the bias back as it was.
+
+    Decision [I]: the repeat pass scores the cells a merge may lose, so the cells it keeps whatever
+    they score (the recent window) are neither repeated nor read by the repeat rows, and their text is
+    repeated by the first pass after they leave the window. Where the window holds a copy of earlier
+    text (in chat, a reply restating a document's number, cut off mid-number), the rows re-reading
+    the document read that copy instead of the document's, and the merge folded the document's copy
+    away: in chat's own path without a predictor, single-number answered 0 of 2 after a 16-token reply
+    that restated it, and the document's digits ranked 957th median of 1,670 cells, against 512th
+    after a 1-token reply (docs/RESULTS.md, "The repeat pass no longer reads the recent window")."""
+    cells, positions = kv_cache.seq_cells(ctx, seq_id)
+    hide = positions >= hidden_from
+    if not np.any(hide):
+        return lambda: None
+    prior = kv_cache.get_slot_bias(ctx, seq_id)
+    biased = bool(np.any(prior != 0))
+    bias = prior.copy()
+    bias[..., hide] = -np.inf
+    kv_cache.set_slot_bias(ctx, bias, seq_id)
+
+    def unhide() -> None:
+        if biased:
+            kv_cache.set_slot_bias(ctx, prior, seq_id)
+        else:
+            kv_cache.clear_slot_bias(ctx, seq_id)
+    return unhide
 
 
 class RepeatedScores:
@@ -241,15 +275,15 @@ class RepeatedScores:
         return self.scored
 
     def update(self, ctx, tokens_by_pos: np.ndarray, seq_id: int = 0, stop=None, progress=None,
-               images: dict | None = None) -> PositionScores:
+               images: dict | None = None, kept_tail: int = 0) -> PositionScores:
         """Repeat what no pass has fed yet: text positions, and `images` (by first position) not
-        repeated before."""
+        repeated before, but for the `kept_tail` last cells (reconstruction_scores)."""
         tokens = np.array(tokens_by_pos, np.int32)
         tokens[self.repeated[self.repeated < len(tokens)]] = -1  # repeated already: not fed again
         images = {p: img for p, img in (images or {}).items() if p not in self.repeated}
         try:
             fresh = reconstruction_scores(ctx, tokens, repeat_prefix(ctx.model), seq_id, stop=stop, progress=progress,
-                                          images=images)
+                                          images=images, kept_tail=kept_tail)
         except Interrupted as e:
             self._combine(e.partial, e.repeated)
             raise

@@ -82,6 +82,12 @@ class SequenceCompressor:
     def repeats_context(self) -> bool:
         return RECONSTRUCTION_SCORES in self.needs
 
+    @property
+    def kept_tail(self) -> int:
+        """The last cells every merge keeps (the method's recent window): the repeat pass hides them
+        (reconstruction.hidden_tail)."""
+        return self.method.window
+
     def runs_repeat_pass(self, teacher: bool = False) -> bool:
         """Whether a merge runs the repeat pass: the method scores by it, or `teacher` asks for it
         where the method predicts."""
@@ -171,7 +177,8 @@ class SequenceCompressor:
         if RECONSTRUCTION_SCORES in comp.method.needs:
             before = self.repeats.repeated
             try:
-                scored = self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop, progress=progress, images=images)
+                scored = self.repeats.update(ctx, tokens_by_pos, seq_id, stop=stop, progress=progress, images=images,
+                                             kept_tail=comp.method.window)
             except reconstruction.Interrupted as e:
                 raise MergeInterrupted(str(e)) from None
             comp.use_reconstruction(scored)

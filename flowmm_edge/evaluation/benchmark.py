@@ -194,7 +194,7 @@ def run(model_path, lengths=(1024, 2048, 4096), budgets=(0.05, 0.1, 0.2, 0.35, 0
                     if observer.repeats_context:
                         ctx.set_state(state)
                         t = time.perf_counter()
-                        repeats.update(ctx, np.asarray(tokens, np.int32))
+                        repeats.update(ctx, np.asarray(tokens, np.int32), kept_tail=observer.kept_tail)
                         recon_s = time.perf_counter() - t
                     for budget in budgets:
                         ctx.set_state(state)

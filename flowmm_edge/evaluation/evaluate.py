@@ -144,8 +144,10 @@ class Prefill:
             self.logits = feed(ctx, p, 0)
         self.tokens = reconstruction.tokens_by_position(p.pieces)
         self.repeats = reconstruction.RepeatedScores()  # one repeat pass, shared by every method that needs it
-        if any(seq.repeats_context for _, _, seq in comps):
-            self.repeats.update(ctx, self.tokens, images=reconstruction.images_by_position(p.pieces))
+        repeaters = [seq for _, _, seq in comps if seq.repeats_context]
+        if repeaters:
+            self.repeats.update(ctx, self.tokens, images=reconstruction.images_by_position(p.pieces),
+                                kept_tail=min(seq.kept_tail for seq in repeaters))
         self.state = ctx.state()
         self.tail = _trailing_text_tokens(p.pieces)
 
