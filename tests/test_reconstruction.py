@@ -121,6 +121,49 @@ def test_the_kept_tail_is_neither_repeated_nor_read(model, flash_attn):
         np.testing.assert_array_equal(repeats.repeated, np.arange(n + len(more) - k))
 
 
+@pytest.mark.parametrize("sensitivity", [False, True])
+def test_a_merge_keeps_the_hidden_tail_as_it_was(model, sensitivity):
+    """The cells the pass hid score 0; a merge keeps them (the method's window) and folds nothing
+    into them: their K and V rows after the merge are the rows llama.cpp held before it, and they
+    carry no slot bias. The tau gate's quantile is over the scored pivots: none above it absorbs."""
+    context = model.tokenize(TINY_PROMPT)
+    n, k = len(context), 8
+    with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(context, 0)
+        cells, pos = kv_cache.seq_cells(ctx)
+        assert pos.tolist() == list(range(n))  # a fresh context: cell i holds position i
+        rows0 = {w: [[kv_cache.read_rows(ctx, l, h, cells, w) for h in range(H)] for l in range(L)] for w in "kv"}
+        scored = reconstruction.reconstruction_scores(ctx, np.asarray(context), reconstruction.repeat_prefix(model),
+                                                      kept_tail=k)
+        assert np.all(scored.scores[..., n - k:] == 0)
+        # without the gate every candidate folds into its most similar pivot (no cosine floor)
+        method = FlowMM(flow_guidance=False, merge="mass", floor=-1.0, sensitivity=sensitivity, pool=1, window=k,
+                        importance="reconstruction")
+        comp = Compressor(method, budget=n // 2)
+        comp.use_reconstruction(scored)
+        plan = comp.compress(ctx, np.zeros(n, np.int32)).plan
+        slot_cells, slot_pos = kv_cache.seq_cells(ctx)
+        cell_of = dict(zip(slot_pos.tolist(), slot_cells.tolist()))
+        bias = kv_cache.get_slot_bias(ctx)
+        absorbed = (plan.src[..., 1:] >= 0).any(axis=-1)  # [L, H, B]
+        tail_slots = 0
+        for l in range(L):
+            for h in range(H):
+                piv = plan.src[l, h, :, 0]
+                for j in np.flatnonzero(piv >= n - k):
+                    assert not absorbed[l, h, j]
+                    c = cell_of[int(plan.slot_pos[j])]
+                    for w in "kv":
+                        np.testing.assert_array_equal(kv_cache.read_rows(ctx, l, h, [c], w)[0], rows0[w][l][h][piv[j]])
+                    assert bias[l, h, list(slot_cells).index(c)] == 0
+                    tail_slots += 1
+                if sensitivity:
+                    imp = scored.scores[l, h, piv]
+                    gate = np.quantile(imp[piv < n - k], method.tau_quantile)
+                    assert not np.any(absorbed[l, h] & (imp > gate))
+        assert tail_slots > 0 and absorbed.any()
+
+
 def test_the_pass_leaves_cache_and_bias_as_they_were(model):
     context = model.tokenize(TINY_PROMPT)
     with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:

@@ -238,6 +238,8 @@ class Compressor:
             stats.key_scorer = score_keys
         if RECONSTRUCTION_SCORES in needs:
             stats.reconstruction_scores = recon.at(positions)
+            if recon.hidden_from is not None:
+                stats.unscored = positions >= recon.hidden_from
         if PREDICTED_SCORES in needs:  # one matrix product per layer on the cache's backend
             predicted = predicted_scores(self.method.predictor, ctx, seq_id)[..., order].astype(np.float64)
             stats.predicted_scores = np.exp(predicted, out=predicted)

@@ -60,6 +60,7 @@ class PositionScores:
     positions: np.ndarray
     scores: np.ndarray
     repeated: np.ndarray | None = None  # the positions whose content the pass fed (text and images)
+    hidden_from: int | None = None  # the pass hid the cells from this position on (hidden_tail)
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """The scores of the given positions, [n_layer, n_head_kv, len(positions)]."""
@@ -138,7 +139,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         """The pass stops here: what the chunks fed so far scored (scores raised by a chunk cut
         short stay; its tokens count as not repeated, so the next pass feeds them again)."""
         so_far = fed_positions()
-        return Interrupted(PositionScores(positions, total, so_far), so_far)
+        return Interrupted(PositionScores(positions, total, so_far, hidden_from), so_far)
 
     def gather(st) -> None:
         by_pos = np.argsort(st.positions, kind="stable")
@@ -206,7 +207,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     finally:
         ctx.truncate(end, seq_id)
         unhide()
-    return PositionScores(positions, total, fed_positions())
+    return PositionScores(positions, total, fed_positions(), hidden_from)
 
 
 def hidden_tail(ctx, seq_id: int, hidden_from: int):
@@ -270,7 +271,7 @@ class RepeatedScores:
             seen = np.isin(fresh.positions, old.positions)
             scores = scores.copy()
             scores[..., seen] = np.maximum(scores[..., seen], old.at(fresh.positions[seen]))
-        self.scored = PositionScores(fresh.positions, scores)
+        self.scored = PositionScores(fresh.positions, scores, hidden_from=fresh.hidden_from)
         self.repeated = np.union1d(self.repeated, repeated)
         return self.scored
 

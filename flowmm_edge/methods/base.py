@@ -99,6 +99,9 @@ class Stats:
     key_scorer: object = None  # callable, see KEY_SCORER
     rope: RopeGeometry | None = None
     value_norms: np.ndarray | None = None
+    # [n] bool: cells the importance source did not score (the repeat pass hid them: the recent
+    # window, compression/reconstruction.hidden_tail); kept as they are, never a merge's target
+    unscored: np.ndarray | None = None
 
     def require(self, name: str, n_layer: int, n_head_kv: int, n: int) -> np.ndarray:
         if name == MATCHER:  # the backend's, or the numpy reference over the keys

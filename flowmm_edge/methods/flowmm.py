@@ -162,22 +162,29 @@ class FlowMM(Method):
         cross = self.modes(stats.require(RHO, n_layer, n_head_kv, n) if self.flow_guidance else None, n_layer)
         pivots = top_by_score(importance, self.protected(n), slots)
         cand = candidates(pivots, n)
-        target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l])
-                           for l in range(n_layer)])
+        unscored = stats.unscored if stats.unscored is not None else np.zeros(n, bool)
+        target = np.stack([self._fold_layer(match, l, pivots[l], cand[l], importance[l], layout.labels, cross[l],
+                                            unscored) for l in range(n_layer)])
         src = merge_sources(pivots, cand, target)
         return mass_plan(layout, src, mass) if self.merge == "mass" else build_plan(layout, src, self.merge)
 
-    def _fold_layer(self, match, l, piv, cand, importance, labels, cross) -> np.ndarray:
+    def _fold_layer(self, match, l, piv, cand, importance, labels, cross, unscored) -> np.ndarray:
         """Each candidate's slot [H, C] (-1: evicted): its most similar key among
         the pivots open to it (the tau gate; same modality in an intra-modal layer), if its
         cosine reaches the floor; with orphans="ungated", one without such a pivot tries again
-        without the gate. At most max_absorb per pivot, the most similar."""
+        without the gate. At most max_absorb per pivot, the most similar. A pivot the importance
+        source did not score (`unscored`) is closed, and the gate's quantile is over the others."""
         n_head_kv, n_piv = piv.shape
+        scored = ~unscored[piv]
         if self.sensitivity:
-            imp = np.take_along_axis(importance, piv, axis=1)
-            open_ = imp <= np.quantile(imp, self.tau_quantile, axis=1, keepdims=True)
+            imp = np.where(scored, np.take_along_axis(importance, piv, axis=1), np.nan)
+            gate = np.full((n_head_kv, 1), -np.inf)
+            rows = scored.any(axis=1)
+            if rows.any():
+                gate[rows] = np.nanquantile(imp[rows], self.tau_quantile, axis=1, keepdims=True)
+            open_ = scored & (imp <= gate)
         else:
-            open_ = np.ones(piv.shape, bool)
+            open_ = scored
         if cross:
             group, same = np.zeros(cand.shape, np.int32), np.ones((n_head_kv, 1, n_piv), bool)
         else:
@@ -187,7 +194,7 @@ class FlowMM(Method):
         floor = floor_for(self.merge, self.floor)
         best, cos = match_above(match, l, cand, piv, group, same & open_[:, None, :], floor)
         if self.orphans == "ungated":
-            retry_best, retry_cos = match_above(match, l, cand, piv, group, same, floor)
+            retry_best, retry_cos = match_above(match, l, cand, piv, group, same & scored[:, None, :], floor)
             retry = best < 0
             best, cos = np.where(retry, retry_best, best), np.where(retry, retry_cos, cos)
         return np.stack([cap_absorbed(best[h], cos[h], n_piv, self.max_absorb) for h in range(n_head_kv)])
