@@ -114,7 +114,7 @@ def test_a_new_turn_stops_the_merge_keeps_its_progress_and_the_resumed_scores_eq
         ref.background = False
         ref.add_user_turn(DOC)
         list(ref.reply())
-        want = reconstruction.RepeatedScores().update(ref.ctx, ref.tokens_by_pos)
+        want = reconstruction.RepeatedScores().update(ref.ctx, ref.tokens_by_pos, kept_tail=ref.compression.kept_tail)
     gate = Gate(monkeypatch, at_check=2)  # the first chunk finishes, the second is in flight at the stop
     with _replied(tiny_models) as s:
         state = s.ctx.state()

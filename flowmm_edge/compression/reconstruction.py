@@ -219,9 +219,11 @@ def hidden_tail(ctx, seq_id: int, hidden_from: int):
     repeated by the first pass after they leave the window. Where the window holds a copy of earlier
     text (in chat, a reply restating a document's number, cut off mid-number), the rows re-reading
     the document read that copy instead of the document's, and the merge folded the document's copy
-    away: in chat's own path without a predictor, single-number answered 0 of 2 after a 16-token reply
-    that restated it, and the document's digits ranked 957th median of 1,670 cells, against 512th
-    after a 1-token reply (docs/RESULTS.md, "The repeat pass no longer reads the recent window")."""
+    away: in chat's own path without a predictor, after a 16-token reply that restated the number,
+    the document's digits ranked 957th median of 1,670 cells, against 512th after a 1-token reply
+    (docs/RESULTS.md, "The repeat pass no longer reads the recent window").
+    The hidden cells score 0 (PositionScores.hidden_from says which): a merge keeps them as they
+    were, folding nothing into them (Compressor sets Stats.unscored; methods/flowmm.py)."""
     cells, positions = kv_cache.seq_cells(ctx, seq_id)
     hide = positions >= hidden_from
     if not np.any(hide):
