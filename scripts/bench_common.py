@@ -38,10 +38,12 @@ def unseen_copy(src: Path, folder: Path) -> Path:
     return gguf_file.renamed_copy(src, folder / "copy.gguf")
 
 
-def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, policy, threads: int):
+def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, policy, threads: int,
+                       projector=None):
     """One merge of an eval task's context, as `eval --question after` merges it: (the context's
     token pieces by position, their text, each piece's first character in it, kept [n_layer,
-    n_head_kv, n_pos]: which cells are among the pivots of each (layer, KV head))."""
+    n_head_kv, n_pos]: which cells are among the pivots of each (layer, KV head)). `projector`:
+    the mmproj of a task with images (their cells' pieces are empty)."""
     import numpy as np
 
     from flowmm_edge.bindings.prompt import ModalityLabels, prepare
@@ -56,7 +58,7 @@ def pivots_after_merge(model: runtime.Model, task, method: str, budget: float, p
         return captured["pivots"]
 
     context, _ = evaluate.wrap(model, task)
-    p = prepare(model, context, ModalityLabels(), None, add_bos=True)
+    p = prepare(model, context, ModalityLabels(), projector, add_bos=True)
     flowmm.top_by_score = spy
     try:
         tokens = evaluate.reconstruction.tokens_by_position(p.pieces)
