@@ -25,7 +25,10 @@ Decisions [I]: KVzip scores a cell by the max over repeat rows; the native stati
 so the max is taken over groups of ROWS rows. Measured on the default model (2k-token RULER-style
 documents, SnapKV's selection on the score, share of (layer, KV head) keeping every token of the
 answer at a 20% budget): the max over 64-row groups 52%, over 16-row groups 54%, the plain sum
-over all rows 23%. Chunks are at most CHUNK tokens and fit the free cells of the context, so the pass needs
+over all rows 23%. Groups of 16 measured again after FlowMM's merge (2026-12-07, `eval --question
+after`, paired on the same contexts): images 0.78 -> 0.84 / 0.896 -> 0.917 at 10 / 20% (48
+contexts), the text suite 0.72 -> 0.66 / 0.86 -> 0.81 (20), so ROWS stays 64 (docs/RESULTS.md,
+"Why the repeat pass misses image-k"). Chunks are at most CHUNK tokens and fit the free cells of the context, so the pass needs
 room_needed(prefix) free cells at least. The cost is a second prefill of the text cells, with
 the statistics on: 2-3x the prefill on a 2-core CPU (docs/RESULTS.md, "FlowMM's default now").
 """
