@@ -188,11 +188,10 @@ class ImportanceLearner:
             self._since_fit += teacher.shape[-1]
         p.n_documents += 1
 
-    def add_rho(self, rho, labels) -> None:
-        """rho^l a learning conversation measured on its first turn of two modalities, kept only if
-        the sequence holds more than one (text alone has no cross-modal flow to measure)."""
-        if rho is not None and len(np.unique(labels)) > 1:
-            self.rho.append(np.asarray(rho, np.float64))
+    def add_rho(self, rho) -> None:
+        """rho^l a learning conversation measured on its first turn of two modalities
+        (SequenceCompressor decides which turn that is: text alone has no cross-modal flow)."""
+        self.rho.append(np.asarray(rho, np.float64))
 
     # -- the fit -----------------------------------------------------------------------------------
 

@@ -118,8 +118,8 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     each chunk: True raises Interrupted with what was done so far; `progress(done, total)` is told
     the positions repeated after each chunk. `kept_tail`: the sequence's last cells that the merge
     keeps whatever they score (its recent window); the pass hides them (see hidden_tail)."""
-    cells, positions = kv_cache.seq_cells(ctx, seq_id)
-    positions = np.sort(positions)
+    _, cell_positions = kv_cache.seq_cells(ctx, seq_id)
+    positions = np.sort(cell_positions)
     tokens_by_pos = np.asarray(tokens_by_pos, np.int32)
     if len(positions) and positions[-1] >= len(tokens_by_pos):
         raise ReconstructionError(f"the cache holds position {positions[-1]}, the tokens cover {len(tokens_by_pos)}")
@@ -172,7 +172,7 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
         fed.append(np.arange(at, at + img.n_pos))
 
     a, done = 0, 0
-    unhide = hidden_tail(ctx, seq_id, hidden_from)
+    unhide = hidden_tail(ctx, seq_id, cell_positions >= hidden_from)
     try:
         while a < len(text) or pending:
             if stop is not None and stop():
@@ -213,9 +213,10 @@ def reconstruction_scores(ctx, tokens_by_pos: np.ndarray, prefix: list[int], seq
     return PositionScores(positions, total, fed_positions(), hidden_from)
 
 
-def hidden_tail(ctx, seq_id: int, hidden_from: int):
-    """Hide seq_id's cells at positions >= hidden_from from the rows decoded after them (a -inf
-    slot bias on top of the one they carry); returns the callable that puts the bias back as it was.
+def hidden_tail(ctx, seq_id: int, hide: np.ndarray):
+    """Hide seq_id's cells where `hide` (a mask in seq_cells order) holds from the rows decoded after
+    them (a -inf slot bias on top of the one they carry); returns the callable that puts the bias
+    back as it was.
 
     Decision [I]: the repeat pass scores the cells a merge may lose, so the cells it keeps whatever
     they score (the recent window) are neither repeated nor read by the repeat rows, and their text is
@@ -227,8 +228,6 @@ def hidden_tail(ctx, seq_id: int, hidden_from: int):
     (docs/RESULTS.md, "The repeat pass no longer reads the recent window").
     The hidden cells score 0 (PositionScores.hidden_from says which): a merge keeps them as they
     were, folding nothing into them (Compressor sets Stats.unscored; methods/flowmm.py)."""
-    cells, positions = kv_cache.seq_cells(ctx, seq_id)
-    hide = positions >= hidden_from
     if not np.any(hide):
         return lambda: None
     prior = kv_cache.get_slot_bias(ctx, seq_id)

@@ -127,7 +127,7 @@ class SequenceCompressor:
                 self._rho_measured = rho
                 self._needs_observation = self._fresh().needs_observation
                 if self.learner is not None:
-                    self.learner.add_rho(rho, labels)
+                    self.learner.add_rho(rho)
 
     def replay(self, ctx, tail_tokens: list[int], prompt_end: int, labels: np.ndarray, seq_id: int = 0,
                whole_prompt=None):
