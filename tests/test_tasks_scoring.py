@@ -115,3 +115,22 @@ def test_scoring_on_hand_worked_examples():
     assert scoring.score("contains", "12 or 7", ["12"], distractors=["7", "99"]) == 0.0
     assert scoring.score("contains", "12", ["12"], distractors=["7"]) == 1.0
     assert scoring.score("choice", "C", ["C"], opts) == 1.0 and scoring.score("contains", "x 1 y", ["1"]) == 1.0
+
+
+def test_paired_interval_keeps_each_contexts_pair_together():
+    # contexts far apart, each gaining exactly 0.5 per question: the paired difference is 0.5 in
+    # every resample, where either run's own interval is wide
+    a = [[0.0], [1.0], [0.0, 0.0], [1.0]]
+    b = [[0.5], [1.5], [0.5, 0.5], [1.5]]
+    assert scoring.paired_interval(a, b) == pytest.approx((0.5, 0.5, 0.5))
+    lo, hi = scoring.context_interval(a)
+    assert hi - lo > 0.5
+    assert scoring.paired_interval(a, a) == (0.0, 0.0, 0.0)
+    # two contexts, one gaining a whole answer: resamples give 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4)
+    diff, lo, hi = scoring.paired_interval([[0.0], [0.0]], [[1.0], [0.0]])
+    assert (diff, lo, hi) == (0.5, 0.0, 1.0)
+    # means are over questions, not contexts: 3 of 4 questions gained, one context of three questions
+    diff, _, _ = scoring.paired_interval([[0.0, 0.0, 0.0], [0.0]], [[1.0, 1.0, 1.0], [0.0]])
+    assert diff == 0.75
+    with pytest.raises(ValueError, match="same contexts"):
+        scoring.paired_interval([[1.0]], [[1.0], [0.0]])

@@ -2,7 +2,8 @@
 string_match_all, for answers that list several values), exact, ROUGE-L (F1 of the longest common subsequence of the
 normalised whitespace tokens; rouge-score's own tokenizer and optional stemming differ)
 and choice (the option a free-form answer picks: a letter like "B", "(B)", "B." or the option text).
-`context_interval` is the 95% interval of a mean score, by bootstrap over the contexts."""
+`context_interval` is the 95% interval of a mean score, by bootstrap over the contexts;
+`paired_interval` that of the difference of two runs' mean scores on the same contexts."""
 
 from __future__ import annotations
 
@@ -100,3 +101,22 @@ def context_interval(scores_by_context: list[list[float]], level: float = 0.95, 
     means = sums[pick].sum(1) / counts[pick].sum(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def paired_interval(a_by_context: list[list[float]], b_by_context: list[list[float]], level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """b's mean score over all questions less a's, and its `level` interval, where the i-th entries
+    of both are the same context's questions scored two ways (two methods, two code paths, two
+    versions): a percentile bootstrap that resamples whole contexts and keeps each pair together."""
+    if len(a_by_context) != len(b_by_context):
+        raise ValueError(f"paired runs need the same contexts: {len(a_by_context)} against {len(b_by_context)}")
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+             for a, b in zip(a_by_context, b_by_context) if len(a) and len(b)]
+    if not pairs:
+        return float("nan"), float("nan"), float("nan")
+    sa, ca = np.array([a.sum() for a, _ in pairs]), np.array([len(a) for a, _ in pairs])
+    sb, cb = np.array([b.sum() for _, b in pairs]), np.array([len(b) for _, b in pairs])
+    pick = np.random.default_rng(seed).integers(0, len(pairs), size=(BOOTSTRAP, len(pairs)))
+    diffs = sb[pick].sum(1) / cb[pick].sum(1) - sa[pick].sum(1) / ca[pick].sum(1)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return float(sb.sum() / cb.sum() - sa.sum() / ca.sum()), float(lo), float(hi)
