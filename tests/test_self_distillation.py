@@ -110,3 +110,34 @@ def test_the_learner_takes_a_conversations_text_up_to_its_first_merge_and_not_af
         s.reset()
         turn()  # a new conversation
         assert learner.progress.n_documents == 2 and np.all(learner.moments.n > first)
+
+
+def _span(rng, w, n=1024, noise=0.2, d=8):
+    k = rng.normal(size=(1, 1, n, d)).astype(np.float32)
+    signal = k[0, 0] @ w
+    teacher = np.exp(signal + noise * rng.normal(size=n))[None, None].astype(np.float32)
+    return k, teacher
+
+
+@pytest.mark.parametrize("predictable", [True, False])
+def test_a_fit_counts_once_it_has_seen_enough_tokens_and_ranks_above_the_floor(predictable):
+    """The switch rule on spans made with numpy: a teacher log-linear in the keys is learned, and
+    its fit is good at the first fit after MIN_TOKENS (not before); a teacher the keys do not
+    predict is never taken, however many tokens it saw."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=8)
+    learner = self_distillation.ImportanceLearner({"name": "synthetic"}, "halves", 1, 1, 8)
+    took_at = None
+    for span in range(16):
+        k, teacher = _span(rng, w if predictable else np.zeros(8))
+        learner.add(k, teacher)
+        if learner.ready() is not None:
+            took_at = learner.progress.n_tokens
+            break
+    rank = learner.progress.spearman
+    if predictable:
+        assert took_at is not None and self_distillation.MIN_TOKENS <= took_at < self_distillation.MIN_TOKENS + 2048
+        assert rank >= self_distillation.GOOD_SPEARMAN
+    else:
+        assert took_at is None and learner.progress.n_tokens >= 2 * self_distillation.MIN_TOKENS
+        assert rank < self_distillation.GOOD_SPEARMAN

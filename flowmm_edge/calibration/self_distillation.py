@@ -24,8 +24,14 @@ a student fitted on 6,209 tokens of one long chat, its later turns each repeated
 merged before them, answered 0.21 / 0.68 after compression at 10 / 20%; one fitted on 6,269 tokens
 of turns that each began a conversation answered 0.70 / 0.91 (the shipped predictor 0.71 / 0.78,
 full 0.94). Both ranked their held-back spans alike (0.81 / 0.80), so the rank correlation alone
-did not show it. The bar (GOOD_SPEARMAN, MIN_TOKENS) is where the good student stood: 0.80 held
-back over 6,144 tokens (at 4,179 tokens it answered 0.44 at 10%). A long chat therefore learns
+did not show it. The bar is MIN_TOKENS, where the good student stood (6,144 tokens; at 4,179
+tokens it answered 0.44 at 10%), with GOOD_SPEARMAN a floor under it, 0.75. The held-back
+correlation does not tell a good student from a poor one: 0.802 at 4,179 tokens answered 0.44 at
+10%, 0.795 at 7,090 tokens 0.85 (the shipped predictor 0.76 on the same contexts), and along one chat
+it moves more when a third span is held back (0.796 -> 0.809) than with 3,000 more tokens fitted
+(0.792 -> 0.796; docs/RESULTS.md, "The learning bar: tokens, not the rank correlation"). Students
+of 6k tokens or more ranked 0.79-0.83 on both models measured; 0.75 only refuses a fit that
+barely ranks like its teacher (a model whose keys do not predict the score). A long chat therefore learns
 from its first turn only, and keeps its teacher (the repeat pass, after the replies) until more
 conversations have taught the student; `serve` learns from every conversation's start.
 
@@ -53,7 +59,7 @@ from .distillation import RIDGE
 
 MIN_TOKENS = 6144        # tokens observed before a fit may count as good (measured: RESULTS.md)
 MIN_DOCUMENTS = 4        # spans observed (a merge's newly repeated text is one)
-GOOD_SPEARMAN = 0.80     # held-back rank correlation that makes the fit good (measured: RESULTS.md)
+GOOD_SPEARMAN = 0.75     # held-back rank correlation a fit needs as well (a floor; measured: RESULTS.md)
 FIT_EVERY = 1024         # tokens observed between two fits
 HOLD_OUT_EVERY = 4       # every 4th span is held back to score the fit
 HELD_BACK_TOKENS = 4096  # at most this many held-back tokens kept (their keys, float16)
