@@ -117,7 +117,7 @@ class Progress:
 
     def describe(self) -> str:
         """One line for a user: how far the learning has come."""
-        rank = "" if self.spearman is None else f", held-back rank correlation {self.spearman:.2f} of {GOOD_SPEARMAN:.2f}"
+        rank = "" if self.spearman is None else f", held-back rank correlation {self.spearman:.2f}, {GOOD_SPEARMAN:.2f} needed"
         starts = "conversation start" + ("" if self.n_documents == 1 else "s")
         return (f"learning importance from {self.n_tokens:,} of at least {MIN_TOKENS:,} tokens "
                 f"({self.n_documents} {starts}{rank})")
