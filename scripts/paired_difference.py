@@ -22,27 +22,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowmm_edge.evaluation import scoring  # noqa: E402
 
 
-def load(files: list[str], method: str, budget: float, families: set[str] | None,
-         excluded: set[str]) -> dict[str, list[float]]:
-    """Scores by task id of `method` at `budget` (the full cache at 1.0 whatever `budget` says)."""
-    want = 1.0 if method == "full" else budget
-    by_task: dict[str, list[float]] = {}
+def read_rows(files: list[str]) -> list[dict]:
+    """The rows of `eval --json` files, each task id with its file's PREFIX (FILE[:PREFIX])."""
+    rows = []
     for spec in files:
         path, _, prefix = spec.partition(":")
         for row in json.loads(Path(path).read_text())["rows"]:
-            if row["method"] != method or abs(row["budget"] - want) > 1e-9:
-                continue
-            if (families is not None and row["kind"] not in families) or row["kind"] in excluded:
-                continue
-            task = row["task"] if row["task"].startswith(prefix) else prefix + row["task"]
-            by_task.setdefault(task, []).append(float(row["score"]))
+            rows.append({**row, "task": row["task"] if row["task"].startswith(prefix) else prefix + row["task"]})
+    return rows
+
+
+def scores(rows: list[dict], method: str, budget: float, families: set[str] | None,
+           excluded: set[str]) -> dict[str, list[float]]:
+    """Scores by task id of `method` at `budget` (the full cache at 1.0 whatever `budget` says)."""
+    want = 1.0 if method == "full" else budget
+    by_task: dict[str, list[float]] = {}
+    for row in rows:
+        if row["method"] != method or abs(row["budget"] - want) > 1e-9:
+            continue
+        if (families is not None and row["kind"] not in families) or row["kind"] in excluded:
+            continue
+        by_task.setdefault(row["task"], []).append(float(row["score"]))
     return by_task
-
-
-def kinds(files: list[str], families: set[str] | None, excluded: set[str]) -> list[str]:
-    """The families the files' rows hold, less those left out."""
-    found = {row["kind"] for spec in files for row in json.loads(Path(spec.partition(":")[0]).read_text())["rows"]}
-    return sorted(k for k in found if (families is None or k in families) and k not in excluded)
 
 
 def main() -> None:
@@ -59,10 +60,11 @@ def main() -> None:
     method_b = args.method_b or args.method_a
     families = None if args.families is None else set(args.families.split(","))
     excluded = set(filter(None, args.exclude_families.split(",")))
+    rows_a, rows_b = read_rows(args.a), read_rows(args.b)
 
     def line(budget: float, label: str, fams: set[str] | None) -> None:
-        a = load(args.a, args.method_a, budget, fams, excluded)
-        b = load(args.b, method_b, budget, fams, excluded)
+        a = scores(rows_a, args.method_a, budget, fams, excluded)
+        b = scores(rows_b, method_b, budget, fams, excluded)
         common = sorted(set(a) & set(b))
         if not common:
             print(f"| {budget:.0%} | {label} | 0 | | | |")
@@ -77,7 +79,7 @@ def main() -> None:
     for budget in (float(x) for x in args.budgets.split(",")):
         line(budget, "all" if families is None else ",".join(sorted(families)), families)
         if args.by_family:
-            for fam in kinds(args.a, families, excluded):
+            for fam in sorted(k for k in {r["kind"] for r in rows_a} - excluded if families is None or k in families):
                 line(budget, fam, {fam})
 
 

@@ -97,9 +97,14 @@ def context_interval(scores_by_context: list[list[float]], level: float = 0.95, 
     if not groups:
         return float("nan"), float("nan")
     sums, counts = np.array([g.sum() for g in groups]), np.array([len(g) for g in groups])
-    pick = np.random.default_rng(seed).integers(0, len(groups), size=(BOOTSTRAP, len(groups)))
-    means = sums[pick].sum(1) / counts[pick].sum(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return _bootstrap(len(groups), level, seed, lambda pick: sums[pick].sum(1) / counts[pick].sum(1))
+
+
+def _bootstrap(n_contexts: int, level: float, seed: int, statistic) -> tuple[float, float]:
+    """The `level` percentile interval of statistic(pick), pick [BOOTSTRAP, n_contexts] being the
+    contexts each resample draws."""
+    pick = np.random.default_rng(seed).integers(0, n_contexts, size=(BOOTSTRAP, n_contexts))
+    lo, hi = np.quantile(statistic(pick), [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -116,7 +121,6 @@ def paired_interval(a_by_context: list[list[float]], b_by_context: list[list[flo
         return float("nan"), float("nan"), float("nan")
     sa, ca = np.array([a.sum() for a, _ in pairs]), np.array([len(a) for a, _ in pairs])
     sb, cb = np.array([b.sum() for _, b in pairs]), np.array([len(b) for _, b in pairs])
-    pick = np.random.default_rng(seed).integers(0, len(pairs), size=(BOOTSTRAP, len(pairs)))
-    diffs = sb[pick].sum(1) / cb[pick].sum(1) - sa[pick].sum(1) / ca[pick].sum(1)
-    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-    return float(sb.sum() / cb.sum() - sa.sum() / ca.sum()), float(lo), float(hi)
+    lo, hi = _bootstrap(len(pairs), level, seed,
+                        lambda pick: sb[pick].sum(1) / cb[pick].sum(1) - sa[pick].sum(1) / ca[pick].sum(1))
+    return float(sb.sum() / cb.sum() - sa.sum() / ca.sum()), lo, hi
