@@ -778,12 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the question meets the compressed cache: decoded after the context was compressed "
                         "(default), inside the compressed prompt, or in later chat turns through the real session "
                         "(followup: each merged before the answer; followup-idle: chat's reply-first schedule with a "
-                        "pause after each reply for the idle merge, which takes the teacher)")
+                        "pause after each reply for the idle merge, which takes the predictor where one exists, else the "
+                        "teacher)")
     p.add_argument("--idle-teacher", action="store_true",
                    help="followup-idle: the idle merges take the teacher (the repeat pass) where a predictor exists "
                         "(chat's default is the predictor)")
     p.add_argument("--recall", type=int, default=0, metavar="N",
-                   help="after and followup: each question re-reads up to N tokens of the sentences it names that the "
+                   help="after, followup and followup-idle: each question re-reads up to N tokens of the sentences it names that the "
                         "merge folded away, as chat's --recall does (default 0: off); each compressed method then "
                         "merges to its budget less N cells, so the cache that answers holds no more than the budget")
     p.add_argument("-m", "--model", help="text model GGUF (default: the embedded model)")
