@@ -105,7 +105,10 @@ def write_png(path: Path, width: int, height: int) -> Path:
 # Policies that self-distillation learns go to a folder of the test run's own (the servers the
 # tests start inherit it), never to the user's cache where a later run would find them; and each
 # test has its own, so a model that learned in one test is unseen in the next.
-os.environ.setdefault("FLOWMM_POLICY_DIR", tempfile.mkdtemp(prefix="flowmm-policies-"))
+# The run's folder is removed when the run ends (it was left in /tmp by every run before).
+if "FLOWMM_POLICY_DIR" not in os.environ:
+    _run_policy_dir = tempfile.TemporaryDirectory(prefix="flowmm-policies-")
+    os.environ["FLOWMM_POLICY_DIR"] = _run_policy_dir.name
 
 
 @pytest.fixture(autouse=True)
