@@ -72,6 +72,72 @@ static std::vector<int32_t> head_major_rows(const std::vector<int32_t> & own, in
     return r;
 }
 
+// RoPE undone at each cell's own position (a relative predictor's keys, and near-copies')
+struct flowmm_rope_undo {
+    bool  on;
+    int   pairing; // enum flowmm_rope_pairing
+    int   n_rot;
+    float freq_base;
+    float freq_scale;
+};
+
+// the keys of n_rows head-major rows of cells (head_major_rows) as the model computed them:
+// gathered in f32, the Hadamard rotation of quantized K undone, RoPE undone where rope.on
+struct key_rows {
+    ggml_tensor * k;    // [hd, n_rows] f32
+    ggml_tensor * idx;  // input: the rows
+    ggml_tensor * hmat; // input: the Hadamard matrix (quantized K), else NULL
+    ggml_tensor * back; // input: -pos of each row's cell (rope.on), else NULL
+};
+
+static key_rows gather_keys(ggml_context * gctx, ggml_tensor * k_cache, int64_t hd, int64_t H, int64_t kv_size,
+                            int64_t n_rows, int64_t nrot, const flowmm_rope_undo & rope) {
+    key_rows out = {nullptr, nullptr, nullptr, nullptr};
+    ggml_tensor * rows = flowmm_cache_rows(gctx, k_cache, hd, H * kv_size); // row (cell * H + h)
+    out.idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, n_rows);
+    ggml_set_input(out.idx);
+    ggml_tensor * k = ggml_get_rows(gctx, rows, out.idx); // [hd, n_rows] f32
+    if (nrot > 0) {
+        out.hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
+        ggml_set_input(out.hmat);
+        k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, out.hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * n_rows)), hd, n_rows);
+    }
+    if (rope.on) {
+        out.back = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, n_rows);
+        ggml_set_input(out.back);
+        const int mode = rope.pairing == FLOWMM_PAIRS_HALVES ? GGML_ROPE_TYPE_NEOX : 0;
+        k = ggml_rope_ext(gctx, ggml_reshape_3d(gctx, k, hd, 1, n_rows), out.back, nullptr, rope.n_rot, mode, 0,
+                          rope.freq_base, rope.freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+        k = ggml_reshape_2d(gctx, k, hd, n_rows);
+    }
+    out.k = k;
+    return out;
+}
+
+// the inputs of gather_keys for cells own[c0 .. c0 + nb), every stride-th, of stream strm (the graph allocated)
+static void set_keys(const key_rows & keys, const llama_kv_cache & kv, uint32_t strm, const std::vector<int32_t> & own,
+                     int64_t c0, int64_t nb, int64_t H, const std::vector<float> & hv, int64_t stride = 1) {
+    std::vector<int32_t> r(H * nb);
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < nb; ++c) {
+            r[h * nb + c] = own[c0 + c * stride] * (int32_t) H + (int32_t) h;
+        }
+    }
+    ggml_backend_tensor_set(keys.idx, r.data(), 0, r.size() * sizeof(int32_t));
+    if (keys.hmat != nullptr) {
+        ggml_backend_tensor_set(keys.hmat, hv.data(), 0, hv.size() * sizeof(float));
+    }
+    if (keys.back != nullptr) {
+        const llama_kv_cells & cells = acc::cells(kv, strm);
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t c = 0; c < nb; ++c) {
+                r[h * nb + c] = -(int32_t) cells.pos_get(own[c0 + c * stride]);
+            }
+        }
+        ggml_backend_tensor_set(keys.back, r.data(), 0, r.size() * sizeof(int32_t));
+    }
+}
+
 // compute a block's graph and copy its [H, nb] result `node` into dst[h * n + c0 ...], per KV head
 static bool compute_block(llama_context * ctx, const flowmm_graph & g, ggml_tensor * node, std::vector<float> & blk,
                           int64_t H, int64_t nb, int64_t n, int64_t c0, float * dst) {
@@ -146,31 +212,18 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
         const flowmm_graph g = flowmm_begin_graph(ctx);
         ggml_context * gctx = g.gctx;
 
-        ggml_tensor * rows = flowmm_cache_rows(gctx, acc::k(*kv, il, strm), hd, H * kv_size); // row (cell * H + h)
-        ggml_tensor * idx  = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb);                // head-major
+        const flowmm_rope_undo rope = {pred->relative != 0, pred->pairing, pred->rope_n_rot, pred->rope_freq_base,
+                                       pred->rope_freq_scale};
+        key_rows keys = gather_keys(gctx, acc::k(*kv, il, strm), hd, H, kv_size, H * nb, nrot, rope);
+        ggml_tensor * k    = keys.k; // [hd, H * nb] f32, head-major
         ggml_tensor * w    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, nf, 1, H);
         ggml_tensor * b    = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, 1, 1, H);
-        ggml_tensor * hmat = nullptr;
-        ggml_tensor * back = nullptr; // relative: -pos of each row's cell, for the RoPE undone
         ggml_tensor * dist = nullptr; // relative: log(1 + distance to the last position) of each row's cell
-        for (ggml_tensor * t : {idx, w, b}) {
-            ggml_set_input(t);
-        }
-        ggml_tensor * k = ggml_get_rows(gctx, rows, idx); // [hd, H * nb] f32
-        if (nrot > 0) {
-            hmat = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, nrot, nrot);
-            ggml_set_input(hmat);
-            k = ggml_reshape_2d(gctx, ggml_mul_mat(gctx, hmat, ggml_reshape_2d(gctx, k, nrot, hd / nrot * H * nb)), hd, H * nb);
-        }
+        ggml_set_input(w);
+        ggml_set_input(b);
         if (pred->relative) {
-            back = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, H * nb);
             dist = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, 1, H * nb);
-            ggml_set_input(back);
             ggml_set_input(dist);
-            const int mode = pred->pairing == FLOWMM_PAIRS_HALVES ? GGML_ROPE_TYPE_NEOX : 0;
-            k = ggml_rope_ext(gctx, ggml_reshape_3d(gctx, k, hd, 1, H * nb), back, nullptr, pred->rope_n_rot, mode, 0,
-                              pred->rope_freq_base, pred->rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
-            k = ggml_reshape_2d(gctx, k, hd, H * nb);
         }
         ggml_tensor * sq = ggml_sqr(gctx, k);
         ggml_tensor * pairs;
@@ -194,28 +247,19 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
         if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the importance graph");
         }
-        {
-            std::vector<int32_t> r = head_major_rows(own, c0, nb, H);
-            ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
-            ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
-            ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
-            if (hmat != nullptr) {
-                ggml_backend_tensor_set(hmat, hv.data(), 0, hv.size() * sizeof(float));
-            }
-            if (back != nullptr) {
-                const llama_kv_cells & cells = acc::cells(*kv, strm);
-                const llama_pos last = cells.seq_pos_max(seq_id);
-                std::vector<float> d(H * nb);
-                for (int64_t h = 0; h < H; ++h) {
-                    for (int64_t c = 0; c < nb; ++c) {
-                        const llama_pos p = cells.pos_get(own[c0 + c]);
-                        r[h * nb + c] = -(int32_t) p;
-                        d[h * nb + c] = log1pf((float) (last - p));
-                    }
+        set_keys(keys, *kv, strm, own, c0, nb, H, hv);
+        ggml_backend_tensor_set(w, pred->weights, 0, H * nf * sizeof(float));
+        ggml_backend_tensor_set(b, pred->bias, 0, H * sizeof(float));
+        if (dist != nullptr) {
+            const llama_kv_cells & cells = acc::cells(*kv, strm);
+            const llama_pos last = cells.seq_pos_max(seq_id);
+            std::vector<float> d(H * nb);
+            for (int64_t h = 0; h < H; ++h) {
+                for (int64_t c = 0; c < nb; ++c) {
+                    d[h * nb + c] = log1pf((float) (last - cells.pos_get(own[c0 + c])));
                 }
-                ggml_backend_tensor_set(back, r.data(), 0, r.size() * sizeof(int32_t));
-                ggml_backend_tensor_set(dist, d.data(), 0, d.size() * sizeof(float));
             }
+            ggml_backend_tensor_set(dist, d.data(), 0, d.size() * sizeof(float));
         }
         if (!compute_block(ctx, g, out, blk, H, nb, n, c0, scores)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "the importance graph failed to compute");
@@ -279,6 +323,108 @@ int32_t flowmm_kv_value_norms(llama_context * ctx, llama_seq_id seq_id, int32_t 
         ggml_backend_tensor_set(idx, r.data(), 0, r.size() * sizeof(int32_t));
         if (!compute_block(ctx, g, norm, blk, H, nb, n, c0, out)) {
             return flowmm_fail(FLOWMM_ERR_BACKEND, "the value-norm graph failed to compute");
+        }
+    }
+    return (int32_t) n;
+}
+
+// Near-copies: how many keys of the sequence look like each cell's, log mean_j exp(beta cos(k_c, k_j)),
+// the keys turned back by RoPE (a relative predictor's). Per block of cells, one graph: the block's
+// keys and the reference keys gathered (gather_keys), each scaled to unit length (l2_norm), one
+// mul_mat per KV head gives [reference x block] cosines, exp(beta (cos - 1)) (at most 1, so it cannot
+// overflow) summed over the reference, and only [KV heads x block] sums come back. The host adds
+// beta and the log of the mean, and, where the reference is a sample, counts the cell's own term
+// exactly and estimates the others' from the sample.
+
+// floats of one block's [reference x block x KV heads] cosines (16 MiB)
+static constexpr int64_t FLOWMM_NEAR_COPIES_FLOATS = 4 << 20;
+
+int32_t flowmm_kv_near_copies(llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                              const flowmm_near_copies_request * req, float * out, int32_t n_cells) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return flowmm_last_status();
+    }
+    if (req == nullptr) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the near-copies request is NULL");
+    }
+    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
+    }
+    const auto & hp = acc::hparams(*kv);
+    const uint32_t mil = acc::layer_il(*kv, il);
+    const int64_t H  = hp.n_head_kv(mil);
+    const int64_t hd = hp.n_embd_head_k(mil);
+    if (req->pairing != FLOWMM_PAIRS_HALVES && req->pairing != FLOWMM_PAIRS_ADJACENT) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(req->pairing));
+    }
+    if (req->rope_n_rot <= 0 || req->rope_n_rot > hd || req->rope_n_rot % 2 != 0 ||
+        !(std::isfinite(req->rope_freq_base) && req->rope_freq_base > 0.0f &&
+          std::isfinite(req->rope_freq_scale) && req->rope_freq_scale > 0.0f)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the near-copies' RoPE (" + std::to_string(req->rope_n_rot) +
+                           " dimensions, base " + std::to_string(req->rope_freq_base) + ", scale " +
+                           std::to_string(req->rope_freq_scale) + ") does not fit a head of " + std::to_string(hd));
+    }
+    if (!(std::isfinite(req->beta) && req->beta > 0.0f && req->beta <= 80.0f)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "near-copies beta " + std::to_string(req->beta) +
+                           " is not in (0, 80]");
+    }
+    if (req->max_reference < 1) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "max_reference " + std::to_string(req->max_reference) +
+                           " is not positive");
+    }
+    const uint32_t strm = acc::stream_of(*kv, seq_id);
+    const std::vector<int32_t> own = flowmm_seq_cells(*kv, strm, seq_id);
+    const int64_t n = own.size();
+    if (n_cells != n || (n > 0 && out == nullptr)) {
+        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "out holds " + std::to_string(n_cells) +
+                           " cells per head, the sequence has " + std::to_string(n));
+    }
+    if (n == 0) {
+        return 0;
+    }
+    const int64_t kv_size = acc::cells(*kv, strm).size();
+    const int64_t stride = (n + req->max_reference - 1) / req->max_reference; // reference: every stride-th cell
+    const int64_t m = (n + stride - 1) / stride;
+    const int64_t nrot = acc::rot_k(*kv) ? flowmm_k_rot_size(hd) : 0;
+    const std::vector<float> hv = nrot > 0 ? flowmm_hadamard(nrot) : std::vector<float>();
+    const flowmm_rope_undo rope = {true, req->pairing, req->rope_n_rot, req->rope_freq_base, req->rope_freq_scale};
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(FLOWMM_PREDICT_BLOCK, FLOWMM_NEAR_COPIES_FLOATS / (m * H)));
+
+    std::vector<float> blk(H * block);
+    for (int64_t c0 = 0; c0 < n; c0 += block) {
+        const int64_t nb = std::min<int64_t>(block, n - c0);
+        const flowmm_graph g = flowmm_begin_graph(ctx);
+        ggml_context * gctx = g.gctx;
+        key_rows ref = gather_keys(gctx, acc::k(*kv, il, strm), hd, H, kv_size, H * m, nrot, rope);
+        key_rows cur = gather_keys(gctx, acc::k(*kv, il, strm), hd, H, kv_size, H * nb, nrot, rope);
+        ggml_tensor * ur = ggml_reshape_3d(gctx, ggml_l2_norm(gctx, ref.k, 1e-12f), hd, m, H);
+        ggml_tensor * uc = ggml_reshape_3d(gctx, ggml_l2_norm(gctx, cur.k, 1e-12f), hd, nb, H);
+        ggml_tensor * cosine = ggml_mul_mat(gctx, ur, uc); // [m, nb, H]
+        ggml_prec_set_acc(cosine, GGML_PREC_F32);
+        ggml_tensor * sum = ggml_sum_rows(gctx, ggml_exp(gctx, ggml_scale_bias(gctx, cosine, req->beta, -req->beta)));
+        ggml_set_output(sum); // [1, nb, H]
+        ggml_build_forward_expand(g.gf, sum);
+        if (!ggml_backend_sched_alloc_graph(g.sched, g.gf)) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "could not allocate the near-copies graph");
+        }
+        set_keys(ref, *kv, strm, own, 0, m, H, hv, stride);
+        set_keys(cur, *kv, strm, own, c0, nb, H, hv);
+        if (!compute_block(ctx, g, sum, blk, H, nb, n, c0, out)) {
+            return flowmm_fail(FLOWMM_ERR_BACKEND, "the near-copies graph failed to compute");
+        }
+    }
+    // sum over the reference of exp(beta (cos - 1)) -> log mean over the sequence of exp(beta cos);
+    // a sampled reference: the cell's own term (1) exactly, the other n - 1 from the sample's others
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < n; ++c) {
+            float total = out[h * n + c];
+            if (stride > 1) {
+                const bool in_ref = c % stride == 0;
+                const float others = std::max(0.0f, total - (in_ref ? 1.0f : 0.0f));
+                total = 1.0f + others * (float) (n - 1) / (float) (m - (in_ref ? 1 : 0));
+            }
+            out[h * n + c] = req->beta + logf(std::max(total, 1e-30f)) - logf((float) n);
         }
     }
     return (int32_t) n;

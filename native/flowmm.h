@@ -14,7 +14,7 @@
 // Version of the native extension. Bumped whenever the C API changes so that the
 // Python bindings can refuse a stale libllama with a clear message.
 #define FLOWMM_VERSION_MAJOR 0
-#define FLOWMM_VERSION_MINOR 12
+#define FLOWMM_VERSION_MINOR 13
 #define FLOWMM_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -166,6 +166,28 @@ extern "C" {
     // scores: [n_head_kv][n_cells], n_cells = flowmm_kv_seq_cells(ctx, seq_id, NULL, NULL, 0)
     FLOWMM_API int32_t flowmm_kv_predict_scores(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                                 const struct flowmm_predictor * pred, float * scores);
+
+    // Near-copies: for cache layer il and every KV head h, how many of seq_id's keys look like each
+    // cell's own,
+    //     out[h][c] = log( mean over the sequence's cells j of exp(beta * cos(k'_c, k'_j)) )
+    // k' the key as the model computed it, turned back by the plain RoPE of its cell's position (as
+    // a relative flowmm_predictor's). With more than max_reference cells, the mean over the others
+    // is estimated from every stride-th cell (stride = ceil(n / max_reference), cell order of
+    // flowmm_kv_seq_cells) and the cell's own term, exp(beta), counted exactly. n_cells must be the
+    // sequence's count; out is [n_head_kv][n_cells]. Runs as ggml graphs on the cache's backend;
+    // returns the number of cells. Since 0.13.
+    struct flowmm_near_copies_request {
+        int32_t pairing;         // enum flowmm_rope_pairing
+        int32_t rope_n_rot;      // the RoPE undone (dimensions, base, scale)
+        float   rope_freq_base;
+        float   rope_freq_scale;
+        float   beta;            // in (0, 80]
+        int32_t max_reference;   // >= 1
+    };
+
+    FLOWMM_API int32_t flowmm_kv_near_copies(struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                                             const struct flowmm_near_copies_request * req, float * out,
+                                             int32_t n_cells);
 
     // The norm of every cell's value: out[h][c] = |v| of KV head h at the c-th cell of seq_id (cell
     // order of flowmm_kv_seq_cells; n_cells their count), as the model computed it. Runs as a ggml

@@ -82,6 +82,11 @@ def run(model_path: str, n_gpu_layers: int) -> dict:
                 "adjacent", rng.normal(size=(lay.n_layer, lay.n_head_kv, n_features(lay.head_dim_k, relative=True))),
                 rng.normal(size=(lay.n_layer, lay.n_head_kv)), relative=True)
             out["predicted_relative"] = predicted_scores(relative, ctx).tolist()
+            near = ImportancePredictor(  # and near-copies: [reference x block] cosines on the device, sampled 1 in 2
+                "adjacent", rng.normal(size=(lay.n_layer, lay.n_head_kv, n_features(lay.head_dim_k, True, True))),
+                rng.normal(size=(lay.n_layer, lay.n_head_kv)), relative=True,
+                near_copies={"beta": 20.0, "max_reference": len(cells) // 2})
+            out["predicted_near_copies"] = predicted_scores(near, ctx).tolist()
             best, cos = kv_cache.match_keys(ctx, 1, np.stack([cells[10:40]] * lay.n_head_kv),
                                             np.stack([cells[:10]] * lay.n_head_kv),
                                             np.zeros((lay.n_head_kv, 30), np.int32), np.ones((lay.n_head_kv, 1, 10), bool))

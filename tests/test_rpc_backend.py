@@ -51,7 +51,8 @@ def runs(rpc_server, tiny_models):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("what", ["logits", "k_rows", "v_rows", "value_norms", "predicted", "predicted_relative", "match_cos", "bias_logits", "bias_back",
+@pytest.mark.parametrize("what", ["logits", "k_rows", "v_rows", "value_norms", "predicted", "predicted_relative",
+                                  "predicted_near_copies", "match_cos", "bias_logits", "bias_back",
                                   "snapkv_logits", "snapkv_bias", "flowmm_logits", "flowmm_bias", "loaded_logits",
                                   "query_means", "expected_attention_logits"])
 def test_a_native_path_with_the_cache_on_an_rpc_device_equals_the_host_run(runs, what):

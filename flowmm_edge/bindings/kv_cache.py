@@ -221,6 +221,30 @@ def predict_scores(ctx, layer: int, weights: np.ndarray, bias: np.ndarray, pairi
     return out
 
 
+class _NearCopies(ctypes.Structure):
+    _fields_ = [("pairing", ctypes.c_int32), ("rope_n_rot", ctypes.c_int32), ("rope_freq_base", ctypes.c_float),
+                ("rope_freq_scale", ctypes.c_float), ("beta", ctypes.c_float), ("max_reference", ctypes.c_int32)]
+
+
+lib.flowmm_kv_near_copies.restype = ctypes.c_int32
+lib.flowmm_kv_near_copies.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,
+                                      ctypes.POINTER(_NearCopies), _f32p, ctypes.c_int32]
+
+
+def near_copies(ctx, layer: int, rope, beta: float, max_reference: int, seq_id: int = 0) -> np.ndarray:
+    """How many of the sequence's keys look like each cell's, per KV head of cache layer `layer`:
+    log mean_j exp(beta * cos(k'_c, k'_j)), k' the keys turned back by `rope`
+    (methods.base.RopeGeometry) at their positions; beyond `max_reference` cells the mean over the
+    others is estimated from every stride-th cell (native/flowmm.h, flowmm_kv_near_copies).
+    Computed on the cache's backend; returns [n_head_kv, n_cells] float32 in seq_cells order."""
+    n = _check(lib.flowmm_kv_seq_cells(_ptr(ctx), seq_id, None, None, 0))
+    out = np.empty((layout(ctx).n_head_kv, n), np.float32)
+    req = _NearCopies(ROPE_PAIRINGS[rope.pairing], int(rope.n_rot), float(rope.freq_base), float(rope.freq_scale),
+                      float(beta), int(max_reference))
+    _check(lib.flowmm_kv_near_copies(_ptr(ctx), seq_id, layer, ctypes.byref(req), out.ctypes.data_as(_f32p), n))
+    return out
+
+
 lib.flowmm_kv_value_norms.restype = ctypes.c_int32
 lib.flowmm_kv_value_norms.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int32]
 

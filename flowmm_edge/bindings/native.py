@@ -22,9 +22,10 @@ SETUP_HINT = "run scripts/setup.sh (or python scripts/build_native.py) to build 
 # The C API version these bindings were written against (native/flowmm.h). Before 1.0 a minor
 # version may change the API (0.4 added flowmm_merge_plan.v_weight, 0.5 row groups, key matching and
 # free cells, 0.8 flowmm_predictor's RoPE, 0.9 flowmm_abort_when_set, 0.10 statistics per sequence,
-# 0.11 flowmm_kv_value_norms, 0.12 an iSWA memory is its full-attention cache),
+# 0.11 flowmm_kv_value_norms, 0.12 an iSWA memory is its full-attention cache, 0.13
+# flowmm_kv_near_copies),
 # so major and minor must match.
-EXPECTED_VERSION = (0, 12)
+EXPECTED_VERSION = (0, 13)
 
 
 def _point_llama_cpp_at_patched_build() -> str:

@@ -5,8 +5,10 @@
 
 The teacher is reconstruction.reconstruction_scores: for every (layer, KV head, cell), the largest
 attention mass a group of the repeat pass's rows sent the cell. The student sees only that cell's
-cached key, turned back by RoPE at its position (importance_predictor.unrope), and the cell's
-distance to the document's end, and regresses log(teacher + LOG_FLOOR): a `relative` predictor.
+cached key, turned back by RoPE at its position (importance_predictor.unrope), the cell's
+distance to the document's end and how many keys of the document look like its own
+(importance_predictor.near_copies, computed on the cache's backend as a merge computes it), and
+regresses log(teacher + LOG_FLOOR): a `relative` predictor with near-copies.
 
 The corpus is not the evaluation suite and not its generators' haystacks:
 - natural text the machine has: the descriptions and licences of the Python packages installed
@@ -32,10 +34,10 @@ import numpy as np
 
 from ..bindings import kv_cache, runtime
 from ..bindings.prompt import feed_pieces
-from ..methods.importance_predictor import (LOG_FLOOR, ImportancePredictor, distance_to_end, features, fit_ridge,
-                                            spearman, unrope)
+from ..methods.importance_predictor import (LOG_FLOOR, NEAR_COPIES, ImportancePredictor, distance_to_end, features,
+                                            fit_ridge, spearman, unrope)
 from ..compression import reconstruction
-from ..compression.compressor import rope_geometry
+from ..compression.compressor import rope_geometry, sequence_near_copies
 
 RIDGE = 1e-3  # of the standardised features' scale, per sample
 _THINGS = ["archive room", "north gate", "blue locker", "server rack", "night shift", "west wing", "supply van",
@@ -157,7 +159,8 @@ def _codebook(projector):
 class Samples:
     """Per document: k, v [n_layer, n_head_kv, n, d] (float16), the teacher [n_layer, n_head_kv, n]
     and each cell's distance to the document's last position [n]; where `relative`, k is turned
-    back by RoPE at each cell's position."""
+    back by RoPE at each cell's position; with `near_copies_params`, each cell's near-copies
+    [n_layer, n_head_kv, n] too."""
 
     k: list[np.ndarray]
     v: list[np.ndarray]
@@ -165,11 +168,14 @@ class Samples:
     names: list[str]
     distance: list[np.ndarray] = dataclasses.field(default_factory=list)
     relative: bool = True
+    near_copies: list[np.ndarray] = dataclasses.field(default_factory=list)
+    near_copies_params: dict | None = None
 
     def features(self, d: int, layer: int, head: int, pairing: str) -> np.ndarray:
         """The student's input rows of document d's cells for (layer, head)."""
         return features(self.k[d][layer, head].astype(np.float32), pairing,
-                        self.distance[d] if self.relative else None)
+                        self.distance[d] if self.relative else None,
+                        self.near_copies[d][layer, head] if self.near_copies_params else None)
 
     @property
     def n_tokens(self) -> int:
@@ -189,11 +195,14 @@ def cache_rows(ctx, seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pos[order], k, v
 
 
-def collect(ctx, docs: list[Document], progress=None, projector=None, relative: bool = True) -> Samples:
+def collect(ctx, docs: list[Document], progress=None, projector=None, relative: bool = True,
+            near_copies: dict | None = NEAR_COPIES) -> Samples:
     """Prefill each document alone in sequence 0, run the repeat pass (re-reading its images),
-    keep its scores and rows (the keys turned back by RoPE where `relative`). A document with
-    images needs the `projector`."""
-    out = Samples([], [], [], [], relative=relative)
+    keep its scores and rows (the keys turned back by RoPE where `relative`, and with
+    `near_copies` (a predictor's parameters; relative only) each cell's near-copies). A document
+    with images needs the `projector`."""
+    near_copies = near_copies if relative else None
+    out = Samples([], [], [], [], relative=relative, near_copies_params=near_copies)
     rope = rope_geometry(ctx.model)
     prefix = reconstruction.repeat_prefix(ctx.model)
     for i, doc in enumerate(docs):
@@ -209,6 +218,9 @@ def collect(ctx, docs: list[Document], progress=None, projector=None, relative: 
                     p.close()
         pos, k, v = cache_rows(ctx)
         assert np.array_equal(pos, scored.positions)
+        if near_copies is not None:
+            order = np.argsort(kv_cache.seq_cells(ctx, 0)[1], kind="stable")  # cache_rows' position order
+            out.near_copies.append(sequence_near_copies(ctx, near_copies)[..., order].astype(np.float32))
         if relative:
             k = unrope(k, pos, rope)
         out.k.append(k.astype(np.float16))
@@ -223,13 +235,13 @@ def collect(ctx, docs: list[Document], progress=None, projector=None, relative: 
 
 
 def collect_documents(model, docs: list[Document], n_tokens: int, n_threads=None, progress=None,
-                      projector=None, relative: bool = True) -> Samples:
+                      projector=None, relative: bool = True, near_copies: dict | None = NEAR_COPIES) -> Samples:
     """`collect` in a context of its own, sized for documents of n_tokens (and their images' extra
     positions) with the repeat pass's room beside them."""
     image_pos = max([_image_positions(projector, d) for d in docs if d.images] or [0])
     with runtime.Context(model, n_ctx=n_tokens + image_pos + reconstruction.ROOM, n_batch=512,
                          n_threads=n_threads) as ctx:
-        return collect(ctx, docs, progress=progress, projector=projector, relative=relative)
+        return collect(ctx, docs, progress=progress, projector=projector, relative=relative, near_copies=near_copies)
 
 
 def _image_positions(projector, doc: Document) -> int:
@@ -242,14 +254,16 @@ def _image_positions(projector, doc: Document) -> int:
 
 
 def fit_head(keys: list[np.ndarray], teachers: list[np.ndarray], docs: list[int], layer: int, head: int,
-             pairing: str, ridge: float = RIDGE, weight=None, distances: list[np.ndarray] | None = None
-             ) -> tuple[np.ndarray, float]:
+             pairing: str, ridge: float = RIDGE, weight=None, distances: list[np.ndarray] | None = None,
+             near_copies: list[np.ndarray] | None = None) -> tuple[np.ndarray, float]:
     """(w, b) of one (layer, KV head) fitted on the given documents' keys [n_layer, n_head_kv, n, d]
     and teacher scores [n_layer, n_head_kv, n] (with `distances`, each document's cells' distances
-    to its end: a relative predictor's features); `weight(teacher [n]) -> [n]` weighs each
-    document's cells (None: alike)."""
+    to its end: a relative predictor's features; with `near_copies` [n_layer, n_head_kv, n] per
+    document, that input too); `weight(teacher [n]) -> [n]` weighs each document's cells (None:
+    alike)."""
     x = np.concatenate([features(keys[d][layer, head].astype(np.float32), pairing,
-                                 None if distances is None else distances[d]) for d in docs])
+                                 None if distances is None else distances[d],
+                                 None if near_copies is None else near_copies[d][layer, head]) for d in docs])
     y = np.concatenate([np.log(teachers[d][layer, head] + LOG_FLOOR) for d in docs])
     wt = None if weight is None else np.concatenate([weight(teachers[d][layer, head]) for d in docs])
     return fit_ridge(x, y, ridge, wt)
@@ -263,15 +277,18 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     train, test = list(range(n_doc - held_back)), list(range(n_doc - held_back, n_doc))
     n_layer, n_head = samples.teacher[0].shape[:2]
     distances = samples.distance if samples.relative else None
+    near = samples.near_copies if samples.near_copies_params else None
     rank = np.zeros((n_layer, n_head))
     weights, bias = [], []
     for l in range(n_layer):
         wl, bl = [], []
         for h in range(n_head):
-            w, b = fit_head(samples.k, samples.teacher, train, l, h, pairing, ridge, distances=distances)
+            w, b = fit_head(samples.k, samples.teacher, train, l, h, pairing, ridge, distances=distances,
+                            near_copies=near)
             rank[l, h] = np.mean([spearman(samples.features(d, l, h, pairing) @ w + b, samples.teacher[d][l, h])
                                   for d in test])
-            w, b = fit_head(samples.k, samples.teacher, list(range(n_doc)), l, h, pairing, ridge, distances=distances)
+            w, b = fit_head(samples.k, samples.teacher, list(range(n_doc)), l, h, pairing, ridge, distances=distances,
+                            near_copies=near)
             wl.append(w)
             bl.append(b)
         weights.append(wl)
@@ -280,4 +297,4 @@ def fit(samples: Samples, pairing: str, held_back: int = 1, ridge: float = RIDGE
     info = {"held_back_spearman_per_layer": [round(float(r), 4) for r in per_layer],
             "held_back_spearman_mean": round(float(per_layer.mean()), 4), "ridge": ridge}
     return ImportancePredictor(pairing, np.asarray(weights, np.float32), np.asarray(bias, np.float32),
-                               info, relative=samples.relative), info
+                               info, relative=samples.relative, near_copies=samples.near_copies_params), info

@@ -52,9 +52,9 @@ import numpy as np
 from .. import paths
 from ..bindings import kv_cache
 from ..methods.flowmm import PREDICTED
-from ..compression.compressor import rope_geometry
-from ..methods.importance_predictor import (LOG_FLOOR, ImportancePredictor, distance_to_end, features, n_features,
-                                            spearman, top_recall, unrope)
+from ..compression.compressor import rope_geometry, sequence_near_copies
+from ..methods.importance_predictor import (LOG_FLOOR, NEAR_COPIES, ImportancePredictor, distance_to_end, features,
+                                            n_features, spearman, top_recall, unrope)
 from .distillation import RIDGE
 
 MIN_TOKENS = 6144        # tokens observed before a fit may count as good (measured: RESULTS.md)
@@ -124,14 +124,19 @@ class Progress:
 
 
 class ImportanceLearner:
-    def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int, rope=None):
+    def __init__(self, fingerprint: dict, pairing: str, n_layer: int, n_head_kv: int, head_dim_k: int, rope=None,
+                 near_copies: dict | None = None):
         """`rope` (methods.base.RopeGeometry): the keys are turned back by it at their positions
         and the cells' distances to the sequence's end are a feature, and the predictor is
-        `relative`; None: keys as cached."""
-        self.fingerprint, self.pairing, self.rope = fingerprint, pairing, rope
-        self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k, rope is not None))
+        `relative`; None: keys as cached. `near_copies` (a predictor's parameters; with `rope`
+        only): each cell's near-copies in its sequence is one more feature."""
+        if near_copies is not None and rope is None:
+            raise ValueError("a near-copies learner must be relative (take a rope)")
+        self.fingerprint, self.pairing, self.rope, self.near_copies = fingerprint, pairing, rope, near_copies
+        self.moments = RidgeMoments(n_layer, n_head_kv, n_features(head_dim_k, rope is not None, near_copies is not None))
         self.held_k: list[np.ndarray] = []        # [n_layer, n_head_kv, n, d] float16 per held-back span
         self.held_distance: list[np.ndarray | None] = []  # [n] per held-back span (relative)
+        self.held_near: list[np.ndarray | None] = []      # [n_layer, n_head_kv, n] per held-back span (near-copies)
         self.held_teacher: list[np.ndarray] = []  # [n_layer, n_head_kv, n]
         self.rho: list[np.ndarray] = []           # rho^l each learning conversation measured (sequence_compressor)
         self.progress = Progress()
@@ -141,7 +146,8 @@ class ImportanceLearner:
     @classmethod
     def for_context(cls, fingerprint: dict, ctx, pairing: str) -> "ImportanceLearner":
         lay = kv_cache.layout(ctx)
-        return cls(fingerprint, pairing, lay.n_layer, lay.n_head_kv, lay.head_dim_k, rope_geometry(ctx.model))
+        return cls(fingerprint, pairing, lay.n_layer, lay.n_head_kv, lay.head_dim_k, rope_geometry(ctx.model),
+                   NEAR_COPIES)
 
     # -- what the merges feed ----------------------------------------------------------------------
 
@@ -165,30 +171,39 @@ class ImportanceLearner:
         n_layer, n_head = teacher.shape[:2]
         k = np.stack([np.stack([kv_cache.read_rows(ctx, l, h, at, "k", seq_id) for h in range(n_head)])
                       for l in range(n_layer)])
-        distance = None
+        distance = near = None
         if self.rope is not None:
             k = unrope(k, positions, self.rope)
             distance = distance_to_end(positions, ctx.next_pos(seq_id))
-        self.add(k, teacher, distance)
+        if self.near_copies is not None:  # against the whole sequence, as a merge computes it
+            index = {c: i for i, c in enumerate(cells.tolist())}
+            near = sequence_near_copies(ctx, self.near_copies, seq_id)[..., [index[c] for c in at.tolist()]]
+        self.add(k, teacher, distance, near)
 
-    def add(self, k: np.ndarray, teacher: np.ndarray, distance: np.ndarray | None = None) -> None:
+    def add(self, k: np.ndarray, teacher: np.ndarray, distance: np.ndarray | None = None,
+            near: np.ndarray | None = None) -> None:
         """One span: keys k [n_layer, n_head_kv, n, d] and the teacher's scores [n_layer, n_head_kv, n];
         where the learner has a `rope`, the keys turned back by it and each cell's `distance` [n]
-        to the sequence's last position."""
+        to the sequence's last position; where it has `near_copies`, each cell's `near`
+        [n_layer, n_head_kv, n] in its whole sequence."""
         if (distance is None) != (self.rope is None):
             raise ValueError("a relative learner takes each cell's distance to the end, and only it")
+        if (near is None) != (self.near_copies is None):
+            raise ValueError("a near-copies learner takes each cell's near-copies, and only it")
         p = self.progress
         held = p.n_documents % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 and p.held_back_tokens < HELD_BACK_TOKENS
         n_layer, n_head = teacher.shape[:2]
         if held:
             self.held_k.append(k.astype(np.float16))
             self.held_distance.append(distance)
+            self.held_near.append(None if near is None else near.astype(np.float32))
             self.held_teacher.append(teacher)
             p.held_back_tokens += teacher.shape[-1]
         else:
             for l in range(n_layer):
                 for h in range(n_head):
-                    self.moments.add(l, h, features(k[l, h].astype(np.float32), self.pairing, distance),
+                    self.moments.add(l, h, features(k[l, h].astype(np.float32), self.pairing, distance,
+                                                    None if near is None else near[l, h]),
                                      np.log(teacher[l, h].astype(np.float64) + LOG_FLOOR))
             p.n_tokens += teacher.shape[-1]
             self._since_fit += teacher.shape[-1]
@@ -211,7 +226,8 @@ class ImportanceLearner:
             for h in range(n_head):
                 w, b = self.moments.solve(l, h)
                 weights[l, h], bias[l, h] = w, b
-        predictor = ImportancePredictor(self.pairing, weights, bias, relative=self.rope is not None)
+        predictor = ImportancePredictor(self.pairing, weights, bias, relative=self.rope is not None,
+                                        near_copies=self.near_copies)
         rank = self.held_back_spearman(predictor)
         p = self.progress
         info = {"teacher": "reconstruction (the repeat pass of this model's own conversations)",
@@ -235,8 +251,10 @@ class ImportanceLearner:
         if not self.held_k:
             return None
         n_layer, n_head = self.held_teacher[0].shape[:2]
-        return float(np.mean([measure(predictor.predict(l, h, k[l, h].astype(np.float32), dist), t[l, h])
-                              for k, t, dist in zip(self.held_k, self.held_teacher, self.held_distance)
+        return float(np.mean([measure(predictor.predict(l, h, k[l, h].astype(np.float32), dist,
+                                                        None if near is None else near[l, h]), t[l, h])
+                              for k, t, dist, near in zip(self.held_k, self.held_teacher, self.held_distance,
+                                                          self.held_near)
                               for l in range(n_layer) for h in range(n_head)]))
 
     def ready(self):

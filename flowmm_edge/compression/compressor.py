@@ -42,8 +42,24 @@ def predicted_scores(predictor, ctx, seq_id: int = 0) -> np.ndarray:
     small graph per layer; predictor.predict is its numpy reference)."""
     predictor.check_layout(kv_cache.layout(ctx))
     rope = rope_geometry(ctx.model) if predictor.relative else None
-    return np.stack([kv_cache.predict_scores(ctx, l, predictor.weights[l], predictor.bias[l], predictor.rope_pairing,
-                                             seq_id, relative=rope) for l in range(predictor.n_layer)])
+    out = []
+    for l in range(predictor.n_layer):
+        s = kv_cache.predict_scores(ctx, l, predictor.key_weights(l), predictor.bias[l], predictor.rope_pairing,
+                                    seq_id, relative=rope)
+        if predictor.near_copies is not None:  # [n_head_kv, n] more floats back: the near-copies term
+            nc = predictor.near_copies
+            s += predictor.weights[l, :, -1:] * kv_cache.near_copies(ctx, l, rope, nc["beta"], nc["max_reference"], seq_id)
+        out.append(s)
+    return np.stack(out)
+
+
+def sequence_near_copies(ctx, params: dict, seq_id: int = 0) -> np.ndarray:
+    """The near-copies input (importance_predictor.near_copies) of every cell of the sequence,
+    [n_layer, n_head_kv, n_cells] in kv_cache.seq_cells order, on the cache's backend; `params` as
+    a predictor's `near_copies`."""
+    rope = rope_geometry(ctx.model)
+    return np.stack([kv_cache.near_copies(ctx, l, rope, params["beta"], params["max_reference"], seq_id)
+                     for l in range(kv_cache.layout(ctx).n_layer)])
 
 
 @dataclasses.dataclass

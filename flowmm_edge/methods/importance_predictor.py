@@ -38,6 +38,10 @@ from ..errors import FlowMMError
 
 FEATURES = "k+pair_lengths"  # [k, |rotated pairs of k|], k as cached (after RoPE)
 RELATIVE_FEATURES = "unroped_k+pair_lengths+log_distance_to_end"  # k turned back by RoPE, and recency
+NEAR_COPIES_FEATURES = RELATIVE_FEATURES + "+near_copies"  # and how many keys of the sequence look alike
+NEAR_COPIES_BETA = 20.0  # sharpness of `near_copies` (chosen among 5 / 10 / 20: docs/RESULTS.md)
+NEAR_COPIES_REFERENCE = 2048  # keys each cell is compared with at most (beyond: a strided sample)
+NEAR_COPIES = {"beta": NEAR_COPIES_BETA, "max_reference": NEAR_COPIES_REFERENCE}  # what every new fit uses
 PAIRINGS = ("halves", "adjacent")  # RoPE's pairs: (i, i + d/2) NEOX-style, (2i, 2i + 1) the original
 LOG_FLOOR = 1e-4  # added to the teacher's attention mass before the log (a cell nobody looked at)
 
@@ -59,15 +63,38 @@ def k_pair_lengths(k: np.ndarray, pairing: str) -> np.ndarray:
     return np.sqrt(a * a + b * b)
 
 
-def features(k: np.ndarray, pairing: str, distance: np.ndarray | None = None) -> np.ndarray:
+def features(k: np.ndarray, pairing: str, distance: np.ndarray | None = None,
+             near_copies: np.ndarray | None = None) -> np.ndarray:
     """The predictor's input rows for cells with keys k [n, d]: [k, k_pair_lengths(k)], [n, 3d/2];
     with `distance` [n] (each cell's distance to the sequence's last position), log(1 + distance)
-    appended, [n, 3d/2 + 1]."""
+    appended, [n, 3d/2 + 1]; with `near_copies` [n] (`near_copies`), that too, [n, 3d/2 + 2]."""
     k = np.asarray(k, np.float64)
     cols = [k, k_pair_lengths(k, pairing)]
     if distance is not None:
         cols.append(np.log1p(np.asarray(distance, np.float64))[:, None])
+    if near_copies is not None:
+        cols.append(np.asarray(near_copies, np.float64)[:, None])
     return np.concatenate(cols, axis=-1)
+
+
+def near_copies(k: np.ndarray, beta: float = NEAR_COPIES_BETA, max_reference: int = NEAR_COPIES_REFERENCE) -> np.ndarray:
+    """How many keys of a sequence look like each one: for keys k [n, d] (turned back by RoPE,
+    `unrope`), log mean_j exp(beta * cos(k_i, k_j)) over all n, [n]. A key with many near-copies
+    (a repeated word, one of many near-identical records) scores high; the student learns what
+    that is worth (a negative weight in most layers: what is repeated can go). With more than
+    `max_reference` keys, the mean over the others is estimated from every stride-th key
+    (stride = ceil(n / max_reference)) and the key's own term, exp(beta), is counted exactly.
+    The numpy reference of the native graph (kv_cache.near_copies), in the same order."""
+    k = np.asarray(k, np.float64)
+    n = len(k)
+    u = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
+    stride = -(-n // max_reference)
+    ref = u[::stride]
+    total = np.exp(beta * (u @ ref.T - 1.0)).sum(1)  # exp(beta (cos - 1)) <= 1: no overflow
+    if stride > 1:
+        own = (np.arange(n) % stride == 0).astype(np.float64)
+        total = 1.0 + np.maximum(total - own, 0.0) * (n - 1) / (len(ref) - own)
+    return beta + np.log(total) - np.log(n)
 
 
 def distance_to_end(positions: np.ndarray, end: int) -> np.ndarray:
@@ -82,8 +109,8 @@ def unrope(k: np.ndarray, positions: np.ndarray, rope) -> np.ndarray:
     return rope.turn(k, np.cos(theta), np.sin(theta))
 
 
-def n_features(head_dim_k: int, relative: bool = False) -> int:
-    return head_dim_k + head_dim_k // 2 + int(relative)
+def n_features(head_dim_k: int, relative: bool = False, near_copies: bool = False) -> int:
+    return head_dim_k + head_dim_k // 2 + int(relative) + int(near_copies)
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, ridge: float, weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
@@ -117,13 +144,15 @@ def top_recall(pred: np.ndarray, teacher: np.ndarray, share: float = 0.1) -> flo
 
 @dataclasses.dataclass(frozen=True)
 class ImportancePredictor:
-    """weights [n_layer, n_head_kv, n_feat], bias [n_layer, n_head_kv]."""
+    """weights [n_layer, n_head_kv, n_feat], bias [n_layer, n_head_kv]; with `near_copies`, the
+    last feature's weight is near-copies' (n_feat one more)."""
 
     rope_pairing: str
     weights: np.ndarray
     bias: np.ndarray
     info: dict = dataclasses.field(default_factory=dict)  # what it was fitted on, how well it ranks
     relative: bool = False  # RELATIVE_FEATURES: keys turned back by RoPE, and the distance to the end
+    near_copies: dict | None = None  # NEAR_COPIES_FEATURES: {"beta": .., "max_reference": ..}; needs relative
 
     def __post_init__(self):
         if self.rope_pairing not in PAIRINGS:
@@ -134,42 +163,69 @@ class ImportancePredictor:
                                  "([n_layer, n_head_kv, n_feat] and [n_layer, n_head_kv])")
         if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
             raise PredictorError("predictor weights are not all finite")
+        if self.near_copies is not None:
+            nc = self.near_copies
+            if not self.relative:
+                raise PredictorError("a near-copies predictor must be relative (its keys turned back by RoPE)")
+            if not (isinstance(nc, dict) and set(nc) == {"beta", "max_reference"}
+                    and isinstance(nc["beta"], (int, float)) and 0 < nc["beta"] <= 80
+                    and isinstance(nc["max_reference"], int) and nc["max_reference"] >= 1):
+                raise PredictorError(f"predictor near_copies {nc!r} is not {{'beta': (0, 80], 'max_reference': >= 1}}")
 
     @property
     def n_layer(self) -> int:
         return self.weights.shape[0]
 
     def check_layout(self, lay) -> None:
-        want = n_features(lay.head_dim_k, self.relative)
+        want = n_features(lay.head_dim_k, self.relative, self.near_copies is not None)
         if self.weights.shape != (lay.n_layer, lay.n_head_kv, want):
             raise PredictorError(f"the predictor's weights {tuple(self.weights.shape)} do not fit this cache "
                                  f"({lay.n_layer} layers, {lay.n_head_kv} KV heads, {want} features)")
 
-    def predict(self, layer: int, head: int, k: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, layer: int, head: int, k: np.ndarray, distance: np.ndarray | None = None,
+                near_copies: np.ndarray | None = None) -> np.ndarray:
         """numpy reference: the predicted log score of cells with keys k [n, d] (as the model
         computed them: no storage rotation); a `relative` predictor takes them turned back by
-        `unrope`, with each cell's `distance` to the sequence's last position."""
+        `unrope`, with each cell's `distance` to the sequence's last position, and a near-copies
+        one each cell's `near_copies` in its whole sequence."""
         if self.relative and distance is None:
             raise PredictorError("a relative predictor needs each cell's distance to the sequence's end")
-        return features(k, self.rope_pairing, distance if self.relative else None) @ self.weights[layer, head] + \
-            self.bias[layer, head]
+        if (self.near_copies is not None) != (near_copies is not None):
+            raise PredictorError("a near-copies predictor takes each cell's near-copies, and only it")
+        return features(k, self.rope_pairing, distance if self.relative else None, near_copies) @ \
+            self.weights[layer, head] + self.bias[layer, head]
+
+    def key_weights(self, layer: int) -> np.ndarray:
+        """[n_head_kv, n_feat] of the features the native predictor computes from each key
+        (kv_cache.predict_scores): all but near-copies'."""
+        return self.weights[layer, :, :-1] if self.near_copies is not None else self.weights[layer]
+
+    @property
+    def features_name(self) -> str:
+        return NEAR_COPIES_FEATURES if self.near_copies is not None else RELATIVE_FEATURES if self.relative else FEATURES
 
     def to_json(self) -> dict:
-        return {"features": RELATIVE_FEATURES if self.relative else FEATURES, "rope_pairing": self.rope_pairing,
-                "weights": np.asarray(self.weights, np.float32).round(6).tolist(),
-                "bias": np.asarray(self.bias, np.float32).round(6).tolist(), "info": self.info}
+        out = {"features": self.features_name, "rope_pairing": self.rope_pairing,
+               "weights": np.asarray(self.weights, np.float32).round(6).tolist(),
+               "bias": np.asarray(self.bias, np.float32).round(6).tolist(), "info": self.info}
+        if self.near_copies is not None:
+            out["near_copies"] = dict(self.near_copies)
+        return out
 
     @classmethod
     def from_json(cls, data, where: str) -> "ImportancePredictor":
         if not isinstance(data, dict):
             raise PredictorError(f"{where}: 'predictor' must be an object")
         try:
-            if data["features"] not in (FEATURES, RELATIVE_FEATURES):
-                raise PredictorError(f"predictor features {data['features']!r} are not {FEATURES!r} or "
-                                     f"{RELATIVE_FEATURES!r}")
+            names = (FEATURES, RELATIVE_FEATURES, NEAR_COPIES_FEATURES)
+            if data["features"] not in names:
+                raise PredictorError(f"predictor features {data['features']!r} are not one of "
+                                     f"{', '.join(map(repr, names))}")
+            nc = data["features"] == NEAR_COPIES_FEATURES
             return cls(rope_pairing=data["rope_pairing"],
                        weights=np.asarray(data["weights"], np.float32), bias=np.asarray(data["bias"], np.float32),
-                       info=dict(data.get("info") or {}), relative=data["features"] == RELATIVE_FEATURES)
+                       info=dict(data.get("info") or {}), relative=data["features"] != FEATURES,
+                       near_copies=data["near_copies"] if nc else None)
         except (KeyError, TypeError, ValueError) as e:
             raise PredictorError(f"{where}: bad predictor ({e})") from None
         except PredictorError as e:
