@@ -65,7 +65,8 @@ def main() -> int:
             learner = s.engine.learner
             assert learner is not None, "the copy found a policy: it must be unseen"
             if shipped is not None and shipped.predictor is not None and \
-                    shipped.predictor.relative != (learner.rope is not None):
+                    (shipped.predictor.relative != (learner.rope is not None)
+                     or (shipped.predictor.near_copies is not None and learner.near_copies is None)):
                 shipped = None  # its features are of other keys than the held-back ones
             skip = SHIPPED_CORPUS_TOKENS // args.turn_tokens + 1
             docs = distillation.documents(s.model, skip + args.turns, args.turn_tokens)[skip:]

@@ -13,7 +13,7 @@ from flowmm_edge.app.session import Session
 from flowmm_edge.calibration import policy as policy_mod
 from flowmm_edge.compression import reconstruction
 from flowmm_edge.calibration import self_distillation
-from flowmm_edge.methods.importance_predictor import fit_ridge
+from flowmm_edge.methods.importance_predictor import NEAR_COPIES, fit_ridge
 from flowmm_edge.models import gguf_file
 
 
@@ -61,6 +61,7 @@ def test_an_unseen_model_learns_its_predictor_saves_it_and_then_merges_without_t
         info = learned.calibration
         assert info["source"] == "self-distillation" and info["n_tokens"] >= 200 and info["n_documents"] >= 4
         assert learned.predictor.weights.shape[:2] == (4, 2) and learned.model == policy_mod.fingerprint(model)
+        assert learned.predictor.near_copies == NEAR_COPIES  # every new fit counts each key's near-copies
         assert learned.rho is None  # text alone: no cross-modal flow seen, so rho stays estimated per prompt
         assert s.compression._fresh().rho is None
         # the same session goes on with the predictor: its next merge runs no repeat pass

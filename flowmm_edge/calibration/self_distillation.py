@@ -251,8 +251,9 @@ class ImportanceLearner:
         if not self.held_k:
             return None
         n_layer, n_head = self.held_teacher[0].shape[:2]
+        takes_near = predictor.near_copies is not None  # a predictor without the input ignores it
         return float(np.mean([measure(predictor.predict(l, h, k[l, h].astype(np.float32), dist,
-                                                        None if near is None else near[l, h]), t[l, h])
+                                                        near[l, h] if takes_near else None), t[l, h])
                               for k, t, dist, near in zip(self.held_k, self.held_teacher, self.held_distance,
                                                           self.held_near)
                               for l in range(n_layer) for h in range(n_head)]))
