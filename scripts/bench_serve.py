@@ -67,7 +67,8 @@ def run_config(args, method: str) -> dict:
         name, _, recall = method.partition("+recall")  # flowmm+recall96: serve --recall 96
         proc, url = start_server(args, ["-c", str(args.ctx), "-np", str(args.conversations), "--method", name,
                                         "--budget", str(args.budget), "-n", str(args.max_tokens),
-                                        *(["--recall", recall] if recall else [])])
+                                        *(["--recall", recall] if recall else []),
+                                        *(["--policy", args.policy] if args.policy else [])])
     row = {"errors": ["the run did not finish"]}
     try:
         row = {**converse(args, url, method, proc.pid), "server_log": proc.log_path}
@@ -386,6 +387,7 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=900, help="seconds per configuration")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", help="serve's --policy for FlowMM's runs (default: serve's own, auto)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--streams", default="", help="instead: K concurrent streams for each K listed (1,2,4,8)")

@@ -18,7 +18,8 @@ from flowmm_edge.bindings.kv_cache import NativeError
 from flowmm_edge.calibration import policy
 from flowmm_edge.compression.compressor import Compressor, predicted_scores, rope_geometry, sequence_near_copies
 from flowmm_edge.methods import METHODS
-from flowmm_edge.methods.importance_predictor import ImportancePredictor, PredictorError, n_features, near_copies
+from flowmm_edge.methods.importance_predictor import (NEAR_COPIES, ImportancePredictor, PredictorError, n_features,
+                                                      near_copies)
 from state_reference import parse_seq_state, seq_state_bytes
 from test_importance_predictor import H, HD, L, _hadamard, _policy_file, _reference, _rope_base, _turned_back
 
@@ -177,11 +178,11 @@ def test_calibrate_distill_collects_near_copies_of_each_whole_document_and_fits_
     text = " ".join(f"the record {i % 7} holds value {i * 37 % 101} and the cat is red." for i in range(200))
     docs = distillation.documents(model, 3, 160, texts=[("synthetic", text)])
     samples = distillation.collect_documents(model, docs, 160, n_threads=2)
-    assert samples.near_copies_params == {"beta": 20.0, "max_reference": 2048}
+    assert samples.near_copies_params == NEAR_COPIES
     for d in range(3):
         for layer in range(L):
             for h in range(H):
-                want = _definition(samples.k[d][layer, h].astype(np.float64), 20.0, 2048)
+                want = _definition(samples.k[d][layer, h].astype(np.float64), NEAR_COPIES["beta"], NEAR_COPIES["max_reference"])
                 np.testing.assert_allclose(samples.near_copies[d][layer, h], want, atol=0.05)
     pred, info = distillation.fit(samples, rope_geometry(model).pairing)
     assert pred.near_copies == samples.near_copies_params and pred.weights.shape == (L, H, n_features(HD, True, True))
@@ -207,7 +208,8 @@ def test_the_learner_takes_each_span_cells_near_copies_in_its_whole_sequence(tin
         lay = kv_cache.layout(ctx)
         st = parse_seq_state(seq_state_bytes(ctx.ptr, seq_id), lay.n_head_kv * lay.head_dim_k,
                              lay.n_head_kv * lay.head_dim_v)
-        want = np.stack([np.stack([_definition(kh, BETA, 2048) for kh in _keys_turned_back(ctx, layer, rope.pairing, base)])
+        want = np.stack([np.stack([_definition(kh, BETA, NEAR_COPIES["max_reference"])
+                                   for kh in _keys_turned_back(ctx, layer, rope.pairing, base)])
                          for layer in range(lay.n_layer)])  # [L, H, n] in cell order
         seen.append({"want": want, "pos": st.pos, "positions": np.asarray(positions)})
         return real_observe(self, ctx, seq_id, scored, positions)

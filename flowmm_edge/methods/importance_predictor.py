@@ -24,6 +24,12 @@ it ranks a chat's later turns as it ranks a document at 0. One fitted on cached 
 alternatives (pair lengths alone, raw K alone, with V) in docs/METHOD.md, 'Learned importance'
 (scripts/predictor_features.py).
 
+One input is not the key's own: `near_copies` (NEAR_COPIES_FEATURES, every fit since
+2026-12-08), how many keys of the sequence look like this one, log mean_j exp(beta cos(k'_i, k'_j)).
+The teacher's rows split their attention among a repeated phrase's copies, which a key alone
+cannot show; the native graph computes it per merge (kv_cache.near_copies) and the predictor adds
+its last weight times it. Measured in docs/RESULTS.md, "Near-copies built".
+
 After KVzap (NVIDIA kvpress, kvzap/, arXiv 2601.07891), which maps a layer's hidden state to the
 log KVzip score per KV head with one linear layer. Distillation: calibration/distillation.py.
 """
@@ -40,7 +46,7 @@ FEATURES = "k+pair_lengths"  # [k, |rotated pairs of k|], k as cached (after RoP
 RELATIVE_FEATURES = "unroped_k+pair_lengths+log_distance_to_end"  # k turned back by RoPE, and recency
 NEAR_COPIES_FEATURES = RELATIVE_FEATURES + "+near_copies"  # and how many keys of the sequence look alike
 NEAR_COPIES_BETA = 20.0  # sharpness of `near_copies` (chosen among 5 / 10 / 20: docs/RESULTS.md)
-NEAR_COPIES_REFERENCE = 2048  # keys each cell is compared with at most (beyond: a strided sample)
+NEAR_COPIES_REFERENCE = 512  # keys each cell is compared with at most (beyond: a strided sample; the cost: RESULTS.md)
 NEAR_COPIES = {"beta": NEAR_COPIES_BETA, "max_reference": NEAR_COPIES_REFERENCE}  # what every new fit uses
 PAIRINGS = ("halves", "adjacent")  # RoPE's pairs: (i, i + d/2) NEOX-style, (2i, 2i + 1) the original
 LOG_FLOOR = 1e-4  # added to the teacher's attention mass before the log (a cell nobody looked at)
