@@ -138,6 +138,28 @@ static void set_keys(const key_rows & keys, const llama_kv_cache & kv, uint32_t 
     }
 }
 
+// the cache of seq_id, and layer il's KV heads and key size; NULL (the error set) where either is bad
+static llama_kv_cache * resolve_layer(llama_context * ctx, llama_seq_id seq_id, int32_t il, int64_t & H, int64_t & hd) {
+    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    if (kv == nullptr) {
+        return nullptr;
+    }
+    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
+        flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
+        return nullptr;
+    }
+    const uint32_t mil = acc::layer_il(*kv, il);
+    H  = acc::hparams(*kv).n_head_kv(mil);
+    hd = acc::hparams(*kv).n_embd_head_k(mil);
+    return kv;
+}
+
+// whether a RoPE to undo (n_rot dimensions, base, scale) fits a head of hd dimensions
+static bool rope_fits(int32_t n_rot, float base, float scale, int64_t hd) {
+    return n_rot > 0 && n_rot <= hd && n_rot % 2 == 0 && std::isfinite(base) && base > 0.0f &&
+           std::isfinite(scale) && scale > 0.0f;
+}
+
 // compute a block's graph and copy its [H, nb] result `node` into dst[h * n + c0 ...], per KV head
 static bool compute_block(llama_context * ctx, const flowmm_graph & g, ggml_tensor * node, std::vector<float> & blk,
                           int64_t H, int64_t nb, int64_t n, int64_t c0, float * dst) {
@@ -154,20 +176,14 @@ static bool compute_block(llama_context * ctx, const flowmm_graph & g, ggml_tens
 
 int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il,
                                  const flowmm_predictor * pred, float * scores) {
-    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    int64_t H = 0, hd = 0;
+    llama_kv_cache * kv = resolve_layer(ctx, seq_id, il, H, hd);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
     if (pred == nullptr || pred->weights == nullptr || pred->bias == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "a predictor array is NULL");
     }
-    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
-    }
-    const auto & hp = acc::hparams(*kv);
-    const uint32_t mil = acc::layer_il(*kv, il);
-    const int64_t H  = hp.n_head_kv(mil);
-    const int64_t hd = hp.n_embd_head_k(mil);
     if (pred->relative != 0 && pred->relative != 1) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "relative must be 0 or 1");
     }
@@ -180,9 +196,7 @@ int32_t flowmm_kv_predict_scores(llama_context * ctx, llama_seq_id seq_id, int32
     if (pred->pairing != FLOWMM_PAIRS_HALVES && pred->pairing != FLOWMM_PAIRS_ADJACENT) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(pred->pairing));
     }
-    if (pred->relative && (pred->rope_n_rot <= 0 || pred->rope_n_rot > hd || pred->rope_n_rot % 2 != 0 ||
-                           !(std::isfinite(pred->rope_freq_base) && pred->rope_freq_base > 0.0f &&
-                             std::isfinite(pred->rope_freq_scale) && pred->rope_freq_scale > 0.0f))) {
+    if (pred->relative && !rope_fits(pred->rope_n_rot, pred->rope_freq_base, pred->rope_freq_scale, hd)) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the predictor's RoPE (" + std::to_string(pred->rope_n_rot) +
                            " dimensions, base " + std::to_string(pred->rope_freq_base) + ", scale " +
                            std::to_string(pred->rope_freq_scale) + ") does not fit a head of " + std::to_string(hd));
@@ -341,26 +355,18 @@ static constexpr int64_t FLOWMM_NEAR_COPIES_FLOATS = 4 << 20;
 
 int32_t flowmm_kv_near_copies(llama_context * ctx, llama_seq_id seq_id, int32_t il,
                               const flowmm_near_copies_request * req, float * out, int32_t n_cells) {
-    llama_kv_cache * kv = flowmm_resolve_kv_seq(ctx, seq_id);
+    int64_t H = 0, hd = 0;
+    llama_kv_cache * kv = resolve_layer(ctx, seq_id, il, H, hd);
     if (kv == nullptr) {
         return flowmm_last_status();
     }
     if (req == nullptr) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the near-copies request is NULL");
     }
-    if (il < 0 || il >= (int32_t) acc::n_layer(*kv)) {
-        return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "layer " + std::to_string(il) + " is out of range");
-    }
-    const auto & hp = acc::hparams(*kv);
-    const uint32_t mil = acc::layer_il(*kv, il);
-    const int64_t H  = hp.n_head_kv(mil);
-    const int64_t hd = hp.n_embd_head_k(mil);
     if (req->pairing != FLOWMM_PAIRS_HALVES && req->pairing != FLOWMM_PAIRS_ADJACENT) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "unknown RoPE pairing " + std::to_string(req->pairing));
     }
-    if (req->rope_n_rot <= 0 || req->rope_n_rot > hd || req->rope_n_rot % 2 != 0 ||
-        !(std::isfinite(req->rope_freq_base) && req->rope_freq_base > 0.0f &&
-          std::isfinite(req->rope_freq_scale) && req->rope_freq_scale > 0.0f)) {
+    if (!rope_fits(req->rope_n_rot, req->rope_freq_base, req->rope_freq_scale, hd)) {
         return flowmm_fail(FLOWMM_ERR_INVALID_ARGUMENT, "the near-copies' RoPE (" + std::to_string(req->rope_n_rot) +
                            " dimensions, base " + std::to_string(req->rope_freq_base) + ", scale " +
                            std::to_string(req->rope_freq_scale) + ") does not fit a head of " + std::to_string(hd));
@@ -422,7 +428,7 @@ int32_t flowmm_kv_near_copies(llama_context * ctx, llama_seq_id seq_id, int32_t 
             if (stride > 1) {
                 const bool in_ref = c % stride == 0;
                 const float others = std::max(0.0f, total - (in_ref ? 1.0f : 0.0f));
-                total = 1.0f + others * (float) (n - 1) / (float) (m - (in_ref ? 1 : 0));
+                total = 1.0f + others * (float) (n - 1) / (float) std::max<int64_t>(1, m - (in_ref ? 1 : 0));
             }
             out[h * n + c] = req->beta + logf(std::max(total, 1e-30f)) - logf((float) n);
         }

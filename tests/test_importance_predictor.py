@@ -80,6 +80,16 @@ def _reference(ctx, pred: ImportancePredictor, n_head: int, hd: int, base: float
     return np.stack(out)
 
 
+def decode_and_merge_half(ctx, tokens) -> None:
+    """Decode `tokens` into sequence 0 and merge them to half with SnapKV, so the kept cells sit
+    at scattered positions."""
+    comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
+    with comp.observe(ctx, prompt_end=len(tokens), labels=span_labels(len(tokens))):
+        ctx.decode(tokens, 0)
+    comp.compress(ctx, span_labels(len(tokens)))
+    assert len(kv_cache.seq_cells(ctx)[0]) < len(tokens)
+
+
 def _close(got, want):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
@@ -177,11 +187,7 @@ def test_scores_follow_the_cells_through_a_merge_and_a_save_load(model):
     pred = _predictor(L, H, HD, "adjacent", seed=1)
     tokens = model.tokenize(TINY_PROMPT * 2)
     with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
-        comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
-        with comp.observe(ctx, prompt_end=len(tokens), labels=span_labels(len(tokens))):
-            ctx.decode(tokens, 0)
-        comp.compress(ctx, span_labels(len(tokens)))
-        assert len(kv_cache.seq_cells(ctx)[0]) < len(tokens)
+        decode_and_merge_half(ctx, tokens)
         merged = predicted_scores(pred, ctx)
         _close(merged, _reference(ctx, pred, H, HD))
         state = ctx.state()

@@ -12,16 +12,16 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY_PROMPT, span_labels
+from conftest import TINY_PROMPT
 from flowmm_edge.bindings import kv_cache, runtime
 from flowmm_edge.bindings.kv_cache import NativeError
 from flowmm_edge.calibration import policy
-from flowmm_edge.compression.compressor import Compressor, predicted_scores, rope_geometry, sequence_near_copies
-from flowmm_edge.methods import METHODS
+from flowmm_edge.compression.compressor import predicted_scores, rope_geometry, sequence_near_copies
 from flowmm_edge.methods.importance_predictor import (NEAR_COPIES, ImportancePredictor, PredictorError, n_features,
                                                       near_copies)
 from state_reference import parse_seq_state, seq_state_bytes
-from test_importance_predictor import H, HD, L, _hadamard, _policy_file, _reference, _rope_base, _turned_back
+from test_importance_predictor import (H, HD, L, _hadamard, _policy_file, _reference, _rope_base, _turned_back,
+                                       decode_and_merge_half)
 
 BETA = 20.0
 
@@ -88,15 +88,24 @@ def test_a_long_sequence_from_a_strided_sample_in_several_blocks(model):
             np.testing.assert_allclose(near_copies(k[h], BETA, 2048), _definition(k[h], BETA, 2048), atol=1e-9)
 
 
+def test_a_reference_of_one_key_still_counts_each_cell_itself(model):
+    """max_reference 1 on 2+ cells: the reference is the first cell alone, so for it no other
+    sampled key is left; its value is its own term alone, and every value is finite."""
+    rope = rope_geometry(model)
+    with runtime.Context(model, n_ctx=128, n_batch=64, n_threads=2) as ctx:
+        ctx.decode(model.tokenize(TINY_PROMPT)[:9], 0)
+        got = kv_cache.near_copies(ctx, 0, rope, BETA, 1)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got[:, 0], BETA - np.log(9), atol=1e-4)
+        k = _keys_turned_back(ctx, 0, rope.pairing, _rope_base(model))
+        np.testing.assert_allclose(near_copies(k[0], BETA, 1), got[0], atol=1e-3)
+
+
 def test_near_copies_follow_the_cells_through_a_merge(model):
     rope = rope_geometry(model)
     tokens = model.tokenize(TINY_PROMPT * 3)
     with runtime.Context(model, n_ctx=256, n_batch=64, n_threads=2) as ctx:
-        comp = Compressor(METHODS["snapkv"](sinks=2, window=4), 0.5)
-        with comp.observe(ctx, prompt_end=len(tokens), labels=span_labels(len(tokens))):
-            ctx.decode(tokens, 0)
-        comp.compress(ctx, span_labels(len(tokens)))
-        assert len(kv_cache.seq_cells(ctx)[0]) < len(tokens)
+        decode_and_merge_half(ctx, tokens)
         k = _keys_turned_back(ctx, 0, rope.pairing, _rope_base(model))
         _close(kv_cache.near_copies(ctx, 0, rope, BETA, 10**6), np.stack([_definition(kh, BETA, 10**6) for kh in k]))
 

@@ -99,7 +99,7 @@ def near_copies(k: np.ndarray, beta: float = NEAR_COPIES_BETA, max_reference: in
     total = np.exp(beta * (u @ ref.T - 1.0)).sum(1)  # exp(beta (cos - 1)) <= 1: no overflow
     if stride > 1:
         own = (np.arange(n) % stride == 0).astype(np.float64)
-        total = 1.0 + np.maximum(total - own, 0.0) * (n - 1) / (len(ref) - own)
+        total = 1.0 + np.maximum(total - own, 0.0) * (n - 1) / np.maximum(len(ref) - own, 1.0)
     return beta + np.log(total) - np.log(n)
 
 
