@@ -61,12 +61,14 @@ static int64_t flowmm_k_rot_size(int64_t head_dim) {
     return n / 2;
 }
 
-// the rows of a flowmm_cache_rows view (row cell * H + h) of cells own[c0 .. c0 + nb), head-major
-static std::vector<int32_t> head_major_rows(const std::vector<int32_t> & own, int64_t c0, int64_t nb, int64_t H) {
+// the rows of a flowmm_cache_rows view (row cell * H + h) of nb cells from own[c0], every stride-th,
+// head-major
+static std::vector<int32_t> head_major_rows(const std::vector<int32_t> & own, int64_t c0, int64_t nb, int64_t H,
+                                            int64_t stride = 1) {
     std::vector<int32_t> r(H * nb);
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t c = 0; c < nb; ++c) {
-            r[h * nb + c] = own[c0 + c] * (int32_t) H + (int32_t) h;
+            r[h * nb + c] = own[c0 + c * stride] * (int32_t) H + (int32_t) h;
         }
     }
     return r;
@@ -117,12 +119,7 @@ static key_rows gather_keys(ggml_context * gctx, ggml_tensor * k_cache, int64_t 
 // the inputs of gather_keys for cells own[c0 .. c0 + nb), every stride-th, of stream strm (the graph allocated)
 static void set_keys(const key_rows & keys, const llama_kv_cache & kv, uint32_t strm, const std::vector<int32_t> & own,
                      int64_t c0, int64_t nb, int64_t H, const std::vector<float> & hv, int64_t stride = 1) {
-    std::vector<int32_t> r(H * nb);
-    for (int64_t h = 0; h < H; ++h) {
-        for (int64_t c = 0; c < nb; ++c) {
-            r[h * nb + c] = own[c0 + c * stride] * (int32_t) H + (int32_t) h;
-        }
-    }
+    std::vector<int32_t> r = head_major_rows(own, c0, nb, H, stride);
     ggml_backend_tensor_set(keys.idx, r.data(), 0, r.size() * sizeof(int32_t));
     if (keys.hmat != nullptr) {
         ggml_backend_tensor_set(keys.hmat, hv.data(), 0, hv.size() * sizeof(float));

@@ -42,15 +42,12 @@ def predicted_scores(predictor, ctx, seq_id: int = 0) -> np.ndarray:
     small graph per layer; predictor.predict is its numpy reference)."""
     predictor.check_layout(kv_cache.layout(ctx))
     rope = rope_geometry(ctx.model) if predictor.relative else None
-    out = []
-    for l in range(predictor.n_layer):
-        s = kv_cache.predict_scores(ctx, l, predictor.key_weights(l), predictor.bias[l], predictor.rope_pairing,
-                                    seq_id, relative=rope)
-        if predictor.near_copies is not None:  # [n_head_kv, n] more floats back: the near-copies term
-            nc = predictor.near_copies
-            s += predictor.weights[l, :, -1:] * kv_cache.near_copies(ctx, l, rope, nc["beta"], nc["max_reference"], seq_id)
-        out.append(s)
-    return np.stack(out)
+    scores = np.stack([kv_cache.predict_scores(ctx, l, predictor.key_weights(l), predictor.bias[l],
+                                               predictor.rope_pairing, seq_id, relative=rope)
+                       for l in range(predictor.n_layer)])
+    if predictor.near_copies is not None:  # [n_head_kv, n] more floats back per layer: the near-copies term
+        scores += predictor.weights[..., -1:] * sequence_near_copies(ctx, predictor.near_copies, seq_id)
+    return scores
 
 
 def sequence_near_copies(ctx, params: dict, seq_id: int = 0) -> np.ndarray:
